@@ -1,0 +1,237 @@
+"""The `gemma2-tune` command line. Commands parse and delegate; user errors exit 2 with a message.
+
+Heavy imports (torch, transformers, trl) happen inside the commands that train or tokenize, so
+`--help`, `validate`, `recipes` and `sft --dry-run` answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+from .config import RunConfig
+from .errors import UserError
+from .recipes import Resolved, bundled_recipes, config_to_yaml, recipe_summary, resolve
+
+app = typer.Typer(
+    name="gemma2-tune",
+    help="QLoRA fine-tuning of Gemma 2 on chat data: eager attention (soft-capping kept), Gemma's exact turn "
+    "format, loss on model turns only.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Recipe YAML (path or bundled name).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override one key: --set training.learning_rate=1e-4 (repeatable)."),
+]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model.name_or_path: hub id or local folder.")]
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="data.dataset: alias, hub id or local file/folder.")]
+
+
+def echo(line: str) -> None:
+    typer.echo(line)
+
+
+def warn(line: str) -> None:
+    typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
+
+
+def fail(exc: UserError) -> None:
+    typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gemma2-tune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """gemma2-tune: fine-tune Gemma 2 on chat data."""
+
+
+def plan_lines(cfg: RunConfig) -> list[str]:
+    from .data import describe_source
+
+    q, lora, t = cfg.quantization, cfg.lora, cfg.training
+    quant = (
+        f"4-bit {q.quant_type}{' + double quantization' if q.double_quant else ''}, compute {cfg.compute_dtype}, "
+        f"storage {cfg.quant_storage}" if q.load_in_4bit else f"none (weights in {cfg.model.dtype})"
+    )
+    adapt = (
+        f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} on {', '.join(lora.target_modules)}"
+        if lora.enabled else "full fine-tuning (all weights)"
+    )
+    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.num_train_epochs:g} epoch(s)"
+    return [
+        f"model:        {cfg.model.name_or_path} ({cfg.model.dtype}, attention {cfg.model.attn_implementation})",
+        f"quantization: {quant}",
+        f"adapters:     {adapt}",
+        f"data:         {describe_source(cfg.data)}; Gemma turns, system messages '{cfg.data.system_policy}', "
+        f"loss on {cfg.data.train_on.replace('_', ' ')}, max {cfg.data.max_length} tokens ({cfg.data.overlong} longer rows)",
+        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), {cfg.rows_per_optimizer_step} rows "
+        f"per optimizer step per process (batch {t.per_device_train_batch_size} x accumulation "
+        f"{t.gradient_accumulation_steps}), gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"output:       {cfg.output.dir}",
+    ]
+
+
+def _resolve(recipe: str | None, sets: list[str] | None, flags: dict[str, tuple[str, Any]] | None = None) -> Resolved:
+    resolved = resolve(recipe, sets, flags)
+    for w in resolved.warnings:
+        warn(w)
+    return resolved
+
+
+@app.command()
+def sft(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="output.dir")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="training.max_steps")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="training.learning_rate")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="data.max_length")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")] = False,
+) -> None:
+    """Supervised fine-tuning (QLoRA by default) on a chat dataset."""
+    flags = {
+        "model.name_or_path": ("--model", model),
+        "data.dataset": ("--dataset", dataset),
+        "output.dir": ("--output-dir", output_dir),
+        "training.max_steps": ("--max-steps", max_steps),
+        "training.learning_rate": ("--learning-rate", learning_rate),
+        "data.max_length": ("--max-length", max_length),
+        "output.overwrite": ("--overwrite", overwrite),
+    }
+    try:
+        resolved = _resolve(recipe, set_, flags)
+        cfg = resolved.config
+        if dry_run:
+            from .manifest import check_output_dir
+
+            echo("# resolved config\n" + config_to_yaml(cfg))
+            echo("# plan (dry run: nothing is loaded or trained)")
+            for line in plan_lines(cfg):
+                echo(line)
+            check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
+            return
+        for line in plan_lines(cfg):
+            echo(line)
+        from .train import run_sft
+
+        run_sft(cfg, echo=echo, recipe=resolved.recipe)
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command()
+def validate(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML to check (path or bundled name).")],
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+) -> None:
+    """Check a recipe without loading anything (no torch, no download). Exit 2 when invalid."""
+    from .errors import ConfigError
+
+    try:
+        resolved = resolve(recipe, set_)
+    except ConfigError as exc:
+        if as_json:
+            typer.echo(json.dumps({"valid": False, "recipe": recipe, "errors": exc.problems, "warnings": []}, indent=2))
+            raise typer.Exit(2)
+        fail(exc)
+        return
+    except UserError as exc:
+        fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps({"valid": True, "recipe": str(resolved.recipe), "errors": [],
+                               "warnings": resolved.warnings, "config": resolved.config.model_dump(mode="json")}, indent=2))
+        return
+    for w in resolved.warnings:
+        warn(w)
+    echo(f"ok: {resolved.recipe}")
+    for line in plan_lines(resolved.config):
+        echo(f"  {line}")
+
+
+@app.command()
+def preview(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    n: Annotated[int, typer.Option("-n", help="Rows to show.", min=1)] = 3,
+) -> None:
+    """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧."""
+    try:
+        cfg = _resolve(recipe, set_, {"model.name_or_path": ("--model", model), "data.dataset": ("--dataset", dataset)}).config
+        from .chat import BadRow, normalise
+        from .data import load_rows, row_to_messages
+        from .examples import TurnTokenizer, build_examples, mark_supervised
+        from .modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        rows, source = load_rows(cfg.data)
+        _, report = build_examples(rows, tokenizer, cfg.data)
+        encoder = TurnTokenizer(tokenizer)
+        shown = 0
+        for row in rows:
+            if shown >= n:
+                break
+            try:
+                encoded = encoder.encode(normalise(row_to_messages(row.data), cfg.data.system_policy), cfg.data.train_on)
+            except BadRow:
+                continue
+            shown += 1
+            kept = min(len(encoded.ids), cfg.data.max_length)
+            supervised = sum(encoded.mask[1:kept])
+            over = f" (longer than data.max_length: {cfg.data.overlong})" if len(encoded.ids) > kept else ""
+            typer.secho(f"── {row.where}: {kept} tokens, {supervised} supervised{over}", bold=True)
+            echo(mark_supervised(encoded, cfg.data.max_length))
+        echo(f"── {source.name}: " + "\n".join(report.summary_lines()))
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the bundled recipes."""
+    for path in bundled_recipes():
+        echo(f"{path.stem:32s} {recipe_summary(path)}")
+    echo("\nUse one with: gemma2-tune sft --recipe NAME   (or a path to your own YAML)")
+
+
+@app.command("config")
+def config_reference(
+    markdown: Annotated[bool, typer.Option("--markdown", help="As the README's Markdown table.")] = False,
+) -> None:
+    """Every config key with its default and meaning."""
+    from .reference import markdown as as_markdown, plain
+
+    echo(as_markdown() if markdown else plain())
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)

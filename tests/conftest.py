@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny Gemma 2 (built once per session, locally) and its tokenizer. Nothing downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails instead of downloading
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tune_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("gemma2_tune_home")
+    os.environ["GEMMA2_TUNE_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tune_home) -> Path:
+    from gemma2_tune.tiny import builtin_path
+
+    return builtin_path("builtin:tiny-gemma2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from gemma2_tune.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

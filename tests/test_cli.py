@@ -1,0 +1,126 @@
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from conftest import ROOT, write_jsonl
+from gemma2_tune import __version__
+from gemma2_tune.cli import app
+
+runner = CliRunner()
+TINY = ["--model", "builtin:tiny-gemma2"]
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_help_and_version():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for command in ("sft", "validate", "preview", "recipes"):
+        assert command in r.output
+    r = invoke("--version")
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+def test_recipes_lists_bundled_recipes():
+    r = invoke("recipes")
+    assert r.exit_code == 0
+    assert "quickstart-cpu" in r.output and "gemma-2-27b-full-zero3" in r.output
+
+
+def test_validate_ok_and_json():
+    r = invoke("validate", "recipes/quickstart-cpu.yaml")
+    assert r.exit_code == 0 and "ok:" in r.output
+    r = invoke("validate", "gemma-2-9b-qlora", "--json")
+    data = json.loads(r.output)
+    assert r.exit_code == 0 and data["valid"] and data["config"]["lora"]["r"] == 16
+
+
+def test_validate_reports_every_problem_exit_2_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  attn_implementation: sdpa\nlora:\n  rank: 8\n")
+    r = invoke("validate", str(bad))
+    assert r.exit_code == 2
+    assert "lora.rank" in r.output and "unknown key" in r.output
+    assert "Traceback" not in r.output
+    r = invoke("validate", str(bad), "--json", "--set", "training.learning_rate=-1")
+    data = json.loads(r.output)
+    assert r.exit_code == 2 and not data["valid"]
+    assert any("lora.rank" in e for e in data["errors"]) and any("training.learning_rate" in e for e in data["errors"])
+
+
+def test_validate_missing_recipe():
+    r = invoke("validate", "no/such/recipe.yaml")
+    assert r.exit_code == 2 and "no such recipe" in r.output
+
+
+def test_dry_run_prints_resolved_config_and_trains_nothing(tmp_path):
+    out = tmp_path / "run"
+    r = invoke("sft", "--recipe", "quickstart-cpu", "--set", "lora.r=8", "--learning-rate", "1e-3",
+               "--output-dir", str(out), "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "r: 8" in r.output and "learning_rate: 0.001" in r.output
+    assert "LoRA r=8" in r.output and "dry run" in r.output
+    assert not out.exists()
+
+
+def test_sft_bad_inputs_exit_2_with_message_and_nothing_written(tmp_path):
+    out = tmp_path / "run"
+    r = invoke("sft", "--model", "builtin:tiny-gemma2", "--dataset", str(tmp_path / "missing.jsonl"), "-o", str(out))
+    assert r.exit_code == 2 and "no such dataset file" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+    r = invoke("sft", "--set", "training.lr=1", "--max-steps", "0")
+    assert r.exit_code == 2 and "training.lr" in r.output and "training.max_steps (--max-steps)" in r.output
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
+    r = invoke("sft", *TINY, "--dataset", str(bad), "-o", str(out), "--set", "data.on_bad_rows=error")
+    assert r.exit_code == 2 and "bad.jsonl line 1" in r.output
+    assert not out.exists()
+
+
+def test_sft_refuses_a_foreign_non_empty_output_dir(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    for extra in ([], ["--overwrite"]):
+        r = invoke("sft", *TINY, "--dataset", "quickstart", "-o", str(out), "--max-steps", "1", *extra)
+        assert r.exit_code == 2 and "holds no gemma2-tune run" in r.output
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_preview_marks_supervised_spans_and_counts():
+    r = invoke("preview", *TINY, "--dataset", "quickstart", "-n", "2")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("── ") == 3  # two rows and the summary
+    assert "⟦Mount Everest is the tallest mountain above sea level, at about 8,849 metres.<end_of_turn>⟧" in r.output
+    assert "supervised" in r.output and "36 read, 35 kept, 1 bad" in r.output
+
+
+def run(*args, **kw):
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=ROOT, timeout=120, **kw)
+
+
+def test_module_and_console_script_subprocess(tmp_path):
+    r = run(sys.executable, "-m", "gemma2_tune", "--help")
+    assert r.returncode == 0 and "validate" in r.stdout
+    script = ROOT / ".venv" / "bin" / "gemma2-tune"
+    exe = str(script) if script.exists() else "gemma2-tune"
+    r = run(exe, "validate", "recipes/gemma-2-27b-qlora.yaml")
+    assert r.returncode == 0 and "ok:" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rate: -1\n")
+    r = run(exe, "validate", str(bad))
+    assert r.returncode == 2 and "training.learning_rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validate_and_help_do_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from gemma2_tune.cli import app; "
+            "r = CliRunner().invoke(app, ['validate', 'quickstart-cpu']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, ['sft', '--recipe', 'quickstart-cpu', '--dry-run', '-o', '/nonexistent/x']); "
+            "assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))")
+    r = run(sys.executable, "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

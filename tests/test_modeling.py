@@ -1,0 +1,126 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gemma2_tune.config import RunConfig
+from gemma2_tune.errors import UserError
+from gemma2_tune.modeling import bnb_config, check_loaded, check_tokenizer, load_model, lora_config
+from gemma2_tune.recipes import resolve
+
+
+def tiny_cfg(*sets):
+    return resolve(None, ["model.name_or_path=builtin:tiny-gemma2", "data.dataset=quickstart", *sets]).config
+
+
+def test_bnb_config_is_nf4_double_quant_bf16_storage():
+    q = bnb_config(RunConfig())
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.bnb_4bit_quant_storage == torch.bfloat16
+    assert bnb_config(resolve(None, ["quantization.load_in_4bit=false", "lora.enabled=false"]).config) is None
+
+
+def test_lora_config_targets_exactly_qkvo():
+    lc = lora_config(RunConfig())
+    assert set(lc.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (16, 32, 0.05)
+
+
+@pytest.fixture(scope="module")
+def qlora_model(tiny_model_dir):
+    return load_model(tiny_cfg())
+
+
+def test_qlora_load_is_4bit_eager_with_lora_on_attention_only(qlora_model):
+    import bitsandbytes as bnb
+
+    model, report = qlora_model
+    base = model.get_base_model()
+    attn = base.model.layers[0].self_attn
+    assert isinstance(attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert attn.q_proj.base_layer.weight.quant_type == "nf4"
+    assert report.attn_implementation == "eager" == base.config._attn_implementation
+    assert (report.attention_softcap, report.final_softcap) == (50.0, 30.0)
+    assert report.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert report.lora_targets == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert report.lora_modules == 4 * report.num_layers
+    mlp = base.model.layers[0].mlp
+    assert not hasattr(mlp.gate_proj, "lora_A") and isinstance(mlp.gate_proj, bnb.nn.Linear4bit)
+    expected = sum(16 * (m.in_features + m.out_features)
+                   for layer in base.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                             layer.self_attn.v_proj, layer.self_attn.o_proj))
+    assert report.trainable_params == expected
+    assert base.config.use_cache is False
+
+
+def test_final_soft_cap_is_active_in_the_loaded_model(qlora_model):
+    model, _ = qlora_model
+    base = model.get_base_model()
+    emb = base.get_output_embeddings().weight
+    saved = emb.data.clone()
+    try:
+        emb.data *= 1000.0  # raw logits in the thousands
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[2, 10, 11, 12]])).logits
+        assert 29.0 < logits.abs().max().item() <= 30.0
+    finally:
+        emb.data.copy_(saved)
+
+
+def test_non_gemma2_checkpoint_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="'llama' model, not Gemma 2"):
+        load_model(resolve(None, [f"model.name_or_path={tmp_path}"]).config)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="could not load the config"):
+        load_model(resolve(None, [f"model.name_or_path={tmp_path / 'nope'}"]).config)
+
+
+def test_flash_attention_without_flash_attn_is_refused(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def fake(name):
+        if name == "flash-attn":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", fake)
+    with pytest.raises(UserError, match="flash-attn is not installed"):
+        load_model(tiny_cfg("model.attn_implementation=flash_attention_2"))
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "2.5.9" if n == "flash-attn" else real(n))
+    with pytest.raises(UserError, match="no softcap support"):
+        load_model(tiny_cfg("model.attn_implementation=flash_attention_2"))
+
+
+def fake_model(**config):
+    base = dict(_attn_implementation="eager", attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_size=3584)
+    return SimpleNamespace(config=SimpleNamespace(**(base | config)))
+
+
+def test_post_load_checks():
+    cfg = RunConfig()
+    assert check_loaded(fake_model(), cfg) == []
+    with pytest.raises(UserError, match="runs sdpa"):
+        check_loaded(fake_model(_attn_implementation="sdpa"), cfg)
+    assert "disabled" in check_loaded(fake_model(attn_logit_softcapping=None), cfg)[0]
+    fp16 = resolve(None, ["model.name_or_path=/models/local-gemma", "model.dtype=float16"]).config
+    with pytest.raises(UserError, match="27B"):
+        check_loaded(fake_model(hidden_size=4608), fp16)
+
+
+def test_a_tokenizer_without_gemma_turn_tokens_is_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<bos>": 1, "<": 2, ">": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+    with pytest.raises(UserError, match="not a Gemma tokenizer"):
+        check_tokenizer(fast, "some/model")

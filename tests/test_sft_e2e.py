@@ -1,0 +1,99 @@
+"""End to end on CPU: the real command, a tiny Gemma 2, real bitsandbytes 4-bit, a few optimizer steps."""
+
+import json
+import math
+
+import pytest
+import yaml
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from gemma2_tune.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+EXPECTED_FILES = {
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "config.yaml",
+    "run.json", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "16",
+                            "--set", "training.logging_steps=1"])
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_output_files_exactly(run_dir):
+    out, _ = run_dir
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+
+
+def test_adapter_targets_and_rank(run_dir):
+    out, _ = run_dir
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert adapter["r"] == 16 and adapter["lora_alpha"] == 32
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        modules = {k.split(".")[-3] for k in keys}
+        assert modules == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert len(keys) == 4 * 4 * 2  # 4 layers x 4 projections x (A, B)
+        a = next(k for k in keys if k.endswith("q_proj.lora_A.weight"))
+        assert f.get_tensor(a).shape[0] == 16
+
+
+def test_manifest_records_what_happened(run_dir):
+    out, output = run_dir
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["global_step"] == 16
+    assert m["model"]["attn_implementation"] == "eager"
+    assert (m["model"]["attention_softcap"], m["model"]["final_softcap"]) == (50.0, 30.0)
+    assert m["model"]["quantization"]["bnb_4bit_quant_type"] == "nf4"
+    assert m["versions"]["transformers"] and m["versions"]["bitsandbytes"]
+    assert m["dataset"]["name"] == "quickstart" and len(m["dataset"]["fingerprint"]) == 16
+    d = m["data"]
+    assert (d["rows_read"], d["rows_kept"], d["rows_bad"]) == (36, 35, 1)
+    assert 0 < d["supervised_tokens"] < d["total_tokens"]
+    assert m["model"]["trainable_params"] > 0 and m["wall_time_s"] > 0
+    assert m["supervised_tokens_trained"] > 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["training"]["max_steps"] == 16
+    assert "trainable params" in output and "eager" in output
+
+
+def test_loss_is_finite_and_falls(run_dir):
+    out, _ = run_dir
+    losses = [e["loss"] for e in json.loads((out / "run.json").read_text())["training"]["loss_history"]]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.3, losses
+
+
+def test_adapter_loads_with_plain_peft_and_generates(run_dir, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = run_dir
+    tok = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > ids.shape[1]
+
+
+def test_a_second_run_refuses_then_overwrites(run_dir, tmp_path):
+    out = tmp_path / "again"
+    args = ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = (out / "run.json").read_text()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert (out / "run.json").read_text() == before
+    r = runner.invoke(app, args + ["--overwrite"])
+    assert r.exit_code == 0 and json.loads((out / "run.json").read_text())["status"] == "completed"
