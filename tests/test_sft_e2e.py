@@ -97,3 +97,26 @@ def test_a_second_run_refuses_then_overwrites(run_dir, tmp_path):
     assert (out / "run.json").read_text() == before
     r = runner.invoke(app, args + ["--overwrite"])
     assert r.exit_code == 0 and json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("sets,weights_file", [
+    (["quantization.load_in_4bit=false"], "adapter_model.safetensors"),  # bf16 LoRA, no 4-bit
+    (["quantization.load_in_4bit=false", "lora.enabled=false"], "model.safetensors"),  # full fine-tuning
+], ids=["lora-bf16", "full"])
+def test_other_modes_train_and_save_loadable_weights(tmp_path, tiny_model_dir, sets, weights_file):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    args = ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "3"]
+    for s in sets:
+        args += ["--set", s]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (out / weights_file).is_file()
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["model"]["quantization"] is None
+    if weights_file == "model.safetensors":
+        model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+        assert model.config.model_type == "gemma2" and model.config.final_logit_softcapping == 30.0
+        assert m["model"]["trainable_params"] == m["model"]["total_params"]
