@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch lying on this machine's disk, if there is one; otherwise pip's usual torch.
 TORCH ?= $(or $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl)),torch)
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test docs clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,3 +25,6 @@ test: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+docs: install
+	$(BIN)/python -m gemma2_tune.reference README.md

@@ -44,8 +44,16 @@ def warn(line: str) -> None:
     typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
 
 
+def is_main_rank() -> bool:
+    """Under accelerate every rank runs the CLI; rank 0 speaks for all of them."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def fail(exc: UserError) -> None:
-    typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
+    if is_main_rank():
+        typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -108,7 +116,13 @@ def sft(
     learning_rate: Annotated[Optional[float], typer.Option(help="training.learning_rate")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="data.max_length")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output dir.")] = False,
+    resume_from: Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
+    launch: Annotated[Optional[str], typer.Option("--launch", help="Start N processes with accelerate: a bundled config "
+                                                  "(zero3, zero3_offload, multi_gpu, single_gpu) or a path.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes for --launch.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")] = False,
+    recipe_label: Annotated[Optional[str], typer.Option("--recipe-label", hidden=True)] = None,
 ) -> None:
     """Supervised fine-tuning (QLoRA by default) on a chat dataset."""
     flags = {
@@ -123,6 +137,24 @@ def sft(
     try:
         resolved = _resolve(recipe, set_, flags)
         cfg = resolved.config
+        if num_processes is not None and not launch:
+            raise UserError("--num-processes needs --launch (or use: accelerate launch --num_processes N -m gemma2_tune sft ...)")
+        if resume and resume_from:
+            raise UserError("--resume and --resume-from: give one")
+        if launch:
+            from .launch import check_launch, run_launch
+            from .manifest import check_output_dir
+
+            path, how = check_launch(cfg, launch, num_processes)
+            if not (resume or resume_from):
+                check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
+            extra = ["--recipe-label", str(resolved.recipe or "flags")]
+            extra += ["--resume"] if resume else []
+            extra += ["--resume-from", resume_from] if resume_from else []
+            if dry_run:
+                echo(f"# would launch: {how.describe()} with {path}")
+            else:
+                raise typer.Exit(run_launch(path, how, config_to_yaml(cfg), extra, echo=echo))
         if dry_run:
             from .manifest import check_output_dir
 
@@ -130,13 +162,19 @@ def sft(
             echo("# plan (dry run: nothing is loaded or trained)")
             for line in plan_lines(cfg):
                 echo(line)
-            check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
+            if not (resume or resume_from):
+                check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
             return
-        for line in plan_lines(cfg):
-            echo(line)
-        from .train import run_sft
+        if is_main_rank():
+            for line in plan_lines(cfg):
+                echo(line)
+        from .train import Interrupted, run_sft
 
-        run_sft(cfg, echo=echo, recipe=resolved.recipe)
+        try:
+            run_sft(cfg, echo=echo, recipe=recipe_label or resolved.recipe, resume=resume, resume_from=resume_from)
+        except Interrupted as exc:
+            typer.secho(exc.message, fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(exc.exit_code) from None
     except UserError as exc:
         fail(exc)
 

@@ -114,7 +114,10 @@ class TrainingSection(Section):
     optim: str = Field("adamw_torch", description="transformers optimizer name (e.g. adamw_torch, paged_adamw_8bit).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
-    save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps (none: only at the end).")
+    save_steps: int | None = Field(
+        500, gt=0, description="Save a resumable checkpoint every N optimizer steps (null: none, only the final output)."
+    )
+    save_total_limit: int = Field(2, gt=0, description="Keep only the newest K checkpoints.")
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
 

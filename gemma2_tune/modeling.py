@@ -181,6 +181,18 @@ def check_loaded(model, cfg: RunConfig) -> list[str]:
     return found
 
 
+def inspect_adapters(model, cfg: RunConfig, report: ModelReport) -> None:
+    """After PEFT wrapped the model: LoRA sits exactly where asked, and what trains is counted."""
+    if cfg.lora.enabled:
+        targets, count = lora_placement(model)
+        if targets != sorted(cfg.lora.target_modules):
+            raise UserError(
+                f"lora.target_modules: asked for {sorted(cfg.lora.target_modules)} but LoRA landed on {targets}"
+            )
+        report.lora_targets, report.lora_modules = targets, count
+    report.trainable_params, report.total_params = count_params(model)
+
+
 def lora_placement(model) -> tuple[list[str], int]:
     """Leaf names of modules carrying LoRA weights, and how many there are."""
     names = [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
@@ -190,7 +202,7 @@ def lora_placement(model) -> tuple[list[str], int]:
 def count_params(model) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves each rank an empty placeholder
         if p.__class__.__name__ == "Params4bit":
             n *= p.element_size() * 2  # each stored byte packs two 4-bit weights
         total += n
@@ -199,7 +211,7 @@ def count_params(model) -> tuple[int, int]:
 
 
 def load_model(cfg: RunConfig, device_map: Any = None):
-    """Load the Gemma 2 model as configured, apply LoRA, check it; -> (model, ModelReport)."""
+    """Load the Gemma 2 model as configured and check it; -> (model, ModelReport). LoRA is applied by the trainer."""
     from transformers import AutoModelForCausalLM
 
     check_attention_request(cfg)
@@ -234,24 +246,4 @@ def load_model(cfg: RunConfig, device_map: Any = None):
         quantization=quant.to_dict() if quant is not None else None,
         warnings=found,
     )
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    peft_cfg = lora_config(cfg)
-    if peft_cfg is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_cfg)
-        targets, count = lora_placement(model)
-        if targets != sorted(cfg.lora.target_modules):
-            raise UserError(
-                f"lora.target_modules: asked for {sorted(cfg.lora.target_modules)} but LoRA landed on {targets}"
-            )
-        report.lora_targets, report.lora_modules = targets, count
-    report.trainable_params, report.total_params = count_params(model)
     return model, report

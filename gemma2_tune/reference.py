@@ -48,3 +48,21 @@ def plain() -> str:
             lines.append(f"  {name}: {_default(field).strip('`')}")
             lines.append(f"      {field.description or ''}")
     return "\n".join(lines)
+
+
+def update_readme(path) -> bool:
+    """Replace the generated section of README.md; True when it changed."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:start] + markdown() + text[end:]
+    path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")

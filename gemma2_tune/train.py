@@ -1,13 +1,16 @@
 """`gemma2-tune sft`: the story of a run. The only module that imports trl.
 
-config -> output dir -> tokenizer -> data -> model -> SFTTrainer -> adapter + manifest.
-Data is read and tokenized before the model loads, so data problems surface in seconds.
+config -> launch checks -> data (before anything is written) -> output dir -> model -> SFTTrainer
+(LoRA applied, placement checked) -> train (checkpoints, SIGTERM) -> adapter/model + manifest.
+Every rank runs this; only the main process writes shared files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,19 +19,36 @@ from typing import Any, Callable
 from transformers import PrinterCallback, TrainerCallback
 
 from . import manifest as mf
+from .checkpoints import check_checkpoint, mark_complete, newest_complete
 from .config import RunConfig
 from .data import load_rows
+from .errors import UserError
 from .examples import build_examples
-from .modeling import load_model, load_tokenizer
+from .launch import Launch, current_launch, launch_problems
+from .modeling import inspect_adapters, load_model, load_tokenizer, lora_config
 from .recipes import config_to_yaml
 
 Echo = Callable[[str], None]
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, resumable
 
 
-def trainer_args(cfg: RunConfig, out: Path):
+class Interrupted(Exception):
+    """Training stopped by SIGTERM after saving a checkpoint."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def trainer_args(cfg: RunConfig, out: Path, launch: Launch):
+    """SFTConfig, built before the model loads: under ZeRO-3 it is what makes from_pretrained shard weights."""
     from trl import SFTConfig
 
     t = cfg.training
+    # PEFT under ZeRO-3 needs reentrant checkpointing (TRL enforces it; say so rather than be overridden).
+    reentrant = launch.zero3 and cfg.lora.enabled
     return SFTConfig(
         output_dir=str(out),
         learning_rate=t.learning_rate,
@@ -41,13 +61,14 @@ def trainer_args(cfg: RunConfig, out: Path):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        **_checkpointing_args(SFTConfig, t.gradient_checkpointing),
+        **_checkpointing_args(SFTConfig, t.gradient_checkpointing, reentrant),
         bf16=cfg.model.dtype == "bfloat16",
         fp16=cfg.model.dtype == "float16",
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
         report_to=[] if t.report_to == "none" else [t.report_to],
@@ -60,11 +81,11 @@ def trainer_args(cfg: RunConfig, out: Path):
     )
 
 
-def _checkpointing_args(args_class, enabled: bool) -> dict[str, Any]:
+def _checkpointing_args(args_class, enabled: bool, reentrant: bool) -> dict[str, Any]:
     """transformers 5.x renamed gradient_checkpointing to activation_checkpointing; use what exists."""
     fields = {f.name for f in dataclasses.fields(args_class)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": reentrant} if enabled else None}
 
 
 def _has_accelerator() -> bool:
@@ -73,13 +94,11 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def _device_map(cfg: RunConfig) -> Any:
-    """4-bit weights must be placed at load time, one full copy per process (no device_map under ZeRO-3)."""
-    if not (cfg.quantization.load_in_4bit and _has_accelerator()):
-        return None
-    from accelerate import PartialState
-
-    return {"": PartialState().local_process_index}
+def _device_map(cfg: RunConfig, launch: Launch, local_rank: int) -> Any:
+    """4-bit weights are placed at load time, one copy per process; under ZeRO-3 DeepSpeed places them."""
+    if cfg.quantization.load_in_4bit and _has_accelerator() and not launch.zero3:
+        return {"": local_rank}
+    return None
 
 
 def loss_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,6 +113,10 @@ def loss_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def config_digest(cfg: RunConfig) -> str:
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
+
+
 def prepare_data(cfg: RunConfig, echo: Echo):
     """Tokenizer, rows, examples: everything that can fail on the user's data, before anything is written."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
@@ -104,74 +127,151 @@ def prepare_data(cfg: RunConfig, echo: Echo):
     return tokenizer, examples, report, source
 
 
-def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | None = None) -> dict[str, Any]:
-    from datasets import Dataset
-    from transformers import set_seed
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args):
     from trl import SFTTrainer
 
-    started = time.time()
-    out = Path(cfg.output.dir)
-    mf.check_output_dir(out, cfg.output.overwrite)
-    set_seed(cfg.training.seed)
-    tokenizer, examples, report, source = prepare_data(cfg, echo)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+                         peft_config=lora_config(cfg))
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; _EchoLoss prints readable lines
+    return trainer
 
-    mf.prepare_output_dir(out, cfg.output.overwrite)
-    mf.write_text_atomic(out / mf.RESOLVED_CONFIG, config_to_yaml(cfg))
+
+def _same_config_on_every_rank(cfg: RunConfig, state) -> None:
+    if state.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    digests = set(gather_object([config_digest(cfg)]))
+    if len(digests) != 1:
+        raise UserError(f"ranks resolved different configs ({sorted(digests)}); launch all ranks with the same "
+                        "recipe and flags")
+
+
+def _resume_point(cfg: RunConfig, out: Path, resume: bool, resume_from: str | None, echo: Echo):
+    if resume_from:
+        return check_checkpoint(Path(resume_from), cfg)
+    if resume:
+        if mf.read_manifest(out) is None:
+            raise UserError(f"--resume: {out} holds no gemma2-tune run to resume")
+        best, skipped = newest_complete(out, cfg)
+        for c in skipped:
+            echo(f"skipping incomplete checkpoint {c.path} (no complete marker)")
+        return best
+    return None
+
+
+def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
+            resume_from: str | None = None) -> dict[str, Any]:
+    from accelerate import PartialState
+    from datasets import Dataset
+    from transformers import set_seed
+
+    started = time.time()
+    launch = current_launch()
+    problems = launch_problems(cfg, launch)
+    if problems:
+        raise UserError("the launch contradicts the config:\n" + "\n".join(f"  - {p}" for p in problems))
+    out = Path(cfg.output.dir)
+    resuming = resume or bool(resume_from)
+    if not resuming:
+        mf.check_output_dir(out, cfg.output.overwrite)
+    args = trainer_args(cfg, out, launch)
+    state = PartialState()
+    main = state.is_main_process
+    say = _rank_echo(echo, state)
+    _same_config_on_every_rank(cfg, state)
+    checkpoint = _resume_point(cfg, out, resume, resume_from, say)
+    set_seed(cfg.training.seed)
+    tokenizer, examples, report, source = prepare_data(cfg, say)
+
+    previous = mf.read_manifest(out) if resuming else None
+    if main:
+        if not resuming:
+            mf.prepare_output_dir(out, cfg.output.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        mf.write_text_atomic(out / mf.RESOLVED_CONFIG, config_to_yaml(cfg))
+    state.wait_for_everyone()
     record: dict[str, Any] = {
         "status": "running",
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "recipe": str(recipe) if recipe else None,
+        "config_digest": config_digest(cfg),
+        "launch": {"mode": launch.mode, "num_processes": state.num_processes, "zero_stage": launch.zero_stage,
+                   "mixed_precision": launch.mixed_precision},
+        "resumed_from": str(checkpoint.path) if checkpoint else None,
+        "attempts": (previous or {}).get("attempts", []),
         "versions": mf.library_versions(),
         "device": "cuda" if _has_accelerator() else "cpu",
         "dataset": {"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
                     "fingerprint": source.fingerprint, "split": cfg.data.split},
         "data": report.to_dict(),
     }
-    mf.write_manifest(out, record)
+    write = (lambda: mf.write_manifest(out, record)) if main else (lambda: None)
+    write()
+    stop = _StopOnSignal(state)
     try:
-        model, model_report = load_model(cfg, device_map=_device_map(cfg))
-        record["model"] = model_report.to_dict()
-        for line in model_report.summary_lines() + [f"warning: {w}" for w in model_report.warnings]:
-            echo(line)
-        mf.write_manifest(out, record)
-
+        model, model_report = load_model(cfg, device_map=_device_map(cfg, launch, state.local_process_index))
         train_set = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                                        "labels": [e.labels for e in examples]})
-        args = trainer_args(cfg, out)
-        rows_per_step = cfg.rows_per_optimizer_step * args.world_size
-        steps = args.max_steps if args.max_steps > 0 else (
-            math.ceil(len(examples) / rows_per_step) * math.ceil(cfg.training.num_train_epochs))
-        echo(f"training: {len(examples)} rows, {rows_per_step} rows per optimizer step "
-             f"(batch {cfg.training.per_device_train_batch_size} x accumulation "
-             f"{cfg.training.gradient_accumulation_steps} x {args.world_size} processes), ~{steps} steps, "
-             f"at most {cfg.data.max_length * rows_per_step} tokens per step")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer)
-        trainer.remove_callback(PrinterCallback)  # raw log dicts; _EchoLoss prints readable lines
-        trainer.add_callback(_EchoLoss(echo))
-        result = trainer.train()
-        trainer.save_model(str(out))
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(str(out))
+        trainer = build_trainer(cfg, model, tokenizer, train_set, args)
+        inspect_adapters(trainer.model, cfg, model_report)
+        record["model"] = model_report.to_dict()
+        for line in model_report.summary_lines() + [f"warning: {w}" for w in model_report.warnings]:
+            say(line)
+        write()
+        rows_per_step = cfg.rows_per_optimizer_step * state.num_processes
+        say(f"launch: {launch.describe()}")
+        say(f"training: {len(examples)} rows, {rows_per_step} rows per optimizer step "
+            f"(batch {cfg.training.per_device_train_batch_size} x accumulation "
+            f"{cfg.training.gradient_accumulation_steps} x {state.num_processes} processes), "
+            f"at most {cfg.data.max_length * rows_per_step} tokens per step"
+            + (f"; resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else ""))
+        trainer.add_callback(_EchoLoss(say))
+        trainer.add_callback(_MarkCheckpoints(cfg, state))
+        trainer.add_callback(stop)
+        with stop.installed():
+            result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         losses = loss_summary(trainer.state.log_history)
+        record.update(global_step=trainer.state.global_step, training=losses | {
+            "train_runtime_s": result.metrics.get("train_runtime")})
+        if stop.stopped:
+            saved = out / f"checkpoint-{trainer.state.global_step}"
+            record.update(status="interrupted", checkpoint=str(saved))
+            raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in {saved}; "
+                              f"continue with: gemma2-tune sft ... --output-dir {out} --resume")
+        trainer.save_model(str(out))
+        if main:
+            tokenizer.save_pretrained(str(out))
         record.update(
             status="completed",
-            global_step=trainer.state.global_step,
-            training=losses | {"train_runtime_s": result.metrics.get("train_runtime")},
             # whole epochs plus the fraction of the last one
             supervised_tokens_trained=int(round(report.supervised_tokens * (trainer.state.epoch or 0.0))),
         )
-        _check_loss(losses, echo)
     except BaseException as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if record["status"] == "running":
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record["wall_time_s"] = round(time.time() - started, 2)
-        mf.write_manifest(out, record)
+        record["attempts"] = record["attempts"] + [{k: record.get(k) for k in (
+            "started_at", "finished_at", "status", "resumed_from", "global_step", "wall_time_s")}]
+        write()
     t = record["training"]
-    echo(f"done in {record['wall_time_s']:.1f}s: {out}/ (loss {t['first_loss']:.4f} at the first step, "
-         f"{t['final_loss']:.4f} at step {t['final_loss_step']} of {record['global_step']})")
+    say(f"done in {record['wall_time_s']:.1f}s: {out}/ (loss {t['first_loss']:.4f} at the first step, "
+        f"{t['final_loss']:.4f} at step {t['final_loss_step']} of {record['global_step']})")
+    _check_loss(losses, say)
     return record
+
+
+def _rank_echo(echo: Echo, state) -> Echo:
+    if state.num_processes == 1:
+        return echo
+    prefix = f"[rank {state.process_index}/{state.num_processes}] "
+    if not state.is_main_process:
+        echo(prefix + f"started (local rank {state.local_process_index}, {state.device}); rank 0 reports")
+        return lambda line: None
+    return lambda line: echo(prefix + line)
 
 
 def _check_loss(losses: dict[str, Any], echo: Echo) -> None:
@@ -190,3 +290,59 @@ class _EchoLoss(TrainerCallback):
         if logs and "loss" in logs and state.is_world_process_zero:
             self.echo(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
                       f"lr {logs.get('learning_rate', 0):.2e}")
+
+
+class _MarkCheckpoints(TrainerCallback):
+    """After every rank has written checkpoint-N, the main process marks it complete."""
+
+    def __init__(self, cfg: RunConfig, state):
+        self.cfg, self.dist = cfg, state
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ARG002
+        self.dist.wait_for_everyone()
+        if self.dist.is_main_process:
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
+        self.dist.wait_for_everyone()
+
+
+class _StopOnSignal(TrainerCallback):
+    """SIGTERM (how clusters preempt): finish the current step, save a checkpoint, stop.
+
+    Ranks agree on the flag at every step end so they all save the same step.
+    """
+
+    def __init__(self, state):
+        self.dist = state
+        self.requested = False
+        self.stopped = False
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def handler():
+            previous = signal.signal(signal.SIGTERM, self._on_signal)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return handler()
+
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
+        requested = self.requested
+        if self.dist.num_processes > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if requested else 0.0], device=self.dist.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control

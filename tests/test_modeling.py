@@ -27,8 +27,21 @@ def test_lora_config_targets_exactly_qkvo():
 
 
 @pytest.fixture(scope="module")
-def qlora_model(tiny_model_dir):
-    return load_model(tiny_cfg())
+def qlora_model(tiny_model_dir, tmp_path_factory):
+    """The model as training sees it: loaded in 4-bit, then wrapped with LoRA by the trainer."""
+    from datasets import Dataset
+
+    from gemma2_tune.launch import Launch
+    from gemma2_tune.modeling import inspect_adapters, load_tokenizer
+    from gemma2_tune.train import build_trainer, trainer_args
+
+    cfg = tiny_cfg()
+    model, report = load_model(cfg)
+    args = trainer_args(cfg, tmp_path_factory.mktemp("trainer"), Launch("single"))
+    data = Dataset.from_dict({"input_ids": [[2, 5, 6]], "labels": [[-100, 5, 6]]})
+    trainer = build_trainer(cfg, model, load_tokenizer(str(tiny_model_dir)), data, args)
+    inspect_adapters(trainer.model, cfg, report)
+    return trainer.model, report
 
 
 def test_qlora_load_is_4bit_eager_with_lora_on_attention_only(qlora_model):

@@ -5,7 +5,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_config_reference_in_readme_matches_the_schema():
-    assert markdown() in README, "README config reference is stale: regenerate with `gemma2-tune config --markdown`"
+    assert markdown() in README, "README config reference is stale: regenerate with `make docs`"
 
 
 def test_readme_two_commands_and_ci_agree():
