@@ -77,6 +77,7 @@ def trainer_args(cfg: RunConfig, out: Path, launch: Launch):
         dataset_kwargs={"skip_prepare_dataset": True},  # rows are already Gemma-formatted, tokenized, masked
         remove_unused_columns=False,
         disable_tqdm=True,
+        ddp_find_unused_parameters=False,  # LoRA and full fine-tuning both use every trainable parameter
         use_cpu=not _has_accelerator(),
     )
 
@@ -127,12 +128,20 @@ def prepare_data(cfg: RunConfig, echo: Echo):
     return tokenizer, examples, report, source
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args):
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch):
+    import torch
     from trl import SFTTrainer
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
                          peft_config=lora_config(cfg))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; _EchoLoss prints readable lines
+    if cfg.lora.enabled and not launch.zero3:
+        # TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run
+        # would continue with other numerics. Keep the (few) trainable weights in fp32 from the start:
+        # exact resumes, and Adam updates that bf16 would round away. ZeRO-3 needs one dtype: left as is.
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     return trainer
 
 
@@ -213,7 +222,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         model, model_report = load_model(cfg, device_map=_device_map(cfg, launch, state.local_process_index))
         train_set = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
                                        "labels": [e.labels for e in examples]})
-        trainer = build_trainer(cfg, model, tokenizer, train_set, args)
+        trainer = build_trainer(cfg, model, tokenizer, train_set, args, launch)
         inspect_adapters(trainer.model, cfg, model_report)
         record["model"] = model_report.to_dict()
         for line in model_report.summary_lines() + [f"warning: {w}" for w in model_report.warnings]:

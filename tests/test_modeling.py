@@ -39,7 +39,7 @@ def qlora_model(tiny_model_dir, tmp_path_factory):
     model, report = load_model(cfg)
     args = trainer_args(cfg, tmp_path_factory.mktemp("trainer"), Launch("single"))
     data = Dataset.from_dict({"input_ids": [[2, 5, 6]], "labels": [[-100, 5, 6]]})
-    trainer = build_trainer(cfg, model, load_tokenizer(str(tiny_model_dir)), data, args)
+    trainer = build_trainer(cfg, model, load_tokenizer(str(tiny_model_dir)), data, args, Launch("single"))
     inspect_adapters(trainer.model, cfg, report)
     return trainer.model, report
 
