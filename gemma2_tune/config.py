@@ -97,6 +97,11 @@ class DataSection(Section):
         description="Loss on model turns only (each with its <end_of_turn>), or on every token.",
     )
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (after loading).")
+    packing: bool = Field(
+        True,
+        description="Pack rows into blocks of max_length tokens (best-fit), each row masked from the others "
+        "(position ids restart, no cache); a batch item is then a block. False: one row per batch item.",
+    )
 
 
 class TrainingSection(Section):
@@ -120,6 +125,11 @@ class TrainingSection(Section):
     save_total_limit: int = Field(2, gt=0, description="Keep only the newest K checkpoints.")
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
+    loss: Literal["supervised_chunked", "trl"] = Field(
+        "supervised_chunked",
+        description="`supervised_chunked`: lm_head, soft-cap and cross-entropy only at supervised positions, in "
+        "tiles (no full logits). `trl`: TRL's own loss. Under ZeRO-3 TRL's loss is used.",
+    )
 
 
 class OutputSection(Section):

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from transformers import PrinterCallback, TrainerCallback
+from trl import SFTTrainer
 
+from . import cache
 from . import manifest as mf
 from .checkpoints import check_checkpoint, mark_complete, newest_complete
 from .config import RunConfig
@@ -25,7 +27,9 @@ from .data import load_rows
 from .errors import UserError
 from .examples import build_examples
 from .launch import Launch, current_launch, launch_problems
+from .loss import supervised_loss_sum
 from .modeling import inspect_adapters, load_model, load_tokenizer, lora_config
+from .packing import BlockCollator, pack, unpacked
 from .recipes import config_to_yaml
 
 Echo = Callable[[str], None]
@@ -118,22 +122,86 @@ def config_digest(cfg: RunConfig) -> str:
     return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
 
 
-def prepare_data(cfg: RunConfig, echo: Echo):
-    """Tokenizer, rows, examples: everything that can fail on the user's data, before anything is written."""
+@dataclasses.dataclass
+class TrainingData:
+    tokenizer: Any
+    blocks: list
+    report: Any
+    source: Any
+    cache_key: str
+    cache_hit: bool
+
+
+def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
+    """Tokenizer, rows, blocks: everything that can fail on the user's data, before anything is written.
+
+    Blocks come from the tokenized-data cache when the same data, tokenizer and data settings were seen
+    before; the main process builds them first and the other ranks read its result.
+    """
+    import contextlib
+
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     rows, source = load_rows(cfg.data)
-    examples, report = build_examples(rows, tokenizer, cfg.data)
+    key = cache.cache_key(cfg.data, source.fingerprint, tokenizer)
+    with state.main_process_first() if state is not None else contextlib.nullcontext():
+        cached = cache.load(key)
+        if cached is None:
+            examples, report = build_examples(rows, tokenizer, cfg.data)
+            blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else unpacked(examples)
+            if state is None or state.is_main_process:
+                cache.save(key, blocks, report)
+        else:
+            blocks, report = cached
     for line in report.summary_lines():
         echo(line)
-    return tokenizer, examples, report, source
+    echo(f"tokenized data: {'from cache' if cached else 'tokenized and cached'} ({key}); {len(blocks)} "
+         + (f"blocks of <= {cfg.data.max_length} tokens" if cfg.data.packing else "rows, unpacked"))
+    return TrainingData(tokenizer, blocks, report, source, key, cached is not None)
+
+
+def effective_loss(cfg: RunConfig, launch: Launch) -> str:
+    """The tiled loss reads lm_head's weight directly, which ZeRO-3 partitions: TRL's own loss there."""
+    return "trl" if launch.zero3 else cfg.training.loss
+
+
+class SupervisedLossTrainer(SFTTrainer):
+    """SFTTrainer whose loss runs lm_head + soft-cap + cross-entropy only at supervised positions, tiled.
+
+    The model is called through its wrappers (DDP, PEFT) with logits for one position only; the final
+    norm's hidden states are taken from the decoder by a forward hook.
+    """
+
+    supervised_seen = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        labels = inputs.pop("labels")
+        captured = {}
+
+        def grab(module, args, output):  # noqa: ARG001
+            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        handle = base.get_decoder().register_forward_hook(grab)
+        try:
+            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            handle.remove()
+        total, n = supervised_loss_sum(captured["hidden"], labels, base.get_output_embeddings().weight,
+                                       base.config.final_logit_softcapping)
+        self.supervised_seen += n
+        # Same normalisation as TRL's loss: a sum over the accumulated batch's supervised tokens.
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else max(n, 1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
 
 def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch):
     import torch
-    from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-                         peft_config=lora_config(cfg))
+    trainer_class = SupervisedLossTrainer if effective_loss(cfg, launch) == "supervised_chunked" else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+                            peft_config=lora_config(cfg), data_collator=BlockCollator(tokenizer.pad_token_id))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; _EchoLoss prints readable lines
     if cfg.lora.enabled and not launch.zero3:
         # TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run
@@ -191,7 +259,8 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     _same_config_on_every_rank(cfg, state)
     checkpoint = _resume_point(cfg, out, resume, resume_from, say)
     set_seed(cfg.training.seed)
-    tokenizer, examples, report, source = prepare_data(cfg, say)
+    data = prepare_data(cfg, say, state)
+    tokenizer, blocks, report, source = data.tokenizer, data.blocks, data.report, data.source
 
     previous = mf.read_manifest(out) if resuming else None
     if main:
@@ -213,27 +282,30 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         "device": "cuda" if _has_accelerator() else "cpu",
         "dataset": {"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
                     "fingerprint": source.fingerprint, "split": cfg.data.split},
-        "data": report.to_dict(),
+        "data": report.to_dict() | {"packing": cfg.data.packing, "blocks": len(blocks),
+                                     "cache": {"key": data.cache_key, "hit": data.cache_hit}},
+        "loss_implementation": effective_loss(cfg, launch),
     }
     write = (lambda: mf.write_manifest(out, record)) if main else (lambda: None)
     write()
     stop = _StopOnSignal(state)
     try:
         model, model_report = load_model(cfg, device_map=_device_map(cfg, launch, state.local_process_index))
-        train_set = Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                                       "labels": [e.labels for e in examples]})
+        train_set = Dataset.from_dict({"input_ids": [b.input_ids for b in blocks], "labels": [b.labels for b in blocks],
+                                       "position_ids": [b.position_ids for b in blocks]})
         trainer = build_trainer(cfg, model, tokenizer, train_set, args, launch)
         inspect_adapters(trainer.model, cfg, model_report)
         record["model"] = model_report.to_dict()
         for line in model_report.summary_lines() + [f"warning: {w}" for w in model_report.warnings]:
             say(line)
         write()
-        rows_per_step = cfg.rows_per_optimizer_step * state.num_processes
-        say(f"launch: {launch.describe()}")
-        say(f"training: {len(examples)} rows, {rows_per_step} rows per optimizer step "
+        items_per_step = cfg.rows_per_optimizer_step * state.num_processes
+        unit = "blocks" if cfg.data.packing else "rows"
+        say(f"launch: {launch.describe()}; loss: {record['loss_implementation']}")
+        say(f"training: {report.rows_kept} rows in {len(blocks)} {unit}, {items_per_step} {unit} per optimizer step "
             f"(batch {cfg.training.per_device_train_batch_size} x accumulation "
             f"{cfg.training.gradient_accumulation_steps} x {state.num_processes} processes), "
-            f"at most {cfg.data.max_length * rows_per_step} tokens per step"
+            f"at most {cfg.data.max_length * items_per_step} tokens per step"
             + (f"; resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else ""))
         trainer.add_callback(_EchoLoss(say))
         trainer.add_callback(_MarkCheckpoints(cfg, state))
@@ -243,6 +315,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         losses = loss_summary(trainer.state.log_history)
         record.update(global_step=trainer.state.global_step, training=losses | {
             "train_runtime_s": result.metrics.get("train_runtime")})
+        record["throughput"] = _throughput(trainer, report, result.metrics.get("train_runtime"), state)
         if stop.stopped:
             saved = out / f"checkpoint-{trainer.state.global_step}"
             record.update(status="interrupted", checkpoint=str(saved))
@@ -251,11 +324,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         trainer.save_model(str(out))
         if main:
             tokenizer.save_pretrained(str(out))
-        record.update(
-            status="completed",
-            # whole epochs plus the fraction of the last one
-            supervised_tokens_trained=int(round(report.supervised_tokens * (trainer.state.epoch or 0.0))),
-        )
+        record.update(status="completed")
     except BaseException as exc:
         if record["status"] == "running":
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -266,11 +335,49 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         record["attempts"] = record["attempts"] + [{k: record.get(k) for k in (
             "started_at", "finished_at", "status", "resumed_from", "global_step", "wall_time_s")}]
         write()
-    t = record["training"]
+    t, speed = record["training"], record["throughput"]
+    say(f"supervised tokens: {speed['supervised_tokens_trained']:,} trained at {speed['supervised_tokens_per_s']:,.0f}/s; "
+        f"padding {speed['padding_fraction']:.1%}; peak memory {speed['peak_memory_bytes'] / 2**20:,.0f} MiB "
+        f"({speed['peak_memory_kind']})")
     say(f"done in {record['wall_time_s']:.1f}s: {out}/ (loss {t['first_loss']:.4f} at the first step, "
         f"{t['final_loss']:.4f} at step {t['final_loss_step']} of {record['global_step']})")
     _check_loss(losses, say)
     return record
+
+
+def _throughput(trainer, report, runtime: float | None, state) -> dict[str, Any]:
+    import torch
+
+    if isinstance(trainer, SupervisedLossTrainer):  # counted in the loss, summed over ranks (this attempt)
+        count = torch.tensor([trainer.supervised_seen], device=trainer.accelerator.device)
+        seen, exact = int(trainer.accelerator.gather(count).sum().item()), True
+    else:  # whole epochs plus the fraction of the last one
+        seen, exact = int(round(report.supervised_tokens * (trainer.state.epoch or 0.0))), False
+    collator = trainer.data_collator
+    if torch.cuda.is_available():
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated, this rank"
+    else:
+        peak, kind = _peak_rss(), "process peak RSS (VmHWM), this rank"
+    return {
+        "supervised_tokens_trained": seen,
+        "supervised_tokens_counted": "exact" if exact else "estimated",
+        "supervised_tokens_per_s": seen / runtime if runtime else None,
+        "padding_fraction": collator.padding_fraction,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+    }
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rank_echo(echo: Echo, state) -> Echo:

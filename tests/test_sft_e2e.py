@@ -61,7 +61,10 @@ def test_manifest_records_what_happened(run_dir):
     assert (d["rows_read"], d["rows_kept"], d["rows_bad"]) == (36, 35, 1)
     assert 0 < d["supervised_tokens"] < d["total_tokens"]
     assert m["model"]["trainable_params"] > 0 and m["wall_time_s"] > 0
-    assert m["supervised_tokens_trained"] > 0
+    t = m["throughput"]
+    assert t["supervised_tokens_trained"] > 0 and t["supervised_tokens_counted"] == "exact"
+    assert t["supervised_tokens_per_s"] > 0 and t["peak_memory_bytes"] > 0 and 0 <= t["padding_fraction"] < 1
+    assert m["data"]["packing"] is True and m["loss_implementation"] == "supervised_chunked"
     assert yaml.safe_load((out / "config.yaml").read_text())["training"]["max_steps"] == 16
     assert "trainable params" in output and "eager" in output
 

@@ -1,0 +1,79 @@
+"""Tokenized-data cache: a second run or a resume doesn't tokenize again.
+
+The key covers everything that changes the blocks: the data's content fingerprint, every data.*
+setting (source, split, system policy, max length, overlong rule, train_on, packing), the tokenizer's
+full definition, and the version of the turn format and packing code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import DataSection
+from .examples import DataReport
+from .packing import Block
+from .tiny import home
+
+FORMAT_VERSION = 1  # bump when rendering, masking or packing changes what a row becomes
+
+
+def cache_dir() -> Path:
+    return home() / "cache" / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_key(data: DataSection, source_fingerprint: str, tokenizer: Any) -> str:
+    parts = {"format": FORMAT_VERSION, "data": data.model_dump(mode="json"), "source": source_fingerprint,
+             "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load(key: str) -> tuple[list[Block], DataReport] | None:
+    import numpy as np
+
+    path = cache_dir() / key
+    try:
+        arrays = np.load(path / "blocks.npz")
+        report = DataReport(**json.loads((path / "report.json").read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    bounds, rows = arrays["offsets"].tolist(), arrays["rows"].tolist()
+    ids, labels, positions = (arrays[k].tolist() for k in ("input_ids", "labels", "position_ids"))
+    blocks = [Block(ids[a:b], labels[a:b], positions[a:b], n) for a, b, n in zip(bounds[:-1], bounds[1:], rows)]
+    return blocks, report
+
+
+def save(key: str, blocks: list[Block], report: DataReport) -> Path:
+    """Written to a temporary folder and renamed into place: readers see all of it or nothing."""
+    import numpy as np
+
+    final = cache_dir() / key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    try:
+        offsets = np.cumsum([0] + [len(b.input_ids) for b in blocks])
+        flat = lambda attr: np.fromiter((t for b in blocks for t in getattr(b, attr)), dtype=np.int64, count=int(offsets[-1]))  # noqa: E731
+        np.savez(tmp / "blocks.npz", input_ids=flat("input_ids"), labels=flat("labels"),
+                 position_ids=flat("position_ids"), offsets=offsets, rows=np.array([b.rows for b in blocks]))
+        (tmp / "report.json").write_text(json.dumps(report.to_dict()))
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
