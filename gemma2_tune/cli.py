@@ -249,6 +249,32 @@ def preview(
         fail(exc)
 
 
+@app.command()
+def plan(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    gpu: Annotated[str, typer.Option(help="h100-80gb, a100-40gb, l4-24gb, ... (see the error for the list)")] = "h100-80gb",
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Processes (GPUs).")] = 1,
+    launch: Annotated[Optional[str], typer.Option("--launch", help="Accelerate config the run will use (e.g. zero3).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="data.max_length")] = None,
+) -> None:
+    """Estimate per-GPU memory and tokens per step before launching. Exit 0 fits, 1 does not fit."""
+    try:
+        cfg = _resolve(recipe, set_, {"model.name_or_path": ("--model", model),
+                                      "data.max_length": ("--max-length", max_length)}).config
+        from .plan import report
+
+        lines, ok = report(cfg, gpu, num_processes, launch)
+    except UserError as exc:
+        fail(exc)
+        return
+    for line in lines:
+        echo(line)
+    if not ok:
+        raise typer.Exit(1)
+
+
 @app.command("recipes")
 def list_recipes() -> None:
     """List the bundled recipes."""

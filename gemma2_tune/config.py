@@ -19,6 +19,9 @@ MLP_MODULES = {"gate_proj", "up_proj", "down_proj"}
 # Gemma 2's published soft-caps; real checkpoints carry these in config.json.
 ATTENTION_SOFTCAP = 50.0
 FINAL_SOFTCAP = 30.0
+# Tile of the supervised-only loss (gemma2_tune/loss.py): token rows x vocabulary columns, fp32.
+LOSS_TOKEN_CHUNK = 1024
+LOSS_VOCAB_CHUNK = 8192
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
-TOKEN_CHUNK = 1024
-VOCAB_CHUNK = 8192
+from .config import LOSS_TOKEN_CHUNK as TOKEN_CHUNK
+from .config import LOSS_VOCAB_CHUNK as VOCAB_CHUNK
+from .examples import IGNORE_INDEX
 
 
 def _tile_logits(h: torch.Tensor, w: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:

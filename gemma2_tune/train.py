@@ -308,6 +308,8 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
             f"at most {cfg.data.max_length * items_per_step} tokens per step"
             + (f"; resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else ""))
         trainer.add_callback(_EchoLoss(say))
+        memory = PeakMemory()
+        trainer.add_callback(memory)
         trainer.add_callback(_MarkCheckpoints(cfg, state))
         trainer.add_callback(stop)
         with stop.installed():
@@ -315,7 +317,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         losses = loss_summary(trainer.state.log_history)
         record.update(global_step=trainer.state.global_step, training=losses | {
             "train_runtime_s": result.metrics.get("train_runtime")})
-        record["throughput"] = _throughput(trainer, report, result.metrics.get("train_runtime"), state)
+        record["throughput"] = _throughput(trainer, report, result.metrics.get("train_runtime"), state, memory)
         if stop.stopped:
             saved = out / f"checkpoint-{trainer.state.global_step}"
             record.update(status="interrupted", checkpoint=str(saved))
@@ -345,7 +347,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     return record
 
 
-def _throughput(trainer, report, runtime: float | None, state) -> dict[str, Any]:
+def _throughput(trainer, report, runtime: float | None, state, memory: PeakMemory) -> dict[str, Any]:
     import torch
 
     if isinstance(trainer, SupervisedLossTrainer):  # counted in the loss, summed over ranks (this attempt)
@@ -354,30 +356,70 @@ def _throughput(trainer, report, runtime: float | None, state) -> dict[str, Any]
     else:  # whole epochs plus the fraction of the last one
         seen, exact = int(round(report.supervised_tokens * (trainer.state.epoch or 0.0))), False
     collator = trainer.data_collator
-    if torch.cuda.is_available():
-        peak, kind = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated, this rank"
-    else:
-        peak, kind = _peak_rss(), "process peak RSS (VmHWM), this rank"
+    peak, kind = peak_memory()
     return {
         "supervised_tokens_trained": seen,
         "supervised_tokens_counted": "exact" if exact else "estimated",
         "supervised_tokens_per_s": seen / runtime if runtime else None,
         "padding_fraction": collator.padding_fraction,
         "peak_memory_bytes": peak,
+        "peak_memory_growth_bytes": peak - memory.start,  # above what was in use when training began
         "peak_memory_kind": kind,
     }
 
 
-def _peak_rss() -> int:
+def reset_peak_memory() -> None:
+    """Start peak tracking now (called when training begins, after the model and data are loaded)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak memory since reset_peak_memory(), and what was measured."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated during training, this rank"
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024, "process peak RSS (VmHWM) during training, this rank"
     except OSError:
         pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start, this rank"
+
+
+def current_memory() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakMemory(TrainerCallback):
+    """Peak tracking from the first step: `start` is the memory in use then (model, data, optimizer setup)."""
+
+    start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ARG002
+        reset_peak_memory()
+        self.start = current_memory()
 
 
 def _rank_echo(echo: Echo, state) -> Echo:

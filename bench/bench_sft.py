@@ -1,0 +1,243 @@
+"""Side-by-side benchmark: plain TRL with the reference Gemma 2 QLoRA recipe vs `gemma2-tune sft` defaults.
+
+    python bench/bench_sft.py                     # full: 256,000-token vocabulary, ~5-10 minutes on 2 CPU cores
+    python bench/bench_sft.py --quick             # small smoke run (used by the tests)
+
+Both sides train the same locally built Gemma 2 (real 256,000-entry vocabulary and tokenizer, small hidden
+size and depth so it runs on a CPU; alternating sliding/global layers, soft-caps 50/30), in 4-bit NF4 with
+LoRA r=16 on q/k/v/o, eager attention, bf16, lr 2e-4, batch 1 x accumulation 4, max length 1024, one epoch,
+on the same synthetic chats (many short rows, some long, user turns included) with the same supervised
+tokens: TRL receives the rows already rendered in Gemma's format and masked (labels), so only the training
+machinery differs: TRL trains one unpadded row per micro-batch and scores every position through its own
+fused loss; gemma2-tune packs rows and scores only supervised positions.
+
+A third side, gemma2-tune with packing off, takes exactly TRL's micro-batches and optimizer steps, so its
+final loss shows whether the numerics match. Each side runs in its own process, interleaved, `--repeats` times. Reported per run: supervised tokens/s
+(supervised tokens / trainer runtime), peak RSS during training (VmHWM reset when training starts) and
+its growth over the RSS at that moment (model, data and adapters already loaded: the training memory), and the final loss: mean cross-entropy per supervised token of the
+trained adapter over all rows, computed the same way for both. Ratios are gemma2-tune / TRL, medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# The sides: TRL's reference recipe; gemma2-tune's defaults; gemma2-tune without packing, which takes the
+# same micro-batches and optimizer steps as TRL (isolates the loss path; checks numerics).
+SIDES = {"trl": [], "gemma2-tune": [], "gemma2-tune-unpacked": ["data.packing=false"]}
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+# ----------------------------------------------------------------------------- setup (parent process)
+def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
+    """A word-level tokenizer with exactly `vocab` entries and a random Gemma 2 with that vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    from gemma2_tune.chat import GEMMA_CHAT_TEMPLATE
+
+    words = {t: i for i, t in enumerate(SPECIALS + ["user", "model"])}
+    words.update({f"w{i}": i for i in range(len(words), vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+                                   chat_template=GEMMA_CHAT_TEMPLATE)
+    config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, sliding_window=256,
+                          max_position_embeddings=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                          pad_token_id=0, eos_token_id=[1, 5], bos_token_id=2, initializer_range=0.05)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+
+
+def make_chats(rows: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Realistic mixed lengths: mostly short exchanges, some long ones, a few multi-turn."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:  # Zipf-like word choice over the whole vocabulary
+        return " ".join(f"w{min(vocab - 1, 8 + int(rng.paretovariate(1.1)) % (vocab - 8))}" for _ in range(n))
+
+    chats = []
+    for _ in range(rows):
+        kind = rng.random()
+        if kind < 0.70:
+            spans = [(rng.randint(8, 40), rng.randint(5, 40))]
+        elif kind < 0.90:
+            spans = [(rng.randint(40, 150), rng.randint(30, 150)), (rng.randint(5, 30), rng.randint(10, 60))]
+        else:
+            spans = [(rng.randint(250, 500), rng.randint(150, 350))]
+        messages = []
+        for user, model in spans:
+            messages += [{"role": "user", "content": text(user)}, {"role": "assistant", "content": text(model)}]
+        chats.append({"messages": messages})
+    return chats
+
+
+# ----------------------------------------------------------------------------- workers (one per process)
+def rendered_examples(model_dir: str, data: str):
+    from gemma2_tune.config import DataSection
+    from gemma2_tune.data import load_rows
+    from gemma2_tune.examples import build_examples
+    from gemma2_tune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    rows, _ = load_rows(DataSection(dataset=data, max_length=1024))
+    examples, report = build_examples(rows, tokenizer, DataSection(dataset=data, max_length=1024))
+    return tokenizer, examples, report
+
+
+def final_loss(model_dir: str, adapter: str, examples) -> float:
+    """Mean CE per supervised token over all rows, the model's own loss, identical for both sides."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from gemma2_tune.config import RunConfig
+    from gemma2_tune.modeling import bnb_config
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.bfloat16,
+                                                quantization_config=bnb_config(RunConfig()))
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    total = count = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for e in examples:
+            n = sum(1 for label in e.labels[1:] if label != -100)
+            out = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]), use_cache=False)
+            total += out.loss.float().item() * n
+            count += n
+    return total / count
+
+
+def worker_trl(model_dir: str, data: str, out: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from gemma2_tune.train import PeakMemory, peak_memory
+
+    tokenizer, examples, report = rendered_examples(model_dir, data)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.bfloat16,
+                                                 quantization_config=quant)
+    args = SFTConfig(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                     learning_rate=2e-4, bf16=True, max_length=1024, gradient_checkpointing=True,
+                     num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=42,
+                     packing=False, use_cpu=True, disable_tqdm=True)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      task_type="CAUSAL_LM")
+    train = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora)
+    memory = PeakMemory()
+    trainer.add_callback(memory)
+    result = trainer.train()
+    peak, _ = peak_memory()
+    trainer.save_model(out)
+    runtime = result.metrics["train_runtime"]
+    return {"supervised_tokens": report.supervised_tokens, "runtime_s": runtime,
+            "supervised_tokens_per_s": report.supervised_tokens / runtime, "peak_rss": peak,
+            "peak_growth": peak - memory.start, "steps": trainer.state.global_step,
+            "final_loss": final_loss(model_dir, out, examples)}
+
+
+def worker_gemma2_tune(model_dir: str, data: str, out: str, sets: list[str]) -> dict:
+    from gemma2_tune.recipes import resolve
+    from gemma2_tune.train import run_sft
+
+    cfg = resolve(None, [f"model.name_or_path={model_dir}", f"data.dataset={data}", f"output.dir={out}",
+                         "training.save_steps=null", "training.logging_steps=1", *sets]).config
+    record = run_sft(cfg, echo=lambda line: None)
+    t = record["throughput"]
+    _, examples, _ = rendered_examples(model_dir, data)
+    return {"supervised_tokens": t["supervised_tokens_trained"], "runtime_s": record["training"]["train_runtime_s"],
+            "supervised_tokens_per_s": t["supervised_tokens_per_s"], "peak_rss": t["peak_memory_bytes"],
+            "peak_growth": t["peak_memory_growth_bytes"], "steps": record["global_step"],
+            "final_loss": final_loss(model_dir, out, examples)}
+
+
+# ----------------------------------------------------------------------------- driver
+def run_side(side: str, model_dir: Path, data: Path, work: Path, sets: list[str]) -> dict:
+    out = work / f"{side}-{time.time_ns()}"
+    result_file = out.with_suffix(".json")
+    cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
+           "--out", str(out), "--result", str(result_file), *sum((["--set", s] for s in sets), [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        sys.exit(f"{side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(result_file.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--vocab", type=int, default=256_000)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
+    parser.add_argument("--json", default=str(HERE / "results.json"))
+    parser.add_argument("--worker", choices=list(SIDES))
+    parser.add_argument("--model-dir")
+    parser.add_argument("--data")
+    parser.add_argument("--out")
+    parser.add_argument("--result")
+    parser.add_argument("--set", action="append", default=[], help="extra gemma2-tune setting (key=value); "
+                        "the default compares against gemma2-tune's defaults")
+    parser.add_argument("--only", choices=list(SIDES), help="run one side (exploration, no ratios)")
+    a = parser.parse_args()
+    if a.worker:
+        result = worker_trl(a.model_dir, a.data, a.out) if a.worker == "trl" else worker_gemma2_tune(
+            a.model_dir, a.data, a.out, a.set + SIDES[a.worker])
+        Path(a.result).write_text(json.dumps(result))
+        return
+    if a.quick:
+        a.rows, a.vocab, a.repeats = 12, 4096, 1
+    with tempfile.TemporaryDirectory(prefix="gemma2-tune-bench-") as tmp:
+        work = Path(tmp)
+        model_dir, data = work / "model", work / "chats.jsonl"
+        build_model(model_dir, a.vocab, a.hidden, a.layers)
+        data.write_text("".join(json.dumps(c) + "\n" for c in make_chats(a.rows, a.vocab)))
+        os.environ["GEMMA2_TUNE_HOME"] = str(work / "home")  # a cold tokenized-data cache for every run
+        sides = [a.only] if a.only else list(SIDES)
+        runs: dict[str, list[dict]] = {s: [] for s in sides}
+        for r in range(a.repeats):
+            for side in (sides if r % 2 == 0 else sides[::-1]):  # interleaved, order alternating
+                runs[side].append(run_side(side, model_dir, data, work, a.set))
+                print(f"repeat {r + 1} {side:22s} " + json.dumps(runs[side][-1]), flush=True)
+    if a.only:
+        return
+    med = {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in runs.items()}
+    metrics = ("supervised_tokens_per_s", "peak_rss", "peak_growth", "final_loss", "steps")
+    ratios = {s: {k: med[s][k] / med["trl"][k] for k in metrics} for s in SIDES if s != "trl"}
+    summary = {"setup": {"rows": a.rows, "vocab": a.vocab, "hidden": a.hidden, "layers": a.layers,
+                         "repeats": a.repeats, "gemma2_tune_sets": a.set, "machine": f"{os.cpu_count()} CPU cores"},
+               "runs": runs, "median": med, "ratio_over_trl": ratios}
+    Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{'':22s}{'TRL reference':>14s}{'gemma2-tune':>13s}{'ratio':>7s}{'unpacked':>11s}{'ratio':>7s}")
+    for key, label, scale in (("supervised_tokens_per_s", "supervised tokens/s", 1), ("peak_rss", "peak RSS MiB", 2**20),
+                              ("peak_growth", "peak growth MiB", 2**20), ("final_loss", "final loss", 1),
+                              ("steps", "optimizer steps", 1)):
+        ours, unp = "gemma2-tune", "gemma2-tune-unpacked"
+        print(f"{label:22s}{med['trl'][key] / scale:14.2f}{med[ours][key] / scale:13.2f}{ratios[ours][key]:7.2f}"
+              f"{med[unp][key] / scale:11.2f}{ratios[unp][key]:7.2f}")
+    print(f"\nwritten: {a.json}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    main()

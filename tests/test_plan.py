@@ -1,0 +1,86 @@
+"""The memory plan: published shapes, arithmetic, and agreement with peak memory measured on this CPU."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gemma2_tune.cli import app
+from gemma2_tune.plan import GIB, KNOWN, estimate, lora_params, model_shape
+from gemma2_tune.recipes import resolve
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("size,published", [("2b", 2.61e9), ("9b", 9.24e9), ("27b", 27.23e9)])
+def test_parameter_counts_match_the_published_gemma2_models(size, published):
+    assert KNOWN[size].total_params == pytest.approx(published, rel=0.005)
+
+
+def test_published_shapes():
+    s9, s27 = KNOWN["9b"], KNOWN["27b"]
+    assert (s9.hidden, s9.layers, s9.heads, s9.kv_heads, s9.head_dim) == (3584, 42, 16, 8, 256)
+    assert (s27.hidden, s27.layers, s27.heads, s27.kv_heads, s27.head_dim) == (4608, 46, 32, 16, 128)
+    assert s9.vocab == s27.vocab == 256000 and s9.sliding_window == 4096
+
+
+def test_lora_params_on_qkvo():
+    cfg = resolve("gemma-2-9b-qlora").config
+    s = KNOWN["9b"]
+    per_layer = 16 * ((3584 + 4096) + (3584 + 2048) * 2 + (4096 + 3584))
+    assert lora_params(s, cfg) == 42 * per_layer
+
+
+def test_zero3_shards_and_qlora_is_smaller_than_bf16():
+    full = resolve("gemma-2-27b-full-zero3").config
+    one = estimate(KNOWN["27b"], full, 1, zero3=True)
+    eight = estimate(KNOWN["27b"], full, 8, zero3=True)
+    assert eight.terms["weights"] == pytest.approx(one.terms["weights"] / 8)
+    qlora = estimate(KNOWN["27b"], resolve("gemma-2-27b-qlora").config)
+    assert qlora.terms["weights"] < 16 * GIB < estimate(KNOWN["27b"], full).terms["weights"]
+
+
+def test_plan_command_fits_and_advises():
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "a100-40gb"])
+    assert r.exit_code == 0 and "verdict: fits" in r.output and "tokens per optimizer step: 4,096" in r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb"])
+    assert r.exit_code == 1 and "does NOT fit" in r.output and "to fit, try:" in r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb", "--launch", "zero3",
+                            "--num-processes", "8"])
+    assert r.exit_code == 0 and "ZeRO-3 over 8" in r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "tpu-v9"])
+    assert r.exit_code == 2 and "h100-80gb" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length", [2048, 3072])
+def test_training_memory_terms_agree_with_measured_peak_on_cpu(tmp_path, tiny_model_dir, length):
+    """Measured: growth of peak RSS over the RSS when training starts (what the trainable, activation and
+    loss terms model; weights are already resident). Seen here: measured/modelled 1.12-1.25 at 2048-4096
+    tokens (the rest is ~50 MB of CPU runtime buffers); the test allows 0.75-1.5 for RSS noise. Below
+    ~1024 tokens the constant buffers dominate and the ratio is meaningless."""
+    out = tmp_path / f"run{length}"
+    sets = [f"data.max_length={length}", "data.dataset=" + str(write_long_chats(tmp_path, length)),
+            "training.gradient_accumulation_steps=1", "training.save_steps=null"]
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "3",
+                            *sum((["--set", s] for s in sets), [])])
+    assert r.exit_code == 0, r.output
+    measured = json.loads((out / "run.json").read_text())["throughput"]["peak_memory_growth_bytes"]
+    cfg = resolve("quickstart-cpu", sets).config
+    shape, _ = model_shape(str(tiny_model_dir))
+    plan = estimate(shape, cfg)
+    modelled = sum(v for k, v in plan.terms.items() if k not in ("weights", "overhead"))
+    assert 0.75 <= measured / modelled <= 1.5, (measured / 2**20, modelled / 2**20)
+
+
+def write_long_chats(tmp_path, length):
+    """Rows long enough to fill `length`-token blocks, so the length-squared attention term dominates."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rows = []
+    for i in range(8):
+        user = " ".join(words[(i + k) % len(words)] for k in range(length // 4))
+        model = " ".join(words[(i * 3 + k) % len(words)] for k in range(length // 4))
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": model}]})
+    path = tmp_path / f"long{length}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
