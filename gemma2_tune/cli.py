@@ -249,6 +249,115 @@ def preview(
         fail(exc)
 
 
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")]
+LoadInOpt = Annotated[str, typer.Option("--load-in", help="bf16, 8bit or 4bit.")]
+
+
+def _load_in(value: str) -> str:
+    if value not in ("bf16", "8bit", "4bit"):
+        raise UserError(f"--load-in {value}: use bf16, 8bit or 4bit")
+    return value
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One-shot: print only the answer and exit.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system message (handled by the run's system policy).")] = None,
+    load_in: LoadInOpt = "bf16",
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+) -> None:
+    """Talk to a fine-tuned model (base from the run unless --model). Interactive with history, or one-shot."""
+    try:
+        from .inference import Sampling, load, read_run, reply
+
+        run = read_run(adapter, model)
+        llm, tokenizer = load(run, _load_in(load_in))
+        sampling = Sampling(max_new_tokens, temperature, top_p)
+        history = [{"role": "system", "content": system}] if system else []
+        note = (f"{run.base_model}{' + ' + str(run.path) if run.is_adapter else ''}, {load_in}, eager attention "
+                f"(soft-capping on), system policy '{run.system_policy}', "
+                + ("greedy" if temperature == 0 else f"temperature {temperature}, top_p {top_p}"))
+        if prompt is not None:
+            typer.secho(note, err=True, dim=True)
+            echo(reply(llm, tokenizer, history + [{"role": "user", "content": prompt}], run.system_policy, sampling))
+            return
+        echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves")
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                echo("")
+                return
+            if line in ("/exit", "/quit"):
+                return
+            if line == "/reset":
+                history = history[:1] if system else []
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            typer.echo("model> ", nl=False)
+            answer = reply(llm, tokenizer, history, run.system_policy, sampling,
+                           on_text=lambda piece: typer.echo(piece, nl=False))
+            typer.echo("")
+            history.append({"role": "assistant", "content": answer or "…"})
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="New folder for the merged model.")],
+    model: ModelOpt = None,
+) -> None:
+    """Fold the LoRA adapter into the base (bf16 safetensors shards) for TGI, vLLM or transformers."""
+    try:
+        from .merge import merge as run_merge
+
+        run_merge(adapter, output, model, echo=echo)
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command("eval")
+def evaluate_command(
+    adapter: AdapterOpt = None,
+    model: ModelOpt = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Held-out chats (any supported source).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated (needs lm-eval).")] = None,
+    max_length: Annotated[int, typer.Option(help="data.max_length for the held-out rows.")] = 1024,
+    max_rows: Annotated[Optional[int], typer.Option(help="Score at most this many rows.")] = None,
+    load_in: LoadInOpt = "bf16",
+    include_path: Annotated[Optional[str], typer.Option(help="Folder of extra lm-eval task YAMLs.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task.")] = None,
+) -> None:
+    """Loss/perplexity on model-turn tokens (base vs fine-tuned), or lm-eval benchmark tasks."""
+    try:
+        if not dataset and not tasks:
+            raise UserError("give --dataset (held-out chats) and/or --tasks (lm-eval tasks)")
+        from .config import DataSection
+        from .inference import load, read_run
+
+        run = read_run(adapter, model)
+        llm, tokenizer = load(run, _load_in(load_in))
+        if dataset:
+            from .evaluate import evaluate
+
+            evaluate(llm, tokenizer, DataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+                                                 system_policy=run.system_policy), compare_base=True, echo=echo)
+        if tasks:
+            from .harness import run_tasks
+
+            run_tasks(llm, tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], include_path, limit, echo=echo)
+    except UserError as exc:
+        fail(exc)
+
+
 @app.command()
 def plan(
     recipe: RecipeOpt = None,

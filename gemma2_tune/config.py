@@ -100,6 +100,10 @@ class DataSection(Section):
         description="Loss on model turns only (each with its <end_of_turn>), or on every token.",
     )
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (after loading).")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Hold out this fraction of rows (seeded) for evaluation during training."
+    )
+    eval_split: str | None = Field(None, description="Or evaluate on this split of the same dataset (e.g. test).")
     packing: bool = Field(
         True,
         description="Pack rows into blocks of max_length tokens (best-fit), each row masked from the others "
@@ -122,6 +126,7 @@ class TrainingSection(Section):
     optim: str = Field("adamw_torch", description="transformers optimizer name (e.g. adamw_torch, paged_adamw_8bit).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
+    eval_steps: int = Field(100, gt=0, description="Evaluate on the held-out rows every N steps (and at the end).")
     save_steps: int | None = Field(
         500, gt=0, description="Save a resumable checkpoint every N optimizer steps (null: none, only the final output)."
     )
@@ -204,6 +209,8 @@ def cross_field_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
             "quantization.load_in_4bit with lora.enabled=false: 4-bit weights can't be trained directly; "
             "enable LoRA (QLoRA) or set quantization.load_in_4bit=false for full fine-tuning"
         )
+    if cfg.data.eval_fraction and cfg.data.eval_split:
+        errors.append("data.eval_fraction and data.eval_split: choose one source of held-out rows")
     if not q.load_in_4bit and (q.compute_dtype or q.quant_storage):
         errors.append(
             "quantization.compute_dtype/quant_storage are set but quantization.load_in_4bit is false"

@@ -181,6 +181,18 @@ def check_loaded(model, cfg: RunConfig) -> list[str]:
     return found
 
 
+def keep_4bit_layout_trainable(model) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for an inference kernel on the first
+    eval-mode forward (e.g. an evaluation during training). That kernel has no backward: training steps after
+    it would silently lose the gradient through every 4-bit layer. Keep the layout the training kernel uses."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def inspect_adapters(model, cfg: RunConfig, report: ModelReport) -> None:
     """After PEFT wrapped the model: LoRA sits exactly where asked, and what trains is counted."""
     if cfg.lora.enabled:
@@ -231,6 +243,7 @@ def load_model(cfg: RunConfig, device_map: Any = None):
     except Exception as exc:  # noqa: BLE001
         raise UserError(_loading_hint("weights", cfg.model.name_or_path, exc)) from None
     model.config.use_cache = False  # training; the cache also breaks per-document masking of packed rows
+    keep_4bit_layout_trainable(model)
     found = check_loaded(model, cfg)
     attn_cap, final_cap = _softcaps(model.config)
     report = ModelReport(

@@ -29,6 +29,7 @@ from .examples import build_examples
 from .launch import Launch, current_launch, launch_problems
 from .loss import supervised_loss_sum
 from .modeling import inspect_adapters, load_model, load_tokenizer, lora_config
+from .outputs import model_card, plot_run
 from .packing import BlockCollator, pack, unpacked
 from .recipes import config_to_yaml
 
@@ -70,6 +71,9 @@ def trainer_args(cfg: RunConfig, out: Path, launch: Launch):
         fp16=cfg.model.dtype == "float16",
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        eval_strategy="steps" if (cfg.data.eval_fraction or cfg.data.eval_split) else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
@@ -130,6 +134,33 @@ class TrainingData:
     source: Any
     cache_key: str
     cache_hit: bool
+    eval_blocks: list | None = None
+    eval_report: Any = None
+
+
+def split_rows(rows: list, cfg: RunConfig) -> tuple[list, list]:
+    """Held-out rows: a seeded fraction of the training source (or none)."""
+    import random
+
+    if not cfg.data.eval_fraction:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(cfg.training.seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * cfg.data.eval_fraction))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _blocks(rows: list, tokenizer, cfg: RunConfig, key: str, main: bool):
+    """Tokenized, masked, packed rows from the cache, or built and cached; -> (blocks, report, hit)."""
+    cached = cache.load(key)
+    if cached is not None:
+        return cached[0], cached[1], True
+    examples, report = build_examples(rows, tokenizer, cfg.data)
+    blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else unpacked(examples)
+    if main:
+        cache.save(key, blocks, report)
+    return blocks, report, False
 
 
 def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
@@ -142,21 +173,23 @@ def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     rows, source = load_rows(cfg.data)
+    rows, held_out = split_rows(rows, cfg)
+    if cfg.data.eval_split:
+        held_out, _ = load_rows(cfg.data.model_copy(update={"split": cfg.data.eval_split}))
     key = cache.cache_key(cfg.data, source.fingerprint, tokenizer)
+    main = state is None or state.is_main_process
     with state.main_process_first() if state is not None else contextlib.nullcontext():
-        cached = cache.load(key)
-        if cached is None:
-            examples, report = build_examples(rows, tokenizer, cfg.data)
-            blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else unpacked(examples)
-            if state is None or state.is_main_process:
-                cache.save(key, blocks, report)
-        else:
-            blocks, report = cached
+        blocks, report, hit = _blocks(rows, tokenizer, cfg, key + "-train", main)
+        eval_blocks, eval_report = None, None
+        if held_out:
+            eval_blocks, eval_report, _ = _blocks(held_out, tokenizer, cfg, key + "-eval", main)
     for line in report.summary_lines():
         echo(line)
-    echo(f"tokenized data: {'from cache' if cached else 'tokenized and cached'} ({key}); {len(blocks)} "
+    if eval_report is not None:
+        echo(f"held out for evaluation: {eval_report.rows_kept} rows, {eval_report.supervised_tokens} supervised tokens")
+    echo(f"tokenized data: {'from cache' if hit else 'tokenized and cached'} ({key}); {len(blocks)} "
          + (f"blocks of <= {cfg.data.max_length} tokens" if cfg.data.packing else "rows, unpacked"))
-    return TrainingData(tokenizer, blocks, report, source, key, cached is not None)
+    return TrainingData(tokenizer, blocks, report, source, key, hit, eval_blocks, eval_report)
 
 
 def effective_loss(cfg: RunConfig, launch: Launch) -> str:
@@ -196,12 +229,20 @@ class SupervisedLossTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch):
+def blocks_dataset(blocks):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [b.input_ids for b in blocks], "labels": [b.labels for b in blocks],
+                              "position_ids": [b.position_ids for b in blocks]})
+
+
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch, eval_set=None):
     import torch
 
     trainer_class = SupervisedLossTrainer if effective_loss(cfg, launch) == "supervised_chunked" else SFTTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-                            peft_config=lora_config(cfg), data_collator=BlockCollator(tokenizer.pad_token_id))
+    trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=lora_config(cfg),
+                            data_collator=BlockCollator(tokenizer.pad_token_id))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; _EchoLoss prints readable lines
     if cfg.lora.enabled and not launch.zero3:
         # TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run
@@ -240,7 +281,6 @@ def _resume_point(cfg: RunConfig, out: Path, resume: bool, resume_from: str | No
 def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
             resume_from: str | None = None) -> dict[str, Any]:
     from accelerate import PartialState
-    from datasets import Dataset
     from transformers import set_seed
 
     started = time.time()
@@ -283,7 +323,8 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         "dataset": {"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
                     "fingerprint": source.fingerprint, "split": cfg.data.split},
         "data": report.to_dict() | {"packing": cfg.data.packing, "blocks": len(blocks),
-                                     "cache": {"key": data.cache_key, "hit": data.cache_hit}},
+                                     "cache": {"key": data.cache_key, "hit": data.cache_hit},
+                                     "eval": data.eval_report.to_dict() if data.eval_report else None},
         "loss_implementation": effective_loss(cfg, launch),
     }
     write = (lambda: mf.write_manifest(out, record)) if main else (lambda: None)
@@ -291,9 +332,8 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     stop = _StopOnSignal(state)
     try:
         model, model_report = load_model(cfg, device_map=_device_map(cfg, launch, state.local_process_index))
-        train_set = Dataset.from_dict({"input_ids": [b.input_ids for b in blocks], "labels": [b.labels for b in blocks],
-                                       "position_ids": [b.position_ids for b in blocks]})
-        trainer = build_trainer(cfg, model, tokenizer, train_set, args, launch)
+        eval_set = blocks_dataset(data.eval_blocks) if data.eval_blocks else None
+        trainer = build_trainer(cfg, model, tokenizer, blocks_dataset(blocks), args, launch, eval_set)
         inspect_adapters(trainer.model, cfg, model_report)
         record["model"] = model_report.to_dict()
         for line in model_report.summary_lines() + [f"warning: {w}" for w in model_report.warnings]:
@@ -323,10 +363,16 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
             record.update(status="interrupted", checkpoint=str(saved))
             raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in {saved}; "
                               f"continue with: gemma2-tune sft ... --output-dir {out} --resume")
+        if eval_set is not None:
+            record["training"]["final_eval_loss"] = trainer.evaluate()["eval_loss"]
+            record["training"]["eval_history"] = [{"step": e["step"], "eval_loss": e["eval_loss"]}
+                                                  for e in trainer.state.log_history if "eval_loss" in e]
         trainer.save_model(str(out))
+        record.update(status="completed")
         if main:
             tokenizer.save_pretrained(str(out))
-        record.update(status="completed")
+            plot_run(trainer.state.log_history, out / "loss.png")
+            (out / "README.md").write_text(model_card(cfg, record, out))
     except BaseException as exc:
         if record["status"] == "running":
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -137,3 +137,26 @@ def test_a_tokenizer_without_gemma_turn_tokens_is_refused():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
     with pytest.raises(UserError, match="not a Gemma tokenizer"):
         check_tokenizer(fast, "some/model")
+
+
+def test_an_evaluation_does_not_break_4bit_gradients(qlora_model):
+    """bitsandbytes' CPU inference repacking (on eval-mode forwards) has no backward; it must not happen."""
+    model, _ = qlora_model
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14]])
+
+    def input_grad():
+        model.train()
+        emb = model.get_base_model().model.embed_tokens(ids).detach().requires_grad_()
+        out = model(inputs_embeds=emb, use_cache=False).logits.float().sum()
+        (grad,) = torch.autograd.grad(out, emb)
+        return grad
+
+    before = input_grad()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # what an evaluation during training does
+    after = input_grad()
+    packed = [m for m in model.modules() if getattr(getattr(getattr(m, "weight", None), "quant_state", None),
+                                                     "packing_format_for_cpu", False)]
+    assert packed == []
+    assert torch.allclose(before, after, atol=1e-6)

@@ -13,7 +13,7 @@ from gemma2_tune.cli import app
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 EXPECTED_FILES = {
-    "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "config.yaml",
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "config.yaml", "loss.png",
     "run.json", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
 }
 
