@@ -128,7 +128,7 @@ def worker_trl(model_dir: str, data: str, out: str) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from gemma2_tune.train import PeakMemory, peak_memory
+    from gemma2_tune.callbacks import PeakMemory, peak_memory
 
     tokenizer, examples, report = rendered_examples(model_dir, data)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -33,9 +33,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_key(data: DataSection, source_fingerprint: str, tokenizer: Any) -> str:
+def cache_key(data: DataSection, source_fingerprint: str, tokenizer: Any, split_seed: int | None = None) -> str:
+    """`split_seed`: the seed that drew a held-out fraction out of these rows (it changes which rows remain)."""
     parts = {"format": FORMAT_VERSION, "data": data.model_dump(mode="json"), "source": source_fingerprint,
-             "tokenizer": tokenizer_fingerprint(tokenizer)}
+             "tokenizer": tokenizer_fingerprint(tokenizer), "split_seed": split_seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -91,8 +91,9 @@ def plan_lines(cfg: RunConfig) -> list[str]:
         f"adapters:     {adapt}",
         f"data:         {describe_source(cfg.data)}; Gemma turns, system messages '{cfg.data.system_policy}', "
         f"loss on {cfg.data.train_on.replace('_', ' ')}, max {cfg.data.max_length} tokens ({cfg.data.overlong} longer rows)",
-        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), {cfg.rows_per_optimizer_step} rows "
-        f"per optimizer step per process (batch {t.per_device_train_batch_size} x accumulation "
+        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), {cfg.rows_per_optimizer_step} "
+        f"{'packed blocks' if cfg.data.packing else 'rows'} per optimizer step per process "
+        f"(batch {t.per_device_train_batch_size} x accumulation "
         f"{t.gradient_accumulation_steps}), gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
         f"output:       {cfg.output.dir}",
     ]

@@ -10,28 +10,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback
 from trl import SFTTrainer
 
-from . import cache
 from . import manifest as mf
-from .checkpoints import check_checkpoint, mark_complete, newest_complete
+from .callbacks import EchoLoss, MarkCheckpoints, PeakMemory, StopOnSignal, peak_memory
+from .checkpoints import check_checkpoint, newest_complete
 from .config import RunConfig
-from .data import load_rows
 from .errors import UserError
-from .examples import build_examples
 from .launch import Launch, current_launch, launch_problems
 from .loss import supervised_loss_sum
-from .modeling import inspect_adapters, load_model, load_tokenizer, lora_config
+from .modeling import inspect_adapters, load_model, lora_config
 from .outputs import model_card, plot_run
-from .packing import BlockCollator, pack, unpacked
+from .packing import BlockCollator
 from .recipes import config_to_yaml
+from .training_data import blocks_dataset, prepare_data
 
 Echo = Callable[[str], None]
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, resumable
@@ -126,72 +124,6 @@ def config_digest(cfg: RunConfig) -> str:
     return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
 
 
-@dataclasses.dataclass
-class TrainingData:
-    tokenizer: Any
-    blocks: list
-    report: Any
-    source: Any
-    cache_key: str
-    cache_hit: bool
-    eval_blocks: list | None = None
-    eval_report: Any = None
-
-
-def split_rows(rows: list, cfg: RunConfig) -> tuple[list, list]:
-    """Held-out rows: a seeded fraction of the training source (or none)."""
-    import random
-
-    if not cfg.data.eval_fraction:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(cfg.training.seed).shuffle(order)
-    n_eval = max(1, round(len(rows) * cfg.data.eval_fraction))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-
-
-def _blocks(rows: list, tokenizer, cfg: RunConfig, key: str, main: bool):
-    """Tokenized, masked, packed rows from the cache, or built and cached; -> (blocks, report, hit)."""
-    cached = cache.load(key)
-    if cached is not None:
-        return cached[0], cached[1], True
-    examples, report = build_examples(rows, tokenizer, cfg.data)
-    blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else unpacked(examples)
-    if main:
-        cache.save(key, blocks, report)
-    return blocks, report, False
-
-
-def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
-    """Tokenizer, rows, blocks: everything that can fail on the user's data, before anything is written.
-
-    Blocks come from the tokenized-data cache when the same data, tokenizer and data settings were seen
-    before; the main process builds them first and the other ranks read its result.
-    """
-    import contextlib
-
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    rows, source = load_rows(cfg.data)
-    rows, held_out = split_rows(rows, cfg)
-    if cfg.data.eval_split:
-        held_out, _ = load_rows(cfg.data.model_copy(update={"split": cfg.data.eval_split}))
-    key = cache.cache_key(cfg.data, source.fingerprint, tokenizer)
-    main = state is None or state.is_main_process
-    with state.main_process_first() if state is not None else contextlib.nullcontext():
-        blocks, report, hit = _blocks(rows, tokenizer, cfg, key + "-train", main)
-        eval_blocks, eval_report = None, None
-        if held_out:
-            eval_blocks, eval_report, _ = _blocks(held_out, tokenizer, cfg, key + "-eval", main)
-    for line in report.summary_lines():
-        echo(line)
-    if eval_report is not None:
-        echo(f"held out for evaluation: {eval_report.rows_kept} rows, {eval_report.supervised_tokens} supervised tokens")
-    echo(f"tokenized data: {'from cache' if hit else 'tokenized and cached'} ({key}); {len(blocks)} "
-         + (f"blocks of <= {cfg.data.max_length} tokens" if cfg.data.packing else "rows, unpacked"))
-    return TrainingData(tokenizer, blocks, report, source, key, hit, eval_blocks, eval_report)
-
-
 def effective_loss(cfg: RunConfig, launch: Launch) -> str:
     """The tiled loss reads lm_head's weight directly, which ZeRO-3 partitions: TRL's own loss there."""
     return "trl" if launch.zero3 else cfg.training.loss
@@ -208,7 +140,8 @@ class SupervisedLossTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        labels = inputs.pop("labels")
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the caller's dict stays intact
         captured = {}
 
         def grab(module, args, output):  # noqa: ARG001
@@ -216,7 +149,7 @@ class SupervisedLossTrainer(SFTTrainer):
 
         handle = base.get_decoder().register_forward_hook(grab)
         try:
-            outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
         finally:
             handle.remove()
         total, n = supervised_loss_sum(captured["hidden"], labels, base.get_output_embeddings().weight,
@@ -229,13 +162,6 @@ class SupervisedLossTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def blocks_dataset(blocks):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": [b.input_ids for b in blocks], "labels": [b.labels for b in blocks],
-                              "position_ids": [b.position_ids for b in blocks]})
-
-
 def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch, eval_set=None):
     import torch
 
@@ -243,7 +169,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Lau
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=lora_config(cfg),
                             data_collator=BlockCollator(tokenizer.pad_token_id))
-    trainer.remove_callback(PrinterCallback)  # raw log dicts; _EchoLoss prints readable lines
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
     if cfg.lora.enabled and not launch.zero3:
         # TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run
         # would continue with other numerics. Keep the (few) trainable weights in fp32 from the start:
@@ -329,7 +255,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     }
     write = (lambda: mf.write_manifest(out, record)) if main else (lambda: None)
     write()
-    stop = _StopOnSignal(state)
+    stop = StopOnSignal(state)
     try:
         model, model_report = load_model(cfg, device_map=_device_map(cfg, launch, state.local_process_index))
         eval_set = blocks_dataset(data.eval_blocks) if data.eval_blocks else None
@@ -347,10 +273,10 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
             f"{cfg.training.gradient_accumulation_steps} x {state.num_processes} processes), "
             f"at most {cfg.data.max_length * items_per_step} tokens per step"
             + (f"; resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else ""))
-        trainer.add_callback(_EchoLoss(say))
+        trainer.add_callback(EchoLoss(say))
         memory = PeakMemory()
         trainer.add_callback(memory)
-        trainer.add_callback(_MarkCheckpoints(cfg, state))
+        trainer.add_callback(MarkCheckpoints(cfg, state))
         trainer.add_callback(stop)
         with stop.installed():
             result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
@@ -414,60 +340,6 @@ def _throughput(trainer, report, runtime: float | None, state, memory: PeakMemor
     }
 
 
-def reset_peak_memory() -> None:
-    """Start peak tracking now (called when training begins, after the model and data are loaded)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory() -> tuple[int, str]:
-    """Peak memory since reset_peak_memory(), and what was measured."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated during training, this rank"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "process peak RSS (VmHWM) during training, this rank"
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start, this rank"
-
-
-def current_memory() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated()
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class PeakMemory(TrainerCallback):
-    """Peak tracking from the first step: `start` is the memory in use then (model, data, optimizer setup)."""
-
-    start = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ARG002
-        reset_peak_memory()
-        self.start = current_memory()
-
-
 def _rank_echo(echo: Echo, state) -> Echo:
     if state.num_processes == 1:
         return echo
@@ -484,69 +356,3 @@ def _check_loss(losses: dict[str, Any], echo: Echo) -> None:
         echo(f"warning: final loss is {final}; training diverged")
 
 
-class _EchoLoss(TrainerCallback):
-    """Prints one line per logging step instead of tqdm (logs stay readable under accelerate)."""
-
-    def __init__(self, echo: Echo):
-        self.echo = echo
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002
-        if logs and "loss" in logs and state.is_world_process_zero:
-            self.echo(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
-                      f"lr {logs.get('learning_rate', 0):.2e}")
-
-
-class _MarkCheckpoints(TrainerCallback):
-    """After every rank has written checkpoint-N, the main process marks it complete."""
-
-    def __init__(self, cfg: RunConfig, state):
-        self.cfg, self.dist = cfg, state
-
-    def on_save(self, args, state, control, **kwargs):  # noqa: ARG002
-        self.dist.wait_for_everyone()
-        if self.dist.is_main_process:
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
-        self.dist.wait_for_everyone()
-
-
-class _StopOnSignal(TrainerCallback):
-    """SIGTERM (how clusters preempt): finish the current step, save a checkpoint, stop.
-
-    Ranks agree on the flag at every step end so they all save the same step.
-    """
-
-    def __init__(self, state):
-        self.dist = state
-        self.requested = False
-        self.stopped = False
-
-    def installed(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def handler():
-            previous = signal.signal(signal.SIGTERM, self._on_signal)
-            try:
-                yield
-            finally:
-                signal.signal(signal.SIGTERM, previous)
-
-        return handler()
-
-    def _on_signal(self, signum, frame):  # noqa: ARG002
-        self.requested = True
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
-        requested = self.requested
-        if self.dist.num_processes > 1:
-            import torch
-            import torch.distributed as dist
-
-            flag = torch.tensor([1.0 if requested else 0.0], device=self.dist.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        if requested:
-            self.stopped = True
-            control.should_save = True
-            control.should_training_stop = True
-        return control
