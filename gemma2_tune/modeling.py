@@ -19,7 +19,6 @@ from .config import ATTENTION_SOFTCAP, FINAL_SOFTCAP, RunConfig
 from .errors import UserError
 from .tiny import builtin_path, is_builtin
 
-
 GEMMA2_27B_HIDDEN = 4608
 # flash-attn gained the softcap argument in 2.6.0; older builds silently compute without it.
 FLASH_ATTN_SOFTCAP_VERSION = (2, 6, 0)
