@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .config import DataSection
 from .examples import DataReport
+from .manifest import staged_dir
 from .packing import Block
 from .tiny import home
 
@@ -60,21 +58,10 @@ def save(key: str, blocks: list[Block], report: DataReport) -> Path:
     import numpy as np
 
     final = cache_dir() / key
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
+    with staged_dir(final, is_stale=lambda _: True) as tmp:  # an existing entry failed to load: replace it
         offsets = np.cumsum([0] + [len(b.input_ids) for b in blocks])
         flat = lambda attr: np.fromiter((t for b in blocks for t in getattr(b, attr)), dtype=np.int64, count=int(offsets[-1]))  # noqa: E731
         np.savez(tmp / "blocks.npz", input_ids=flat("input_ids"), labels=flat("labels"),
                  position_ids=flat("position_ids"), offsets=offsets, rows=np.array([b.rows for b in blocks]))
         (tmp / "report.json").write_text(json.dumps(report.to_dict()))
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -58,12 +58,9 @@ def peak_memory() -> tuple[int, str]:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated during training, this rank"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "process peak RSS (VmHWM) during training, this rank"
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak, "process peak RSS (VmHWM) during training, this rank"
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start, this rank"
@@ -74,13 +71,18 @@ def current_memory() -> int:
 
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated()
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (Linux), in bytes."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
 
 
 class PeakMemory(TrainerCallback):

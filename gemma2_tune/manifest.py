@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -9,7 +10,7 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .errors import UserError
 
@@ -39,6 +40,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, is_stale: Callable[[Path], bool] = lambda p: not any(p.iterdir())) -> Iterator[Path]:
+    """A temporary folder beside `final` that becomes `final` by one rename when the block succeeds (readers
+    see all of it or nothing) and is removed when it fails. An existing `final` is replaced only when
+    `is_stale(final)` (default: it is empty); when another process publishes `final` first, theirs is kept."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists() and is_stale(final):
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_manifest(out: Path, data: dict[str, Any]) -> None:

@@ -8,14 +8,12 @@ logits are compared with base + adapter on a few prompts.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .chat import END, GEMMA_CHAT_TEMPLATE
 from .errors import UserError
 from .inference import load, prompt_ids, read_run
+from .manifest import staged_dir
 
 # bf16 logits near the 30.0 soft-cap are spaced 0.125 apart; merged weights are rounded to bf16 once more.
 LOGIT_TOLERANCE = 0.5
@@ -52,9 +50,7 @@ def merge(adapter: str, output: str, model: str | None = None, echo=print) -> di
     if not tokenizer.chat_template:
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:  # nothing reaches `out` unless the self-check passes
         merged.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         check = _check(tmp, prompts, reference)
@@ -64,11 +60,6 @@ def merge(adapter: str, output: str, model: str | None = None, echo=print) -> di
         if not check["passed"]:
             raise UserError(f"merge self-check failed: max |logit difference| {check['max_abs_logit_diff']:.4f} > "
                             f"{LOGIT_TOLERANCE} (or top-1 tokens differ); nothing was written to {out}")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     echo(f"merged: {out}/ — logits vs base + adapter on {len(prompts)} prompts: max |difference| "
          f"{check['max_abs_logit_diff']:.4f} (tolerance {LOGIT_TOLERANCE}), top-1 tokens agree "
          f"{check['top1_agreement']:.1%}")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .config import ATTENTION_SOFTCAP, FINAL_SOFTCAP
@@ -105,6 +103,8 @@ def build_tiny_gemma2(path: Path) -> Path:
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
+    from .manifest import staged_dir
+
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Gemma2Config(
@@ -118,19 +118,9 @@ def build_tiny_gemma2(path: Path) -> Path:
     )
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    # an earlier interrupted build (no complete.json) is replaced; another process's finished one is kept
+    with staged_dir(path, is_stale=lambda p: not (p / "complete.json").is_file()) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "complete.json").write_text(json.dumps({"builtin": TINY_NAME, "version": TINY_VERSION}))
-        if path.exists() and not (path / "complete.json").is_file():  # an earlier interrupted build
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / "complete.json").is_file():  # not another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
