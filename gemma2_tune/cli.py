@@ -184,6 +184,8 @@ def sft(
 def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML to check (path or bundled name).")],
     set_: SetOpt = None,
+    launch: Annotated[Optional[str], typer.Option("--launch", help="Also check against this accelerate config "
+                                                  "(e.g. zero3): the recipe/launch rules applied before a launch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
 ) -> None:
     """Check a recipe without loading anything (no torch, no download). Exit 2 when invalid."""
@@ -191,6 +193,12 @@ def validate(
 
     try:
         resolved = resolve(recipe, set_)
+        if launch:
+            from .launch import find_launch_config, launch_problems, read_launch_config
+
+            problems = launch_problems(resolved.config, read_launch_config(find_launch_config(launch)))
+            if problems:
+                raise ConfigError(problems)
     except ConfigError as exc:
         if as_json:
             typer.echo(json.dumps({"valid": False, "recipe": recipe, "errors": exc.problems, "warnings": []}, indent=2))

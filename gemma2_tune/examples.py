@@ -107,9 +107,15 @@ def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: DataSectio
 
 
 def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection) -> tuple[list[Example], DataReport]:
+    import sys
+
     encoder = TurnTokenizer(tokenizer)
     report = DataReport(rows_read=len(rows))
     examples: list[Example] = []
+    if len(rows) >= 2000 and sys.stderr.isatty():  # a progress bar for long tokenizing, on a terminal only
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="tokenizing", unit="row")
     for row in rows:
         try:
             turns = normalise(row_to_messages(row.data), cfg.system_policy)

@@ -95,3 +95,12 @@ def test_check_launch_gathers_all_problems():
         check_launch(cfg("quantization.quant_storage=uint8", "model.dtype=float16"), "zero3", 4096)
     text = err.value.message
     assert "quant_storage" in text and "mixed_precision" in text and "--num-processes 4096" in text
+
+
+def test_validate_checks_a_recipe_against_a_launch_config(tmp_path):
+    ok = runner.invoke(app, ["validate", "gemma-2-27b-qlora-zero3", "--launch", "zero3"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["validate", "gemma-2-27b-qlora-zero3", "--launch", "zero3", "--json",
+                              "--set", "quantization.quant_storage=uint8"])
+    data = __import__("json").loads(bad.output)
+    assert bad.exit_code == 2 and any("quant_storage" in e for e in data["errors"])
