@@ -5,8 +5,10 @@ The shipped GPU-style configs are launched as they are; only --num_processes is 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -18,16 +20,29 @@ COMMON = ["--recipe", "quickstart-cpu", "--max-steps", "3", "--set", "training.l
 FULL = ["--set", "quantization.load_in_4bit=false", "--set", "lora.enabled=false"]
 
 
+def launch_twice_on_abort(cmd, out):
+    """Once in ~15 runs here, a rank died of SIGABRT inside DeepSpeed's CPU collectives at startup. Such a run
+    is repeated once (with a warning); any other failure, or a second abort, fails the test."""
+    run = lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,  # noqa: E731
+                                 env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = run()
+    if result.returncode != 0 and "SIGABRT" in result.stdout + result.stderr:
+        warnings.warn(f"a rank aborted (SIGABRT); repeating once: {result.stderr[-500:]}")
+        shutil.rmtree(out, ignore_errors=True)  # this test's own folder, from the aborted attempt
+        result = run()
+    return result
+
+
 def accelerate_launch(config, out, *extra):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{config}",
            "--num_processes", "2", "-m", "gemma2_tune", "sft", *COMMON, "-o", str(out), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    return launch_twice_on_abort(cmd, out)
 
 
 def tool_launch(launch, out, *extra):
     cmd = [sys.executable, "-m", "gemma2_tune", "sft", "--launch", launch, "--num-processes", "2", *COMMON,
            "-o", str(out), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    return launch_twice_on_abort(cmd, out)
 
 
 def generate(model, tokenizer):
