@@ -106,19 +106,14 @@ def final_loss(model_dir: str, adapter: str, examples) -> float:
     from transformers import AutoModelForCausalLM
 
     from gemma2_tune.config import RunConfig
+    from gemma2_tune.evaluate import supervised_loss
     from gemma2_tune.modeling import bnb_config
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.bfloat16,
                                                 quantization_config=bnb_config(RunConfig()))
     model = PeftModel.from_pretrained(base, adapter).eval()
-    total = count = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for e in examples:
-            n = sum(1 for label in e.labels[1:] if label != -100)
-            out = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]), use_cache=False)
-            total += out.loss.float().item() * n
-            count += n
-    return total / count
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return supervised_loss(model, examples)["loss"]
 
 
 def worker_trl(model_dir: str, data: str, out: str) -> dict:

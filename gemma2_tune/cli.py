@@ -142,13 +142,14 @@ def sft(
             raise UserError("--num-processes needs --launch (or use: accelerate launch --num_processes N -m gemma2_tune sft ...)")
         if resume and resume_from:
             raise UserError("--resume and --resume-from: give one")
-        if launch:
-            from .launch import check_launch, run_launch
+        if (launch or dry_run) and not (resume or resume_from):  # before any process starts
             from .manifest import check_output_dir
 
+            check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
+        if launch:
+            from .launch import check_launch, run_launch
+
             path, how = check_launch(cfg, launch, num_processes)
-            if not (resume or resume_from):
-                check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
             extra = ["--recipe-label", str(resolved.recipe or "flags")]
             extra += ["--resume"] if resume else []
             extra += ["--resume-from", resume_from] if resume_from else []
@@ -157,14 +158,10 @@ def sft(
             else:
                 raise typer.Exit(run_launch(path, how, config_to_yaml(cfg), extra, echo=echo))
         if dry_run:
-            from .manifest import check_output_dir
-
             echo("# resolved config\n" + config_to_yaml(cfg))
             echo("# plan (dry run: nothing is loaded or trained)")
             for line in plan_lines(cfg):
                 echo(line)
-            if not (resume or resume_from):
-                check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
             return
         if is_main_rank():
             for line in plan_lines(cfg):
