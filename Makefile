@@ -27,4 +27,4 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache
 
 docs: install
-	$(BIN)/python -m gemma2_tune.reference README.md
+	$(BIN)/python -m gemma2_tune.config.reference README.md

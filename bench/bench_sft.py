@@ -45,7 +45,7 @@ def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-    from gemma2_tune.chat import GEMMA_CHAT_TEMPLATE
+    from gemma2_tune.data.turns import GEMMA2_CHAT_TEMPLATE
 
     words = {t: i for i, t in enumerate(SPECIALS + ["user", "model"])}
     words.update({f"w{i}": i for i in range(len(words), vocab)})
@@ -53,7 +53,7 @@ def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-                                   chat_template=GEMMA_CHAT_TEMPLATE)
+                                   chat_template=GEMMA2_CHAT_TEMPLATE)
     config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, sliding_window=256,
                           max_position_embeddings=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
@@ -88,10 +88,10 @@ def make_chats(rows: int, vocab: int, seed: int = 0) -> list[dict]:
 
 # ----------------------------------------------------------------------------- workers (one per process)
 def rendered_examples(model_dir: str, data: str):
-    from gemma2_tune.config import DataSection
-    from gemma2_tune.data import load_rows
-    from gemma2_tune.examples import build_examples
-    from gemma2_tune.modeling import load_tokenizer
+    from gemma2_tune.config.schema import DataSection
+    from gemma2_tune.data.sources import load_rows
+    from gemma2_tune.data.examples import build_examples
+    from gemma2_tune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     rows, _ = load_rows(DataSection(dataset=data, max_length=1024))
@@ -105,12 +105,12 @@ def final_loss(model_dir: str, adapter: str, examples) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from gemma2_tune.config import RunConfig
-    from gemma2_tune.evaluate import supervised_loss
-    from gemma2_tune.modeling import bnb_config
+    from gemma2_tune.config.schema import RunConfig
+    from gemma2_tune.after.evaluate import supervised_loss
+    from gemma2_tune.models.quantization import run_bnb_config
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.bfloat16,
-                                                quantization_config=bnb_config(RunConfig()))
+                                                quantization_config=run_bnb_config(RunConfig()))
     model = PeftModel.from_pretrained(base, adapter).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return supervised_loss(model, examples)["loss"]
@@ -123,7 +123,7 @@ def worker_trl(model_dir: str, data: str, out: str) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from gemma2_tune.callbacks import PeakMemory, peak_memory
+    from gemma2_tune.training.callbacks import PeakMemory, peak_memory
 
     tokenizer, examples, report = rendered_examples(model_dir, data)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -151,8 +151,8 @@ def worker_trl(model_dir: str, data: str, out: str) -> dict:
 
 
 def worker_gemma2_tune(model_dir: str, data: str, out: str, sets: list[str]) -> dict:
-    from gemma2_tune.recipes import resolve
-    from gemma2_tune.train import run_sft
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.training.sft import run_sft
 
     cfg = resolve(None, [f"model.name_or_path={model_dir}", f"data.dataset={data}", f"output.dir={out}",
                          "training.save_steps=null", "training.logging_steps=1", *sets]).config

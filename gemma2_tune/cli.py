@@ -1,27 +1,31 @@
-"""The `gemma2-tune` command line. Commands parse and delegate; user errors exit 2 with a message.
+"""The `gemma2-tune` command line. Commands parse their options and delegate; `handled` is the one place
+that turns an Outcome (UserError: exit 2, Interrupted: exit 143) into a one-line message and an exit code.
 
-Heavy imports (torch, transformers, trl) happen inside the commands that train or tokenize, so
-`--help`, `validate`, `recipes` and `sft --dry-run` answer at once.
+Heavy imports (torch, transformers, trl) happen inside the commands that need them, so `--help`,
+`validate`, `recipes`, `config` and `sft --dry-run` answer at once.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from . import __version__
-from .config import RunConfig
-from .errors import UserError
-from .recipes import Resolved, bundled_recipes, config_to_yaml, recipe_summary, resolve
+from .config.layering import Resolved, config_to_yaml, resolve
+from .config.recipes import bundled_recipes, recipe_summary
+from .config.schema import DataSection, RunConfig
+from .errors import ConfigError, Interrupted, Outcome, UserError
 
 app = typer.Typer(
     name="gemma2-tune",
-    help="QLoRA fine-tuning of Gemma 2 on chat data: eager attention (soft-capping kept), Gemma's exact turn "
-    "format, loss on model turns only.",
+    help="Fine-tune Gemma 2 (and Gemma 3 text models) on chat data: QLoRA, eager attention (soft-capping "
+    "kept), Gemma's exact turn format, loss on model turns only.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,6 +38,10 @@ SetOpt = Annotated[
 ]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model.name_or_path: hub id or local folder.")]
 DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="data.dataset: alias, hub id or local file/folder.")]
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")]
+LoadInOpt = Annotated[str, typer.Option("--load-in", help="bf16, 8bit or 4bit.")]
+LaunchOpt = Annotated[Optional[str], typer.Option("--launch", help="Start N processes with accelerate: a bundled config "
+                                                  "(zero3, zero3_offload, multi_gpu, single_gpu) or a path.")]
 
 
 def echo(line: str) -> None:
@@ -46,15 +54,29 @@ def warn(line: str) -> None:
 
 def is_main_rank() -> bool:
     """Under accelerate every rank runs the CLI; rank 0 speaks for all of them."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
-def fail(exc: UserError) -> None:
-    if is_main_rank():
-        typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(exc.exit_code)
+def handled(fn: Callable) -> Callable:
+    """Run a command; an Outcome becomes its message on stderr (rank 0 only) and its exit code."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Outcome as exc:
+            if is_main_rank():
+                color = typer.colors.YELLOW if isinstance(exc, Interrupted) else typer.colors.RED
+                prefix = "" if isinstance(exc, Interrupted) else "error: "
+                typer.secho(f"{prefix}{exc.message}", fg=color, err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return run
+
+
+def command(*args, **kwargs) -> Callable:
+    """@app.command with outcome handling."""
+    return lambda fn: app.command(*args, **kwargs)(handled(fn))
 
 
 def _version(value: bool) -> None:
@@ -72,41 +94,56 @@ def main_callback(
     """gemma2-tune: fine-tune Gemma 2 on chat data."""
 
 
-def plan_lines(cfg: RunConfig) -> list[str]:
-    from .data import describe_source
-
-    q, lora, t = cfg.quantization, cfg.lora, cfg.training
-    quant = (
-        f"4-bit {q.quant_type}{' + double quantization' if q.double_quant else ''}, compute {cfg.compute_dtype}, "
-        f"storage {cfg.quant_storage}" if q.load_in_4bit else f"none (weights in {cfg.model.dtype})"
-    )
-    adapt = (
-        f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} on {', '.join(lora.target_modules)}"
-        if lora.enabled else "full fine-tuning (all weights)"
-    )
-    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.num_train_epochs:g} epoch(s)"
-    return [
-        f"model:        {cfg.model.name_or_path} ({cfg.model.dtype}, attention {cfg.model.attn_implementation})",
-        f"quantization: {quant}",
-        f"adapters:     {adapt}",
-        f"data:         {describe_source(cfg.data)}; Gemma turns, system messages '{cfg.data.system_policy}', "
-        f"loss on {cfg.data.train_on.replace('_', ' ')}, max {cfg.data.max_length} tokens ({cfg.data.overlong} longer rows)",
-        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), {cfg.rows_per_optimizer_step} "
-        f"{'packed blocks' if cfg.data.packing else 'rows'} per optimizer step per process "
-        f"(batch {t.per_device_train_batch_size} x accumulation "
-        f"{t.gradient_accumulation_steps}), gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
-        f"output:       {cfg.output.dir}",
-    ]
-
-
-def _resolve(recipe: str | None, sets: list[str] | None, flags: dict[str, tuple[str, Any]] | None = None) -> Resolved:
-    resolved = resolve(recipe, sets, flags)
+def resolved_config(recipe: str | None, sets: list[str] | None, flags: dict[str, tuple[str, Any]] | None = None,
+                    schema: type[RunConfig] = RunConfig) -> Resolved:
+    """Resolve and print the warnings (errors raise ConfigError)."""
+    resolved = resolve(recipe, sets, flags, schema)
     for w in resolved.warnings:
         warn(w)
     return resolved
 
 
-@app.command()
+def start_training(command_name: str, resolved: Resolved, *, launch: str | None, num_processes: int | None,
+                   resume: bool, resume_from: str | None, dry_run: bool, recipe_label: str | None,
+                   train: Callable[[RunConfig, Path | str | None], None]) -> None:
+    """What every training command does with its resolved config: check, then dry run, launch N processes
+    (each rank re-enters `command_name` with the resolved config), or train in this process."""
+    from .training.describe import run_lines
+
+    cfg = resolved.config
+    if num_processes is not None and not launch:
+        raise UserError(f"--num-processes needs --launch (or use: accelerate launch --num_processes N -m gemma2_tune "
+                        f"{command_name} ...)")
+    if resume and resume_from:
+        raise UserError("--resume and --resume-from: give one")
+    if (launch or dry_run) and not (resume or resume_from):  # before any process starts
+        from .training.manifest import check_output_dir
+
+        check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
+    if launch:
+        from .training.launch import check_launch, run_launch
+
+        path, how = check_launch(cfg, launch, num_processes)
+        extra = ["--recipe-label", str(resolved.recipe or "flags")]
+        extra += ["--resume"] if resume else []
+        extra += ["--resume-from", resume_from] if resume_from else []
+        if dry_run:
+            echo(f"# would launch: {how.describe()} with {path}")
+        else:
+            raise typer.Exit(run_launch(command_name, path, how, config_to_yaml(cfg), extra, echo=echo))
+    if dry_run:
+        echo("# resolved config\n" + config_to_yaml(cfg))
+        echo("# plan (dry run: nothing is loaded or trained)")
+        for line in run_lines(cfg):
+            echo(line)
+        return
+    if is_main_rank():
+        for line in run_lines(cfg):
+            echo(line)
+    train(cfg, recipe_label or resolved.recipe)
+
+
+@command()
 def sft(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
@@ -119,8 +156,7 @@ def sft(
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output dir.")] = False,
     resume_from: Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
-    launch: Annotated[Optional[str], typer.Option("--launch", help="Start N processes with accelerate: a bundled config "
-                                                  "(zero3, zero3_offload, multi_gpu, single_gpu) or a path.")] = None,
+    launch: LaunchOpt = None,
     num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes for --launch.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")] = False,
     recipe_label: Annotated[Optional[str], typer.Option("--recipe-label", hidden=True)] = None,
@@ -135,49 +171,17 @@ def sft(
         "data.max_length": ("--max-length", max_length),
         "output.overwrite": ("--overwrite", overwrite),
     }
-    try:
-        resolved = _resolve(recipe, set_, flags)
-        cfg = resolved.config
-        if num_processes is not None and not launch:
-            raise UserError("--num-processes needs --launch (or use: accelerate launch --num_processes N -m gemma2_tune sft ...)")
-        if resume and resume_from:
-            raise UserError("--resume and --resume-from: give one")
-        if (launch or dry_run) and not (resume or resume_from):  # before any process starts
-            from .manifest import check_output_dir
 
-            check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
-        if launch:
-            from .launch import check_launch, run_launch
+    def train(cfg: RunConfig, label) -> None:
+        from .training.sft import run_sft
 
-            path, how = check_launch(cfg, launch, num_processes)
-            extra = ["--recipe-label", str(resolved.recipe or "flags")]
-            extra += ["--resume"] if resume else []
-            extra += ["--resume-from", resume_from] if resume_from else []
-            if dry_run:
-                echo(f"# would launch: {how.describe()} with {path}")
-            else:
-                raise typer.Exit(run_launch(path, how, config_to_yaml(cfg), extra, echo=echo))
-        if dry_run:
-            echo("# resolved config\n" + config_to_yaml(cfg))
-            echo("# plan (dry run: nothing is loaded or trained)")
-            for line in plan_lines(cfg):
-                echo(line)
-            return
-        if is_main_rank():
-            for line in plan_lines(cfg):
-                echo(line)
-        from .train import Interrupted, run_sft
+        run_sft(cfg, echo=echo, recipe=label, resume=resume, resume_from=resume_from)
 
-        try:
-            run_sft(cfg, echo=echo, recipe=recipe_label or resolved.recipe, resume=resume, resume_from=resume_from)
-        except Interrupted as exc:
-            typer.secho(exc.message, fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(exc.exit_code) from None
-    except UserError as exc:
-        fail(exc)
+    start_training("sft", resolved_config(recipe, set_, flags), launch=launch, num_processes=num_processes,
+                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label, train=train)
 
 
-@app.command()
+@command()
 def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML to check (path or bundled name).")],
     set_: SetOpt = None,
@@ -186,25 +190,21 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
 ) -> None:
     """Check a recipe without loading anything (no torch, no download). Exit 2 when invalid."""
-    from .errors import ConfigError
+    from .training.describe import run_lines
 
     try:
         resolved = resolve(recipe, set_)
         if launch:
-            from .launch import find_launch_config, launch_problems, read_launch_config
+            from .training.launch import find_launch_config, launch_problems, read_launch_config
 
             problems = launch_problems(resolved.config, read_launch_config(find_launch_config(launch)))
             if problems:
                 raise ConfigError(problems)
     except ConfigError as exc:
-        if as_json:
-            typer.echo(json.dumps({"valid": False, "recipe": recipe, "errors": exc.problems, "warnings": []}, indent=2))
-            raise typer.Exit(2)
-        fail(exc)
-        return
-    except UserError as exc:
-        fail(exc)
-        return
+        if not as_json:
+            raise
+        typer.echo(json.dumps({"valid": False, "recipe": recipe, "errors": exc.problems, "warnings": []}, indent=2))
+        raise typer.Exit(exc.exit_code) from None
     if as_json:
         typer.echo(json.dumps({"valid": True, "recipe": str(resolved.recipe), "errors": [],
                                "warnings": resolved.warnings, "config": resolved.config.model_dump(mode="json")}, indent=2))
@@ -212,11 +212,11 @@ def validate(
     for w in resolved.warnings:
         warn(w)
     echo(f"ok: {resolved.recipe}")
-    for line in plan_lines(resolved.config):
+    for line in run_lines(resolved.config):
         echo(f"  {line}")
 
 
-@app.command()
+@command()
 def preview(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
@@ -225,38 +225,19 @@ def preview(
     n: Annotated[int, typer.Option("-n", help="Rows to show.", min=1)] = 3,
 ) -> None:
     """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧."""
-    try:
-        cfg = _resolve(recipe, set_, {"model.name_or_path": ("--model", model), "data.dataset": ("--dataset", dataset)}).config
-        from .chat import BadRow, normalise
-        from .data import load_rows, row_to_messages
-        from .examples import TurnTokenizer, build_examples, mark_supervised
-        from .modeling import load_tokenizer
+    cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
+                                         "data.dataset": ("--dataset", dataset)}).config
+    from .data.preview import preview as rows_preview
+    from .models.loading import checkpoint_family, load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-        rows, source = load_rows(cfg.data)
-        _, report = build_examples(rows, tokenizer, cfg.data)
-        encoder = TurnTokenizer(tokenizer)
-        shown = 0
-        for row in rows:
-            if shown >= n:
-                break
-            try:
-                encoded = encoder.encode(normalise(row_to_messages(row.data), cfg.data.system_policy), cfg.data.train_on)
-            except BadRow:
-                continue
-            shown += 1
-            kept = min(len(encoded.ids), cfg.data.max_length)
-            supervised = sum(encoded.mask[1:kept])
-            over = f" (longer than data.max_length: {cfg.data.overlong})" if len(encoded.ids) > kept else ""
-            typer.secho(f"── {row.where}: {kept} tokens, {supervised} supervised{over}", bold=True)
-            echo(mark_supervised(encoded, cfg.data.max_length))
-        echo(f"── {source.name}: " + "\n".join(report.summary_lines()))
-    except UserError as exc:
-        fail(exc)
-
-
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")]
-LoadInOpt = Annotated[str, typer.Option("--load-in", help="bf16, 8bit or 4bit.")]
+    family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, family)
+    for heading, text in rows_preview(cfg.data, tokenizer, family, n):
+        if heading == "summary":
+            echo(text)
+        else:
+            typer.secho(heading, bold=True)
+            echo(text)
 
 
 def _load_in(value: str) -> str:
@@ -265,7 +246,7 @@ def _load_in(value: str) -> str:
     return value
 
 
-@app.command()
+@command()
 def chat(
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -277,60 +258,34 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
 ) -> None:
     """Talk to a fine-tuned model (base from the run unless --model). Interactive with history, or one-shot."""
-    try:
-        from .inference import Sampling, load, read_run, reply
+    from .after.chat import describe, interactive, one_shot
+    from .after.inference import Sampling, load, read_run
 
-        run = read_run(adapter, model)
-        llm, tokenizer = load(run, _load_in(load_in))
-        sampling = Sampling(max_new_tokens, temperature, top_p)
-        history = [{"role": "system", "content": system}] if system else []
-        note = (f"{run.base_model}{' + ' + str(run.path) if run.is_adapter else ''}, {load_in}, eager attention "
-                f"(soft-capping on), system policy '{run.system_policy}', "
-                + ("greedy" if temperature == 0 else f"temperature {temperature}, top_p {top_p}"))
-        if prompt is not None:
-            typer.secho(note, err=True, dim=True)
-            echo(reply(llm, tokenizer, history + [{"role": "user", "content": prompt}], run.system_policy, sampling))
-            return
-        echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves")
-        while True:
-            try:
-                line = input("you> ").strip()
-            except EOFError:
-                echo("")
-                return
-            if line in ("/exit", "/quit"):
-                return
-            if line == "/reset":
-                history = history[:1] if system else []
-                continue
-            if not line:
-                continue
-            history.append({"role": "user", "content": line})
-            typer.echo("model> ", nl=False)
-            answer = reply(llm, tokenizer, history, run.system_policy, sampling,
-                           on_text=lambda piece: typer.echo(piece, nl=False))
-            typer.echo("")
-            history.append({"role": "assistant", "content": answer or "…"})
-    except UserError as exc:
-        fail(exc)
+    run = read_run(adapter, model)
+    loaded = load(run, _load_in(load_in))
+    sampling = Sampling(max_new_tokens, temperature, top_p)
+    note = describe(run, loaded, load_in, sampling)
+    if prompt is not None:
+        typer.secho(note, err=True, dim=True)
+        echo(one_shot(run, loaded, system, prompt, sampling))
+        return
+    echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves")
+    interactive(run, loaded, system, sampling, echo, write=lambda piece: typer.echo(piece, nl=False))
 
 
-@app.command()
+@command()
 def merge(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")],
     output: Annotated[str, typer.Option("--output", "-o", help="New folder for the merged model.")],
     model: ModelOpt = None,
 ) -> None:
     """Fold the LoRA adapter into the base (bf16 safetensors shards) for TGI, vLLM or transformers."""
-    try:
-        from .merge import merge as run_merge
+    from .after.merge import merge as run_merge
 
-        run_merge(adapter, output, model, echo=echo)
-    except UserError as exc:
-        fail(exc)
+    run_merge(adapter, output, model, echo=echo)
 
 
-@app.command("eval")
+@command("eval")
 def evaluate_command(
     adapter: AdapterOpt = None,
     model: ModelOpt = None,
@@ -343,28 +298,25 @@ def evaluate_command(
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task.")] = None,
 ) -> None:
     """Loss/perplexity on model-turn tokens (base vs fine-tuned), or lm-eval benchmark tasks."""
-    try:
-        if not dataset and not tasks:
-            raise UserError("give --dataset (held-out chats) and/or --tasks (lm-eval tasks)")
-        from .config import DataSection
-        from .inference import load, read_run
+    if not dataset and not tasks:
+        raise UserError("give --dataset (held-out chats) and/or --tasks (lm-eval tasks)")
+    from .after.inference import load, read_run
 
-        run = read_run(adapter, model)
-        llm, tokenizer = load(run, _load_in(load_in))
-        if dataset:
-            from .evaluate import evaluate
+    run = read_run(adapter, model)
+    loaded = load(run, _load_in(load_in))
+    if dataset:
+        from .after.evaluate import evaluate
 
-            evaluate(llm, tokenizer, DataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                                 system_policy=run.system_policy), compare_base=True, echo=echo)
-        if tasks:
-            from .harness import run_tasks
+        evaluate(loaded, DataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+                                     system_policy=run.system_policy), compare_base=True, echo=echo)
+    if tasks:
+        from .after.harness import run_tasks
 
-            run_tasks(llm, tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], include_path, limit, echo=echo)
-    except UserError as exc:
-        fail(exc)
+        run_tasks(loaded.model, loaded.tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], include_path,
+                  limit, echo=echo)
 
 
-@app.command()
+@command()
 def plan(
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
@@ -375,19 +327,42 @@ def plan(
     max_length: Annotated[Optional[int], typer.Option(help="data.max_length")] = None,
 ) -> None:
     """Estimate per-GPU memory and tokens per step before launching. Exit 0 fits, 1 does not fit."""
-    try:
-        cfg = _resolve(recipe, set_, {"model.name_or_path": ("--model", model),
-                                      "data.max_length": ("--max-length", max_length)}).config
-        from .plan import report
+    cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
+                                         "data.max_length": ("--max-length", max_length)}).config
+    from .training.plan import report
 
-        lines, ok = report(cfg, gpu, num_processes, launch)
-    except UserError as exc:
-        fail(exc)
-        return
+    lines, ok = report(cfg, gpu, num_processes, launch)
     for line in lines:
         echo(line)
     if not ok:
         raise typer.Exit(1)
+
+
+@command("build-model")
+def build_model(
+    name: Annotated[str, typer.Argument(help="A builtin model: gemma-3-270m, tiny-gemma2, tiny-gemma3.")],
+) -> None:
+    """Build a builtin model's local checkpoint now (it is also built on first use) and print its folder."""
+    from .models.builtin import PREFIX, builtin_path
+
+    echo(str(builtin_path(name if name.startswith(PREFIX) else PREFIX + name)))
+
+
+@app.command("models")
+def list_models() -> None:
+    """The supported model families and sizes, and the builtin models."""
+    from .families import FAMILIES
+    from .models.builtin import BUILTINS, PREFIX
+
+    for family in FAMILIES:
+        sizes = ", ".join(f"{size} ({shape.total_params / 1e9:.2f}B)" for size, shape in family.shapes.items())
+        caps = (f"soft-caps {family.attention_softcap}/{family.final_softcap}" if family.attention_softcap
+                else "no soft-caps")
+        kernels = ", ".join(k for k, v in family.kernels.items() if v.allowed)
+        echo(f"{family.display} (model_type {', '.join(family.model_types)}): {sizes}; {caps}; kernels {kernels}")
+    echo("")
+    for name, builtin in BUILTINS.items():
+        echo(f"{PREFIX + name:24s} {builtin.description}")
 
 
 @app.command("recipes")
@@ -403,7 +378,8 @@ def config_reference(
     markdown: Annotated[bool, typer.Option("--markdown", help="As the README's Markdown table.")] = False,
 ) -> None:
     """Every config key with its default and meaning."""
-    from .reference import markdown as as_markdown, plain
+    from .config.reference import markdown as as_markdown
+    from .config.reference import plain
 
     echo(as_markdown() if markdown else plain())
 

@@ -1,16 +1,30 @@
-"""Errors a user can fix. The CLI prints them without a traceback and exits 2."""
+"""Outcomes the CLI reports in one line and an exit code, without a traceback.
+
+    UserError     a problem with the user's input (file, key, row, model): exit 2
+    ConfigError   one or more configuration problems, each naming its key: exit 2
+    Interrupted   training stopped by SIGTERM after saving a checkpoint (resumable): exit 143
+"""
 
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, resumable
 
-class UserError(Exception):
-    """A problem with the user's input (file, key, row, model); the message says what to change."""
 
-    exit_code = 2
+class Outcome(Exception):
+    """An ending the CLI turns into `message` on stderr and `exit_code`."""
+
+    exit_code = 1
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class UserError(Outcome):
+    """A problem with the user's input (file, key, row, model); the message says what to change."""
+
+    exit_code = EXIT_USER_ERROR
 
 
 class ConfigError(UserError):
@@ -19,3 +33,9 @@ class ConfigError(UserError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class Interrupted(Outcome):
+    """Training stopped by SIGTERM after saving a checkpoint; `--resume` continues it."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -23,14 +23,14 @@ def tune_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tune_home) -> Path:
-    from gemma2_tune.tiny import builtin_path
+    from gemma2_tune.models.builtin import builtin_path
 
     return builtin_path("builtin:tiny-gemma2")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from gemma2_tune.modeling import load_tokenizer
+    from gemma2_tune.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 

@@ -5,8 +5,8 @@ import json
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
-from gemma2_tune.cache import cache_key
-from gemma2_tune.config import DataSection
+from gemma2_tune.data.cache import cache_key
+from gemma2_tune.config.schema import DataSection
 from gemma2_tune.cli import app
 
 runner = CliRunner()

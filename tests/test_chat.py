@@ -1,6 +1,6 @@
 import pytest
 
-from gemma2_tune.chat import BadRow, Turn, normalise, render, supervision_mask
+from gemma2_tune.data.turns import BadRow, Turn, normalise, render, supervision_mask
 
 
 def msgs(*pairs):

@@ -1,8 +1,9 @@
 import pytest
 
-from gemma2_tune.config import RunConfig, model_size_from_name
+from gemma2_tune.config.schema import RunConfig
+from gemma2_tune.families import GEMMA2
 from gemma2_tune.errors import ConfigError
-from gemma2_tune.recipes import parse_set, resolve
+from gemma2_tune.config.layering import parse_set, resolve
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -110,7 +111,7 @@ def test_recipe_file_errors(tmp_path):
 
 
 def test_model_size_from_name():
-    assert model_size_from_name("google/gemma-2-27b-it") == "27b"
-    assert model_size_from_name("google/gemma-2-9b") == "9b"
-    assert model_size_from_name("google/gemma-2-2b-it") == "2b"
-    assert model_size_from_name("/models/my-gemma") is None
+    assert GEMMA2.size_from_name("google/gemma-2-27b-it") == "27b"
+    assert GEMMA2.size_from_name("google/gemma-2-9b") == "9b"
+    assert GEMMA2.size_from_name("google/gemma-2-2b-it") == "2b"
+    assert GEMMA2.size_from_name("/models/my-gemma") is None

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from gemma2_tune.chat import BadRow, normalise, render
-from gemma2_tune.config import DataSection
-from gemma2_tune.data import load_rows, parse_marked_text, row_to_messages
+from gemma2_tune.data.turns import BadRow, normalise, render
+from gemma2_tune.config.schema import DataSection
+from gemma2_tune.data.sources import load_rows, parse_marked_text, row_to_messages
 from gemma2_tune.errors import UserError
 
 GOLDEN = "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"

@@ -1,10 +1,11 @@
 import pytest
 
-from gemma2_tune.chat import normalise
-from gemma2_tune.config import DataSection
-from gemma2_tune.data import Row
+from gemma2_tune.data.turns import normalise
+from gemma2_tune.config.schema import DataSection
+from gemma2_tune.data.sources import Row
 from gemma2_tune.errors import UserError
-from gemma2_tune.examples import IGNORE_INDEX, TurnTokenizer, build_examples, mark_supervised
+from gemma2_tune.data.examples import TurnTokenizer, build_examples, mark_supervised
+from gemma2_tune.data.turns import IGNORE_INDEX
 
 CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, who are you?"},
          {"role": "assistant", "content": "A small model."}, {"role": "user", "content": "And what do you do?"},

@@ -5,9 +5,9 @@ from typer.testing import CliRunner
 
 from gemma2_tune.cli import app
 from gemma2_tune.errors import UserError
-from gemma2_tune.launch import (Launch, check_launch, current_launch, find_launch_config, launch_problems,
+from gemma2_tune.training.launch import (Launch, check_launch, current_launch, find_launch_config, launch_problems,
                                 read_launch_config)
-from gemma2_tune.recipes import resolve
+from gemma2_tune.config.layering import resolve
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemma2_tune.loss import supervised_loss_sum
+from gemma2_tune.training.loss import supervised_loss_sum
 
 
 def reference_loss(hidden, labels, weight, softcap):
@@ -57,14 +57,14 @@ def test_training_loss_and_lora_gradients_equal_the_models_own_loss(tiny_model_d
     """The trainer's compute_loss (hook on the decoder, tiles) vs the model's forward loss, fp32, LoRA."""
     from datasets import Dataset
 
-    from gemma2_tune.launch import Launch
-    from gemma2_tune.modeling import load_model, load_tokenizer
-    from gemma2_tune.packing import BlockCollator
-    from gemma2_tune.recipes import resolve
-    from gemma2_tune.train import build_trainer, trainer_args
+    from gemma2_tune.training.launch import Launch
+    from gemma2_tune.models.loading import LoadRequest, load_model, load_tokenizer
+    from gemma2_tune.data.packing import BlockCollator
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.training.trainer import build_trainer, trainer_args
 
     cfg = resolve("quickstart-cpu", ["quantization.load_in_4bit=false", "model.dtype=float32", "lora.dropout=0.0"]).config
-    model, _ = load_model(cfg)
+    model, _ = load_model(LoadRequest.for_run(cfg))
     args = trainer_args(cfg, tmp_path, Launch("single"))
     data = Dataset.from_dict({"input_ids": [[2, 5]], "labels": [[-100, 5]], "position_ids": [[0, 1]]})
     trainer = build_trainer(cfg, model, load_tokenizer(str(tiny_model_dir)), data, args, Launch("single"))

@@ -3,10 +3,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma2_tune.config import RunConfig
-from gemma2_tune.errors import UserError
-from gemma2_tune.modeling import bnb_config, check_loaded, check_tokenizer, load_model, lora_config
-from gemma2_tune.recipes import resolve
+from gemma2_tune.config.schema import RunConfig
+from gemma2_tune.errors import ConfigError, UserError
+from gemma2_tune.families import GEMMA2
+from gemma2_tune.models.checks import check_loaded
+from gemma2_tune.models.loading import LoadRequest, check_tokenizer, load_model
+from gemma2_tune.models.lora import lora_config
+from gemma2_tune.models.quantization import run_bnb_config
+from gemma2_tune.config.layering import resolve
 
 
 def tiny_cfg(*sets):
@@ -14,10 +18,10 @@ def tiny_cfg(*sets):
 
 
 def test_bnb_config_is_nf4_double_quant_bf16_storage():
-    q = bnb_config(RunConfig())
+    q = run_bnb_config(RunConfig())
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.bnb_4bit_quant_storage == torch.bfloat16
-    assert bnb_config(resolve(None, ["quantization.load_in_4bit=false", "lora.enabled=false"]).config) is None
+    assert run_bnb_config(resolve(None, ["quantization.load_in_4bit=false", "lora.enabled=false"]).config) is None
 
 
 def test_lora_config_targets_exactly_qkvo():
@@ -31,12 +35,13 @@ def qlora_model(tiny_model_dir, tmp_path_factory):
     """The model as training sees it: loaded in 4-bit, then wrapped with LoRA by the trainer."""
     from datasets import Dataset
 
-    from gemma2_tune.launch import Launch
-    from gemma2_tune.modeling import inspect_adapters, load_tokenizer
-    from gemma2_tune.train import build_trainer, trainer_args
+    from gemma2_tune.training.launch import Launch
+    from gemma2_tune.models.loading import load_tokenizer
+    from gemma2_tune.models.lora import inspect_adapters
+    from gemma2_tune.training.trainer import build_trainer, trainer_args
 
     cfg = tiny_cfg()
-    model, report = load_model(cfg)
+    model, report = load_model(LoadRequest.for_run(cfg))
     args = trainer_args(cfg, tmp_path_factory.mktemp("trainer"), Launch("single"))
     data = Dataset.from_dict({"input_ids": [[2, 5, 6]], "labels": [[-100, 5, 6]]})
     trainer = build_trainer(cfg, model, load_tokenizer(str(tiny_model_dir)), data, args, Launch("single"))
@@ -85,13 +90,15 @@ def test_non_gemma2_checkpoint_is_refused(tmp_path):
 
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="'llama' model, not Gemma 2"):
-        load_model(resolve(None, [f"model.name_or_path={tmp_path}"]).config)
+    with pytest.raises(UserError, match="'llama' model; gemma2-tune trains Gemma 2 .* Gemma 3 text"):
+        load_model(LoadRequest(str(tmp_path)))
+    with pytest.raises(ConfigError, match="'llama' model"):  # found by validate too, from config.json
+        resolve(None, [f"model.name_or_path={tmp_path}"])
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="could not load the config"):
-        load_model(resolve(None, [f"model.name_or_path={tmp_path / 'nope'}"]).config)
+        load_model(LoadRequest(str(tmp_path / "nope")))
 
 
 def test_flash_attention_without_flash_attn_is_refused(monkeypatch):
@@ -106,26 +113,25 @@ def test_flash_attention_without_flash_attn_is_refused(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", fake)
     with pytest.raises(UserError, match="flash-attn is not installed"):
-        load_model(tiny_cfg("model.attn_implementation=flash_attention_2"))
+        load_model(LoadRequest.for_run(tiny_cfg("model.attn_implementation=flash_attention_2")))
     monkeypatch.setattr(importlib.metadata, "version", lambda n: "2.5.9" if n == "flash-attn" else real(n))
     with pytest.raises(UserError, match="no softcap support"):
-        load_model(tiny_cfg("model.attn_implementation=flash_attention_2"))
+        load_model(LoadRequest.for_run(tiny_cfg("model.attn_implementation=flash_attention_2")))
 
 
 def fake_model(**config):
-    base = dict(_attn_implementation="eager", attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_size=3584)
+    base = dict(_attn_implementation="eager", attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                hidden_size=3584, num_hidden_layers=42)
     return SimpleNamespace(config=SimpleNamespace(**(base | config)))
 
 
 def test_post_load_checks():
-    cfg = RunConfig()
-    assert check_loaded(fake_model(), cfg) == []
+    assert check_loaded(fake_model(), GEMMA2, "eager", "bfloat16") == []
     with pytest.raises(UserError, match="runs sdpa"):
-        check_loaded(fake_model(_attn_implementation="sdpa"), cfg)
-    assert "disabled" in check_loaded(fake_model(attn_logit_softcapping=None), cfg)[0]
-    fp16 = resolve(None, ["model.name_or_path=/models/local-gemma", "model.dtype=float16"]).config
+        check_loaded(fake_model(_attn_implementation="sdpa"), GEMMA2, "eager", "bfloat16")
+    assert "disabled" in check_loaded(fake_model(attn_logit_softcapping=None), GEMMA2, "eager", "bfloat16")[0]
     with pytest.raises(UserError, match="27B"):
-        check_loaded(fake_model(hidden_size=4608), fp16)
+        check_loaded(fake_model(hidden_size=4608, num_hidden_layers=46), GEMMA2, "eager", "float16")
 
 
 def test_a_tokenizer_without_gemma_turn_tokens_is_refused():

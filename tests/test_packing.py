@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from gemma2_tune.examples import IGNORE_INDEX, Example
-from gemma2_tune.packing import BlockCollator, best_fit_decreasing, pack, unpacked
+from gemma2_tune.data.examples import Example
+from gemma2_tune.data.turns import IGNORE_INDEX
+from gemma2_tune.data.packing import BlockCollator, best_fit_decreasing, pack, unpacked
 
 
 def test_best_fit_decreasing_places_every_row_once_within_capacity():

@@ -6,19 +6,20 @@ import pytest
 from typer.testing import CliRunner
 
 from gemma2_tune.cli import app
-from gemma2_tune.plan import GIB, KNOWN, estimate, lora_params, model_shape
-from gemma2_tune.recipes import resolve
+from gemma2_tune.families import GEMMA2
+from gemma2_tune.training.plan import GIB, estimate, lora_params, model_shape
+from gemma2_tune.config.layering import resolve
 
 runner = CliRunner()
 
 
 @pytest.mark.parametrize("size,published", [("2b", 2.61e9), ("9b", 9.24e9), ("27b", 27.23e9)])
 def test_parameter_counts_match_the_published_gemma2_models(size, published):
-    assert KNOWN[size].total_params == pytest.approx(published, rel=0.005)
+    assert GEMMA2.shapes[size].total_params == pytest.approx(published, rel=0.005)
 
 
 def test_published_shapes():
-    s9, s27 = KNOWN["9b"], KNOWN["27b"]
+    s9, s27 = GEMMA2.shapes["9b"], GEMMA2.shapes["27b"]
     assert (s9.hidden, s9.layers, s9.heads, s9.kv_heads, s9.head_dim) == (3584, 42, 16, 8, 256)
     assert (s27.hidden, s27.layers, s27.heads, s27.kv_heads, s27.head_dim) == (4608, 46, 32, 16, 128)
     assert s9.vocab == s27.vocab == 256000 and s9.sliding_window == 4096
@@ -26,18 +27,18 @@ def test_published_shapes():
 
 def test_lora_params_on_qkvo():
     cfg = resolve("gemma-2-9b-qlora").config
-    s = KNOWN["9b"]
+    s = GEMMA2.shapes["9b"]
     per_layer = 16 * ((3584 + 4096) + (3584 + 2048) * 2 + (4096 + 3584))
     assert lora_params(s, cfg) == 42 * per_layer
 
 
 def test_zero3_shards_and_qlora_is_smaller_than_bf16():
     full = resolve("gemma-2-27b-full-zero3").config
-    one = estimate(KNOWN["27b"], full, 1, zero3=True)
-    eight = estimate(KNOWN["27b"], full, 8, zero3=True)
+    one = estimate(GEMMA2.shapes["27b"], full, 1, zero3=True)
+    eight = estimate(GEMMA2.shapes["27b"], full, 8, zero3=True)
     assert eight.terms["weights"] == pytest.approx(one.terms["weights"] / 8)
-    qlora = estimate(KNOWN["27b"], resolve("gemma-2-27b-qlora").config)
-    assert qlora.terms["weights"] < 16 * GIB < estimate(KNOWN["27b"], full).terms["weights"]
+    qlora = estimate(GEMMA2.shapes["27b"], resolve("gemma-2-27b-qlora").config)
+    assert qlora.terms["weights"] < 16 * GIB < estimate(GEMMA2.shapes["27b"], full).terms["weights"]
 
 
 def test_plan_command_fits_and_advises():

@@ -1,5 +1,5 @@
 from conftest import ROOT
-from gemma2_tune.reference import markdown
+from gemma2_tune.config.reference import markdown
 
 README = (ROOT / "README.md").read_text()
 

@@ -1,6 +1,7 @@
 import pytest
 
-from gemma2_tune.recipes import bundled_recipes, find_recipe, resolve
+from gemma2_tune.config.layering import resolve
+from gemma2_tune.config.recipes import bundled_recipes, find_recipe
 
 RECIPES = bundled_recipes()
 

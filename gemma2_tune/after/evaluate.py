@@ -1,0 +1,51 @@
+"""`gemma2-tune eval`: loss and perplexity on the supervised (model-turn) tokens of held-out chats.
+
+Rows are rendered and masked exactly as in training; base and fine-tuned are scored on the same tokens
+(the adapter switched off for the base), one row at a time, with the model's own loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..config.schema import DataSection
+from ..data.examples import build_examples
+from ..data.sources import load_rows
+from ..data.turns import IGNORE_INDEX
+from .inference import Loaded
+
+
+def supervised_loss(model, examples) -> dict[str, Any]:
+    """Mean cross-entropy (nats) over the examples' supervised tokens, perplexity, counts; one row at a time."""
+    import torch
+
+    total = count = 0.0
+    with torch.no_grad():
+        for e in examples:
+            n = sum(1 for label in e.labels[1:] if label != IGNORE_INDEX)
+            ids = torch.tensor([e.input_ids], device=model.device)
+            labels = torch.tensor([e.labels], device=model.device)
+            total += model(input_ids=ids, labels=labels, use_cache=False).loss.float().item() * n
+            count += n
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "supervised_tokens": int(count), "rows": len(examples)}
+
+
+def evaluate(loaded: Loaded, data: DataSection, compare_base: bool, echo=print) -> dict[str, Any]:
+    """Held-out loss of the loaded model (and of its base, adapter off, when `compare_base`), printed as a
+    table. Raises UserError when the data has no usable rows."""
+    model = loaded.model
+    rows, source = load_rows(data)
+    examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family)
+    for line in report.summary_lines():
+        echo(line)
+    results = {}
+    if compare_base and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            results["base"] = supervised_loss(model, examples)
+    results["fine-tuned" if hasattr(model, "disable_adapter") else "model"] = supervised_loss(model, examples)
+    echo(f"{'':12s}{'loss':>10s}{'perplexity':>14s}{'supervised tokens':>20s}")
+    for name, r in results.items():
+        echo(f"{name:12s}{r['loss']:10.4f}{r['perplexity']:14.2f}{r['supervised_tokens']:20,d}")
+    return {"dataset": source.name, "fingerprint": source.fingerprint, "results": results}

@@ -1,0 +1,152 @@
+"""Using a trained run: find its base model, load base + adapter, and talk to it in Gemma's format.
+
+Shared by `chat`, `merge` and `eval`. The run's own resolved config (config.yaml) says which base
+model, attention kernel and system-message policy it was trained with; `--model` overrides the base.
+Models load through the one loading path (gemma2_tune.models.loading), with its checks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+
+from ..config.schema import RunConfig
+from ..data.turns import END, normalise, render
+from ..errors import UserError
+from ..families import Family
+
+LoadIn = Literal["bf16", "8bit", "4bit"]
+
+
+@dataclass
+class TrainedRun:
+    """What --adapter/--model point at: a run folder (adapter or full fine-tune) or a plain checkpoint."""
+
+    path: Path
+    base_model: str
+    system_policy: str
+    is_adapter: bool  # False: a full fine-tune (the folder is the model)
+    config: RunConfig | None
+
+    @property
+    def attn_implementation(self) -> str:
+        """The kernel the run trained with (eager for a plain checkpoint)."""
+        return self.config.model.attn_implementation if self.config else "eager"
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate or score, its tokenizer and family, and the load report."""
+
+    model: Any
+    tokenizer: Any
+    family: Family
+    report: Any
+
+
+def read_run(adapter: str | None, model: str | None) -> TrainedRun:
+    """What --adapter/--model point at. Raises UserError when the folder is not a run or an adapter."""
+    if adapter is None:
+        if model is None:
+            raise UserError("give --model (a Gemma 2 checkpoint) and/or --adapter (a gemma2-tune run folder)")
+        return TrainedRun(Path(model), model, "fold", False, None)
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--adapter {adapter}: no such folder")
+    cfg = None
+    if (path / "config.yaml").is_file():
+        try:
+            cfg = RunConfig.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+        except Exception:  # noqa: BLE001 - a config from another version: fall back to adapter_config.json
+            cfg = None
+    if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
+        saved = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = model or (cfg.model.name_or_path if cfg else saved)
+        if not base:
+            raise UserError(f"--adapter {adapter}: the adapter does not name its base model; pass --model")
+        return TrainedRun(path, base, cfg.data.system_policy if cfg else "fold", True, cfg)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):  # full fine-tune output
+        return TrainedRun(path, str(path), cfg.data.system_policy if cfg else "fold", False, cfg)
+    raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json + adapter_model.safetensors) "
+                    "and not a model folder (no config.json + *.safetensors)")
+
+
+def load(run: TrainedRun, load_in: LoadIn = "bf16", dtype: str = "bfloat16") -> Loaded:
+    """Base (+ adapter) through the one loading path, in eval mode. Raises UserError: a base that doesn't
+    fit the adapter, an unsupported model, anything load_model refuses."""
+    from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
+
+    family, _ = checkpoint_family(run.base_model)
+    tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model,
+                               family=family)
+    bits = None if load_in == "bf16" else load_in
+    model, report = load_model(LoadRequest(run.base_model, dtype=dtype, attn_implementation=run.attn_implementation,
+                                           quantization=bits))
+    if run.is_adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(run.path))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            trained_on = run.config.model.name_or_path if run.config else "another model"
+            raise UserError(f"--adapter {run.path}: does not fit base model '{run.base_model}' (trained on "
+                            f"'{trained_on}'): {str(exc).splitlines()[0][:300]}") from None
+    model.eval()
+    return Loaded(model, tokenizer, family, report)
+
+
+@dataclass
+class Sampling:
+    """Generation settings: greedy when temperature is 0; generation stops at <end_of_turn> or <eos>."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+    def generate_kwargs(self, tokenizer) -> dict[str, Any]:
+        stop = [tokenizer.convert_tokens_to_ids(END)]
+        if tokenizer.eos_token_id is not None:
+            stop.append(tokenizer.eos_token_id)
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "eos_token_id": stop,
+                                  "pad_token_id": tokenizer.pad_token_id}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+
+def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, family: Family):
+    """The conversation so far + the model's turn header, exactly as in training: (1, length) ids.
+    Raises BadRow when the conversation can't be rendered."""
+    text = render(normalise(messages, system_policy, allow_open_end=True, family=family),
+                  add_generation_prompt=True).text
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sampling: Sampling,
+          on_text: Callable[[str], None] | None = None) -> str:
+    """Generate the model's next turn; streams pieces to `on_text` when given. Stops at <end_of_turn>."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = prompt_ids(messages, tokenizer, system_policy, loaded.family).to(model.device)
+    kwargs = sampling.generate_kwargs(tokenizer) | {"input_ids": ids, "use_cache": True}
+    if on_text is None:
+        out = model.generate(**kwargs)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    worker = threading.Thread(target=model.generate, kwargs=kwargs | {"streamer": streamer})
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        on_text(piece)
+    worker.join()
+    return "".join(pieces).strip()

@@ -1,0 +1,102 @@
+"""Rules between config fields, checked once when a config is resolved (and by `validate`, without torch).
+
+Facts about the model come from its family (`gemma2_tune.families`): the family a local checkpoint's
+config.json names, or the one its hub id implies. When neither says (an unfamiliar hub id), the
+model-dependent rules run again when its config loads, before any weights do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from pydantic import BaseModel
+
+from ..families import (
+    FAMILIES,
+    GEMMA2,
+    Family,
+    family_of_checkpoint,
+    local_model_type,
+    unsupported_message,
+)
+from .schema import RunConfig
+
+
+def checkpoint_size(family: Family, name_or_path: str) -> str | None:
+    """The published size of a checkpoint: from a local config.json's shape, else from its name."""
+    try:
+        data = json.loads((Path(name_or_path).expanduser() / "config.json").read_text())
+        return family.size_of_shape(data["hidden_size"], data["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return family.size_from_name(name_or_path)
+
+
+def model_problems(name: str, kernel: str, dtype: str) -> tuple[list[str], list[str]]:
+    """What the model's family says about this kernel and dtype: (errors, warnings)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    model_type = local_model_type(name)
+    family = family_of_checkpoint(name)
+    if model_type is not None and family is None:
+        return [unsupported_message(name, model_type)], []
+    if family is None:
+        if kernel != "eager":
+            warnings.append(f"model.attn_implementation: '{kernel}' is exact only for some families "
+                            f"({kernel_summary(kernel)}); '{name}' doesn't say which it is: checked when its config loads")
+        return errors, warnings
+    size = checkpoint_size(family, name)
+    if size in family.multimodal_sizes:
+        errors.append(f"model.name_or_path: '{name}' ({size.upper()}) is {family.multimodal_sizes[size]}")
+    problem = family.kernel_problem(kernel)
+    if problem:
+        errors.append(problem)
+    if dtype == "float16":
+        if size in family.fp16_refused_sizes:
+            errors.append(f"model.dtype: float16 is unstable for {family.display} {size.upper()}; use bfloat16")
+        else:
+            warnings.append(f"model.dtype: {family.fp16_note}")
+    return errors, warnings
+
+
+def kernel_summary(kernel: str) -> str:
+    """'allowed for Gemma 3 text, refused for Gemma 2': one kernel across the families."""
+    allowed = [f.display for f in FAMILIES if kernel in f.kernels and f.kernels[kernel].allowed]
+    refused = [f.display for f in FAMILIES if kernel in f.kernels and not f.kernels[kernel].allowed]
+    parts = ([f"allowed for {', '.join(allowed)}"] if allowed else []) + (
+        [f"refused for {', '.join(refused)}"] if refused else [])
+    return "; ".join(parts) or "unknown"
+
+
+def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """Rules of a training run's config. Returns (errors, warnings), each naming the key(s) involved."""
+    m, q, lora = cfg.model, cfg.quantization, cfg.lora
+    errors, warnings = model_problems(m.name_or_path, m.attn_implementation, m.dtype)
+    family = family_of_checkpoint(m.name_or_path) or GEMMA2  # module names are the same in both families
+
+    if q.load_in_4bit and not lora.enabled:
+        errors.append(
+            "quantization.load_in_4bit with lora.enabled=false: 4-bit weights can't be trained directly; "
+            "enable LoRA (QLoRA) or set quantization.load_in_4bit=false for full fine-tuning"
+        )
+    if cfg.data.eval_fraction and cfg.data.eval_split:
+        errors.append("data.eval_fraction and data.eval_split: choose one source of held-out rows")
+    if not q.load_in_4bit and (q.compute_dtype or q.quant_storage):
+        errors.append("quantization.compute_dtype/quant_storage are set but quantization.load_in_4bit is false")
+    if lora.enabled:
+        if not lora.target_modules:
+            errors.append(f"lora.target_modules: empty; the reference is [{', '.join(family.attention_modules)}]")
+        mlp = sorted(set(lora.target_modules) & set(family.mlp_modules))
+        if mlp:
+            warnings.append(
+                f"lora.target_modules: {mlp} are MLP projections; the Gemma 2 reference adapts attention only"
+            )
+        if len(set(lora.target_modules)) != len(lora.target_modules):
+            errors.append(f"lora.target_modules: duplicates in {lora.target_modules}")
+    return errors, warnings
+
+
+def config_problems(config: BaseModel) -> tuple[list[str], list[str]]:
+    """The rules of a command's schema: (errors, warnings). A new schema adds its rules here."""
+    if isinstance(config, RunConfig):
+        return run_problems(config)
+    return [], []

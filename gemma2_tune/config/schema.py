@@ -1,0 +1,182 @@
+"""The run configuration: one validated object per training command, the single source of truth for a run.
+
+Every default lives here, next to the reason for it. Field descriptions are written once and reused
+by `--help`, `validate`, `--dry-run` and the README's config reference.
+
+This module must stay light (pydantic and the standard library only): `validate` and `--help`
+answer without importing torch. Rules between fields live in `rules.py`; facts about models in
+`gemma2_tune.families`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..families import GEMMA2
+
+REFERENCE_TARGET_MODULES = list(GEMMA2.attention_modules)  # the Gemma 2 launch recipe: q/k/v/o, never the MLP
+# Tile of the supervised-only loss (gemma2_tune/training/loss.py): token rows x vocabulary columns, fp32.
+LOSS_TOKEN_CHUNK = 1024
+LOSS_VOCAB_CHUNK = 8192
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors (with a did-you-mean), assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        "google/gemma-2-9b",
+        description="Hub id or local directory of a Gemma 2 or Gemma 3 text checkpoint; `builtin:tiny-gemma2` "
+        "and `builtin:tiny-gemma3` are tiny random models built locally (CPU quickstart and tests); "
+        "`builtin:gemma-3-270m` is the real Gemma 3 270M, built from the Python package registry.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "eager",
+        description="Attention kernel. `eager` keeps Gemma 2's attention soft-capping; `sdpa` is refused for "
+        "Gemma 2 (it drops the soft-cap) and allowed for Gemma 3 (no soft-cap); `flash_attention_2` only with a "
+        "flash-attn that supports softcap (Gemma 2).",
+    )
+    dtype: Dtype = Field(
+        "bfloat16",
+        description="Weights and compute dtype. bfloat16 is the reference precision; float16 is refused for "
+        "Gemma 2 27B (unstable) and warned against elsewhere.",
+    )
+    trust_remote_code: bool = Field(False, description="Passed to transformers when loading.")
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(True, description="QLoRA: load the base weights in 4-bit with bitsandbytes.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Dtype | None = Field(None, description="Dtype of 4-bit matmuls; default: model.dtype.")
+    quant_storage: Dtype | Literal["uint8"] | None = Field(
+        None,
+        description="Storage dtype of packed 4-bit weights; default: the compute dtype (needed for ZeRO-3 / FSDP "
+        "sharding).",
+    )
+
+
+class LoraSection(Section):
+    enabled: bool = Field(True, description="Train LoRA adapters; false means full fine-tuning.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(REFERENCE_TARGET_MODULES),
+        description="Modules to adapt. Gemma 2 reference: the attention projections q/k/v/o, never the MLP.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+
+class DataSection(Section):
+    dataset: str = Field(
+        "oasst",
+        description="`oasst` (OpenAssistant/oasst_top1_2023-08-25), `quickstart` (chats shipped with the "
+        "package), a hub dataset id, or a local .jsonl/.json/.parquet/.csv file or folder.",
+    )
+    config_name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Dataset split to train on.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    system_policy: Literal["fold", "drop", "error"] = Field(
+        "fold",
+        description="System messages: `fold` into the first user turn, `drop` them, or treat them as bad rows "
+        "(`error`). Gemma has no system role.",
+    )
+    on_bad_rows: Literal["skip", "error"] = Field(
+        "skip", description="Rows that can't become valid Gemma turns: `skip` (counted, reported) or fail the run."
+    )
+    max_length: int = Field(1024, gt=8, description="Maximum tokens per training row.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Rows longer than max_length: cut at max_length, or drop the row. Both are counted."
+    )
+    train_on: Literal["model_turns", "all"] = Field(
+        "model_turns",
+        description="Loss on model turns only (each with its <end_of_turn>), or on every token.",
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (after loading).")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Hold out this fraction of rows (seeded) for evaluation during training."
+    )
+    eval_split: str | None = Field(None, description="Or evaluate on this split of the same dataset (e.g. test).")
+    packing: bool = Field(
+        True,
+        description="Pack rows into blocks of max_length tokens (best-fit), each row masked from the others "
+        "(position ids restart, no cache); a batch item is then a block. False: one row per batch item.",
+    )
+
+
+class TrainingSection(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(1, gt=0, description="Rows per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides num_train_epochs.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field("adamw_torch", description="transformers optimizer name (e.g. adamw_torch, paged_adamw_8bit).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
+    eval_steps: int = Field(100, gt=0, description="Evaluate on the held-out rows every N steps (and at the end).")
+    save_steps: int | None = Field(
+        500, gt=0, description="Save a resumable checkpoint every N optimizer steps (null: none, only the final output)."
+    )
+    save_total_limit: int = Field(2, gt=0, description="Keep only the newest K checkpoints.")
+    seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
+    report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
+    loss: Literal["supervised_chunked", "trl"] = Field(
+        "supervised_chunked",
+        description="`supervised_chunked`: lm_head, soft-cap and cross-entropy only at supervised positions, in "
+        "tiles (no full logits). `trl`: TRL's own loss. Under ZeRO-3 TRL's loss is used.",
+    )
+
+
+class OutputSection(Section):
+    dir: str = Field("runs/gemma2-sft", description="Output directory for adapter, tokenizer, config and manifest.")
+    overwrite: bool = Field(False, description="Allow replacing the output of a previous run in `dir`.")
+
+
+class RunConfig(Section):
+    """Everything a training run needs (the `sft` schema), resolved: defaults < recipe < --set < flags.
+
+    Another training command's schema subclasses it and adds its own sections.
+    """
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    # Derived values: computed here once, read everywhere else.
+    @property
+    def compute_dtype(self) -> str:
+        return self.quantization.compute_dtype or self.model.dtype
+
+    @property
+    def quant_storage(self) -> str:
+        return self.quantization.quant_storage or self.compute_dtype
+
+    @property
+    def rows_per_optimizer_step(self) -> int:
+        return self.training.per_device_train_batch_size * self.training.gradient_accumulation_steps
+
+
+def sections(schema: type[Section]) -> dict[str, type[Section]]:
+    """{section name: section class} of a command's schema, in order (for the config reference)."""
+    return {name: f.annotation for name, f in schema.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, Section)}
+
+

@@ -1,0 +1,74 @@
+"""Tokenized-data cache: a second run or a resume doesn't tokenize again.
+
+The key covers everything that changes the blocks: the data's content fingerprint, every data.*
+setting (source, split, system policy, max length, overlong rule, train_on, packing), the tokenizer's
+full definition, and the version of the turn format and packing code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config.schema import DataSection
+from ..files import home, staged_dir
+from .examples import DataReport
+from .packing import Block
+
+FORMAT_VERSION = 1  # bump when rendering, masking or packing changes what a row becomes
+
+
+def cache_dir() -> Path:
+    return home() / "cache" / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_key(data: DataSection, source_fingerprint: str, tokenizer: Any, split_seed: int | None = None,
+              family: str = "gemma2") -> str:
+    """A 24-hex-digit key over everything that changes the blocks.
+
+    `split_seed`: the seed that drew a held-out fraction out of these rows (it changes which rows remain);
+    `family`: the model family, whose rule for folding system text changes the rendered rows.
+    """
+    parts = {"format": FORMAT_VERSION, "data": data.model_dump(mode="json"), "source": source_fingerprint,
+             "tokenizer": tokenizer_fingerprint(tokenizer), "split_seed": split_seed}
+    if family != "gemma2":  # keys of Gemma 2 runs stay as they were
+        parts["family"] = family
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load(key: str) -> tuple[list[Block], DataReport] | None:
+    """Cached blocks and their report, or None when absent or unreadable."""
+    import numpy as np
+
+    path = cache_dir() / key
+    try:
+        arrays = np.load(path / "blocks.npz")
+        report = DataReport(**json.loads((path / "report.json").read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    bounds, rows = arrays["offsets"].tolist(), arrays["rows"].tolist()
+    ids, labels, positions = (arrays[k].tolist() for k in ("input_ids", "labels", "position_ids"))
+    blocks = [Block(ids[a:b], labels[a:b], positions[a:b], n) for a, b, n in zip(bounds[:-1], bounds[1:], rows)]
+    return blocks, report
+
+
+def save(key: str, blocks: list[Block], report: DataReport) -> Path:
+    """Written to a temporary folder and renamed into place: readers see all of it or nothing."""
+    import numpy as np
+
+    final = cache_dir() / key
+    with staged_dir(final, is_stale=lambda _: True) as tmp:  # an existing entry failed to load: replace it
+        offsets = np.cumsum([0] + [len(b.input_ids) for b in blocks])
+        flat = lambda attr: np.fromiter((t for b in blocks for t in getattr(b, attr)), dtype=np.int64, count=int(offsets[-1]))  # noqa: E731
+        np.savez(tmp / "blocks.npz", input_ids=flat("input_ids"), labels=flat("labels"),
+                 position_ids=flat("position_ids"), offsets=offsets, rows=np.array([b.rows for b in blocks]))
+        (tmp / "report.json").write_text(json.dumps(report.to_dict()))
+    return final

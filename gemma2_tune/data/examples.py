@@ -1,0 +1,176 @@
+"""Rows -> training examples: Gemma turns, token ids, labels (-100 where nothing is learned).
+
+Every row that doesn't make it into training is counted under a reason, with its first locations,
+so a run can say exactly what happened to its data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from ..config.schema import DataSection
+from ..errors import UserError
+from ..families import GEMMA2, Family
+from .sources import Row, row_to_messages
+from .turns import IGNORE_INDEX, BadRow, Turn, normalise, render, supervision_mask
+
+SHOWN_LOCATIONS = 5
+
+
+@dataclass
+class Example:
+    """One training row: token ids and labels (IGNORE_INDEX where nothing is learned), same length."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def supervised_tokens(self) -> int:
+        # labels[0] is never predicted (nothing precedes it), so it is never learned.
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+@dataclass
+class DataReport:
+    """What happened to every row of a source: kept, bad (with where and why), truncated, dropped."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_bad: int = 0
+    rows_truncated: int = 0
+    rows_dropped_overlong: int = 0
+    rows_dropped_unsupervised: int = 0
+    total_tokens: int = 0
+    supervised_tokens: int = 0
+    bad_rows: list[str] = field(default_factory=list)  # first few "where: reason"
+    dropped_rows: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"rows: {self.rows_read} read, {self.rows_kept} kept, {self.rows_bad} bad (skipped), "
+            f"{self.rows_truncated} truncated, {self.rows_dropped_overlong} dropped as too long, "
+            f"{self.rows_dropped_unsupervised} dropped with no supervised token",
+            f"tokens: {self.total_tokens} total, {self.supervised_tokens} supervised "
+            f"({self.supervised_tokens / max(self.total_tokens, 1):.1%})",
+        ]
+        lines += [f"  bad row {b}" for b in self.bad_rows]
+        lines += [f"  dropped row {d}" for d in self.dropped_rows]
+        return lines
+
+
+@dataclass
+class Encoded:
+    """A rendered conversation tokenized once: ids, character offsets per token, supervised mask."""
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    mask: list[bool]  # supervised, per token
+
+
+class Overlong(BadRow):
+    """A row longer than data.max_length under data.overlong='drop'."""
+
+
+class TurnTokenizer:
+    """Renders turns in Gemma's format and tokenizes the whole string once, with offsets.
+
+    Tokenizing the full rendered text (not pieces) gives exactly the ids the model sees at inference;
+    the character offsets then map the supervised spans onto tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def encode(self, turns: Sequence[Turn], train_on: str = "model_turns") -> Encoded:
+        """Render `turns`, tokenize the text in one piece, mark the supervised tokens."""
+        rendered = render(turns)
+        enc = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        mask = [True] * len(offsets) if train_on == "all" else supervision_mask(offsets, rendered.supervised)
+        return Encoded(rendered.text, list(enc["input_ids"]), offsets, mask)
+
+
+def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: DataSection) -> Example:
+    """Raises Overlong / BadRow for rows that can't train."""
+    encoded = encoder.encode(turns, cfg.train_on)
+    ids, mask = encoded.ids, encoded.mask
+    truncated = False
+    if len(ids) > cfg.max_length:
+        if cfg.overlong == "drop":
+            raise Overlong(f"{len(ids)} tokens > data.max_length {cfg.max_length}")
+        ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+        truncated = True
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, mask)]
+    example = Example(ids, labels, truncated)
+    if not example.supervised_tokens:
+        raise BadRow("no supervised token" + (f" left after truncation to {cfg.max_length}" if truncated else ""))
+    return example
+
+
+def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection,
+                   family: Family = GEMMA2) -> tuple[list[Example], DataReport]:
+    """Rows -> examples (Gemma turns, ids, labels) and a report of every row left out and why.
+
+    Raises UserError when no row is usable, or when bad rows exist and data.on_bad_rows is 'error'.
+    """
+    import sys
+
+    encoder = TurnTokenizer(tokenizer)
+    report = DataReport(rows_read=len(rows))
+    examples: list[Example] = []
+    if len(rows) >= 2000 and sys.stderr.isatty():  # a progress bar for long tokenizing, on a terminal only
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="tokenizing", unit="row")
+    for row in rows:
+        try:
+            turns = normalise(row_to_messages(row.data), cfg.system_policy, family=family)
+        except BadRow as exc:
+            report.rows_bad += 1
+            if len(report.bad_rows) < SHOWN_LOCATIONS:
+                report.bad_rows.append(f"{row.where}: {exc}")
+            continue
+        try:
+            example = build_example(turns, encoder, cfg)
+        except BadRow as exc:
+            if isinstance(exc, Overlong):
+                report.rows_dropped_overlong += 1
+            else:
+                report.rows_dropped_unsupervised += 1
+            if len(report.dropped_rows) < SHOWN_LOCATIONS:
+                report.dropped_rows.append(f"{row.where}: {exc}")
+            continue
+        examples.append(example)
+        report.rows_truncated += example.truncated
+        report.total_tokens += len(example.input_ids)
+        report.supervised_tokens += example.supervised_tokens
+    report.rows_kept = len(examples)
+    if report.rows_bad and cfg.on_bad_rows == "error":
+        shown = "\n".join(f"  - {b}" for b in report.bad_rows)
+        raise UserError(f"data: {report.rows_bad} bad rows and data.on_bad_rows is 'error'; first ones:\n{shown}")
+    if not examples:
+        raise UserError("data: no usable rows left\n" + "\n".join(report.summary_lines()))
+    return examples, report
+
+
+def mark_supervised(encoded: Encoded, limit: int, open_mark: str = "⟦", close_mark: str = "⟧") -> str:
+    """The rendered text with each supervised run of tokens wrapped in marks (first `limit` tokens)."""
+    pieces, prev_end, inside = [], 0, False
+    for (start, end), keep in list(zip(encoded.offsets, encoded.mask))[:limit]:
+        if keep != inside:
+            pieces.append(encoded.text[prev_end:start])
+            pieces.append(open_mark if keep else close_mark)
+            prev_end, inside = start, keep
+        pieces.append(encoded.text[prev_end:end])
+        prev_end = end
+    if inside:
+        pieces.append(close_mark)
+    if limit < len(encoded.ids):
+        pieces.append(f" …[truncated at {limit} tokens; {len(encoded.ids) - limit} more]")
+    return "".join(pieces)

@@ -1,0 +1,236 @@
+"""Dataset sources and row schemas: everything becomes role/content messages.
+
+Sources: the alias `oasst`, the alias `quickstart` (chats shipped with the package), any hub dataset
+id, and local .jsonl/.json/.parquet/.csv files or folders of them.
+
+Row schemas, detected per row:
+  messages       [{"role": "system"|"user"|"assistant"|"model", "content": ...}, ...]
+  conversations  ShareGPT: [{"from": "system"|"human"|"gpt", "value": ...}, ...]
+  prompt/completion   strings, or lists of messages (TRL's conversational form)
+  text           ChatML (<|im_start|>user\\n...<|im_end|>) or text already in Gemma's turn format
+ChatML markers never reach the model: they are parsed into turns and rendered in Gemma's format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..config.schema import DataSection
+from ..errors import UserError
+from .turns import BadRow
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Alias:
+    description: str
+    hub_id: str | None = None
+    local: Path | None = None
+
+
+ALIASES = {
+    "oasst": Alias("OpenAssistant top-1 conversations, ChatML `text` column", hub_id="OpenAssistant/oasst_top1_2023-08-25"),
+    "quickstart": Alias("small chats shipped with gemma2-tune (three row schemas)", local=PACKAGE_DIR / "assets" / "quickstart"),
+}
+LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
+
+
+@dataclass
+class Row:
+    where: str  # "chats.jsonl line 12" or "row 12": how the user finds it
+    data: Any
+
+
+@dataclass
+class Source:
+    kind: str  # "local" or "hub"
+    name: str  # what the user asked for
+    resolved: str  # file/folder path or hub id
+    files: list[str]
+    fingerprint: str = ""
+
+
+def looks_local(name: str) -> bool:
+    path = Path(name).expanduser()
+    return path.exists() or path.suffix in LOCAL_SUFFIXES or name.startswith((".", "/", "~"))
+
+
+def describe_source(cfg: DataSection) -> str:
+    alias = ALIASES.get(cfg.dataset)
+    if alias:
+        return f"{cfg.dataset} ({alias.hub_id or 'bundled'}; {alias.description})"
+    return f"{cfg.dataset} ({'local' if looks_local(cfg.dataset) else 'hub'}, split {cfg.split})"
+
+
+def local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(sorted(LOCAL_SUFFIXES))})")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise UserError(f"{path}: folder has no {', '.join(sorted(LOCAL_SUFFIXES))} files")
+        return files
+    raise UserError(f"{path}: no such dataset file or folder")
+
+
+def _read_json_file(path: Path) -> Iterator[Row]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path.name} line {lineno}"
+                try:
+                    yield Row(where, json.loads(line))
+                except json.JSONDecodeError as exc:
+                    yield Row(where, BadRow(f"invalid JSON ({exc.msg})"))
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError(f"{path}: expected a list of rows (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a list of rows")
+    for i, item in enumerate(data):
+        yield Row(f"{path.name} item {i}", item)
+
+
+def _read_table_file(path: Path) -> Iterator[Row]:
+    import datasets
+
+    builder = "parquet" if path.suffix == ".parquet" else "csv"
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem
+        raise UserError(f"{path}: cannot read as {builder} ({exc})") from None
+    for i, item in enumerate(table):
+        yield Row(f"{path.name} row {i}", item)
+
+
+def _read_hub(cfg: DataSection, hub_id: str) -> Iterator[Row]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(hub_id, cfg.config_name, split=cfg.split, revision=cfg.revision)
+    except Exception as exc:  # noqa: BLE001 - offline, missing, gated: all reported the same plain way
+        raise UserError(
+            f"data.dataset: could not load '{hub_id}' (split '{cfg.split}') from the Hugging Face Hub: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "If you are offline or the dataset is private, download it once or pass a local file, e.g. "
+            "--dataset data/chats.jsonl (rows with `messages`, `conversations`, `prompt`/`completion` or ChatML `text`)."
+        ) from None
+    for i, item in enumerate(table):
+        yield Row(f"row {i}", item)
+
+
+def load_rows(cfg: DataSection) -> tuple[list[Row], Source]:
+    """Read every row of the configured source, fingerprinting its content."""
+    alias = ALIASES.get(cfg.dataset)
+    digest = hashlib.sha256()
+    rows: list[Row] = []
+    if alias and alias.hub_id:
+        source = Source("hub", cfg.dataset, alias.hub_id, [])
+        stream: Iterator[Row] = _read_hub(cfg, alias.hub_id)
+    elif alias or looks_local(cfg.dataset):
+        path = alias.local if alias else Path(cfg.dataset).expanduser()
+        files = local_files(path)
+        source = Source("local", cfg.dataset, str(path), [str(f) for f in files])
+
+        def stream_files() -> Iterator[Row]:
+            for f in files:
+                yield from (_read_json_file(f) if f.suffix in (".jsonl", ".json") else _read_table_file(f))
+
+        stream = stream_files()
+    else:
+        source = Source("hub", cfg.dataset, cfg.dataset, [])
+        stream = _read_hub(cfg, cfg.dataset)
+    for row in stream:
+        digest.update(json.dumps(row.data, sort_keys=True, default=str).encode())
+        rows.append(row)
+        if cfg.max_rows and len(rows) >= cfg.max_rows:
+            break
+    if not rows:
+        raise UserError(f"data.dataset: '{cfg.dataset}' has no rows")
+    source.fingerprint = digest.hexdigest()[:16]
+    return rows, source
+
+
+_CHATML_TURN = re.compile(r"<\|im_start\|>([^\n<]*)\n(.*?)<\|im_end\|>", re.DOTALL)
+_GEMMA_TURN = re.compile(r"<start_of_turn>([^\n<]*)\n(.*?)<end_of_turn>", re.DOTALL)
+
+
+def parse_marked_text(text: str) -> list[dict[str, str]]:
+    """ChatML or Gemma-format text -> messages; anything else in between is an error."""
+    if "<|im_start|>" in text:
+        pattern, name = _CHATML_TURN, "ChatML"
+    elif "<start_of_turn>" in text:
+        pattern, name = _GEMMA_TURN, "Gemma-format"
+    else:
+        raise BadRow("text has no ChatML (<|im_start|>) or Gemma (<start_of_turn>) turn markers")
+    messages, pos = [], 0
+    for match in pattern.finditer(text):
+        gap = text[pos : match.start()].replace("<bos>", "").replace("<eos>", "").strip()
+        if gap:
+            raise BadRow(f"unparseable {name} text: stray text {gap[:30]!r} between turns")
+        messages.append({"role": match.group(1).strip(), "content": match.group(2)})
+        pos = match.end()
+    tail = text[pos:].replace("<eos>", "").strip()
+    if tail or not messages:
+        raise BadRow(f"unparseable {name} text: {'unterminated turn' if tail else 'no complete turn'}")
+    return messages
+
+
+def _as_messages(value: Any, field: str) -> list[Any]:
+    if isinstance(value, str):  # a JSON-encoded list (CSV files)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BadRow(f"'{field}' is text, not a list of messages") from None
+    if not isinstance(value, list):
+        raise BadRow(f"'{field}' is not a list of messages")
+    return value
+
+
+def row_to_messages(data: Any) -> list[Any]:
+    """One raw row in any supported schema -> role/content messages (not yet validated)."""
+    if isinstance(data, BadRow):
+        raise data
+    if not isinstance(data, dict):
+        raise BadRow("row is not an object")
+    if data.get("messages") is not None:
+        return _as_messages(data["messages"], "messages")
+    if data.get("conversations") is not None:
+        convo = _as_messages(data["conversations"], "conversations")
+        return [
+            {"role": m.get("from", m.get("role")), "content": m.get("value", m.get("content"))}
+            if isinstance(m, dict) else m
+            for m in convo
+        ]
+    if data.get("prompt") is not None or data.get("completion") is not None:
+        prompt, completion = data.get("prompt"), data.get("completion")
+        if prompt is None or completion is None:
+            raise BadRow("row has only one of 'prompt' and 'completion'")
+        prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_messages(prompt, "prompt")
+        completion_msgs = (
+            [{"role": "assistant", "content": completion}]
+            if isinstance(completion, str)
+            else _as_messages(completion, "completion")
+        )
+        return prompt_msgs + completion_msgs
+    if isinstance(data.get("text"), str):
+        return parse_marked_text(data["text"])
+    present = sorted(k for k, v in data.items() if v is not None)
+    raise BadRow(f"no known schema (has {present}; expected messages, conversations, prompt/completion or text)")

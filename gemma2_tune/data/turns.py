@@ -1,0 +1,187 @@
+"""Gemma's turn format (Gemma 2 and Gemma 3 alike) and the supervision mask. Pure functions; no torch.
+
+    <bos><start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n{text}<end_of_turn>\n...
+
+The format is rendered here, never by a checkpoint's own chat template (base checkpoints and local
+conversions may have none, or another). Content is trimmed, as Gemma's official templates do.
+Gemma has no system role: one policy (fold, drop, error) decides what happens to system messages,
+and every place that renders the format calls `normalise` with it. How `fold` joins system text to the
+first user turn is the family's (`Family.system_fold`): Gemma 2 joins trimmed system texts with blank
+lines; Gemma 3's template takes one first system message verbatim plus a blank line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from ..families import GEMMA2, Family
+
+IGNORE_INDEX = -100  # label of a token that is not learned (PyTorch cross-entropy's ignore_index)
+BOS = "<bos>"
+START = "<start_of_turn>"
+END = "<end_of_turn>"
+CONTROL_MARKERS = (START, END, "<|im_start|>", "<|im_end|>")
+
+ROLE_NAMES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "model",
+    "model": "model",
+    "gpt": "model",
+    "bot": "model",
+}
+
+SystemPolicy = Literal["fold", "drop", "error"]
+
+
+class BadRow(ValueError):
+    """A row that can't become a valid Gemma conversation; the message says why."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of Gemma's format: 'user' or 'model', text trimmed (system text already folded in)."""
+
+    role: Literal["user", "model"]
+    text: str
+
+
+def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_open_end: bool = False,
+              family: Family = GEMMA2) -> list[Turn]:
+    """Role/content messages -> alternating user/model turns ending with the model's.
+
+    `allow_open_end` accepts a conversation ending with a user turn (a prompt for generation); `family`
+    decides how system text is folded. Raises BadRow saying why a conversation can't be rendered.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise BadRow("no messages")
+    system_texts: list[str] = []
+    turns: list[Turn] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRow(f"message {i} is not an object")
+        raw_role = message.get("role")
+        content = message.get("content")
+        role = ROLE_NAMES.get(str(raw_role).lower()) if raw_role is not None else None
+        if role is None:
+            raise BadRow(f"message {i} has unknown role {raw_role!r}")
+        if not isinstance(content, str):
+            raise BadRow(f"message {i} ({raw_role}) content is not text")
+        text = content.strip()
+        if not text:
+            raise BadRow(f"message {i} ({raw_role}) has empty content")
+        marker = next((m for m in CONTROL_MARKERS if m in text), None)
+        if marker:
+            raise BadRow(f"message {i} ({raw_role}) contains the control marker {marker}")
+        if role == "system":
+            if turns:
+                raise BadRow(f"message {i} is a system message after the conversation started")
+            if system_policy == "error":
+                raise BadRow(f"message {i} is a system message and data.system_policy is 'error'")
+            if family.system_fold == "first_verbatim" and system_texts and system_policy == "fold":
+                raise BadRow(f"message {i} is a second system message; {family.display}'s template takes one")
+            system_texts.append(content if family.system_fold == "first_verbatim" else text)
+            continue
+        turns.append(Turn(role, text))
+
+    if system_texts and system_policy == "fold" and turns:
+        turns[0] = Turn(turns[0].role, "\n\n".join(system_texts + [turns[0].text]))
+    if not turns:
+        raise BadRow("no user or model messages")
+    for i, turn in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "model"
+        if turn.role != expected:
+            raise BadRow(f"turn {i} is '{turn.role}' where '{expected}' was expected (roles must alternate, user first)")
+    if turns[-1].role != "model" and not allow_open_end:
+        raise BadRow("the last turn is not the model's (nothing to learn)")
+    return turns
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation as text, and the character spans [start, end) that are learned: each model turn's
+    text and its <end_of_turn>."""
+
+    text: str
+    supervised: tuple[tuple[int, int], ...]
+
+
+def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> Rendered:
+    """Turns -> `<bos><start_of_turn>role\ntext<end_of_turn>\n...`, plus `<start_of_turn>model\n` when
+    `add_generation_prompt` (a prompt for the model's next turn)."""
+    parts = [BOS]
+    spans = []
+    pos = len(BOS)
+    for turn in turns:
+        header = f"{START}{turn.role}\n"
+        body = f"{turn.text}{END}"
+        parts += [header, body, "\n"]
+        start = pos + len(header)
+        if turn.role == "model":
+            spans.append((start, start + len(body)))
+        pos = start + len(body) + 1
+    if add_generation_prompt:
+        parts.append(f"{START}model\n")
+    return Rendered("".join(parts), tuple(spans))
+
+
+def supervision_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token: does its character range lie inside a supervised span?
+
+    A token that straddles a span's start (begins before it) is not supervised.
+    """
+    mask = []
+    k = 0
+    for start, end in offsets:
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        inside = k < len(spans) and end > start and spans[k][0] <= start and end <= spans[k][1]
+        mask.append(inside)
+    return mask
+
+
+# The chat templates saved with every tokenizer we write (system policy `fold`), so that
+# `apply_chat_template` (transformers, TGI, vLLM) renders exactly what was trained.
+# Gemma 2: trimmed system texts, each followed by a blank line, before the first user turn.
+GEMMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='', first=true) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% set ns.system = ns.system + message['content'] | trim + '\n\n' %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% set content = message['content'] | trim %}"
+    "{% if ns.first %}{% set content = ns.system + content %}{% set ns.first = false %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + content + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+# Gemma 3 (as google/gemma-3-*-it's own template): one first system message, verbatim, plus a blank line.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def chat_template(family: Family = GEMMA2) -> str:
+    """The Jinja chat template that renders like `render(normalise(..., 'fold', family=family))`."""
+    return GEMMA3_CHAT_TEMPLATE if family.system_fold == "first_verbatim" else GEMMA2_CHAT_TEMPLATE

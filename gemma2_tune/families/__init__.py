@@ -1,0 +1,75 @@
+"""Model families: every fact about a Gemma generation, in one place, read by every check.
+
+A family says which `model_type` it covers, its soft-caps, which attention kernels keep its numerics,
+its layer pattern, its published shapes (with the URL each came from), how system text is folded
+into the first user turn, the module names LoRA can target, and the shape of its tiny test model.
+
+    family_of_model_type("gemma2")          -> GEMMA2       (from a checkpoint's config.json)
+    family_of_name("google/gemma-3-1b-it")  -> GEMMA3_TEXT  (from a name, before anything loads)
+    family_of_checkpoint(name_or_path)      -> local config.json first, then the name; None if unknown
+
+This package is pure data and standard library: `validate` reads it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import AttentionKernel, Family, Shape
+from .gemma2 import GEMMA2
+from .gemma3 import GEMMA3_TEXT
+
+FAMILIES: tuple[Family, ...] = (GEMMA2, GEMMA3_TEXT)
+
+# model_types that look close but are not supported, and why (named in the error message).
+REFUSED_MODEL_TYPES = {
+    "gemma3": "a multimodal Gemma 3 (4B, 12B, 27B: image + text); only the text-only Gemma 3 models "
+              "(gemma-3-270m, gemma-3-1b and their -it versions) are supported",
+    "gemma": "Gemma 1 (no sliding-window layers, another vocabulary); Gemma 2 and Gemma 3 text models are supported",
+    "gemma3n": "Gemma 3n (per-layer embeddings, audio/vision); not supported",
+}
+
+__all__ = ["AttentionKernel", "FAMILIES", "Family", "GEMMA2", "GEMMA3_TEXT", "REFUSED_MODEL_TYPES", "Shape",
+           "family_of_checkpoint", "family_of_model_type", "family_of_name", "supported_summary",
+           "unsupported_message"]
+
+
+def family_of_model_type(model_type: str | None) -> Family | None:
+    """The family whose checkpoints carry this `model_type` in config.json, or None."""
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def family_of_name(name: str) -> Family | None:
+    """The family a hub id or builtin name belongs to (e.g. google/gemma-2-9b-it), or None when the name
+    doesn't say. Local folders are read by `family_of_checkpoint`."""
+    return next((f for f in FAMILIES if f.matches_name(name)), None)
+
+
+def local_model_type(name_or_path: str) -> str | None:
+    """`model_type` from a local folder's config.json (no torch), or None."""
+    path = Path(name_or_path).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def family_of_checkpoint(name_or_path: str) -> Family | None:
+    """A local checkpoint's family from its config.json, else the family its name implies, else None."""
+    model_type = local_model_type(name_or_path)
+    if model_type is not None:
+        return family_of_model_type(model_type)
+    return family_of_name(name_or_path)
+
+
+def supported_summary() -> str:
+    """'Gemma 2 (gemma2: 2b, 9b, 27b), Gemma 3 text (gemma3_text: 270m, 1b)': for messages and the README."""
+    return ", ".join(f"{f.display} ({'/'.join(f.model_types)}: {', '.join(f.shapes)})" for f in FAMILIES)
+
+
+def unsupported_message(name: str, model_type: str | None) -> str:
+    """Why a checkpoint of `model_type` is refused, naming what is supported."""
+    why = REFUSED_MODEL_TYPES.get(model_type or "", f"a '{model_type}' model")
+    return (f"model.name_or_path: '{name}' is {why}; gemma2-tune trains {supported_summary()} checkpoints "
+            "(base and -it, or local conversions)")

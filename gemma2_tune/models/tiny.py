@@ -1,0 +1,90 @@
+"""Tiny random models of each family (`builtin:tiny-gemma2`, `builtin:tiny-gemma3`): the CPU quickstart
+and the tests.
+
+Each is the family's real architecture at toy size (its `Family.tiny_config`: Gemma 2's alternating
+sliding/global layers and soft-caps 50/30; Gemma 3's local:global pattern and QK-norm) with a byte-level
+BPE tokenizer trained here on the shipped chats and carrying Gemma's special tokens. It is saved as an
+ordinary checkpoint folder and then loaded through the same code path as google/gemma-*: nothing
+downstream knows it is tiny. It has random weights and learns only what a few steps teach it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..families import GEMMA2, Family
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # Gemma's order
+
+
+def training_corpus() -> list[str]:
+    """Text of the shipped chats, rendered the way training will see it."""
+    from ..config.schema import DataSection
+    from ..data.sources import load_rows, row_to_messages
+    from ..data.turns import normalise, render
+
+    rows, _ = load_rows(DataSection(dataset="quickstart"))
+    texts = []
+    for row in rows:
+        try:
+            texts.append(render(normalise(row_to_messages(row.data), "fold")).text)
+        except ValueError:
+            continue
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
+    """A fast byte-level BPE tokenizer with Gemma's special tokens and `family`'s chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    from ..data.turns import chat_template
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        chat_template=chat_template(family),
+        padding_side="right",
+    )
+
+
+def build_tiny(family: Family, path: Path) -> Path:
+    """Build tokenizer + random `family` model into `path` atomically (a half-built folder is never used)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from ..files import COMPLETE, staged_dir
+
+    tokenizer = build_tokenizer(family=family)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = getattr(transformers, family.config_class)(
+        vocab_size=len(tokenizer),
+        pad_token_id=ids["<pad>"],
+        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+        bos_token_id=ids["<bos>"],
+        **family.tiny_config,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    # an earlier interrupted build (no marker) is replaced; another process's finished one is kept
+    with staged_dir(path, is_stale=lambda p: not (p / COMPLETE).is_file()) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / COMPLETE).write_text(json.dumps({"builtin": family.tiny_name, "family": family.key}))
+    return path

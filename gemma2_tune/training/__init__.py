@@ -1,0 +1,16 @@
+"""Training: the run lifecycle and what trains inside it.
+
+    lifecycle.py    output folder, manifest (attempts, status), rank-aware printing, throughput, card
+    sft.py          `gemma2-tune sft`: setup -> train -> save
+    trainer.py      TRL trainer arguments, the supervised-only loss trainer, LoRA applied by TRL
+    data.py         the data a run trains on (tokenizer, rows, cached packed blocks)
+    loss.py         tiled cross-entropy at supervised positions, with the final soft-cap
+    callbacks.py    loss lines, checkpoint markers, SIGTERM, peak memory
+    progress.py     live progress bar on a terminal
+    checkpoints.py  complete checkpoints and choosing one to resume from
+    launch.py       accelerate launches and their rules
+    manifest.py     run.json and the output folder's safety rules
+    card.py         loss plot and model card
+    plan.py         `gemma2-tune plan`: memory per GPU before launching
+    describe.py     a resolved config in a few lines (light: no torch)
+"""

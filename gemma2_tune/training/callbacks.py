@@ -1,0 +1,130 @@
+"""Trainer callbacks of a run: readable loss lines, complete-checkpoint markers, SIGTERM, peak memory.
+(The live progress bar is in progress.py.)"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Callable
+
+from transformers import TrainerCallback
+
+from ..config.schema import RunConfig
+from ..files import proc_status_bytes
+from .checkpoints import mark_complete
+
+Echo = Callable[[str], None]
+
+
+class EchoLoss(TrainerCallback):
+    """Prints one line per logging step instead of tqdm (logs stay readable under accelerate)."""
+
+    def __init__(self, echo: Echo):
+        self.echo = echo
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002
+        if logs and "loss" in logs and state.is_world_process_zero:
+            self.echo(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
+                      f"lr {logs.get('learning_rate', 0):.2e}")
+
+
+class MarkCheckpoints(TrainerCallback):
+    """After every rank has written checkpoint-N, the main process marks it complete."""
+
+    def __init__(self, cfg: RunConfig, state):
+        self.cfg, self.dist = cfg, state
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ARG002
+        self.dist.wait_for_everyone()
+        if self.dist.is_main_process:
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
+        self.dist.wait_for_everyone()
+
+
+def reset_peak_memory() -> None:
+    """Start peak tracking now (called when training begins, after the model and data are loaded)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak memory since reset_peak_memory(), and what was measured."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated during training, this rank"
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak, "process peak RSS (VmHWM) during training, this rank"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start, this rank"
+
+
+def current_memory() -> int:
+    """Bytes in use now: CUDA allocated, or this process's RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    return proc_status_bytes("VmRSS") or 0
+
+
+class PeakMemory(TrainerCallback):
+    """Peak tracking from the first step: `start` is the memory in use then (model, data, optimizer setup)."""
+
+    start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ARG002
+        reset_peak_memory()
+        self.start = current_memory()
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (how clusters preempt): finish the current step, save a checkpoint, stop.
+
+    Ranks agree on the flag at every step end so they all save the same step.
+    """
+
+    def __init__(self, state):
+        self.dist = state
+        self.requested = False
+        self.stopped = False
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def handler():
+            previous = signal.signal(signal.SIGTERM, self._on_signal)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return handler()
+
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
+        requested = self.requested
+        if self.dist.num_processes > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if requested else 0.0], device=self.dist.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,101 @@
+"""The data a run trains on: rows -> held-out split -> tokenized, masked, packed blocks (cached).
+
+Its own module under training/ because it joins data (rows, format, packing) and models (the tokenizer and
+the checkpoint's family, which decides how system text is folded)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from ..config.schema import RunConfig
+from ..data import cache
+from ..data.examples import build_examples
+from ..data.packing import pack, unpacked
+from ..data.sources import load_rows
+from ..families import Family
+from ..models.loading import checkpoint_family, load_tokenizer
+
+Echo = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Everything a run trains and evaluates on, and what it knows about where it came from."""
+
+    tokenizer: Any
+    family: Family
+    blocks: list
+    report: Any
+    source: Any
+    cache_key: str
+    cache_hit: bool
+    eval_blocks: list | None = None
+    eval_report: Any = None
+
+
+def split_rows(rows: list, cfg: RunConfig) -> tuple[list, list]:
+    """Held-out rows: a seeded fraction of the training source (or none)."""
+    import random
+
+    if not cfg.data.eval_fraction:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(cfg.training.seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * cfg.data.eval_fraction))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _blocks(rows: list, tokenizer, family: Family, cfg: RunConfig, key: str, main: bool):
+    """Tokenized, masked, packed rows from the cache, or built and cached; -> (blocks, report, hit)."""
+    cached = cache.load(key)
+    if cached is not None:
+        return cached[0], cached[1], True
+    examples, report = build_examples(rows, tokenizer, cfg.data, family)
+    blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else unpacked(examples)
+    if main:
+        cache.save(key, blocks, report)
+    return blocks, report, False
+
+
+def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
+    """Tokenizer, rows, blocks: everything that can fail on the user's data, before anything is written.
+
+    Blocks come from the tokenized-data cache when the same data, tokenizer and data settings were seen
+    before; the main process builds them first and the other ranks read its result.
+    """
+    import contextlib
+
+    m = cfg.model
+    family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
+    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
+    rows, source = load_rows(cfg.data)
+    rows, held_out = split_rows(rows, cfg)
+    seed = cfg.training.seed if cfg.data.eval_fraction else None
+    key = cache.cache_key(cfg.data, source.fingerprint, tokenizer, seed, family.key)
+    eval_key = key
+    if cfg.data.eval_split:
+        held_out, held_source = load_rows(cfg.data.model_copy(update={"split": cfg.data.eval_split}))
+        eval_key = cache.cache_key(cfg.data, held_source.fingerprint, tokenizer, family=family.key)
+    main = state is None or state.is_main_process
+    with state.main_process_first() if state is not None else contextlib.nullcontext():
+        blocks, report, hit = _blocks(rows, tokenizer, family, cfg, key + "-train", main)
+        eval_blocks, eval_report = None, None
+        if held_out:
+            eval_blocks, eval_report, _ = _blocks(held_out, tokenizer, family, cfg, eval_key + "-eval", main)
+    for line in report.summary_lines():
+        echo(line)
+    if eval_report is not None:
+        echo(f"held out for evaluation: {eval_report.rows_kept} rows, {eval_report.supervised_tokens} supervised tokens")
+    echo(f"tokenized data: {'from cache' if hit else 'tokenized and cached'} ({key}); {len(blocks)} "
+         + (f"blocks of <= {cfg.data.max_length} tokens" if cfg.data.packing else "rows, unpacked"))
+    return TrainingData(tokenizer, family, blocks, report, source, key, hit, eval_blocks, eval_report)
+
+
+def blocks_dataset(blocks):
+    """A datasets.Dataset of input_ids / labels / position_ids, one item per block."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [b.input_ids for b in blocks], "labels": [b.labels for b in blocks],
+                              "position_ids": [b.position_ids for b in blocks]})

@@ -1,0 +1,38 @@
+"""A resolved run config in a few lines: printed by `sft` before training, `--dry-run` and `validate`.
+
+Light: no torch (validate and --dry-run answer without it).
+"""
+
+from __future__ import annotations
+
+from ..config.schema import RunConfig
+from ..data.sources import describe_source
+from ..families import family_of_checkpoint
+
+
+def run_lines(cfg: RunConfig) -> list[str]:
+    """model, quantization, adapters, data, training, output: one line each."""
+    q, lora, t = cfg.quantization, cfg.lora, cfg.training
+    family = family_of_checkpoint(cfg.model.name_or_path)
+    quant = (
+        f"4-bit {q.quant_type}{' + double quantization' if q.double_quant else ''}, compute {cfg.compute_dtype}, "
+        f"storage {cfg.quant_storage}" if q.load_in_4bit else f"none (weights in {cfg.model.dtype})"
+    )
+    adapt = (
+        f"LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} on {', '.join(lora.target_modules)}"
+        if lora.enabled else "full fine-tuning (all weights)"
+    )
+    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.num_train_epochs:g} epoch(s)"
+    return [
+        f"model:        {cfg.model.name_or_path} ({family.display if family else 'family read from its config'}, "
+        f"{cfg.model.dtype}, attention {cfg.model.attn_implementation})",
+        f"quantization: {quant}",
+        f"adapters:     {adapt}",
+        f"data:         {describe_source(cfg.data)}; Gemma turns, system messages '{cfg.data.system_policy}', "
+        f"loss on {cfg.data.train_on.replace('_', ' ')}, max {cfg.data.max_length} tokens ({cfg.data.overlong} longer rows)",
+        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), {cfg.rows_per_optimizer_step} "
+        f"{'packed blocks' if cfg.data.packing else 'rows'} per optimizer step per process "
+        f"(batch {t.per_device_train_batch_size} x accumulation "
+        f"{t.gradient_accumulation_steps}), gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"output:       {cfg.output.dir}",
+    ]

@@ -1,0 +1,253 @@
+"""A training run's life, whatever trains it: output folder, manifest, attempts, printing, throughput, card.
+
+    run = RunLifecycle(cfg, "sft", echo, launch, recipe, resuming)  # launch and output folder checked
+    args = trainer_args(...)                 # before any process state exists (ZeRO-3 sharded loading)
+    run.join()                               # process state; only rank 0 writes and prints
+    checkpoint = run.resume_point(resume, resume_from)
+    run.start(dataset=..., data=...)        # output folder made safe, config.yaml + run.json (running)
+    with run.attempt():                      # failed / interrupted / completed; every attempt kept
+        ...
+        run.record_model(report)
+        run.finish_training(trainer, report) # throughput, loss curve; Interrupted after SIGTERM
+        run.save(trainer, tokenizer)         # weights, tokenizer, loss.png, README.md (model card)
+
+A new training command reuses it as is and adds its own fields to `run.record`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config.layering import config_to_yaml
+from ..config.schema import RunConfig
+from ..errors import Interrupted, UserError
+from ..files import write_text_atomic
+from . import manifest as mf
+from .callbacks import PeakMemory, peak_memory
+from .card import model_card, plot_run
+from .checkpoints import Checkpoint, check_checkpoint, newest_complete
+from .launch import Launch, launch_problems
+
+Echo = Callable[[str], None]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """16 hex digits of the resolved config's YAML: equal on every rank of one launch."""
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def rank_echo(echo: Echo, state) -> Echo:
+    """Rank 0 prints (prefixed `[rank 0/N]` when N > 1); other ranks say once that they started."""
+    if state.num_processes == 1:
+        return echo
+    prefix = f"[rank {state.process_index}/{state.num_processes}] "
+    if not state.is_main_process:
+        echo(prefix + f"started (local rank {state.local_process_index}, {state.device}); rank 0 reports")
+        return lambda line: None
+    return lambda line: echo(prefix + line)
+
+
+class RunLifecycle:
+    """One attempt at a run in `cfg.output.dir`, as seen by one rank. `record` is the manifest (run.json)."""
+
+    def __init__(self, cfg: RunConfig, command: str, echo: Echo, launch: Launch, recipe: Path | str | None = None,
+                 resuming: bool = False):
+        """Checks the launch against the config and that the output folder may be written; creates no
+        process state (the trainer's arguments must come first under ZeRO-3). Raises UserError."""
+        problems = launch_problems(cfg, launch)
+        if problems:
+            raise UserError("the launch contradicts the config:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.cfg, self.command, self.launch, self.resuming = cfg, command, launch, resuming
+        self.echo, self.recipe = echo, recipe
+        self.out = Path(cfg.output.dir)
+        self.started = time.time()
+        self.memory = PeakMemory()
+        if not resuming:
+            mf.check_output_dir(self.out, cfg.output.overwrite)
+
+    def join(self) -> None:
+        """Join the launch's processes: rank-aware printing, the same config on every rank, the record."""
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.main = self.state.is_main_process
+        self.say = rank_echo(self.echo, self.state)
+        self._same_config_on_every_rank()
+        previous = mf.read_manifest(self.out) if self.resuming else None
+        cfg, launch, recipe = self.cfg, self.launch, self.recipe
+        self.record: dict[str, Any] = {
+            "command": self.command,
+            "status": "running",
+            "started_at": now(),
+            "recipe": str(recipe) if recipe else None,
+            "config_digest": config_digest(cfg),
+            "launch": {"mode": launch.mode, "num_processes": self.state.num_processes,
+                       "zero_stage": launch.zero_stage, "mixed_precision": launch.mixed_precision},
+            "resumed_from": None,
+            "attempts": (previous or {}).get("attempts", []),
+            "versions": mf.library_versions(),
+            "device": "cuda" if _has_cuda() else "cpu",
+        }
+
+    def _same_config_on_every_rank(self) -> None:
+        if self.state.num_processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        digests = set(gather_object([config_digest(self.cfg)]))
+        if len(digests) != 1:
+            raise UserError(f"ranks resolved different configs ({sorted(digests)}); launch all ranks with the same "
+                            "recipe and flags")
+
+    def resume_point(self, resume: bool, resume_from: str | None) -> Checkpoint | None:
+        """The checkpoint to continue from (--resume: newest complete one; --resume-from: that one), or None."""
+        if resume_from:
+            checkpoint = check_checkpoint(Path(resume_from), self.cfg)
+        elif resume:
+            if mf.read_manifest(self.out) is None:
+                raise UserError(f"--resume: {self.out} holds no gemma2-tune run to resume")
+            checkpoint, skipped = newest_complete(self.out, self.cfg)
+            for c in skipped:
+                self.say(f"skipping incomplete checkpoint {c.path} (no complete marker)")
+        else:
+            return None
+        self.record["resumed_from"] = str(checkpoint.path)
+        return checkpoint
+
+    def write(self) -> None:
+        """Rewrite run.json (rank 0 only)."""
+        if self.main:
+            mf.write_manifest(self.out, self.record)
+
+    def start(self, **fields: Any) -> None:
+        """Make the output folder safe to write (rank 0), save config.yaml, record `fields`, write run.json."""
+        if self.main:
+            if not self.resuming:
+                mf.prepare_output_dir(self.out, self.cfg.output.overwrite)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / mf.RESOLVED_CONFIG, config_to_yaml(self.cfg))
+        self.state.wait_for_everyone()
+        self.record.update(fields)
+        self.write()
+
+    def attempt(self):
+        """Context for the attempt: a failure is recorded with its error; every exit appends the attempt."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def attempt():
+            try:
+                yield self
+            except BaseException as exc:
+                if self.record["status"] == "running":
+                    self.record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                self.record["finished_at"] = now()
+                self.record["wall_time_s"] = round(time.time() - self.started, 2)
+                self.record["attempts"] = self.record["attempts"] + [{k: self.record.get(k) for k in (
+                    "started_at", "finished_at", "status", "resumed_from", "global_step", "wall_time_s")}]
+                self.write()
+
+        return attempt()
+
+    def record_model(self, report) -> None:
+        """The checked model report goes into run.json and the log."""
+        self.record["model"] = report.to_dict()
+        for line in report.summary_lines() + [f"warning: {w}" for w in report.warnings]:
+            self.say(line)
+        self.write()
+
+    def finish_training(self, trainer, data_report, runtime_s: float | None, stopped: bool) -> None:
+        """Losses and throughput into the record; raises Interrupted when SIGTERM stopped training."""
+        step = trainer.state.global_step
+        self.record.update(global_step=step, training=loss_summary(trainer.state.log_history) | {
+            "train_runtime_s": runtime_s})
+        self.record["throughput"] = throughput(trainer, data_report, runtime_s, self.memory)
+        if stopped:
+            saved = self.out / f"checkpoint-{step}"
+            self.record.update(status="interrupted", checkpoint=str(saved))
+            raise Interrupted(f"stopped by SIGTERM at step {step}; checkpoint saved in {saved}; continue with: "
+                              f"gemma2-tune {self.command} ... --output-dir {self.out} --resume")
+
+    def save(self, trainer, tokenizer) -> None:
+        """Final weights (adapter or model), tokenizer, loss plot and model card; status completed."""
+        trainer.save_model(str(self.out))
+        self.record.update(status="completed")
+        if self.main:
+            tokenizer.save_pretrained(str(self.out))
+            plot_run(trainer.state.log_history, self.out / "loss.png")
+            (self.out / "README.md").write_text(model_card(self.cfg, self.record, self.out))
+
+    def summary_lines(self) -> list[str]:
+        """The last lines of a completed run: throughput, memory, loss."""
+        t, speed = self.record["training"], self.record["throughput"]
+        lines = [
+            f"supervised tokens: {speed['supervised_tokens_trained']:,} trained at "
+            f"{speed['supervised_tokens_per_s'] or 0:,.0f}/s; padding {speed['padding_fraction']:.1%}; peak memory "
+            f"{speed['peak_memory_bytes'] / 2**20:,.0f} MiB ({speed['peak_memory_kind']})",
+            f"done in {time.time() - self.started:.1f}s: {self.out}/ (loss {t['first_loss']:.4f} at the first step, "
+            f"{t['final_loss']:.4f} at step {t['final_loss_step']} of {self.record['global_step']})",
+        ]
+        final = t["final_loss"]
+        if final is not None and not math.isfinite(final):
+            lines.append(f"warning: final loss is {final}; training diverged")
+        return lines
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def loss_summary(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """First/final logged training loss, mean loss, and the whole curve, from the trainer's log history."""
+    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    final = next((e for e in reversed(log_history) if "train_loss" in e), {})
+    return {
+        "first_loss": losses[0][1] if losses else None,
+        "final_loss": losses[-1][1] if losses else None,
+        "final_loss_step": losses[-1][0] if losses else None,
+        "mean_train_loss": final.get("train_loss"),
+        "loss_history": [{"step": s, "loss": v} for s, v in losses],
+    }
+
+
+def tokens_seen(trainer) -> tuple[Callable[[], int], str]:
+    """A counter of the tokens this process has trained on, and its unit: supervised tokens when the loss
+    counts them, else every non-padding token the collator batched."""
+    if hasattr(trainer, "supervised_seen"):
+        return (lambda: trainer.supervised_seen), "supervised tok/s"
+    collator = trainer.data_collator
+    return (lambda: collator.total_tokens - collator.pad_tokens), "tok/s"
+
+
+def throughput(trainer, data_report, runtime: float | None, memory: PeakMemory) -> dict[str, Any]:
+    """Supervised tokens trained (summed over ranks) and per second, padding, peak memory (bytes)."""
+    import torch
+
+    if hasattr(trainer, "supervised_seen"):  # counted in the loss, summed over ranks (this attempt)
+        count = torch.tensor([trainer.supervised_seen], device=trainer.accelerator.device)
+        seen, exact = int(trainer.accelerator.gather(count).sum().item()), True
+    else:  # whole epochs plus the fraction of the last one
+        seen, exact = int(round(data_report.supervised_tokens * (trainer.state.epoch or 0.0))), False
+    peak, kind = peak_memory()
+    return {
+        "supervised_tokens_trained": seen,
+        "supervised_tokens_counted": "exact" if exact else "estimated",
+        "supervised_tokens_per_s": seen / runtime if runtime else None,
+        "padding_fraction": trainer.data_collator.padding_fraction,
+        "peak_memory_bytes": peak,
+        "peak_memory_growth_bytes": peak - memory.start,  # above what was in use when training began
+        "peak_memory_kind": kind,
+    }

@@ -1,0 +1,71 @@
+"""What a run records about itself (run.json), and the output directory's safety rules."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..files import write_text_atomic
+
+MANIFEST = "run.json"
+RESOLVED_CONFIG = "config.yaml"
+LIBRARIES = ["gemma2-tune", "torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "deepspeed"]
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of Python and the libraries a run depends on (None: not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_manifest(out: Path, data: dict[str, Any]) -> None:
+    """run.json, written atomically."""
+    write_text_atomic(out / MANIFEST, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """A folder's run.json, or None when it has none (or it is unreadable)."""
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to touch another run's output (or any foreign folder) unless told to; never delete foreign files.
+
+    Raises UserError naming the folder and what to do.
+    """
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output.dir: {path} exists and is not a directory")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    previous = read_manifest(path)
+    if previous is None:
+        raise UserError(
+            f"output.dir: {path} is not empty and holds no gemma2-tune run ({MANIFEST}); "
+            "refusing to write into it; choose another --output-dir"
+        )
+    if not overwrite:
+        raise UserError(
+            f"output.dir: {path} already holds a run (status {previous.get('status', '?')}, started "
+            f"{previous.get('started_at', '?')}); pass --overwrite to replace it, or choose another --output-dir"
+        )
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    """After `check_output_dir`: remove a previous run of ours (only with overwrite) and create the folder."""
+    check_output_dir(path, overwrite)
+    if path.exists() and any(path.iterdir()):  # a previous run of ours, and --overwrite was given
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)

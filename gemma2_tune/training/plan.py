@@ -1,0 +1,194 @@
+"""`gemma2-tune plan`: per-GPU memory and tokens per step, estimated before launch.
+
+Every term is a formula over the model's shape and the resolved config, in bytes, per process:
+
+  weights      4-bit linears 0.5 B/param + quantization constants (double quant: ~0.016 B/param), other
+               weights (embeddings, norms) in model.dtype; bf16/fp32 weights at 2/4 B/param; / N under ZeRO-3
+  trainable    LoRA: fp32 weight + grad + Adam m, v = 16 B/param. Full fine-tuning: bf16 weight (counted above)
+               + bf16 grad + Adam m, v in bf16 = +6 B/param; under ZeRO-3 DeepSpeed keeps fp32 master + m + v
+               and bf16 grads: +14 B/param, / N (zero3_offload: optimizer states and master in CPU memory)
+  activations  gradient checkpointing keeps each layer's input (B*T*H*2 B) and recomputes one layer at a time:
+               eager attention's length-squared scores (B*heads*T*T, ~14 B per element over its copies) plus
+               the projections and MLP (~(4H + 4I)*B*T*2 B); without checkpointing every layer's are kept
+  loss         supervised_chunked: one tile (1024 x 8192 fp32, x3 with temporaries) + fp32 hidden at
+               supervised positions; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown beside it, what
+               full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
+  overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
+
+Shapes come from the model families' published configurations (gemma2_tune/families). tests/test_plan.py
+checks the parameter counts against the published models and the activation and loss terms against peak
+memory measured on tiny models on this CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.schema import LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK, RunConfig
+from ..errors import UserError
+from ..families import Shape
+
+GIB = 2**30
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1}
+
+
+GPUS = {  # usable memory in GiB as reported by the driver, and bf16 support
+    "h200-141gb": (139.8, True), "h100-80gb": (79.6, True), "a100-80gb": (79.3, True), "a100-40gb": (39.4, True),
+    "l40s-48gb": (44.4, True), "a6000-48gb": (47.5, True), "a10g-24gb": (22.0, True), "l4-24gb": (22.0, True),
+    "rtx4090-24gb": (23.6, True), "v100-32gb": (31.7, False), "t4-16gb": (14.6, False),
+}
+
+
+def model_shape(name_or_path: str) -> tuple[Shape, str]:
+    """Shape of a local checkpoint (config.json), a builtin, or a published size by name; no download.
+
+    Returns (shape, where it came from). Raises UserError when the name doesn't say and there is no folder.
+    """
+    from ..families import FAMILIES, family_of_name
+    from ..models.builtin import builtin_path, is_builtin
+
+    path = builtin_path(name_or_path) if is_builtin(name_or_path) else Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        where = f"{path}/config.json"
+        return Shape.from_config(json.loads((path / "config.json").read_text()), where), where
+    family = family_of_name(name_or_path)
+    size = family.size_from_name(name_or_path) if family else None
+    if family and size in family.shapes:
+        shape = family.shapes[size]
+        return shape, f"published {family.display} {size.upper()} shape, {shape.source}"
+    names = "; ".join(f"{f.display}: {', '.join(f.shapes)}" for f in FAMILIES)
+    raise UserError(f"model.name_or_path: cannot tell the shape of '{name_or_path}' without downloading; "
+                    f"pass a local checkpoint folder or a name with a published size ({names})")
+
+
+@dataclass
+class Plan:
+    """A memory estimate per process, in bytes, term by term."""
+
+    terms: dict[str, float]  # bytes per process
+    full_logits_bytes: float
+    tokens_per_step: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+
+def lora_params(shape: Shape, cfg: RunConfig) -> int:
+    """LoRA parameters: r x (in + out) per targeted module per layer."""
+    if not cfg.lora.enabled:
+        return 0
+    return shape.layers * sum(cfg.lora.r * sum(shape.projection_shape(m)) for m in cfg.lora.target_modules)
+
+
+def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool = False, offload: bool = False,
+             batch: int | None = None, length: int | None = None) -> Plan:
+    """Per-process memory of training `shape` as `cfg` says (batch and length default to the config's)."""
+    b = batch or cfg.training.per_device_train_batch_size
+    t = length or cfg.data.max_length
+    n = num_processes if zero3 else 1
+    dtype = DTYPE_BYTES[cfg.model.dtype]
+    terms: dict[str, float] = {}
+
+    if cfg.quantization.load_in_4bit:
+        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
+        terms["weights"] = (shape.linear_params * per_param + shape.other_params * dtype) / n
+    else:
+        terms["weights"] = shape.total_params * dtype / n
+    trainable = lora_params(shape, cfg) if cfg.lora.enabled else shape.total_params
+    if cfg.lora.enabled:
+        terms["trainable: weights, grads, Adam"] = trainable * 16 / n
+    elif zero3:
+        terms["trainable: grads, Adam, fp32 master"] = trainable * (2 if offload else 14) / n
+    else:
+        terms["trainable: grads, Adam"] = trainable * 6
+
+    h, i, heads = shape.hidden, shape.intermediate, shape.heads
+    # eager keeps several copies of the (B, heads, T, T) scores: bf16 scores, soft-cap tanh, masked, fp32 softmax,
+    # bf16 probs, and their gradients; 14 B per element is what tests/test_plan.py measures on CPU. Fused
+    # kernels (sdpa, flash-attn: Gemma 3 only) never hold them.
+    scores = b * heads * t * t * 14 if cfg.model.attn_implementation == "eager" else 0
+    layer_work = scores + (4 * h + 4 * i) * b * t * 2
+    if cfg.training.gradient_checkpointing:
+        terms["activations"] = shape.layers * b * t * h * 2 + layer_work
+    else:
+        terms["activations"] = shape.layers * layer_work
+    supervised = b * t  # upper bound: every position supervised
+    if cfg.training.loss == "supervised_chunked" and not zero3:
+        terms["loss"] = (min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
+                         + supervised * h * 8)
+    else:
+        terms["loss"] = min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * h * 8
+    base = sum(terms.values())
+    terms["overhead"] = GIB + 0.10 * base
+    full_logits = b * t * shape.vocab * (2 + 4 + 4)
+    return Plan(terms, full_logits, b * t * cfg.training.gradient_accumulation_steps * num_processes, trainable,
+                shape.total_params)
+
+
+def fits_length(shape: Shape, cfg: RunConfig, budget: float, **kw) -> int | None:
+    """Longest max_length (multiple of 128) whose estimate fits `budget` bytes."""
+    best = None
+    for length in range(128, cfg.data.max_length + 1, 128):
+        if estimate(shape, cfg, length=length, **kw).total <= budget:
+            best = length
+    return best
+
+
+def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None) -> tuple[list[str], bool]:
+    """`gemma2-tune plan`'s lines and whether the run fits. Raises UserError for an unknown GPU or model."""
+    if gpu not in GPUS:
+        raise UserError(f"--gpu {gpu}: unknown (known: {', '.join(GPUS)})")
+    memory, has_bf16 = GPUS[gpu]
+    budget = memory * GIB
+    zero3 = offload = False
+    if launch_name:
+        from .launch import find_launch_config, read_launch_config
+
+        launch = read_launch_config(find_launch_config(launch_name), num_processes)
+        zero3, offload = launch.zero3, "offload" in Path(launch.config_file or "").name
+    shape, where = model_shape(cfg.model.name_or_path)
+    plan = estimate(shape, cfg, num_processes, zero3, offload)
+    mode = f"ZeRO-3 over {num_processes}" + (" with CPU offload" if offload else "") if zero3 else (
+        f"{num_processes} process{'es' if num_processes > 1 else ''}, one full copy each")
+    lines = [
+        f"model: {cfg.model.name_or_path} ({where}): {plan.total_params / 1e9:.2f}B parameters, "
+        f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab:,}",
+        f"run: {'4-bit QLoRA' if cfg.quantization.load_in_4bit else cfg.model.dtype + (' LoRA' if cfg.lora.enabled else ' full fine-tuning')}, "
+        f"{plan.trainable_params / 1e6:,.1f}M trainable; {mode}; batch {cfg.training.per_device_train_batch_size} x "
+        f"{cfg.data.max_length} tokens, accumulation {cfg.training.gradient_accumulation_steps}",
+        f"tokens per optimizer step: {plan.tokens_per_step:,}" + (" (packed blocks)" if cfg.data.packing else " (at most)"),
+        f"estimated memory per GPU on {gpu} ({memory:.0f} GiB usable):",
+    ]
+    lines += [f"  {name:38s} {value / GIB:8.2f} GiB" for name, value in plan.terms.items()]
+    lines.append(f"  {'total':38s} {plan.total / GIB:8.2f} GiB")
+    lines.append(f"  (full logits, which the tiled loss avoids: {plan.full_logits_bytes / GIB:.2f} GiB)")
+    ok = plan.total <= budget
+    if not has_bf16 and cfg.model.dtype == "bfloat16":
+        lines.append(f"warning: {gpu} has no bf16 support; Gemma needs bf16 (Gemma 2 27B is unstable in float16)")
+        ok = False
+    lines.append(f"verdict: {'fits' if ok else 'does NOT fit'} ({plan.total / budget:.0%} of the card)")
+    if plan.total > budget:
+        advice = []
+        length = fits_length(shape, cfg, budget, num_processes=num_processes, zero3=zero3, offload=offload)
+        if length:
+            advice.append(f"--max-length {length}")
+        if cfg.training.per_device_train_batch_size > 1:
+            advice.append("training.per_device_train_batch_size=1 (raise gradient_accumulation_steps)")
+        if not cfg.quantization.load_in_4bit:
+            advice.append("4-bit QLoRA (quantization.load_in_4bit=true, lora.enabled=true)")
+        if zero3:
+            for more in (2 * num_processes, 4 * num_processes, 8 * num_processes):
+                if estimate(shape, cfg, more, True, offload).total <= budget:
+                    advice.append(f"--num-processes {more} (ZeRO-3 shards weights and states)")
+                    break
+            if not offload:
+                advice.append("--launch zero3_offload")
+        else:
+            advice.append("more GPUs with --launch zero3 --num-processes N")
+        lines.append("to fit, try: " + "; ".join(advice))
+    return lines, ok

@@ -1,0 +1,100 @@
+"""`gemma2-tune sft`: supervised fine-tuning, read as setup -> train -> save.
+
+config -> launch and output checks -> data (before anything is written) -> output folder -> model
+(checked) -> SFTTrainer (LoRA applied, placement checked) -> train (checkpoints, SIGTERM) -> adapter or
+model, tokenizer, manifest, plot, card. Every rank runs this; only the main process writes shared files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import set_seed
+
+from ..config.schema import RunConfig
+from ..models.loading import LoadRequest, load_model
+from ..models.lora import inspect_adapters
+from .callbacks import EchoLoss, MarkCheckpoints, StopOnSignal
+from .data import TrainingData, blocks_dataset, prepare_data
+from .launch import current_launch
+from .lifecycle import RunLifecycle, tokens_seen
+from .progress import LiveProgress, bar_wanted
+from .trainer import build_trainer, device_map, effective_loss, trainer_args
+
+Echo = Callable[[str], None]
+
+
+def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
+            resume_from: str | None = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns the run's manifest (also written to output.dir/run.json).
+
+    Raises UserError for anything the user can fix (launch, output folder, data, model), found before
+    training where possible, and Interrupted (exit 143) after a SIGTERM once a checkpoint is saved.
+    """
+    # setup
+    launch = current_launch()
+    run = RunLifecycle(cfg, "sft", echo, launch, recipe, resuming=resume or bool(resume_from))
+    args = trainer_args(cfg, run.out, launch)  # before any process state: makes ZeRO-3 load weights sharded
+    run.join()
+    checkpoint = run.resume_point(resume, resume_from)
+    set_seed(cfg.training.seed)
+    data = prepare_data(cfg, run.say, run.state)
+    run.start(**data_record(cfg, data), loss_implementation=effective_loss(cfg, launch))
+    with run.attempt():
+        model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, run.state.local_process_index)))
+        eval_set = blocks_dataset(data.eval_blocks) if data.eval_blocks else None
+        trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, eval_set)
+        inspect_adapters(trainer.model, cfg, report)
+        run.record_model(report)
+        say_plan(cfg, run, data, checkpoint)
+
+        # train
+        stop = StopOnSignal(run.state)
+        trainer.add_callback(run.memory)
+        trainer.add_callback(MarkCheckpoints(cfg, run.state))
+        trainer.add_callback(stop)
+        say = run.say
+        if bar_wanted(main_process=run.main):
+            counter, unit = tokens_seen(trainer)
+            progress = LiveProgress(counter, unit)
+            trainer.add_callback(progress)
+            say = progress.wrap(say)
+        trainer.add_callback(EchoLoss(say))
+        with stop.installed():
+            result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+        run.finish_training(trainer, data.report, result.metrics.get("train_runtime"), stop.stopped)
+        if eval_set is not None:
+            run.record["training"]["final_eval_loss"] = trainer.evaluate()["eval_loss"]
+            run.record["training"]["eval_history"] = [{"step": e["step"], "eval_loss": e["eval_loss"]}
+                                                      for e in trainer.state.log_history if "eval_loss" in e]
+
+        # save
+        run.save(trainer, data.tokenizer)
+    for line in run.summary_lines():
+        run.say(line)
+    return run.record
+
+
+def data_record(cfg: RunConfig, data: TrainingData) -> dict[str, Any]:
+    """The manifest's `dataset` and `data` sections."""
+    source, report = data.source, data.report
+    return {
+        "dataset": {"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
+                    "fingerprint": source.fingerprint, "split": cfg.data.split},
+        "data": report.to_dict() | {"packing": cfg.data.packing, "blocks": len(data.blocks),
+                                     "cache": {"key": data.cache_key, "hit": data.cache_hit},
+                                     "eval": data.eval_report.to_dict() if data.eval_report else None},
+    }
+
+
+def say_plan(cfg: RunConfig, run: RunLifecycle, data: TrainingData, checkpoint) -> None:
+    """The launch, the loss and the tokens per optimizer step, before the first step."""
+    t = cfg.training
+    items_per_step = cfg.rows_per_optimizer_step * run.state.num_processes
+    unit = "blocks" if cfg.data.packing else "rows"
+    run.say(f"launch: {run.launch.describe()}; loss: {run.record['loss_implementation']}")
+    run.say(f"training: {data.report.rows_kept} rows in {len(data.blocks)} {unit}, {items_per_step} {unit} per "
+            f"optimizer step (batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps} "
+            f"x {run.state.num_processes} processes), at most {cfg.data.max_length * items_per_step} tokens per step"
+            + (f"; resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else ""))

@@ -1,0 +1,141 @@
+"""The TRL trainer a run uses: its arguments, the supervised-only loss, and LoRA applied by TRL.
+
+The only module (with sft.py) that imports trl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback
+from trl import SFTTrainer
+
+from ..config.schema import RunConfig
+from ..data.packing import BlockCollator
+from ..models.lora import lora_config
+from .launch import Launch
+from .loss import supervised_loss_sum
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def trainer_args(cfg: RunConfig, out: Path, launch: Launch):
+    """SFTConfig, built before the model loads: under ZeRO-3 it is what makes from_pretrained shard weights."""
+    from trl import SFTConfig
+
+    t = cfg.training
+    # PEFT under ZeRO-3 needs reentrant checkpointing (TRL enforces it; say so rather than be overridden).
+    reentrant = launch.zero3 and cfg.lora.enabled
+    return SFTConfig(
+        output_dir=str(out),
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        **_checkpointing_args(SFTConfig, t.gradient_checkpointing, reentrant),
+        bf16=cfg.model.dtype == "bfloat16",
+        fp16=cfg.model.dtype == "float16",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (cfg.data.eval_fraction or cfg.data.eval_split) else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        max_length=cfg.data.max_length,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},  # rows are already Gemma-formatted, tokenized, masked
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,  # LoRA and full fine-tuning both use every trainable parameter
+        use_cpu=not has_accelerator(),
+    )
+
+
+def _checkpointing_args(args_class, enabled: bool, reentrant: bool) -> dict[str, Any]:
+    """transformers 5.x renamed gradient_checkpointing to activation_checkpointing; use what exists."""
+    fields = {f.name for f in dataclasses.fields(args_class)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": reentrant} if enabled else None}
+
+
+def device_map(cfg: RunConfig, launch: Launch, local_rank: int) -> Any:
+    """4-bit weights are placed at load time, one copy per process; under ZeRO-3 DeepSpeed places them."""
+    if cfg.quantization.load_in_4bit and has_accelerator() and not launch.zero3:
+        return {"": local_rank}
+    return None
+
+
+def effective_loss(cfg: RunConfig, launch: Launch) -> str:
+    """The tiled loss reads lm_head's weight directly, which ZeRO-3 partitions: TRL's own loss there."""
+    return "trl" if launch.zero3 else cfg.training.loss
+
+
+class SupervisedLossTrainer(SFTTrainer):
+    """SFTTrainer whose loss runs lm_head + soft-cap + cross-entropy only at supervised positions, tiled.
+
+    The model is called through its wrappers (DDP, PEFT) with logits for one position only; the final
+    norm's hidden states are taken from the decoder by a forward hook. `supervised_seen` counts the
+    supervised tokens this process trained on.
+    """
+
+    supervised_seen = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the caller's dict stays intact
+        captured = {}
+
+        def grab(module, args, output):  # noqa: ARG001
+            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        handle = base.get_decoder().register_forward_hook(grab)
+        try:
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            handle.remove()
+        total, n = supervised_loss_sum(captured["hidden"], labels, base.get_output_embeddings().weight,
+                                       getattr(base.config, "final_logit_softcapping", None))
+        self.supervised_seen += n
+        # Same normalisation as TRL's loss: a sum over the accumulated batch's supervised tokens.
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else max(n, 1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch, eval_set=None):
+    """The trainer for a run: TRL applies LoRA (lora_config), our collator batches packed blocks, the
+    supervised-only loss unless TRL's is asked for or ZeRO-3 runs."""
+    import torch
+
+    trainer_class = SupervisedLossTrainer if effective_loss(cfg, launch) == "supervised_chunked" else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=lora_config(cfg),
+                            data_collator=BlockCollator(tokenizer.pad_token_id))
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
+    if cfg.lora.enabled and not launch.zero3:
+        # TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run
+        # would continue with other numerics. Keep the (few) trainable weights in fp32 from the start:
+        # exact resumes, and Adam updates that bf16 would round away. ZeRO-3 needs one dtype: left as is.
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return trainer
