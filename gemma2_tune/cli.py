@@ -45,10 +45,12 @@ LaunchOpt = Annotated[Optional[str], typer.Option("--launch", help="Start N proc
 
 
 def echo(line: str) -> None:
+    """A line on stdout."""
     typer.echo(line)
 
 
 def warn(line: str) -> None:
+    """'warning: ...' in yellow on stderr."""
     typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
 
 
@@ -385,6 +387,7 @@ def config_reference(
 
 
 def main() -> None:
+    """The console script: the Typer app; Ctrl-C exits 130 without a traceback."""
     try:
         app()
     except KeyboardInterrupt:

@@ -40,6 +40,7 @@ def staged_dir(final: Path, is_stale: Callable[[Path], bool] = lambda p: not any
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
         if final.exists() and is_stale(final):
             shutil.rmtree(final, ignore_errors=True)
         try:

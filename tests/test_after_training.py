@@ -87,7 +87,7 @@ def test_merge_round_trip_loads_with_plain_transformers_pipeline(ok_run, tmp_pat
     merged = tmp_path / "merged"
     r = runner.invoke(app, ["merge", "--adapter", str(run), "--output", str(merged)])
     assert r.exit_code == 0, r.output
-    assert "max |difference|" in r.output and ("unquantized in bf16" in r.output) == (not extra)
+    assert "max |difference|" in r.output and ("unquantized in bfloat16" in r.output) == (not extra)
     report = json.loads((merged / "merge.json").read_text())
     assert report["check"]["passed"] and report["check"]["top1_agreement"] >= 0.95
     config = json.loads((merged / "config.json").read_text())

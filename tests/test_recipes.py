@@ -16,7 +16,10 @@ def test_the_bundled_recipes_are_there():
 def test_every_bundled_recipe_validates_and_starts_with_its_command(path):
     resolved = resolve(str(path))
     assert resolved.config.model.attn_implementation == "eager"
-    assert resolved.config.model.dtype == "bfloat16"
+    if path.stem.endswith("-cpu") and resolved.config.model.dtype != "bfloat16":  # CPU recipes say why not
+        assert any("dtype:" in line and "#" in line for line in path.read_text().splitlines())
+    else:
+        assert resolved.config.model.dtype == "bfloat16"
     head = path.read_text().splitlines()[:4]
     assert head[0].startswith("# ")
     assert any(line.startswith("# Run: ") and "gemma2_tune sft" in line.replace("gemma2-tune sft", "gemma2_tune sft")

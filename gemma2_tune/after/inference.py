@@ -108,6 +108,7 @@ class Sampling:
     top_p: float = 1.0
 
     def generate_kwargs(self, tokenizer) -> dict[str, Any]:
+        """Keyword arguments for model.generate: limits, stop tokens, sampling or greedy."""
         stop = [tokenizer.convert_tokens_to_ids(END)]
         if tokenizer.eos_token_id is not None:
             stop.append(tokenizer.eos_token_id)

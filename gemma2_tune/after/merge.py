@@ -1,8 +1,9 @@
 """`gemma2-tune merge`: fold the LoRA adapter into the base weights, save for serving, check the result.
 
-A 4-bit QLoRA run's base is reloaded unquantized in bf16 (merging into 4-bit weights would round the
-adapter away); the merged model is bf16. Before anything reaches the target folder, the merged model's
-logits are compared with base + adapter on a few prompts.
+The merged model has the precision the run trained in (model.dtype: bf16 by default, float32 for the CPU
+recipes). A 4-bit QLoRA run's base is reloaded unquantized in that precision (merging into 4-bit weights
+would round the adapter away). Before anything reaches the target folder, the merged model's logits are
+compared with base + adapter on a few prompts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ CHECK_PROMPTS = [
 
 
 def merge(adapter: str, output: str, model: str | None = None, echo=print) -> dict:
-    """Merge a run's LoRA into its bf16 base and write it to `output` (new folder), self-checked.
+    """Merge a run's LoRA into its base (in the run's precision) and write it to `output` (a new folder),
+    self-checked.
 
     Returns the merge report (also written as merge.json). Raises UserError: an existing target, a
     full fine-tune, a base that doesn't fit, or a failed self-check (nothing is written then).
@@ -41,10 +43,11 @@ def merge(adapter: str, output: str, model: str | None = None, echo=print) -> di
     if not run.is_adapter:
         raise UserError(f"--adapter {adapter}: a full fine-tune; its folder already is a complete model")
     was_4bit = bool(run.config and run.config.quantization.load_in_4bit)
+    dtype = run.config.model.dtype if run.config else "bfloat16"
     if was_4bit:
-        echo("the run trained 4-bit NF4 QLoRA: the base is loaded unquantized in bf16 for the merge; "
-             "the merged model is bf16")
-    loaded = load(run, "bf16", "bfloat16")
+        echo(f"the run trained 4-bit NF4 QLoRA: the base is loaded unquantized in {dtype} for the merge; "
+             f"the merged model is {dtype}")
+    loaded = load(run, "bf16", dtype)
     peft_model, tokenizer = loaded.model, loaded.tokenizer
     prompts = [prompt_ids(p, tokenizer, run.system_policy, loaded.family).to(peft_model.device) for p in CHECK_PROMPTS]
     with torch.no_grad():
@@ -60,9 +63,9 @@ def merge(adapter: str, output: str, model: str | None = None, echo=print) -> di
     with staged_dir(out) as tmp:  # nothing reaches `out` unless the self-check passes
         merged.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
-        check = _check(tmp, prompts, reference, run.attn_implementation)
+        check = _check(tmp, prompts, reference, run.attn_implementation, dtype)
         report = {"base_model": run.base_model, "adapter": str(run.path), "trained_in_4bit": was_4bit,
-                  "merged_dtype": "bfloat16", "check": check}
+                  "merged_dtype": dtype, "check": check}
         (tmp / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
         if not check["passed"]:
             raise UserError(f"merge self-check failed: max |logit difference| {check['max_abs_logit_diff']:.4f} > "
@@ -73,12 +76,12 @@ def merge(adapter: str, output: str, model: str | None = None, echo=print) -> di
     return report
 
 
-def _check(folder: Path, prompts, reference, kernel: str) -> dict:
+def _check(folder: Path, prompts, reference, kernel: str, dtype: str) -> dict:
     """Reload what was written (as a server would, through the checked loading path) and compare its
     logits with base + adapter."""
     import torch
 
-    reloaded, _ = load_model(LoadRequest(str(folder), dtype="bfloat16", attn_implementation=kernel))
+    reloaded, _ = load_model(LoadRequest(str(folder), dtype=dtype, attn_implementation=kernel))
     reloaded.to(reference[0].device)
     diff, agree, total = 0.0, 0, 0
     with torch.no_grad():

@@ -42,6 +42,7 @@ class Layers:
     origin: dict[str, str] = field(default_factory=dict)
 
     def put(self, dotted: str, value: Any, origin: str, problems: list[str]) -> None:
+        """Set one dotted key; a path through a non-section value is a problem (appended), not an error."""
         parts = dotted.split(".")
         node = self.data
         for i, part in enumerate(parts[:-1]):
@@ -54,6 +55,7 @@ class Layers:
         self.origin[dotted] = origin
 
     def add_mapping(self, mapping: dict[str, Any], origin: str, prefix: str = "") -> None:
+        """Merge a recipe's nested mapping, remembering where each leaf came from."""
         for key, value in mapping.items():
             dotted = f"{prefix}{key}"
             if isinstance(value, dict) and value:
@@ -64,6 +66,7 @@ class Layers:
                 self.origin[dotted] = origin
 
     def data_at(self, prefix: str) -> dict[str, Any]:
+        """The nested dict at a dotted prefix ('' for the root)."""
         node = self.data
         for part in filter(None, prefix.split(".")):
             node = node[part]

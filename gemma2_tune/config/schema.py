@@ -31,6 +31,8 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
+    """Which checkpoint, in which precision, with which attention kernel."""
+
     name_or_path: str = Field(
         "google/gemma-2-9b",
         description="Hub id or local directory of a Gemma 2 or Gemma 3 text checkpoint; `builtin:tiny-gemma2` "
@@ -53,6 +55,8 @@ class ModelSection(Section):
 
 
 class QuantizationSection(Section):
+    """bitsandbytes 4-bit loading of the base weights (QLoRA)."""
+
     load_in_4bit: bool = Field(True, description="QLoRA: load the base weights in 4-bit with bitsandbytes.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
@@ -65,6 +69,8 @@ class QuantizationSection(Section):
 
 
 class LoraSection(Section):
+    """LoRA adapters (PEFT): rank, scale, dropout and the modules they adapt."""
+
     enabled: bool = Field(True, description="Train LoRA adapters; false means full fine-tuning.")
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
@@ -77,10 +83,12 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
+    """Where rows come from and how they become training tokens."""
+
     dataset: str = Field(
         "oasst",
-        description="`oasst` (OpenAssistant/oasst_top1_2023-08-25), `quickstart` (chats shipped with the "
-        "package), a hub dataset id, or a local .jsonl/.json/.parquet/.csv file or folder.",
+        description="`oasst` (OpenAssistant/oasst_top1_2023-08-25), `quickstart` or `pirate` (chats shipped with "
+        "the package), a hub dataset id, or a local .jsonl/.json/.parquet/.csv file or folder.",
     )
     config_name: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Dataset split to train on.")
@@ -114,6 +122,8 @@ class DataSection(Section):
 
 
 class TrainingSection(Section):
+    """Optimizer, schedule, batch shape, checkpointing and logging (passed to TRL's SFTConfig)."""
+
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(1, gt=0, description="Rows per device per micro-batch.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
@@ -143,6 +153,8 @@ class TrainingSection(Section):
 
 
 class OutputSection(Section):
+    """Where the run writes, and whether it may replace a previous run there."""
+
     dir: str = Field("runs/gemma2-sft", description="Output directory for adapter, tokenizer, config and manifest.")
     overwrite: bool = Field(False, description="Allow replacing the output of a previous run in `dir`.")
 
@@ -163,14 +175,17 @@ class RunConfig(Section):
     # Derived values: computed here once, read everywhere else.
     @property
     def compute_dtype(self) -> str:
+        """Dtype of 4-bit matmuls: quantization.compute_dtype, else model.dtype."""
         return self.quantization.compute_dtype or self.model.dtype
 
     @property
     def quant_storage(self) -> str:
+        """Storage dtype of packed 4-bit weights: quantization.quant_storage, else the compute dtype."""
         return self.quantization.quant_storage or self.compute_dtype
 
     @property
     def rows_per_optimizer_step(self) -> int:
+        """Batch items (rows, or packed blocks) per optimizer step per process: batch x accumulation."""
         return self.training.per_device_train_batch_size * self.training.gradient_accumulation_steps
 
 

@@ -21,10 +21,12 @@ FORMAT_VERSION = 1  # bump when rendering, masking or packing changes what a row
 
 
 def cache_dir() -> Path:
+    """$GEMMA2_TUNE_HOME/cache/tokenized."""
     return home() / "cache" / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """16 hex digits over the tokenizer's full definition (tokenizer.json, or the vocabulary)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

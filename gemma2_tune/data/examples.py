@@ -28,6 +28,7 @@ class Example:
 
     @property
     def supervised_tokens(self) -> int:
+        """Tokens whose prediction is learned (labels[0] never is: nothing precedes it)."""
         # labels[0] is never predicted (nothing precedes it), so it is never learned.
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
@@ -48,9 +49,11 @@ class DataReport:
     dropped_rows: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """As plain JSON-ready data (for run.json)."""
         return asdict(self)
 
     def summary_lines(self) -> list[str]:
+        """Human-readable lines for the log."""
         lines = [
             f"rows: {self.rows_read} read, {self.rows_kept} kept, {self.rows_bad} bad (skipped), "
             f"{self.rows_truncated} truncated, {self.rows_dropped_overlong} dropped as too long, "

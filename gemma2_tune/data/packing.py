@@ -19,6 +19,8 @@ from .turns import IGNORE_INDEX
 
 @dataclass
 class Block:
+    """One batch item: rows packed end to end (position ids restart per row), `rows` of them."""
+
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
@@ -58,6 +60,8 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 
 
 def pack(examples: Sequence[Example], capacity: int) -> list[Block]:
+    """Examples -> blocks of at most `capacity` tokens (best-fit decreasing); each row's first label is
+    IGNORE_INDEX so no row learns to predict its neighbour's start. ValueError when a row exceeds capacity."""
     out = []
     for members in best_fit_decreasing([len(e.input_ids) for e in examples], capacity):
         ids, labels, positions = [], [], []

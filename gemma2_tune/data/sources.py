@@ -29,6 +29,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Alias:
+    """A short dataset name: a hub id or a folder shipped with the package."""
+
     description: str
     hub_id: str | None = None
     local: Path | None = None
@@ -37,18 +39,26 @@ class Alias:
 ALIASES = {
     "oasst": Alias("OpenAssistant top-1 conversations, ChatML `text` column", hub_id="OpenAssistant/oasst_top1_2023-08-25"),
     "quickstart": Alias("small chats shipped with gemma2-tune (three row schemas)", local=PACKAGE_DIR / "assets" / "quickstart"),
+    "pirate": Alias("48 chats shipped with gemma2-tune: every answer 'Ahoy! ... Fair winds!'",
+                    local=PACKAGE_DIR / "assets" / "pirate" / "train.jsonl"),
+    "pirate-held-out": Alias("8 held-out chats in the same style (for eval)",
+                             local=PACKAGE_DIR / "assets" / "pirate" / "held_out.jsonl"),
 }
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
 
 
 @dataclass
 class Row:
+    """One raw row and where it is (file and line, or row number), for messages about it."""
+
     where: str  # "chats.jsonl line 12" or "row 12": how the user finds it
     data: Any
 
 
 @dataclass
 class Source:
+    """What a dataset name resolved to, its files, and a fingerprint of its content (16 hex digits)."""
+
     kind: str  # "local" or "hub"
     name: str  # what the user asked for
     resolved: str  # file/folder path or hub id
@@ -57,11 +67,13 @@ class Source:
 
 
 def looks_local(name: str) -> bool:
+    """A path that exists, ends in a supported suffix, or starts like a path: read locally, not from the hub."""
     path = Path(name).expanduser()
     return path.exists() or path.suffix in LOCAL_SUFFIXES or name.startswith((".", "/", "~"))
 
 
 def describe_source(cfg: DataSection) -> str:
+    """data.dataset in words (alias meaning, local or hub, split)."""
     alias = ALIASES.get(cfg.dataset)
     if alias:
         return f"{cfg.dataset} ({alias.hub_id or 'bundled'}; {alias.description})"
@@ -69,6 +81,7 @@ def describe_source(cfg: DataSection) -> str:
 
 
 def local_files(path: Path) -> list[Path]:
+    """A supported file, or every supported file under a folder (sorted). Raises UserError otherwise."""
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
             raise UserError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(sorted(LOCAL_SUFFIXES))})")

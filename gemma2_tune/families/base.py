@@ -37,6 +37,7 @@ class Shape:
 
     @property
     def linear_params(self) -> int:
+        """Every layer's attention and MLP projections (what 4-bit quantizes)."""
         return self.layers * (self.attention_params + self.mlp_params)
 
     @property
@@ -47,6 +48,7 @@ class Shape:
 
     @property
     def total_params(self) -> int:
+        """All parameters (embedding counted once: it is tied to lm_head)."""
         return self.linear_params + self.other_params
 
     def projection_shape(self, name: str) -> tuple[int, int]:
@@ -109,9 +111,11 @@ class Family:
 
     @property
     def tiny_name(self) -> str:
+        """The builtin name of this family's tiny test model."""
         return f"builtin:tiny-{self.key}"
 
     def matches_name(self, name: str) -> bool:
+        """Does a hub id or builtin name belong to this family (by `name_pattern`)?"""
         return re.search(self.name_pattern, name, re.IGNORECASE) is not None
 
     def size_from_name(self, name: str) -> str | None:

@@ -22,6 +22,8 @@ PREFIX = "builtin:"
 
 @dataclass(frozen=True)
 class Builtin:
+    """A builtin model: what it is, the version of its build (a new version rebuilds), how to build it."""
+
     description: str
     version: int
     build: Callable[[Path], Path]  # builds into the given folder (atomically), returns it
@@ -53,6 +55,7 @@ BUILTINS = {
 
 
 def is_builtin(name: str) -> bool:
+    """Is `name` a builtin:* model name?"""
     return name.startswith(PREFIX)
 
 

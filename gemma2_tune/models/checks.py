@@ -107,9 +107,11 @@ class ModelReport:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """As plain JSON-ready data (for run.json)."""
         return asdict(self)
 
     def summary_lines(self) -> list[str]:
+        """Human-readable lines for the log."""
         pct = 100 * self.trainable_params / max(self.total_params, 1)
         caps = (f"soft-caps attention {self.attention_softcap} / final {self.final_softcap}"
                 if (self.attention_softcap, self.final_softcap) != (None, None) else "no soft-caps")

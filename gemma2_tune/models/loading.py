@@ -123,6 +123,7 @@ class LoadRequest:
                    q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True)
 
     def bnb(self):
+        """The BitsAndBytesConfig this request asks for (None: unquantized)."""
         return bnb_config(self.quantization, self.dtype, self.quant_type, self.double_quant, self.compute_dtype,
                           self.quant_storage)
 

@@ -44,14 +44,17 @@ class Launch:
 
     @property
     def zero3(self) -> bool:
+        """DeepSpeed ZeRO stage 3 (parameters sharded over processes)."""
         return self.mode == "deepspeed" and self.zero_stage == 3
 
     def describe(self) -> str:
+        """'deepspeed ZeRO-3, 8 processes'."""
         extra = f" ZeRO-{self.zero_stage}" if self.mode == "deepspeed" else ""
         return f"{self.mode}{extra}, {self.num_processes} process{'es' if self.num_processes > 1 else ''}"
 
 
 def bundled_launch_configs() -> list[str]:
+    """Names of the accelerate configs shipped with the package."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 

@@ -37,6 +37,7 @@ Echo = Callable[[str], None]
 
 
 def now() -> str:
+    """UTC time, ISO 8601, to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

@@ -75,6 +75,7 @@ class Plan:
 
     @property
     def total(self) -> float:
+        """Sum of the terms, bytes."""
         return sum(self.terms.values())
 
 

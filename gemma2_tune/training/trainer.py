@@ -20,6 +20,7 @@ from .loss import supervised_loss_sum
 
 
 def has_accelerator() -> bool:
+    """A CUDA device is visible."""
     import torch
 
     return torch.cuda.is_available()
@@ -98,6 +99,7 @@ class SupervisedLossTrainer(SFTTrainer):
     supervised_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Summed supervised cross-entropy / num_items_in_batch (the step's supervised tokens), as TRL's loss."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the caller's dict stays intact
