@@ -45,7 +45,7 @@ def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-    from gemma2_tune.data.turns import GEMMA2_CHAT_TEMPLATE
+    from gemma2_tune.data.template import chat_template
 
     words = {t: i for i, t in enumerate(SPECIALS + ["user", "model"])}
     words.update({f"w{i}": i for i in range(len(words), vocab)})
@@ -53,7 +53,7 @@ def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-                                   chat_template=GEMMA2_CHAT_TEMPLATE)
+                                   chat_template=chat_template())
     config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, sliding_window=256,
                           max_position_embeddings=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,

@@ -233,7 +233,7 @@ def preview(
     from .models.loading import checkpoint_family, load_tokenizer
 
     family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, family)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     for heading, text in rows_preview(cfg.data, tokenizer, family, n):
         if heading == "summary":
             echo(text)
@@ -280,11 +280,15 @@ def merge(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")],
     output: Annotated[str, typer.Option("--output", "-o", help="New folder for the merged model.")],
     model: ModelOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the run's "
+                                                 "model.dtype).")] = None,
 ) -> None:
-    """Fold the LoRA adapter into the base (bf16 safetensors shards) for TGI, vLLM or transformers."""
+    """Fold the LoRA adapter into the base (safetensors shards) for TGI, vLLM or transformers, self-checked."""
     from .after.merge import merge as run_merge
 
-    run_merge(adapter, output, model, echo=echo)
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    run_merge(adapter, output, model, dtype, echo=echo)
 
 
 @command("eval")

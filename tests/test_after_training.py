@@ -87,9 +87,16 @@ def test_merge_round_trip_loads_with_plain_transformers_pipeline(ok_run, tmp_pat
     merged = tmp_path / "merged"
     r = runner.invoke(app, ["merge", "--adapter", str(run), "--output", str(merged)])
     assert r.exit_code == 0, r.output
-    assert "max |difference|" in r.output and ("unquantized in bfloat16" in r.output) == (not extra)
+    assert "max |logit difference|" in r.output and ("trained 4-bit NF4 QLoRA" in r.output) == (not extra)
     report = json.loads((merged / "merge.json").read_text())
     assert report["check"]["passed"] and report["check"]["top1_agreement"] >= 0.95
+    assert report["check"]["against"] == "unquantized base (bfloat16) + adapter" and report["merged_dtype"] == "bfloat16"
+    if not extra:  # QLoRA: how far the merged model is from the 4-bit model that was trained, said and recorded
+        trained = report["trained_model_check"]
+        assert trained["against"].startswith("the trained model (4-bit") and trained["bounded"] is False
+        assert 0 < trained["max_abs_logit_diff"] and "not bounded" in r.output
+    else:
+        assert "trained_model_check" not in report
     config = json.loads((merged / "config.json").read_text())
     assert config["use_cache"] is True and config["model_type"] == "gemma2"
     gen = json.loads((merged / "generation_config.json").read_text())
@@ -160,3 +167,16 @@ def test_wandb_offline_run_directory(tmp_path, tiny_model_dir, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_chat_refuses_unrenderable_input_with_a_reason_and_keeps_the_session(ok_run):
+    out, _ = ok_run
+    r = runner.invoke(app, ["chat", "--adapter", str(out), "--prompt", "what does <start_of_turn> mean?"])
+    assert r.exit_code == 2 and "control marker <start_of_turn>" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["chat", "--adapter", str(out), "--prompt", "Hi", "--system", "   ", "--max-new-tokens", "5"])
+    assert r.exit_code == 0 and r.stdout.strip() == "ok"  # a blank system message carries nothing: dropped
+    r = runner.invoke(app, ["chat", "--adapter", str(out), "--max-new-tokens", "10"],
+                      input="Hello\nwhat does <end_of_turn> mean?\nAgain?\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert "(not sent: message 2 (user) contains the control marker <end_of_turn>)" in r.output
+    assert r.output.count("model> ok") == 2  # the session went on, its history intact (message 2 is the next one)

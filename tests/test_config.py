@@ -115,3 +115,14 @@ def test_model_size_from_name():
     assert GEMMA2.size_from_name("google/gemma-2-9b") == "9b"
     assert GEMMA2.size_from_name("google/gemma-2-2b-it") == "2b"
     assert GEMMA2.size_from_name("/models/my-gemma") is None
+
+
+def test_lora_targets_are_checked_against_the_family_without_loading():
+    with pytest.raises(ConfigError) as err:
+        resolve(None, ["lora.target_modules=[q_prj, k_proj, v_proj, o_proj]"])
+    assert "'q_prj' is not a module of Gemma 2" in err.value.problems[0] and "did you mean 'q_proj'?" in err.value.problems[0]
+    for tied in ("lm_head", "embed_tokens"):
+        with pytest.raises(ConfigError) as err:
+            resolve(None, [f"lora.target_modules=[q_proj, v_proj, {tied}]"])
+        assert len(err.value.problems) == 1 and "ties lm_head to embed_tokens" in err.value.problems[0]
+    resolve(None, ["lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"])

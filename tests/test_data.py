@@ -125,3 +125,21 @@ def test_max_rows_and_quickstart_alias_uses_several_schemas():
     schemas = {next(k for k in ("messages", "conversations", "text") if k in r.data) for r in rows}
     assert schemas == {"messages", "conversations", "text"}
     assert len(load_rows(DataSection(dataset="quickstart", max_rows=5))[0]) == 5
+
+
+@pytest.mark.parametrize("end", ["<|endoftext|>", "</s>", "\n<|endoftext|>\n", "<|eot_id|></s>"])
+def test_another_tokenizers_end_marker_after_the_last_turn_is_stripped_and_counted(end):
+    from collections import Counter
+
+    notes = Counter()
+    text = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>" + end
+    assert render(normalise(parse_marked_text(text, notes), "fold")).text == GOLDEN
+    assert notes == {"foreign end marker after the last turn stripped": 1}
+
+
+def test_a_refused_chatml_row_names_the_true_cause():
+    base = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>"
+    with pytest.raises(BadRow, match="unterminated turn"):
+        parse_marked_text(base + "\n<|im_start|>user\nMore?")
+    with pytest.raises(BadRow, match="text after the last turn: '</s>Thanks for reading'"):
+        parse_marked_text(base + "</s>Thanks for reading")

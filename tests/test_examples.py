@@ -83,3 +83,36 @@ def test_bad_rows_skipped_with_count_and_locations_or_fatal(tokenizer):
 def test_system_policy_error_makes_system_rows_bad(tokenizer):
     _, report = build_examples(rows(CONVO, CONVO[1:3]), tokenizer, DataSection(dataset="x", system_policy="error"))
     assert report.rows_bad == 1 and report.rows_kept == 1
+
+
+def chat(*pairs, **extra):
+    return {"messages": [{"role": r, "content": c} for r, c in pairs], **extra}
+
+
+def test_empty_system_messages_are_dropped_and_counted_not_bad_rows(tokenizer):
+    rows = [Row(f"r{i}", chat(("system", s), ("user", "Hi"), ("assistant", "Yo"))) for i, s in enumerate(["", "  \n"])]
+    rows.append(Row("r2", chat(("user", "Hi"), ("assistant", "Yo"))))
+    examples, report = build_examples(rows, tokenizer, DataSection(dataset="x"))
+    assert report.rows_kept == 3 and report.rows_bad == 0
+    assert report.notes == {"empty system message dropped": 2}
+    assert "2 x empty system message dropped" in "\n".join(report.summary_lines())
+
+
+def test_fields_the_format_cannot_express_make_bad_rows_unless_ignored(tokenizer):
+    tools = chat(("user", "Weather in Paris?"), ("assistant", "Sunny."), tools=[{"name": "get_weather"}])
+    image = chat(("user", "<image> What is in the picture?"), ("assistant", "A cat."), images=["cat.png"])
+    call = {"messages": [{"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "content": "Let me check.", "tool_calls": [{"name": "w"}]}]}
+    plain = chat(("user", "Hi"), ("assistant", "Yo"), tools=[])  # an empty field expresses nothing
+    rows = [Row("a.jsonl line 1", tools), Row("a.jsonl line 2", image), Row("a.jsonl line 3", call),
+            Row("a.jsonl line 4", plain)]
+    _, report = build_examples(rows, tokenizer, DataSection(dataset="x"))
+    assert (report.rows_bad, report.rows_kept) == (3, 1)
+    assert "a.jsonl line 1: row has 'tools' (tool definitions)" in report.bad_rows[0]
+    assert "'images'" in report.bad_rows[1] and "message 1 has 'tool_calls'" in report.bad_rows[2]
+    assert "data.unsupported_fields=ignore" in report.bad_rows[0]
+    _, report = build_examples(rows, tokenizer, DataSection(dataset="x", unsupported_fields="ignore"))
+    assert (report.rows_bad, report.rows_kept) == (0, 4)
+    assert report.notes == {"'tools' ignored (data.unsupported_fields=ignore)": 1,
+                            "'images' ignored (data.unsupported_fields=ignore)": 1,
+                            "'tool_calls' ignored (data.unsupported_fields=ignore)": 1}

@@ -125,3 +125,51 @@ def test_other_modes_train_and_save_loadable_weights(tmp_path, tiny_model_dir, s
         model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
         assert model.config.model_type == "gemma2" and model.config.final_logit_softcapping == 30.0
         assert m["model"]["trainable_params"] == m["model"]["total_params"]
+
+
+def test_a_run_refused_before_training_does_not_block_its_rerun(tmp_path):
+    out = tmp_path / "run"
+    args = ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "1", "--set", "training.save_steps=null"]
+    r = runner.invoke(app, args + ["--set", "model.attn_implementation=flash_attention_2"])
+    assert r.exit_code == 2 and "flash" in r.output
+    failed = json.loads((out / "run.json").read_text())
+    assert failed["status"] == "failed" and not failed.get("global_step")
+    r = runner.invoke(app, args)  # the same command, fixed: no --overwrite needed
+    assert r.exit_code == 0, r.output
+    assert "replacing the previous run" in r.output and "failed before its first optimizer step" in r.output
+    r = runner.invoke(app, args)  # this one trained: it is kept unless --overwrite
+    assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+def test_a_run_that_failed_after_training_steps_is_kept(tmp_path):
+    from gemma2_tune.training.manifest import check_output_dir, write_manifest
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_manifest(out, {"status": "failed", "global_step": 7, "error": "RuntimeError: out of memory"})
+    with pytest.raises(Exception, match="--overwrite"):
+        check_output_dir(out, overwrite=False)
+    write_manifest(out, {"status": "failed", "error": "RuntimeError: x"})
+    (out / "checkpoint-5").mkdir()
+    with pytest.raises(Exception, match="--overwrite"):
+        check_output_dir(out, overwrite=False)
+
+
+def test_a_run_failing_mid_training_records_its_step_and_is_kept(tmp_path, monkeypatch):
+    from gemma2_tune.training.callbacks import StopOnSignal
+
+    def crash(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("simulated crash at step 2")
+        return control
+
+    monkeypatch.setattr(StopOnSignal, "on_step_end", crash)
+    out = tmp_path / "run"
+    args = ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "4", "--set", "training.save_steps=null"]
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "failed" and m["global_step"] == 2 and "simulated crash" in m["error"]
+    monkeypatch.undo()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--overwrite" in r.output

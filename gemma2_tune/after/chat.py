@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..data.turns import BadRow
+from ..errors import UserError
 from .inference import Loaded, Sampling, TrainedRun, reply
 
 Echo = Callable[[str], None]
@@ -18,16 +20,25 @@ def describe(run: TrainedRun, loaded: Loaded, load_in: str, sampling: Sampling) 
 
 
 def one_shot(run: TrainedRun, loaded: Loaded, system: str | None, prompt: str, sampling: Sampling) -> str:
-    """The model's answer to one prompt (and an optional system message)."""
+    """The model's answer to one prompt (and an optional system message). Raises UserError when the
+    conversation can't be rendered the way training renders (e.g. a control marker in the prompt)."""
     history = [{"role": "system", "content": system}] if system else []
-    return reply(loaded, history + [{"role": "user", "content": prompt}], run.system_policy, sampling)
+    try:
+        return reply(loaded, history + [{"role": "user", "content": prompt}], run.system_policy, sampling)
+    except BadRow as exc:
+        raise UserError(f"cannot send this conversation: {exc}") from None
 
 
 def interactive(run: TrainedRun, loaded: Loaded, system: str | None, sampling: Sampling, echo: Echo,
                 write: Callable[[str], None], read: Callable[[str], str] = input) -> None:
     """you> / model> turns until /exit or end of input; /reset clears the history (the system message stays).
-    `write` prints without a newline (streamed pieces)."""
+    `write` prints without a newline (streamed pieces). A line that can't be rendered the way training
+    renders is refused with its reason; the session and its history go on."""
     start = [{"role": "system", "content": system}] if system else []
+    try:
+        check(run, loaded, start + [{"role": "user", "content": "?"}])
+    except BadRow as exc:
+        raise UserError(f"--system: {exc}") from None
     history = list(start)
     while True:
         try:
@@ -42,8 +53,21 @@ def interactive(run: TrainedRun, loaded: Loaded, system: str | None, sampling: S
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
+        attempt = history + [{"role": "user", "content": line}]
+        try:
+            check(run, loaded, attempt)
+        except BadRow as exc:
+            echo(f"(not sent: {exc})")
+            continue
+        history = attempt
         write("model> ")
         answer = reply(loaded, history, run.system_policy, sampling, on_text=write)
         echo("")
         history.append({"role": "assistant", "content": answer or "…"})
+
+
+def check(run: TrainedRun, loaded: Loaded, messages: list[dict]) -> None:
+    """Raises BadRow when `messages` can't be rendered as training renders them."""
+    from ..data.turns import normalise
+
+    normalise(messages, run.system_policy, allow_open_end=True, family=loaded.family)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from ..config.schema import RunConfig
+from ..data.template import use_run_template
 from ..data.turns import END, normalise, render
 from ..errors import UserError
 from ..families import Family
@@ -75,17 +76,24 @@ def read_run(adapter: str | None, model: str | None) -> TrainedRun:
                     "and not a model folder (no config.json + *.safetensors)")
 
 
-def load(run: TrainedRun, load_in: LoadIn = "bf16", dtype: str = "bfloat16") -> Loaded:
-    """Base (+ adapter) through the one loading path, in eval mode. Raises UserError: a base that doesn't
+def load(run: TrainedRun, load_in: LoadIn | Literal["as-trained"] = "bf16", dtype: str = "bfloat16") -> Loaded:
+    """Base (+ adapter) through the one loading path, in eval mode. `load_in="as-trained"` loads the base
+    exactly as the run trained it (its 4-bit settings, its dtype). Raises UserError: a base that doesn't
     fit the adapter, an unsupported model, anything load_model refuses."""
+    import dataclasses
+
     from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 
     family, _ = checkpoint_family(run.base_model)
-    tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model,
-                               family=family)
-    bits = None if load_in == "bf16" else load_in
-    model, report = load_model(LoadRequest(run.base_model, dtype=dtype, attn_implementation=run.attn_implementation,
-                                           quantization=bits))
+    tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model)
+    use_run_template(tokenizer, family, run.system_policy)  # what generation renders, whatever was saved
+    if load_in == "as-trained" and run.config is not None:
+        request = dataclasses.replace(LoadRequest.for_run(run.config), name_or_path=run.base_model, training=False)
+    else:
+        bits = None if load_in in ("bf16", "as-trained") else load_in
+        request = LoadRequest(run.base_model, dtype=dtype, attn_implementation=run.attn_implementation,
+                              quantization=bits)
+    model, report = load_model(request)
     if run.is_adapter:
         from peft import PeftModel
 

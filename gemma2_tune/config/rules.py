@@ -7,6 +7,7 @@ model-dependent rules run again when its config loads, before any weights do.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from pydantic import BaseModel
@@ -92,7 +93,30 @@ def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
             )
         if len(set(lora.target_modules)) != len(lora.target_modules):
             errors.append(f"lora.target_modules: duplicates in {lora.target_modules}")
+        errors += lora_target_problems(lora.target_modules, family)
     return errors, warnings
+
+
+TIED = ("lm_head", "embed_tokens")
+
+
+def lora_target_problems(targets: list[str], family: Family) -> list[str]:
+    """Targets that are not the family's linear projections (with a did-you-mean), and the tied
+    embedding/output matrix, which is refused with the reason."""
+    problems = []
+    tied = sorted(set(targets) & set(TIED))
+    if tied:
+        problems.append(
+            f"lora.target_modules: {tied}: {family.display} ties lm_head to embed_tokens (one vocabulary x hidden "
+            "matrix); LoRA there would need PEFT's embedding adapters and untying the weights, which gemma2-tune does "
+            f"not support; adapt the projections ({', '.join(family.lora_modules)})")
+    for name in targets:
+        if name in TIED or name in family.lora_modules:
+            continue
+        hint = difflib.get_close_matches(name, family.lora_modules, n=1)
+        problems.append(f"lora.target_modules: '{name}' is not a module of {family.display} (its projections: "
+                        f"{', '.join(family.lora_modules)})" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    return problems
 
 
 def config_problems(config: BaseModel) -> tuple[list[str], list[str]]:

@@ -98,6 +98,12 @@ class DataSection(Section):
         description="System messages: `fold` into the first user turn, `drop` them, or treat them as bad rows "
         "(`error`). Gemma has no system role.",
     )
+    unsupported_fields: Literal["bad_row", "ignore"] = Field(
+        "bad_row",
+        description="Rows with what Gemma's turn format cannot express (`tools`/`functions` definitions, "
+        "`images`/`audio`/`video`, messages with `tool_calls`): bad rows naming the field, or `ignore` the field "
+        "and train on the text (counted in run.json).",
+    )
     on_bad_rows: Literal["skip", "error"] = Field(
         "skip", description="Rows that can't become valid Gemma turns: `skip` (counted, reported) or fail the run."
     )

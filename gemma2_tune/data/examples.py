@@ -6,6 +6,7 @@ so a run can say exactly what happened to its data.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -43,6 +44,7 @@ class DataReport:
     rows_truncated: int = 0
     rows_dropped_overlong: int = 0
     rows_dropped_unsupervised: int = 0
+    notes: dict[str, int] = field(default_factory=dict)  # what was changed in kept rows, and how often
     total_tokens: int = 0
     supervised_tokens: int = 0
     bad_rows: list[str] = field(default_factory=list)  # first few "where: reason"
@@ -61,6 +63,7 @@ class DataReport:
             f"tokens: {self.total_tokens} total, {self.supervised_tokens} supervised "
             f"({self.supervised_tokens / max(self.total_tokens, 1):.1%})",
         ]
+        lines += [f"  {count} x {note}" for note, count in sorted(self.notes.items())]
         lines += [f"  bad row {b}" for b in self.bad_rows]
         lines += [f"  dropped row {d}" for d in self.dropped_rows]
         return lines
@@ -127,13 +130,16 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection,
     encoder = TurnTokenizer(tokenizer)
     report = DataReport(rows_read=len(rows))
     examples: list[Example] = []
+    notes: Counter = Counter()
     if len(rows) >= 2000 and sys.stderr.isatty():  # a progress bar for long tokenizing, on a terminal only
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, desc="tokenizing", unit="row")
     for row in rows:
+        row_notes: Counter = Counter()
         try:
-            turns = normalise(row_to_messages(row.data), cfg.system_policy, family=family)
+            turns = normalise(row_to_messages(row.data, cfg.unsupported_fields, row_notes), cfg.system_policy,
+                              family=family, notes=row_notes)
         except BadRow as exc:
             report.rows_bad += 1
             if len(report.bad_rows) < SHOWN_LOCATIONS:
@@ -150,10 +156,12 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection,
                 report.dropped_rows.append(f"{row.where}: {exc}")
             continue
         examples.append(example)
+        notes.update(row_notes)  # counted only for rows that train
         report.rows_truncated += example.truncated
         report.total_tokens += len(example.input_ids)
         report.supervised_tokens += example.supervised_tokens
     report.rows_kept = len(examples)
+    report.notes = dict(notes)
     if report.rows_bad and cfg.on_bad_rows == "error":
         shown = "\n".join(f"  - {b}" for b in report.bad_rows)
         raise UserError(f"data: {report.rows_bad} bad rows and data.on_bad_rows is 'error'; first ones:\n{shown}")

@@ -24,8 +24,8 @@ def preview(data: DataSection, tokenizer: Any, family: Family, n: int) -> Iterat
         if shown >= n:
             break
         try:
-            encoded = encoder.encode(normalise(row_to_messages(row.data), data.system_policy, family=family),
-                                     data.train_on)
+            encoded = encoder.encode(normalise(row_to_messages(row.data, data.unsupported_fields), data.system_policy,
+                                               family=family), data.train_on)
         except BadRow:
             continue
         shown += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -185,8 +186,19 @@ _CHATML_TURN = re.compile(r"<\|im_start\|>([^\n<]*)\n(.*?)<\|im_end\|>", re.DOTA
 _GEMMA_TURN = re.compile(r"<start_of_turn>([^\n<]*)\n(.*?)<end_of_turn>", re.DOTALL)
 
 
-def parse_marked_text(text: str) -> list[dict[str, str]]:
-    """ChatML or Gemma-format text -> messages; anything else in between is an error."""
+# End markers of other tokenizers that exports leave after the last turn; stripped (and counted).
+FOREIGN_END_MARKERS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|end|>")
+FOREIGN_END_STRIPPED = "foreign end marker after the last turn stripped"
+# Fields Gemma's turn format cannot express; training on the text alone would learn answers without them.
+UNEXPRESSIBLE_ROW_FIELDS = {"tools": "tool definitions", "functions": "function definitions", "images": "images",
+                            "image": "an image", "audio": "audio", "audios": "audio", "videos": "videos",
+                            "video": "a video"}
+UNEXPRESSIBLE_MESSAGE_FIELDS = {"tool_calls": "tool calls", "function_call": "a function call"}
+
+
+def parse_marked_text(text: str, notes: Counter | None = None) -> list[dict[str, str]]:
+    """ChatML or Gemma-format text -> messages; anything else in between is an error (BadRow naming it).
+    Another tokenizer's end marker after the last turn (e.g. <|endoftext|>) is stripped and counted."""
     if "<|im_start|>" in text:
         pattern, name = _CHATML_TURN, "ChatML"
     elif "<start_of_turn>" in text:
@@ -200,9 +212,17 @@ def parse_marked_text(text: str) -> list[dict[str, str]]:
             raise BadRow(f"unparseable {name} text: stray text {gap[:30]!r} between turns")
         messages.append({"role": match.group(1).strip(), "content": match.group(2)})
         pos = match.end()
-    tail = text[pos:].replace("<eos>", "").strip()
+    opener = "<|im_start|>" if name == "ChatML" else "<start_of_turn>"
+    tail, stripped = text[pos:].replace("<eos>", "").strip(), False
+    while tail.endswith(FOREIGN_END_MARKERS):
+        tail = tail[: -len(next(m for m in FOREIGN_END_MARKERS if tail.endswith(m)))].rstrip()
+        stripped = True
     if tail or not messages:
-        raise BadRow(f"unparseable {name} text: {'unterminated turn' if tail else 'no complete turn'}")
+        cause = ("unterminated turn" if opener in tail else
+                 f"text after the last turn: {tail[:30]!r}" if tail else "no complete turn")
+        raise BadRow(f"unparseable {name} text: {cause}")
+    if stripped and notes is not None:
+        notes[FOREIGN_END_STRIPPED] += 1
     return messages
 
 
@@ -217,12 +237,36 @@ def _as_messages(value: Any, field: str) -> list[Any]:
     return value
 
 
-def row_to_messages(data: Any) -> list[Any]:
-    """One raw row in any supported schema -> role/content messages (not yet validated)."""
+def row_to_messages(data: Any, unsupported: str = "bad_row", notes: Counter | None = None) -> list[Any]:
+    """One raw row in any supported schema -> role/content messages (not yet validated).
+
+    Fields Gemma's turn format cannot express (tool definitions, media, tool calls) make the row bad,
+    naming the field, unless `unsupported` is 'ignore' (then they are counted in `notes`). Raises BadRow.
+    """
     if isinstance(data, BadRow):
         raise data
     if not isinstance(data, dict):
         raise BadRow("row is not an object")
+    for field, what in UNEXPRESSIBLE_ROW_FIELDS.items():
+        if data.get(field):
+            _unexpressible(f"row has '{field}' ({what})", field, unsupported, notes)
+    messages = _row_messages(data, notes)
+    for i, message in enumerate(messages):
+        for field, what in UNEXPRESSIBLE_MESSAGE_FIELDS.items():
+            if isinstance(message, dict) and message.get(field):
+                _unexpressible(f"message {i} has '{field}' ({what})", field, unsupported, notes)
+    return messages
+
+
+def _unexpressible(what: str, field: str, unsupported: str, notes: Counter | None) -> None:
+    if unsupported != "ignore":
+        raise BadRow(f"{what}, which Gemma's turn format cannot express; data.unsupported_fields=ignore trains on "
+                     "the text without it")
+    if notes is not None:
+        notes[f"'{field}' ignored (data.unsupported_fields=ignore)"] += 1
+
+
+def _row_messages(data: dict, notes: Counter | None) -> list[Any]:
     if data.get("messages") is not None:
         return _as_messages(data["messages"], "messages")
     if data.get("conversations") is not None:
@@ -244,6 +288,6 @@ def row_to_messages(data: Any) -> list[Any]:
         )
         return prompt_msgs + completion_msgs
     if isinstance(data.get("text"), str):
-        return parse_marked_text(data["text"])
+        return parse_marked_text(data["text"], notes)
     present = sorted(k for k, v in data.items() if v is not None)
     raise BadRow(f"no known schema (has {present}; expected messages, conversations, prompt/completion or text)")

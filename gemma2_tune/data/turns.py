@@ -12,6 +12,7 @@ lines; Gemma 3's template takes one first system message verbatim plus a blank l
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -34,6 +35,7 @@ ROLE_NAMES = {
 }
 
 SystemPolicy = Literal["fold", "drop", "error"]
+EMPTY_SYSTEM = "empty system message dropped"
 
 
 class BadRow(ValueError):
@@ -49,11 +51,13 @@ class Turn:
 
 
 def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_open_end: bool = False,
-              family: Family = GEMMA2) -> list[Turn]:
+              family: Family = GEMMA2, notes: Counter | None = None) -> list[Turn]:
     """Role/content messages -> alternating user/model turns ending with the model's.
 
     `allow_open_end` accepts a conversation ending with a user turn (a prompt for generation); `family`
-    decides how system text is folded. Raises BadRow saying why a conversation can't be rendered.
+    decides how system text is folded. An empty system message carries nothing to fold: it is dropped
+    and counted in `notes` ("empty system message dropped"). Raises BadRow saying why a conversation
+    can't be rendered. `chat_template` (template.py) is this function written in Jinja.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRow("no messages")
@@ -71,6 +75,10 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
             raise BadRow(f"message {i} ({raw_role}) content is not text")
         text = content.strip()
         if not text:
+            if role == "system":
+                if notes is not None:
+                    notes[EMPTY_SYSTEM] += 1
+                continue
             raise BadRow(f"message {i} ({raw_role}) has empty content")
         marker = next((m for m in CONTROL_MARKERS if m in text), None)
         if marker:
@@ -140,48 +148,3 @@ def supervision_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[i
         inside = k < len(spans) and end > start and spans[k][0] <= start and end <= spans[k][1]
         mask.append(inside)
     return mask
-
-
-# The chat templates saved with every tokenizer we write (system policy `fold`), so that
-# `apply_chat_template` (transformers, TGI, vLLM) renders exactly what was trained.
-# Gemma 2: trimmed system texts, each followed by a blank line, before the first user turn.
-GEMMA2_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% set ns = namespace(system='', first=true) %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{% set ns.system = ns.system + message['content'] | trim + '\n\n' %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% for message in messages if message['role'] != 'system' %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{% set content = message['content'] | trim %}"
-    "{% if ns.first %}{% set content = ns.system + content %}{% set ns.first = false %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + content + '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-# Gemma 3 (as google/gemma-3-*-it's own template): one first system message, verbatim, plus a blank line.
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
-    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-
-
-def chat_template(family: Family = GEMMA2) -> str:
-    """The Jinja chat template that renders like `render(normalise(..., 'fold', family=family))`."""
-    return GEMMA3_CHAT_TEMPLATE if family.system_fold == "first_verbatim" else GEMMA2_CHAT_TEMPLATE

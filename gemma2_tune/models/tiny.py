@@ -49,7 +49,7 @@ def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
         show_progress=False,
     )
     tok.train_from_iterator(training_corpus(), trainer=trainer)
-    from ..data.turns import chat_template
+    from ..data.template import chat_template
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -28,6 +28,16 @@ class EchoLoss(TrainerCallback):
                       f"lr {logs.get('learning_rate', 0):.2e}")
 
 
+class TrackStep(TrainerCallback):
+    """Keeps record['global_step'] at the last completed optimizer step."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
+        self.record["global_step"] = state.global_step
+
+
 class MarkCheckpoints(TrainerCallback):
     """After every rank has written checkpoint-N, the main process marks it complete."""
 

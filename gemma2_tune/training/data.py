@@ -13,6 +13,7 @@ from ..data import cache
 from ..data.examples import build_examples
 from ..data.packing import pack, unpacked
 from ..data.sources import load_rows
+from ..data.template import use_run_template
 from ..families import Family
 from ..models.loading import checkpoint_family, load_tokenizer
 
@@ -23,7 +24,7 @@ Echo = Callable[[str], None]
 class TrainingData:
     """Everything a run trains and evaluates on, and what it knows about where it came from."""
 
-    tokenizer: Any
+    tokenizer: Any  # carrying the run's generated chat template
     family: Family
     blocks: list
     report: Any
@@ -32,6 +33,7 @@ class TrainingData:
     cache_hit: bool
     eval_blocks: list | None = None
     eval_report: Any = None
+    base_chat_template: str | None = None  # the checkpoint's own template, replaced by the run's
 
 
 def split_rows(rows: list, cfg: RunConfig) -> tuple[list, list]:
@@ -69,7 +71,8 @@ def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
 
     m = cfg.model
     family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
-    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
+    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+    base_template = use_run_template(tokenizer, family, cfg.data.system_policy)
     rows, source = load_rows(cfg.data)
     rows, held_out = split_rows(rows, cfg)
     seed = cfg.training.seed if cfg.data.eval_fraction else None
@@ -90,7 +93,9 @@ def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
         echo(f"held out for evaluation: {eval_report.rows_kept} rows, {eval_report.supervised_tokens} supervised tokens")
     echo(f"tokenized data: {'from cache' if hit else 'tokenized and cached'} ({key}); {len(blocks)} "
          + (f"blocks of <= {cfg.data.max_length} tokens" if cfg.data.packing else "rows, unpacked"))
-    return TrainingData(tokenizer, family, blocks, report, source, key, hit, eval_blocks, eval_report)
+    echo(f"chat template: generated for {family.display}, system policy '{cfg.data.system_policy}'"
+         + ("; it replaces the checkpoint's own template (kept as chat_template.base.jinja)" if base_template else ""))
+    return TrainingData(tokenizer, family, blocks, report, source, key, hit, eval_blocks, eval_report, base_template)
 
 
 def blocks_dataset(blocks):

@@ -34,6 +34,7 @@ from .checkpoints import Checkpoint, check_checkpoint, newest_complete
 from .launch import Launch, launch_problems
 
 Echo = Callable[[str], None]
+BASE_TEMPLATE = "chat_template.base.jinja"  # the checkpoint's own chat template, replaced by the run's
 
 
 def now() -> str:
@@ -72,8 +73,7 @@ class RunLifecycle:
         self.out = Path(cfg.output.dir)
         self.started = time.time()
         self.memory = PeakMemory()
-        if not resuming:
-            mf.check_output_dir(self.out, cfg.output.overwrite)
+        self.replacing = None if resuming else mf.check_output_dir(self.out, cfg.output.overwrite)
 
     def join(self) -> None:
         """Join the launch's processes: rank-aware printing, the same config on every rank, the record."""
@@ -131,6 +131,8 @@ class RunLifecycle:
 
     def start(self, **fields: Any) -> None:
         """Make the output folder safe to write (rank 0), save config.yaml, record `fields`, write run.json."""
+        if self.replacing:
+            self.say(self.replacing)
         if self.main:
             if not self.resuming:
                 mf.prepare_output_dir(self.out, self.cfg.output.overwrite)
@@ -161,6 +163,13 @@ class RunLifecycle:
 
         return attempt()
 
+    def step_tracker(self):
+        """A trainer callback keeping `record['global_step']` current, so a run that fails mid-training
+        records how far it got (and is never mistaken for one that never trained)."""
+        from .callbacks import TrackStep
+
+        return TrackStep(self.record)
+
     def record_model(self, report) -> None:
         """The checked model report goes into run.json and the log."""
         self.record["model"] = report.to_dict()
@@ -180,12 +189,15 @@ class RunLifecycle:
             raise Interrupted(f"stopped by SIGTERM at step {step}; checkpoint saved in {saved}; continue with: "
                               f"gemma2-tune {self.command} ... --output-dir {self.out} --resume")
 
-    def save(self, trainer, tokenizer) -> None:
-        """Final weights (adapter or model), tokenizer, loss plot and model card; status completed."""
+    def save(self, trainer, tokenizer, base_chat_template: str | None = None) -> None:
+        """Final weights (adapter or model), tokenizer (with the run's generated chat template; a template
+        it replaced is kept as chat_template.base.jinja), loss plot and model card; status completed."""
         trainer.save_model(str(self.out))
         self.record.update(status="completed")
         if self.main:
             tokenizer.save_pretrained(str(self.out))
+            if base_chat_template:
+                (self.out / BASE_TEMPLATE).write_text(base_chat_template)
             plot_run(trainer.state.log_history, self.out / "loss.png")
             (self.out / "README.md").write_text(model_card(self.cfg, self.record, self.out))
 

@@ -41,31 +41,44 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
+def never_trained(path: Path, previous: dict[str, Any]) -> bool:
+    """A run of ours that failed before its first optimizer step (no step reached, no checkpoint): it holds
+    nothing worth keeping, so rerunning the same command may replace it without --overwrite."""
+    return (previous.get("status") == "failed" and not previous.get("global_step")
+            and not any(path.glob("checkpoint-*")))
+
+
+def check_output_dir(path: Path, overwrite: bool) -> str | None:
     """Refuse to touch another run's output (or any foreign folder) unless told to; never delete foreign files.
 
-    Raises UserError naming the folder and what to do.
+    Returns a note when a previous run that never trained will be replaced. Raises UserError naming the
+    folder and what to do.
     """
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir: {path} exists and is not a directory")
     if not path.exists() or not any(path.iterdir()):
-        return
+        return None
     previous = read_manifest(path)
     if previous is None:
         raise UserError(
             f"output.dir: {path} is not empty and holds no gemma2-tune run ({MANIFEST}); "
             "refusing to write into it; choose another --output-dir"
         )
+    if never_trained(path, previous):
+        return (f"replacing the previous run in {path}: it failed before its first optimizer step "
+                f"({str(previous.get('error', '?')).splitlines()[0][:200]})")
     if not overwrite:
         raise UserError(
             f"output.dir: {path} already holds a run (status {previous.get('status', '?')}, started "
             f"{previous.get('started_at', '?')}); pass --overwrite to replace it, or choose another --output-dir"
         )
+    return None
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    """After `check_output_dir`: remove a previous run of ours (only with overwrite) and create the folder."""
+    """After `check_output_dir`: remove a previous run of ours (with overwrite, or one that never trained)
+    and create the folder."""
     check_output_dir(path, overwrite)
-    if path.exists() and any(path.iterdir()):  # a previous run of ours, and --overwrite was given
+    if path.exists() and any(path.iterdir()):  # a previous run of ours: --overwrite, or it never trained
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,9 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     checkpoint = run.resume_point(resume, resume_from)
     set_seed(cfg.training.seed)
     data = prepare_data(cfg, run.say, run.state)
-    run.start(**data_record(cfg, data), loss_implementation=effective_loss(cfg, launch))
+    run.start(**data_record(cfg, data), loss_implementation=effective_loss(cfg, launch),
+              chat_template={"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
+                             "replaced_base_template": data.base_chat_template is not None})
     with run.attempt():
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, run.state.local_process_index)))
         eval_set = blocks_dataset(data.eval_blocks) if data.eval_blocks else None
@@ -52,6 +54,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         # train
         stop = StopOnSignal(run.state)
         trainer.add_callback(run.memory)
+        trainer.add_callback(run.step_tracker())
         trainer.add_callback(MarkCheckpoints(cfg, run.state))
         trainer.add_callback(stop)
         say = run.say
@@ -70,7 +73,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
                                                       for e in trainer.state.log_history if "eval_loss" in e]
 
         # save
-        run.save(trainer, data.tokenizer)
+        run.save(trainer, data.tokenizer, data.base_chat_template)
     for line in run.summary_lines():
         run.say(line)
     return run.record

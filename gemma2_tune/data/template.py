@@ -1,0 +1,103 @@
+"""The chat template saved with every run, checkpoint and merged folder: `normalise` + `render` in Jinja.
+
+Generated from the family (how system text is folded) and the run's `data.system_policy`, so that
+`apply_chat_template` (transformers, TGI, vLLM) gives exactly the ids training used, and refuses, with a
+TemplateError naming why, every conversation training refuses. One difference by design: a template
+accepts a conversation ending with a user turn (a prompt to answer), which training cannot learn from.
+
+tests/test_template.py renders a generated corpus through both paths for every policy.
+"""
+
+from __future__ import annotations
+
+from ..families import GEMMA2, Family
+from .turns import BOS, CONTROL_MARKERS, END, ROLE_NAMES, START, SystemPolicy
+
+
+def _literal(text: str) -> str:
+    """A Python string as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold") -> str:
+    """The Jinja chat template equivalent to `render(normalise(messages, system_policy, family=family,
+    allow_open_end=True), add_generation_prompt=...)`; raises (raise_exception) where normalise raises."""
+    roles = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in ROLE_NAMES.items()) + "}"
+    markers = "[" + ", ".join(_literal(m) for m in CONTROL_MARKERS) + "]"
+    verbatim = family.system_fold == "first_verbatim"
+    keep_system = (
+        "{%- set ns.system = message['content'] + '\\n\\n' -%}" if verbatim
+        else "{%- set ns.system = ns.system + text + '\\n\\n' -%}"
+    )
+    second_system = (
+        "{%- if ns.nsys > 0 -%}{{ raise_exception('message ' ~ i ~ ' is a second system message; "
+        + family.display + "\\'s template takes one') }}{%- endif -%}" if verbatim and system_policy == "fold" else ""
+    )
+    on_system = {
+        "fold": second_system + keep_system,
+        "drop": "",
+        "error": "{{ raise_exception('message ' ~ i ~ ' is a system message and the system policy is error') }}",
+    }[system_policy]
+    return (
+        f"{{#- gemma2-tune: {family.display} turns, system policy {system_policy}; generated, do not edit -#}}"
+        f"{{%- set roles = {roles} -%}}"
+        f"{{%- set markers = {markers} -%}}"
+        "{%- set ns = namespace(system='', nsys=0, nturns=0, fold=" + ("true" if system_policy == "fold" else "false")
+        + ") -%}"
+        "{%- if messages is string or messages is not iterable or messages | length == 0 -%}"
+        "{{ raise_exception('no messages') }}{%- endif -%}"
+        # pass 1: each message as normalise checks it, in order; system text collected
+        "{%- for message in messages -%}{%- set i = loop.index0 -%}"
+        "{%- if message is not mapping -%}{{ raise_exception('message ' ~ i ~ ' is not an object') }}{%- endif -%}"
+        "{%- set raw = message['role'] if 'role' in message else none -%}"
+        "{%- set key = (raw | string | lower) if raw is not none else '' -%}"
+        "{%- if key not in roles -%}{{ raise_exception('message ' ~ i ~ ' has unknown role ' ~ raw) }}{%- endif -%}"
+        "{%- set role = roles[key] -%}"
+        "{%- if 'content' not in message or message['content'] is not string -%}"
+        "{{ raise_exception('message ' ~ i ~ ' (' ~ raw ~ ') content is not text') }}{%- endif -%}"
+        "{%- set text = message['content'] | trim -%}"
+        "{%- if text == '' and role != 'system' -%}"
+        "{{ raise_exception('message ' ~ i ~ ' (' ~ raw ~ ') has empty content') }}{%- endif -%}"
+        "{%- if text != '' -%}"
+        "{%- for marker in markers -%}{%- if marker in text -%}"
+        "{{ raise_exception('message ' ~ i ~ ' (' ~ raw ~ ') contains the control marker ' ~ marker) }}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if role == 'system' -%}"
+        "{%- if ns.nturns > 0 -%}"
+        "{{ raise_exception('message ' ~ i ~ ' is a system message after the conversation started') }}{%- endif -%}"
+        + on_system +
+        "{%- set ns.nsys = ns.nsys + 1 -%}"
+        "{%- else -%}{%- set ns.nturns = ns.nturns + 1 -%}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if ns.nturns == 0 -%}{{ raise_exception('no user or model messages') }}{%- endif -%}"
+        # pass 2: roles alternate, user first
+        "{%- set ns.nturns = 0 -%}"
+        "{%- for message in messages -%}{%- set role = roles[message['role'] | string | lower] -%}"
+        "{%- if role != 'system' -%}"
+        "{%- set expected = 'user' if ns.nturns % 2 == 0 else 'model' -%}"
+        "{%- if role != expected -%}{{ raise_exception('turn ' ~ ns.nturns ~ ' is ' ~ role ~ ' where ' ~ expected"
+        " ~ ' was expected (roles must alternate, user first)') }}{%- endif -%}"
+        "{%- set ns.nturns = ns.nturns + 1 -%}"
+        "{%- endif -%}{%- endfor -%}"
+        # pass 3: render
+        f"{{{{ {_literal(BOS)} }}}}"
+        "{%- set ns.nturns = 0 -%}"
+        "{%- for message in messages -%}{%- set role = roles[message['role'] | string | lower] -%}"
+        "{%- if role != 'system' -%}"
+        "{%- set text = message['content'] | trim -%}"
+        "{%- if ns.nturns == 0 and ns.fold -%}{%- set text = ns.system + text -%}{%- endif -%}"
+        f"{{{{ {_literal(START)} ~ role ~ '\\n' ~ text ~ {_literal(END)} ~ '\\n' }}}}"
+        "{%- set ns.nturns = ns.nturns + 1 -%}"
+        "{%- endif -%}{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {_literal(START)} ~ 'model\\n' }}}}{{%- endif -%}}"
+    )
+
+
+def use_run_template(tokenizer, family: Family, system_policy: SystemPolicy) -> str | None:
+    """Give `tokenizer` the run's generated template. Returns the template it carried before when that one
+    differs (a base or -it checkpoint's own, to keep beside the run as chat_template.base.jinja), else None."""
+    ours = chat_template(family, system_policy)
+    before = getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = ours
+    return before if before and before != ours else None
