@@ -1,5 +1,5 @@
 # Two commands after cloning:
-#   make quickstart   install into .venv, then train the embedded CPU quickstart (offline, about a minute)
+#   make quickstart   install into .venv, then train the embedded CPU quickstart (offline, ~15 s once installed)
 #   make test         install into .venv, then run the test suite
 VENV ?= .venv
 PYTHON ?= python3

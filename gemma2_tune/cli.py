@@ -39,9 +39,11 @@ SetOpt = Annotated[
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model.name_or_path: hub id or local folder.")]
 DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="data.dataset: alias, hub id or local file/folder.")]
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")]
-LoadInOpt = Annotated[str, typer.Option("--load-in", help="bf16, 8bit or 4bit.")]
+LoadInOpt = Annotated[str, typer.Option("--load-in", help="auto (the run's precision, unquantized), bf16, fp32, "
+                                        "8bit or 4bit.")]
 LaunchOpt = Annotated[Optional[str], typer.Option("--launch", help="Start N processes with accelerate: a bundled config "
-                                                  "(zero3, zero3_offload, multi_gpu, single_gpu) or a path.")]
+                                                  "(zero3 = deepspeed_zero3, zero3_offload, ddp = multi_gpu, "
+                                                  "single = single_gpu) or a path.")]
 
 
 def echo(line: str) -> None:
@@ -243,8 +245,10 @@ def preview(
 
 
 def _load_in(value: str) -> str:
-    if value not in ("bf16", "8bit", "4bit"):
-        raise UserError(f"--load-in {value}: use bf16, 8bit or 4bit")
+    from .after.inference import LOAD_IN
+
+    if value not in LOAD_IN:
+        raise UserError(f"--load-in {value}: use {', '.join(LOAD_IN)}")
     return value
 
 
@@ -254,7 +258,7 @@ def chat(
     adapter: AdapterOpt = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One-shot: print only the answer and exit.")] = None,
     system: Annotated[Optional[str], typer.Option(help="A system message (handled by the run's system policy).")] = None,
-    load_in: LoadInOpt = "bf16",
+    load_in: LoadInOpt = "auto",
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
@@ -299,7 +303,7 @@ def evaluate_command(
     tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated (needs lm-eval).")] = None,
     max_length: Annotated[int, typer.Option(help="data.max_length for the held-out rows.")] = 1024,
     max_rows: Annotated[Optional[int], typer.Option(help="Score at most this many rows.")] = None,
-    load_in: LoadInOpt = "bf16",
+    load_in: LoadInOpt = "auto",
     include_path: Annotated[Optional[str], typer.Option(help="Folder of extra lm-eval task YAMLs.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task.")] = None,
 ) -> None:

@@ -126,3 +126,13 @@ def test_lora_targets_are_checked_against_the_family_without_loading():
             resolve(None, [f"lora.target_modules=[q_proj, v_proj, {tied}]"])
         assert len(err.value.problems) == 1 and "ties lm_head to embed_tokens" in err.value.problems[0]
     resolve(None, ["lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"])
+
+
+def test_schema_errors_and_rule_errors_are_reported_together(tmp_path):
+    recipe = write(tmp_path, "model:\n  name_or_path: google/gemma-2-9b\n  attn_implementation: sdpa\nfoo: 1\n"
+                             "lora:\n  r: many\n  target_modules: [q_prj]\n")
+    with pytest.raises(ConfigError) as err:
+        resolve(recipe)
+    text = "\n".join(err.value.problems)
+    assert "foo" in text and "unknown key" in text and "lora.r" in text  # schema
+    assert "soft-capping" in text and "'q_prj' is not a module" in text  # rules, despite the schema errors

@@ -98,3 +98,18 @@ def test_models_command_lists_families_and_builtins():
     assert "Gemma 2 (model_type gemma2): 2b (2.61B), 9b (9.24B), 27b (27.23B)" in r.output
     assert "Gemma 3 text (model_type gemma3_text): 270m (0.27B), 1b (1.00B)" in r.output
     assert "builtin:gemma-3-270m" in r.output and "kernels eager, sdpa" in r.output
+
+
+@pytest.mark.parametrize("name,why", [
+    ("google/gemma-7b", "Gemma 1"), ("google/gemma-2b-it", "Gemma 1"), ("google/gemma-1.1-7b-it", "Gemma 1"),
+    ("google/gemma-3n-E2B-it", "Gemma 3n"), ("google/recurrentgemma-2b", "RecurrentGemma"),
+])
+def test_names_of_other_architectures_are_refused_before_loading(name, why):
+    with pytest.raises(ConfigError, match=why):
+        resolve(None, [f"model.name_or_path={name}"])
+
+
+def test_a_name_that_says_no_family_is_warned_about():
+    r = resolve(None, ["model.name_or_path=meta-llama/Llama-3.1-8B"])
+    assert any("doesn't name a supported family" in w and "checked when it loads" in w for w in r.warnings)
+    assert not resolve(None, ["model.name_or_path=google/gemma-2-2b"]).warnings

@@ -33,7 +33,7 @@ def answers(adapter_or_model: dict) -> list[tuple[str, bool]]:
     from gemma2_tune.after.inference import Sampling, load, prompt_ids, read_run
 
     run = read_run(**adapter_or_model)
-    loaded = load(run, "bf16", dtype="float32")
+    loaded = load(run, "fp32")
     end = loaded.tokenizer.convert_tokens_to_ids("<end_of_turn>")
     out = []
     for prompt in held_out_prompts():

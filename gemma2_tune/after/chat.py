@@ -14,7 +14,8 @@ Echo = Callable[[str], None]
 def describe(run: TrainedRun, loaded: Loaded, load_in: str, sampling: Sampling) -> str:
     """One line saying what is talking: model (+ adapter), precision, kernel, system policy, sampling."""
     caps = " (soft-capping on)" if loaded.report.attention_softcap else ""
-    return (f"{run.base_model}{' + ' + str(run.path) if run.is_adapter else ''}, {load_in}, "
+    precision = loaded.report.load_dtype + (f", {load_in}" if load_in in ("8bit", "4bit") else "")
+    return (f"{run.base_model}{' + ' + str(run.path) if run.is_adapter else ''}, {precision}, "
             f"{loaded.report.attn_implementation} attention{caps}, system policy '{run.system_policy}', "
             + ("greedy" if sampling.temperature == 0 else f"temperature {sampling.temperature}, top_p {sampling.top_p}"))
 

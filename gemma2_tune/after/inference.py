@@ -20,7 +20,8 @@ from ..data.turns import END, normalise, render
 from ..errors import UserError
 from ..families import Family
 
-LoadIn = Literal["bf16", "8bit", "4bit"]
+LoadIn = Literal["auto", "bf16", "fp32", "8bit", "4bit", "as-trained"]
+LOAD_IN = ("auto", "bf16", "fp32", "8bit", "4bit")  # what users choose; "as-trained" is merge's
 
 
 @dataclass
@@ -53,7 +54,8 @@ def read_run(adapter: str | None, model: str | None) -> TrainedRun:
     """What --adapter/--model point at. Raises UserError when the folder is not a run or an adapter."""
     if adapter is None:
         if model is None:
-            raise UserError("give --model (a Gemma 2 checkpoint) and/or --adapter (a gemma2-tune run folder)")
+            raise UserError("give --model (a Gemma 2 or Gemma 3 text checkpoint) and/or --adapter (a gemma2-tune "
+                            "run folder)")
         return TrainedRun(Path(model), model, "fold", False, None)
     path = Path(adapter).expanduser()
     if not path.is_dir():
@@ -76,10 +78,14 @@ def read_run(adapter: str | None, model: str | None) -> TrainedRun:
                     "and not a model folder (no config.json + *.safetensors)")
 
 
-def load(run: TrainedRun, load_in: LoadIn | Literal["as-trained"] = "bf16", dtype: str = "bfloat16") -> Loaded:
-    """Base (+ adapter) through the one loading path, in eval mode. `load_in="as-trained"` loads the base
-    exactly as the run trained it (its 4-bit settings, its dtype). Raises UserError: a base that doesn't
-    fit the adapter, an unsupported model, anything load_model refuses."""
+def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) -> Loaded:
+    """Base (+ adapter) through the one loading path, in eval mode.
+
+    load_in: "auto" unquantized in the run's precision (model.dtype; bfloat16 without a run config),
+    "bf16"/"fp32" unquantized in that precision, "8bit"/"4bit" quantized (computing in the run's precision),
+    "as-trained" exactly as the run trained it (its 4-bit settings, its dtype). `dtype` overrides the
+    precision. Raises UserError: a base that doesn't fit the adapter, an unsupported model, anything
+    load_model refuses."""
     import dataclasses
 
     from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
@@ -87,10 +93,12 @@ def load(run: TrainedRun, load_in: LoadIn | Literal["as-trained"] = "bf16", dtyp
     family, _ = checkpoint_family(run.base_model)
     tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model)
     use_run_template(tokenizer, family, run.system_policy)  # what generation renders, whatever was saved
+    trained_dtype = run.config.model.dtype if run.config else "bfloat16"
     if load_in == "as-trained" and run.config is not None:
         request = dataclasses.replace(LoadRequest.for_run(run.config), name_or_path=run.base_model, training=False)
     else:
-        bits = None if load_in in ("bf16", "as-trained") else load_in
+        dtype = dtype or {"bf16": "bfloat16", "fp32": "float32"}.get(load_in, trained_dtype)
+        bits = load_in if load_in in ("8bit", "4bit") else None
         request = LoadRequest(run.base_model, dtype=dtype, attn_implementation=run.attn_implementation,
                               quantization=bits)
     model, report = load_model(request)

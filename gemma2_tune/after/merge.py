@@ -55,7 +55,7 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
         trained = load(run, "as-trained")
         trained_logits = _logits(trained.model, _prompts(run, trained))
         del trained
-    loaded = load(run, "bf16", dtype)
+    loaded = load(run, "auto", dtype)
     peft_model, tokenizer = loaded.model, loaded.tokenizer
     prompts = _prompts(run, loaded)
     reference = _logits(peft_model, prompts)

@@ -101,6 +101,28 @@ def _format_validation_error(exc: ValidationError, origin: dict[str, str], schem
     return problems
 
 
+def _rules_despite(exc: ValidationError, data: dict[str, Any], schema: type[BaseModel]) -> list[str]:
+    """The schema's rules on the values that are valid, so every problem is reported at once: the failing
+    keys are set aside (defaults take their place) and rule problems naming them are left out."""
+    import copy
+
+    rest, dropped = copy.deepcopy(data), set()
+    for err in exc.errors():
+        key = [str(p) for p in err["loc"][:2]]
+        node = rest
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key[-1], None)
+        dropped.add(".".join(key))
+    try:
+        config = schema.model_validate(rest)
+    except ValidationError:
+        return []
+    errors, _ = config_problems(config)
+    return [e for e in errors if not any(d in e for d in dropped)]
+
+
 @dataclass
 class Resolved(Generic[Schema]):
     """A validated config, its warnings, and the recipe file it came from (None: defaults and flags only)."""
@@ -140,7 +162,9 @@ def resolve(
     try:
         config = schema.model_validate(layers.data)
     except ValidationError as exc:
-        raise ConfigError(problems + _format_validation_error(exc, layers.origin, schema)) from None
+        problems += _format_validation_error(exc, layers.origin, schema)
+        problems += _rules_despite(exc, layers.data, schema)
+        raise ConfigError(problems) from None
     errors, warnings = config_problems(config)
     problems.extend(errors)
     if problems:

@@ -18,6 +18,8 @@ from ..families import (
     Family,
     family_of_checkpoint,
     local_model_type,
+    refused_name,
+    supported_summary,
     unsupported_message,
 )
 from .schema import RunConfig
@@ -41,6 +43,12 @@ def model_problems(name: str, kernel: str, dtype: str) -> tuple[list[str], list[
     if model_type is not None and family is None:
         return [unsupported_message(name, model_type)], []
     if family is None:
+        refused = refused_name(name)
+        if refused:
+            return [f"model.name_or_path: '{name}' is {refused}; gemma2-tune trains {supported_summary()} "
+                    "checkpoints"], []
+        warnings.append(f"model.name_or_path: '{name}' doesn't name a supported family ({supported_summary()}); "
+                        "its config.json is checked when it loads, before any weights")
         if kernel != "eager":
             warnings.append(f"model.attn_implementation: '{kernel}' is exact only for some families "
                             f"({kernel_summary(kernel)}); '{name}' doesn't say which it is: checked when its config loads")

@@ -77,7 +77,8 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(REFERENCE_TARGET_MODULES),
-        description="Modules to adapt. Gemma 2 reference: the attention projections q/k/v/o, never the MLP.",
+        description="Modules to adapt, checked against the model's projections (q/k/v/o_proj, gate/up/down_proj); "
+        "the tied lm_head/embed_tokens are refused. Gemma 2 reference: q/k/v/o, never the MLP.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
 

@@ -14,6 +14,7 @@ This package is pure data and standard library: `validate` reads it without torc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .base import AttentionKernel, Family, Shape
@@ -30,9 +31,17 @@ REFUSED_MODEL_TYPES = {
     "gemma3n": "Gemma 3n (per-layer embeddings, audio/vision); not supported",
 }
 
+# Names that say another architecture (checked before anything loads), and why each is refused.
+REFUSED_NAMES = {
+    r"gemma-?3n": REFUSED_MODEL_TYPES["gemma3n"],
+    r"(?<![a-z])gemma-?(?:1\.1-)?(?:2|7)b(?![a-z0-9])|codegemma": REFUSED_MODEL_TYPES["gemma"],
+    r"recurrentgemma": "RecurrentGemma (Griffin recurrent layers); not supported",
+    r"paligemma|shieldgemma-2|medgemma-4b": "a multimodal Gemma; not supported",
+}
+
 __all__ = ["AttentionKernel", "FAMILIES", "Family", "GEMMA2", "GEMMA3_TEXT", "REFUSED_MODEL_TYPES", "Shape",
            "family_of_checkpoint", "family_of_model_type", "family_of_name", "supported_summary",
-           "unsupported_message"]
+           "refused_name", "unsupported_message"]
 
 
 def family_of_model_type(model_type: str | None) -> Family | None:
@@ -61,6 +70,11 @@ def family_of_checkpoint(name_or_path: str) -> Family | None:
     if model_type is not None:
         return family_of_model_type(model_type)
     return family_of_name(name_or_path)
+
+
+def refused_name(name: str) -> str | None:
+    """Why a name that says another architecture is refused (None when it doesn't say so)."""
+    return next((why for pattern, why in REFUSED_NAMES.items() if re.search(pattern, name, re.IGNORECASE)), None)
 
 
 def supported_summary() -> str:

@@ -50,7 +50,7 @@ BUILTINS = {
     "tiny-gemma3": Builtin("tiny random Gemma 3 text model (4 layers, hidden 64; 3 sliding : 1 global, QK-norm)", 1,
                            _tiny("gemma3")),
     "gemma-3-270m": Builtin("Gemma 3 270M base, real weights (GGUF Q4_K_M from the package registry, dequantized)",
-                            1, _gemma3_270m),
+                            2, _gemma3_270m),
 }
 
 
@@ -59,15 +59,20 @@ def is_builtin(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
-def builtin_path(name: str) -> Path:
-    """Local folder of a builtin model, built on first use. Raises UserError for an unknown name or when
-    what the build needs is missing."""
+def builtin_folder(name: str) -> Path:
+    """Where a builtin model lives (built or not). Raises UserError for an unknown name."""
     kind = name.removeprefix(PREFIX)
     builtin = BUILTINS.get(kind)
     if builtin is None:
         known = ", ".join(PREFIX + k for k in BUILTINS)
         raise UserError(f"model.name_or_path: unknown builtin model {name!r} (available: {known})")
-    path = home() / f"{kind}-v{builtin.version}"
+    return home() / f"{kind}-v{builtin.version}"
+
+
+def builtin_path(name: str) -> Path:
+    """Local folder of a builtin model, built on first use. Raises UserError for an unknown name or when
+    what the build needs is missing."""
+    path = builtin_folder(name)
     if not (path / COMPLETE).is_file():
-        builtin.build(path)
+        BUILTINS[name.removeprefix(PREFIX)].build(path)
     return path

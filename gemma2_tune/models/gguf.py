@@ -54,7 +54,10 @@ def build_gemma3_270m(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=MODEL_NAME)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=MODEL_NAME, dtype=torch.float32)
         # A model loaded from GGUF is marked quantized and refuses save_pretrained; copy it into a plain one.
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.bfloat16)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # "gguf": describes the file read, not these weights
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
         shutil.rmtree(gguf_dir)

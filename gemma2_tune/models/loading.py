@@ -33,7 +33,7 @@ def model_location(name_or_path: str) -> str:
 
 
 def _loading_hint(what: str, name: str, exc: Exception) -> str:
-    local = Path(name).expanduser().exists()
+    local = is_builtin(name) or Path(name).expanduser().exists()
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     where = "local folder" if local else "Hugging Face Hub"
     return (

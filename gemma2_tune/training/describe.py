@@ -10,6 +10,11 @@ from ..data.sources import describe_source
 from ..families import family_of_checkpoint
 
 
+def count(n: int, unit: str) -> str:
+    """'1 row', '4 rows'."""
+    return f"{n} {unit}{'' if n == 1 else 's'}"
+
+
 def run_lines(cfg: RunConfig) -> list[str]:
     """model, quantization, adapters, data, training, output: one line each."""
     q, lora, t = cfg.quantization, cfg.lora, cfg.training
@@ -30,8 +35,8 @@ def run_lines(cfg: RunConfig) -> list[str]:
         f"adapters:     {adapt}",
         f"data:         {describe_source(cfg.data)}; Gemma turns, system messages '{cfg.data.system_policy}', "
         f"loss on {cfg.data.train_on.replace('_', ' ')}, max {cfg.data.max_length} tokens ({cfg.data.overlong} longer rows)",
-        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), {cfg.rows_per_optimizer_step} "
-        f"{'packed blocks' if cfg.data.packing else 'rows'} per optimizer step per process "
+        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), "
+        f"{count(cfg.rows_per_optimizer_step, 'packed block' if cfg.data.packing else 'row')} per optimizer step per process "
         f"(batch {t.per_device_train_batch_size} x accumulation "
         f"{t.gradient_accumulation_steps}), gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
         f"output:       {cfg.output.dir}",

@@ -47,14 +47,16 @@ def model_shape(name_or_path: str) -> tuple[Shape, str]:
     Returns (shape, where it came from). Raises UserError when the name doesn't say and there is no folder.
     """
     from ..families import FAMILIES, family_of_name
-    from ..models.builtin import builtin_path, is_builtin
+    from ..models.builtin import builtin_folder, builtin_path, is_builtin
 
-    path = builtin_path(name_or_path) if is_builtin(name_or_path) else Path(name_or_path).expanduser()
+    path = builtin_folder(name_or_path) if is_builtin(name_or_path) else Path(name_or_path).expanduser()
+    family = family_of_name(name_or_path)
+    size = family.size_from_name(name_or_path) if family else None
+    if is_builtin(name_or_path) and not (path / "config.json").is_file() and not (family and size in family.shapes):
+        path = builtin_path(name_or_path)  # a tiny builtin without a published size: built in seconds
     if (path / "config.json").is_file():
         where = f"{path}/config.json"
         return Shape.from_config(json.loads((path / "config.json").read_text()), where), where
-    family = family_of_name(name_or_path)
-    size = family.size_from_name(name_or_path) if family else None
     if family and size in family.shapes:
         shape = family.shapes[size]
         return shape, f"published {family.display} {size.upper()} shape, {shape.source}"

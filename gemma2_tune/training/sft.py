@@ -17,6 +17,7 @@ from ..models.loading import LoadRequest, load_model
 from ..models.lora import inspect_adapters
 from .callbacks import EchoLoss, MarkCheckpoints, StopOnSignal
 from .data import TrainingData, blocks_dataset, prepare_data
+from .describe import count
 from .launch import current_launch
 from .lifecycle import RunLifecycle, tokens_seen
 from .progress import LiveProgress, bar_wanted
@@ -95,9 +96,9 @@ def say_plan(cfg: RunConfig, run: RunLifecycle, data: TrainingData, checkpoint) 
     """The launch, the loss and the tokens per optimizer step, before the first step."""
     t = cfg.training
     items_per_step = cfg.rows_per_optimizer_step * run.state.num_processes
-    unit = "blocks" if cfg.data.packing else "rows"
+    unit = "block" if cfg.data.packing else "row"
     run.say(f"launch: {run.launch.describe()}; loss: {run.record['loss_implementation']}")
-    run.say(f"training: {data.report.rows_kept} rows in {len(data.blocks)} {unit}, {items_per_step} {unit} per "
-            f"optimizer step (batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps} "
+    run.say(f"training: {count(data.report.rows_kept, 'row')} in {count(len(data.blocks), unit)}, "
+            f"{count(items_per_step, unit)} per optimizer step (batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps} "
             f"x {run.state.num_processes} processes), at most {cfg.data.max_length * items_per_step} tokens per step"
             + (f"; resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else ""))
