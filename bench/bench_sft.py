@@ -39,11 +39,10 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn
 
 
 # ----------------------------------------------------------------------------- setup (parent process)
-def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
-    """A word-level tokenizer with exactly `vocab` entries and a random Gemma 2 with that vocabulary."""
-    import torch
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer with exactly `vocab` entries (w8, w9, ...) and Gemma's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from gemma2_tune.data.template import chat_template
 
@@ -51,9 +50,17 @@ def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
     words.update({f"w{i}": i for i in range(len(words), vocab)})
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
                                    chat_template=chat_template())
+
+
+def build_model(path: Path, vocab: int, hidden: int, layers: int) -> None:
+    """A word-level tokenizer with exactly `vocab` entries and a random Gemma 2 with that vocabulary."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    fast = build_tokenizer(vocab)
     config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, sliding_window=256,
                           max_position_embeddings=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,

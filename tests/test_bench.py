@@ -25,3 +25,22 @@ def test_bench_quick_writes_all_sides_and_ratios(tmp_path):
     assert len(tokens) == 1
     assert data["runs"]["gemma2-tune-unpacked"][0]["steps"] == data["runs"]["trl"][0]["steps"]
     assert "supervised tokens/s" in r.stdout
+
+
+def test_bench_gpu_smoke_runs_every_side_it_can_on_a_cpu(tmp_path):
+    """bench_gpu.py's plumbing on a CPU (tiny shape, 2 steps): a smoke test, not a measurement."""
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "bench/bench_gpu.py", "--smoke", "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    sides = data["shapes"]["smoke"]["sides"]
+    assert set(sides) == {"trl", "gemma2-tune", "gemma2-tune-4096"}  # flex has no CPU backward
+    for side, result in sides.items():
+        assert "error" not in result, (side, result.get("error"))
+        assert result["steps"] == 2 and result["supervised_tokens_per_s"] > 0 and result["tokens_per_s"] > 0
+    assert sides["gemma2-tune"]["micro_batch"]["folded"] == 1  # auto: not folded without a GPU
+    assert "MFU 4N" in r.stdout
+    r = subprocess.run([sys.executable, "bench/bench_gpu.py", "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "no CUDA device" in r.stderr  # never a CPU number passed off as a GPU one

@@ -40,11 +40,12 @@ class ModelSection(Section):
         "`builtin:gemma-3-270m` is the real Gemma 3 270M, built from the Python package registry.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+    attn_implementation: Literal["eager", "flex_attention", "sdpa", "flash_attention_2"] = Field(
         "eager",
-        description="Attention kernel. `eager` keeps Gemma 2's attention soft-capping; `sdpa` is refused for "
-        "Gemma 2 (it drops the soft-cap) and allowed for Gemma 3 (no soft-cap); `flash_attention_2` only with a "
-        "flash-attn that supports softcap (Gemma 2).",
+        description="Attention kernel. `eager` keeps Gemma 2's attention soft-capping; `flex_attention` keeps it too "
+        "(inside the kernel; trains on CUDA only: no CPU backward); `sdpa` is refused for Gemma 2 (it drops the "
+        "soft-cap) and allowed for Gemma 3 (no soft-cap); `flash_attention_2` only with a flash-attn that "
+        "supports softcap (Gemma 2).",
     )
     dtype: Dtype = Field(
         "bfloat16",
@@ -134,6 +135,12 @@ class TrainingSection(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(1, gt=0, description="Rows per device per micro-batch.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    fold_accumulation: Literal["auto"] | bool = Field(
+        "auto",
+        description="Run the accumulated micro-batches of a step as fewer, larger ones (same items and tokens per "
+        "optimizer step, same gradient): `auto` folds as far as `plan`'s memory model says the GPU allows (not on "
+        "CPU), `true` folds all of them into one, `false` runs them as configured.",
+    )
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides num_train_epochs.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(

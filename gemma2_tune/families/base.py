@@ -77,6 +77,7 @@ class AttentionKernel:
     reason: str  # why it keeps (or loses) the family's numerics; shown in errors and `config`
     applies_softcap: bool = True  # computes an attention soft-cap when a checkpoint sets one
     needs: tuple[str, tuple[int, ...]] | None = None  # (distribution, minimum version) it depends on
+    cpu_backward: bool = True  # can train on a CPU (flex_attention's kernel has no CPU backward)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,11 @@ GEMMA2 = Family(
             "flash_attention_2", True,
             "applies the soft-cap through flash-attn's softcap argument (flash-attn >= 2.6.0; older builds "
             "silently compute without it)", needs=("flash-attn", (2, 6, 0))),
+        "flex_attention": AttentionKernel(
+            "flex_attention", True,
+            "applies the soft-cap inside the kernel (its score_mod) and masks packed rows and the sliding window "
+            "through its block mask; equal to eager within 1e-5 in fp32 (tests/test_attention.py)",
+            cpu_backward=False),
     },
     layer_pattern="sliding-window (4,096 tokens) and global attention layers alternate",
     sliding_per_global=1,

@@ -27,6 +27,8 @@ GEMMA3_TEXT = Family(
                                 applies_softcap=False),
         "flash_attention_2": AttentionKernel("flash_attention_2", True, "exact for Gemma 3 (no soft-cap to keep)",
                                              needs=("flash-attn", (2, 0, 0))),
+        "flex_attention": AttentionKernel("flex_attention", True, "masks packed rows and the sliding window through "
+                                          "its block mask", cpu_backward=False),
     },
     layer_pattern="five sliding-window layers (512 tokens at 270M/1B) per global attention layer",
     sliding_per_global=5,

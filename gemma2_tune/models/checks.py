@@ -14,11 +14,19 @@ from ..errors import UserError
 from ..families import Family
 
 
-def check_kernel_request(family: Family, kernel: str) -> None:
-    """Before loading: the kernel is allowed for the family and what it needs is installed. Raises UserError."""
+def check_kernel_request(family: Family, kernel: str, training: bool = False) -> None:
+    """Before loading: the kernel is allowed for the family, what it needs is installed, and, to train, it
+    has a backward on this device. Raises UserError."""
     problem = family.kernel_problem(kernel)
     if problem:
         raise UserError(problem)
+    if training and not family.kernels[kernel].cpu_backward:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"model.attn_implementation: {kernel} has no backward on a CPU (torch {torch.__version__}), "
+                            f"so it cannot train here; train with eager on a CPU ({kernel} is for CUDA), or use it "
+                            "for chat and eval")
     needs = family.kernels[kernel].needs
     if needs is None:
         return

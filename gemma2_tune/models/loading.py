@@ -133,7 +133,7 @@ def load_model(request: LoadRequest):
     from transformers import AutoModelForCausalLM
 
     family, _ = checkpoint_family(request.name_or_path, request.revision, request.trust_remote_code)
-    check_kernel_request(family, request.attn_implementation)
+    check_kernel_request(family, request.attn_implementation, request.training)
     location = model_location(request.name_or_path)
     quant = request.bnb()
     device_map = request.device_map

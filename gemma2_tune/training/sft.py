@@ -13,7 +13,9 @@ from typing import Any, Callable
 from transformers import set_seed
 
 from ..config.schema import RunConfig
-from ..models.loading import LoadRequest, load_model
+from ..models.checks import check_kernel_request
+from ..models.loading import LoadRequest, checkpoint_family, load_model
+from .batching import MicroBatch, gpu_memory, micro_batch
 from ..models.lora import inspect_adapters
 from .callbacks import EchoLoss, MarkCheckpoints, StopOnSignal
 from .data import TrainingData, blocks_dataset, prepare_data
@@ -36,12 +38,16 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     # setup
     launch = current_launch()
     run = RunLifecycle(cfg, "sft", echo, launch, recipe, resuming=resume or bool(resume_from))
-    args = trainer_args(cfg, run.out, launch)  # before any process state: makes ZeRO-3 load weights sharded
+    m = cfg.model
+    _, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only, no weights
+    micro = micro_batch(cfg, hf_config, launch, gpu_memory())
+    args = trainer_args(cfg, run.out, launch, micro)  # before any process state: makes ZeRO-3 load weights sharded
     run.join()
     checkpoint = run.resume_point(resume, resume_from)
     set_seed(cfg.training.seed)
     data = prepare_data(cfg, run.say, run.state)
-    run.start(**data_record(cfg, data), loss_implementation=effective_loss(cfg, launch),
+    check_kernel_request(data.family, cfg.model.attn_implementation, training=True)  # before anything is written
+    run.start(**data_record(cfg, data), loss_implementation=effective_loss(cfg, launch), micro_batch=micro.to_dict(),
               chat_template={"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
                              "replaced_base_template": data.base_chat_template is not None})
     with run.attempt():
@@ -50,7 +56,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, eval_set)
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
-        say_plan(cfg, run, data, checkpoint)
+        say_plan(cfg, run, data, checkpoint, micro)
 
         # train
         stop = StopOnSignal(run.state)
@@ -92,7 +98,7 @@ def data_record(cfg: RunConfig, data: TrainingData) -> dict[str, Any]:
     }
 
 
-def say_plan(cfg: RunConfig, run: RunLifecycle, data: TrainingData, checkpoint) -> None:
+def say_plan(cfg: RunConfig, run: RunLifecycle, data: TrainingData, checkpoint, micro: MicroBatch) -> None:
     """The launch, the loss and the tokens per optimizer step, before the first step."""
     t = cfg.training
     items_per_step = cfg.rows_per_optimizer_step * run.state.num_processes
@@ -102,3 +108,4 @@ def say_plan(cfg: RunConfig, run: RunLifecycle, data: TrainingData, checkpoint) 
             f"{count(items_per_step, unit)} per optimizer step (batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps} "
             f"x {run.state.num_processes} processes), at most {cfg.data.max_length * items_per_step} tokens per step"
             + (f"; resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else ""))
+    run.say(f"running: {micro.describe()}")

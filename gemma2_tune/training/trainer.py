@@ -15,6 +15,7 @@ from trl import SFTTrainer
 from ..config.schema import RunConfig
 from ..data.packing import BlockCollator
 from ..models.lora import lora_config
+from .batching import MicroBatch
 from .launch import Launch
 from .loss import supervised_loss_sum
 
@@ -26,18 +27,20 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def trainer_args(cfg: RunConfig, out: Path, launch: Launch):
-    """SFTConfig, built before the model loads: under ZeRO-3 it is what makes from_pretrained shard weights."""
+def trainer_args(cfg: RunConfig, out: Path, launch: Launch, micro: MicroBatch | None = None):
+    """SFTConfig, built before the model loads: under ZeRO-3 it is what makes from_pretrained shard weights.
+    `micro`: the micro-batch shape to run (default: as configured)."""
     from trl import SFTConfig
 
     t = cfg.training
+    micro = micro or MicroBatch(t.per_device_train_batch_size, t.gradient_accumulation_steps, 1, "as configured")
     # PEFT under ZeRO-3 needs reentrant checkpointing (TRL enforces it; say so rather than be overridden).
     reentrant = launch.zero3 and cfg.lora.enabled
     return SFTConfig(
         output_dir=str(out),
         learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=micro.per_device,
+        gradient_accumulation_steps=micro.accumulation,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps or -1,
         lr_scheduler_type=t.lr_scheduler_type,
