@@ -127,14 +127,22 @@ def test_other_modes_train_and_save_loadable_weights(tmp_path, tiny_model_dir, s
         assert m["model"]["trainable_params"] == m["model"]["total_params"]
 
 
-def test_a_run_refused_before_training_does_not_block_its_rerun(tmp_path):
+def test_a_run_refused_before_training_does_not_block_its_rerun(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[:1000])  # a download cut short
     out = tmp_path / "run"
-    args = ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "1", "--set", "training.save_steps=null"]
-    r = runner.invoke(app, args + ["--set", "model.attn_implementation=flash_attention_2"])
-    assert r.exit_code == 2 and "flash" in r.output
+    args = ["sft", "--recipe", "quickstart-cpu", "--model", str(model), "-o", str(out), "--max-steps", "1",
+            "--set", "training.save_steps=null"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "could not load the weights" in r.output
     failed = json.loads((out / "run.json").read_text())
     assert failed["status"] == "failed" and not failed.get("global_step")
-    r = runner.invoke(app, args)  # the same command, fixed: no --overwrite needed
+    (model / "model.safetensors").write_bytes(weights)
+    r = runner.invoke(app, args)  # the same command, the model fixed: no --overwrite needed
     assert r.exit_code == 0, r.output
     assert "replacing the previous run" in r.output and "failed before its first optimizer step" in r.output
     r = runner.invoke(app, args)  # this one trained: it is kept unless --overwrite

@@ -1,7 +1,8 @@
 """Data: from a user's rows to packed, masked token blocks.
 
     sources.py   where rows come from (aliases, hub, local files) and their schemas -> role/content messages
-    turns.py     Gemma's turn format: normalise (system policy), render, supervision spans, chat templates
+    turns.py     Gemma's turn format: normalise (system policy), render, supervision spans
+    template.py  the same format as the Jinja chat template saved with every run
     examples.py  rendered rows -> token ids + labels, with a report of every row left out
     packing.py   best-fit packing into blocks (per-row position ids, no cross-row attention) and the collator
     cache.py     the tokenized-data cache

@@ -3,6 +3,7 @@
     lifecycle.py    output folder, manifest (attempts, status), rank-aware printing, throughput, card
     sft.py          `gemma2-tune sft`: setup -> train -> save
     trainer.py      TRL trainer arguments, the supervised-only loss trainer, LoRA applied by TRL
+    batching.py     the micro-batch shape: accumulation folded when memory allows
     data.py         the data a run trains on (tokenizer, rows, cached packed blocks)
     loss.py         tiled cross-entropy at supervised positions, with the final soft-cap
     callbacks.py    loss lines, checkpoint markers, SIGTERM, peak memory

@@ -15,7 +15,7 @@ from ..data.packing import pack, unpacked
 from ..data.sources import load_rows
 from ..data.template import use_run_template
 from ..families import Family
-from ..models.loading import checkpoint_family, load_tokenizer
+from ..models.loading import load_tokenizer
 
 Echo = Callable[[str], None]
 
@@ -61,8 +61,9 @@ def _blocks(rows: list, tokenizer, family: Family, cfg: RunConfig, key: str, mai
     return blocks, report, False
 
 
-def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
+def prepare_data(cfg: RunConfig, family: Family, echo: Echo, state=None) -> TrainingData:
     """Tokenizer, rows, blocks: everything that can fail on the user's data, before anything is written.
+    `family`: the checkpoint's (models.loading.checkpoint_family), which decides how system text folds.
 
     Blocks come from the tokenized-data cache when the same data, tokenizer and data settings were seen
     before; the main process builds them first and the other ranks read its result.
@@ -70,7 +71,6 @@ def prepare_data(cfg: RunConfig, echo: Echo, state=None) -> TrainingData:
     import contextlib
 
     m = cfg.model
-    family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
     base_template = use_run_template(tokenizer, family, cfg.data.system_policy)
     rows, source = load_rows(cfg.data)

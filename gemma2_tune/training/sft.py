@@ -39,14 +39,14 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     launch = current_launch()
     run = RunLifecycle(cfg, "sft", echo, launch, recipe, resuming=resume or bool(resume_from))
     m = cfg.model
-    _, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only, no weights
+    family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only, no weights
+    check_kernel_request(family, m.attn_implementation, training=True)
     micro = micro_batch(cfg, hf_config, launch, gpu_memory())
     args = trainer_args(cfg, run.out, launch, micro)  # before any process state: makes ZeRO-3 load weights sharded
     run.join()
     checkpoint = run.resume_point(resume, resume_from)
     set_seed(cfg.training.seed)
-    data = prepare_data(cfg, run.say, run.state)
-    check_kernel_request(data.family, cfg.model.attn_implementation, training=True)  # before anything is written
+    data = prepare_data(cfg, family, run.say, run.state)
     run.start(**data_record(cfg, data), loss_implementation=effective_loss(cfg, launch), micro_batch=micro.to_dict(),
               chat_template={"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
                              "replaced_base_template": data.base_chat_template is not None})
