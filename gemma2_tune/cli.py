@@ -17,7 +17,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from . import __version__
-from .config.layering import Resolved, config_to_yaml, resolve
+from .config.layering import Resolved, config_to_yaml, resolve, schema_for
 from .config.recipes import bundled_recipes, recipe_summary
 from .config.schema import DataSection, RunConfig
 from .errors import ConfigError, Interrupted, Outcome, UserError
@@ -186,6 +186,48 @@ def sft(
 
 
 @command()
+def distill(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="teacher.name_or_path: hub id or local "
+                                                   "folder of a larger model of the same family.")] = None,
+    dataset: DatasetOpt = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="output.dir")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="training.max_steps")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="training.learning_rate")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output dir.")] = False,
+    resume_from: Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
+    launch: LaunchOpt = None,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes for --launch.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")] = False,
+    recipe_label: Annotated[Optional[str], typer.Option("--recipe-label", hidden=True)] = None,
+) -> None:
+    """On-policy distillation: the student writes answers to the prompts and learns the teacher's distribution."""
+    from .config.schema import DistillConfig
+
+    flags = {
+        "model.name_or_path": ("--model", model),
+        "teacher.name_or_path": ("--teacher", teacher),
+        "data.dataset": ("--dataset", dataset),
+        "output.dir": ("--output-dir", output_dir),
+        "training.max_steps": ("--max-steps", max_steps),
+        "training.learning_rate": ("--learning-rate", learning_rate),
+        "output.overwrite": ("--overwrite", overwrite),
+    }
+
+    def train(cfg: DistillConfig, label) -> None:
+        from .training.distill import run_distill
+
+        run_distill(cfg, echo=echo, recipe=label, resume=resume, resume_from=resume_from)
+
+    start_training("distill", resolved_config(recipe, set_, flags, DistillConfig), launch=launch,
+                   num_processes=num_processes, resume=resume, resume_from=resume_from, dry_run=dry_run,
+                   recipe_label=recipe_label, train=train)
+
+
+@command()
 def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML to check (path or bundled name).")],
     set_: SetOpt = None,
@@ -197,7 +239,7 @@ def validate(
     from .training.describe import run_lines
 
     try:
-        resolved = resolve(recipe, set_)
+        resolved = resolve(recipe, set_, schema=schema_for(recipe, set_))
         if launch:
             from .training.launch import find_launch_config, launch_problems, read_launch_config
 
@@ -230,7 +272,7 @@ def preview(
 ) -> None:
     """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧."""
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
-                                         "data.dataset": ("--dataset", dataset)}).config
+                                         "data.dataset": ("--dataset", dataset)}, schema_for(recipe, set_)).config
     from .data.preview import preview as rows_preview
     from .models.loading import checkpoint_family, load_tokenizer
 
@@ -338,7 +380,8 @@ def plan(
 ) -> None:
     """Estimate per-GPU memory and tokens per step before launching. Exit 0 fits, 1 does not fit."""
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
-                                         "data.max_length": ("--max-length", max_length)}).config
+                                         "data.max_length": ("--max-length", max_length)},
+                          schema_for(recipe, set_)).config
     from .training.plan import report
 
     lines, ok = report(cfg, gpu, num_processes, launch)

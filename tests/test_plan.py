@@ -85,3 +85,17 @@ def write_long_chats(tmp_path, length):
     path = tmp_path / f"long{length}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def test_plan_counts_both_models_of_a_distillation():
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-distill-from-27b", "--gpu", "h100-80gb"])
+    assert r.exit_code == 0, r.output
+    assert "teacher: google/gemma-2-27b-it" in r.output and "27.23B parameters, 4bit" in r.output
+    terms = {line.split()[0] + " " + line.split()[1]: float(line.split()[-2]) for line in r.output.splitlines()
+             if line.startswith("  ") and line.strip().endswith("GiB") and "(" not in line}
+    assert 13 < terms["teacher weights"] < 16  # 27B at ~0.52 B/param in 4-bit
+    assert terms["generation KV"] > 0
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-distill-from-27b-zero3", "--gpu", "a100-40gb", "--launch",
+                            "zero3", "--num-processes", "8"])
+    sharded = next(float(x.split()[-2]) for x in r.output.splitlines() if x.strip().startswith("teacher weights"))
+    assert sharded == pytest.approx(27.23e9 * 2 / 8 / 2**30, rel=0.02)  # bf16 teacher split over 8

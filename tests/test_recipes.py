@@ -1,6 +1,6 @@
 import pytest
 
-from gemma2_tune.config.layering import resolve
+from gemma2_tune.config.layering import resolve, schema_for
 from gemma2_tune.config.recipes import bundled_recipes, find_recipe
 
 RECIPES = bundled_recipes()
@@ -14,7 +14,7 @@ def test_the_bundled_recipes_are_there():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_bundled_recipe_validates_and_starts_with_its_command(path):
-    resolved = resolve(str(path))
+    resolved = resolve(str(path), schema=schema_for(str(path)))
     assert resolved.config.model.attn_implementation == "eager"
     if path.stem.endswith("-cpu") and resolved.config.model.dtype != "bfloat16":  # CPU recipes say why not
         assert any("dtype:" in line and "#" in line for line in path.read_text().splitlines())
@@ -22,7 +22,8 @@ def test_every_bundled_recipe_validates_and_starts_with_its_command(path):
         assert resolved.config.model.dtype == "bfloat16"
     head = path.read_text().splitlines()[:4]
     assert head[0].startswith("# ")
-    assert any(line.startswith("# Run: ") and "gemma2_tune sft" in line.replace("gemma2-tune sft", "gemma2_tune sft")
+    command = "distill" if "teacher" in path.read_text() else "sft"
+    assert any(line.startswith("# Run: ") and f"gemma2_tune {command}" in line.replace("gemma2-tune", "gemma2_tune")
                and path.name in line for line in head)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from ..config.schema import RunConfig
+from ..config.schema import DistillConfig, RunConfig
 from ..data.template import use_run_template
 from ..data.turns import END, normalise, render
 from ..errors import UserError
@@ -63,7 +63,9 @@ def read_run(adapter: str | None, model: str | None) -> TrainedRun:
     cfg = None
     if (path / "config.yaml").is_file():
         try:
-            cfg = RunConfig.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+            saved = yaml.safe_load((path / "config.yaml").read_text())
+            schema = DistillConfig if isinstance(saved, dict) and "teacher" in saved else RunConfig
+            cfg = schema.model_validate(saved)
         except Exception:  # noqa: BLE001 - a config from another version: fall back to adapter_config.json
             cfg = None
     if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
@@ -95,7 +97,8 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
     use_run_template(tokenizer, family, run.system_policy)  # what generation renders, whatever was saved
     trained_dtype = run.config.model.dtype if run.config else "bfloat16"
     if load_in == "as-trained" and run.config is not None:
-        request = dataclasses.replace(LoadRequest.for_run(run.config), name_or_path=run.base_model, training=False)
+        request = dataclasses.replace(LoadRequest.for_run(run.config), name_or_path=run.base_model, training=False,
+                                      device_map="auto")
     else:
         dtype = dtype or {"bf16": "bfloat16", "fp32": "float32"}.get(load_in, trained_dtype)
         bits = load_in if load_in in ("8bit", "4bit") else None

@@ -172,6 +172,21 @@ def resolve(
     return Resolved(config=config, warnings=warnings, recipe=path)
 
 
+def schema_for(recipe: str | None, sets: list[str] | None = None) -> type[RunConfig]:
+    """The command schema a recipe (and --set items) is written for: DistillConfig when it has a `teacher` or
+    `distill` section, else RunConfig (sft). Used by `validate`, which serves every command."""
+    from .schema import DistillConfig
+
+    sections = set()
+    if recipe:
+        try:
+            sections |= set(load_recipe(find_recipe(recipe)))
+        except ConfigError:
+            pass  # resolve() reports it
+    sections |= {item.split(".", 1)[0].strip() for item in sets or []}
+    return DistillConfig if sections & {"teacher", "distill"} else RunConfig
+
+
 def config_to_yaml(config: BaseModel) -> str:
     """The resolved config as YAML, sections in schema order (what a run saves as config.yaml)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -22,7 +22,7 @@ from ..families import (
     supported_summary,
     unsupported_message,
 )
-from .schema import RunConfig
+from .schema import DistillConfig, RunConfig
 
 
 def checkpoint_size(family: Family, name_or_path: str) -> str | None:
@@ -127,8 +127,36 @@ def lora_target_problems(targets: list[str], family: Family) -> list[str]:
     return problems
 
 
+def distill_problems(cfg: DistillConfig) -> tuple[list[str], list[str]]:
+    """A distillation run's rules: the student's (run_problems), then the teacher's: a supported family that
+    is the student's (one tokenizer and vocabulary), a kernel that keeps its numerics, and not smaller than
+    the student (warned). Decided from names and local config.json files, without torch."""
+    errors, warnings = run_problems(cfg)
+    t = cfg.teacher
+    teacher_errors, teacher_warnings = model_problems(t.name_or_path, t.attn_implementation, cfg.model.dtype)
+    errors += [e.replace("model.", "teacher.", 1) for e in teacher_errors]
+    warnings += [w.replace("model.", "teacher.", 1) for w in teacher_warnings]
+    if cfg.data.eval_split:
+        errors.append("data.eval_split: distill holds prompts out with data.eval_fraction (the eval divergence is "
+                      "measured on the student's own completions)")
+    student, teacher = family_of_checkpoint(cfg.model.name_or_path), family_of_checkpoint(t.name_or_path)
+    if student and teacher and student is not teacher:
+        errors.append(f"teacher.name_or_path: '{t.name_or_path}' is {teacher.display} but the student "
+                      f"'{cfg.model.name_or_path}' is {student.display}: distillation compares next-token "
+                      "distributions over one vocabulary, so both must share the tokenizer")
+    if student and teacher is student:
+        s_size, t_size = checkpoint_size(student, cfg.model.name_or_path), checkpoint_size(teacher, t.name_or_path)
+        if s_size in student.shapes and t_size in teacher.shapes and (
+                teacher.shapes[t_size].total_params < student.shapes[s_size].total_params):
+            warnings.append(f"teacher.name_or_path: the teacher ({t_size.upper()}) is smaller than the student "
+                            f"({s_size.upper()}); distillation usually goes from a larger model to a smaller one")
+    return errors, warnings
+
+
 def config_problems(config: BaseModel) -> tuple[list[str], list[str]]:
     """The rules of a command's schema: (errors, warnings). A new schema adds its rules here."""
+    if isinstance(config, DistillConfig):
+        return distill_problems(config)
     if isinstance(config, RunConfig):
         return run_problems(config)
     return [], []

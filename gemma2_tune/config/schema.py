@@ -209,3 +209,48 @@ def sections(schema: type[Section]) -> dict[str, type[Section]]:
             if isinstance(f.annotation, type) and issubclass(f.annotation, Section)}
 
 
+
+
+class TeacherSection(Section):
+    """The model the student learns from: frozen, in eval mode, checked like the student after loading."""
+
+    name_or_path: str = Field(
+        "google/gemma-2-27b-it",
+        description="Hub id or local directory of the teacher: same family, tokenizer and vocabulary as the "
+        "student (Gemma 2 sizes share them); usually larger and instruction-tuned.",
+    )
+    revision: str | None = Field(None, description="Hub revision of the teacher.")
+    load_in: Literal["4bit", "8bit", "full"] = Field(
+        "4bit",
+        description="Teacher precision: 4-bit NF4 (the student's 4-bit settings), 8-bit, or `full`: unquantized in "
+        "model.dtype (bf16 by default; required under ZeRO-3, which shards it).",
+    )
+    attn_implementation: Literal["eager", "flex_attention", "sdpa", "flash_attention_2"] = Field(
+        "eager", description="The teacher's attention kernel; the same rules as model.attn_implementation."
+    )
+    trust_remote_code: bool = Field(False, description="Passed to transformers when loading the teacher.")
+
+
+class DistillSection(Section):
+    """On-policy distillation (TRL's DistillationTrainer): the student generates, the divergence to the
+    teacher's distribution on those completions is minimised."""
+
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Generalized Jensen-Shannon divergence: 0 = forward KL(teacher || student), 1 = reverse "
+        "KL(student || teacher), 0.5 = JSD (Agarwal et al. 2024, the on-policy distillation Gemma 2 used).",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="Sampling temperature of the student's completions, and of both distributions in "
+        "the divergence (the same on both sides).")
+    max_completion_length: int = Field(256, gt=0, description="Tokens generated per completion at most.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student's completions.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling of the student's completions (0: off).")
+
+
+class DistillConfig(RunConfig):
+    """The `distill` schema: a training run (student = model/quantization/lora) plus a teacher and the
+    divergence. data.* gives the prompts: each row's conversation up to its last user turn."""
+
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    distill: DistillSection = Field(default_factory=DistillSection)

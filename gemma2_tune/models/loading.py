@@ -106,7 +106,7 @@ class LoadRequest:
     double_quant: bool = True
     compute_dtype: str | None = None
     quant_storage: str | None = None
-    device_map: Any = None
+    device_map: Any = "auto"  # "auto": an inference load goes to GPU 0 when there is one; None: no placement
     training: bool = False
 
     @classmethod
@@ -137,8 +137,8 @@ def load_model(request: LoadRequest):
     location = model_location(request.name_or_path)
     quant = request.bnb()
     device_map = request.device_map
-    if device_map is None and not request.training and torch.cuda.is_available():
-        device_map = {"": 0}
+    if device_map == "auto":
+        device_map = {"": 0} if torch.cuda.is_available() and not request.training else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,

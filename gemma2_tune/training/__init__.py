@@ -2,6 +2,7 @@
 
     lifecycle.py    output folder, manifest (attempts, status), rank-aware printing, throughput, card
     sft.py          `gemma2-tune sft`: setup -> train -> save
+    distill.py      `gemma2-tune distill`: on-policy distillation (TRL's DistillationTrainer), same lifecycle
     trainer.py      TRL trainer arguments, the supervised-only loss trainer, LoRA applied by TRL
     batching.py     the micro-batch shape: accumulation folded when memory allows
     data.py         the data a run trains on (tokenizer, rows, cached packed blocks)

@@ -24,8 +24,11 @@ class EchoLoss(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002
         if logs and "loss" in logs and state.is_world_process_zero:
+            extra = ""
+            if "generation_time" in logs and "step_time" in logs:  # on-policy distillation: what generating costs
+                extra = f", generating {logs['generation_time']:.2f}s of the step's {logs['step_time']:.2f}s"
             self.echo(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
-                      f"lr {logs.get('learning_rate', 0):.2e}")
+                      f"lr {logs.get('learning_rate', 0):.2e}{extra}")
 
 
 class TrackStep(TrainerCallback):

@@ -28,16 +28,36 @@ def run_lines(cfg: RunConfig) -> list[str]:
         if lora.enabled else "full fine-tuning (all weights)"
     )
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.num_train_epochs:g} epoch(s)"
+    if getattr(cfg, "distill", None) is not None:  # prompts, not packed training rows
+        data = (f"{describe_source(cfg.data)}; prompts in Gemma turns (each row up to its last user turn), system "
+                f"messages '{cfg.data.system_policy}', prompt + completion <= {cfg.data.max_length} tokens")
+        items = count(cfg.rows_per_optimizer_step, "prompt")
+    else:
+        data = (f"{describe_source(cfg.data)}; Gemma turns, system messages '{cfg.data.system_policy}', loss on "
+                f"{cfg.data.train_on.replace('_', ' ')}, max {cfg.data.max_length} tokens ({cfg.data.overlong} "
+                "longer rows)")
+        items = count(cfg.rows_per_optimizer_step, "packed block" if cfg.data.packing else "row")
     return [
         f"model:        {cfg.model.name_or_path} ({family.display if family else 'family read from its config'}, "
         f"{cfg.model.dtype}, attention {cfg.model.attn_implementation})",
         f"quantization: {quant}",
         f"adapters:     {adapt}",
-        f"data:         {describe_source(cfg.data)}; Gemma turns, system messages '{cfg.data.system_policy}', "
-        f"loss on {cfg.data.train_on.replace('_', ' ')}, max {cfg.data.max_length} tokens ({cfg.data.overlong} longer rows)",
-        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), "
-        f"{count(cfg.rows_per_optimizer_step, 'packed block' if cfg.data.packing else 'row')} per optimizer step per process "
+        f"data:         {data}",
+        f"training:     {steps}, lr {t.learning_rate:g} ({t.lr_scheduler_type}), {items} per optimizer step per process "
         f"(batch {t.per_device_train_batch_size} x accumulation "
         f"{t.gradient_accumulation_steps}), gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
         f"output:       {cfg.output.dir}",
+    ] + distill_lines(cfg)
+
+
+def distill_lines(cfg: RunConfig) -> list[str]:
+    """The teacher and the divergence, for a distill config (nothing for sft)."""
+    teacher, d = getattr(cfg, "teacher", None), getattr(cfg, "distill", None)
+    if teacher is None or d is None:
+        return []
+    divergence = "forward KL" if d.beta == 0 else "reverse KL" if d.beta == 1 else f"JSD (beta {d.beta})"
+    return [
+        f"teacher:      {teacher.name_or_path} ({teacher.load_in}, attention {teacher.attn_implementation}), frozen",
+        f"distill:      on-policy: the student writes up to {d.max_completion_length} tokens per prompt (temperature "
+        f"{d.temperature}, top_p {d.top_p}); {divergence} to the teacher on those tokens",
     ]

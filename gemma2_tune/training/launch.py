@@ -132,6 +132,10 @@ def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
                 )
             if not launch.zero3_init:
                 problems.append(f"{where}: deepspeed_config.zero3_init_flag must be true for QLoRA under ZeRO-3")
+        teacher = getattr(cfg, "teacher", None)
+        if teacher is not None and teacher.load_in != "full":
+            problems.append(f"teacher.load_in is {teacher.load_in} but ZeRO-3 shards the teacher's weights: set "
+                            "teacher.load_in=full (unquantized in model.dtype, split over the processes)")
         if not cfg.lora.enabled and not launch.zero3_save_16bit:
             problems.append(
                 f"{where}: deepspeed_config.zero3_save_16bit_model must be true for full fine-tuning under ZeRO-3, "

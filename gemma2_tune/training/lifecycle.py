@@ -206,7 +206,9 @@ class RunLifecycle:
         t, speed = self.record["training"], self.record["throughput"]
         lines = [
             f"supervised tokens: {speed['supervised_tokens_trained']:,} trained at "
-            f"{speed['supervised_tokens_per_s'] or 0:,.0f}/s; padding {speed['padding_fraction']:.1%}; peak memory "
+            f"{speed['supervised_tokens_per_s'] or 0:,.0f}/s; "
+            + (f"padding {speed['padding_fraction']:.1%}; " if speed["padding_fraction"] is not None else "")
+            + "peak memory "
             f"{speed['peak_memory_bytes'] / 2**20:,.0f} MiB ({speed['peak_memory_kind']})",
             f"done in {time.time() - self.started:.1f}s: {self.out}/ (loss {t['first_loss']:.4f} at the first step, "
             f"{t['final_loss']:.4f} at step {t['final_loss_step']} of {self.record['global_step']})",
@@ -259,7 +261,7 @@ def throughput(trainer, data_report, runtime: float | None, memory: PeakMemory) 
         "supervised_tokens_trained": seen,
         "supervised_tokens_counted": "exact" if exact else "estimated",
         "supervised_tokens_per_s": seen / runtime if runtime else None,
-        "padding_fraction": trainer.data_collator.padding_fraction,
+        "padding_fraction": getattr(trainer.data_collator, "padding_fraction", None),  # None: nothing padded by us
         "peak_memory_bytes": peak,
         "peak_memory_growth_bytes": peak - memory.start,  # above what was in use when training began
         "peak_memory_kind": kind,

@@ -89,8 +89,10 @@ def lora_params(shape: Shape, cfg: RunConfig) -> int:
 
 
 def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool = False, offload: bool = False,
-             batch: int | None = None, length: int | None = None) -> Plan:
-    """Per-process memory of training `shape` as `cfg` says (batch and length default to the config's)."""
+             batch: int | None = None, length: int | None = None, teacher: Shape | None = None) -> Plan:
+    """Per-process memory of training `shape` as `cfg` says (batch and length default to the config's).
+    `teacher`: for distillation, the teacher's shape (its weights, its forward, the student's KV cache while
+    generating are added)."""
     b = batch or cfg.training.per_device_train_batch_size
     t = length or cfg.data.max_length
     n = num_processes if zero3 else 1
@@ -121,7 +123,11 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
     else:
         terms["activations"] = shape.layers * layer_work
     supervised = b * t  # upper bound: every position supervised
-    if cfg.training.loss == "supervised_chunked" and not zero3:
+    if teacher is not None:
+        terms.update(distill_terms(shape, teacher, cfg, b, t, n))
+        # TRL's chunked divergence: fp32 tiles of both models' logits (x3 with temporaries) + hidden states
+        terms["loss"] = 2 * min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * (h + teacher.hidden) * 8
+    elif cfg.training.loss == "supervised_chunked" and not zero3:
         terms["loss"] = (min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
                          + supervised * h * 8)
     else:
@@ -131,6 +137,26 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
     full_logits = b * t * shape.vocab * (2 + 4 + 4)
     return Plan(terms, full_logits, b * t * cfg.training.gradient_accumulation_steps * num_processes, trainable,
                 shape.total_params)
+
+
+def distill_terms(student: Shape, teacher: Shape, cfg: RunConfig, b: int, t: int, n: int) -> dict[str, float]:
+    """A distillation teacher's memory: weights (4-bit as the student's 4-bit settings, 8-bit with per-row
+    scales, or full precision sharded under ZeRO-3), one layer's forward at a time (no gradients), and the
+    student's KV cache while it generates (batch x accumulation prompts at once, in model.dtype)."""
+    dtype = DTYPE_BYTES[cfg.model.dtype]
+    load_in = cfg.teacher.load_in
+    if load_in == "4bit":
+        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
+        weights = teacher.linear_params * per_param + teacher.other_params * dtype
+    elif load_in == "8bit":
+        weights = teacher.linear_params * (1 + 4 / teacher.hidden) + teacher.other_params * dtype
+    else:
+        weights = teacher.total_params * dtype / n
+    scores = b * teacher.heads * t * t * 6 if cfg.teacher.attn_implementation == "eager" else 0
+    forward = scores + (4 * teacher.hidden + 4 * teacher.intermediate) * b * t * 2
+    generation_batch = b * cfg.training.gradient_accumulation_steps  # prompts generated for at once
+    kv_cache = generation_batch * t * student.layers * 2 * student.kv_heads * student.head_dim * dtype
+    return {"teacher weights": weights, "teacher forward (no gradients)": forward, "generation KV cache": kv_cache}
 
 
 def fits_length(shape: Shape, cfg: RunConfig, budget: float, **kw) -> int | None:
@@ -155,16 +181,22 @@ def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None
         launch = read_launch_config(find_launch_config(launch_name), num_processes)
         zero3, offload = launch.zero3, "offload" in Path(launch.config_file or "").name
     shape, where = model_shape(cfg.model.name_or_path)
-    plan = estimate(shape, cfg, num_processes, zero3, offload)
+    teacher = getattr(cfg, "teacher", None)
+    teacher_shape, teacher_where = model_shape(teacher.name_or_path) if teacher is not None else (None, "")
+    plan = estimate(shape, cfg, num_processes, zero3, offload, teacher=teacher_shape)
     mode = f"ZeRO-3 over {num_processes}" + (" with CPU offload" if offload else "") if zero3 else (
         f"{num_processes} process{'es' if num_processes > 1 else ''}, one full copy each")
     lines = [
         f"model: {cfg.model.name_or_path} ({where}): {plan.total_params / 1e9:.2f}B parameters, "
         f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab:,}",
+    ] + ([f"teacher: {teacher.name_or_path} ({teacher_where}): {teacher_shape.total_params / 1e9:.2f}B parameters, "
+          f"{teacher.load_in}, frozen"] if teacher is not None else []) + [
         f"run: {'4-bit QLoRA' if cfg.quantization.load_in_4bit else cfg.model.dtype + (' LoRA' if cfg.lora.enabled else ' full fine-tuning')}, "
         f"{plan.trainable_params / 1e6:,.1f}M trainable; {mode}; batch {cfg.training.per_device_train_batch_size} x "
         f"{cfg.data.max_length} tokens, accumulation {cfg.training.gradient_accumulation_steps}",
-        f"tokens per optimizer step: {plan.tokens_per_step:,}" + (" (packed blocks)" if cfg.data.packing else " (at most)"),
+        f"tokens per optimizer step: {plan.tokens_per_step:,}" + (
+            " (at most: prompts + completions)" if teacher is not None else
+            " (packed blocks)" if cfg.data.packing else " (at most)"),
         f"estimated memory per GPU on {gpu} ({memory:.0f} GiB usable):",
     ]
     lines += [f"  {name:38s} {value / GIB:8.2f} GiB" for name, value in plan.terms.items()]
@@ -177,7 +209,8 @@ def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None
     lines.append(f"verdict: {'fits' if ok else 'does NOT fit'} ({plan.total / budget:.0%} of the card)")
     if plan.total > budget:
         advice = []
-        length = fits_length(shape, cfg, budget, num_processes=num_processes, zero3=zero3, offload=offload)
+        length = fits_length(shape, cfg, budget, num_processes=num_processes, zero3=zero3, offload=offload,
+                             teacher=teacher_shape)
         if length:
             advice.append(f"--max-length {length}")
         if cfg.training.per_device_train_batch_size > 1:
@@ -186,7 +219,7 @@ def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None
             advice.append("4-bit QLoRA (quantization.load_in_4bit=true, lora.enabled=true)")
         if zero3:
             for more in (2 * num_processes, 4 * num_processes, 8 * num_processes):
-                if estimate(shape, cfg, more, True, offload).total <= budget:
+                if estimate(shape, cfg, more, True, offload, teacher=teacher_shape).total <= budget:
                     advice.append(f"--num-processes {more} (ZeRO-3 shards weights and states)")
                     break
             if not offload:

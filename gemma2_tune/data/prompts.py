@@ -1,0 +1,64 @@
+"""Prompts for on-policy distillation: each row's conversation up to its last user turn, in Gemma's format.
+
+The student writes the answers itself, so a row's own last answer is not trained on (it is counted as a
+reference answer set aside). Rows are checked exactly as for `sft` (turn format, system policy, fields the
+format cannot express); a row with no user turn to answer is a bad row.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+from ..config.schema import DataSection
+from ..errors import UserError
+from ..families import Family
+from .examples import SHOWN_LOCATIONS, DataReport
+from .sources import Row, row_to_messages
+from .turns import BadRow, normalise, render
+
+REFERENCE_SET_ASIDE = "reference answer set aside (on-policy: the student writes its own)"
+ROLE_OUT = {"user": "user", "model": "assistant"}
+
+
+def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family: Family,
+                  max_completion_length: int) -> tuple[list[list[dict[str, str]]], DataReport]:
+    """Rows -> prompts (normalised messages ending with a user turn; system text already handled by the
+    policy) and a report. A prompt longer than data.max_length - max_completion_length tokens is dropped
+    (cutting a prompt changes what it asks). Raises UserError when no prompt is usable, or when bad rows exist
+    and data.on_bad_rows is 'error'."""
+    report = DataReport(rows_read=len(rows))
+    prompts, notes = [], Counter()
+    budget = data.max_length - max_completion_length
+    for row in rows:
+        row_notes: Counter = Counter()
+        try:
+            turns = normalise(row_to_messages(row.data, data.unsupported_fields, row_notes), data.system_policy,
+                              allow_open_end=True, family=family, notes=row_notes)
+            if turns[-1].role == "model":
+                turns = turns[:-1]
+                row_notes[REFERENCE_SET_ASIDE] += 1
+            if not turns:
+                raise BadRow("no user turn to answer")
+        except BadRow as exc:
+            report.rows_bad += 1
+            if len(report.bad_rows) < SHOWN_LOCATIONS:
+                report.bad_rows.append(f"{row.where}: {exc}")
+            continue
+        length = len(tokenizer(render(turns, add_generation_prompt=True).text, add_special_tokens=False).input_ids)
+        if length > budget:
+            report.rows_dropped_overlong += 1
+            if len(report.dropped_rows) < SHOWN_LOCATIONS:
+                report.dropped_rows.append(f"{row.where}: prompt of {length} tokens > data.max_length "
+                                           f"{data.max_length} - distill.max_completion_length {max_completion_length}")
+            continue
+        prompts.append([{"role": ROLE_OUT[t.role], "content": t.text} for t in turns])
+        notes.update(row_notes)
+        report.total_tokens += length
+    report.rows_kept, report.notes = len(prompts), dict(notes)
+    if report.rows_bad and data.on_bad_rows == "error":
+        shown = "\n".join(f"  - {b}" for b in report.bad_rows)
+        raise UserError(f"data: {report.rows_bad} bad rows and data.on_bad_rows is 'error'; first ones:\n{shown}")
+    if not prompts:
+        raise UserError("data: no usable prompts left\n" + "\n".join(report.summary_lines()))
+    return prompts, report

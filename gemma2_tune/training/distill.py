@@ -1,0 +1,278 @@
+"""`gemma2-tune distill`: on-policy knowledge distillation from a larger Gemma to a smaller one.
+
+The student generates completions for the prompts and learns to match the teacher's next-token
+distribution on them (generalized Jensen-Shannon divergence, Agarwal et al. 2024, "On-Policy Distillation of
+Language Models"; the Gemma 2 report, arXiv 2408.00118, post-trained its smaller models this way). Built on
+TRL's DistillationTrainer, which computes the divergence on both models' soft-capped logits (the 30.0 final
+cap), over the generated completion tokens only, with the same temperature on both sides. Around it: the
+same config layering, run lifecycle, checks on both models, launches, checkpoints and resume as `sft`.
+
+setup (both models' families, tokenizer and vocabulary checked before any weights load) -> prompts ->
+student (QLoRA or full) + teacher (4-bit, 8-bit or full precision; frozen, eval) -> train -> save.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import PrinterCallback, set_seed
+from trl import DistillationConfig, DistillationTrainer
+from trl.trainer.utils import RepeatSampler
+
+from ..config.schema import DistillConfig
+from ..data.cache import tokenizer_fingerprint
+from ..data.prompts import build_prompts
+from ..data.sources import load_rows
+from ..data.template import use_run_template
+from ..data.turns import END
+from ..errors import UserError
+from ..models.checks import check_kernel_request
+from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
+from ..models.lora import inspect_adapters, lora_config
+from .callbacks import EchoLoss, MarkCheckpoints, StopOnSignal
+from .data import split_rows
+from .launch import Launch, current_launch
+from .lifecycle import RunLifecycle, tokens_seen
+from .progress import LiveProgress, bar_wanted
+from .trainer import _checkpointing_args, device_map, has_accelerator
+
+Echo = Callable[[str], None]
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's RepeatSampler draws each epoch's order from one generator, so an epoch's order depends on how
+    many epochs the sampler has served: a run resumed in epoch 2 would see epoch 1's order. Here the order is
+    a function of (seed, epoch): the trainer calls set_epoch before every epoch, resumed or not."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + epoch)
+
+
+class GemmaDistillationTrainer(DistillationTrainer):
+    """TRL's DistillationTrainer, counting what on-policy generation costs: the completion tokens generated
+    (`supervised_seen`: they are the positions the divergence is computed on) and the seconds spent
+    generating (`generation_seconds`; also logged per step as `generation_time`); with a sampler whose epochs
+    keep their order across a resume."""
+
+    supervised_seen = 0
+    generation_seconds = 0.0
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        return EpochSeededRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
+                                        sampler.repeat_count, sampler.shuffle, sampler.seed)
+
+    def _generate(self, prompts: list):
+        started = time.perf_counter()
+        out = super()._generate(prompts)
+        seconds = time.perf_counter() - started
+        self.generation_seconds += seconds
+        if self.model.training:
+            self.supervised_seen += sum(len(ids) for ids in out[1])
+            self._metrics["train"]["generation_time"].append(seconds)
+        return out
+
+
+def distill_args(cfg: DistillConfig, out: Path, launch: Launch, end_of_turn: int, eos: int) -> DistillationConfig:
+    """TRL's DistillationConfig from the resolved config (built before any model loads, as for sft)."""
+    t, d = cfg.training, cfg.distill
+    reentrant = launch.zero3 and cfg.lora.enabled
+    return DistillationConfig(
+        output_dir=str(out),
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        **_checkpointing_args(DistillationConfig, t.gradient_checkpointing, reentrant),
+        bf16=cfg.model.dtype == "bfloat16",
+        fp16=cfg.model.dtype == "float16",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if cfg.data.eval_fraction else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,
+        use_cpu=not has_accelerator(),
+        beta=d.beta,
+        temperature=d.temperature,
+        max_completion_length=d.max_completion_length,
+        top_p=d.top_p,
+        top_k=d.top_k,
+        # generation stops at <end_of_turn> (a base checkpoint's generation config may know only <eos>)
+        generation_kwargs={"eos_token_id": [eos, end_of_turn]},
+    )
+
+
+def check_teacher(cfg: DistillConfig, student_family, student_config, student_tokenizer):
+    """The teacher's family, vocabulary and tokenizer against the student's, from configs and tokenizers
+    only (no weights). Returns its family; raises UserError naming the difference."""
+    t = cfg.teacher
+    try:
+        family, config = checkpoint_family(t.name_or_path, t.revision, t.trust_remote_code)
+    except UserError as exc:
+        raise UserError(exc.message.replace("model.name_or_path", "teacher.name_or_path", 1)) from None
+    if family is not student_family:
+        raise UserError(f"teacher.name_or_path: '{t.name_or_path}' is {family.display}, the student is "
+                        f"{student_family.display}: distillation needs one tokenizer and vocabulary")
+    if config.vocab_size != student_config.vocab_size:
+        raise UserError(f"teacher.name_or_path: vocabulary of {config.vocab_size:,} entries, the student's has "
+                        f"{student_config.vocab_size:,}: the divergence compares distributions over one vocabulary")
+    teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code)
+    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
+        raise UserError(f"teacher.name_or_path: '{t.name_or_path}' has another tokenizer than the student "
+                        f"'{cfg.model.name_or_path}' (same vocabulary size, different tokens): token ids would not "
+                        "mean the same thing")
+    check_kernel_request(family, t.attn_implementation)
+    return family
+
+
+def teacher_request(cfg: DistillConfig, launch: Launch, local_rank: int) -> LoadRequest:
+    """How the teacher loads: its precision (4-bit NF4 with the student's 4-bit settings, 8-bit, or unquantized
+    in model.dtype), its kernel, never trained. Quantized weights are placed at load time, one copy per process;
+    unquantized ones are placed by the trainer (sharded under ZeRO-3)."""
+    t, q = cfg.teacher, cfg.quantization
+    bits = None if t.load_in == "full" else t.load_in
+    device = {"": local_rank} if bits and has_accelerator() and not launch.zero3 else None
+    return LoadRequest(t.name_or_path, t.revision, t.trust_remote_code, cfg.model.dtype, t.attn_implementation,
+                       bits, q.quant_type, q.double_quant, cfg.compute_dtype, cfg.quant_storage, device)
+
+
+def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
+                resume_from: str | None = None) -> dict[str, Any]:
+    """Distill as `cfg` says; returns the run's manifest (also output.dir/run.json).
+
+    Raises UserError for anything the user can fix (teacher/student mismatch, prompts, launch, output folder),
+    found before any weights load where possible, and Interrupted (exit 143) after a SIGTERM.
+    """
+    # setup
+    launch = current_launch()
+    run = RunLifecycle(cfg, "distill", echo, launch, recipe, resuming=resume or bool(resume_from))
+    m = cfg.model
+    family, student_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
+    check_kernel_request(family, m.attn_implementation, training=True)
+    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+    check_teacher(cfg, family, student_config, tokenizer)
+    base_template = use_run_template(tokenizer, family, cfg.data.system_policy)
+    tokenizer.padding_side = "left"  # generation pads prompts on the left
+    end = tokenizer.convert_tokens_to_ids(END)
+    args = distill_args(cfg, run.out, launch, end, tokenizer.eos_token_id)
+    run.join()
+    checkpoint = run.resume_point(resume, resume_from)
+    set_seed(cfg.training.seed)
+    rows, source = load_rows(cfg.data)
+    rows, held_out = split_rows(rows, cfg)
+    prompts, report = build_prompts(rows, tokenizer, cfg.data, family, cfg.distill.max_completion_length)
+    eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family, cfg.distill.max_completion_length)[0] \
+        if held_out else None
+    for line in report.summary_lines()[:1] + report.summary_lines()[2:]:
+        run.say(line)
+    run.say(f"prompts: {len(prompts)} ({report.total_tokens:,} tokens); completions generated by the student, "
+            f"up to {cfg.distill.max_completion_length} tokens, stopping at {END}")
+    d = cfg.distill
+    run.start(
+        dataset={"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
+                 "fingerprint": source.fingerprint, "split": cfg.data.split},
+        data=report.to_dict() | {"prompts": len(prompts), "eval_prompts": len(eval_prompts or [])},
+        distill={"teacher": cfg.teacher.name_or_path, "teacher_load_in": cfg.teacher.load_in, "beta": d.beta,
+                 "divergence": "forward KL" if d.beta == 0 else "reverse KL" if d.beta == 1 else f"JSD(beta={d.beta})",
+                 "temperature": d.temperature, "max_completion_length": d.max_completion_length, "top_p": d.top_p,
+                 "top_k": d.top_k, "on_policy_fraction": 1.0},
+        loss_implementation="trl DistillationTrainer (chunked generalized JSD on soft-capped logits)",
+        chat_template={"generated_for": family.key, "system_policy": cfg.data.system_policy,
+                       "replaced_base_template": base_template is not None})
+    with run.attempt():
+        rank = run.state.local_process_index
+        student, report_model = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, rank)))
+        teacher, report_teacher = load_model(teacher_request(cfg, launch, rank))
+        trainer = build_trainer(cfg, student, teacher, tokenizer, prompts, eval_prompts, args, launch)
+        inspect_adapters(trainer.model, cfg, report_model)
+        run.record_model(report_model)
+        run.record["teacher"] = report_teacher.to_dict()
+        run.say(f"teacher: {cfg.teacher.name_or_path} ({report_teacher.family}, {report_teacher.num_layers} layers, "
+                f"hidden {report_teacher.hidden_size}, {cfg.teacher.load_in}), frozen, eval mode; attention "
+                f"{report_teacher.attn_implementation}, soft-caps {report_teacher.attention_softcap}/"
+                f"{report_teacher.final_softcap}")
+        run.say(f"divergence: {run.record['distill']['divergence']} at temperature {d.temperature} on both models' "
+                f"soft-capped logits, over the generated completion tokens only; launch {launch.describe()}")
+
+        # train
+        stop = StopOnSignal(run.state)
+        for callback in (run.memory, run.step_tracker(), MarkCheckpoints(cfg, run.state), stop):
+            trainer.add_callback(callback)
+        say = run.say
+        if bar_wanted(main_process=run.main):
+            counter, unit = tokens_seen(trainer)
+            progress = LiveProgress(counter, unit)
+            trainer.add_callback(progress)
+            say = progress.wrap(say)
+        trainer.add_callback(EchoLoss(say))
+        with stop.installed():
+            result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+        runtime = result.metrics.get("train_runtime")
+        generated = run_total(trainer, trainer.supervised_seen)
+        run.record["distill"] |= {
+            "tokens_generated": generated, "generation_s": round(run_total(trainer, trainer.generation_seconds), 3),
+            "train_runtime_s": runtime, "divergence_history": [
+                {"step": e["step"], "divergence": e["loss"]} for e in trainer.state.log_history if "loss" in e]}
+        run.finish_training(trainer, report, runtime, stop.stopped)
+        if eval_prompts:
+            run.record["training"]["eval_history"] = [{"step": e["step"], "eval_divergence": e["eval_loss"]}
+                                                      for e in trainer.state.log_history if "eval_loss" in e]
+
+        # save
+        run.save(trainer, tokenizer, base_template)
+    share = run.record["distill"]["generation_s"] / max(runtime or 0, 1e-9) / max(run.state.num_processes, 1)
+    run.say(f"generated {generated:,.0f} completion tokens; generation took {share:.0%} of the training time")
+    for line in run.summary_lines():
+        run.say(line)
+    return run.record
+
+
+def build_trainer(cfg: DistillConfig, student, teacher, tokenizer, prompts: list, eval_prompts: list | None, args,
+                  launch: Launch) -> GemmaDistillationTrainer:
+    """The distillation trainer: TRL applies LoRA (lora_config) to the student; the teacher is frozen; prompts
+    are conversations (TRL renders them with the tokenizer's template: the run's generated one)."""
+    from datasets import Dataset
+
+    teacher.requires_grad_(False)
+    trainer = GemmaDistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+        eval_dataset=Dataset.from_dict({"prompt": eval_prompts}) if eval_prompts else None,
+        processing_class=tokenizer, peft_config=lora_config(cfg))
+    trainer.remove_callback(PrinterCallback)
+    keep_adapters_in_fp32(trainer, cfg, launch)
+    return trainer
+
+
+def run_total(trainer, value: float) -> float:
+    """A per-process counter summed over the launch's processes."""
+    import torch
+
+    total = torch.tensor([float(value)], device=trainer.accelerator.device)
+    return trainer.accelerator.gather(total).sum().item()
+
+
+def keep_adapters_in_fp32(trainer, cfg: DistillConfig, launch: Launch) -> None:
+    """TRL casts QLoRA adapters to bf16; keep them in fp32 (outside ZeRO-3), as sft does, for exact resumes."""
+    import torch
+
+    if cfg.lora.enabled and not launch.zero3:
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()

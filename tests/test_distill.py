@@ -1,0 +1,230 @@
+"""On-policy distillation on CPU with tiny Gemma 2 models: the loss, a visible behaviour passed from a
+teacher to a fresh student on prompts alone, resume after SIGTERM, two processes, bad inputs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import ROOT, write_jsonl
+from gemma2_tune.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+QUESTIONS = ["What is the time?", "Tell me a story.", "How tall is Everest?", "Name a colour.", "Say something.",
+             "Why is the sky blue?", "What is two plus two?", "Where is Paris?", "Who wrote Hamlet?",
+             "Is water wet?", "Can fish fly?", "What day is it?", "How are you?", "What is a prime?", "Sing!",
+             "Define love."]
+HELD_OUT = ["How is the weather?", "Who are you?", "What is your name?"]
+FP32 = ["--set", "quantization.load_in_4bit=false", "--set", "model.dtype=float32", "--set", "teacher.load_in=full",
+        "--set", "lora.dropout=0", "--set", "distill.max_completion_length=6", "--set", "training.learning_rate=5e-3",
+        "--set", "training.per_device_train_batch_size=4", "--set", "training.gradient_accumulation_steps=1"]
+
+
+def chat_rows(questions, answer=None):
+    return [{"messages": [{"role": "user", "content": q}] + ([{"role": "assistant", "content": answer}]
+                                                             if answer else [])} for q in questions]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_model_dir):
+    """A tiny Gemma 2 fully fine-tuned to answer every question with 'ok' and stop."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    data = write_jsonl(tmp / "ok.jsonl", chat_rows(QUESTIONS, "ok"))
+    out = tmp / "teacher"
+    r = runner.invoke(app, ["sft", "--model", "builtin:tiny-gemma2", "--dataset", str(data), "-o", str(out),
+                            "--max-steps", "40", "--set", "quantization.load_in_4bit=false", "--set", "lora.enabled=false",
+                            "--set", "model.dtype=float32", "--set", "training.learning_rate=1e-3",
+                            "--set", "data.packing=false", "--set", "training.gradient_accumulation_steps=1",
+                            "--set", "training.save_steps=null"])
+    assert r.exit_code == 0, r.output
+    for q in HELD_OUT:
+        r = runner.invoke(app, ["chat", "--model", str(out), "--prompt", q, "--max-new-tokens", "10"])
+        assert r.stdout.strip() == "ok"  # the behaviour to pass on, visible on unseen questions
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", chat_rows(QUESTIONS))
+
+
+def distill(*args):
+    return runner.invoke(app, ["distill", "--model", "builtin:tiny-gemma2", *FP32, *args])
+
+
+def test_the_loss_is_the_divergence_of_both_soft_capped_distributions(teacher, tiny_model_dir, tmp_path):
+    """TRL's chunked loss in our trainer == a direct computation from both models' logits (fp32, 1e-5)."""
+    from transformers import AutoModelForCausalLM
+
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.config.schema import DistillConfig
+    from gemma2_tune.models.loading import load_tokenizer
+    from gemma2_tune.training.distill import build_trainer, distill_args
+    from gemma2_tune.training.launch import Launch
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, attn_implementation="eager", dtype=torch.float32)
+    assert student.config.final_logit_softcapping == teacher_model.config.final_logit_softcapping == 30.0
+    g = torch.Generator().manual_seed(0)
+    prompt, completion = torch.randint(10, 900, (2, 7), generator=g), torch.randint(10, 900, (2, 5), generator=g)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[1, :3] = 0  # left padding
+    completion_mask = torch.ones_like(completion)
+    completion_mask[0, 3:] = 0  # a completion that stopped early
+    inputs = {"prompt_ids": prompt, "prompt_mask": prompt_mask, "completion_ids": completion,
+              "completion_mask": completion_mask}
+    ids, mask = torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask], 1)
+    for beta, temperature in ((0.5, 2.0), (0.0, 1.0), (1.0, 0.7)):
+        cfg = resolve(None, ["model.name_or_path=builtin:tiny-gemma2", f"teacher.name_or_path={teacher}",
+                             f"distill.beta={beta}", f"distill.temperature={temperature}", "lora.enabled=false",
+                             "quantization.load_in_4bit=false", "model.dtype=float32", "teacher.load_in=full",
+                             f"output.dir={tmp_path / 'x'}"], schema=DistillConfig).config
+        args = distill_args(cfg, tmp_path / "x", Launch("single"), 5, 1)
+        trainer = build_trainer(cfg, student, teacher_model, tokenizer, [[{"role": "user", "content": "Hi"}]], None,
+                                args, Launch("single"))
+        with torch.no_grad():
+            ours, _, n = trainer._compute_loss(student, inputs, None)
+            logits_s = student(input_ids=ids, attention_mask=mask).logits[:, 6:-1] / temperature  # soft-capped
+            logits_t = teacher_model(input_ids=ids, attention_mask=mask).logits[:, 6:-1] / temperature
+        log_ps, log_pt = logits_s.float().log_softmax(-1), logits_t.float().log_softmax(-1)
+        if beta == 0.0:
+            per_token = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        elif beta == 1.0:
+            per_token = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+        else:
+            log_m = torch.logaddexp(log_ps + math.log(1 - beta), log_pt + math.log(beta))
+            per_token = (beta * log_pt.exp() * (log_pt - log_m) + (1 - beta) * log_ps.exp() * (log_ps - log_m)).sum(-1)
+        direct = (per_token * completion_mask).sum() / completion_mask.sum()
+        assert int(n) == int(completion_mask.sum())
+        assert abs(ours.item() - direct.item()) <= 1e-5, (beta, ours.item(), direct.item())
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher, prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student") / "run"
+    r = distill("--teacher", str(teacher), "--dataset", str(prompts), "-o", str(out), "--max-steps", "80",
+                "--set", "training.logging_steps=10", "--set", "training.save_steps=null",
+                "--set", "data.eval_fraction=0.25", "--set", "training.eval_steps=20")
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_a_fresh_student_learns_the_teachers_behaviour_from_prompts_alone(distilled, teacher):
+    out, output = distilled
+    for q in HELD_OUT:  # never seen, not in the prompts
+        r = runner.invoke(app, ["chat", "--adapter", str(out), "--prompt", q, "--max-new-tokens", "10"])
+        assert r.exit_code == 0 and r.stdout.strip() == "ok", r.output
+        base = runner.invoke(app, ["chat", "--model", "builtin:tiny-gemma2", "--prompt", q, "--max-new-tokens", "10"])
+        assert base.stdout.strip() != "ok"  # the random student did not answer that way before
+    m = json.loads((out / "run.json").read_text())
+    assert m["command"] == "distill" and m["status"] == "completed" and m["global_step"] == 80
+    d = m["distill"]
+    assert d["teacher"] == str(teacher) and d["beta"] == 0.5 and d["on_policy_fraction"] == 1.0
+    assert d["tokens_generated"] > 0 and d["generation_s"] > 0 and len(d["divergence_history"]) >= 8
+    evals = [e["eval_divergence"] for e in m["training"]["eval_history"]]
+    assert len(evals) >= 3 and evals[-1] < evals[0] / 2, evals  # on held-out prompts, the student's own completions
+    assert m["teacher"]["final_softcap"] == 30.0 and m["teacher"]["attn_implementation"] == "eager"
+    assert "generating" in output and "teacher:" in output and "divergence: JSD" in output
+    assert (out / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+    assert "tags: [gemma2, gemma2-tune, distill]" in (out / "README.md").read_text()
+
+
+def test_the_student_works_with_merge_and_eval(distilled, tmp_path):
+    out, _ = distilled
+    merged = tmp_path / "merged"
+    r = runner.invoke(app, ["merge", "--adapter", str(out), "--output", str(merged)])
+    assert r.exit_code == 0, r.output
+    held = write_jsonl(tmp_path / "held.jsonl", chat_rows(HELD_OUT, "ok"))
+    r = runner.invoke(app, ["eval", "--adapter", str(out), "--dataset", str(held)])
+    assert r.exit_code == 0, r.output
+    losses = {line.split()[0]: float(line.split()[1]) for line in r.output.splitlines()
+              if line.startswith(("base", "fine-tuned"))}
+    assert losses["fine-tuned"] < losses["base"] - 1.0, r.output
+
+
+RESUME = ["--max-steps", "12", "--set", "training.save_steps=4", "--set", "training.logging_steps=1"]
+
+
+def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_path):
+    common = ["--teacher", str(teacher), "--dataset", str(prompts), *RESUME]
+    reference = tmp_path / "reference"
+    r = distill(*common, "-o", str(reference))
+    assert r.exit_code == 0, r.output
+    out, log_path = tmp_path / "run", tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "gemma2_tune", "distill", "--model", "builtin:tiny-gemma2", *FP32, *common,
+           "-o", str(out)]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 180
+        while "step 5/" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    r = distill(*common, "-o", str(out), "--resume")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["global_step"] == 12
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+@pytest.mark.parametrize("launch", ["ddp", "zero3"])
+def test_two_processes(teacher, prompts, tmp_path, launch):
+    out = tmp_path / launch
+    cmd = [sys.executable, "-m", "gemma2_tune", "distill", "--launch", launch, "--num-processes", "2",
+           "--model", "builtin:tiny-gemma2", "--teacher", str(teacher), "--dataset", str(prompts), "-o", str(out),
+           "--max-steps", "3", "--set", "training.logging_steps=1", "--set", "teacher.load_in=full",
+           "--set", "distill.max_completion_length=6", "--set", "training.per_device_train_batch_size=2",
+           "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"]
+    if launch == "ddp":
+        cmd += ["--set", "quantization.load_in_4bit=false"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["global_step"] == 3 and m["launch"]["num_processes"] == 2
+    assert m["launch"]["zero_stage"] == (3 if launch == "zero3" else None)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_bad_inputs_end_with_a_message_before_any_weights_load(teacher, prompts, tmp_path, tiny_model_dir):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_sft import build_tokenizer
+
+    other_vocab = tmp_path / "other-vocab"
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    Gemma2ForCausalLM(Gemma2Config(**{**cfg, "vocab_size": 512})).save_pretrained(other_vocab)
+    build_tokenizer(512).save_pretrained(other_vocab)
+    r = distill("--teacher", str(other_vocab), "--dataset", str(prompts), "-o", str(tmp_path / "a"))
+    assert r.exit_code == 2 and "vocabulary of 512 entries" in r.output and "Traceback" not in r.output
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(llama)
+    r = distill("--teacher", str(llama), "--dataset", str(prompts), "-o", str(tmp_path / "b"))
+    assert r.exit_code == 2 and "teacher.name_or_path" in r.output and "'llama' model" in r.output
+    no_user = write_jsonl(tmp_path / "no-user.jsonl", [{"messages": [{"role": "system", "content": "Be kind."}]},
+                                                        {"messages": [{"role": "assistant", "content": "Hello."}]}])
+    r = distill("--teacher", str(teacher), "--dataset", str(no_user), "-o", str(tmp_path / "c"))
+    assert r.exit_code == 2 and "no usable prompts" in r.output and "no-user.jsonl line 1" in r.output
+    r = runner.invoke(app, ["distill", "--model", "google/gemma-2-9b", "--teacher", "google/gemma-3-1b-it", "--dry-run"])
+    assert r.exit_code == 2 and "share the tokenizer" in r.output
+    r = runner.invoke(app, ["distill", "--model", "google/gemma-2-9b", "--teacher", "google/gemma-2-2b-it", "--dry-run",
+                            "-o", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "smaller than the student" in r.output
+    for name in ("a", "b", "c"):
+        assert not (tmp_path / name / "adapter_model.safetensors").exists()
