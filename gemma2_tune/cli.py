@@ -120,10 +120,12 @@ def start_training(command_name: str, resolved: Resolved, *, launch: str | None,
                         f"{command_name} ...)")
     if resume and resume_from:
         raise UserError("--resume and --resume-from: give one")
-    if (launch or dry_run) and not (resume or resume_from):  # before any process starts
-        from .training.manifest import check_output_dir
+    if launch or dry_run:  # before any process starts
+        from .training.manifest import check_inputs_outside, check_output_dir
 
-        check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
+        check_inputs_outside(cfg)
+        if not (resume or resume_from):
+            check_output_dir(Path(cfg.output.dir), cfg.output.overwrite)
     if launch:
         from .training.launch import check_launch, run_launch
 
@@ -270,15 +272,22 @@ def preview(
     dataset: DatasetOpt = None,
     n: Annotated[int, typer.Option("-n", help="Rows to show.", min=1)] = 3,
 ) -> None:
-    """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧."""
+    """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧ (for a distill
+    recipe: the prompts as the student will see them)."""
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
                                          "data.dataset": ("--dataset", dataset)}, schema_for(recipe, set_)).config
     from .data.preview import preview as rows_preview
+    from .data.preview import preview_prompts
+    from .data.template import use_run_template
     from .models.loading import checkpoint_family, load_tokenizer
 
     family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    for heading, text in rows_preview(cfg.data, tokenizer, family, n):
+    use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
+    distill = getattr(cfg, "distill", None)
+    shown = (preview_prompts(cfg.data, tokenizer, family, n, distill.max_completion_length) if distill is not None
+             else rows_preview(cfg.data, tokenizer, family, n))
+    for heading, text in shown:
         if heading == "summary":
             echo(text)
         else:
@@ -313,6 +322,8 @@ def chat(
     loaded = load(run, _load_in(load_in))
     sampling = Sampling(max_new_tokens, temperature, top_p)
     note = describe(run, loaded, load_in, sampling)
+    if system and system.strip() and run.system_policy == "drop":
+        warn("--system: the run was trained with data.system_policy 'drop', so the system message is not sent")
     if prompt is not None:
         typer.secho(note, err=True, dim=True)
         echo(one_shot(run, loaded, system, prompt, sampling))

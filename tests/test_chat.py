@@ -76,3 +76,10 @@ def test_saved_chat_template_renders_what_we_train(tokenizer):
     prompt = msgs(("system", "Be brief."), ("user", "Hi"))
     assert tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == render(
         normalise(prompt, "fold", allow_open_end=True), add_generation_prompt=True).text
+
+
+@pytest.mark.parametrize("token", ["<eos>", "<bos>", "<pad>", "<unk>", "<start_of_image>", "<unused7>"])
+def test_special_tokens_inside_content_are_refused(token):
+    """The tokenizer would read them as control tokens: an end of sequence or padding learned mid-answer."""
+    with pytest.raises(BadRow, match="control marker"):
+        normalise(msgs(("user", "a"), ("assistant", f"b {token} c")), "fold")

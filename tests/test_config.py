@@ -136,3 +136,21 @@ def test_schema_errors_and_rule_errors_are_reported_together(tmp_path):
     text = "\n".join(err.value.problems)
     assert "foo" in text and "unknown key" in text and "lora.r" in text  # schema
     assert "soft-capping" in text and "'q_prj' is not a module" in text  # rules, despite the schema errors
+
+
+def test_distill_rules_name_the_right_keys(tmp_path):
+    from gemma2_tune.config.schema import DistillConfig
+
+    with pytest.raises(ConfigError) as err:
+        resolve(None, ["distill.max_completion_length=2000", "data.max_length=1024"], schema=DistillConfig)
+    assert "distill.max_completion_length (2000) leaves no room for a prompt in data.max_length (1024)" in (
+        err.value.problems[0])
+    with pytest.raises(ConfigError) as err:
+        resolve("gemma-2-9b-distill-from-27b", ["model.dtype=float16"], schema=DistillConfig)
+    text = "\n".join(err.value.problems)
+    assert "model.dtype (the teacher): float16 is unstable for Gemma 2 27B" in text and "teacher.dtype" not in text
+    with pytest.raises(ConfigError, match="teacher.name_or_path: /no/such/teacher: no such folder"):
+        resolve(None, ["teacher.name_or_path=/no/such/teacher"], schema=DistillConfig)
+    r = resolve(None, ["data.packing=false"], schema=DistillConfig)
+    assert any("data.packing: sft settings, not used by distill" in w for w in r.warnings)
+    assert r.config.output.dir == "runs/gemma2-distill"

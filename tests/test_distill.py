@@ -144,6 +144,8 @@ def test_the_student_works_with_merge_and_eval(distilled, tmp_path):
     merged = tmp_path / "merged"
     r = runner.invoke(app, ["merge", "--adapter", str(out), "--output", str(merged)])
     assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["chat", "--adapter", str(merged), "--prompt", HELD_OUT[0], "--max-new-tokens", "10"])
+    assert r.exit_code == 0 and r.stdout.strip() == "ok" and ", float32," in r.stderr  # loaded as it was merged
     held = write_jsonl(tmp_path / "held.jsonl", chat_rows(HELD_OUT, "ok"))
     r = runner.invoke(app, ["eval", "--adapter", str(out), "--dataset", str(held)])
     assert r.exit_code == 0, r.output
@@ -177,6 +179,8 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_
     assert r.exit_code == 0, r.output
     m = json.loads((out / "run.json").read_text())
     assert m["status"] == "completed" and m["global_step"] == 12
+    assert m["distill"]["tokens_generated"] == json.loads((reference / "run.json").read_text())["distill"][
+        "tokens_generated"]  # totals over both attempts
     wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
 
@@ -228,3 +232,48 @@ def test_bad_inputs_end_with_a_message_before_any_weights_load(teacher, prompts,
     assert r.exit_code == 0 and "smaller than the student" in r.output
     for name in ("a", "b", "c"):
         assert not (tmp_path / name / "adapter_model.safetensors").exists()
+    sft_run = tmp_path / "sft"
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(sft_run), "--max-steps", "2",
+                            "--set", "training.save_steps=1"])
+    assert r.exit_code == 0, r.output
+    (sft_run / "run.json").write_text((sft_run / "run.json").read_text().replace('"completed"', '"interrupted"'))
+    r = distill("--teacher", str(teacher), "--dataset", str(prompts), "-o", str(sft_run), "--resume")
+    assert r.exit_code == 2 and "holds a `sft` run" in r.output
+
+
+def test_prompts_render_as_serving_renders_them(tokenizer):
+    """The prompt TRL renders with the run's template == our renderer's (Gemma 3's verbatim system text too)."""
+    from gemma2_tune.config.schema import DataSection
+    from gemma2_tune.data.prompts import build_prompts
+    from gemma2_tune.data.sources import Row
+    from gemma2_tune.data.template import use_run_template
+    from gemma2_tune.data.turns import normalise, render
+    from gemma2_tune.families import GEMMA2, GEMMA3_TEXT
+
+    row = {"messages": [{"role": "system", "content": "  Be brief.  "}, {"role": "human", "content": "Hi"},
+                        {"role": "gpt", "content": "Hello."}, {"role": "user", "content": " More? "},
+                        {"role": "assistant", "content": "Sure."}]}
+    saved = tokenizer.chat_template  # a session fixture: left as found
+    for family, policy in ((GEMMA2, "fold"), (GEMMA2, "drop"), (GEMMA3_TEXT, "fold"), (GEMMA3_TEXT, "drop")):
+        try:
+            data = DataSection(dataset="x", system_policy=policy)
+            use_run_template(tokenizer, family, policy)
+            (prompt,), report = build_prompts([Row("r", row)], tokenizer, data, family, 16)
+            assert prompt[-1] == {"role": "user", "content": " More? "}
+            expected = render(normalise(row["messages"][:4], policy, allow_open_end=True, family=family),
+                              add_generation_prompt=True).text
+            assert tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == expected
+            assert report.notes["reference answer set aside (on-policy: the student writes its own)"] == 1
+        finally:
+            tokenizer.chat_template = saved
+
+
+def test_preview_of_a_distill_recipe_shows_prompts(tmp_path, prompts):
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(f"model:\n  name_or_path: builtin:tiny-gemma2\nteacher:\n  name_or_path: builtin:tiny-gemma2\n"
+                      f"data:\n  dataset: {prompts}\ndistill:\n  max_completion_length: 6\n")
+    r = runner.invoke(app, ["preview", "--recipe", str(recipe), "-n", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("── prompt") == 2 and "the student writes up to 6 more" in r.output
+    assert "<start_of_turn>user\nWhat is the time?<end_of_turn>\n<start_of_turn>model\n⟦" in r.output
+    assert "16 read, 16 kept" in r.output

@@ -97,8 +97,17 @@ def test_non_gemma2_checkpoint_is_refused(tmp_path):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="could not load the config"):
+    with pytest.raises(UserError, match="nope: no such folder"):
         load_model(LoadRequest(str(tmp_path / "nope")))
+    adapter = tmp_path / "a-lora-run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a LoRA adapter .* merge it first"):
+        load_model(LoadRequest(str(adapter)))
+    with pytest.raises(ConfigError, match="is a LoRA adapter"):  # validate says so too
+        resolve(None, [f"model.name_or_path={adapter}"])
+    with pytest.raises(ConfigError, match="model.name_or_path: empty"):
+        resolve(None, ["model.name_or_path=''"])
 
 
 def test_flash_attention_without_flash_attn_is_refused(monkeypatch):

@@ -78,6 +78,11 @@ def test_sigterm_saves_a_checkpoint_then_resume_matches_an_uninterrupted_run(ref
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["global_step"] == STEPS
     assert [a["status"] for a in manifest["attempts"]] == ["interrupted", "completed"]
+    uninterrupted = json.loads((reference / "run.json").read_text())["throughput"]["supervised_tokens_trained"]
+    assert manifest["throughput"]["supervised_tokens_trained"] == uninterrupted  # totals over both attempts
+    r = cli("-o", str(out), "--resume")  # a completed run: nothing to resume, nothing touched
+    assert r.exit_code == 2 and "there is nothing to resume" in r.output
+    assert json.loads((out / "run.json").read_text()) == manifest
     assert same_adapter(reference, out) <= 1e-6
 
 

@@ -8,7 +8,10 @@ import yaml
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from conftest import ROOT
 from gemma2_tune.cli import app
+
+ROOT_QUICKSTART = ROOT / "gemma2_tune" / "assets" / "quickstart" / "messages.jsonl"
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -181,3 +184,20 @@ def test_a_run_failing_mid_training_records_its_step_and_is_kept(tmp_path, monke
     monkeypatch.undo()
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+def test_an_output_folder_that_is_an_input_is_refused_even_with_overwrite(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    data = tmp_path / "runs" / "chats.jsonl"
+    data.parent.mkdir()
+    shutil.copy(ROOT_QUICKSTART, data)
+    for out, key in ((model, "model.name_or_path"), (data.parent, "data.dataset")):
+        for extra in ([], ["--dry-run"]):
+            r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "--model", str(model), "--dataset", str(data),
+                                    "-o", str(out), "--overwrite", "--max-steps", "1", *extra])
+            assert r.exit_code == 2 and "is, or holds, an input of this run" in r.output and key in r.output
+    assert sorted(p.name for p in model.iterdir()) == before and data.is_file()

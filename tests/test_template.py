@@ -15,6 +15,7 @@ import pytest
 from jinja2.exceptions import TemplateError
 
 from gemma2_tune.data.template import chat_template, use_run_template
+from gemma2_tune.data.sources import row_to_messages
 from gemma2_tune.data.turns import BadRow, normalise, render
 from gemma2_tune.families import GEMMA2, GEMMA3_TEXT
 
@@ -25,7 +26,8 @@ IT_STYLE_TEMPLATE = (
     "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
-REASONS = ["no messages", "not an object", "unknown role", "content is not text", "empty content",
+REASONS = ["no messages", "tool_calls", "function_call", "not an object", "unknown role", "content is not text",
+           "empty content",
            "control marker", "after the conversation started", "is a system message and", "second system message",
            "no user or model messages", "roles must alternate"]
 TEXTS = ["Hello.", "  padded both sides  ", "\n\nnewlines around\n", "Tabs\tinside\tand trailing\t",
@@ -62,6 +64,10 @@ def corpus(seed: int = 0, n: int = 260) -> list:
                 [None, 7, [{"type": "text", "text": "hi"}], {"text": "hi"}])
         if rng.random() < 0.05:
             rng.shuffle(messages)
+        if rng.random() < 0.06:  # what the format cannot express: a tool call on a model turn
+            model_turns = [m for m in messages if isinstance(m, dict) and m.get("role") in ROLES_MODEL]
+            if model_turns:
+                model_turns[0][rng.choice(["tool_calls", "function_call"])] = [{"name": "get_weather"}]
         out.append(messages)
     out += [[], [{"role": "system", "content": "only a system message"}], ["not a dict"],
             [{"role": "user"}], [{"content": "no role"}]]
@@ -78,8 +84,10 @@ def refusal(conversation, reason):
     return TemplateError, reason
 
 
-def python_path(conversation, policy, family, generation_prompt):
-    return render(normalise(conversation, policy, allow_open_end=True, family=family),
+def python_path(conversation, policy, family, generation_prompt, unsupported="bad_row"):
+    """What training renders for a row holding this conversation (its fields checked as training checks them)."""
+    messages = row_to_messages({"messages": conversation}, unsupported)
+    return render(normalise(messages, policy, allow_open_end=True, family=family),
                   add_generation_prompt=generation_prompt).text
 
 
@@ -144,6 +152,22 @@ def test_training_ids_are_the_templates_ids(tokenizers):
                     {"role": "gpt", "content": "Hello!\n"}]
     encoded = TurnTokenizer(tokenizer).encode(normalise(conversation, "fold"))
     assert encoded.ids == template_ids(tokenizer, conversation, False)
+
+
+@pytest.mark.parametrize("unsupported", ["bad_row", "ignore"])
+def test_tools_and_tool_calls_follow_the_runs_setting(tokenizers, unsupported):
+    tokenizer, family = tokenizers["gemma2"]
+    use_run_template(tokenizer, family, "fold", unsupported)
+    call = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [{"name": "w"}]}]
+    plain = [{"role": "user", "content": "Weather?"}]
+    if unsupported == "bad_row":
+        with pytest.raises(TemplateError, match="tool_calls"):
+            tokenizer.apply_chat_template(call, tokenize=False)
+        with pytest.raises(TemplateError, match="tool definitions"):
+            tokenizer.apply_chat_template(plain, tools=[{"type": "function", "function": {"name": "w"}}], tokenize=False)
+    else:  # trained on the text without them, so served the same way
+        assert tokenizer.apply_chat_template(call, tokenize=False) == python_path(call, "fold", family, False, "ignore")
 
 
 def test_the_template_is_generated_per_policy_and_family():

@@ -39,6 +39,19 @@ class TrainedRun:
         """The kernel the run trained with (eager for a plain checkpoint)."""
         return self.config.model.attn_implementation if self.config else "eager"
 
+    @property
+    def dtype(self) -> str:
+        """The precision the run trained in; for a model folder (a merge, a full fine-tune), its config.json's;
+        else bfloat16."""
+        if self.config:
+            return self.config.model.dtype
+        try:
+            saved = json.loads((Path(self.base_model) / "config.json").read_text())
+        except (OSError, ValueError):
+            return "bfloat16"
+        value = saved.get("dtype") or saved.get("torch_dtype")
+        return value if value in ("bfloat16", "float16", "float32") else "bfloat16"
+
 
 @dataclass
 class Loaded:
@@ -94,8 +107,9 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
 
     family, _ = checkpoint_family(run.base_model)
     tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model)
-    use_run_template(tokenizer, family, run.system_policy)  # what generation renders, whatever was saved
-    trained_dtype = run.config.model.dtype if run.config else "bfloat16"
+    unsupported = run.config.data.unsupported_fields if run.config else "bad_row"
+    use_run_template(tokenizer, family, run.system_policy, unsupported)  # what generation renders, whatever was saved
+    trained_dtype = run.dtype
     if load_in == "as-trained" and run.config is not None:
         request = dataclasses.replace(LoadRequest.for_run(run.config), name_or_path=run.base_model, training=False,
                                       device_map="auto")

@@ -34,10 +34,41 @@ def checkpoint_size(family: Family, name_or_path: str) -> str | None:
         return family.size_from_name(name_or_path)
 
 
-def model_problems(name: str, kernel: str, dtype: str) -> tuple[list[str], list[str]]:
-    """What the model's family says about this kernel and dtype: (errors, warnings)."""
+def local_path_problem(name: str, key: str = "model") -> str | None:
+    """A model name that can't be a checkpoint: empty, a local path that doesn't exist, or a LoRA adapter run
+    (which needs merging into its base before it can be a base or a teacher)."""
+    if not name.strip():
+        return f"{key}.name_or_path: empty"
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not path.exists():
+        return f"{key}.name_or_path: {name}: no such folder"
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return (f"{key}.name_or_path: '{name}' is a LoRA adapter (adapter_config.json, no config.json), not a whole "
+                f"model: merge it first (gemma2-tune merge --adapter {name} --output merged/NAME) and use that folder")
+    return None
+
+
+def model_problems(name: str, kernel: str, dtype: str, key: str = "model") -> tuple[list[str], list[str]]:
+    """What the model's family says about this kernel and dtype: (errors, warnings), naming `key`.name_or_path
+    and `key`.attn_implementation (model.* or teacher.*; the dtype is always model.dtype)."""
+    errors, warnings = _model_problems(name, kernel, dtype)
+    if key == "model":
+        return errors, warnings
+
+    def rename(line: str) -> str:
+        for field in ("name_or_path", "attn_implementation"):
+            line = line.replace(f"model.{field}", f"{key}.{field}")
+        return line.replace("model.dtype:", f"model.dtype (the {key}):")
+
+    return [rename(e) for e in errors], [rename(w) for w in warnings]
+
+
+def _model_problems(name: str, kernel: str, dtype: str) -> tuple[list[str], list[str]]:
     errors: list[str] = []
     warnings: list[str] = []
+    problem = local_path_problem(name)
+    if problem:
+        return [problem], []
     model_type = local_model_type(name)
     family = family_of_checkpoint(name)
     if model_type is not None and family is None:
@@ -106,6 +137,7 @@ def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
 
 
 TIED = ("lm_head", "embed_tokens")
+MIN_PROMPT_TOKENS = 8  # <bos>, a turn header, a word or two, the generation prompt
 
 
 def lora_target_problems(targets: list[str], family: Family) -> list[str]:
@@ -133,9 +165,19 @@ def distill_problems(cfg: DistillConfig) -> tuple[list[str], list[str]]:
     the student (warned). Decided from names and local config.json files, without torch."""
     errors, warnings = run_problems(cfg)
     t = cfg.teacher
-    teacher_errors, teacher_warnings = model_problems(t.name_or_path, t.attn_implementation, cfg.model.dtype)
-    errors += [e.replace("model.", "teacher.", 1) for e in teacher_errors]
-    warnings += [w.replace("model.", "teacher.", 1) for w in teacher_warnings]
+    teacher_errors, teacher_warnings = model_problems(t.name_or_path, t.attn_implementation, cfg.model.dtype, "teacher")
+    errors += teacher_errors
+    warnings += teacher_warnings
+    if cfg.data.max_length - cfg.distill.max_completion_length < MIN_PROMPT_TOKENS:
+        errors.append(f"distill.max_completion_length ({cfg.distill.max_completion_length}) leaves no room for a "
+                      f"prompt in data.max_length ({cfg.data.max_length}), which holds prompt + completion")
+    ignored = [k for k, default, value in (("data.train_on", "model_turns", cfg.data.train_on),
+                                           ("data.packing", True, cfg.data.packing),
+                                           ("training.loss", "supervised_chunked", cfg.training.loss),
+                                           ("data.overlong", "truncate", cfg.data.overlong)) if value != default]
+    if ignored:
+        warnings.append(f"{', '.join(ignored)}: sft settings, not used by distill (the student's completions are "
+                        "generated, scored whole, unpacked)")
     if cfg.data.eval_split:
         errors.append("data.eval_split: distill holds prompts out with data.eval_fraction (the eval divergence is "
                       "measured on the student's own completions)")

@@ -254,3 +254,4 @@ class DistillConfig(RunConfig):
 
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     distill: DistillSection = Field(default_factory=DistillSection)
+    output: OutputSection = Field(default_factory=lambda: OutputSection(dir="runs/gemma2-distill"))

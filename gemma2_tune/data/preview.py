@@ -34,3 +34,20 @@ def preview(data: DataSection, tokenizer: Any, family: Family, n: int) -> Iterat
         over = f" (longer than data.max_length: {data.overlong})" if len(encoded.ids) > kept else ""
         yield f"── {row.where}: {kept} tokens, {supervised} supervised{over}", mark_supervised(encoded, data.max_length)
     yield "summary", f"── {source.name}: " + "\n".join(report.summary_lines())
+
+
+def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int,
+                    max_completion_length: int) -> Iterator[tuple[str, str]]:
+    """For a distill config: yields (heading, text) for the first `n` prompts as the student will see them
+    (the run's chat template, generation prompt included), then ("summary", the prompt report)."""
+    from .prompts import build_prompts
+
+    rows, source = load_rows(data)
+    prompts, report = build_prompts(rows, tokenizer, data, family, max_completion_length)
+    for i, prompt in enumerate(prompts[:n]):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        length = len(tokenizer(text, add_special_tokens=False).input_ids)
+        yield (f"── prompt {i + 1}: {length} tokens; the student writes up to {max_completion_length} more",
+               text + "⟦ the student's completion, scored against the teacher ⟧")
+    lines = report.summary_lines()
+    yield "summary", f"── {source.name}: " + "\n".join(lines[:1] + lines[2:])

@@ -2,7 +2,9 @@
 
 The student writes the answers itself, so a row's own last answer is not trained on (it is counted as a
 reference answer set aside). Rows are checked exactly as for `sft` (turn format, system policy, fields the
-format cannot express); a row with no user turn to answer is a bad row.
+format cannot express); a row with no user turn to answer is a bad row. A prompt is the row's own messages
+(role and content), cut after the last user turn: the trainer renders it with the run's chat template,
+which is the training renderer, so system text folds exactly as it does at serving time.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from ..errors import UserError
 from ..families import Family
 from .examples import SHOWN_LOCATIONS, DataReport
 from .sources import Row, row_to_messages
-from .turns import BadRow, normalise, render
+from .turns import ROLE_NAMES, BadRow, normalise, render
 
 REFERENCE_SET_ASIDE = "reference answer set aside (on-policy: the student writes its own)"
-ROLE_OUT = {"user": "user", "model": "assistant"}
 
 
 def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family: Family,
@@ -33,13 +34,14 @@ def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family
     for row in rows:
         row_notes: Counter = Counter()
         try:
-            turns = normalise(row_to_messages(row.data, data.unsupported_fields, row_notes), data.system_policy,
-                              allow_open_end=True, family=family, notes=row_notes)
+            messages = row_to_messages(row.data, data.unsupported_fields, row_notes)
+            turns = normalise(messages, data.system_policy, allow_open_end=True, family=family, notes=row_notes)
             if turns[-1].role == "model":
                 turns = turns[:-1]
                 row_notes[REFERENCE_SET_ASIDE] += 1
             if not turns:
                 raise BadRow("no user turn to answer")
+            last_user = max(i for i, m in enumerate(messages) if ROLE_NAMES[str(m["role"]).lower()] == "user")
         except BadRow as exc:
             report.rows_bad += 1
             if len(report.bad_rows) < SHOWN_LOCATIONS:
@@ -52,7 +54,7 @@ def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family
                 report.dropped_rows.append(f"{row.where}: prompt of {length} tokens > data.max_length "
                                            f"{data.max_length} - distill.max_completion_length {max_completion_length}")
             continue
-        prompts.append([{"role": ROLE_OUT[t.role], "content": t.text} for t in turns])
+        prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[: last_user + 1]])
         notes.update(row_notes)
         report.total_tokens += length
     report.rows_kept, report.notes = len(prompts), dict(notes)

@@ -11,6 +11,7 @@ tests/test_template.py renders a generated corpus through both paths for every p
 from __future__ import annotations
 
 from ..families import GEMMA2, Family
+from .sources import UNEXPRESSIBLE_MESSAGE_FIELDS
 from .turns import BOS, CONTROL_MARKERS, END, ROLE_NAMES, START, SystemPolicy
 
 
@@ -19,9 +20,11 @@ def _literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold") -> str:
-    """The Jinja chat template equivalent to `render(normalise(messages, system_policy, family=family,
-    allow_open_end=True), add_generation_prompt=...)`; raises (raise_exception) where normalise raises."""
+def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold", unsupported: str = "bad_row") -> str:
+    """The Jinja chat template equivalent to `render(normalise(row_to_messages({"messages": messages},
+    unsupported), system_policy, family=family, allow_open_end=True), add_generation_prompt=...)`: it raises
+    (raise_exception) where those raise, including on `tools` and on messages with tool calls when
+    `unsupported` is 'bad_row' (the format cannot express them), and ignores them when it is 'ignore'."""
     roles = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in ROLE_NAMES.items()) + "}"
     markers = "[" + ", ".join(_literal(m) for m in CONTROL_MARKERS) + "]"
     verbatim = family.system_fold == "first_verbatim"
@@ -38,6 +41,16 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold")
         "drop": "",
         "error": "{{ raise_exception('message ' ~ i ~ ' is a system message and the system policy is error') }}",
     }[system_policy]
+    refuse_tools = unsupported != "ignore"
+    tool_checks = (
+        "{%- if tools is defined and tools -%}{{ raise_exception('tool definitions (tools), which Gemma\\'s turn "
+        "format cannot express') }}{%- endif -%}" if refuse_tools else ""
+    )
+    call_checks = "".join(
+        f"{{%- if message is mapping and '{field}' in message and message['{field}'] -%}}"
+        f"{{{{ raise_exception('message ' ~ loop.index0 ~ ' has \\'{field}\\' ({what}), which Gemma\\'s turn format "
+        "cannot express') }}{%- endif -%}"
+        for field, what in UNEXPRESSIBLE_MESSAGE_FIELDS.items()) if refuse_tools else ""
     return (
         f"{{#- gemma2-tune: {family.display} turns, system policy {system_policy}; generated, do not edit -#}}"
         f"{{%- set roles = {roles} -%}}"
@@ -46,6 +59,8 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold")
         + ") -%}"
         "{%- if messages is string or messages is not iterable or messages | length == 0 -%}"
         "{{ raise_exception('no messages') }}{%- endif -%}"
+        + tool_checks
+        + "{%- for message in messages -%}" + call_checks + "{%- endfor -%}"
         # pass 1: each message as normalise checks it, in order; system text collected
         "{%- for message in messages -%}{%- set i = loop.index0 -%}"
         "{%- if message is not mapping -%}{{ raise_exception('message ' ~ i ~ ' is not an object') }}{%- endif -%}"
@@ -94,10 +109,10 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold")
     )
 
 
-def use_run_template(tokenizer, family: Family, system_policy: SystemPolicy) -> str | None:
+def use_run_template(tokenizer, family: Family, system_policy: SystemPolicy, unsupported: str = "bad_row") -> str | None:
     """Give `tokenizer` the run's generated template. Returns the template it carried before when that one
     differs (a base or -it checkpoint's own, to keep beside the run as chat_template.base.jinja), else None."""
-    ours = chat_template(family, system_policy)
+    ours = chat_template(family, system_policy, unsupported)
     before = getattr(tokenizer, "chat_template", None)
     tokenizer.chat_template = ours
     return before if before and before != ours else None

@@ -22,7 +22,11 @@ IGNORE_INDEX = -100  # label of a token that is not learned (PyTorch cross-entro
 BOS = "<bos>"
 START = "<start_of_turn>"
 END = "<end_of_turn>"
-CONTROL_MARKERS = (START, END, "<|im_start|>", "<|im_end|>")
+# Strings a Gemma tokenizer (or a ChatML export) reads as control tokens: inside content they would turn text
+# into structure (a turn boundary, an end of sequence, padding), so a row carrying one is refused. "<unused"
+# covers Gemma's reserved tokens <unused0>...<unused98>.
+CONTROL_MARKERS = (START, END, "<|im_start|>", "<|im_end|>", BOS, "<eos>", "<pad>", "<unk>", "<mask>",
+                   "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<unused")
 
 ROLE_NAMES = {
     "system": "system",

@@ -39,7 +39,7 @@ def _loading_hint(what: str, name: str, exc: Exception) -> str:
     return (
         f"model.name_or_path: could not load the {what} of '{name}' from the {where}: {first}\n"
         + ("" if local else "If you are offline or the model is gated, log in (`hf auth login`) and download it "
-           "once, or pass a local checkpoint folder with --model path/to/checkpoint.")
+           "once, or pass a local checkpoint folder instead.")
     )
 
 
@@ -51,6 +51,11 @@ def checkpoint_family(name: str, revision: str | None = None, trust_remote_code:
     """
     from transformers import AutoConfig
 
+    from ..config.rules import local_path_problem
+
+    problem = local_path_problem(name)
+    if problem:
+        raise UserError(problem)
     try:
         config = AutoConfig.from_pretrained(model_location(name), revision=revision, trust_remote_code=trust_remote_code)
     except UserError:

@@ -31,6 +31,15 @@ class EchoLoss(TrainerCallback):
                       f"lr {logs.get('learning_rate', 0):.2e}{extra}")
 
 
+class LogLastStep(TrainerCallback):
+    """The last optimizer step is always logged, so the final loss is that of the final step."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
+        if state.global_step == state.max_steps:
+            control.should_log = True
+        return control
+
+
 class TrackStep(TrainerCallback):
     """Keeps record['global_step'] at the last completed optimizer step."""
 

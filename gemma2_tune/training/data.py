@@ -72,7 +72,7 @@ def prepare_data(cfg: RunConfig, family: Family, echo: Echo, state=None) -> Trai
 
     m = cfg.model
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-    base_template = use_run_template(tokenizer, family, cfg.data.system_policy)
+    base_template = use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
     rows, source = load_rows(cfg.data)
     rows, held_out = split_rows(rows, cfg)
     seed = cfg.training.seed if cfg.data.eval_fraction else None

@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
-from .callbacks import EchoLoss, MarkCheckpoints, StopOnSignal
+from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, StopOnSignal
 from .data import split_rows
 from .launch import Launch, current_launch
 from .lifecycle import RunLifecycle, tokens_seen
@@ -168,7 +168,7 @@ def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | Non
     check_kernel_request(family, m.attn_implementation, training=True)
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
     check_teacher(cfg, family, student_config, tokenizer)
-    base_template = use_run_template(tokenizer, family, cfg.data.system_policy)
+    base_template = use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
     tokenizer.padding_side = "left"  # generation pads prompts on the left
     end = tokenizer.convert_tokens_to_ids(END)
     args = distill_args(cfg, run.out, launch, end, tokenizer.eos_token_id)
@@ -213,7 +213,7 @@ def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | Non
 
         # train
         stop = StopOnSignal(run.state)
-        for callback in (run.memory, run.step_tracker(), MarkCheckpoints(cfg, run.state), stop):
+        for callback in (run.memory, run.step_tracker(), LogLastStep(), MarkCheckpoints(cfg, run.state), stop):
             trainer.add_callback(callback)
         say = run.say
         if bar_wanted(main_process=run.main):
@@ -226,8 +226,10 @@ def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | Non
             result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         runtime = result.metrics.get("train_runtime")
         generated = run_total(trainer, trainer.supervised_seen)
+        before = run.previous.get("distill") or {}  # a resumed run: totals over its attempts
         run.record["distill"] |= {
-            "tokens_generated": generated, "generation_s": round(run_total(trainer, trainer.generation_seconds), 3),
+            "tokens_generated": generated + (before.get("tokens_generated") or 0),
+            "generation_s": round(run_total(trainer, trainer.generation_seconds) + (before.get("generation_s") or 0), 3),
             "train_runtime_s": runtime, "divergence_history": [
                 {"step": e["step"], "divergence": e["loss"]} for e in trainer.state.log_history if "loss" in e]}
         run.finish_training(trainer, report, runtime, stop.stopped)
@@ -237,7 +239,7 @@ def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | Non
 
         # save
         run.save(trainer, tokenizer, base_template)
-    share = run.record["distill"]["generation_s"] / max(runtime or 0, 1e-9) / max(run.state.num_processes, 1)
+    share = run_total(trainer, trainer.generation_seconds) / max(runtime or 0, 1e-9) / max(run.state.num_processes, 1)
     run.say(f"generated {generated:,.0f} completion tokens; generation took {share:.0%} of the training time")
     for line in run.summary_lines():
         run.say(line)

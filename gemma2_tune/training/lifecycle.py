@@ -73,6 +73,7 @@ class RunLifecycle:
         self.out = Path(cfg.output.dir)
         self.started = time.time()
         self.memory = PeakMemory()
+        mf.check_inputs_outside(cfg)
         self.replacing = None if resuming else mf.check_output_dir(self.out, cfg.output.overwrite)
 
     def join(self) -> None:
@@ -83,7 +84,7 @@ class RunLifecycle:
         self.main = self.state.is_main_process
         self.say = rank_echo(self.echo, self.state)
         self._same_config_on_every_rank()
-        previous = mf.read_manifest(self.out) if self.resuming else None
+        previous = self.previous = (mf.read_manifest(self.out) or {}) if self.resuming else {}
         cfg, launch, recipe = self.cfg, self.launch, self.recipe
         self.record: dict[str, Any] = {
             "command": self.command,
@@ -110,7 +111,14 @@ class RunLifecycle:
                             "recipe and flags")
 
     def resume_point(self, resume: bool, resume_from: str | None) -> Checkpoint | None:
-        """The checkpoint to continue from (--resume: newest complete one; --resume-from: that one), or None."""
+        """The checkpoint to continue from (--resume: newest complete one; --resume-from: that one), or None.
+        Raises UserError when the folder's run is of another command or already completed."""
+        if self.previous and self.previous.get("command", "sft") != self.command and (resume or resume_from):
+            raise UserError(f"output.dir: {self.out} holds a `{self.previous.get('command', 'sft')}` run; "
+                            f"`gemma2-tune {self.command} --resume` cannot continue it")
+        if self.previous.get("status") == "completed" and (resume or resume_from):
+            raise UserError(f"output.dir: the run in {self.out} completed (step {self.previous.get('global_step')}); "
+                            "there is nothing to resume (--overwrite starts it again, or choose another --output-dir)")
         if resume_from:
             checkpoint = check_checkpoint(Path(resume_from), self.cfg)
         elif resume:
@@ -183,6 +191,11 @@ class RunLifecycle:
         self.record.update(global_step=step, training=loss_summary(trainer.state.log_history) | {
             "train_runtime_s": runtime_s})
         self.record["throughput"] = throughput(trainer, data_report, runtime_s, self.memory)
+        before = (self.previous.get("throughput") or {}).get("supervised_tokens_trained") or 0
+        if before:  # a resumed run: totals over its attempts, rates of this one
+            speed = self.record["throughput"]
+            speed["supervised_tokens_this_attempt"] = speed["supervised_tokens_trained"]
+            speed["supervised_tokens_trained"] += before
         if stopped:
             saved = self.out / f"checkpoint-{step}"
             self.record.update(status="interrupted", checkpoint=str(saved))

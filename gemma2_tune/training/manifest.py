@@ -75,6 +75,33 @@ def check_output_dir(path: Path, overwrite: bool) -> str | None:
     return None
 
 
+def check_inputs_outside(cfg) -> None:
+    """The output folder must not be (or hold) an input of the run: the base model, the teacher, the data.
+    Raises UserError before anything is written or deleted."""
+    inputs = {"model.name_or_path": cfg.model.name_or_path, "data.dataset": cfg.data.dataset}
+    teacher = getattr(cfg, "teacher", None)
+    if teacher is not None:
+        inputs["teacher.name_or_path"] = teacher.name_or_path
+    inside = inputs_inside(Path(cfg.output.dir), inputs)
+    if inside:
+        raise UserError(f"output.dir: {cfg.output.dir} is, or holds, an input of this run ({', '.join(inside)}); "
+                        "writing the run there would destroy it; choose another --output-dir")
+
+
+def inputs_inside(path: Path, inputs: dict[str, str]) -> list[str]:
+    """The run's local inputs ({key: path}: model, teacher, dataset) that are `path` itself or lie inside it:
+    writing the run there (and --overwrite deleting it first) would destroy them."""
+    out = path.expanduser().resolve()
+    found = []
+    for key, name in inputs.items():
+        if not name or name.startswith("builtin:"):
+            continue
+        p = Path(name).expanduser()
+        if p.exists() and (p.resolve() == out or out in p.resolve().parents):
+            found.append(f"{key} ({name})")
+    return found
+
+
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
     """After `check_output_dir`: remove a previous run of ours (with overwrite, or one that never trained)
     and create the folder."""

@@ -17,7 +17,7 @@ from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model
 from .batching import MicroBatch, gpu_memory, micro_batch
 from ..models.lora import inspect_adapters
-from .callbacks import EchoLoss, MarkCheckpoints, StopOnSignal
+from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, StopOnSignal
 from .data import TrainingData, blocks_dataset, prepare_data
 from .describe import count
 from .launch import current_launch
@@ -62,6 +62,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         stop = StopOnSignal(run.state)
         trainer.add_callback(run.memory)
         trainer.add_callback(run.step_tracker())
+        trainer.add_callback(LogLastStep())
         trainer.add_callback(MarkCheckpoints(cfg, run.state))
         trainer.add_callback(stop)
         say = run.say
