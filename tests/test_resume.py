@@ -101,9 +101,17 @@ def test_sigkill_while_training_resumes_from_the_newest_complete_checkpoint(refe
     assert same_adapter(reference, out) <= 1e-6
 
 
+def unfinished_copy(reference, out):
+    """The reference run as if it had been stopped after its last checkpoint (a completed run has nothing to
+    resume)."""
+    shutil.copytree(reference, out)
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(manifest | {"status": "interrupted"}))
+
+
 def test_incomplete_newer_checkpoint_is_skipped_and_refused_by_path(reference, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    unfinished_copy(reference, out)
     # a checkpoint killed while being written: files present, no completion marker
     broken = out / "checkpoint-20"
     shutil.copytree(out / "checkpoint-8", broken)
@@ -119,7 +127,7 @@ def test_incomplete_newer_checkpoint_is_skipped_and_refused_by_path(reference, t
 
 def test_checkpoint_of_a_different_recipe_is_refused(reference, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    unfinished_copy(reference, out)
     before = (out / "run.json").read_text()
     r = cli("-o", str(out), "--resume", "--set", "lora.r=8")
     assert r.exit_code == 2 and "different config" in r.output and "lora.r: checkpoint 16, now 8" in r.output
