@@ -44,6 +44,16 @@ LoadInOpt = Annotated[str, typer.Option("--load-in", help="auto (the run's preci
 LaunchOpt = Annotated[Optional[str], typer.Option("--launch", help="Start N processes with accelerate: a bundled config "
                                                   "(zero3 = deepspeed_zero3, zero3_offload, ddp = multi_gpu, "
                                                   "single = single_gpu) or a path.")]
+# The options every training command shares (sft, distill).
+OutputDirOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="output.dir")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option(help="training.max_steps")]
+LearningRateOpt = Annotated[Optional[float], typer.Option(help="training.learning_rate")]
+OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output dir.")]
+ResumeFromOpt = Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder.")]
+NumProcessesOpt = Annotated[Optional[int], typer.Option("--num-processes", help="Processes for --launch.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")]
+RecipeLabelOpt = Annotated[Optional[str], typer.Option("--recipe-label", hidden=True)]
 
 
 def echo(line: str) -> None:
@@ -155,17 +165,17 @@ def sft(
     set_: SetOpt = None,
     model: ModelOpt = None,
     dataset: DatasetOpt = None,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="output.dir")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="training.max_steps")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="training.learning_rate")] = None,
+    output_dir: OutputDirOpt = None,
+    max_steps: MaxStepsOpt = None,
+    learning_rate: LearningRateOpt = None,
     max_length: Annotated[Optional[int], typer.Option(help="data.max_length")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output dir.")] = False,
-    resume_from: Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
+    overwrite: OverwriteOpt = None,
+    resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
     launch: LaunchOpt = None,
-    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes for --launch.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")] = False,
-    recipe_label: Annotated[Optional[str], typer.Option("--recipe-label", hidden=True)] = None,
+    num_processes: NumProcessesOpt = None,
+    dry_run: DryRunOpt = False,
+    recipe_label: RecipeLabelOpt = None,
 ) -> None:
     """Supervised fine-tuning (QLoRA by default) on a chat dataset."""
     flags = {
@@ -195,16 +205,16 @@ def distill(
     teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="teacher.name_or_path: hub id or local "
                                                    "folder of a larger model of the same family.")] = None,
     dataset: DatasetOpt = None,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="output.dir")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="training.max_steps")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="training.learning_rate")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output dir.")] = False,
-    resume_from: Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
+    output_dir: OutputDirOpt = None,
+    max_steps: MaxStepsOpt = None,
+    learning_rate: LearningRateOpt = None,
+    overwrite: OverwriteOpt = None,
+    resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
     launch: LaunchOpt = None,
-    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes for --launch.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")] = False,
-    recipe_label: Annotated[Optional[str], typer.Option("--recipe-label", hidden=True)] = None,
+    num_processes: NumProcessesOpt = None,
+    dry_run: DryRunOpt = False,
+    recipe_label: RecipeLabelOpt = None,
 ) -> None:
     """On-policy distillation: the student writes answers to the prompts and learns the teacher's distribution."""
     from .config.schema import DistillConfig

@@ -54,6 +54,25 @@ class DataReport:
         """As plain JSON-ready data (for run.json)."""
         return asdict(self)
 
+    def bad(self, where: str, why: object) -> None:
+        """Count a bad row, keeping the first locations."""
+        self.rows_bad += 1
+        if len(self.bad_rows) < SHOWN_LOCATIONS:
+            self.bad_rows.append(f"{where}: {why}")
+
+    def dropped(self, where: str, why: object) -> None:
+        """Keep the first locations of rows dropped for their length or supervision (counted by the caller)."""
+        if len(self.dropped_rows) < SHOWN_LOCATIONS:
+            self.dropped_rows.append(f"{where}: {why}")
+
+    def check_usable(self, on_bad_rows: str, what: str = "rows") -> None:
+        """Raise UserError when bad rows exist and data.on_bad_rows is 'error', or nothing usable is left."""
+        if self.rows_bad and on_bad_rows == "error":
+            shown = "\n".join(f"  - {b}" for b in self.bad_rows)
+            raise UserError(f"data: {self.rows_bad} bad rows and data.on_bad_rows is 'error'; first ones:\n{shown}")
+        if not self.rows_kept:
+            raise UserError(f"data: no usable {what} left\n" + "\n".join(self.summary_lines()))
+
     def summary_lines(self) -> list[str]:
         """Human-readable lines for the log."""
         lines = [
@@ -141,9 +160,7 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection,
             turns = normalise(row_to_messages(row.data, cfg.unsupported_fields, row_notes), cfg.system_policy,
                               family=family, notes=row_notes)
         except BadRow as exc:
-            report.rows_bad += 1
-            if len(report.bad_rows) < SHOWN_LOCATIONS:
-                report.bad_rows.append(f"{row.where}: {exc}")
+            report.bad(row.where, exc)
             continue
         try:
             example = build_example(turns, encoder, cfg)
@@ -152,8 +169,7 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection,
                 report.rows_dropped_overlong += 1
             else:
                 report.rows_dropped_unsupervised += 1
-            if len(report.dropped_rows) < SHOWN_LOCATIONS:
-                report.dropped_rows.append(f"{row.where}: {exc}")
+            report.dropped(row.where, exc)
             continue
         examples.append(example)
         notes.update(row_notes)  # counted only for rows that train
@@ -162,11 +178,7 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection,
         report.supervised_tokens += example.supervised_tokens
     report.rows_kept = len(examples)
     report.notes = dict(notes)
-    if report.rows_bad and cfg.on_bad_rows == "error":
-        shown = "\n".join(f"  - {b}" for b in report.bad_rows)
-        raise UserError(f"data: {report.rows_bad} bad rows and data.on_bad_rows is 'error'; first ones:\n{shown}")
-    if not examples:
-        raise UserError("data: no usable rows left\n" + "\n".join(report.summary_lines()))
+    report.check_usable(cfg.on_bad_rows)
     return examples, report
 
 

@@ -13,9 +13,8 @@ from collections import Counter
 from typing import Any, Sequence
 
 from ..config.schema import DataSection
-from ..errors import UserError
 from ..families import Family
-from .examples import SHOWN_LOCATIONS, DataReport
+from .examples import DataReport
 from .sources import Row, row_to_messages
 from .turns import ROLE_NAMES, BadRow, normalise, render
 
@@ -43,24 +42,17 @@ def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family
                 raise BadRow("no user turn to answer")
             last_user = max(i for i, m in enumerate(messages) if ROLE_NAMES[str(m["role"]).lower()] == "user")
         except BadRow as exc:
-            report.rows_bad += 1
-            if len(report.bad_rows) < SHOWN_LOCATIONS:
-                report.bad_rows.append(f"{row.where}: {exc}")
+            report.bad(row.where, exc)
             continue
         length = len(tokenizer(render(turns, add_generation_prompt=True).text, add_special_tokens=False).input_ids)
         if length > budget:
             report.rows_dropped_overlong += 1
-            if len(report.dropped_rows) < SHOWN_LOCATIONS:
-                report.dropped_rows.append(f"{row.where}: prompt of {length} tokens > data.max_length "
-                                           f"{data.max_length} - distill.max_completion_length {max_completion_length}")
+            report.dropped(row.where, f"prompt of {length} tokens > data.max_length {data.max_length} - "
+                                      f"distill.max_completion_length {max_completion_length}")
             continue
         prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[: last_user + 1]])
         notes.update(row_notes)
         report.total_tokens += length
     report.rows_kept, report.notes = len(prompts), dict(notes)
-    if report.rows_bad and data.on_bad_rows == "error":
-        shown = "\n".join(f"  - {b}" for b in report.bad_rows)
-        raise UserError(f"data: {report.rows_bad} bad rows and data.on_bad_rows is 'error'; first ones:\n{shown}")
-    if not prompts:
-        raise UserError("data: no usable prompts left\n" + "\n".join(report.summary_lines()))
+    report.check_usable(data.on_bad_rows, "prompts")
     return prompts, report

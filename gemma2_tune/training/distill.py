@@ -31,12 +31,10 @@ from ..errors import UserError
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
-from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, StopOnSignal
 from .data import split_rows
 from .launch import Launch, current_launch
-from .lifecycle import RunLifecycle, tokens_seen
-from .progress import LiveProgress, bar_wanted
-from .trainer import _checkpointing_args, device_map, has_accelerator
+from .lifecycle import RunLifecycle
+from .trainer import common_args, device_map, has_accelerator
 
 Echo = Callable[[str], None]
 
@@ -78,37 +76,9 @@ class GemmaDistillationTrainer(DistillationTrainer):
 
 def distill_args(cfg: DistillConfig, out: Path, launch: Launch, end_of_turn: int, eos: int) -> DistillationConfig:
     """TRL's DistillationConfig from the resolved config (built before any model loads, as for sft)."""
-    t, d = cfg.training, cfg.distill
-    reentrant = launch.zero3 and cfg.lora.enabled
+    d = cfg.distill
     return DistillationConfig(
-        output_dir=str(out),
-        learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps or -1,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        **_checkpointing_args(DistillationConfig, t.gradient_checkpointing, reentrant),
-        bf16=cfg.model.dtype == "bfloat16",
-        fp16=cfg.model.dtype == "float16",
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if cfg.data.eval_fraction else "no",
-        eval_steps=t.eval_steps,
-        per_device_eval_batch_size=t.per_device_train_batch_size,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to=[] if t.report_to == "none" else [t.report_to],
-        disable_tqdm=True,
-        ddp_find_unused_parameters=False,
-        use_cpu=not has_accelerator(),
+        **common_args(DistillationConfig, cfg, out, launch, evaluate=bool(cfg.data.eval_fraction)),
         beta=d.beta,
         temperature=d.temperature,
         max_completion_length=d.max_completion_length,
@@ -212,16 +182,7 @@ def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | Non
                 f"soft-capped logits, over the generated completion tokens only; launch {launch.describe()}")
 
         # train
-        stop = StopOnSignal(run.state)
-        for callback in (run.memory, run.step_tracker(), LogLastStep(), MarkCheckpoints(cfg, run.state), stop):
-            trainer.add_callback(callback)
-        say = run.say
-        if bar_wanted(main_process=run.main):
-            counter, unit = tokens_seen(trainer)
-            progress = LiveProgress(counter, unit)
-            trainer.add_callback(progress)
-            say = progress.wrap(say)
-        trainer.add_callback(EchoLoss(say))
+        stop = run.attach(trainer)
         with stop.installed():
             result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         runtime = result.metrics.get("train_runtime")

@@ -8,6 +8,7 @@
     with run.attempt():                      # failed / interrupted / completed; every attempt kept
         ...
         run.record_model(report)
+        stop = run.attach(trainer)           # callbacks: memory, step, checkpoints, SIGTERM, lines/progress bar
         run.finish_training(trainer, report) # throughput, loss curve; Interrupted after SIGTERM
         run.save(trainer, tokenizer)         # weights, tokenizer, loss.png, README.md (model card)
 
@@ -28,10 +29,11 @@ from ..config.schema import RunConfig
 from ..errors import Interrupted, UserError
 from ..files import write_text_atomic
 from . import manifest as mf
-from .callbacks import PeakMemory, peak_memory
+from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, PeakMemory, StopOnSignal, TrackStep, peak_memory
 from .card import model_card, plot_run
 from .checkpoints import Checkpoint, check_checkpoint, newest_complete
 from .launch import Launch, launch_problems
+from .progress import LiveProgress, bar_wanted
 
 Echo = Callable[[str], None]
 BASE_TEMPLATE = "chat_template.base.jinja"  # the checkpoint's own chat template, replaced by the run's
@@ -171,12 +173,22 @@ class RunLifecycle:
 
         return attempt()
 
-    def step_tracker(self):
-        """A trainer callback keeping `record['global_step']` current, so a run that fails mid-training
-        records how far it got (and is never mistaken for one that never trained)."""
-        from .callbacks import TrackStep
-
-        return TrackStep(self.record)
+    def attach(self, trainer) -> StopOnSignal:
+        """The run's callbacks on `trainer`: peak memory, the step reached (a run failing mid-training records
+        how far it got), the last step logged, complete-checkpoint markers, SIGTERM, and the loss lines (above
+        a live progress bar on a terminal). Returns the SIGTERM handler (`with stop.installed(): train`)."""
+        stop = StopOnSignal(self.state)
+        for callback in (self.memory, TrackStep(self.record), LogLastStep(), MarkCheckpoints(self.cfg, self.state),
+                         stop):
+            trainer.add_callback(callback)
+        say = self.say
+        if bar_wanted(main_process=self.main):
+            counter, unit = tokens_seen(trainer)
+            progress = LiveProgress(counter, unit)
+            trainer.add_callback(progress)
+            say = progress.wrap(say)
+        trainer.add_callback(EchoLoss(say))
+        return stop
 
     def record_model(self, report) -> None:
         """The checked model report goes into run.json and the log."""

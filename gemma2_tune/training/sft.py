@@ -15,14 +15,12 @@ from transformers import set_seed
 from ..config.schema import RunConfig
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model
-from .batching import MicroBatch, gpu_memory, micro_batch
 from ..models.lora import inspect_adapters
-from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, StopOnSignal
+from .batching import MicroBatch, gpu_memory, micro_batch
 from .data import TrainingData, blocks_dataset, prepare_data
 from .describe import count
 from .launch import current_launch
-from .lifecycle import RunLifecycle, tokens_seen
-from .progress import LiveProgress, bar_wanted
+from .lifecycle import RunLifecycle
 from .trainer import build_trainer, device_map, effective_loss, trainer_args
 
 Echo = Callable[[str], None]
@@ -59,19 +57,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         say_plan(cfg, run, data, checkpoint, micro)
 
         # train
-        stop = StopOnSignal(run.state)
-        trainer.add_callback(run.memory)
-        trainer.add_callback(run.step_tracker())
-        trainer.add_callback(LogLastStep())
-        trainer.add_callback(MarkCheckpoints(cfg, run.state))
-        trainer.add_callback(stop)
-        say = run.say
-        if bar_wanted(main_process=run.main):
-            counter, unit = tokens_seen(trainer)
-            progress = LiveProgress(counter, unit)
-            trainer.add_callback(progress)
-            say = progress.wrap(say)
-        trainer.add_callback(EchoLoss(say))
+        stop = run.attach(trainer)
         with stop.installed():
             result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         run.finish_training(trainer, data.report, result.metrics.get("train_runtime"), stop.stopped)

@@ -27,16 +27,16 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def trainer_args(cfg: RunConfig, out: Path, launch: Launch, micro: MicroBatch | None = None):
-    """SFTConfig, built before the model loads: under ZeRO-3 it is what makes from_pretrained shard weights.
-    `micro`: the micro-batch shape to run (default: as configured)."""
-    from trl import SFTConfig
-
+def common_args(args_class, cfg: RunConfig, out: Path, launch: Launch, micro: MicroBatch | None = None,
+                evaluate: bool = False) -> dict[str, Any]:
+    """How training.* (and the run's dtype, launch, output folder) become trainer arguments, for any TRL
+    config class (SFTConfig, DistillationConfig): the one place that decides it. `micro`: the micro-batch
+    shape to run (default: as configured); `evaluate`: held-out data exists."""
     t = cfg.training
     micro = micro or MicroBatch(t.per_device_train_batch_size, t.gradient_accumulation_steps, 1, "as configured")
     # PEFT under ZeRO-3 needs reentrant checkpointing (TRL enforces it; say so rather than be overridden).
     reentrant = launch.zero3 and cfg.lora.enabled
-    return SFTConfig(
+    return dict(
         output_dir=str(out),
         learning_rate=t.learning_rate,
         per_device_train_batch_size=micro.per_device,
@@ -48,12 +48,12 @@ def trainer_args(cfg: RunConfig, out: Path, launch: Launch, micro: MicroBatch | 
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        **_checkpointing_args(SFTConfig, t.gradient_checkpointing, reentrant),
+        **_checkpointing_args(args_class, t.gradient_checkpointing, reentrant),
         bf16=cfg.model.dtype == "bfloat16",
         fp16=cfg.model.dtype == "float16",
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if (cfg.data.eval_fraction or cfg.data.eval_split) else "no",
+        eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=t.per_device_train_batch_size,
         save_strategy="steps" if t.save_steps else "no",
@@ -62,13 +62,22 @@ def trainer_args(cfg: RunConfig, out: Path, launch: Launch, micro: MicroBatch | 
         seed=t.seed,
         data_seed=t.seed,
         report_to=[] if t.report_to == "none" else [t.report_to],
+        disable_tqdm=True,
+        ddp_find_unused_parameters=False,  # LoRA and full fine-tuning both use every trainable parameter
+        use_cpu=not has_accelerator(),
+    )
+
+
+def trainer_args(cfg: RunConfig, out: Path, launch: Launch, micro: MicroBatch | None = None):
+    """SFTConfig, built before the model loads: under ZeRO-3 it is what makes from_pretrained shard weights."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common_args(SFTConfig, cfg, out, launch, micro, evaluate=bool(cfg.data.eval_fraction or cfg.data.eval_split)),
         max_length=cfg.data.max_length,
         packing=False,
         dataset_kwargs={"skip_prepare_dataset": True},  # rows are already Gemma-formatted, tokenized, masked
         remove_unused_columns=False,
-        disable_tqdm=True,
-        ddp_find_unused_parameters=False,  # LoRA and full fine-tuning both use every trainable parameter
-        use_cpu=not has_accelerator(),
     )
 
 
