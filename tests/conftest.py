@@ -12,6 +12,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+# Questions the "answer ok" tests teach on (sft, Gemma 3, distillation).
+QUESTIONS = ["What is the time?", "Tell me a story.", "How tall is Everest?", "Name a colour.", "Say something.",
+             "Why is the sky blue?", "What is two plus two?", "Where is Paris?", "Who wrote Hamlet?",
+             "Is water wet?", "Can fish fly?", "What day is it?", "How are you?", "What is a prime?", "Sing!",
+             "Define love."]
 
 
 @pytest.fixture(scope="session", autouse=True)

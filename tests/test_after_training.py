@@ -7,15 +7,11 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import QUESTIONS, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
-QUESTIONS = ["What is the time?", "Tell me a story.", "How tall is Everest?", "Name a colour.", "Say something.",
-             "Why is the sky blue?", "What is two plus two?", "Where is Paris?", "Who wrote Hamlet?",
-             "Is water wet?", "Can fish fly?", "What day is it?", "How are you?", "What is a prime?", "Sing!",
-             "Define love."]
 
 
 def ok_rows(questions):

@@ -14,15 +14,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import ROOT, write_jsonl
+from conftest import QUESTIONS, ROOT, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
-QUESTIONS = ["What is the time?", "Tell me a story.", "How tall is Everest?", "Name a colour.", "Say something.",
-             "Why is the sky blue?", "What is two plus two?", "Where is Paris?", "Who wrote Hamlet?",
-             "Is water wet?", "Can fish fly?", "What day is it?", "How are you?", "What is a prime?", "Sing!",
-             "Define love."]
 HELD_OUT = ["How is the weather?", "Who are you?", "What is your name?"]
 FP32 = ["--set", "quantization.load_in_4bit=false", "--set", "model.dtype=float32", "--set", "teacher.load_in=full",
         "--set", "lora.dropout=0", "--set", "distill.max_completion_length=6", "--set", "training.learning_rate=5e-3",

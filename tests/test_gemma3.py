@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import QUESTIONS, write_jsonl
 from gemma2_tune.cli import app
 from gemma2_tune.data.turns import BadRow, normalise, render
 from gemma2_tune.families import GEMMA3_TEXT
@@ -93,10 +93,6 @@ def test_packed_rows_equal_rows_alone_under_both_kernels(tiny_gemma3_dir, kernel
     assert (leaked - packed).abs().max().item() > 1e-3
 
 
-QUESTIONS = ["What is the time?", "Tell me a story.", "How tall is Everest?", "Name a colour.", "Say something.",
-             "Why is the sky blue?", "What is two plus two?", "Where is Paris?", "Who wrote Hamlet?",
-             "Is water wet?", "Can fish fly?", "What day is it?", "How are you?", "What is a prime?", "Sing!",
-             "Define love."]
 
 
 @pytest.fixture(scope="module")
