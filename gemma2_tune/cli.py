@@ -358,6 +358,38 @@ def merge(
     run_merge(adapter, output, model, dtype, echo=echo)
 
 
+@command("merge-models")
+def merge_models_command(
+    models: Annotated[list[str], typer.Argument(help="The models to merge: run folders (an adapter is merged into its "
+                                                "base first), a run's ema/ folder, merged folders or hub ids.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="New folder for the merged model.")],
+    method: Annotated[str, typer.Option(help="linear, slerp, ties, dare_ties or task_arithmetic (mergekit).")] = "linear",
+    models_flag: Annotated[bool, typer.Option("--models", help="Optional marker before the models.")] = False,
+    base: Annotated[Optional[str], typer.Option(help="The initialisation: for ties/dare_ties/task_arithmetic and "
+                                                "--liti.")] = None,
+    t: Annotated[float, typer.Option("--t", help="SLERP factor: 0 the first model, 1 the second.")] = 0.5,
+    weights: Annotated[Optional[str], typer.Option(help="Per-model weights, comma-separated (linear: normalised; "
+                                                   "ties/dare/task arithmetic: task-vector scales).")] = None,
+    density: Annotated[float, typer.Option(help="ties/dare_ties: fraction of each task vector kept.")] = 0.5,
+    liti: Annotated[Optional[float], typer.Option(help="Then interpolate towards --base: eta * merged + (1 - eta) * "
+                                                  "base (WARP's LITI).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the inputs' "
+                                                 "precision).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random drops.")] = 42,
+) -> None:
+    """Merge fine-tuned models with mergekit (linear, SLERP, TIES, DARE, task arithmetic), optionally then LITI
+    towards the base; the result keeps eager attention, soft-caps and the run's chat template, self-checked."""
+    from .after.merge_models import merge_models
+
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {weights}: comma-separated numbers, one per model") from None
+    merge_models(method, models, output, base, t, parsed, density, liti, dtype, seed, echo=echo)
+
+
 @command("eval")
 def evaluate_command(
     adapter: AdapterOpt = None,
@@ -369,8 +401,11 @@ def evaluate_command(
     load_in: LoadInOpt = "auto",
     include_path: Annotated[Optional[str], typer.Option(help="Folder of extra lm-eval task YAMLs.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task.")] = None,
+    compare: Annotated[Optional[list[str]], typer.Option(help="Also score this model on the same rows, in the same "
+                                                         "table: a run folder, its ema/, a merged folder or a hub id "
+                                                         "(repeatable).")] = None,
 ) -> None:
-    """Loss/perplexity on model-turn tokens (base vs fine-tuned), or lm-eval benchmark tasks."""
+    """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), or lm-eval tasks."""
     if not dataset and not tasks:
         raise UserError("give --dataset (held-out chats) and/or --tasks (lm-eval tasks)")
     from .after.inference import load, read_run
@@ -380,8 +415,13 @@ def evaluate_command(
     if dataset:
         from .after.evaluate import evaluate
 
+        def loader(name: str):
+            other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
+            return lambda: load(other, _load_in(load_in))
+
         evaluate(loaded, DataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                     system_policy=run.system_policy), compare_base=True, echo=echo)
+                                     system_policy=run.system_policy), compare_base=True, echo=echo,
+                 others=[(name, loader(name)) for name in compare or []])
     if tasks:
         from .after.harness import run_tasks
 

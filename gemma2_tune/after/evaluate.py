@@ -7,12 +7,13 @@ Rows are rendered and masked exactly as in training; base and fine-tuned are sco
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from ..config.schema import DataSection
 from ..data.examples import build_examples
 from ..data.sources import load_rows
 from ..data.turns import IGNORE_INDEX
+from ..errors import UserError
 from .inference import Loaded
 
 
@@ -32,9 +33,11 @@ def supervised_loss(model, examples) -> dict[str, Any]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "supervised_tokens": int(count), "rows": len(examples)}
 
 
-def evaluate(loaded: Loaded, data: DataSection, compare_base: bool, echo=print) -> dict[str, Any]:
-    """Held-out loss of the loaded model (and of its base, adapter off, when `compare_base`), printed as a
-    table. Raises UserError when the data has no usable rows."""
+def evaluate(loaded: Loaded, data: DataSection, compare_base: bool, echo=print,
+             others: list[tuple[str, Callable[[], Loaded]]] = ()) -> dict[str, Any]:
+    """Held-out loss of the loaded model (and of its base, adapter off, when `compare_base`), and of each of
+    `others` ((name, loader): loaded one at a time, scored on the same tokens), printed as one table.
+    Raises UserError when the data has no usable rows or another model's tokenizer differs."""
     model = loaded.model
     rows, source = load_rows(data)
     examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family)
@@ -45,7 +48,16 @@ def evaluate(loaded: Loaded, data: DataSection, compare_base: bool, echo=print) 
         with model.disable_adapter():
             results["base"] = supervised_loss(model, examples)
     results["fine-tuned" if hasattr(model, "disable_adapter") else "model"] = supervised_loss(model, examples)
-    echo(f"{'':12s}{'loss':>10s}{'perplexity':>14s}{'supervised tokens':>20s}")
+    vocab = loaded.tokenizer.get_vocab()
+    for name, load_other in others:
+        other = load_other()
+        if other.tokenizer.get_vocab() != vocab:
+            raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out "
+                            "tokens can't be scored by both")
+        results[name] = supervised_loss(other.model, examples)
+        del other
+    width = max(12, *(len(n) + 2 for n in results))
+    echo(f"{'':{width}s}{'loss':>10s}{'perplexity':>14s}{'supervised tokens':>20s}")
     for name, r in results.items():
-        echo(f"{name:12s}{r['loss']:10.4f}{r['perplexity']:14.2f}{r['supervised_tokens']:20,d}")
+        echo(f"{name:{width}s}{r['loss']:10.4f}{r['perplexity']:14.2f}{r['supervised_tokens']:20,d}")
     return {"dataset": source.name, "fingerprint": source.fingerprint, "results": results}

@@ -87,10 +87,18 @@ def read_run(adapter: str | None, model: str | None) -> TrainedRun:
         if not base:
             raise UserError(f"--adapter {adapter}: the adapter does not name its base model; pass --model")
         return TrainedRun(path, base, cfg.data.system_policy if cfg else "fold", True, cfg)
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):  # full fine-tune output
-        return TrainedRun(path, str(path), cfg.data.system_policy if cfg else "fold", False, cfg)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):  # full fine-tune or merged output
+        return TrainedRun(path, str(path), cfg.data.system_policy if cfg else merged_policy(path), False, cfg)
     raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json + adapter_model.safetensors) "
                     "and not a model folder (no config.json + *.safetensors)")
+
+
+def merged_policy(path: Path) -> str:
+    """The system policy a merged folder's template was generated for (its merge.json), else "fold"."""
+    try:
+        return json.loads((path / "merge.json").read_text()).get("system_policy") or "fold"
+    except (OSError, ValueError):
+        return "fold"
 
 
 def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) -> Loaded:

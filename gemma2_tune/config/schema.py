@@ -158,6 +158,12 @@ class TrainingSection(Section):
     )
     save_total_limit: int = Field(2, gt=0, description="Keep only the newest K checkpoints.")
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Keep an exponential moving average of the trainable weights with this decay (e.g. 0.999; the "
+        "first stage of Gemma 2's WARP), updated after every optimizer step, kept in float32, carried by "
+        "checkpoints and written as a second adapter or model in `<output.dir>/ema/` (null: none).",
+    )
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
     loss: Literal["supervised_chunked", "trl"] = Field(
         "supervised_chunked",

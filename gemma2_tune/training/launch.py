@@ -136,6 +136,9 @@ def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
         if teacher is not None and teacher.load_in != "full":
             problems.append(f"teacher.load_in is {teacher.load_in} but ZeRO-3 shards the teacher's weights: set "
                             "teacher.load_in=full (unquantized in model.dtype, split over the processes)")
+        if cfg.training.ema_decay is not None:
+            problems.append("training.ema_decay is set but ZeRO-3 shards the weights it averages; keep the average "
+                            "on one GPU or under DDP (--launch ddp), or unset training.ema_decay")
         if not cfg.lora.enabled and not launch.zero3_save_16bit:
             problems.append(
                 f"{where}: deepspeed_config.zero3_save_16bit_model must be true for full fine-tuning under ZeRO-3, "

@@ -30,6 +30,7 @@ from ..errors import Interrupted, UserError
 from ..files import write_text_atomic
 from . import manifest as mf
 from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, PeakMemory, StopOnSignal, TrackStep, peak_memory
+from .ema import ExponentialMovingAverage, write_ema_folder
 from .card import model_card, plot_run
 from .checkpoints import Checkpoint, check_checkpoint, newest_complete
 from .launch import Launch, launch_problems
@@ -75,6 +76,8 @@ class RunLifecycle:
         self.out = Path(cfg.output.dir)
         self.started = time.time()
         self.memory = PeakMemory()
+        self.ema: ExponentialMovingAverage | None = None
+        self.checkpoint = None
         mf.check_inputs_outside(cfg)
         self.replacing = None if resuming else mf.check_output_dir(self.out, cfg.output.overwrite)
 
@@ -132,6 +135,7 @@ class RunLifecycle:
         else:
             return None
         self.record["resumed_from"] = str(checkpoint.path)
+        self.checkpoint = checkpoint
         return checkpoint
 
     def write(self) -> None:
@@ -178,9 +182,12 @@ class RunLifecycle:
         how far it got), the last step logged, complete-checkpoint markers, SIGTERM, and the loss lines (above
         a live progress bar on a terminal). Returns the SIGTERM handler (`with stop.installed(): train`)."""
         stop = StopOnSignal(self.state)
-        for callback in (self.memory, TrackStep(self.record), LogLastStep(), MarkCheckpoints(self.cfg, self.state),
-                         stop):
-            trainer.add_callback(callback)
+        decay = self.cfg.training.ema_decay
+        self.ema = ExponentialMovingAverage(decay, self.checkpoint.path if self.checkpoint else None) if decay else None
+        for callback in (self.memory, TrackStep(self.record), LogLastStep(), self.ema,  # the average before the marker
+                         MarkCheckpoints(self.cfg, self.state), stop):
+            if callback is not None:
+                trainer.add_callback(callback)
         say = self.say
         if bar_wanted(main_process=self.main):
             counter, unit = tokens_seen(trainer)
@@ -224,6 +231,10 @@ class RunLifecycle:
             if base_chat_template:
                 (self.out / BASE_TEMPLATE).write_text(base_chat_template)
             plot_run(trainer.state.log_history, self.out / "loss.png")
+        if self.ema is not None:  # every rank: saving goes through the trainer
+            write_ema_folder(self.ema, trainer, self.out, self.main)
+            self.record["ema"] = self.ema.describe()
+        if self.main:
             (self.out / "README.md").write_text(model_card(self.cfg, self.record, self.out))
 
     def summary_lines(self) -> list[str]:

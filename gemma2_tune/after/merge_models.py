@@ -1,0 +1,440 @@
+"""`gemma2-tune merge-models`: merge several fine-tuned Gemma models with mergekit (linear, SLERP, TIES, DARE,
+task arithmetic), optionally followed by LITI, the way Gemma 2's instruction-tuned models were finished.
+
+WARP (Ramé et al., 2024, arXiv:2406.16768; the Gemma 2 report, arXiv:2408.00118, section 4): an EMA of each
+policy during fine-tuning (training.ema_decay), SLERP of several policies, then Linear Interpolation Towards
+Initialisation: theta = base + eta * (theta_merged - base) = eta * theta_merged + (1 - eta) * base.
+
+The merge itself is mergekit's (its Python API: MergeConfiguration + run_merge). This module resolves the
+inputs (run folders with an adapter are merged into their base first, as `merge` does; the EMA folder of a
+run, merged folders, full fine-tunes and hub ids are used as they are), checks before any weight is read that
+they are of one family with identical shapes and vocabulary, writes mergekit's configuration, and finishes
+the output as a model to serve: eager attention and the family's soft-caps in config.json, the chat template
+generated for the inputs' system policy, a generation config that stops at <end_of_turn>, merge.json, and a
+self-check of the written folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..errors import UserError
+from ..files import staged_dir
+
+METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic")
+NEEDS_BASE = ("ties", "dare_ties", "task_arithmetic")
+# config.json keys that must be equal for tensors to be merged position by position
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "sliding_window", "tie_word_embeddings")
+# Self-check bounds on logits (the merged model vs a model it must equal): float32 merges are exact up to the
+# arithmetic's rounding; bf16 logits near Gemma 2's 30.0 soft-cap are spaced 0.125 apart (as in `merge`).
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
+
+
+@dataclass
+class MergeInput:
+    """One model named on the command line, resolved without reading weights."""
+
+    given: str  # as typed
+    key: str  # "--models[1]", "--base"
+    kind: str  # "run (LoRA adapter)", "model folder", "hub"
+    location: str  # what mergekit reads (a folder or hub id); an adapter run's merged folder once prepared
+    family: Any = None
+    config: Any = None  # transformers config
+    system_policy: str | None = None  # from the run's config.yaml or a merge's merge.json
+    dtype: str | None = None
+    vocab_digest: str = ""
+    adapter: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """For merge.json."""
+        return {"given": self.given, "kind": self.kind, "system_policy": self.system_policy, "dtype": self.dtype}
+
+
+@dataclass
+class MergePlan:
+    """What the user asked for, checked."""
+
+    method: str
+    models: list[MergeInput]
+    base: MergeInput | None
+    t: float = 0.5
+    weights: list[float] | None = None
+    density: float = 0.5
+    liti: float | None = None
+    dtype: str = "bfloat16"
+    seed: int = 42
+    stages: list[dict[str, Any]] = field(default_factory=list)  # the mergekit configurations that ran
+    first_stage: str | None = None  # the method's result before LITI, when LITI follows
+
+
+def merge_models(method: str, models: list[str], output: str, base: str | None = None, t: float = 0.5,
+                 weights: list[float] | None = None, density: float = 0.5, liti: float | None = None,
+                 dtype: str | None = None, seed: int = 42, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Merge `models` by `method` (then LITI towards `base` by `liti`) into the new folder `output`.
+
+    `t`: SLERP's interpolation factor (0: the first model, 1: the second). `weights`: per model, for linear
+    (normalised) and TIES/DARE/task arithmetic (scales of the task vectors); default equal. `density`: fraction
+    of each task vector TIES/DARE keep. `liti`: eta in [0, 1] (0: the base, 1: the merge). `dtype`: of the
+    merged weights (default: the inputs' precision). Returns the report (also output/merge.json).
+    Raises UserError: an unknown method, wrong numbers of models, inputs of different families, shapes or
+    vocabularies, an existing output, mergekit missing, or a failed self-check (nothing is written then).
+    """
+    out = Path(output).expanduser()
+    plan = check_request(method, models, out, base, t, weights, density, liti, dtype, seed)
+    try:
+        import mergekit  # noqa: F401
+    except ImportError:
+        raise UserError("merge-models needs mergekit: pip install 'gemma2-tune[merge]' (or mergekit)") from None
+    inputs = plan.models + ([plan.base] if plan.base else [])
+    policy = system_policy(inputs)
+    echo(f"merging {len(plan.models)} model(s) by {plan.method}" + (f", then LITI towards the base (eta {plan.liti})"
+                                                                     if plan.liti is not None else "")
+         + f" in {plan.dtype}; template for system policy '{policy}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.inputs.", dir=out.parent))
+    try:
+        for item in inputs:
+            if item.adapter:
+                prepare_adapter(item, work, plan.dtype, echo)
+        with staged_dir(out) as tmp:
+            run_stages(plan, work, tmp)
+            tokenizer = finish_folder(tmp, plan.models[0], policy)
+            check = self_check(plan, tmp, tokenizer, policy)
+            report = {"method": plan.method, "t": plan.t if plan.method == "slerp" else None,
+                      "weights": plan.weights, "density": plan.density if plan.method in ("ties", "dare_ties") else None,
+                      "liti": plan.liti, "dtype": plan.dtype, "seed": plan.seed, "system_policy": policy,
+                      "models": [m.describe() for m in plan.models],
+                      "base": plan.base.describe() if plan.base else None, "family": plan.models[0].family.key,
+                      "mergekit": {"version": _version("mergekit"), "stages": plan.stages}, "check": check}
+            (tmp / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
+            if not check["passed"]:
+                raise UserError(f"merge-models self-check failed: {check['failure']}; nothing was written to {out}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    echo(f"merged: {out}/ ({plan.dtype})")
+    for line in check["lines"]:
+        echo(f"  {line}")
+    return report
+
+
+def check_request(method: str, models: list[str], out: Path, base: str | None, t: float,
+                  weights: list[float] | None, density: float, liti: float | None, dtype: str | None,
+                  seed: int) -> MergePlan:
+    """Every problem of the request at once, before any weight is read. Raises UserError."""
+    problems = []
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--output {out}: already exists and is not empty; choose a new folder (nothing was written)")
+    if method not in METHODS:
+        raise UserError(f"--method {method}: use one of {', '.join(METHODS)}")
+    if not models:
+        raise UserError("--models: name at least one model (run folders, merged folders or hub ids)")
+    if len(set(models)) != len(models):
+        problems.append(f"--models: {sorted({m for m in models if models.count(m) > 1})} given more than once")
+    if method == "slerp" and len(models) != 2:
+        problems.append(f"--method slerp: interpolates exactly 2 models, got {len(models)}")
+    if method == "linear" and len(models) == 1 and liti is None:
+        problems.append("--method linear with one model: nothing to merge (add models, or --liti with --base)")
+    if (method in NEEDS_BASE or liti is not None) and base is None:
+        problems.append(f"--base: required for {'--liti' if liti is not None else '--method ' + method} (the "
+                        "initialisation the task vectors are taken from)")
+    if not 0.0 <= t <= 1.0:
+        problems.append(f"--t {t}: must be in [0, 1]")
+    if liti is not None and not 0.0 <= liti <= 1.0:
+        problems.append(f"--liti {liti}: must be in [0, 1] (0: the base, 1: the merge)")
+    if not 0.0 < density <= 1.0:
+        problems.append(f"--density {density}: must be in (0, 1]")
+    if weights is not None:
+        if method == "slerp":
+            problems.append("--weights: SLERP takes --t, not weights")
+        elif len(weights) != len(models):
+            problems.append(f"--weights: {len(weights)} given for {len(models)} models")
+        elif method == "linear" and sum(weights) <= 0:
+            problems.append("--weights: must sum to a positive number")
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        problems.append(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    if problems:
+        raise UserError("merge-models:\n" + "\n".join(f"  - {p}" for p in problems))
+    resolved = [resolve_input(m, f"--models[{i + 1}]") for i, m in enumerate(models)]
+    base_input = resolve_input(base, "--base") if base else None
+    check_compatible(resolved + ([base_input] if base_input else []))
+    dtype = dtype or resolved[0].dtype or "bfloat16"
+    return MergePlan(method, resolved, base_input, t, weights, density, liti, dtype, seed)
+
+
+def resolve_input(given: str, key: str) -> MergeInput:
+    """What one name points at (config and tokenizer only, no weights). Raises UserError."""
+    from ..config.schema import DistillConfig, RunConfig
+    from ..models.loading import checkpoint_family, load_tokenizer, model_location
+
+    path = Path(given).expanduser()
+    policy = dtype = None
+    adapter = False
+    if path.is_dir():
+        if (path / "config.yaml").is_file():
+            try:
+                saved = yaml.safe_load((path / "config.yaml").read_text())
+                cfg = (DistillConfig if isinstance(saved, dict) and "teacher" in saved else RunConfig).model_validate(saved)
+                policy, dtype = cfg.data.system_policy, cfg.model.dtype
+            except Exception:  # noqa: BLE001 - another version's config: the folder's own files still say enough
+                cfg = None
+        else:
+            cfg = None
+        if (path / "merge.json").is_file():
+            try:
+                policy = json.loads((path / "merge.json").read_text()).get("system_policy") or policy
+            except ValueError:
+                pass
+        if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
+            adapter = True
+            named = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            config_source = cfg.model.name_or_path if cfg else named
+            if not config_source:
+                raise UserError(f"{key} {given}: a LoRA adapter that does not name its base model")
+            kind = "run (LoRA adapter)"
+        elif (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            config_source = str(path)
+            kind = "run (full fine-tune)" if cfg else "model folder"
+        else:
+            raise UserError(f"{key} {given}: not a model folder (config.json + *.safetensors), nor a gemma2-tune run "
+                            "or adapter folder (adapter_config.json + adapter_model.safetensors)")
+        location = str(path)
+    else:
+        from ..config.rules import local_path_problem
+
+        problem = local_path_problem(given, key)
+        if problem:
+            raise UserError(problem)
+        config_source, kind, location = given, "hub" if ":" not in given else "builtin", model_location(given)
+    family, hf_config = checkpoint_family(config_source)
+    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source)
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())) + json.dumps(tokenizer.all_special_tokens)
+    if dtype is None:
+        saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        dtype = str(saved).replace("torch.", "") if saved is not None else None
+        dtype = dtype if dtype in ("bfloat16", "float16", "float32") else None
+    return MergeInput(given, key, kind, location, family, hf_config, policy, dtype,
+                      hashlib.sha256(vocab.encode()).hexdigest(), adapter)
+
+
+def check_compatible(inputs: list[MergeInput]) -> None:
+    """One family, identical shapes, one vocabulary. Raises UserError listing every difference."""
+    first, problems = inputs[0], []
+    for other in inputs[1:]:
+        if other.family.key != first.family.key:
+            problems.append(f"{other.key} {other.given} is {other.family.display}, {first.key} {first.given} is "
+                            f"{first.family.display}")
+            continue
+        shapes = [f"{k} {getattr(first.config, k, None)} vs {getattr(other.config, k, None)}" for k in SHAPE_KEYS
+                  if getattr(first.config, k, None) != getattr(other.config, k, None)]
+        if shapes:
+            problems.append(f"{other.key} {other.given} has another shape than {first.key} {first.given}: "
+                            + ", ".join(shapes))
+        elif other.vocab_digest != first.vocab_digest:
+            problems.append(f"{other.key} {other.given} has another tokenizer vocabulary than {first.key} {first.given}")
+    if problems:
+        raise UserError("merge-models: these models cannot be merged (nothing was read beyond configs and "
+                        "tokenizers):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def system_policy(inputs: list[MergeInput]) -> str:
+    """The system-message policy the output's template is generated for: the one the runs among the inputs
+    trained with (UserError when they differ); "fold" when none says."""
+    said = {m.system_policy for m in inputs if m.system_policy}
+    if len(said) > 1:
+        detail = ", ".join(f"{m.given}: {m.system_policy}" for m in inputs if m.system_policy)
+        raise UserError(f"merge-models: the inputs were trained with different data.system_policy ({detail}); one "
+                        "served template can't render for both")
+    return said.pop() if said else "fold"
+
+
+def prepare_adapter(item: MergeInput, work: Path, dtype: str, echo: Callable[[str], None]) -> None:
+    """A run with a LoRA adapter: its base + adapter merged (and self-checked) by `merge`, into `work`."""
+    from .merge import merge
+
+    target = work / f"input-{len(list(work.iterdir()))}"
+    echo(f"{item.key} {item.given}: merging the adapter into its base first ({dtype})")
+    merge(item.location, str(target), dtype=dtype, echo=lambda line: echo(f"  {line}"))
+    item.location = str(target)
+
+
+def run_stages(plan: MergePlan, work: Path, out: Path) -> None:
+    """The method's mergekit merge, then the LITI interpolation (one more linear merge) when asked."""
+    locations = [m.location for m in plan.models]
+    needs_first_stage = not (plan.method == "linear" and len(locations) == 1)
+    if plan.liti is None:
+        _mergekit(plan, method_config(plan, locations), out)
+        return
+    merged = locations[0]
+    if needs_first_stage:
+        merged = plan.first_stage = str(work / "stage-1")
+        _mergekit(plan, method_config(plan, locations), Path(merged))
+    liti = {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": plan.dtype,
+            "models": [{"model": merged, "parameters": {"weight": plan.liti}},
+                       {"model": plan.base.location, "parameters": {"weight": 1.0 - plan.liti}}]}
+    _mergekit(plan, liti, out)
+
+
+def method_config(plan: MergePlan, locations: list[str]) -> dict[str, Any]:
+    """mergekit's configuration (as its YAML would say) for the method's stage."""
+    n = len(locations)
+    weights = plan.weights or [1.0 / n if plan.method == "linear" else 1.0] * n
+    cfg: dict[str, Any] = {"merge_method": plan.method, "dtype": plan.dtype}
+    if plan.method == "slerp":
+        cfg |= {"base_model": locations[0], "models": [{"model": m} for m in locations],
+                "parameters": {"t": plan.t}}
+    elif plan.method == "linear":
+        cfg |= {"models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(locations, weights)],
+                "parameters": {"normalize": True}}
+    else:
+        per_model = {"weight": None}
+        if plan.method in ("ties", "dare_ties"):
+            per_model["density"] = plan.density
+        cfg |= {"base_model": plan.base.location,
+                "models": [{"model": m, "parameters": per_model | {"weight": w}} for m, w in zip(locations, weights)]}
+    return cfg
+
+
+def _mergekit(plan: MergePlan, config: dict[str, Any], out: Path) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    plan.stages.append(_readable(config, plan))
+    try:
+        merge_config = MergeConfiguration.model_validate(config)
+        run_merge(merge_config, str(out), MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
+                                                       random_seed=plan.seed, allow_crimes=False))
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"mergekit refused the merge: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _readable(config: dict[str, Any], plan: MergePlan) -> dict[str, Any]:
+    """The stage as recorded: models named as the user gave them (not by their temporary folders)."""
+    names = {m.location: m.given for m in plan.models + ([plan.base] if plan.base else [])}
+    if plan.first_stage:
+        names[plan.first_stage] = "<the first stage's result>"
+
+    def named(value):
+        if isinstance(value, dict):
+            return {k: named(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [named(v) for v in value]
+        return names.get(value, value) if isinstance(value, str) else value
+
+    return named(config)
+
+
+def finish_folder(folder: Path, first: MergeInput, policy: str):
+    """The merged folder as a model to serve: eager attention and soft-caps in config.json, the tokenizer with
+    the generated chat template, a generation config that stops at <end_of_turn>. Returns the tokenizer."""
+    from transformers import GenerationConfig
+
+    from ..data.template import use_run_template
+    from ..data.turns import END
+    from ..models.loading import load_tokenizer
+
+    family = first.family
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["attn_implementation"] = "eager"  # from_pretrained anywhere keeps the soft-caps
+    if family.attention_softcap is not None:
+        config["attn_logit_softcapping"] = family.attention_softcap
+    if family.final_softcap is not None:
+        config["final_logit_softcapping"] = family.final_softcap
+    config["use_cache"] = True
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    source = first.location if (Path(first.location) / "tokenizer.json").is_file() else (
+        first.config._name_or_path or first.location)
+    tokenizer = load_tokenizer(source)
+    use_run_template(tokenizer, family, policy, "bad_row")
+    tokenizer.save_pretrained(str(folder))
+    end = tokenizer.convert_tokens_to_ids(END)
+    generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=[tokenizer.eos_token_id, end])
+    generation.save_pretrained(str(folder))
+    return tokenizer
+
+
+def identity_reference(plan: MergePlan) -> tuple[str, str] | None:
+    """(what, folder) the merge must equal when its recipe implies one (else None): LITI 0 -> the base; SLERP
+    at t=0 or t=1 -> that endpoint; a linear merge of copies of one model -> that model."""
+    if plan.liti is not None:
+        if plan.liti == 0.0:
+            return "the base (LITI eta 0)", plan.base.location
+        if plan.liti == 1.0:
+            return "the merge before LITI (eta 1)", plan.first_stage or plan.models[0].location
+        return None
+    if plan.method == "slerp" and plan.t in (0.0, 1.0):
+        chosen = plan.models[int(plan.t)]
+        return f"{chosen.key} (SLERP at t={plan.t:g})", chosen.location
+    if plan.method == "linear" and len({weights_digest(m.location) for m in plan.models}) == 1:
+        return "the model merged with copies of itself", plan.models[0].location
+    return None
+
+
+def weights_digest(location: str) -> str | None:
+    """sha256 over a local folder's *.safetensors (None for a hub id)."""
+    path = Path(location)
+    if not path.is_dir():
+        return location
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def self_check(plan: MergePlan, folder: Path, tokenizer, policy: str) -> dict[str, Any]:
+    """Reload the written folder through the checked loading path (eager, soft-caps), score a few chats:
+    logits finite; equal to the model the recipe implies, when it implies one (TOLERANCE)."""
+    import torch
+
+    from ..models.loading import LoadRequest, load_model
+    from .inference import prompt_ids
+    from .merge import CHECK_PROMPTS, _compare, _logits
+
+    family = plan.models[0].family
+    merged, report = load_model(LoadRequest(str(folder), dtype=plan.dtype, attn_implementation="eager"))
+    prompts = [prompt_ids(p, tokenizer, policy, family) for p in CHECK_PROMPTS]
+    got = _logits(merged, prompts)
+    del merged
+    finite = all(bool(torch.isfinite(g).all()) for g in got)
+    check: dict[str, Any] = {"loads": True, "attention": "eager", "logits_finite": finite, "passed": finite,
+                             "lines": [f"reloaded with eager attention: logits finite on {len(prompts)} chats: "
+                                       f"{'yes' if finite else 'NO'}"], "failure": None}
+    if not finite:
+        check["failure"] = "the merged model's logits are not finite"
+    reference = identity_reference(plan)
+    if reference is not None and finite:
+        what, location = reference
+        other, _ = load_model(LoadRequest(location, dtype=plan.dtype, attn_implementation="eager"))
+        expected = _logits(other, prompts)
+        del other
+        compared = _compare(got, expected)
+        bound = TOLERANCE[plan.dtype]
+        ok = compared["max_abs_logit_diff"] <= bound
+        check |= {"equals": what, "max_abs_logit_diff": compared["max_abs_logit_diff"], "tolerance": bound,
+                  "top1_agreement": compared["top1_agreement"], "passed": ok}
+        check["lines"].append(f"equals {what}: max |logit difference| {compared['max_abs_logit_diff']:.2e} "
+                              f"(tolerance {bound})")
+        if not ok:
+            check["failure"] = (f"the recipe implies the result equals {what}, but the logits differ by "
+                                f"{compared['max_abs_logit_diff']:.4f} (tolerance {bound})")
+    return check
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
