@@ -390,6 +390,28 @@ def merge_models_command(
     merge_models(method, models, output, base, t, parsed, density, liti, dtype, seed, echo=echo)
 
 
+@command()
+def serve(
+    target: Annotated[str, typer.Argument(help="A merged folder, a run folder (its adapter is merged for serving) or "
+                                          "a run's ema/ folder.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="GEMMA2_TUNE_API_KEY",
+                                                   help="Require 'Authorization: Bearer <key>' (or set "
+                                                   "GEMMA2_TUNE_API_KEY).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: the folder's name).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+) -> None:
+    """Serve a tuned model behind an OpenAI-compatible API (/v1/chat/completions, streamed or not; /v1/models),
+    on transformers' server, with the run's chat template; stops cleanly on SIGTERM."""
+    from .after.serve import serve as run_server
+
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    run_server(target, host, port, api_key, name, dtype, device, echo=echo)
+
+
 @command("eval")
 def evaluate_command(
     adapter: AdapterOpt = None,

@@ -1,0 +1,159 @@
+"""serve: a run behind transformers' OpenAI-compatible server, driven by the official openai client; the server
+is started and stopped (SIGTERM) by the test, on 127.0.0.1, with bounded requests."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import QUESTIONS, ROOT, write_jsonl
+from gemma2_tune.cli import app
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+KEY = "test-key"
+
+
+def ok_rows(questions):
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in questions]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ok_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("serve")
+    data = write_jsonl(tmp / "ok.jsonl", ok_rows(QUESTIONS))
+    out = tmp / "okrun"
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "--dataset", str(data), "-o", str(out), "--max-steps",
+                            "40", "--set", "data.packing=false", "--set", "training.gradient_accumulation_steps=1",
+                            "--set", "training.save_steps=null"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(ok_run, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "serve", str(ok_run), "--port", str(port),
+                             "--api-key", KEY], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None, log_path.read_text()
+        assert time.time() < deadline, "server did not come up:\n" + log_path.read_text()
+        time.sleep(0.5)
+    yield proc, port, log_path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+    log.close()
+
+
+def client(port, key=KEY):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=60, max_retries=0)
+
+
+def chat_answer(run: Path, prompt: str, system: str | None = None) -> str:
+    extra = ["--system", system] if system else []
+    r = runner.invoke(app, ["chat", "--adapter", str(run), "--prompt", prompt, "--max-new-tokens", "20", *extra])
+    assert r.exit_code == 0, r.output
+    return r.stdout.strip()
+
+
+def test_openai_client_gets_chats_greedy_answer_streamed_and_not(ok_run, server):
+    proc, port, _ = server
+    c = client(port)
+    assert [m.id for m in c.models.list().data] == [ok_run.name]
+    expected = chat_answer(ok_run, "How is the weather?")
+    assert expected == "ok"
+    messages = [{"role": "user", "content": "How is the weather?"}]
+    done = c.chat.completions.create(model=ok_run.name, messages=messages, temperature=0, max_tokens=20)
+    assert done.choices[0].message.content.strip() == expected
+    assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens < 20  # stopped at <end_of_turn>
+    assert done.model == ok_run.name
+    stream = c.chat.completions.create(model=ok_run.name, messages=messages, temperature=0, max_tokens=20, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices).strip() == expected
+
+
+def test_system_message_rendered_by_the_runs_policy_and_max_tokens_honoured(ok_run, server, tokenizer):
+    proc, port, _ = server
+    c = client(port)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is Rome?"}]
+    done = c.chat.completions.create(model=ok_run.name, messages=messages, temperature=0, max_tokens=20)
+    from gemma2_tune.after.inference import prompt_ids
+    from gemma2_tune.families import GEMMA2
+
+    folded = prompt_ids(messages, tokenizer, "fold", GEMMA2)  # the system text folded into the first user turn
+    assert done.usage.prompt_tokens == folded.shape[1]
+    assert done.choices[0].message.content.strip() == chat_answer(ok_run, "Where is Rome?", system="Answer briefly.")
+    short = c.chat.completions.create(model=ok_run.name, messages=messages, temperature=0, max_tokens=1)
+    assert short.usage.completion_tokens == 1 and short.choices[0].finish_reason == "length"
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(ok_run, server):
+    proc, port, _ = server
+    c = client(port)
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.chat.completions.create(model=ok_run.name, messages=[{"role": "assistant", "content": "Hi"}], max_tokens=5)
+    assert "roles must alternate" in bad.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=ok_run.name, messages=[], max_tokens=5)
+    with pytest.raises(openai.AuthenticationError):
+        client(port, "wrong").chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="another-model", messages=[{"role": "user", "content": "x"}], max_tokens=5)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{not json",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(request, timeout=30)
+    assert raw.value.code == 400 and json.loads(raw.value.read())["error"]["type"] == "invalid_request_error"
+    after = c.chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "Still there?"}],
+                                      temperature=0, max_tokens=10)
+    assert after.choices[0].message.content.strip() == "ok"
+    assert proc.poll() is None
+
+
+def test_sigterm_stops_the_server_cleanly(server):
+    proc, port, log_path = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    log = log_path.read_text()
+    assert "server stopped" in log and "Traceback" not in log
+    merged = re.search(r"merged: (\S+)/ ", log).group(1)
+    assert not Path(merged).exists()  # the temporary merged folder is gone
+
+
+def test_request_checks_follow_the_system_policy(tiny_model_dir):
+    from gemma2_tune.after.serve import Served, request_problem
+    from gemma2_tune.families import GEMMA2
+
+    body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    strict = Served(Path(tiny_model_dir), "m", "error", GEMMA2, "m")
+    status, message, param, _ = request_problem(body, strict)
+    assert status == 400 and param == "messages" and "system" in message
+    assert request_problem(body, Served(Path(tiny_model_dir), "m", "fold", GEMMA2, "m")) is None
+    assert request_problem(body | {"max_tokens": 0}, Served(Path(tiny_model_dir), "m", "fold", GEMMA2, "m"))[0] == 400
