@@ -426,10 +426,19 @@ def evaluate_command(
     compare: Annotated[Optional[list[str]], typer.Option(help="Also score this model on the same rows, in the same "
                                                          "table: a run folder, its ema/, a merged folder or a hub id "
                                                          "(repeatable).")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="gemma2-report: the launch post's benchmarks (MMLU, GSM8K, "
+                                                 "ARC-c, HellaSwag, Winogrande) with the report's few-shot "
+                                                 "settings, beside the published base scores (needs lm-eval).")] = None,
 ) -> None:
-    """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), or lm-eval tasks."""
-    if not dataset and not tasks:
-        raise UserError("give --dataset (held-out chats) and/or --tasks (lm-eval tasks)")
+    """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), lm-eval tasks, or the
+    Gemma 2 report's benchmark table."""
+    if not dataset and not tasks and not suite:
+        raise UserError("give --dataset (held-out chats), --tasks (lm-eval tasks) and/or --suite gemma2-report")
+    if suite is not None:
+        from .after.harness import SUITES
+
+        if suite not in SUITES:
+            raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
     from .after.inference import load, read_run
 
     run = read_run(adapter, model)
@@ -449,6 +458,13 @@ def evaluate_command(
 
         run_tasks(loaded.model, loaded.tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], include_path,
                   limit, echo=echo)
+    if suite:
+        from .after.harness import run_suite
+
+        config = loaded.model.config
+        size = loaded.family.size_of_shape(config.hidden_size, config.num_hidden_layers) \
+            if loaded.family.key == "gemma2" else None
+        run_suite(loaded.model, loaded.tokenizer, suite, size, include_path, limit, echo=echo)
 
 
 @command()

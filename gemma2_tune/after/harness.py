@@ -1,32 +1,116 @@
-"""lm-evaluation-harness integration: the benchmark table of the Gemma 2 report, where lm-eval is installed."""
+"""lm-evaluation-harness integration: any lm-eval tasks, and the benchmark table of the Gemma 2 launch post
+(`eval --suite gemma2-report`) printed next to the published scores of the base it was tuned from."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import UserError
 
+# The launch post's table of pre-trained models ("Welcome Gemma 2 - Google's new open LLM", Hugging Face blog,
+# 2024-06-27, "Technical Report results"; the Gemma 2 report, arXiv:2408.00118, gives the same numbers). It holds
+# the 9B and 27B bases; no 2B row.
+PUBLISHED_SOURCE = "Gemma 2 launch post (huggingface.co/blog/gemma2), technical report table"
+PUBLISHED = {
+    "27b": {"mmlu": 75.2, "gsm8k": 75.1, "arc_challenge": 71.4, "hellaswag": 86.4, "winogrande": 83.7},
+    "9b": {"mmlu": 71.3, "gsm8k": 62.3, "arc_challenge": 68.4, "hellaswag": 81.9, "winogrande": 80.6},
+}
 
-def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None, limit: int | None, echo=print) -> dict:
-    """Run lm-eval `tasks` on a loaded model; prints and returns {task: metrics}. Raises UserError when
-    lm-eval is missing, a task is unknown, or its data can't be loaded."""
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One benchmark of a suite: the lm-eval task, its few-shot count and the metric the table reports."""
+
+    label: str
+    task: str  # lm-eval task (or group) name
+    num_fewshot: int
+    metric: str  # key in lm-eval's results: "<metric>,<filter>"
+    note: str
+
+
+# The previous Open LLM Leaderboard settings, which the report's table follows: MMLU 5-shot, GSM8K 5-shot
+# (greedy, i.e. maj@1; lm-eval's strict "#### <number>" match), ARC-c 25-shot, HellaSwag 10-shot, Winogrande
+# 5-shot (lm-eval scores Winogrande by partial evaluation, the report's "partial scoring").
+SUITES = {
+    "gemma2-report": (
+        SuiteTask("MMLU", "mmlu", 5, "acc,none", "5-shot, accuracy"),
+        SuiteTask("GSM8K", "gsm8k", 5, "exact_match,strict-match", "5-shot, greedy (maj@1), strict match"),
+        SuiteTask("ARC-c", "arc_challenge", 25, "acc_norm,none", "25-shot, length-normalised accuracy"),
+        SuiteTask("HellaSwag", "hellaswag", 10, "acc_norm,none", "10-shot, length-normalised accuracy"),
+        SuiteTask("Winogrande", "winogrande", 5, "acc,none", "5-shot, partial scoring"),
+    ),
+}
+
+
+def _lm_eval():
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("--tasks needs lm-evaluation-harness: pip install 'gemma2-tune[eval]' (or lm-eval)") from None
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+        raise UserError("lm-eval tasks need lm-evaluation-harness: pip install 'gemma2-tune[eval]' (or lm-eval)") from None
+    return lm_eval, HFLM, TaskManager
+
+
+def _evaluate(lm_eval, lm, tasks: list[str], manager, limit: int | None, num_fewshot: int | None = None) -> dict:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"--tasks: unknown lm-eval task(s) {unknown}" + ("" if include_path else
+        raise UserError(f"unknown lm-eval task(s) {unknown}" + ("" if manager.include_path else
                         "; local task YAMLs need --include-path"))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit)
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                       num_fewshot=num_fewshot)
     except (ConnectionError, OSError) as exc:
-        raise UserError(f"--tasks: a task's data could not be loaded ({exc}); offline, use local tasks") from None
-    table = results["results"]
+        raise UserError(f"a task's data could not be loaded ({str(exc).splitlines()[0][:200]}); offline, point "
+                        "--include-path at local task files") from None
+
+
+def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None, limit: int | None, echo=print) -> dict:
+    """Run lm-eval `tasks` on a loaded model; prints and returns {task: metrics}. Raises UserError when
+    lm-eval is missing, a task is unknown, or its data can't be loaded."""
+    lm_eval, HFLM, TaskManager = _lm_eval()
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    table = _evaluate(lm_eval, lm, tasks, manager, limit)["results"]
     for task, metrics in table.items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
                           if isinstance(v, float) and "stderr" not in k)
         echo(f"{task}: {shown}")
     return table
+
+
+def run_suite(model, tokenizer, suite: str, size: str | None, include_path: str | None, limit: int | None,
+              echo=print) -> dict:
+    """Run a suite's benchmarks, each with its own few-shot count, and print them beside the published scores
+    for the base of `size` ("9b", "27b"; none for other sizes). Returns {label: {score, published, ...}}.
+    Scores are percentages. Raises UserError: an unknown suite, lm-eval missing, a task's data unavailable."""
+    if suite not in SUITES:
+        raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
+    lm_eval, HFLM, TaskManager = _lm_eval()
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    published = PUBLISHED.get(size or "")
+    rows = {}
+    for item in SUITES[suite]:
+        echo(f"{item.label}: lm-eval '{item.task}', {item.note}" + (f", first {limit} examples" if limit else ""))
+        output = _evaluate(lm_eval, lm, [item.task], manager, limit, item.num_fewshot)
+        metrics = output["results"].get(item.task, {})
+        if item.metric not in metrics:
+            raise UserError(f"--suite {suite}: lm-eval's '{item.task}' reported no '{item.metric}' "
+                            f"(it reported {sorted(k for k in metrics if 'stderr' not in k)})")
+        score = 100.0 * float(metrics[item.metric])
+        rows[item.label] = {"task": item.task, "num_fewshot": item.num_fewshot, "metric": item.metric,
+                            "num_fewshot_run": (output.get("n-shot") or {}).get(item.task),
+                            "examples": ((output.get("n-samples") or {}).get(item.task) or {}).get("effective"),
+                            "score": score, "published": published.get(item.task) if published else None}
+    header = f"published (Gemma 2 {size.upper()} base)" if published else "published"
+    echo(f"{'benchmark':12s}{'shots':>6s}{'score':>9s}{header:>32s}{'difference':>12s}")
+    for label, r in rows.items():
+        pub = r["published"]
+        echo(f"{label:12s}{r['num_fewshot']:6d}{r['score']:9.1f}" + (f"{pub:32.1f}{r['score'] - pub:+12.1f}" if pub is
+             not None else f"{'-':>32s}{'-':>12s}"))
+    echo(f"published: {PUBLISHED_SOURCE}" if published else
+         f"no published scores for this size in the launch post (it lists the {' and '.join(PUBLISHED)} bases)")
+    if limit:
+        echo(f"scores over the first {limit} examples of each benchmark: not comparable with the published ones")
+    return rows
