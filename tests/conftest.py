@@ -40,6 +40,11 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
+def ok_rows(questions: list[str]) -> list[dict]:
+    """Chats that answer every question with 'ok' (what the "answer ok" tests teach)."""
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in questions]
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     import json
 

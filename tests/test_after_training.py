@@ -7,15 +7,11 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, write_jsonl
+from conftest import QUESTIONS, ok_rows, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
-
-
-def ok_rows(questions):
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in questions]
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, write_jsonl
+from conftest import QUESTIONS, ok_rows, write_jsonl
 from gemma2_tune.cli import app
 
 pytest.importorskip("mergekit")
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 HELD_OUT = ["Is it late?", "Do cats purr?", "What is blue?", "Who are you?"]
-
-
-def ok_rows(questions):
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in questions]
 
 
 def cli(*args):

@@ -89,10 +89,17 @@ def test_ddp_qlora(tmp_path, tiny_model_dir):
     load_adapter(out, tiny_model_dir)
 
 
-def test_ddp_full(tmp_path, tiny_model_dir):
+def test_ddp_full_with_ema(tmp_path, tiny_model_dir):
     out = tmp_path / "ddp-full"
-    check_run(accelerate_launch("multi_gpu.yaml", out, *FULL), out, "ddp", None)
+    m = check_run(accelerate_launch("multi_gpu.yaml", out, *FULL, "--set", "training.ema_decay=0.5"), out, "ddp", None)
     load_full(out)
+    load_full(out / "ema")  # the average of every weight, as a second model
+    assert m["ema"]["updates"] == 3 and m["ema"]["trainable_parameters"] > 100_000
+    from safetensors.torch import load_file
+
+    final, average = load_file(str(out / "model.safetensors")), load_file(str(out / "ema" / "model.safetensors"))
+    assert final.keys() == average.keys()
+    assert max((final[k].float() - average[k].float()).abs().max().item() for k in final) > 0
 
 
 def test_zero3_qlora_through_launch_flag(tmp_path, tiny_model_dir):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, write_jsonl
+from conftest import QUESTIONS, ROOT, ok_rows, write_jsonl
 from gemma2_tune.cli import app
 
 openai = pytest.importorskip("openai")
@@ -23,10 +23,6 @@ pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 KEY = "test-key"
-
-
-def ok_rows(questions):
-    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in questions]
 
 
 def free_port() -> int:
