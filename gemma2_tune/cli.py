@@ -367,10 +367,12 @@ def merge_models_command(
     models_flag: Annotated[bool, typer.Option("--models", help="Optional marker before the models.")] = False,
     base: Annotated[Optional[str], typer.Option(help="The initialisation: for ties/dare_ties/task_arithmetic and "
                                                 "--liti.")] = None,
-    t: Annotated[float, typer.Option("--t", help="SLERP factor: 0 the first model, 1 the second.")] = 0.5,
+    t: Annotated[Optional[float], typer.Option("--t", help="SLERP factor: 0 the first model, 1 the second "
+                                               "(default 0.5).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Per-model weights, comma-separated (linear: normalised; "
                                                    "ties/dare/task arithmetic: task-vector scales).")] = None,
-    density: Annotated[float, typer.Option(help="ties/dare_ties: fraction of each task vector kept.")] = 0.5,
+    density: Annotated[Optional[float], typer.Option(help="ties/dare_ties: fraction of each task vector kept "
+                                                     "(default 0.5).")] = None,
     liti: Annotated[Optional[float], typer.Option(help="Then interpolate towards --base: eta * merged + (1 - eta) * "
                                                   "base (WARP's LITI).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the inputs' "
@@ -439,6 +441,12 @@ def evaluate_command(
 
         if suite not in SUITES:
             raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
+        if tasks:
+            raise UserError("--suite and --tasks: choose one (the suite names its own tasks)")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be at least 1 (leave it out to score every example)")
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise UserError(f"--include-path {include_path}: no such folder")
     from .after.inference import load, read_run
 
     run = read_run(adapter, model)
@@ -447,7 +455,21 @@ def evaluate_command(
         from .after.evaluate import evaluate
 
         def loader(name: str):
+            """Checked now (family, vocabulary, system policy), loaded when its turn comes."""
+            from .models.loading import checkpoint_family, load_tokenizer
+
             other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
+            family, _ = checkpoint_family(other.base_model)
+            if family.key != loaded.family.key:
+                raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
+                                f"{loaded.family.display}")
+            source = str(other.path) if (other.path / "tokenizer.json").is_file() else other.base_model
+            if load_tokenizer(source).get_vocab() != loaded.tokenizer.get_vocab():
+                raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out "
+                                "tokens can't be scored by both")
+            if other.system_policy != run.system_policy:
+                warn(f"--compare {name}: trained with data.system_policy={other.system_policy}; the rows are rendered "
+                     f"with the first model's ({run.system_policy})")
             return lambda: load(other, _load_in(load_in))
 
         evaluate(loaded, DataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,

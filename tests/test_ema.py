@@ -104,9 +104,13 @@ def test_resume_without_the_average_is_refused(ema_run, tmp_path):
     shutil.copytree(reference, out)
     manifest = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps(manifest | {"status": "interrupted"}))
-    (out / "checkpoint-6" / "ema.safetensors").unlink()
+    state = out / "checkpoint-6" / "ema.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # cut short, as by a full disk
     r = runner.invoke(app, [*RUN, "-o", str(out), "--resume"])
-    assert r.exit_code == 2 and "no ema.safetensors" in r.output
+    assert r.exit_code == 2 and "ema.safetensors: unreadable" in r.output and "--resume-from" in r.output
+    state.unlink()
+    r = runner.invoke(app, [*RUN, "-o", str(out), "--resume"])
+    assert r.exit_code == 2 and "ema.safetensors: missing" in r.output
 
 
 def test_ema_is_refused_under_zero3(tmp_path):

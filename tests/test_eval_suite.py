@@ -93,6 +93,11 @@ def test_suite_reports_what_lm_eval_ran_and_the_published_scores(tmp_path, tiny_
     json.dumps(rows)  # recordable
 
 
-def test_unknown_suite_is_refused_before_loading(tiny_model_dir):
-    r = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--suite", "open-llm-v2"])
-    assert r.exit_code == 2 and "unknown; available: gemma2-report" in r.output
+def test_bad_suite_options_are_refused_before_loading(tiny_model_dir, tmp_path):
+    base = ["eval", "--model", str(tiny_model_dir)]
+    for extra, message in ((["--suite", "open-llm-v2"], "unknown; available: gemma2-report"),
+                           (["--suite", "gemma2-report", "--tasks", "arc_challenge"], "choose one"),
+                           (["--suite", "gemma2-report", "--limit", "0"], "--limit 0: must be at least 1"),
+                           (["--suite", "gemma2-report", "--include-path", str(tmp_path / "no")], "no such folder")):
+        r = runner.invoke(app, base + extra)
+        assert r.exit_code == 2 and message in r.output, r.output

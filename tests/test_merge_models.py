@@ -125,6 +125,15 @@ def test_inputs_that_cannot_be_merged_exit_2_before_reading_weights(warp, tmp_pa
     assert r.exit_code == 2 and "--base: required" in r.output
     r = cli("merge-models", "--method", "linear", "--models", a, tmp_path / "missing", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "missing" in r.output
+    r = cli("merge-models", "--method", "linear", "--models", a, b, "-o", a / "sub")
+    assert r.exit_code == 2 and "inside an input" in r.output and not (a / "sub").exists()
+    r = cli("merge-models", "--method", "linear", "--models", a, f"{a}/./", "--weights", "1,nan", "--t", "0.3",
+            "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "more than once" in r.output and "finite" in r.output and "only SLERP" in r.output
+    r = cli("merge-models", "--method", "linear", "--models", a, "nonexistent", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--models[2] nonexistent: no such folder" in r.output
+    r = cli("eval", "--adapter", tmp / "run1", "--dataset", warp[1], "--compare", "builtin:tiny-gemma3")
+    assert r.exit_code == 2 and "a Gemma 3 model" in r.output, r.output
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "mine.txt").write_text("mine")

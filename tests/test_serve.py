@@ -127,10 +127,34 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(ok_run, s
     with pytest.raises(urllib.error.HTTPError) as raw:
         urllib.request.urlopen(request, timeout=30)
     assert raw.value.code == 400 and json.loads(raw.value.read())["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as long:
+        c.chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=10**11)
+    assert long.value.body["code"] == "context_length_exceeded" and "4096 tokens" in long.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as long:
+        c.chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "word " * 5000}])
+    assert long.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as tools:
+        c.chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "x"}], tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    assert tools.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as seed:
+        c.chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "x"}], extra_body={"seed": "x"})
+    assert seed.value.body["param"] == "seed"
+    assert c.models.retrieve(ok_run.name).id == ok_run.name
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model=ok_run.name, prompt="x")  # only chat completions are served
     after = c.chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "Still there?"}],
                                       temperature=0, max_tokens=10)
     assert after.choices[0].message.content.strip() == "ok"
     assert proc.poll() is None
+
+
+def test_port_in_use_or_out_of_range_is_refused_before_loading(ok_run, server):
+    _, port, _ = server
+    for bad in (port, 99999):
+        r = runner.invoke(app, ["serve", str(ok_run), "--port", str(bad)])
+        assert r.exit_code == 2 and "merging" not in r.output, r.output
+    assert "in use" in runner.invoke(app, ["serve", str(ok_run), "--port", str(port)]).output
 
 
 def test_sigterm_stops_the_server_cleanly(server):

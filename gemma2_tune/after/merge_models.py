@@ -76,8 +76,8 @@ class MergePlan:
     first_stage: str | None = None  # the method's result before LITI, when LITI follows
 
 
-def merge_models(method: str, models: list[str], output: str, base: str | None = None, t: float = 0.5,
-                 weights: list[float] | None = None, density: float = 0.5, liti: float | None = None,
+def merge_models(method: str, models: list[str], output: str, base: str | None = None, t: float | None = None,
+                 weights: list[float] | None = None, density: float | None = None, liti: float | None = None,
                  dtype: str | None = None, seed: int = 42, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Merge `models` by `method` (then LITI towards `base` by `liti`) into the new folder `output`.
 
@@ -126,10 +126,12 @@ def merge_models(method: str, models: list[str], output: str, base: str | None =
     return report
 
 
-def check_request(method: str, models: list[str], out: Path, base: str | None, t: float,
-                  weights: list[float] | None, density: float, liti: float | None, dtype: str | None,
+def check_request(method: str, models: list[str], out: Path, base: str | None, t: float | None,
+                  weights: list[float] | None, density: float | None, liti: float | None, dtype: str | None,
                   seed: int) -> MergePlan:
     """Every problem of the request at once, before any weight is read. Raises UserError."""
+    import math
+
     problems = []
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--output {out}: already exists and is not empty; choose a new folder (nothing was written)")
@@ -137,8 +139,25 @@ def check_request(method: str, models: list[str], out: Path, base: str | None, t
         raise UserError(f"--method {method}: use one of {', '.join(METHODS)}")
     if not models:
         raise UserError("--models: name at least one model (run folders, merged folders or hub ids)")
-    if len(set(models)) != len(models):
-        problems.append(f"--models: {sorted({m for m in models if models.count(m) > 1})} given more than once")
+    named = {"--base": base} if base else {}
+    named |= {f"--models[{i + 1}]": m for i, m in enumerate(models)}
+    inside = [f"{k} {v}" for k, v in named.items() if _overlaps(out, v)]
+    if inside:
+        raise UserError(f"--output {out}: is, holds or lies inside an input ({', '.join(inside)}); choose a folder "
+                        "outside them (nothing was written)")
+    same = _same_location(models)
+    if same:
+        problems.append(f"--models: {same} given more than once")
+    if t is not None and method != "slerp":
+        problems.append(f"--t: only SLERP takes it (--method {method})")
+    if density is not None and method not in ("ties", "dare_ties"):
+        problems.append(f"--density: only ties and dare_ties take it (--method {method})")
+    t = 0.5 if t is None else t
+    density = 0.5 if density is None else density
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        problems.append(f"--weights: {weights} must be finite numbers")
+    if liti is not None and not math.isfinite(liti):
+        problems.append(f"--liti {liti}: must be a finite number in [0, 1]")
     if method == "slerp" and len(models) != 2:
         problems.append(f"--method slerp: interpolates exactly 2 models, got {len(models)}")
     if method == "linear" and len(models) == 1 and liti is None:
@@ -155,6 +174,8 @@ def check_request(method: str, models: list[str], out: Path, base: str | None, t
     if weights is not None:
         if method == "slerp":
             problems.append("--weights: SLERP takes --t, not weights")
+        elif problems and problems[-1].startswith("--weights"):
+            pass
         elif len(weights) != len(models):
             problems.append(f"--weights: {len(weights)} given for {len(models)} models")
         elif method == "linear" and sum(weights) <= 0:
@@ -170,7 +191,39 @@ def check_request(method: str, models: list[str], out: Path, base: str | None, t
     return MergePlan(method, resolved, base_input, t, weights, density, liti, dtype, seed)
 
 
+def _overlaps(out: Path, given: str) -> bool:
+    """`out` is the local input `given`, inside it, or holds it."""
+    path = Path(given).expanduser()
+    if not path.exists():
+        return False
+    a, b = out.resolve(), path.resolve()
+    return a == b or b in a.parents or a in b.parents
+
+
+def _same_location(models: list[str]) -> list[str]:
+    """The inputs named twice (local folders compared by resolved path)."""
+    seen: dict[str, str] = {}
+    twice = []
+    for m in models:
+        path = Path(m).expanduser()
+        key = str(path.resolve()) if path.exists() else m
+        if key in seen:
+            twice.append(m)
+        seen.setdefault(key, m)
+    return twice
+
+
 def resolve_input(given: str, key: str) -> MergeInput:
+    """What one name points at (config and tokenizer only, no weights). Raises UserError naming `key`."""
+    try:
+        return _resolve_input(given, key)
+    except UserError as exc:
+        if exc.message.startswith(key):
+            raise
+        raise UserError(f"{key} {given}: {exc.message}") from None
+
+
+def _resolve_input(given: str, key: str) -> MergeInput:
     """What one name points at (config and tokenizer only, no weights). Raises UserError."""
     from ..config.schema import DistillConfig, RunConfig
     from ..models.loading import checkpoint_family, load_tokenizer, model_location
@@ -207,9 +260,14 @@ def resolve_input(given: str, key: str) -> MergeInput:
             raise UserError(f"{key} {given}: not a model folder (config.json + *.safetensors), nor a gemma2-tune run "
                             "or adapter folder (adapter_config.json + adapter_model.safetensors)")
         location = str(path)
+    elif path.exists():
+        raise UserError(f"{key} {given}: a file; give a model or run folder, or a hub id")
     else:
         from ..config.rules import local_path_problem
+        from ..models.builtin import is_builtin
 
+        if "/" not in given and not is_builtin(given):
+            raise UserError(f"{key} {given}: no such folder (a hub id has the form org/name)")
         problem = local_path_problem(given, key)
         if problem:
             raise UserError(problem)

@@ -42,6 +42,8 @@ class Served:
     system_policy: str
     family: Any
     source: str  # what the user pointed at
+    tokenizer: Any = None  # counts prompt tokens (set once the model is loaded)
+    context: int | None = None  # the model's context in tokens (max_position_embeddings)
 
 
 @contextmanager
@@ -54,7 +56,8 @@ def served_folder(target: str, name: str | None, dtype: str | None, echo: Callab
 
     path = Path(target).expanduser()
     if not path.is_dir():
-        raise UserError(f"serve {target}: no such folder (give a run folder, its ema/ folder, or a merged folder)")
+        what = "is a file, not a folder" if path.exists() else "no such folder"
+        raise UserError(f"serve {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
     run = read_run(str(path), None)
     label = name or (path.parent.name + "-ema" if path.name == "ema" else path.name)
     if not run.is_adapter:
@@ -100,17 +103,51 @@ def request_problem(body: Any, served: Served) -> tuple[int, str, str | None, st
         value = body.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             return 400, f"'{key}' must be a positive integer, got {value!r}", key, None
-    temperature = body.get("temperature")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
-        return 400, f"'temperature' must be a number in [0, 2], got {temperature!r}", "temperature", None
+    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high):
+            return 400, f"'{key}' must be a number in [{low}, {high}], got {value!r}", key, None
+    if body.get("seed") is not None and (isinstance(body["seed"], bool) or not isinstance(body["seed"], int)):
+        return 400, f"'seed' must be an integer, got {body['seed']!r}", "seed", None
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        return 400, f"'stream' must be true or false, got {body['stream']!r}", "stream", None
     if body.get("n") not in (None, 1):
         return 400, "'n' other than 1 is not supported", "n", None
+    for key in ("tools", "functions", "tool_choice"):
+        if body.get(key):
+            return 400, f"'{key}': Gemma's turn format has no tool definitions or tool calls", key, None
     try:
         turns = normalise(messages, served.system_policy, allow_open_end=True, family=served.family)
     except BadRow as exc:
         return 400, f"the conversation can't be rendered in Gemma's format: {exc}", "messages", None
     if turns[-1].role != "user":
         return 400, "the conversation must end with a user message (the model answers it)", "messages", None
+    return context_problem(body, served)
+
+
+DEFAULT_MAX_TOKENS = 1024  # transformers' server generates at most this many tokens when a request sets no limit
+
+
+def context_problem(body: dict, served: Served) -> tuple[int, str, str | None, str | None] | None:
+    """The prompt and the requested completion must fit the model's context; a request without a limit gets
+    min(1024, what is left) as its limit (set in `body`)."""
+    if served.tokenizer is None or served.context is None:
+        return None
+    from .inference import prompt_ids
+
+    prompt = prompt_ids(body["messages"], served.tokenizer, served.system_policy, served.family).shape[1]
+    left = served.context - prompt
+    if left < 1:
+        return (400, f"the prompt is {prompt} tokens; this model's context is {served.context} tokens",
+                "messages", "context_length_exceeded")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    wanted = body.get(key)
+    if wanted is None:
+        body["max_tokens"] = min(DEFAULT_MAX_TOKENS, left)
+        return None
+    if wanted > left:
+        return (400, f"this model's context is {served.context} tokens; the prompt is {prompt} and '{key}' asks for "
+                f"{wanted} more (at most {left})", key, "context_length_exceeded")
     return None
 
 
@@ -143,10 +180,21 @@ def named_response(response, folder: str, name: str):
 def build_app(served: Served, chat_handler, api_key: str | None):
     """The FastAPI app: our checks in front of transformers' chat-completions handler."""
     from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="gemma2-tune serve")
+    app = FastAPI(title="gemma2-tune serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return openai_error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return openai_error(400, f"invalid request: {str(exc)[:300]}")
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -177,16 +225,42 @@ def build_app(served: Served, chat_handler, api_key: str | None):
             return openai_error(exc.status_code, str(exc.detail))
         return named_response(response, str(served.folder), served.name)
 
+    card = {"id": served.name, "object": "model", "created": created, "owned_by": "gemma2-tune"}
+
     @app.get("/v1/models")
     async def models():
-        return JSONResponse({"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
-                                                         "owned_by": "gemma2-tune"}]})
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != served.name:
+            return openai_error(404, f"model '{model_id}' is not served here; this server serves '{served.name}'",
+                                param="model", code="model_not_found")
+        return JSONResponse(card)
 
     @app.get("/health")
     async def health():
         return JSONResponse({"status": "ok", "model": served.name})
 
     return app
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why `host:port` can't be listened on now (in use, no such address), or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return str(exc)
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str | None = None,
@@ -202,13 +276,21 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
     except ImportError:
         raise UserError("serve needs transformers' serving extras: pip install 'gemma2-tune[serve]'") from None
     from ..models.checks import check_loaded
+    from ..models.loading import load_tokenizer
 
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port}: must be 1-65535")
+    port_problem = bind_problem(host, port)
+    if port_problem:
+        raise UserError(f"serve: cannot listen on {host}:{port}: {port_problem} (nothing was loaded)")
     with served_folder(target, name, dtype, echo) as served:
         manager = ModelManager(device=device, dtype=dtype or "auto", attn_implementation="eager",
                                force_model=str(served.folder))
         model, _ = manager.load_model_and_processor(manager.process_model_name(str(served.folder)))
         for warning in check_loaded(model, served.family, "eager", str(model.dtype).replace("torch.", "")):
             echo(f"warning: {warning}")
+        served.tokenizer = load_tokenizer(str(served.folder))
+        served.context = getattr(model.config, "max_position_embeddings", None)
         handler = ChatCompletionHandler(model_manager=manager, generation_state=GenerationState())
         app = build_app(served, handler, api_key)
         where = f"http://{host}:{port}/v1"

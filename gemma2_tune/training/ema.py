@@ -112,17 +112,22 @@ def load_state(checkpoint: Path, names: list[str], devices: list) -> tuple[list,
     from safetensors import safe_open
 
     path = checkpoint / STATE_FILE
+    earlier = "; resume from an earlier checkpoint with --resume-from, or start again"
     if not path.is_file():
-        raise UserError(f"{checkpoint}: no {STATE_FILE}; the checkpoint was saved without training.ema_decay, so "
-                        "the average cannot be continued (resume without ema_decay, or start again)")
-    with safe_open(str(path), framework="pt") as f:
-        saved = set(f.keys())
-        if saved != set(names):
-            missing, extra = sorted(set(names) - saved)[:3], sorted(saved - set(names))[:3]
-            raise UserError(f"{path}: holds other weights than the model trains (missing {missing}, unexpected "
-                            f"{extra})")
-        average = [f.get_tensor(n).to(d) for n, d in zip(names, devices)]
-        updates = int(f.metadata().get("updates", "0"))
+        raise UserError(f"{path}: missing, so the average of training.ema_decay cannot be continued{earlier}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = set(f.keys())
+            if saved != set(names):
+                missing, extra = sorted(set(names) - saved)[:3], sorted(saved - set(names))[:3]
+                raise UserError(f"{path}: holds other weights than the model trains (missing {missing}, unexpected "
+                                f"{extra}){earlier}")
+            average = [f.get_tensor(n).to(d) for n, d in zip(names, devices)]
+            updates = int((f.metadata() or {}).get("updates", "0"))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file: one message, not a traceback
+        raise UserError(f"{path}: unreadable ({str(exc).splitlines()[0][:200]}){earlier}") from None
     return average, updates
 
 
@@ -137,5 +142,5 @@ def write_ema_folder(ema: ExponentialMovingAverage, trainer, out: Path, main: bo
                      "config.yaml"):
             if (out / name).is_file():
                 shutil.copy2(out / name, target / name)
-        (target / "ema.json").write_text(json.dumps(ema.describe() | {"run": str(out)}, indent=2) + "\n")
+        (target / "ema.json").write_text(json.dumps(ema.describe() | {"run": str(out.resolve())}, indent=2) + "\n")
     return target
