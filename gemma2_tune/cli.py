@@ -414,6 +414,29 @@ def serve(
     run_server(target, host, port, api_key, name, dtype, device, echo=echo)
 
 
+def _compare_loader(name: str, run, load_in: str):
+    """An `eval --compare` model: checked now against the first one (family, vocabulary, system policy), before
+    any weights load; loaded when its turn comes."""
+    from .after.inference import load, read_run
+    from .models.loading import checkpoint_family, load_tokenizer
+
+    def tokenizer_of(r):
+        return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model)
+
+    other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
+    family, first = checkpoint_family(other.base_model)[0], checkpoint_family(run.base_model)[0]
+    if family.key != first.key:
+        raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
+                        f"{first.display}")
+    if tokenizer_of(other).get_vocab() != tokenizer_of(run).get_vocab():
+        raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out tokens "
+                        "can't be scored by both")
+    if other.system_policy != run.system_policy:
+        warn(f"--compare {name}: trained with data.system_policy={other.system_policy}; the rows are rendered with "
+             f"the first model's ({run.system_policy})")
+    return lambda: load(other, _load_in(load_in))
+
+
 @command("eval")
 def evaluate_command(
     adapter: AdapterOpt = None,
@@ -450,31 +473,14 @@ def evaluate_command(
     from .after.inference import load, read_run
 
     run = read_run(adapter, model)
+    others = [(name, _compare_loader(name, run, load_in)) for name in compare or []] if dataset else []
     loaded = load(run, _load_in(load_in))
     if dataset:
         from .after.evaluate import evaluate
 
-        def loader(name: str):
-            """Checked now (family, vocabulary, system policy), loaded when its turn comes."""
-            from .models.loading import checkpoint_family, load_tokenizer
-
-            other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
-            family, _ = checkpoint_family(other.base_model)
-            if family.key != loaded.family.key:
-                raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
-                                f"{loaded.family.display}")
-            source = str(other.path) if (other.path / "tokenizer.json").is_file() else other.base_model
-            if load_tokenizer(source).get_vocab() != loaded.tokenizer.get_vocab():
-                raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out "
-                                "tokens can't be scored by both")
-            if other.system_policy != run.system_policy:
-                warn(f"--compare {name}: trained with data.system_policy={other.system_policy}; the rows are rendered "
-                     f"with the first model's ({run.system_policy})")
-            return lambda: load(other, _load_in(load_in))
-
         evaluate(loaded, DataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
                                      system_policy=run.system_policy), compare_base=True, echo=echo,
-                 others=[(name, loader(name)) for name in compare or []])
+                 others=others)
     if tasks:
         from .after.harness import run_tasks
 
