@@ -30,9 +30,9 @@ from ..errors import Interrupted, UserError
 from ..files import write_text_atomic
 from . import manifest as mf
 from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, PeakMemory, StopOnSignal, TrackStep, peak_memory
-from .ema import ExponentialMovingAverage, write_ema_folder
 from .card import model_card, plot_run
 from .checkpoints import Checkpoint, check_checkpoint, newest_complete
+from .ema import ExponentialMovingAverage, write_ema_folder
 from .launch import Launch, launch_problems
 from .progress import LiveProgress, bar_wanted
 
