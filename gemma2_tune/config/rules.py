@@ -174,7 +174,9 @@ def distill_problems(cfg: DistillConfig) -> tuple[list[str], list[str]]:
     ignored = [k for k, default, value in (("data.train_on", "model_turns", cfg.data.train_on),
                                            ("data.packing", True, cfg.data.packing),
                                            ("training.loss", "supervised_chunked", cfg.training.loss),
-                                           ("data.overlong", "truncate", cfg.data.overlong)) if value != default]
+                                           ("data.overlong", "truncate", cfg.data.overlong),
+                                           ("training.torch_compile", "off", cfg.training.torch_compile))
+               if value != default]
     if ignored:
         warnings.append(f"{', '.join(ignored)}: sft settings, not used by distill (the student's completions are "
                         "generated, scored whole, unpacked)")

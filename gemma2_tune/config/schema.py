@@ -164,6 +164,12 @@ class TrainingSection(Section):
         "first stage of Gemma 2's WARP), updated after every optimizer step, kept in float32, carried by "
         "checkpoints and written as a second adapter or model in `<output.dir>/ema/` (null: none).",
     )
+    torch_compile: Literal["off", "regional"] = Field(
+        "off",
+        description="`regional`: torch.compile each decoder layer in place (PyTorch's regional compilation), after "
+        "a check that the compiled logits equal eager ones on a probe batch; fuses a layer's small kernels on CUDA. "
+        "`off`: plain eager modules.",
+    )
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
     loss: Literal["supervised_chunked", "trl"] = Field(
         "supervised_chunked",

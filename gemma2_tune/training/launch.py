@@ -136,6 +136,9 @@ def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
         if teacher is not None and teacher.load_in != "full":
             problems.append(f"teacher.load_in is {teacher.load_in} but ZeRO-3 shards the teacher's weights: set "
                             "teacher.load_in=full (unquantized in model.dtype, split over the processes)")
+        if cfg.training.torch_compile != "off":
+            problems.append("training.torch_compile is set but gemma2-tune compiles layers only without ZeRO-3 (its "
+                            "parameter gathering hooks break the compiled graphs); set training.torch_compile=off")
         if cfg.training.ema_decay is not None:
             problems.append("training.ema_decay is set but ZeRO-3 shards the weights it averages; keep the average "
                             "on one GPU or under DDP (--launch ddp), or unset training.ema_decay")
