@@ -106,6 +106,9 @@ def test_system_message_rendered_by_the_runs_policy_and_max_tokens_honoured(ok_r
     folded = prompt_ids(messages, tokenizer, "fold", GEMMA2)  # the system text folded into the first user turn
     assert done.usage.prompt_tokens == folded.shape[1]
     assert done.choices[0].message.content.strip() == chat_answer(ok_run, "Where is Rome?", system="Answer briefly.")
+    parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "Where"}, {"type": "text", "text": "is Rome?"}]}]
+    assert c.chat.completions.create(model=ok_run.name, messages=parts, temperature=0,
+                                     max_tokens=20).usage.prompt_tokens == folded.shape[1]  # text parts joined
     short = c.chat.completions.create(model=ok_run.name, messages=messages, temperature=0, max_tokens=1)
     assert short.usage.completion_tokens == 1 and short.choices[0].finish_reason == "length"
 

@@ -83,6 +83,20 @@ def openai_error(status: int, message: str, kind: str = "invalid_request_error",
                         status_code=status)
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def joined_text_parts(message: Any) -> Any:
+    """A message whose content is a list of text parts gets them joined by a space, as transformers' server joins
+    them for a text model, so the check renders what generation will; other content is left to the check."""
+    if isinstance(message, dict) and isinstance(message.get("content"), list):
+        parts = message["content"]
+        if parts and all(isinstance(p, dict) and p.get("type") in TEXT_PARTS and isinstance(p.get("text"), str)
+                         for p in parts):
+            return message | {"content": " ".join(p["text"] for p in parts)}
+    return message
+
+
 def request_problem(body: Any, served: Served) -> tuple[int, str, str | None, str | None] | None:
     """(status, message, param, code) of what is wrong with a chat-completions request body, or None.
     The conversation is checked by the training renderer with the run's system policy."""
@@ -213,6 +227,8 @@ def build_app(served: Served, chat_handler, api_key: str | None):
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             return openai_error(400, "the request body is not valid JSON")
+        if isinstance(body, dict) and isinstance(body.get("messages"), list):
+            body["messages"] = [joined_text_parts(m) for m in body["messages"]]
         problem = request_problem(body, served)
         if problem is not None:
             status, message, param, code = problem
