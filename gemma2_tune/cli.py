@@ -414,29 +414,6 @@ def serve(
     run_server(target, host, port, api_key, name, dtype, device, echo=echo)
 
 
-def _compare_loader(name: str, run, load_in: str):
-    """An `eval --compare` model: checked now against the first one (family, vocabulary, system policy), before
-    any weights load; loaded when its turn comes."""
-    from .after.inference import load, read_run
-    from .models.loading import checkpoint_family, load_tokenizer
-
-    def tokenizer_of(r):
-        return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model)
-
-    other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
-    family, first = checkpoint_family(other.base_model)[0], checkpoint_family(run.base_model)[0]
-    if family.key != first.key:
-        raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
-                        f"{first.display}")
-    if tokenizer_of(other).get_vocab() != tokenizer_of(run).get_vocab():
-        raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out tokens "
-                        "can't be scored by both")
-    if other.system_policy != run.system_policy:
-        warn(f"--compare {name}: trained with data.system_policy={other.system_policy}; the rows are rendered with "
-             f"the first model's ({run.system_policy})")
-    return lambda: load(other, _load_in(load_in))
-
-
 @command("eval")
 def evaluate_command(
     adapter: AdapterOpt = None,
@@ -468,12 +445,16 @@ def evaluate_command(
             raise UserError("--suite and --tasks: choose one (the suite names its own tasks)")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be at least 1 (leave it out to score every example)")
+    if compare and not dataset:
+        raise UserError("--compare scores models on held-out chats: give --dataset too")
     if include_path is not None and not Path(include_path).expanduser().is_dir():
         raise UserError(f"--include-path {include_path}: no such folder")
     from .after.inference import load, read_run
 
     run = read_run(adapter, model)
-    others = [(name, _compare_loader(name, run, load_in)) for name in compare or []] if dataset else []
+    if compare:
+        from .after.evaluate import compare_loader
+    others = [(name, compare_loader(name, run, _load_in(load_in), warn)) for name in compare or []]
     loaded = load(run, _load_in(load_in))
     if dataset:
         from .after.evaluate import evaluate

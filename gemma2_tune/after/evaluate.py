@@ -13,7 +13,8 @@ from ..config.schema import DataSection
 from ..data.examples import build_examples
 from ..data.sources import load_rows
 from ..data.turns import IGNORE_INDEX
-from .inference import Loaded
+from ..errors import UserError
+from .inference import Loaded, TrainedRun
 
 
 def supervised_loss(model, examples) -> dict[str, Any]:
@@ -56,3 +57,29 @@ def evaluate(loaded: Loaded, data: DataSection, compare_base: bool, echo=print,
     for name, r in results.items():
         echo(f"{name:{width}s}{r['loss']:10.4f}{r['perplexity']:14.2f}{r['supervised_tokens']:20,d}")
     return {"dataset": source.name, "fingerprint": source.fingerprint, "results": results}
+
+
+def compare_loader(name: str, run: TrainedRun, load_in: str, warn: Callable[[str], None]) -> Callable[[], Loaded]:
+    """An `eval --compare` model (run folder, ema/, merged folder or hub id), checked now against the first
+    model `run` (same family and tokenizer vocabulary; a different system policy is warned about), before any
+    weights load. Returns its loader. Raises UserError."""
+    from pathlib import Path
+
+    from ..models.loading import checkpoint_family, load_tokenizer
+    from .inference import load, read_run
+
+    def tokenizer_of(r: TrainedRun):
+        return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model)
+
+    other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
+    family, first = checkpoint_family(other.base_model)[0], checkpoint_family(run.base_model)[0]
+    if family.key != first.key:
+        raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
+                        f"{first.display}")
+    if tokenizer_of(other).get_vocab() != tokenizer_of(run).get_vocab():
+        raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out tokens "
+                        "can't be scored by both")
+    if other.system_policy != run.system_policy:
+        warn(f"--compare {name}: trained with data.system_policy={other.system_policy}; the rows are rendered with "
+             f"the first model's ({run.system_policy})")
+    return lambda: load(other, load_in)
