@@ -364,7 +364,7 @@ def merge_models_command(
                                                 "base first), a run's ema/ folder, merged folders or hub ids.")],
     output: Annotated[str, typer.Option("--output", "-o", help="New folder for the merged model.")],
     method: Annotated[str, typer.Option(help="linear, slerp, ties, dare_ties or task_arithmetic (mergekit).")] = "linear",
-    models_flag: Annotated[bool, typer.Option("--models", help="Optional marker before the models.")] = False,
+    models_flag: Annotated[bool, typer.Option("--models", hidden=True)] = False,  # `--models a b` reads as `a b`
     base: Annotated[Optional[str], typer.Option(help="The initialisation: for ties/dare_ties/task_arithmetic and "
                                                 "--liti.")] = None,
     t: Annotated[Optional[float], typer.Option("--t", help="SLERP factor: 0 the first model, 1 the second "

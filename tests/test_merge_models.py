@@ -65,6 +65,8 @@ def test_warp_pipeline_ema_slerp_liti_and_eval_of_every_stage(warp):
     first = json.loads((slerp / "merge.json").read_text())
     assert first["method"] == "slerp" and first["models"][0]["kind"] == "run (LoRA adapter)"
     assert first["system_policy"] == "fold"
+    into_base = first["models"][0]["adapter_merged_into_base"]  # the adapter's own merge, recorded too
+    assert into_base["base_model"] == "builtin:tiny-gemma2" and into_base["check"]["passed"]
     config = json.loads((final / "config.json").read_text())
     assert config["attn_implementation"] == "eager"
     assert config["attn_logit_softcapping"] == 50.0 and config["final_logit_softcapping"] == 30.0

@@ -130,6 +130,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(ok_run, s
     with pytest.raises(urllib.error.HTTPError) as raw:
         urllib.request.urlopen(request, timeout=30)
     assert raw.value.code == 400 and json.loads(raw.value.read())["error"]["type"] == "invalid_request_error"
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 5}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.read().decode().rstrip().endswith("data: [DONE]")  # as OpenAI's streams end
     with pytest.raises(openai.BadRequestError) as long:
         c.chat.completions.create(model=ok_run.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=10**11)
     assert long.value.body["code"] == "context_length_exceeded" and "4096 tokens" in long.value.body["message"]

@@ -53,10 +53,15 @@ class MergeInput:
     dtype: str | None = None
     vocab_digest: str = ""
     adapter: bool = False
+    adapter_merge: dict[str, Any] | None = None  # `merge`'s report when an adapter was merged into its base
 
     def describe(self) -> dict[str, Any]:
         """For merge.json."""
-        return {"given": self.given, "kind": self.kind, "system_policy": self.system_policy, "dtype": self.dtype}
+        described = {"given": self.given, "kind": self.kind, "system_policy": self.system_policy, "dtype": self.dtype}
+        if self.adapter_merge is not None:
+            described["adapter_merged_into_base"] = {k: self.adapter_merge.get(k) for k in (
+                "base_model", "merged_dtype", "trained_in_4bit", "check", "trained_model_check")}
+        return described
 
 
 @dataclass
@@ -320,7 +325,7 @@ def prepare_adapter(item: MergeInput, work: Path, dtype: str, echo: Callable[[st
 
     target = work / f"input-{len(list(work.iterdir()))}"
     echo(f"{item.key} {item.given}: merging the adapter into its base first ({dtype})")
-    merge(item.location, str(target), dtype=dtype, echo=lambda line: echo(f"  {line}"))
+    item.adapter_merge = merge(item.location, str(target), dtype=dtype, echo=lambda line: echo(f"  {line}"))
     item.location = str(target)
 
 

@@ -166,7 +166,8 @@ def context_problem(body: dict, served: Served) -> tuple[int, str, str | None, s
 
 
 def named_response(response, folder: str, name: str):
-    """transformers names the model by the folder it loaded; clients see the served name instead."""
+    """transformers names the model by the folder it loaded; clients see the served name instead. A stream ends
+    with OpenAI's `data: [DONE]` line."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
     pairs = [(f'"model":{json.dumps(folder)}', f'"model":{json.dumps(name)}'),
@@ -181,8 +182,13 @@ def named_response(response, folder: str, name: str):
         source = response.body_iterator
 
         async def chunks():
+            done = False
             async for chunk in source:
-                yield renamed(chunk.decode() if isinstance(chunk, bytes) else chunk)
+                text = renamed(chunk.decode() if isinstance(chunk, bytes) else chunk)
+                done = done or "data: [DONE]" in text
+                yield text
+            if not done:  # OpenAI's streams end with this line; raw SSE readers wait for it
+                yield "data: [DONE]\n\n"
 
         response.body_iterator = chunks()
         return response

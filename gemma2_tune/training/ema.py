@@ -143,4 +143,9 @@ def write_ema_folder(ema: ExponentialMovingAverage, trainer, out: Path, main: bo
             if (out / name).is_file():
                 shutil.copy2(out / name, target / name)
         (target / "ema.json").write_text(json.dumps(ema.describe() | {"run": str(out.resolve())}, indent=2) + "\n")
+        (target / "README.md").write_text(  # instead of the blank card the adapter's save writes
+            f"# Exponential moving average of the run in `..`\n\nThe trainable weights of the run averaged over its "
+            f"{ema.updates} optimizer steps with decay {ema.decay} (ema_t = d * ema_(t-1) + (1 - d) * theta_t, from the "
+            f"weights before the first step). Use this folder wherever the run folder is used: `gemma2-tune chat "
+            f"--adapter {target}`, `merge`, `eval --compare`, `merge-models`, `serve`. See `../README.md` for the run.\n")
     return target
