@@ -452,6 +452,10 @@ def evaluate_command(
     from .after.inference import load, read_run
 
     run = read_run(adapter, model)
+    if suite:
+        from .after.harness import check_suite_data
+
+        check_suite_data(suite, include_path)  # before the model: missing data fails in seconds
     if compare:
         from .after.evaluate import compare_loader
     others = [(name, compare_loader(name, run, _load_in(load_in), warn)) for name in compare or []]

@@ -101,3 +101,6 @@ def test_bad_suite_options_are_refused_before_loading(tiny_model_dir, tmp_path):
                            (["--suite", "gemma2-report", "--include-path", str(tmp_path / "no")], "no such folder")):
         r = runner.invoke(app, base + extra)
         assert r.exit_code == 2 and message in r.output, r.output
+    r = runner.invoke(app, base + ["--suite", "gemma2-report"])  # the hub is off in tests: lm-eval's data unreachable
+    assert r.exit_code == 2 and "the data of MMLU ('mmlu') could not be loaded" in r.output, r.output
+    assert "Loading weights" not in r.output  # found before the model loads

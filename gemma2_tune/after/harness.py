@@ -65,6 +65,24 @@ def _evaluate(lm_eval, lm, tasks: list[str], manager, limit: int | None, num_few
                         "--include-path at local task files") from None
 
 
+def check_suite_data(suite: str, include_path: str | None) -> None:
+    """Load every benchmark of `suite` (lm-eval downloads and caches its data) before any model is loaded, so
+    missing data fails in seconds, not after loading a 27B. Raises UserError naming the benchmark."""
+    lm_eval, _, TaskManager = _lm_eval()
+    from lm_eval.tasks import get_task_dict
+
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    for item in SUITES[suite]:
+        if item.task not in manager.all_tasks:
+            raise UserError(f"--suite {suite}: lm-eval has no task '{item.task}' ({item.label})")
+        try:
+            get_task_dict([item.task], manager)
+        except Exception as exc:  # noqa: BLE001 - unreachable hub, gated data, a broken local file: one message
+            raise UserError(f"--suite {suite}: the data of {item.label} ('{item.task}') could not be loaded "
+                            f"({str(exc).splitlines()[0][:200]}); offline, point --include-path at local task files "
+                            "named mmlu, gsm8k, arc_challenge, hellaswag, winogrande") from None
+
+
 def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None, limit: int | None, echo=print) -> dict:
     """Run lm-eval `tasks` on a loaded model; prints and returns {task: metrics}. Raises UserError when
     lm-eval is missing, a task is unknown, or its data can't be loaded."""
