@@ -88,6 +88,14 @@ def lora_params(shape: Shape, cfg: RunConfig) -> int:
     return shape.layers * sum(cfg.lora.r * sum(shape.projection_shape(m)) for m in cfg.lora.target_modules)
 
 
+def nf4_weight_bytes(shape: Shape, cfg: RunConfig) -> float:
+    """Bytes of `shape`'s weights loaded in 4-bit NF4 with cfg.quantization's settings: half a byte per linear
+    weight plus its block scales (an fp32 absmax per 64 weights, or with double quantization an 8-bit one plus an
+    fp32 per 256 of those), every other weight (embeddings, norms) in model.dtype."""
+    per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
+    return shape.linear_params * per_param + shape.other_params * DTYPE_BYTES[cfg.model.dtype]
+
+
 def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool = False, offload: bool = False,
              batch: int | None = None, length: int | None = None, teacher: Shape | None = None) -> Plan:
     """Per-process memory of training `shape` as `cfg` says (batch and length default to the config's).
@@ -100,8 +108,7 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
     terms: dict[str, float] = {}
 
     if cfg.quantization.load_in_4bit:
-        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
-        terms["weights"] = (shape.linear_params * per_param + shape.other_params * dtype) / n
+        terms["weights"] = nf4_weight_bytes(shape, cfg) / n
     else:
         terms["weights"] = shape.total_params * dtype / n
     trainable = lora_params(shape, cfg) if cfg.lora.enabled else shape.total_params
@@ -146,8 +153,7 @@ def distill_terms(student: Shape, teacher: Shape, cfg: RunConfig, b: int, t: int
     dtype = DTYPE_BYTES[cfg.model.dtype]
     load_in = cfg.teacher.load_in
     if load_in == "4bit":
-        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
-        weights = teacher.linear_params * per_param + teacher.other_params * dtype
+        weights = nf4_weight_bytes(teacher, cfg)
     elif load_in == "8bit":
         weights = teacher.linear_params * (1 + 4 / teacher.hidden) + teacher.other_params * dtype
     else:
