@@ -34,7 +34,7 @@ from ..models.lora import inspect_adapters, lora_config
 from .data import split_rows
 from .launch import Launch, current_launch
 from .lifecycle import RunLifecycle
-from .trainer import common_args, device_map, has_accelerator
+from .trainer import common_args, device_map, has_accelerator, keep_adapters_in_fp32
 
 Echo = Callable[[str], None]
 
@@ -230,12 +230,3 @@ def run_total(trainer, value: float) -> float:
     total = torch.tensor([float(value)], device=trainer.accelerator.device)
     return trainer.accelerator.gather(total).sum().item()
 
-
-def keep_adapters_in_fp32(trainer, cfg: DistillConfig, launch: Launch) -> None:
-    """TRL casts QLoRA adapters to bf16; keep them in fp32 (outside ZeRO-3), as sft does, for exact resumes."""
-    import torch
-
-    if cfg.lora.enabled and not launch.zero3:
-        for param in trainer.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()

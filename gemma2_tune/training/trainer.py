@@ -138,18 +138,22 @@ class SupervisedLossTrainer(SFTTrainer):
 def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch, eval_set=None):
     """The trainer for a run: TRL applies LoRA (lora_config), our collator batches packed blocks, the
     supervised-only loss unless TRL's is asked for or ZeRO-3 runs."""
-    import torch
-
     trainer_class = SupervisedLossTrainer if effective_loss(cfg, launch) == "supervised_chunked" else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=lora_config(cfg),
                             data_collator=BlockCollator(tokenizer.pad_token_id))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
+    keep_adapters_in_fp32(trainer, cfg, launch)
+    return trainer
+
+
+def keep_adapters_in_fp32(trainer, cfg: RunConfig, launch: Launch) -> None:
+    """TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run would
+    continue with other numerics. Keep the (few) trainable weights in fp32 from the start: exact resumes, and
+    Adam updates that bf16 would round away. ZeRO-3 needs one dtype: left as is. (sft and distill.)"""
+    import torch
+
     if cfg.lora.enabled and not launch.zero3:
-        # TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run
-        # would continue with other numerics. Keep the (few) trainable weights in fp32 from the start:
-        # exact resumes, and Adam updates that bf16 would round away. ZeRO-3 needs one dtype: left as is.
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-    return trainer
