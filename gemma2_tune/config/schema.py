@@ -259,6 +259,11 @@ class DistillSection(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student's completions.")
     top_k: int = Field(0, ge=0, description="Top-k sampling of the student's completions (0: off).")
 
+    @property
+    def divergence(self) -> str:
+        """What `beta` makes the generalized JSD: 'forward KL', 'reverse KL' or 'JSD(beta=...)'."""
+        return "forward KL" if self.beta == 0 else "reverse KL" if self.beta == 1 else f"JSD(beta={self.beta})"
+
 
 class DistillConfig(RunConfig):
     """The `distill` schema: a training run (student = model/quantization/lora) plus a teacher and the

@@ -55,9 +55,8 @@ def distill_lines(cfg: RunConfig) -> list[str]:
     teacher, d = getattr(cfg, "teacher", None), getattr(cfg, "distill", None)
     if teacher is None or d is None:
         return []
-    divergence = "forward KL" if d.beta == 0 else "reverse KL" if d.beta == 1 else f"JSD (beta {d.beta})"
     return [
         f"teacher:      {teacher.name_or_path} ({teacher.load_in}, attention {teacher.attn_implementation}), frozen",
         f"distill:      on-policy: the student writes up to {d.max_completion_length} tokens per prompt (temperature "
-        f"{d.temperature}, top_p {d.top_p}); {divergence} to the teacher on those tokens",
+        f"{d.temperature}, top_p {d.top_p}); {d.divergence} to the teacher on those tokens",
     ]

@@ -160,7 +160,7 @@ def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | Non
                  "fingerprint": source.fingerprint, "split": cfg.data.split},
         data=report.to_dict() | {"prompts": len(prompts), "eval_prompts": len(eval_prompts or [])},
         distill={"teacher": cfg.teacher.name_or_path, "teacher_load_in": cfg.teacher.load_in, "beta": d.beta,
-                 "divergence": "forward KL" if d.beta == 0 else "reverse KL" if d.beta == 1 else f"JSD(beta={d.beta})",
+                 "divergence": d.divergence,
                  "temperature": d.temperature, "max_completion_length": d.max_completion_length, "top_p": d.top_p,
                  "top_k": d.top_k, "on_policy_fraction": 1.0},
         loss_implementation="trl DistillationTrainer (chunked generalized JSD on soft-capped logits)",
