@@ -63,8 +63,9 @@ class Loaded:
     report: Any
 
 
-def read_run(adapter: str | None, model: str | None) -> TrainedRun:
-    """What --adapter/--model point at. Raises UserError when the folder is not a run or an adapter."""
+def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> TrainedRun:
+    """What --adapter/--model point at (`key`: the option named in messages). Raises UserError when the folder
+    is not a run, an adapter or a model folder."""
     if adapter is None:
         if model is None:
             raise UserError("give --model (a Gemma 2 or Gemma 3 text checkpoint) and/or --adapter (a gemma2-tune "
@@ -72,33 +73,43 @@ def read_run(adapter: str | None, model: str | None) -> TrainedRun:
         return TrainedRun(Path(model), model, "fold", False, None)
     path = Path(adapter).expanduser()
     if not path.is_dir():
-        raise UserError(f"--adapter {adapter}: no such folder")
-    cfg = None
-    if (path / "config.yaml").is_file():
-        try:
-            saved = yaml.safe_load((path / "config.yaml").read_text())
-            schema = DistillConfig if isinstance(saved, dict) and "teacher" in saved else RunConfig
-            cfg = schema.model_validate(saved)
-        except Exception:  # noqa: BLE001 - a config from another version: fall back to adapter_config.json
-            cfg = None
+        raise UserError(f"{key} {adapter}: no such folder")
+    cfg = saved_config(path)
+    policy = saved_policy(path, cfg) or "fold"
     if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
         saved = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         base = model or (cfg.model.name_or_path if cfg else saved)
         if not base:
-            raise UserError(f"--adapter {adapter}: the adapter does not name its base model; pass --model")
-        return TrainedRun(path, base, cfg.data.system_policy if cfg else "fold", True, cfg)
+            raise UserError(f"{key} {adapter}: the adapter does not name its base model; pass --model")
+        return TrainedRun(path, base, policy, True, cfg)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):  # full fine-tune or merged output
-        return TrainedRun(path, str(path), cfg.data.system_policy if cfg else merged_policy(path), False, cfg)
-    raise UserError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json + adapter_model.safetensors) "
+        return TrainedRun(path, str(path), policy, False, cfg)
+    raise UserError(f"{key} {adapter}: not an adapter folder (no adapter_config.json + adapter_model.safetensors) "
                     "and not a model folder (no config.json + *.safetensors)")
 
 
-def merged_policy(path: Path) -> str:
-    """The system policy a merged folder's template was generated for (its merge.json), else "fold"."""
+def saved_config(path: Path) -> RunConfig | None:
+    """The resolved config a run folder (or its ema/) saved as config.yaml: an sft or a distill config; None
+    when there is none or it is from another version."""
+    if not (path / "config.yaml").is_file():
+        return None
     try:
-        return json.loads((path / "merge.json").read_text()).get("system_policy") or "fold"
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        schema = DistillConfig if isinstance(saved, dict) and "teacher" in saved else RunConfig
+        return schema.model_validate(saved)
+    except Exception:  # noqa: BLE001 - a config from another version: the folder's other files still say enough
+        return None
+
+
+def saved_policy(path: Path, cfg: RunConfig | None) -> str | None:
+    """The system policy a folder's template was generated for: its run config's, else its merge.json's (a
+    merged folder); None when neither says."""
+    if cfg is not None:
+        return cfg.data.system_policy
+    try:
+        return json.loads((path / "merge.json").read_text()).get("system_policy")
     except (OSError, ValueError):
-        return "fold"
+        return None
 
 
 def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) -> Loaded:

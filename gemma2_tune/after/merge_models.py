@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from ..errors import UserError
 from ..files import staged_dir
@@ -230,41 +229,18 @@ def resolve_input(given: str, key: str) -> MergeInput:
 
 def _resolve_input(given: str, key: str) -> MergeInput:
     """What one name points at (config and tokenizer only, no weights). Raises UserError."""
-    from ..config.schema import DistillConfig, RunConfig
     from ..models.loading import checkpoint_family, load_tokenizer, model_location
+    from .inference import read_run, saved_policy
 
     path = Path(given).expanduser()
     policy = dtype = None
     adapter = False
     if path.is_dir():
-        if (path / "config.yaml").is_file():
-            try:
-                saved = yaml.safe_load((path / "config.yaml").read_text())
-                cfg = (DistillConfig if isinstance(saved, dict) and "teacher" in saved else RunConfig).model_validate(saved)
-                policy, dtype = cfg.data.system_policy, cfg.model.dtype
-            except Exception:  # noqa: BLE001 - another version's config: the folder's own files still say enough
-                cfg = None
-        else:
-            cfg = None
-        if (path / "merge.json").is_file():
-            try:
-                policy = json.loads((path / "merge.json").read_text()).get("system_policy") or policy
-            except ValueError:
-                pass
-        if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
-            adapter = True
-            named = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            config_source = cfg.model.name_or_path if cfg else named
-            if not config_source:
-                raise UserError(f"{key} {given}: a LoRA adapter that does not name its base model")
-            kind = "run (LoRA adapter)"
-        elif (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            config_source = str(path)
-            kind = "run (full fine-tune)" if cfg else "model folder"
-        else:
-            raise UserError(f"{key} {given}: not a model folder (config.json + *.safetensors), nor a gemma2-tune run "
-                            "or adapter folder (adapter_config.json + adapter_model.safetensors)")
-        location = str(path)
+        run = read_run(given, None, key=key)
+        policy = saved_policy(path, run.config)
+        dtype = run.config.model.dtype if run.config else None
+        adapter, config_source, location = run.is_adapter, run.base_model, str(path)
+        kind = "run (LoRA adapter)" if adapter else "run (full fine-tune)" if run.config else "model folder"
     elif path.exists():
         raise UserError(f"{key} {given}: a file; give a model or run folder, or a hub id")
     else:
