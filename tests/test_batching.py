@@ -4,7 +4,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
