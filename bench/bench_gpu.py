@@ -227,6 +227,8 @@ def device_info(peak_override: float | None) -> tuple[str, float | None]:
 
 
 def main() -> None:
+    from bench_sft import add_worker_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="2b", help="published Gemma 2 sizes, comma-separated (2b, 9b, 27b)")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
@@ -236,11 +238,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card (default: by its name)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shape, 2 steps: the plumbing, not a measurement")
     parser.add_argument("--json", default=str(HERE / "results_gpu.json"))
-    parser.add_argument("--worker", choices=list(SIDES))
-    parser.add_argument("--model-dir")
-    parser.add_argument("--data")
-    parser.add_argument("--out")
-    parser.add_argument("--result")
+    add_worker_arguments(parser, SIDES)
     a = parser.parse_args()
     if a.worker:
         result = (worker_trl(a.model_dir, a.data, a.out, a.steps, a.warmup) if a.worker == "trl" else

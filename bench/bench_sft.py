@@ -184,6 +184,16 @@ def run_side(side: str, model_dir: Path, data: Path, work: Path, sets: list[str]
     return json.loads(result_file.read_text())
 
 
+def add_worker_arguments(parser, sides) -> None:
+    """The arguments the parent passes to a side's own process (--worker SIDE and where its files are); the
+    GPU benchmark uses the same protocol."""
+    parser.add_argument("--worker", choices=list(sides))
+    parser.add_argument("--model-dir")
+    parser.add_argument("--data")
+    parser.add_argument("--out")
+    parser.add_argument("--result")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=96)
@@ -193,11 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
     parser.add_argument("--json", default=str(HERE / "results.json"))
-    parser.add_argument("--worker", choices=list(SIDES))
-    parser.add_argument("--model-dir")
-    parser.add_argument("--data")
-    parser.add_argument("--out")
-    parser.add_argument("--result")
+    add_worker_arguments(parser, SIDES)
     parser.add_argument("--set", action="append", default=[], help="extra gemma2-tune setting (key=value); "
                         "the default compares against gemma2-tune's defaults")
     parser.add_argument("--only", choices=list(SIDES), help="run one side (exploration, no ratios)")

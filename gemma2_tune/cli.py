@@ -117,6 +117,18 @@ def resolved_config(recipe: str | None, sets: list[str] | None, flags: dict[str,
     return resolved
 
 
+def training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) -> dict[str, tuple[str, Any]]:
+    """The config keys the flags every training command shares set: {key: (flag, value)} (None: not given)."""
+    return {
+        "model.name_or_path": ("--model", model),
+        "data.dataset": ("--dataset", dataset),
+        "output.dir": ("--output-dir", output_dir),
+        "training.max_steps": ("--max-steps", max_steps),
+        "training.learning_rate": ("--learning-rate", learning_rate),
+        "output.overwrite": ("--overwrite", overwrite),
+    }
+
+
 def start_training(command_name: str, resolved: Resolved, *, launch: str | None, num_processes: int | None,
                    resume: bool, resume_from: str | None, dry_run: bool, recipe_label: str | None,
                    train: Callable[[RunConfig, Path | str | None], None]) -> None:
@@ -178,15 +190,8 @@ def sft(
     recipe_label: RecipeLabelOpt = None,
 ) -> None:
     """Supervised fine-tuning (QLoRA by default) on a chat dataset."""
-    flags = {
-        "model.name_or_path": ("--model", model),
-        "data.dataset": ("--dataset", dataset),
-        "output.dir": ("--output-dir", output_dir),
-        "training.max_steps": ("--max-steps", max_steps),
-        "training.learning_rate": ("--learning-rate", learning_rate),
-        "data.max_length": ("--max-length", max_length),
-        "output.overwrite": ("--overwrite", overwrite),
-    }
+    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
+        "data.max_length": ("--max-length", max_length)}
 
     def train(cfg: RunConfig, label) -> None:
         from .training.sft import run_sft
@@ -219,15 +224,8 @@ def distill(
     """On-policy distillation: the student writes answers to the prompts and learns the teacher's distribution."""
     from .config.schema import DistillConfig
 
-    flags = {
-        "model.name_or_path": ("--model", model),
-        "teacher.name_or_path": ("--teacher", teacher),
-        "data.dataset": ("--dataset", dataset),
-        "output.dir": ("--output-dir", output_dir),
-        "training.max_steps": ("--max-steps", max_steps),
-        "training.learning_rate": ("--learning-rate", learning_rate),
-        "output.overwrite": ("--overwrite", overwrite),
-    }
+    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
+        "teacher.name_or_path": ("--teacher", teacher)}
 
     def train(cfg: DistillConfig, label) -> None:
         from .training.distill import run_distill
