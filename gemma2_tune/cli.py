@@ -454,9 +454,9 @@ def evaluate_command(
         from .after.harness import check_suite_data
 
         check_suite_data(suite, include_path)  # before the model: missing data fails in seconds
-    if compare:
-        from .after.evaluate import compare_loader
-    others = [(name, compare_loader(name, run, _load_in(load_in), warn)) for name in compare or []]
+    from .after.evaluate import compare_loaders
+
+    others = compare_loaders(compare or [], run, _load_in(load_in), warn)
     loaded = load(run, _load_in(load_in))
     if dataset:
         from .after.evaluate import evaluate

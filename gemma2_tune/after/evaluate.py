@@ -59,10 +59,11 @@ def evaluate(loaded: Loaded, data: DataSection, compare_base: bool, echo=print,
     return {"dataset": source.name, "fingerprint": source.fingerprint, "results": results}
 
 
-def compare_loader(name: str, run: TrainedRun, load_in: str, warn: Callable[[str], None]) -> Callable[[], Loaded]:
-    """An `eval --compare` model (run folder, ema/, merged folder or hub id), checked now against the first
+def compare_loaders(names: list[str], run: TrainedRun, load_in: str,
+                    warn: Callable[[str], None]) -> list[tuple[str, Callable[[], Loaded]]]:
+    """`eval --compare` models (run folders, ema/, merged folders or hub ids), each checked now against the first
     model `run` (same family and tokenizer vocabulary; a different system policy is warned about), before any
-    weights load. Returns its loader. Raises UserError."""
+    weights load. Returns (name, loader) pairs. Raises UserError."""
     from pathlib import Path
 
     from ..models.loading import checkpoint_family, load_tokenizer
@@ -71,15 +72,21 @@ def compare_loader(name: str, run: TrainedRun, load_in: str, warn: Callable[[str
     def tokenizer_of(r: TrainedRun):
         return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model)
 
-    other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
-    family, first = checkpoint_family(other.base_model)[0], checkpoint_family(run.base_model)[0]
-    if family.key != first.key:
-        raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
-                        f"{first.display}")
-    if tokenizer_of(other).get_vocab() != tokenizer_of(run).get_vocab():
-        raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out tokens "
-                        "can't be scored by both")
-    if other.system_policy != run.system_policy:
-        warn(f"--compare {name}: trained with data.system_policy={other.system_policy}; the rows are rendered with "
-             f"the first model's ({run.system_policy})")
-    return lambda: load(other, load_in)
+    if not names:
+        return []
+    first, vocab = checkpoint_family(run.base_model)[0], tokenizer_of(run).get_vocab()
+    loaders = []
+    for name in names:
+        other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
+        family = checkpoint_family(other.base_model)[0]
+        if family.key != first.key:
+            raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
+                            f"{first.display}")
+        if tokenizer_of(other).get_vocab() != vocab:
+            raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out "
+                            "tokens can't be scored by both")
+        if other.system_policy != run.system_policy:
+            warn(f"--compare {name}: trained with data.system_policy={other.system_policy}; the rows are rendered "
+                 f"with the first model's ({run.system_policy})")
+        loaders.append((name, lambda other=other: load(other, load_in)))
+    return loaders
