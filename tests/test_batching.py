@@ -1,7 +1,6 @@
 """Folding accumulation into the micro-batch: same items per step, same gradient (fp32, CPU, 1e-5)."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
@@ -9,13 +8,12 @@ from typer.testing import CliRunner
 
 from gemma2_tune.cli import app
 from gemma2_tune.config.layering import resolve
+from gemma2_tune.families import GEMMA2
 from gemma2_tune.training.batching import micro_batch
 from gemma2_tune.training.launch import Launch
 from gemma2_tune.training.plan import GIB
 
-GEMMA2_9B = SimpleNamespace(to_dict=lambda: {"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584,
-                                             "num_hidden_layers": 42, "num_attention_heads": 16,
-                                             "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336})
+GEMMA2_9B = GEMMA2.shapes["9b"]
 
 
 def test_the_choice_follows_the_setting_and_the_memory_model():

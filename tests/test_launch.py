@@ -22,7 +22,8 @@ def test_bundled_configs_are_found_by_name_and_alias():
         assert find_launch_config(name).is_file()
     z3 = read_launch_config(find_launch_config("zero3"))
     assert z3.zero3 and z3.zero3_init and z3.zero3_save_16bit and z3.mixed_precision == "bf16"
-    assert read_launch_config(find_launch_config("zero3_offload")).zero3
+    offload = read_launch_config(find_launch_config("zero3_offload"))
+    assert offload.zero3 and offload.offload and not z3.offload
     assert read_launch_config(find_launch_config("ddp"), 2) == Launch(
         "ddp", 2, None, False, False, "bf16", str(find_launch_config("ddp")))
 
@@ -59,6 +60,8 @@ def test_rank_side_detection_from_accelerate_environment():
     launch = current_launch(env)
     assert launch.zero3 and launch.num_processes == 2
     assert any("zero3_init_flag" in p for p in launch_problems(cfg(), launch))
+    assert not launch.offload
+    assert current_launch({**env, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}).offload
     assert current_launch({"WORLD_SIZE": "2"}).mode == "ddp"
     assert current_launch({}).mode == "single"
 

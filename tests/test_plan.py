@@ -44,6 +44,12 @@ def test_zero3_shards_and_qlora_is_smaller_than_bf16():
 def test_plan_command_fits_and_advises():
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "a100-40gb"])
     assert r.exit_code == 0 and "verdict: fits" in r.output and "tokens per optimizer step: 4,096" in r.output
+    # the run folds batch 1 x accumulation 4 into one micro-batch of 4 where it fits, and plan shows that step
+    assert "on a100-40gb: micro-batch 4 x accumulation 1 (folded 4: auto: plan estimates" in r.output
+    assert "micro-batch 4:" in r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "a100-40gb", "--set",
+                            "training.fold_accumulation=false"])
+    assert "micro-batch 1 x accumulation 4 (training.fold_accumulation=false)" in r.output
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb"])
     assert r.exit_code == 1 and "does NOT fit" in r.output and "to fit, try:" in r.output
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb", "--launch", "zero3",

@@ -35,10 +35,11 @@ class MicroBatch:
         return f"micro-batch {self.per_device} x accumulation {self.accumulation} ({fold}{self.reason})"
 
 
-def micro_batch(cfg: RunConfig, hf_config: Any, launch: Launch, gpu_bytes: int | None = None) -> MicroBatch:
-    """The micro-batch a run uses. `gpu_bytes`: memory of this process's GPU (None: no GPU).
+def micro_batch(cfg: RunConfig, shape: Shape, launch: Launch, gpu_bytes: float | None = None) -> MicroBatch:
+    """The micro-batch a run of `shape` uses. `gpu_bytes`: memory of this process's GPU (None: no GPU).
 
-    `auto` picks the largest k whose `plan` estimate of the folded step fits `gpu_bytes`.
+    `auto` picks the largest k whose `plan` estimate of the folded step fits `gpu_bytes`; `gemma2-tune plan`
+    prints the same choice for a named card.
     """
     b, a = cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps
     mode = cfg.training.fold_accumulation
@@ -50,10 +51,8 @@ def micro_batch(cfg: RunConfig, hf_config: Any, launch: Launch, gpu_bytes: int |
         return MicroBatch(b * a, 1, a, "training.fold_accumulation=true")
     if gpu_bytes is None:
         return MicroBatch(b, a, 1, "auto: not folded without a GPU (training.fold_accumulation=true folds)")
-    shape = Shape.from_config(hf_config.to_dict())
-    offload = "offload" in (launch.config_file or "")
     for k in sorted((k for k in range(a, 0, -1) if a % k == 0), reverse=True):
-        need = estimate(shape, cfg, launch.num_processes, launch.zero3, offload, batch=b * k).total
+        need = estimate(shape, cfg, launch.num_processes, launch.zero3, launch.offload, batch=b * k).total
         if need <= gpu_bytes:
             why = f"auto: plan estimates {need / GIB:.1f} GiB of {gpu_bytes / GIB:.1f} GiB"
             return MicroBatch(b * k, a // k, k, why)

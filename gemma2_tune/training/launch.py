@@ -24,6 +24,7 @@ import yaml
 from ..config.schema import RunConfig
 from ..errors import UserError
 
+OFFLOAD_DEVICES = ("cpu", "nvme")  # accelerate's offload_optimizer_device values that move states off the GPU
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "bundled" / "accelerate_configs"
 ALIASES = {"zero3": "deepspeed_zero3", "zero3_offload": "deepspeed_zero3_offload", "ddp": "multi_gpu",
            "single": "single_gpu"}
@@ -41,6 +42,7 @@ class Launch:
     zero3_save_16bit: bool = False
     mixed_precision: str | None = None  # "bf16", "fp16", "no"
     config_file: str | None = None
+    offload: bool = False  # DeepSpeed keeps optimizer states (and master weights) in CPU memory or on NVMe
 
     @property
     def zero3(self) -> bool:
@@ -90,6 +92,7 @@ def read_launch_config(path: Path, num_processes: int | None = None) -> Launch:
         zero_stage=int(ds["zero_stage"]) if mode == "deepspeed" and "zero_stage" in ds else None,
         zero3_init=_truthy(ds.get("zero3_init_flag", False)),
         zero3_save_16bit=_truthy(ds.get("zero3_save_16bit_model", False)),
+        offload=str(ds.get("offload_optimizer_device", "none")).lower() in OFFLOAD_DEVICES,
         mixed_precision=str(data.get("mixed_precision", "no")),
         config_file=str(path),
     )
@@ -107,6 +110,7 @@ def current_launch(env: dict[str, str] | None = None) -> Launch:
             zero_stage=int(stage) if stage else None,
             zero3_init=_truthy(env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "")),
             zero3_save_16bit=_truthy(env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "")),
+            offload=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() in OFFLOAD_DEVICES,
             mixed_precision=env.get("ACCELERATE_MIXED_PRECISION"),
         )
     if _truthy(env.get("ACCELERATE_USE_FSDP", "")):

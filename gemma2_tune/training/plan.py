@@ -98,7 +98,9 @@ def nf4_weight_bytes(shape: Shape, cfg: RunConfig) -> float:
 
 def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool = False, offload: bool = False,
              batch: int | None = None, length: int | None = None, teacher: Shape | None = None) -> Plan:
-    """Per-process memory of training `shape` as `cfg` says (batch and length default to the config's).
+    """Per-process memory of training `shape` as `cfg` says. `batch`: items per forward (the micro-batch,
+    default the config's per-device batch; tokens per optimizer step stay the config's batch x accumulation),
+    `length`: tokens per item (default data.max_length).
     `teacher`: for distillation, the teacher's shape (its weights, its forward, the student's KV cache while
     generating are added)."""
     b = batch or cfg.training.per_device_train_batch_size
@@ -142,7 +144,8 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
     base = sum(terms.values())
     terms["overhead"] = GIB + 0.10 * base
     full_logits = b * t * shape.vocab * (2 + 4 + 4)
-    return Plan(terms, full_logits, b * t * cfg.training.gradient_accumulation_steps * num_processes, trainable,
+    per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps * num_processes
+    return Plan(terms, full_logits, per_step * t, trainable,
                 shape.total_params)
 
 
@@ -180,16 +183,19 @@ def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None
         raise UserError(f"--gpu {gpu}: unknown (known: {', '.join(GPUS)})")
     memory, has_bf16 = GPUS[gpu]
     budget = memory * GIB
-    zero3 = offload = False
-    if launch_name:
-        from .launch import find_launch_config, read_launch_config
+    from .batching import micro_batch
+    from .launch import Launch, find_launch_config, read_launch_config
 
-        launch = read_launch_config(find_launch_config(launch_name), num_processes)
-        zero3, offload = launch.zero3, "offload" in Path(launch.config_file or "").name
+    launch = (read_launch_config(find_launch_config(launch_name), num_processes) if launch_name else
+              Launch("ddp" if num_processes > 1 else "single", num_processes))
+    zero3, offload = launch.zero3, launch.offload
     shape, where = model_shape(cfg.model.name_or_path)
     teacher = getattr(cfg, "teacher", None)
     teacher_shape, teacher_where = model_shape(teacher.name_or_path) if teacher is not None else (None, "")
-    plan = estimate(shape, cfg, num_processes, zero3, offload, teacher=teacher_shape)
+    # sft folds accumulation into the micro-batch as `micro_batch` decides on the run's GPU (distill doesn't fold)
+    micro = micro_batch(cfg, shape, launch, budget) if teacher is None else None
+    plan = estimate(shape, cfg, num_processes, zero3, offload, teacher=teacher_shape,
+                    batch=micro.per_device if micro else None)
     mode = f"ZeRO-3 over {num_processes}" + (" with CPU offload" if offload else "") if zero3 else (
         f"{num_processes} process{'es' if num_processes > 1 else ''}, one full copy each")
     lines = [
@@ -200,10 +206,12 @@ def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None
         f"run: {'4-bit QLoRA' if cfg.quantization.load_in_4bit else cfg.model.dtype + (' LoRA' if cfg.lora.enabled else ' full fine-tuning')}, "
         f"{plan.trainable_params / 1e6:,.1f}M trainable; {mode}; batch {cfg.training.per_device_train_batch_size} x "
         f"{cfg.data.max_length} tokens, accumulation {cfg.training.gradient_accumulation_steps}",
+    ] + ([f"on {gpu}: {micro.describe()}"] if micro else []) + [
         f"tokens per optimizer step: {plan.tokens_per_step:,}" + (
             " (at most: prompts + completions)" if teacher is not None else
             " (packed blocks)" if cfg.data.packing else " (at most)"),
-        f"estimated memory per GPU on {gpu} ({memory:.0f} GiB usable):",
+        f"estimated memory per GPU on {gpu} ({memory:.0f} GiB usable)"
+        + (f", micro-batch {micro.per_device}:" if micro else ":"),
     ]
     lines += [f"  {name:38s} {value / GIB:8.2f} GiB" for name, value in plan.terms.items()]
     lines.append(f"  {'total':38s} {plan.total / GIB:8.2f} GiB")

@@ -40,7 +40,7 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     m = cfg.model
     family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only, no weights
     check_kernel_request(family, m.attn_implementation, training=True)
-    micro = micro_batch(cfg, hf_config, launch, gpu_memory())
+    micro = micro_batch(cfg, Shape.from_config(hf_config.to_dict()), launch, gpu_memory())
     args = trainer_args(cfg, run.out, launch, micro)  # before any process state: makes ZeRO-3 load weights sharded
     run.join()
     checkpoint = run.resume_point(resume, resume_from)
