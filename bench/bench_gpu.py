@@ -17,6 +17,9 @@ tokenizer of that size; every side trains it from the same files on the same mix
     gemma2-tune-4096    data.max_length=4096, accumulation 1 (the same tokens per step in one forward)
     gemma2-tune-compiled  defaults + training.torch_compile=regional (each decoder layer compiled, after the
                         probe check against eager; compile time counts in the warm-up steps)
+    gemma2-tune-liger   defaults + training.use_liger_kernel=true (Liger's RMSNorm, GeGLU and RoPE kernels, after
+                        the probe check of logits and gradients against the plain model)
+    gemma2-tune-fused   flex_attention + Liger + regional compile together
 
 Measured per side, over the steps after `--warmup`: supervised tokens/s and all (non-padding) tokens/s,
 MFU = all tokens/s x FLOPs per token / peak (4N: forward + backward through frozen weights; 6N counting
@@ -44,7 +47,11 @@ SIDES = {
     "gemma2-tune-flex": ["model.attn_implementation=flex_attention"],
     "gemma2-tune-4096": ["data.max_length=4096", "training.gradient_accumulation_steps=1"],
     "gemma2-tune-compiled": ["training.torch_compile=regional"],
+    "gemma2-tune-liger": ["training.use_liger_kernel=true"],
+    "gemma2-tune-fused": ["model.attn_implementation=flex_attention", "training.use_liger_kernel=true",
+                          "training.torch_compile=regional"],
 }
+CUDA_ONLY = ("gemma2-tune-flex", "gemma2-tune-compiled", "gemma2-tune-liger", "gemma2-tune-fused")
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
@@ -200,7 +207,8 @@ def worker_gemma2_tune(model_dir: str, data: str, out: str, sets: list[str], ste
     return meters[0].rates(warmup) | {"peak_allocated": peak_memory(), "steps": record["global_step"],
                                       "final_loss": record["training"]["final_loss"],
                                       "micro_batch": record.get("micro_batch"),
-                                      "attention": record["model"]["attn_implementation"]}
+                                      "attention": record["model"]["attn_implementation"],
+                                      "kernels": record.get("kernels"), "compiled": record.get("compiled")}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -257,8 +265,9 @@ def main() -> None:
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     if a.smoke:
         a.shapes, a.rows, a.steps, a.warmup = "smoke", 24, 2, 0
-        # flex has no CPU backward; compiling is tested by tests/test_compile.py and only costs time on a CPU
-        sides = [s for s in sides if s not in ("gemma2-tune-flex", "gemma2-tune-compiled")]
+        # flex has no CPU backward, Liger is Triton (GPU) code; compiling is tested by tests/test_compile.py and only
+        # costs time on a CPU
+        sides = [s for s in sides if s not in CUDA_ONLY]
     summary: dict = {"device": device, "peak_tflops": peak, "steps": a.steps, "warmup": a.warmup, "rows": a.rows,
                      "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "trl", "peft")},
                      "shapes": {}}

@@ -175,7 +175,8 @@ def distill_problems(cfg: DistillConfig) -> tuple[list[str], list[str]]:
                                            ("data.packing", True, cfg.data.packing),
                                            ("training.loss", "supervised_chunked", cfg.training.loss),
                                            ("data.overlong", "truncate", cfg.data.overlong),
-                                           ("training.torch_compile", "off", cfg.training.torch_compile))
+                                           ("training.torch_compile", "off", cfg.training.torch_compile),
+                                           ("training.use_liger_kernel", False, cfg.training.use_liger_kernel))
                if value != default]
     if ignored:
         warnings.append(f"{', '.join(ignored)}: sft settings, not used by distill (the student's completions are "

@@ -170,6 +170,12 @@ class TrainingSection(Section):
         "a check that the compiled logits equal eager ones on a probe batch; fuses a layer's small kernels on CUDA. "
         "`off`: plain eager modules.",
     )
+    use_liger_kernel: bool = Field(
+        False,
+        description="Liger's Triton kernels for Gemma's RMSNorm (with its +1 offset), GeGLU and RoPE (CUDA only; "
+        "pip install 'gemma2-tune[liger]'), applied after a check that logits and trainable gradients on a probe "
+        "batch equal the plain model's. Attention, soft-caps and `training.loss` are unchanged.",
+    )
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
     loss: Literal["supervised_chunked", "trl"] = Field(
         "supervised_chunked",

@@ -103,6 +103,7 @@ class Family:
     fp16_refused_sizes: tuple[str, ...] = ()
     fp16_note: str = ""
     config_class: str = ""  # transformers configuration class (the tiny builder uses it)
+    liger_patch: str | None = None  # liger_kernel.transformers function patching this family's model (None: none)
     tiny_config: dict[str, Any] = field(default_factory=dict)  # shape of builtin:tiny-<key>
 
     @property

@@ -48,6 +48,7 @@ GEMMA2 = Family(
     fp16_refused_sizes=("27b",),
     fp16_note="float16 can overflow Gemma 2's activations (27B is unstable in it); bfloat16 is the reference precision",
     config_class="Gemma2Config",
+    liger_patch="apply_liger_kernel_to_gemma2",
     tiny_config=dict(
         hidden_size=64,
         intermediate_size=128,

@@ -42,6 +42,7 @@ GEMMA3_TEXT = Family(
                 "line before the first user turn",
     fp16_note="float16 can overflow Gemma 3's activations; bfloat16 is the reference precision",
     config_class="Gemma3TextConfig",
+    liger_patch="apply_liger_kernel_to_gemma3_text",
     tiny_config=dict(
         hidden_size=64,
         intermediate_size=128,

@@ -143,6 +143,9 @@ def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
         if cfg.training.torch_compile != "off":
             problems.append("training.torch_compile is set but gemma2-tune compiles layers only without ZeRO-3 (its "
                             "parameter gathering hooks break the compiled graphs); set training.torch_compile=off")
+        if cfg.training.use_liger_kernel:
+            problems.append("training.use_liger_kernel is set but gemma2-tune checks Liger's kernels against the plain "
+                            "model's gradients, which ZeRO-3 partitions; set training.use_liger_kernel=false")
         if cfg.training.ema_decay is not None:
             problems.append("training.ema_decay is set but ZeRO-3 shards the weights it averages; keep the average "
                             "on one GPU or under DDP (--launch ddp), or unset training.ema_decay")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from transformers import set_seed
 
 from ..config.schema import RunConfig
+from ..families import Shape
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model
 from ..models.lora import inspect_adapters
@@ -20,6 +21,7 @@ from .batching import MicroBatch, gpu_memory, micro_batch
 from .compiling import compile_layers
 from .data import TrainingData, blocks_dataset, prepare_data
 from .describe import count
+from .kernels import apply_liger, check_liger_request
 from .launch import current_launch
 from .lifecycle import RunLifecycle
 from .trainer import build_trainer, device_map, effective_loss, trainer_args
@@ -40,6 +42,8 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     m = cfg.model
     family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only, no weights
     check_kernel_request(family, m.attn_implementation, training=True)
+    if cfg.training.use_liger_kernel:
+        check_liger_request(family)
     micro = micro_batch(cfg, Shape.from_config(hf_config.to_dict()), launch, gpu_memory())
     args = trainer_args(cfg, run.out, launch, micro)  # before any process state: makes ZeRO-3 load weights sharded
     run.join()
@@ -55,6 +59,12 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, eval_set)
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
+        if cfg.training.use_liger_kernel:  # before compiling: the compiled layers then include Liger's kernels
+            run.record["kernels"] = apply_liger(trainer.model, family, cfg.model.dtype)
+            liger = run.record["kernels"]["liger"]
+            run.say(f"Liger kernels {', '.join(liger['kernels'])} (liger-kernel {liger['version']}); probe vs plain: "
+                    f"logits max |difference| {liger['probe_max_abs_logit_diff']:.2e}, gradients "
+                    f"{liger['probe_max_rel_grad_diff']:.2e} of the largest")
         if cfg.training.torch_compile == "regional":
             run.record["compiled"] = compile_layers(trainer.model, cfg.model.dtype)
             run.say(f"compiled {run.record['compiled']['compiled_layers']} decoder layers (torch.compile, regional); "

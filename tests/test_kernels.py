@@ -1,0 +1,126 @@
+"""training.use_liger_kernel: refused where it cannot run (before loading), and the probe check that guards it
+accepts an equivalent kernel and refuses one that changes the logits or only the gradients. Liger itself runs
+on CUDA only: its equivalence test skips here, with the reason."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gemma2_tune.cli import app
+from gemma2_tune.errors import UserError
+from gemma2_tune.families import GEMMA2
+from gemma2_tune.training import kernels
+
+runner = CliRunner()
+HAVE_LIGER_GPU = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def lora_model(model_dir, device="cpu"):
+    """The tiny Gemma 2 in fp32 with LoRA on q/k/v/o, B initialised non-zero so every LoRA weight has a gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    from gemma2_tune.models.loading import LoadRequest, load_model
+
+    model, _ = load_model(LoadRequest(str(model_dir), dtype="float32"))
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return get_peft_model(model, config).to(device)
+
+
+def gemma_rms_norm(self, x):
+    """Gemma's RMSNorm written out: fp32, scaled by (1 + weight), cast back."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+def patch_norms(forward):
+    def patch(model):
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.forward = forward.__get__(module)
+    return patch
+
+
+class _ScaledBackward(torch.autograd.Function):
+    """The identity forward, gradients x1.5: a kernel whose forward is right and whose backward is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.5
+
+
+def test_an_equivalent_kernel_passes_the_probe_and_is_recorded(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    record = kernels.apply_checked(model, patch_norms(gemma_rms_norm), "float32", "training.use_liger_kernel")
+    assert record["probe_max_abs_logit_diff"] <= 1e-5 and record["probe_max_rel_grad_diff"] <= 1e-5
+    assert record["logit_tolerance"] == 1e-3
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
+
+
+def test_a_kernel_that_drops_gemmas_norm_offset_is_refused(tiny_model_dir):
+    def without_offset(self, x):  # the Llama RMSNorm: weight, not (1 + weight)
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).type_as(x)
+
+    with pytest.raises(UserError, match="training.use_liger_kernel: the patched model's logits moved"):
+        kernels.apply_checked(lora_model(tiny_model_dir), patch_norms(without_offset), "float32",
+                              "training.use_liger_kernel")
+
+
+def test_a_kernel_with_a_wrong_backward_only_is_refused(tiny_model_dir):
+    def wrong_backward(self, x):
+        return _ScaledBackward.apply(gemma_rms_norm(self, x))
+
+    with pytest.raises(UserError, match=r"gradients by [0-9.]+ of the largest") as caught:
+        kernels.apply_checked(lora_model(tiny_model_dir), patch_norms(wrong_backward), "float32",
+                              "training.use_liger_kernel")
+    assert "logits moved by 0 " in str(caught.value)  # the forward alone would have passed
+
+
+@pytest.mark.skipif(HAVE_LIGER_GPU, reason="this machine can run Liger")
+def test_liger_is_refused_before_loading_where_it_cannot_run(tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "--max-steps", "1", "-o", str(out),
+                            "--set", "training.use_liger_kernel=true"])
+    assert r.exit_code == 2, r.output
+    assert "training.use_liger_kernel:" in r.output
+    assert "no CUDA GPU" in r.output or "not installed" in r.output
+    assert not out.exists()  # nothing written, nothing loaded
+
+
+def test_liger_is_refused_under_zero3_and_unused_by_distill(tmp_path):
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(tmp_path / "r"), "--launch", "zero3",
+                            "--set", "training.use_liger_kernel=true", "--dry-run"])
+    assert r.exit_code == 2 and "training.use_liger_kernel is set but" in r.output
+    r = runner.invoke(app, ["validate", "gemma-2-9b-distill-from-27b", "--set", "training.use_liger_kernel=true"])
+    assert "training.use_liger_kernel" in r.output and "not used by distill" in r.output
+
+
+def test_every_family_names_a_liger_patch_that_liger_has():
+    from gemma2_tune.families import FAMILIES
+
+    for family in FAMILIES:
+        assert family.liger_patch and family.liger_patch.startswith("apply_liger_kernel_to_")
+        if importlib.util.find_spec("liger_kernel") is not None:  # installed: the function exists there
+            import liger_kernel.transformers
+
+            assert callable(getattr(liger_kernel.transformers, family.liger_patch))
+
+
+@pytest.mark.skipif(not HAVE_LIGER_GPU, reason="Liger's kernels are Triton GPU kernels: needs CUDA and liger-kernel")
+def test_liger_on_cuda_equals_the_plain_model_in_fp32(tiny_model_dir):
+    model = lora_model(tiny_model_dir, "cuda")
+    record = kernels.apply_liger(model, GEMMA2, "float32")["liger"]
+    assert record["probe_max_abs_logit_diff"] <= 1e-4 and record["probe_max_rel_grad_diff"] <= 1e-4
+    base = kernels.base_model(model)
+    assert base.model.layers[0].mlp._get_name() == "LigerGEGLUMLP"  # the kernels are in place
+    json.dumps(record)  # goes to run.json as is
