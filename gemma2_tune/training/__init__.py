@@ -7,6 +7,9 @@
     batching.py     the micro-batch shape: accumulation folded when memory allows
     data.py         the data a run trains on (tokenizer, rows, cached packed blocks)
     loss.py         tiled cross-entropy at supervised positions, with the final soft-cap
+    compiling.py    training.torch_compile: regional compilation, checked against eager on a probe batch
+    kernels.py      training.use_liger_kernel: Liger's kernels, checked against the plain model on a probe batch
+    ema.py          training.ema_decay: the moving average of the trainable weights
     callbacks.py    loss lines, checkpoint markers, SIGTERM, peak memory
     progress.py     live progress bar on a terminal
     checkpoints.py  complete checkpoints and choosing one to resume from
