@@ -19,7 +19,11 @@ tokenizer of that size; every side trains it from the same files on the same mix
                         probe check against eager; compile time counts in the warm-up steps)
     gemma2-tune-liger   defaults + training.use_liger_kernel=true (Liger's RMSNorm, GeGLU and RoPE kernels, after
                         the probe check of logits and gradients against the plain model)
-    gemma2-tune-fused   flex_attention + Liger + regional compile together
+    gemma2-tune-liger-loss  defaults + training.loss=supervised_liger (Liger's fused linear cross-entropy with
+                        the 30.0 soft-cap at supervised positions, lm_head in bf16, instead of the fp32 tiles)
+    gemma2-tune-fused   flex_attention + Liger's kernels and loss + regional compile together
+    gemma2-tune-flex-8192  flex_attention, 8,192-token packed blocks, accumulation 1 (the long-context memory
+                        target; not in the default sides)
 
 Measured per side, over the steps after `--warmup`: supervised tokens/s and all (non-padding) tokens/s,
 MFU = all tokens/s x FLOPs per token / peak (4N: forward + backward through frozen weights; 6N counting
@@ -48,10 +52,15 @@ SIDES = {
     "gemma2-tune-4096": ["data.max_length=4096", "training.gradient_accumulation_steps=1"],
     "gemma2-tune-compiled": ["training.torch_compile=regional"],
     "gemma2-tune-liger": ["training.use_liger_kernel=true"],
+    "gemma2-tune-liger-loss": ["training.loss=supervised_liger"],
     "gemma2-tune-fused": ["model.attn_implementation=flex_attention", "training.use_liger_kernel=true",
-                          "training.torch_compile=regional"],
+                          "training.loss=supervised_liger", "training.torch_compile=regional"],
+    "gemma2-tune-flex-8192": ["model.attn_implementation=flex_attention", "data.max_length=8192",
+                              "training.gradient_accumulation_steps=1"],
 }
-CUDA_ONLY = ("gemma2-tune-flex", "gemma2-tune-compiled", "gemma2-tune-liger", "gemma2-tune-fused")
+DEFAULT_SIDES = [s for s in SIDES if s != "gemma2-tune-flex-8192"]
+CUDA_ONLY = ("gemma2-tune-flex", "gemma2-tune-compiled", "gemma2-tune-liger", "gemma2-tune-liger-loss", "gemma2-tune-fused",
+             "gemma2-tune-flex-8192")
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
@@ -239,7 +248,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="2b", help="published Gemma 2 sizes, comma-separated (2b, 9b, 27b)")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--sides", default=",".join(DEFAULT_SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--rows", type=int, default=384)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
@@ -263,6 +272,9 @@ def main() -> None:
     if not cuda and not a.smoke:
         sys.exit("no CUDA device: this benchmark measures a GPU (use --smoke to check the plumbing on a CPU)")
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        sys.exit(f"--sides: unknown {', '.join(unknown)} (known: {', '.join(SIDES)})")
     if a.smoke:
         a.shapes, a.rows, a.steps, a.warmup = "smoke", 24, 2, 0
         # flex has no CPU backward, Liger is Triton (GPU) code; compiling is tested by tests/test_compile.py and only

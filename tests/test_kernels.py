@@ -86,13 +86,43 @@ def test_a_kernel_with_a_wrong_backward_only_is_refused(tiny_model_dir):
     assert "logits moved by 0 " in str(caught.value)  # the forward alone would have passed
 
 
+def full_logits_loss(softcap):
+    """The reference a fused loss must equal: full soft-capped logits, cross-entropy summed (fp32)."""
+    def loss(weight, hidden, targets):
+        z = hidden.float() @ weight.float().t()
+        z = softcap * torch.tanh(z / softcap) if softcap else z
+        return torch.nn.functional.cross_entropy(z, targets, reduction="sum")
+    return loss
+
+
+def test_a_fused_loss_equal_to_the_tiles_passes_its_probe_and_is_used():
+    from gemma2_tune.training.loss import supervised_loss_sum
+
+    weight = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+    record = kernels.check_fused_loss(full_logits_loss(30.0), weight, 30.0, "float32", "training.loss")
+    assert record["probe_rel_loss_diff"] <= 1e-6 and record["probe_max_rel_grad_diff"] <= 1e-5
+    hidden = torch.randn(2, 9, 32)
+    labels = torch.randint(0, 300, (2, 9))
+    labels[0, :4] = -100
+    tiled, n = supervised_loss_sum(hidden, labels, weight, 30.0)
+    fused, m = supervised_loss_sum(hidden, labels, weight, 30.0, fused=full_logits_loss(30.0))
+    assert n == m == 2 * 8 - 3 and abs(tiled.item() - fused.item()) <= 1e-4 * tiled.item()
+
+
+def test_a_fused_loss_that_drops_the_final_softcap_is_refused():
+    weight = 3 * torch.randn(300, 32, generator=torch.Generator().manual_seed(1))  # logits well past 30
+    with pytest.raises(UserError, match="training.loss=supervised_liger: the fused loss differs"):
+        kernels.check_fused_loss(full_logits_loss(None), weight, 30.0, "bfloat16", "training.loss=supervised_liger")
+
+
 @pytest.mark.skipif(HAVE_LIGER_GPU, reason="this machine can run Liger")
-def test_liger_is_refused_before_loading_where_it_cannot_run(tmp_path):
+@pytest.mark.parametrize("setting", ["training.use_liger_kernel=true", "training.loss=supervised_liger"])
+def test_liger_is_refused_before_loading_where_it_cannot_run(tmp_path, setting):
     out = tmp_path / "run"
     r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "--max-steps", "1", "-o", str(out),
-                            "--set", "training.use_liger_kernel=true"])
+                            "--set", setting])
     assert r.exit_code == 2, r.output
-    assert "training.use_liger_kernel:" in r.output
+    assert f"{setting.split('=true')[0]}:" in r.output
     assert "no CUDA GPU" in r.output or "not installed" in r.output
     assert not out.exists()  # nothing written, nothing loaded
 
@@ -119,8 +149,17 @@ def test_every_family_names_a_liger_patch_that_liger_has():
 @pytest.mark.skipif(not HAVE_LIGER_GPU, reason="Liger's kernels are Triton GPU kernels: needs CUDA and liger-kernel")
 def test_liger_on_cuda_equals_the_plain_model_in_fp32(tiny_model_dir):
     model = lora_model(tiny_model_dir, "cuda")
-    record = kernels.apply_liger(model, GEMMA2, "float32")["liger"]
+    record = kernels.apply_liger(model, GEMMA2, "float32")
     assert record["probe_max_abs_logit_diff"] <= 1e-4 and record["probe_max_rel_grad_diff"] <= 1e-4
     base = kernels.base_model(model)
     assert base.model.layers[0].mlp._get_name() == "LigerGEGLUMLP"  # the kernels are in place
     json.dumps(record)  # goes to run.json as is
+
+
+@pytest.mark.skipif(not HAVE_LIGER_GPU, reason="Liger's kernels are Triton GPU kernels: needs CUDA and liger-kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_liger_fused_loss_on_cuda_equals_the_tiles(dtype):
+    weight = torch.randn(4096, 256, generator=torch.Generator().manual_seed(1)).to("cuda", dtype) / 4
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    record = kernels.check_fused_loss(kernels.liger_loss(30.0), weight, 30.0, name, "training.loss")
+    assert record["probe_rel_loss_diff"] <= kernels.LOSS_TOLERANCE[name]

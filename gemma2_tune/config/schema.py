@@ -177,10 +177,12 @@ class TrainingSection(Section):
         "batch equal the plain model's. Attention, soft-caps and `training.loss` are unchanged.",
     )
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
-    loss: Literal["supervised_chunked", "trl"] = Field(
+    loss: Literal["supervised_chunked", "supervised_liger", "trl"] = Field(
         "supervised_chunked",
         description="`supervised_chunked`: lm_head, soft-cap and cross-entropy only at supervised positions, in "
-        "tiles (no full logits). `trl`: TRL's own loss. Under ZeRO-3 TRL's loss is used.",
+        "fp32 tiles (no full logits). `supervised_liger`: the same positions through Liger's fused linear "
+        "cross-entropy with the final soft-cap (CUDA only; lm_head in the model's dtype), after a probe check "
+        "against `supervised_chunked`. `trl`: TRL's own loss. Under ZeRO-3 TRL's loss is used.",
     )
 
 

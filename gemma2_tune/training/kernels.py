@@ -1,4 +1,7 @@
-"""training.use_liger_kernel: Liger's Triton kernels for Gemma's RMSNorm, GeGLU and RoPE, checked first.
+"""Liger's Triton kernels, each on only after a probe check against the plain computation.
+
+training.use_liger_kernel: Gemma's RMSNorm, GeGLU and RoPE. training.loss=supervised_liger: the supervised
+loss through Liger's fused linear cross-entropy.
 
 Liger (https://github.com/linkedin/Liger-Kernel) replaces a decoder layer's many small element-wise kernels
 by fused ones: RMSNorm with Gemma's (1 + weight) offset computed in fp32 ("gemma" casting), the
@@ -10,6 +13,10 @@ Liger's kernels are Triton GPU kernels: a run asks for them only on CUDA, checke
 Before the first step, one probe batch runs through the plain model and then through the patched one, in
 eval mode (no dropout): its logits and the gradients of the trainable weights must agree within the
 precision's tolerance, or the run stops there. The run records what was patched and what the check measured.
+
+The fused loss (LigerFusedLinearCrossEntropyLoss, given the family's final soft-cap, summed) computes lm_head
+in the model's dtype with fp32 accumulation where the tiled loss (loss.py) works in fp32; its probe compares
+both on random hidden states against the run's own lm_head weight: the summed loss and its gradient.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ PROBE_TOKENS = 64
 # the largest gradient, fp32 reassociation vs bf16's 8-bit mantissa over a few layers.
 LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
 GRADIENT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+# The fused loss vs the fp32 tiles, relative to the summed loss: fp32 differs by summation order; bf16 rounds
+# each logit to 8 bits of mantissa (relative 2^-9) before the soft-cap, errors that average out over the sum.
+LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+LOSS_PROBE_POSITIONS = 256
 
 
 def liger_problems(family: Family) -> list[str]:
@@ -51,12 +62,12 @@ def liger_problems(family: Family) -> list[str]:
     return problems
 
 
-def check_liger_request(family: Family) -> None:
-    """Before loading: raises UserError naming the key and every reason Liger cannot run here."""
+def check_liger_request(family: Family, key: str, instead: str) -> None:
+    """Before loading: raises UserError naming `key` (the setting that asked for Liger), every reason Liger
+    cannot run here, and the setting to use `instead`."""
     problems = liger_problems(family)
     if problems:
-        raise UserError("training.use_liger_kernel: " + "; ".join(problems)
-                        + "; train without them: training.use_liger_kernel=false")
+        raise UserError(f"{key}: " + "; ".join(problems) + f"; train without them: {instead}")
 
 
 def liger_patch(family: Family) -> Callable[[Any], None]:
@@ -132,7 +143,85 @@ def apply_checked(model, patch: Callable[[Any], None], dtype: str, what: str) ->
 
 def apply_liger(model, family: Family, dtype: str) -> dict[str, Any]:
     """Patch `model` (a loaded, possibly PEFT-wrapped model of `family`) with Liger's kernels after the probe
-    check. Returns run.json's `kernels` record. Raises UserError when the check fails."""
+    check. Returns run.json's `kernels.liger` record. Raises UserError when the check fails."""
     record = apply_checked(model, liger_patch(family), dtype, "training.use_liger_kernel")
-    return {"liger": {"version": importlib.metadata.version(LIGER_DISTRIBUTION), "patch": family.liger_patch,
-                      "kernels": list(PATCHED), **record}}
+    return {"version": importlib.metadata.version(LIGER_DISTRIBUTION), "patch": family.liger_patch,
+            "kernels": list(PATCHED), **record}
+
+
+def liger_loss(softcap: float | None):
+    """Liger's fused linear cross-entropy as loss.FusedLoss: summed over the given positions, soft-capped."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(softcap=softcap, reduction="sum")
+
+
+def check_fused_loss(fused, weight, softcap: float | None, dtype: str, what: str) -> dict[str, Any]:
+    """Compare `fused` with the fp32 tiled loss on LOSS_PROBE_POSITIONS random hidden states (unit RMS, like
+    the final norm's output, seed 0) against `weight` (V, H), with random targets: the summed loss (relative)
+    and its gradient with respect to the hidden states (relative to the largest). Returns the record; raises
+    UserError naming `what` beyond LOSS_TOLERANCE / GRADIENT_TOLERANCE."""
+    import torch
+
+    from .loss import tiled_loss_sum
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(LOSS_PROBE_POSITIONS, weight.shape[1], generator=generator)
+    targets = torch.randint(0, weight.shape[0], (LOSS_PROBE_POSITIONS,), generator=generator).to(weight.device)
+    results = []
+    for compute in (lambda h: tiled_loss_sum(h, weight.detach(), targets, softcap),
+                    lambda h: fused(weight.detach(), h, targets)):
+        h = hidden.to(weight.device, weight.dtype).requires_grad_(True)
+        loss = compute(h).float()
+        (grad,) = torch.autograd.grad(loss, h)
+        results.append((loss.item(), grad.float().cpu()))
+    (reference, grad_a), (value, grad_b) = results
+    loss_diff = abs(value - reference) / max(abs(reference), 1e-12)
+    grad_diff = (grad_a - grad_b).abs().max().item() / max(grad_a.abs().max().item(), 1e-12)
+    bounds = LOSS_TOLERANCE.get(dtype, 1e-2), GRADIENT_TOLERANCE.get(dtype, 0.1)
+    record = {"probe_positions": LOSS_PROBE_POSITIONS, "probe_rel_loss_diff": loss_diff,
+              "probe_max_rel_grad_diff": grad_diff, "loss_tolerance": bounds[0], "gradient_tolerance": bounds[1]}
+    if not (loss_diff <= bounds[0] and grad_diff <= bounds[1]):  # also catches NaN
+        raise UserError(f"{what}: the fused loss differs from the fp32 tiled loss by {loss_diff:.4g} of its value "
+                        f"(tolerance {bounds[0]}) and its gradient by {grad_diff:.4g} of the largest (tolerance "
+                        f"{bounds[1]}) on a probe in {dtype}; use training.loss=supervised_chunked")
+    return record
+
+
+def use_liger_loss(trainer, dtype: str) -> dict[str, Any]:
+    """Give `trainer` (a SupervisedLossTrainer) Liger's fused loss after its probe check against the tiled loss,
+    with the model's lm_head weight and final soft-cap. Returns run.json's record; raises UserError."""
+    model = base_model(trainer.model)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    fused = liger_loss(softcap)
+    record = check_fused_loss(fused, model.get_output_embeddings().weight, softcap, dtype,
+                              "training.loss=supervised_liger")
+    trainer.fused_loss = fused
+    return {"version": importlib.metadata.version(LIGER_DISTRIBUTION), "kernel": "LigerFusedLinearCrossEntropyLoss",
+            "softcap": softcap, **record}
+
+
+def check_kernel_settings(cfg, family: Family, loss: str) -> None:
+    """Before loading: the run's Liger settings (training.use_liger_kernel; `loss`, the loss the run will use)
+    can run here. Raises UserError naming the setting."""
+    if cfg.training.use_liger_kernel:
+        check_liger_request(family, "training.use_liger_kernel", "training.use_liger_kernel=false")
+    if loss == "supervised_liger":
+        check_liger_request(family, "training.loss=supervised_liger", "training.loss=supervised_chunked")
+
+
+def apply_kernel_settings(trainer, cfg, family: Family, loss: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """After the trainer is built: Liger's layer kernels and fused loss as the run asks, each after its probe
+    check, said in a line. Returns run.json's `kernels` ({} when none). Raises UserError when a check fails."""
+    record: dict[str, Any] = {}
+    if cfg.training.use_liger_kernel:
+        liger = record["liger"] = apply_liger(trainer.model, family, cfg.model.dtype)
+        say(f"Liger kernels {', '.join(liger['kernels'])} (liger-kernel {liger['version']}); probe vs plain: logits "
+            f"max |difference| {liger['probe_max_abs_logit_diff']:.2e}, gradients "
+            f"{liger['probe_max_rel_grad_diff']:.2e} of the largest")
+    if loss == "supervised_liger":
+        fused = record["loss"] = use_liger_loss(trainer, cfg.model.dtype)
+        say(f"loss: Liger's fused linear cross-entropy (soft-cap {fused['softcap']}); probe vs the fp32 tiles: loss "
+            f"{fused['probe_rel_loss_diff']:.2e} of its value, gradient {fused['probe_max_rel_grad_diff']:.2e} of "
+            "the largest")
+    return record

@@ -12,6 +12,8 @@ tests/test_loss.py checks loss and gradients against the reference, soft-cap on.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..config.schema import LOSS_TOKEN_CHUNK as TOKEN_CHUNK
@@ -94,12 +96,27 @@ class _SupervisedCE(torch.autograd.Function):
                 None, None, None, None)
 
 
+# A fused replacement for the tiles: (weight (V, H), hidden (N, H), targets (N,)) -> summed loss (0-dim fp32)
+FusedLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def tiled_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                   token_chunk: int = TOKEN_CHUNK, vocab_chunk: int = VOCAB_CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of soft-capped logits hidden @ weight.T against targets, in fp32 tiles (nats).
+
+    hidden: (N, H); weight: (V, H); targets: (N,) token ids. Returns a 0-dim fp32 tensor with a gradient.
+    """
+    return _SupervisedCE.apply(hidden, weight, targets, softcap, token_chunk, vocab_chunk)
+
+
 def supervised_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, softcap: float | None,
-                        token_chunk: int = TOKEN_CHUNK, vocab_chunk: int = VOCAB_CHUNK) -> tuple[torch.Tensor, int]:
+                        token_chunk: int = TOKEN_CHUNK, vocab_chunk: int = VOCAB_CHUNK,
+                        fused: FusedLoss | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised positions (nats), and their count.
 
     hidden: (batch, length, hidden) after the final norm; labels: (batch, length), unshifted, -100 = ignore;
-    weight: (vocab, hidden) lm_head; softcap: the final logit soft-cap (Gemma 2: 30.0) or None.
+    weight: (vocab, hidden) lm_head; softcap: the final logit soft-cap (Gemma 2: 30.0) or None; fused: a
+    kernel computing the same sum (with the same soft-cap) instead of the fp32 tiles.
     Returns (a 0-dim fp32 tensor with a gradient, number of supervised positions).
     """
     shifted = labels[:, 1:]
@@ -107,5 +124,6 @@ def supervised_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, weight: torc
     selected = hidden[:, :-1][mask]
     if selected.shape[0] == 0:  # keeps the graph connected: a zero with a gradient
         return hidden.sum() * 0.0, 0
-    total = _SupervisedCE.apply(selected, weight, shifted[mask], softcap, token_chunk, vocab_chunk)
-    return total, int(selected.shape[0])
+    if fused is not None:
+        return fused(weight, selected, shifted[mask]).float(), int(selected.shape[0])
+    return tiled_loss_sum(selected, weight, shifted[mask], softcap, token_chunk, vocab_chunk), int(selected.shape[0])

@@ -11,7 +11,8 @@ Every term is a formula over the model's shape and the resolved config, in bytes
                eager attention's length-squared scores (B*heads*T*T, ~14 B per element over its copies) plus
                the projections and MLP (~(4H + 4I)*B*T*2 B); without checkpointing every layer's are kept
   loss         supervised_chunked: one tile (1024 x 8192 fp32, x3 with temporaries) + fp32 hidden at
-               supervised positions; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown beside it, what
+               supervised positions; supervised_liger: Liger's chunk (~2 x positions x hidden logits, model
+               dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown beside it, what
                full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
   overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
 
@@ -139,6 +140,10 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
     elif cfg.training.loss == "supervised_chunked" and not zero3:
         terms["loss"] = (min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
                          + supervised * h * 8)
+    elif cfg.training.loss == "supervised_liger" and not zero3:
+        # Liger sizes its chunk of rows so that rows x vocab ~ positions x hidden (rounded up to a power of 2:
+        # up to 2x), logits in the model's dtype and their fp32 gradient; plus the gradient of the hidden states
+        terms["loss"] = 2 * supervised * h * (dtype + 4) + supervised * h * 8
     else:
         terms["loss"] = min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * h * 8
     base = sum(terms.values())

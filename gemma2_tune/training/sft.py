@@ -21,7 +21,7 @@ from .batching import MicroBatch, gpu_memory, micro_batch
 from .compiling import compile_layers
 from .data import TrainingData, blocks_dataset, prepare_data
 from .describe import count
-from .kernels import apply_liger, check_liger_request
+from .kernels import apply_kernel_settings, check_kernel_settings
 from .launch import current_launch
 from .lifecycle import RunLifecycle
 from .trainer import build_trainer, device_map, effective_loss, trainer_args
@@ -42,15 +42,15 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
     m = cfg.model
     family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only, no weights
     check_kernel_request(family, m.attn_implementation, training=True)
-    if cfg.training.use_liger_kernel:
-        check_liger_request(family)
+    loss = effective_loss(cfg, launch)
+    check_kernel_settings(cfg, family, loss)
     micro = micro_batch(cfg, Shape.from_config(hf_config.to_dict()), launch, gpu_memory())
     args = trainer_args(cfg, run.out, launch, micro)  # before any process state: makes ZeRO-3 load weights sharded
     run.join()
     checkpoint = run.resume_point(resume, resume_from)
     set_seed(cfg.training.seed)
     data = prepare_data(cfg, family, run.say, run.state)
-    run.start(**data_record(cfg, data), loss_implementation=effective_loss(cfg, launch), micro_batch=micro.to_dict(),
+    run.start(**data_record(cfg, data), loss_implementation=loss, micro_batch=micro.to_dict(),
               chat_template={"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
                              "replaced_base_template": data.base_chat_template is not None})
     with run.attempt():
@@ -59,12 +59,8 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, eval_set)
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
-        if cfg.training.use_liger_kernel:  # before compiling: the compiled layers then include Liger's kernels
-            run.record["kernels"] = apply_liger(trainer.model, family, cfg.model.dtype)
-            liger = run.record["kernels"]["liger"]
-            run.say(f"Liger kernels {', '.join(liger['kernels'])} (liger-kernel {liger['version']}); probe vs plain: "
-                    f"logits max |difference| {liger['probe_max_abs_logit_diff']:.2e}, gradients "
-                    f"{liger['probe_max_rel_grad_diff']:.2e} of the largest")
+        # before compiling: the compiled layers then include Liger's kernels
+        run.record["kernels"] = apply_kernel_settings(trainer, cfg, family, loss, run.say)
         if cfg.training.torch_compile == "regional":
             run.record["compiled"] = compile_layers(trainer.model, cfg.model.dtype)
             run.say(f"compiled {run.record['compiled']['compiled_layers']} decoder layers (torch.compile, regional); "

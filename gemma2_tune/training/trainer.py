@@ -109,6 +109,7 @@ class SupervisedLossTrainer(SFTTrainer):
     """
 
     supervised_seen = 0
+    fused_loss = None  # training.loss=supervised_liger: Liger's kernel, set once its probe check passed
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Summed supervised cross-entropy / num_items_in_batch (the step's supervised tokens), as TRL's loss."""
@@ -126,7 +127,7 @@ class SupervisedLossTrainer(SFTTrainer):
         finally:
             handle.remove()
         total, n = supervised_loss_sum(captured["hidden"], labels, base.get_output_embeddings().weight,
-                                       getattr(base.config, "final_logit_softcapping", None))
+                                       getattr(base.config, "final_logit_softcapping", None), fused=self.fused_loss)
         self.supervised_seen += n
         # Same normalisation as TRL's loss: a sum over the accumulated batch's supervised tokens.
         loss = total / (num_items_in_batch if num_items_in_batch is not None else max(n, 1))
@@ -138,7 +139,8 @@ class SupervisedLossTrainer(SFTTrainer):
 def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch, eval_set=None):
     """The trainer for a run: TRL applies LoRA (lora_config), our collator batches packed blocks, the
     supervised-only loss unless TRL's is asked for or ZeRO-3 runs."""
-    trainer_class = SupervisedLossTrainer if effective_loss(cfg, launch) == "supervised_chunked" else SFTTrainer
+    supervised = effective_loss(cfg, launch) in ("supervised_chunked", "supervised_liger")
+    trainer_class = SupervisedLossTrainer if supervised else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=lora_config(cfg),
                             data_collator=BlockCollator(tokenizer.pad_token_id))
