@@ -22,13 +22,13 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   export PYTHONPATH=/tmp/site:$PWD
   PY=python3
 else
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   PY=${PYTHON:-.venv/bin/python}
 fi
 
 # versions, and every import the checks need, before spending time on anything else
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
-import importlib, sys
+import importlib, importlib.metadata, sys
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
@@ -37,7 +37,7 @@ for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "datas
              "liger_kernel", "pyarrow"):
     try:
         module = importlib.import_module(name)
-        print(f"{name} {getattr(module, '__version__', '?')}")
+        print(name, getattr(module, "__version__", None) or importlib.metadata.version(name.replace("_", "-")))
     except Exception as exc:  # noqa: BLE001 (report every failure, then stop)
         missing.append(f"{name}: {exc!r}")
 if missing:
