@@ -59,8 +59,8 @@ SIDES = {
                               "training.gradient_accumulation_steps=1"],
 }
 DEFAULT_SIDES = [s for s in SIDES if s != "gemma2-tune-flex-8192"]
-CUDA_ONLY = ("gemma2-tune-flex", "gemma2-tune-compiled", "gemma2-tune-liger", "gemma2-tune-liger-loss", "gemma2-tune-fused",
-             "gemma2-tune-flex-8192")
+CUDA_ONLY = ("gemma2-tune-flex", "gemma2-tune-compiled", "gemma2-tune-liger", "gemma2-tune-liger-loss",
+             "gemma2-tune-fused", "gemma2-tune-flex-8192")
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 

@@ -12,8 +12,8 @@ Every term is a formula over the model's shape and the resolved config, in bytes
                the projections and MLP (~(4H + 4I)*B*T*2 B); without checkpointing every layer's are kept
   loss         supervised_chunked: one tile (1024 x 8192 fp32, x3 with temporaries) + fp32 hidden at
                supervised positions; supervised_liger: Liger's chunk (~2 x positions x hidden logits, model
-               dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown beside it, what
-               full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
+               dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown
+               beside it, what full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
   overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
 
 Shapes come from the model families' published configurations (gemma2_tune/families). tests/test_plan.py
@@ -150,8 +150,7 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
     terms["overhead"] = GIB + 0.10 * base
     full_logits = b * t * shape.vocab * (2 + 4 + 4)
     per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps * num_processes
-    return Plan(terms, full_logits, per_step * t, trainable,
-                shape.total_params)
+    return Plan(terms, full_logits, per_step * t, trainable, shape.total_params)
 
 
 def distill_terms(student: Shape, teacher: Shape, cfg: RunConfig, b: int, t: int, n: int) -> dict[str, float]:
