@@ -297,6 +297,9 @@ def main() -> None:
             for side in sides:
                 results[side] = run_side(side, model_dir, data, work, a.steps, a.warmup)
                 print(f"  {side:18s} {json.dumps(results[side])[:400]}", flush=True)
+                # written after every side, so a run stopped by a time limit keeps what it measured
+                summary["shapes"][name] = {"parameters": shape.total_params, "sides": results, "complete": False}
+                Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
             n = shape.total_params
             for r in results.values():
                 if "error" not in r and peak:
@@ -306,7 +309,7 @@ def main() -> None:
             for r in results.values():
                 if "error" not in r and "error" not in base and base:
                     r["ratio_supervised_tokens_per_s"] = r["supervised_tokens_per_s"] / base["supervised_tokens_per_s"]
-            summary["shapes"][name] = {"parameters": n, "sides": results}
+            summary["shapes"][name] = {"parameters": n, "sides": results, "complete": True}
             shutil.rmtree(model_dir, ignore_errors=True)  # the 9B shape's weights are ~18 GB
     Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{device}; peak {peak or 'unknown'} TFLOP/s; {a.steps} steps per side, rates over the last "

@@ -34,8 +34,9 @@ def test_bench_gpu_smoke_runs_every_side_it_can_on_a_cpu(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     data = json.loads(out.read_text())
+    assert data["shapes"]["smoke"]["complete"]  # (the file is also written after each side)
     sides = data["shapes"]["smoke"]["sides"]
-    assert set(sides) == {"trl", "gemma2-tune", "gemma2-tune-4096"}  # flex has no CPU backward
+    assert set(sides) == {"trl", "gemma2-tune", "gemma2-tune-4096"}  # flex: no CPU backward; Liger: Triton
     for side, result in sides.items():
         assert "error" not in result, (side, result.get("error"))
         assert result["steps"] == 2 and result["supervised_tokens_per_s"] > 0 and result["tokens_per_s"] > 0
@@ -44,3 +45,6 @@ def test_bench_gpu_smoke_runs_every_side_it_can_on_a_cpu(tmp_path):
     r = subprocess.run([sys.executable, "bench/bench_gpu.py", "--json", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and "no CUDA device" in r.stderr  # never a CPU number passed off as a GPU one
+    r = subprocess.run([sys.executable, "bench/bench_gpu.py", "--smoke", "--sides", "trl,gemma2-tune-fast"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--sides: unknown gemma2-tune-fast" in r.stderr
