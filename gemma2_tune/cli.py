@@ -484,7 +484,8 @@ def plan(
     set_: SetOpt = None,
     model: ModelOpt = None,
     gpu: Annotated[str, typer.Option(help="h100-80gb, a100-40gb, l4-24gb, ... (see the error for the list)")] = "h100-80gb",
-    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Processes (GPUs).")] = 1,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", min=1, help="Processes (GPUs); default: "
+                                                         "the --launch config's, else 1.")] = None,
     launch: Annotated[Optional[str], typer.Option("--launch", help="Accelerate config the run will use (e.g. zero3).")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="data.max_length")] = None,
 ) -> None:

@@ -76,6 +76,29 @@ def test_a_kernel_that_drops_gemmas_norm_offset_is_refused(tiny_model_dir):
                               "training.use_liger_kernel")
 
 
+class _NaNBackward(_ScaledBackward):
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_kernel_whose_backward_gives_nan_is_refused(tiny_model_dir):
+    def nan_backward(self, x):
+        return _NaNBackward.apply(gemma_rms_norm(self, x))
+
+    with pytest.raises(UserError, match="gradients by nan"):
+        kernels.apply_checked(lora_model(tiny_model_dir), patch_norms(nan_backward), "float32",
+                              "training.use_liger_kernel")
+
+
+def test_the_probe_compares_the_first_layers_weights_only():
+    holder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])})
+    first = holder["layers"][0]
+    assert [id(p) for p in kernels.probed_weights(holder)] == [id(first.weight), id(first.bias)]
+    first.requires_grad_(False)  # nothing trainable there: every trainable weight
+    assert len(kernels.probed_weights(holder)) == 2 and kernels.probed_weights(holder)[0] is holder["layers"][1].weight
+
+
 def test_a_kernel_with_a_wrong_backward_only_is_refused(tiny_model_dir):
     def wrong_backward(self, x):
         return _ScaledBackward.apply(gemma_rms_norm(self, x))
@@ -109,8 +132,9 @@ def test_a_fused_loss_equal_to_the_tiles_passes_its_probe_and_is_used():
     assert n == m == 2 * 8 - 3 and abs(tiled.item() - fused.item()) <= 1e-4 * tiled.item()
 
 
-def test_a_fused_loss_that_drops_the_final_softcap_is_refused():
-    weight = 3 * torch.randn(300, 32, generator=torch.Generator().manual_seed(1))  # logits well past 30
+@pytest.mark.parametrize("std", [0.03, 3.0])  # lm_head weights small or large: the probe's logits reach the cap
+def test_a_fused_loss_that_drops_the_final_softcap_is_refused(std):
+    weight = std * torch.randn(2000, 64, generator=torch.Generator().manual_seed(1))
     with pytest.raises(UserError, match="training.loss=supervised_liger: the fused loss differs"):
         kernels.check_fused_loss(full_logits_loss(None), weight, 30.0, "bfloat16", "training.loss=supervised_liger")
 
@@ -127,10 +151,27 @@ def test_liger_is_refused_before_loading_where_it_cannot_run(tmp_path, setting):
     assert not out.exists()  # nothing written, nothing loaded
 
 
-def test_liger_is_refused_under_zero3_and_unused_by_distill(tmp_path):
+def test_both_liger_settings_are_named_together_when_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(kernels, "liger_problems", lambda family: ["no CUDA GPU here"])
+    cfg = SimpleNamespace(training=SimpleNamespace(use_liger_kernel=True))
+    with pytest.raises(UserError) as caught:
+        kernels.check_kernel_settings(cfg, GEMMA2, "supervised_liger")
+    assert str(caught.value).startswith("training.use_liger_kernel and training.loss=supervised_liger: no CUDA")
+    assert "training.use_liger_kernel=false and training.loss=supervised_chunked" in str(caught.value)
+
+
+def test_liger_is_refused_under_zero3_said_in_the_dry_run_and_unused_by_distill(tmp_path):
     r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(tmp_path / "r"), "--launch", "zero3",
                             "--set", "training.use_liger_kernel=true", "--dry-run"])
     assert r.exit_code == 2 and "training.use_liger_kernel is set but" in r.output
+    r = runner.invoke(app, ["validate", "quickstart-cpu", "--launch", "zero3", "--set", "training.loss=supervised_liger"])
+    assert r.exit_code == 2 and "training.loss is supervised_liger but ZeRO-3" in r.output
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(tmp_path / "r"), "--dry-run",
+                            "--set", "training.use_liger_kernel=true", "--set", "training.loss=supervised_liger"])
+    line = next(x for x in r.output.splitlines() if x.startswith("kernels:"))
+    assert "loss supervised_liger" in line and "Liger RMSNorm, GeGLU, RoPE" in line
     r = runner.invoke(app, ["validate", "gemma-2-9b-distill-from-27b", "--set", "training.use_liger_kernel=true"])
     assert "training.use_liger_kernel" in r.output and "not used by distill" in r.output
 
@@ -147,7 +188,11 @@ def test_every_family_names_a_liger_patch_that_liger_has():
 
 
 @pytest.mark.skipif(not HAVE_LIGER_GPU, reason="Liger's kernels are Triton GPU kernels: needs CUDA and liger-kernel")
-def test_liger_on_cuda_equals_the_plain_model_in_fp32(tiny_model_dir):
+def test_liger_on_cuda_equals_the_plain_model_in_fp32(tiny_model_dir, monkeypatch):
+    from transformers.models.gemma2 import modeling_gemma2
+
+    for name in ("Gemma2RMSNorm", "Gemma2MLP", "apply_rotary_pos_emb"):  # Liger replaces these for the process:
+        monkeypatch.setattr(modeling_gemma2, name, getattr(modeling_gemma2, name))  # restored after this test
     model = lora_model(tiny_model_dir, "cuda")
     record = kernels.apply_liger(model, GEMMA2, "float32")
     assert record["probe_max_abs_logit_diff"] <= 1e-4 and record["probe_max_rel_grad_diff"] <= 1e-4

@@ -50,6 +50,15 @@ def test_plan_command_fits_and_advises():
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "a100-40gb", "--set",
                             "training.fold_accumulation=false"])
     assert "micro-batch 1 x accumulation 4 (training.fold_accumulation=false)" in r.output
+    # forced folding that doesn't fit: the advice is for the folded micro-batch, and says how to fold less
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "l4-24gb", "--max-length", "4096",
+                            "--set", "training.fold_accumulation=true"])
+    assert r.exit_code == 1 and "micro-batch 4 x accumulation 1" in r.output
+    advice = r.output.split("to fit, try:")[1]
+    assert "--max-length 4096" not in advice and "training.fold_accumulation=auto" in advice
+    # without --num-processes, a launch config's own process count (the bundled zero3: 8), as a launch uses
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb", "--launch", "zero3"])
+    assert r.exit_code == 0 and "ZeRO-3 over 8" in r.output
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb"])
     assert r.exit_code == 1 and "does NOT fit" in r.output and "to fit, try:" in r.output
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb", "--launch", "zero3",

@@ -47,7 +47,20 @@ def run_lines(cfg: RunConfig) -> list[str]:
         f"(batch {t.per_device_train_batch_size} x accumulation "
         f"{t.gradient_accumulation_steps}), gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
         f"output:       {cfg.output.dir}",
-    ] + distill_lines(cfg)
+    ] + kernel_lines(cfg) + distill_lines(cfg)
+
+
+def kernel_lines(cfg: RunConfig) -> list[str]:
+    """The loss and the kernels a run asks for beyond the defaults (nothing when none)."""
+    t = cfg.training
+    loss = {"trl": "loss trl (TRL's own)", "supervised_liger": "loss supervised_liger (Liger's fused linear "
+            "cross-entropy, CUDA only; checked against the fp32 tiles before training)"}
+    parts = [loss[t.loss]] if t.loss in loss else []
+    parts += ["Liger RMSNorm, GeGLU, RoPE (CUDA only; checked against the plain model before training)"
+              ] if t.use_liger_kernel else []
+    parts += [f"torch.compile {t.torch_compile} (checked against eager before training)"
+              ] if t.torch_compile != "off" else []
+    return [f"kernels:      {'; '.join(parts)}"] if parts else []
 
 
 def distill_lines(cfg: RunConfig) -> list[str]:

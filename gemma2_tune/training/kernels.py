@@ -22,6 +22,7 @@ both on random hidden states against the run's own lm_head weight: the summed lo
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from typing import Any, Callable
 
 from ..errors import UserError
@@ -89,8 +90,18 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def probed_weights(model) -> list:
+    """The trainable weights whose gradients the probe compares: those of the first decoder layer (their
+    gradients flow back through every later layer, so through every patched kernel's backward), or every
+    trainable weight when none is there. Keeps the probe small for full fine-tuning (not a model's worth of
+    gradients copied)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    first = [p for name, p in trainable if ".layers.0." in f".{name}"]
+    return first or [p for _, p in trainable]
+
+
 def probe(model) -> tuple[Any, list]:
-    """Logits (fp32, on the CPU) and the trainable weights' gradients (fp32, CPU) of one fixed probe batch:
+    """Logits (fp32, on the CPU) and gradients (fp32, CPU) of `probed_weights` for one fixed probe batch:
     next-token cross-entropy over PROBE_TOKENS tokens drawn from the vocabulary with seed 0, in eval mode.
     The model's own gradients are left as they were (None)."""
     import torch
@@ -98,7 +109,7 @@ def probe(model) -> tuple[Any, list]:
     vocab = model.get_input_embeddings().weight.shape[0]
     device = next(p.device for p in model.parameters())
     tokens = torch.randint(3, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0)).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = probed_weights(model)
     was_training = model.training
     model.eval()
     try:
@@ -111,17 +122,25 @@ def probe(model) -> tuple[Any, list]:
 
 
 def compare(before: tuple[Any, list], after: tuple[Any, list]) -> tuple[float, float]:
-    """(max |logit difference|, max |gradient difference| / max |gradient|) of two probes."""
+    """(max |logit difference|, max |gradient difference| / max |gradient|) of two probes; NaN when either
+    probe has a non-finite logit or gradient, inf when a gradient exists in one probe only."""
+    import torch
+
     logits_a, grads_a = before
     logits_b, grads_b = after
+    nan = float("nan")
+    if not (torch.isfinite(logits_a).all() and torch.isfinite(logits_b).all()):
+        return nan, nan
     logit_diff = (logits_a - logits_b).abs().max().item()
-    scale = max((g.abs().max().item() for g in grads_a if g is not None), default=0.0)
-    grad_diff = 0.0
-    for a, b in zip(grads_a, grads_b):
-        if (a is None) != (b is None):
-            return logit_diff, float("inf")  # a kernel cut the gradient's path
-        if a is not None:
-            grad_diff = max(grad_diff, (a - b).abs().max().item())
+    if any((a is None) != (b is None) for a, b in zip(grads_a, grads_b)):
+        return logit_diff, float("inf")  # a kernel cut the gradient's path
+    pairs = [(a, b) for a, b in zip(grads_a, grads_b) if a is not None]
+    if not pairs:
+        return logit_diff, 0.0
+    if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in pairs):
+        return logit_diff, nan
+    scale = max(a.abs().max().item() for a, _ in pairs)
+    grad_diff = max((a - b).abs().max().item() for a, b in pairs)
     return logit_diff, grad_diff / scale if scale > 0 else grad_diff
 
 
@@ -157,10 +176,12 @@ def liger_loss(softcap: float | None):
 
 
 def check_fused_loss(fused, weight, softcap: float | None, dtype: str, what: str) -> dict[str, Any]:
-    """Compare `fused` with the fp32 tiled loss on LOSS_PROBE_POSITIONS random hidden states (unit RMS, like
-    the final norm's output, seed 0) against `weight` (V, H), with random targets: the summed loss (relative)
-    and its gradient with respect to the hidden states (relative to the largest). Returns the record; raises
-    UserError naming `what` beyond LOSS_TOLERANCE / GRADIENT_TOLERANCE."""
+    """Compare `fused` with the fp32 tiled loss on LOSS_PROBE_POSITIONS random hidden states against `weight`
+    (V, H), with random targets (seed 0): the summed loss (relative) and its gradient with respect to the
+    hidden states (relative to the largest). The rows are scaled so their largest logits range from a tenth of
+    the soft-cap to three times it (a loss that ignores or misplaces the cap differs where it bites, as trained
+    models' logits do). Returns the record; raises UserError naming `what` beyond LOSS_TOLERANCE /
+    GRADIENT_TOLERANCE or for a non-finite result."""
     import torch
 
     from .loss import tiled_loss_sum
@@ -168,6 +189,10 @@ def check_fused_loss(fused, weight, softcap: float | None, dtype: str, what: str
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(LOSS_PROBE_POSITIONS, weight.shape[1], generator=generator)
     targets = torch.randint(0, weight.shape[0], (LOSS_PROBE_POSITIONS,), generator=generator).to(weight.device)
+    with torch.no_grad():
+        peak = (hidden.to(weight.device) @ weight.float().t()).abs().amax(dim=1).clamp_min(1e-6).cpu()
+        reach = torch.linspace(0.1, 3.0, LOSS_PROBE_POSITIONS) * (softcap or 30.0)  # each row's largest logit
+        hidden = hidden * (reach / peak)[:, None]
     results = []
     for compute in (lambda h: tiled_loss_sum(h, weight.detach(), targets, softcap),
                     lambda h: fused(weight.detach(), h, targets)):
@@ -176,8 +201,11 @@ def check_fused_loss(fused, weight, softcap: float | None, dtype: str, what: str
         (grad,) = torch.autograd.grad(loss, h)
         results.append((loss.item(), grad.float().cpu()))
     (reference, grad_a), (value, grad_b) = results
-    loss_diff = abs(value - reference) / max(abs(reference), 1e-12)
-    grad_diff = (grad_a - grad_b).abs().max().item() / max(grad_a.abs().max().item(), 1e-12)
+    finite = (math.isfinite(reference) and math.isfinite(value) and bool(torch.isfinite(grad_a).all())
+              and bool(torch.isfinite(grad_b).all()))
+    loss_diff = abs(value - reference) / max(abs(reference), 1e-12) if finite else float("nan")
+    grad_diff = ((grad_a - grad_b).abs().max().item() / max(grad_a.abs().max().item(), 1e-12) if finite
+                 else float("nan"))
     bounds = LOSS_TOLERANCE.get(dtype, 1e-2), GRADIENT_TOLERANCE.get(dtype, 0.1)
     record = {"probe_positions": LOSS_PROBE_POSITIONS, "probe_rel_loss_diff": loss_diff,
               "probe_max_rel_grad_diff": grad_diff, "loss_tolerance": bounds[0], "gradient_tolerance": bounds[1]}
@@ -203,11 +231,12 @@ def use_liger_loss(trainer, dtype: str) -> dict[str, Any]:
 
 def check_kernel_settings(cfg, family: Family, loss: str) -> None:
     """Before loading: the run's Liger settings (training.use_liger_kernel; `loss`, the loss the run will use)
-    can run here. Raises UserError naming the setting."""
-    if cfg.training.use_liger_kernel:
-        check_liger_request(family, "training.use_liger_kernel", "training.use_liger_kernel=false")
-    if loss == "supervised_liger":
-        check_liger_request(family, "training.loss=supervised_liger", "training.loss=supervised_chunked")
+    can run here. Raises UserError naming every setting that asked for Liger, the reasons and what to set."""
+    keys = ([("training.use_liger_kernel", "training.use_liger_kernel=false")] if cfg.training.use_liger_kernel
+            else []) + ([("training.loss=supervised_liger", "training.loss=supervised_chunked")]
+                        if loss == "supervised_liger" else [])
+    if keys:
+        check_liger_request(family, " and ".join(k for k, _ in keys), " and ".join(i for _, i in keys))
 
 
 def apply_kernel_settings(trainer, cfg, family: Family, loss: str, say: Callable[[str], None]) -> dict[str, Any]:

@@ -146,6 +146,9 @@ def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
         if cfg.training.use_liger_kernel:
             problems.append("training.use_liger_kernel is set but gemma2-tune checks Liger's kernels against the plain "
                             "model's gradients, which ZeRO-3 partitions; set training.use_liger_kernel=false")
+        if cfg.training.loss == "supervised_liger":
+            problems.append("training.loss is supervised_liger but ZeRO-3 partitions the lm_head weight it reads (TRL's "
+                            "own loss runs under ZeRO-3); set training.loss=trl")
         if cfg.training.ema_decay is not None:
             problems.append("training.ema_decay is set but ZeRO-3 shards the weights it averages; keep the average "
                             "on one GPU or under DDP (--launch ddp), or unset training.ema_decay")

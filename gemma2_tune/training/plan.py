@@ -181,8 +181,9 @@ def fits_length(shape: Shape, cfg: RunConfig, budget: float, **kw) -> int | None
     return best
 
 
-def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None) -> tuple[list[str], bool]:
-    """`gemma2-tune plan`'s lines and whether the run fits. Raises UserError for an unknown GPU or model."""
+def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str | None) -> tuple[list[str], bool]:
+    """`gemma2-tune plan`'s lines and whether the run fits. `num_processes`: None takes the launch config's
+    (1 without one), as a launch would. Raises UserError for an unknown GPU or model."""
     if gpu not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown (known: {', '.join(GPUS)})")
     memory, has_bf16 = GPUS[gpu]
@@ -191,15 +192,15 @@ def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None
     from .launch import Launch, find_launch_config, read_launch_config
 
     launch = (read_launch_config(find_launch_config(launch_name), num_processes) if launch_name else
-              Launch("ddp" if num_processes > 1 else "single", num_processes))
-    zero3, offload = launch.zero3, launch.offload
+              Launch("ddp" if (num_processes or 1) > 1 else "single", num_processes or 1))
+    num_processes, zero3, offload = launch.num_processes, launch.zero3, launch.offload
     shape, where = model_shape(cfg.model.name_or_path)
     teacher = getattr(cfg, "teacher", None)
     teacher_shape, teacher_where = model_shape(teacher.name_or_path) if teacher is not None else (None, "")
     # sft folds accumulation into the micro-batch as `micro_batch` decides on the run's GPU (distill doesn't fold)
     micro = micro_batch(cfg, shape, launch, budget) if teacher is None else None
-    plan = estimate(shape, cfg, num_processes, zero3, offload, teacher=teacher_shape,
-                    batch=micro.per_device if micro else None)
+    batch = micro.per_device if micro else None  # what each forward will hold; the advice below keeps it
+    plan = estimate(shape, cfg, num_processes, zero3, offload, teacher=teacher_shape, batch=batch)
     mode = f"ZeRO-3 over {num_processes}" + (" with CPU offload" if offload else "") if zero3 else (
         f"{num_processes} process{'es' if num_processes > 1 else ''}, one full copy each")
     lines = [
@@ -228,16 +229,19 @@ def report(cfg: RunConfig, gpu: str, num_processes: int, launch_name: str | None
     if plan.total > budget:
         advice = []
         length = fits_length(shape, cfg, budget, num_processes=num_processes, zero3=zero3, offload=offload,
-                             teacher=teacher_shape)
-        if length:
+                             teacher=teacher_shape, batch=batch)
+        if length and length < cfg.data.max_length:
             advice.append(f"--max-length {length}")
-        if cfg.training.per_device_train_batch_size > 1:
+        forced = micro is not None and cfg.training.fold_accumulation is True and micro.folded > 1
+        if forced and estimate(shape, cfg, num_processes, zero3, offload).total <= budget:
+            advice.append("training.fold_accumulation=auto (folds only as far as the card allows)")
+        elif cfg.training.per_device_train_batch_size > 1 and not forced:
             advice.append("training.per_device_train_batch_size=1 (raise gradient_accumulation_steps)")
         if not cfg.quantization.load_in_4bit:
             advice.append("4-bit QLoRA (quantization.load_in_4bit=true, lora.enabled=true)")
         if zero3:
             for more in (2 * num_processes, 4 * num_processes, 8 * num_processes):
-                if estimate(shape, cfg, more, True, offload, teacher=teacher_shape).total <= budget:
+                if estimate(shape, cfg, more, True, offload, teacher=teacher_shape, batch=batch).total <= budget:
                     advice.append(f"--num-processes {more} (ZeRO-3 shards weights and states)")
                     break
             if not offload:
