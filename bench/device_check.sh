@@ -16,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=${1:-2b}
+case "$SHAPE" in 2b|9b) ;; *) echo "usage: bench/device_check.sh 2b|9b"; exit 2;; esac
 OUT=${OUT:-$PWD/device-out}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-560} ))
 mkdir -p "$OUT"
@@ -25,7 +26,7 @@ STATUS=0
 
 step() {  # step NAME LIMIT_S LOG COMMAND...: run under min(LIMIT_S, time left), record its exit status
   local name=$1 limit=$2 log=$3; shift 3
-  local left=$(( DEADLINE - $(date +%s) - 10 ))
+  local left=$(( DEADLINE - $(date +%s) - 20 ))  # timeout -k below may add 15 s to kill a step
   (( left < limit )) && limit=$left
   if (( limit <= 0 )); then
     echo "$name skipped: no time left" | tee -a "$OUT/steps.txt"; [ "$STATUS" -eq 0 ] && STATUS=124; return
@@ -76,11 +77,9 @@ if [ "$SHAPE" = "2b" ]; then
     tests/test_kernels.py
   step bench-2b 600 "$OUT/bench-2b.log" "$PY" bench/bench_gpu.py $SMOKE --shapes 2b \
     --json "$OUT/results_gpu_2b.json"
-elif [ "$SHAPE" = "9b" ]; then
+else
   step bench-9b 600 "$OUT/bench-9b.log" "$PY" bench/bench_gpu.py --shapes 9b --steps 8 \
     --sides trl,gemma2-tune,gemma2-tune-fused,gemma2-tune-flex-8192 --json "$OUT/results_gpu_9b.json"
-else
-  echo "usage: bench/device_check.sh 2b|9b"; exit 2
 fi
 cat "$OUT/steps.txt"
 exit "$STATUS"

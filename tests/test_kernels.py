@@ -91,6 +91,14 @@ def test_a_kernel_whose_backward_gives_nan_is_refused(tiny_model_dir):
                               "training.use_liger_kernel")
 
 
+def test_a_model_that_is_not_finite_before_any_patch_is_named_as_such(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    with torch.no_grad():
+        kernels.base_model(model).model.norm.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="the plain model's logits or gradients on a probe batch are not finite"):
+        kernels.apply_checked(model, patch_norms(gemma_rms_norm), "float32", "training.use_liger_kernel")
+
+
 def test_the_probe_compares_the_first_layers_weights_only():
     holder = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])})
     first = holder["layers"][0]
@@ -172,8 +180,9 @@ def test_liger_is_refused_under_zero3_said_in_the_dry_run_and_unused_by_distill(
                             "--set", "training.use_liger_kernel=true", "--set", "training.loss=supervised_liger"])
     line = next(x for x in r.output.splitlines() if x.startswith("kernels:"))
     assert "loss supervised_liger" in line and "Liger RMSNorm, GeGLU, RoPE" in line
-    r = runner.invoke(app, ["validate", "gemma-2-9b-distill-from-27b", "--set", "training.use_liger_kernel=true"])
-    assert "training.use_liger_kernel" in r.output and "not used by distill" in r.output
+    r = runner.invoke(app, ["validate", "gemma-2-9b-distill-from-27b", "--set", "training.use_liger_kernel=true",
+                            "--set", "training.fold_accumulation=true"])
+    assert "training.use_liger_kernel, training.fold_accumulation: sft settings, not used by distill" in r.output
 
 
 def test_every_family_names_a_liger_patch_that_liger_has():

@@ -59,6 +59,15 @@ def test_plan_command_fits_and_advises():
     # without --num-processes, a launch config's own process count (the bundled zero3: 8), as a launch uses
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb", "--launch", "zero3"])
     assert r.exit_code == 0 and "ZeRO-3 over 8" in r.output
+    # advice is only what the estimate says would fit: at 8,192 tokens eager, no number of GPUs helps
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "l4-24gb", "--max-length", "8192"])
+    assert r.exit_code == 1 and "--max-length" in r.output and "more GPUs" not in r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "t4-16gb"])  # fits, but no bf16
+    assert r.exit_code == 1 and "to fit, try: a card with bf16" in r.output
+    # a run its launch would refuse is not planned as if it could start
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-qlora", "--gpu", "a100-40gb", "--launch", "zero3",
+                            "--set", "training.loss=supervised_liger"])
+    assert r.exit_code == 2 and "would be refused at launch" in r.output and "supervised_liger" in r.output
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb"])
     assert r.exit_code == 1 and "does NOT fit" in r.output and "to fit, try:" in r.output
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-27b-full-zero3", "--gpu", "a100-80gb", "--launch", "zero3",

@@ -176,7 +176,8 @@ def distill_problems(cfg: DistillConfig) -> tuple[list[str], list[str]]:
                                            ("training.loss", "supervised_chunked", cfg.training.loss),
                                            ("data.overlong", "truncate", cfg.data.overlong),
                                            ("training.torch_compile", "off", cfg.training.torch_compile),
-                                           ("training.use_liger_kernel", False, cfg.training.use_liger_kernel))
+                                           ("training.use_liger_kernel", False, cfg.training.use_liger_kernel),
+                                           ("training.fold_accumulation", "auto", cfg.training.fold_accumulation))
                if value != default]
     if ignored:
         warnings.append(f"{', '.join(ignored)}: sft settings, not used by distill (the student's completions are "

@@ -147,7 +147,12 @@ def compare(before: tuple[Any, list], after: tuple[Any, list]) -> tuple[float, f
 def apply_checked(model, patch: Callable[[Any], None], dtype: str, what: str) -> dict[str, Any]:
     """Probe `model`, apply `patch` to its transformers model, probe again and compare. Returns the
     manifest's record; raises UserError (naming `what`) when logits or gradients moved beyond the tolerance."""
+    import torch
+
     before = probe(model)
+    if not (torch.isfinite(before[0]).all() and all(torch.isfinite(g).all() for g in before[1] if g is not None)):
+        raise UserError(f"{what}: the plain model's logits or gradients on a probe batch are not finite (NaN or inf) "
+                        "before any kernel is changed: check the model's weights; the check needs a finite reference")
     patch(base_model(model))
     logit_diff, grad_diff = compare(before, probe(model))
     bounds = LOGIT_TOLERANCE.get(dtype, 0.5), GRADIENT_TOLERANCE.get(dtype, 0.1)
@@ -190,7 +195,8 @@ def check_fused_loss(fused, weight, softcap: float | None, dtype: str, what: str
     hidden = torch.randn(LOSS_PROBE_POSITIONS, weight.shape[1], generator=generator)
     targets = torch.randint(0, weight.shape[0], (LOSS_PROBE_POSITIONS,), generator=generator).to(weight.device)
     with torch.no_grad():
-        peak = (hidden.to(weight.device) @ weight.float().t()).abs().amax(dim=1).clamp_min(1e-6).cpu()
+        logits = hidden.to(weight.device, weight.dtype) @ weight.t()  # in the weight's dtype: no fp32 copy of it
+        peak = logits.float().abs().amax(dim=1).clamp_min(1e-6).cpu()
         reach = torch.linspace(0.1, 3.0, LOSS_PROBE_POSITIONS) * (softcap or 30.0)  # each row's largest logit
         hidden = hidden * (reach / peak)[:, None]
     results = []

@@ -181,6 +181,42 @@ def fits_length(shape: Shape, cfg: RunConfig, budget: float, **kw) -> int | None
     return best
 
 
+def advice(shape: Shape, cfg: RunConfig, budget: float, launch, micro, teacher: Shape | None) -> list[str]:
+    """What to change so the run fits `budget` bytes, each checked against the estimate (a length that fits,
+    folding less, batch 1, more ZeRO-3 processes, offload; 4-bit is always worth naming when off). `launch`:
+    the Launch; `micro`: the micro-batch the run would use (None: distill)."""
+    n, zero3, offload = launch.num_processes, launch.zero3, launch.offload
+    batch = micro.per_device if micro else None
+
+    def need(**kw) -> float:
+        args = {"num_processes": n, "zero3": zero3, "offload": offload, "teacher": teacher, "batch": batch} | kw
+        return estimate(shape, cfg, **args).total
+
+    found = []
+    length = fits_length(shape, cfg, budget, num_processes=n, zero3=zero3, offload=offload, teacher=teacher,
+                         batch=batch)
+    if length and length < cfg.data.max_length:
+        found.append(f"--max-length {length}")
+    b = cfg.training.per_device_train_batch_size
+    if micro is not None and cfg.training.fold_accumulation is True and micro.folded > 1:
+        unfolded = need(batch=b)
+        found.append("training.fold_accumulation=auto (folds only as far as the card allows" + (
+            ")" if unfolded <= budget else f"; unfolded it needs {unfolded / GIB:.1f} GiB)"))
+    elif b > 1 and need(batch=1) <= budget:
+        found.append("training.per_device_train_batch_size=1 (raise gradient_accumulation_steps)")
+    if not cfg.quantization.load_in_4bit:
+        found.append("4-bit QLoRA (quantization.load_in_4bit=true, lora.enabled=true)")
+    if zero3:
+        more = next((m for m in (2 * n, 4 * n, 8 * n) if need(num_processes=m) <= budget), None)
+        if more:
+            found.append(f"--num-processes {more} (ZeRO-3 shards weights and states)")
+        if not offload and need(offload=True) <= budget:
+            found.append("--launch zero3_offload")
+    elif need(num_processes=8, zero3=True) <= budget:
+        found.append("more GPUs with --launch zero3 --num-processes 8")
+    return found
+
+
 def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str | None) -> tuple[list[str], bool]:
     """`gemma2-tune plan`'s lines and whether the run fits. `num_processes`: None takes the launch config's
     (1 without one), as a launch would. Raises UserError for an unknown GPU or model."""
@@ -194,6 +230,13 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
     launch = (read_launch_config(find_launch_config(launch_name), num_processes) if launch_name else
               Launch("ddp" if (num_processes or 1) > 1 else "single", num_processes or 1))
     num_processes, zero3, offload = launch.num_processes, launch.zero3, launch.offload
+    if launch_name:
+        from .launch import launch_problems
+
+        problems = launch_problems(cfg, launch)
+        if problems:
+            raise UserError(f"--launch {launch_name}: this run would be refused at launch:\n  - "
+                            + "\n  - ".join(problems))
     shape, where = model_shape(cfg.model.name_or_path)
     teacher = getattr(cfg, "teacher", None)
     teacher_shape, teacher_where = model_shape(teacher.name_or_path) if teacher is not None else (None, "")
@@ -226,27 +269,9 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
         lines.append(f"warning: {gpu} has no bf16 support; Gemma needs bf16 (Gemma 2 27B is unstable in float16)")
         ok = False
     lines.append(f"verdict: {'fits' if ok else 'does NOT fit'} ({plan.total / budget:.0%} of the card)")
-    if plan.total > budget:
-        advice = []
-        length = fits_length(shape, cfg, budget, num_processes=num_processes, zero3=zero3, offload=offload,
-                             teacher=teacher_shape, batch=batch)
-        if length and length < cfg.data.max_length:
-            advice.append(f"--max-length {length}")
-        forced = micro is not None and cfg.training.fold_accumulation is True and micro.folded > 1
-        if forced and estimate(shape, cfg, num_processes, zero3, offload).total <= budget:
-            advice.append("training.fold_accumulation=auto (folds only as far as the card allows)")
-        elif cfg.training.per_device_train_batch_size > 1 and not forced:
-            advice.append("training.per_device_train_batch_size=1 (raise gradient_accumulation_steps)")
-        if not cfg.quantization.load_in_4bit:
-            advice.append("4-bit QLoRA (quantization.load_in_4bit=true, lora.enabled=true)")
-        if zero3:
-            for more in (2 * num_processes, 4 * num_processes, 8 * num_processes):
-                if estimate(shape, cfg, more, True, offload, teacher=teacher_shape, batch=batch).total <= budget:
-                    advice.append(f"--num-processes {more} (ZeRO-3 shards weights and states)")
-                    break
-            if not offload:
-                advice.append("--launch zero3_offload")
-        else:
-            advice.append("more GPUs with --launch zero3 --num-processes N")
-        lines.append("to fit, try: " + "; ".join(advice))
+    if not has_bf16 and cfg.model.dtype == "bfloat16":
+        lines.append("to fit, try: a card with bf16 (A100, H100, L4, A10G, RTX 4090, ...)")
+    elif plan.total > budget:
+        lines.append("to fit, try: " + ("; ".join(advice(shape, cfg, budget, launch, micro, teacher_shape))
+                                        or "nothing this plan can model fits; a larger card"))
     return lines, ok
