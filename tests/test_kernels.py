@@ -174,7 +174,8 @@ def test_liger_is_refused_under_zero3_said_in_the_dry_run_and_unused_by_distill(
     r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(tmp_path / "r"), "--launch", "zero3",
                             "--set", "training.use_liger_kernel=true", "--dry-run"])
     assert r.exit_code == 2 and "training.use_liger_kernel is set but" in r.output
-    r = runner.invoke(app, ["validate", "quickstart-cpu", "--launch", "zero3", "--set", "training.loss=supervised_liger"])
+    r = runner.invoke(app, ["validate", "quickstart-cpu", "--launch", "zero3",
+                            "--set", "training.loss=supervised_liger"])
     assert r.exit_code == 2 and "training.loss is supervised_liger but ZeRO-3" in r.output
     r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(tmp_path / "r"), "--dry-run",
                             "--set", "training.use_liger_kernel=true", "--set", "training.loss=supervised_liger"])

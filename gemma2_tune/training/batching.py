@@ -60,7 +60,8 @@ def micro_batch(cfg: RunConfig, shape: Shape, launch: Launch, gpu_bytes: float |
     for k in sorted((k for k in range(a, 0, -1) if a % k == 0), reverse=True):
         need = estimate(shape, cfg, launch.num_processes, launch.zero3, launch.offload, batch=b * k).total
         if need <= usable:
-            why = f"auto: plan estimates {need / GIB:.1f} GiB of {usable / GIB:.1f} GiB ({AUTO_FOLD_SHARE:.0%} of the card)"
+            why = (f"auto: plan estimates {need / GIB:.1f} GiB of {usable / GIB:.1f} GiB "
+                   f"({AUTO_FOLD_SHARE:.0%} of the card)")
             return MicroBatch(b * k, a // k, k, why)
     return MicroBatch(b, a, 1, f"auto: even unfolded, plan estimates more than {usable / GIB:.1f} GiB "
                                f"({AUTO_FOLD_SHARE:.0%} of the card)")
