@@ -27,6 +27,7 @@ def test_regional_compile_trains_like_the_plain_model(tmp_path, tiny_model_dir):
     assert "compiled 4 decoder layers" in r.output
     record = json.loads((compiled / "run.json").read_text())["compiled"]
     assert record["compiled_layers"] == 4 and record["probe_max_abs_logit_diff"] <= 1e-4
+    assert record["probe_max_rel_grad_diff"] <= 1e-4
     a = load_file(str(plain / "adapter_model.safetensors"))
     b = load_file(str(compiled / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -54,6 +55,40 @@ def test_a_compiled_model_that_changes_the_logits_is_refused(monkeypatch, tiny_m
     monkeypatch.setattr(type(layer), "forward", skewed)
     with pytest.raises(UserError, match="change the model's logits"):
         compiling.compile_layers(model, "float32")
+
+
+def test_a_compiled_model_whose_backward_differs_is_refused(monkeypatch, tiny_model_dir):
+    import torch
+
+    from gemma2_tune.errors import UserError
+    from gemma2_tune.models.loading import LoadRequest, load_model
+    from gemma2_tune.training import compiling
+
+    class ScaledBackward(torch.autograd.Function):  # identity forward, gradients x1.5
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.5
+
+    model, _ = load_model(LoadRequest(str(tiny_model_dir), dtype="float32"))
+    layer = compiling.decoder_layers(model)[0]
+    original = type(layer).forward
+
+    def wrong_backward(self, hidden_states, *args, **kwargs):  # right logits, wrong gradients, only compiled
+        out = original(self, hidden_states, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            out = ScaledBackward.apply(out) if isinstance(out, torch.Tensor) else (ScaledBackward.apply(out[0]),
+                                                                                     *out[1:])
+        return out
+
+    monkeypatch.setattr(type(layer), "forward", wrong_backward)
+    with pytest.raises(UserError, match="and its gradients by") as caught:
+        compiling.compile_layers(model, "float32")
+    logits = float(str(caught.value).split("logits by ")[1].split(" ")[0])
+    assert logits <= 1e-3  # the forward alone would have passed: the gradients are what the check caught
 
 
 def test_regional_compile_is_refused_under_zero3(tmp_path):

@@ -32,9 +32,10 @@ LIGER_DISTRIBUTION = "liger-kernel"
 LIGER_MINIMUM = (0, 8, 0)  # the patch functions' arguments (rope, rms_norm, geglu, model=) as read in 0.8.5
 PATCHED = ("rms_norm", "geglu", "rope")
 PROBE_TOKENS = 64
-# The probe's bounds. Logits: absolute, as training.torch_compile's (fp32 kernels differ by summation order;
-# bf16 logits near Gemma 2's 30.0 soft-cap are spaced 0.125 apart). Gradients: max |difference| relative to
-# the largest gradient, fp32 reassociation vs bf16's 8-bit mantissa over a few layers.
+# The probe's bounds, also used by training.torch_compile (compiling.py). Logits: absolute (fp32 kernels
+# differ by summation order; bf16 logits near Gemma 2's 30.0 soft-cap are spaced 0.125 apart). Gradients:
+# max |difference| relative to the largest gradient, fp32 reassociation vs bf16's 8-bit mantissa over a few
+# layers.
 LOGIT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.5}
 GRADIENT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
 # The fused loss vs the fp32 tiles, relative to the summed loss: fp32 differs by summation order; bf16 rounds

@@ -63,8 +63,10 @@ def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None
         run.record["kernels"] = apply_kernel_settings(trainer, cfg, family, loss, run.say)
         if cfg.training.torch_compile == "regional":
             run.record["compiled"] = compile_layers(trainer.model, cfg.model.dtype)
-            run.say(f"compiled {run.record['compiled']['compiled_layers']} decoder layers (torch.compile, regional); "
-                    f"probe logits vs eager: max |difference| {run.record['compiled']['probe_max_abs_logit_diff']:.2e}")
+            compiled = run.record["compiled"]
+            run.say(f"compiled {compiled['compiled_layers']} decoder layers (torch.compile, regional); probe vs eager: "
+                    f"logits max |difference| {compiled['probe_max_abs_logit_diff']:.2e}, gradients "
+                    f"{compiled['probe_max_rel_grad_diff']:.2e} of the largest")
         say_plan(cfg, run, data, checkpoint, micro)
 
         # train
