@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
-from .kernels import GRADIENT_TOLERANCE, LOGIT_TOLERANCE, compare, probe
+from .kernels import probe, verdict
 
 
 
@@ -40,13 +40,6 @@ def compile_layers(model, dtype: str) -> dict[str, Any]:
         layer.compile()
     with torch.compiler.set_stance("force_eager"):
         eager = probe(model)
-    logit_diff, grad_diff = compare(eager, probe(model))
-    bounds = LOGIT_TOLERANCE.get(dtype, 0.5), GRADIENT_TOLERANCE.get(dtype, 0.1)
-    record = {"torch_compile": "regional", "compiled_layers": len(layers), "torch": torch.__version__,
-              "probe_max_abs_logit_diff": logit_diff, "probe_max_rel_grad_diff": grad_diff,
-              "logit_tolerance": bounds[0], "gradient_tolerance": bounds[1]}
-    if not (logit_diff <= bounds[0] and grad_diff <= bounds[1]):  # also catches NaN
-        raise UserError(f"training.torch_compile: the compiled layers change the model's logits by {logit_diff:.4g} "
-                        f"(tolerance {bounds[0]}) and its gradients by {grad_diff:.4g} of the largest (tolerance "
-                        f"{bounds[1]}) on a probe batch in {dtype}; train without it (training.torch_compile=off)")
-    return record
+    record = verdict(eager, probe(model), dtype, "training.torch_compile: the compiled model's",
+                     "train without it (training.torch_compile=off)")
+    return {"torch_compile": "regional", "compiled_layers": len(layers), "torch": torch.__version__, **record}

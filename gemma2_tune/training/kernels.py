@@ -155,14 +155,22 @@ def apply_checked(model, patch: Callable[[Any], None], dtype: str, what: str) ->
         raise UserError(f"{what}: the plain model's logits or gradients on a probe batch are not finite (NaN or inf) "
                         "before any kernel is changed: check the model's weights; the check needs a finite reference")
     patch(base_model(model))
-    logit_diff, grad_diff = compare(before, probe(model))
+    return verdict(before, probe(model), dtype, f"{what}: the patched model's", f"train without it ({what}=false)")
+
+
+def verdict(before: tuple[Any, list], after: tuple[Any, list], dtype: str, subject: str, instead: str
+            ) -> dict[str, Any]:
+    """Compare two probes within LOGIT_TOLERANCE / GRADIENT_TOLERANCE for `dtype`. Returns the record (both
+    differences, both bounds); raises UserError "<subject> logits moved by ... ; <instead>" beyond them or
+    for a non-finite result."""
+    logit_diff, grad_diff = compare(before, after)
     bounds = LOGIT_TOLERANCE.get(dtype, 0.5), GRADIENT_TOLERANCE.get(dtype, 0.1)
     record = {"probe_max_abs_logit_diff": logit_diff, "probe_max_rel_grad_diff": grad_diff,
               "logit_tolerance": bounds[0], "gradient_tolerance": bounds[1]}
     if not (logit_diff <= bounds[0] and grad_diff <= bounds[1]):  # also catches NaN
-        raise UserError(f"{what}: the patched model's logits moved by {logit_diff:.4g} (tolerance {bounds[0]}) and "
-                        f"its gradients by {grad_diff:.4g} of the largest (tolerance {bounds[1]}) on a probe batch "
-                        f"in {dtype}; train without it ({what}=false)")
+        raise UserError(f"{subject} logits moved by {logit_diff:.4g} (tolerance {bounds[0]}) and its gradients by "
+                        f"{grad_diff:.4g} of the largest (tolerance {bounds[1]}) on a probe batch in {dtype}; "
+                        f"{instead}")
     return record
 
 
