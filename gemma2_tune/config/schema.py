@@ -182,7 +182,8 @@ class TrainingSection(Section):
         description="`supervised_chunked`: lm_head, soft-cap and cross-entropy only at supervised positions, in "
         "fp32 tiles (no full logits). `supervised_liger`: the same positions through Liger's fused linear "
         "cross-entropy with the final soft-cap (CUDA only; lm_head in the model's dtype), after a probe check "
-        "against `supervised_chunked`. `trl`: TRL's own loss. Under ZeRO-3 TRL's loss is used.",
+        "against `supervised_chunked`. `trl`: TRL's own loss. Under ZeRO-3 TRL's loss is used (`supervised_liger` "
+        "is refused there).",
     )
 
 
