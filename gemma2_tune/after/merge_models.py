@@ -158,7 +158,8 @@ def check_request(method: str, models: list[str], out: Path, base: str | None, t
         problems.append(f"--density: only ties and dare_ties take it (--method {method})")
     t = 0.5 if t is None else t
     density = 0.5 if density is None else density
-    if weights is not None and not all(math.isfinite(w) for w in weights):
+    finite_weights = weights is None or all(math.isfinite(w) for w in weights)
+    if not finite_weights:
         problems.append(f"--weights: {weights} must be finite numbers")
     if liti is not None and not math.isfinite(liti):
         problems.append(f"--liti {liti}: must be a finite number in [0, 1]")
@@ -178,11 +179,9 @@ def check_request(method: str, models: list[str], out: Path, base: str | None, t
     if weights is not None:
         if method == "slerp":
             problems.append("--weights: SLERP takes --t, not weights")
-        elif problems and problems[-1].startswith("--weights"):
-            pass
-        elif len(weights) != len(models):
+        elif finite_weights and len(weights) != len(models):  # (non-finite weights are said above)
             problems.append(f"--weights: {len(weights)} given for {len(models)} models")
-        elif method == "linear" and sum(weights) <= 0:
+        elif finite_weights and method == "linear" and sum(weights) <= 0:
             problems.append("--weights: must sum to a positive number")
     if dtype not in (None, "bfloat16", "float16", "float32"):
         problems.append(f"--dtype {dtype}: use bfloat16, float16 or float32")

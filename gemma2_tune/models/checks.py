@@ -14,6 +14,15 @@ from ..errors import UserError
 from ..families import Family
 
 
+def installed_version(distribution: str) -> tuple[str, tuple[int, ...]] | None:
+    """(version string, its first three numeric parts) of an installed distribution, or None when missing."""
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return version, tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+
+
 def check_kernel_request(family: Family, kernel: str, training: bool = False) -> None:
     """Before loading: the kernel is allowed for the family, what it needs is installed, and, to train, it
     has a backward on this device. Raises UserError."""
@@ -31,12 +40,11 @@ def check_kernel_request(family: Family, kernel: str, training: bool = False) ->
     if needs is None:
         return
     distribution, minimum = needs
-    try:
-        version = importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
+    installed = installed_version(distribution)
+    if installed is None:
         raise UserError(f"model.attn_implementation: {kernel} requested but {distribution} is not installed; "
-                        "use eager") from None
-    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+                        "use eager")
+    version, parts = installed
     if parts < minimum:
         wanted = ".".join(map(str, minimum))
         raise UserError(f"model.attn_implementation: {distribution} {version} has no softcap support "

@@ -28,6 +28,11 @@ def lora_config(cfg: RunConfig):
     )
 
 
+def base_model(model):
+    """The transformers model under PEFT's wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def lora_placement(model) -> tuple[list[str], int]:
     """Leaf names of modules carrying LoRA weights (sorted), and how many such modules there are."""
     names = [name for name, module in model.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]

@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..families import Family
+from ..models.checks import installed_version
+from ..models.lora import base_model
 
 LIGER_DISTRIBUTION = "liger-kernel"
 LIGER_MINIMUM = (0, 8, 0)  # the patch functions' arguments (rope, rms_norm, geglu, model=) as read in 0.8.5
@@ -50,26 +52,16 @@ def liger_problems(family: Family) -> list[str]:
     problems = []
     if family.liger_patch is None:
         problems.append(f"Liger has no kernels for {family.display}")
-    try:
-        version = importlib.metadata.version(LIGER_DISTRIBUTION)
-        parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
-        if parts < LIGER_MINIMUM:
-            problems.append(f"{LIGER_DISTRIBUTION} {version} is older than {'.'.join(map(str, LIGER_MINIMUM))}")
-    except importlib.metadata.PackageNotFoundError:
+    installed = installed_version(LIGER_DISTRIBUTION)
+    if installed is None:
         problems.append(f"{LIGER_DISTRIBUTION} is not installed (pip install 'gemma2-tune[liger]')")
+    elif installed[1] < LIGER_MINIMUM:
+        problems.append(f"{LIGER_DISTRIBUTION} {installed[0]} is older than {'.'.join(map(str, LIGER_MINIMUM))}")
     import torch
 
     if not torch.cuda.is_available():
         problems.append("Liger's kernels are Triton GPU kernels and this machine has no CUDA GPU")
     return problems
-
-
-def check_liger_request(family: Family, key: str, instead: str) -> None:
-    """Before loading: raises UserError naming `key` (the setting that asked for Liger), every reason Liger
-    cannot run here, and the setting to use `instead`."""
-    problems = liger_problems(family)
-    if problems:
-        raise UserError(f"{key}: " + "; ".join(problems) + f"; train without them: {instead}")
 
 
 def liger_patch(family: Family) -> Callable[[Any], None]:
@@ -84,11 +76,6 @@ def liger_patch(family: Family) -> Callable[[Any], None]:
               model=model)
 
     return patch
-
-
-def base_model(model):
-    """The transformers model under PEFT's wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def probed_weights(model) -> list:
@@ -250,8 +237,10 @@ def check_kernel_settings(cfg, family: Family, loss: str) -> None:
     keys = ([("training.use_liger_kernel", "training.use_liger_kernel=false")] if cfg.training.use_liger_kernel
             else []) + ([("training.loss=supervised_liger", "training.loss=supervised_chunked")]
                         if loss == "supervised_liger" else [])
-    if keys:
-        check_liger_request(family, " and ".join(k for k, _ in keys), " and ".join(i for _, i in keys))
+    problems = liger_problems(family) if keys else []
+    if problems:
+        raise UserError(f"{' and '.join(k for k, _ in keys)}: " + "; ".join(problems)
+                        + f"; train without them: {' and '.join(i for _, i in keys)}")
 
 
 def apply_kernel_settings(trainer, cfg, family: Family, loss: str, say: Callable[[str], None]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from trl import SFTTrainer
 
 from ..config.schema import RunConfig
 from ..data.packing import BlockCollator
-from ..models.lora import lora_config
+from ..models.lora import base_model, lora_config
 from .batching import MicroBatch
 from .launch import Launch
 from .loss import supervised_loss_sum
@@ -113,7 +113,7 @@ class SupervisedLossTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Summed supervised cross-entropy / num_items_in_batch (the step's supervised tokens), as TRL's loss."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the caller's dict stays intact
         captured = {}
