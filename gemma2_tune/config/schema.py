@@ -167,8 +167,8 @@ class TrainingSection(Section):
     torch_compile: Literal["off", "regional"] = Field(
         "off",
         description="`regional`: torch.compile each decoder layer in place (PyTorch's regional compilation), after "
-        "a check that the compiled logits equal eager ones on a probe batch; fuses a layer's small kernels on CUDA. "
-        "`off`: plain eager modules.",
+        "a check that the compiled logits and first-layer trainable gradients equal eager ones on a probe batch; "
+        "fuses a layer's small kernels on CUDA. `off`: plain eager modules.",
     )
     use_liger_kernel: bool = Field(
         False,
