@@ -112,12 +112,12 @@ def final_loss(model_dir: str, adapter: str, examples) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from gemma2_tune.config.schema import RunConfig
+    from gemma2_tune.config.sft import SftConfig
     from gemma2_tune.after.evaluate import supervised_loss
     from gemma2_tune.models.quantization import run_bnb_config
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.bfloat16,
-                                                quantization_config=run_bnb_config(RunConfig()))
+                                                quantization_config=run_bnb_config(SftConfig()))
     model = PeftModel.from_pretrained(base, adapter).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return supervised_loss(model, examples)["loss"]

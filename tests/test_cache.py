@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from conftest import write_jsonl
 from gemma2_tune.data.cache import cache_key
-from gemma2_tune.config.schema import DataSection
+from gemma2_tune.config.schema import SftDataSection
 from gemma2_tune.cli import app
 
 runner = CliRunner()
@@ -39,7 +39,7 @@ def test_second_run_hits_and_any_data_setting_misses(tmp_path, tiny_model_dir):
 
 
 def test_key_covers_tokenizer_and_every_data_setting(tokenizer):
-    base = DataSection(dataset="x")
+    base = SftDataSection(dataset="x")
     key = cache_key(base, "fp", tokenizer)
     assert cache_key(base, "fp", tokenizer) == key
     for change in ({"system_policy": "drop"}, {"packing": False}, {"train_on": "all"}, {"overlong": "drop"}):
@@ -54,5 +54,5 @@ def test_key_covers_tokenizer_and_every_data_setting(tokenizer):
 
 
 def test_held_out_split_seed_is_part_of_the_key(tokenizer):
-    data = DataSection(dataset="x", eval_fraction=0.2)
+    data = SftDataSection(dataset="x", eval_fraction=0.2)
     assert cache_key(data, "fp", tokenizer, split_seed=1) != cache_key(data, "fp", tokenizer, split_seed=2)

@@ -1,6 +1,6 @@
 import pytest
 
-from gemma2_tune.config.schema import RunConfig
+from gemma2_tune.config.sft import SftConfig
 from gemma2_tune.families import GEMMA2
 from gemma2_tune.errors import ConfigError
 from gemma2_tune.config.layering import parse_set, resolve
@@ -13,7 +13,7 @@ def write(tmp_path, text, name="r.yaml"):
 
 
 def test_defaults_follow_the_gemma2_qlora_reference():
-    cfg = RunConfig()
+    cfg = SftConfig()
     assert cfg.model.attn_implementation == "eager"
     assert cfg.model.dtype == "bfloat16"
     q = cfg.quantization
@@ -139,7 +139,7 @@ def test_schema_errors_and_rule_errors_are_reported_together(tmp_path):
 
 
 def test_distill_rules_name_the_right_keys(tmp_path):
-    from gemma2_tune.config.schema import DistillConfig
+    from gemma2_tune.config.distill import DistillConfig
 
     with pytest.raises(ConfigError) as err:
         resolve(None, ["distill.max_completion_length=2000", "data.max_length=1024"], schema=DistillConfig)
@@ -151,6 +151,8 @@ def test_distill_rules_name_the_right_keys(tmp_path):
     assert "model.dtype (the teacher): float16 is unstable for Gemma 2 27B" in text and "teacher.dtype" not in text
     with pytest.raises(ConfigError, match="teacher.name_or_path: /no/such/teacher: no such folder"):
         resolve(None, ["teacher.name_or_path=/no/such/teacher"], schema=DistillConfig)
-    r = resolve(None, ["data.packing=false"], schema=DistillConfig)
-    assert any("data.packing: sft settings, not used by distill" in w for w in r.warnings)
-    assert r.config.output.dir == "runs/gemma2-distill"
+    # sft's keys are unknown keys for distill (its schema has no key it ignores), said with whose they are
+    with pytest.raises(ConfigError, match="data.packing .*: unknown key for method distill .a key of sft"):
+        resolve(None, ["data.packing=false"], schema=DistillConfig)
+    r = resolve(None, [], schema=DistillConfig)
+    assert r.config.output.dir == "runs/gemma2-distill" and r.config.method == "distill"

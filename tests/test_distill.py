@@ -62,7 +62,7 @@ def test_the_loss_is_the_divergence_of_both_soft_capped_distributions(teacher, t
     from transformers import AutoModelForCausalLM
 
     from gemma2_tune.config.layering import resolve
-    from gemma2_tune.config.schema import DistillConfig
+    from gemma2_tune.config.distill import DistillConfig
     from gemma2_tune.models.loading import load_tokenizer
     from gemma2_tune.training.distill import build_trainer, distill_args
     from gemma2_tune.training.launch import Launch

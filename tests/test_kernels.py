@@ -183,7 +183,9 @@ def test_liger_is_refused_under_zero3_said_in_the_dry_run_and_unused_by_distill(
     assert "loss supervised_liger" in line and "Liger RMSNorm, GeGLU, RoPE" in line
     r = runner.invoke(app, ["validate", "gemma-2-9b-distill-from-27b", "--set", "training.use_liger_kernel=true",
                             "--set", "training.fold_accumulation=true"])
-    assert "training.use_liger_kernel, training.fold_accumulation: sft settings, not used by distill" in r.output
+    assert r.exit_code == 2
+    for key in ("training.use_liger_kernel", "training.fold_accumulation"):
+        assert f"{key} (--set {key}=true): unknown key for method distill (a key of sft" in r.output
 
 
 def test_every_family_names_a_liger_patch_that_liger_has():

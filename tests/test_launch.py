@@ -21,9 +21,9 @@ def test_bundled_configs_are_found_by_name_and_alias():
                  "ddp"):
         assert find_launch_config(name).is_file()
     z3 = read_launch_config(find_launch_config("zero3"))
-    assert z3.zero3 and z3.zero3_init and z3.zero3_save_16bit and z3.mixed_precision == "bf16"
+    assert z3.shards_parameters and z3.zero3_init and z3.zero3_save_16bit and z3.mixed_precision == "bf16"
     offload = read_launch_config(find_launch_config("zero3_offload"))
-    assert offload.zero3 and offload.offload and not z3.offload
+    assert offload.shards_parameters and offload.offload and not z3.offload
     assert read_launch_config(find_launch_config("ddp"), 2) == Launch(
         "ddp", 2, None, False, False, "bf16", str(find_launch_config("ddp")))
 
@@ -58,7 +58,7 @@ def test_rank_side_detection_from_accelerate_environment():
     env = {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
            "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false", "ACCELERATE_MIXED_PRECISION": "bf16"}
     launch = current_launch(env)
-    assert launch.zero3 and launch.num_processes == 2
+    assert launch.shards_parameters and launch.num_processes == 2
     assert any("zero3_init_flag" in p for p in launch_problems(cfg(), launch))
     assert not launch.offload
     assert current_launch({**env, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}).offload

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma2_tune.config.schema import RunConfig
+from gemma2_tune.config.sft import SftConfig
 from gemma2_tune.errors import ConfigError, UserError
 from gemma2_tune.families import GEMMA2
 from gemma2_tune.models.checks import check_loaded
@@ -18,14 +18,14 @@ def tiny_cfg(*sets):
 
 
 def test_bnb_config_is_nf4_double_quant_bf16_storage():
-    q = run_bnb_config(RunConfig())
+    q = run_bnb_config(SftConfig())
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.bnb_4bit_quant_storage == torch.bfloat16
     assert run_bnb_config(resolve(None, ["quantization.load_in_4bit=false", "lora.enabled=false"]).config) is None
 
 
 def test_lora_config_targets_exactly_qkvo():
-    lc = lora_config(RunConfig())
+    lc = lora_config(SftConfig())
     assert set(lc.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (16, 32, 0.05)
 

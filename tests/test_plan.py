@@ -34,8 +34,8 @@ def test_lora_params_on_qkvo():
 
 def test_zero3_shards_and_qlora_is_smaller_than_bf16():
     full = resolve("gemma-2-27b-full-zero3").config
-    one = estimate(GEMMA2.shapes["27b"], full, 1, zero3=True)
-    eight = estimate(GEMMA2.shapes["27b"], full, 8, zero3=True)
+    one = estimate(GEMMA2.shapes["27b"], full, 1, shards=True)
+    eight = estimate(GEMMA2.shapes["27b"], full, 8, shards=True)
     assert eight.terms["weights"] == pytest.approx(one.terms["weights"] / 8)
     qlora = estimate(GEMMA2.shapes["27b"], resolve("gemma-2-27b-qlora").config)
     assert qlora.terms["weights"] < 16 * GIB < estimate(GEMMA2.shapes["27b"], full).terms["weights"]

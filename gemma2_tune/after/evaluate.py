@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from ..config.schema import DataSection
+from ..config.schema import SftDataSection
 from ..data.examples import build_examples
 from ..data.sources import load_rows
 from ..data.turns import IGNORE_INDEX
@@ -33,7 +33,7 @@ def supervised_loss(model, examples) -> dict[str, Any]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "supervised_tokens": int(count), "rows": len(examples)}
 
 
-def evaluate(loaded: Loaded, data: DataSection, compare_base: bool, echo=print,
+def evaluate(loaded: Loaded, data: SftDataSection, compare_base: bool, echo=print,
              others: list[tuple[str, Callable[[], Loaded]]] = ()) -> dict[str, Any]:
     """Held-out loss of the loaded model (and of its base, adapter off, when `compare_base`), and of each of
     `others` ((name, loader): loaded one at a time, scored on the same tokens; the caller checks they share the

@@ -14,7 +14,8 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from ..config.schema import DistillConfig, RunConfig
+from ..config.schema import RunConfig
+from ..training.methods import saved_schema
 from ..data.template import use_run_template
 from ..data.turns import END, normalise, render
 from ..errors import UserError
@@ -89,14 +90,14 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
 
 
 def saved_config(path: Path) -> RunConfig | None:
-    """The resolved config a run folder (or its ema/) saved as config.yaml: an sft or a distill config; None
-    when there is none or it is from another version."""
+    """The resolved config a run folder (or its ema/) saved as config.yaml, in its method's schema (runs saved
+    before `method:` included); None when there is none or it is from another version."""
     if not (path / "config.yaml").is_file():
         return None
     try:
         saved = yaml.safe_load((path / "config.yaml").read_text())
-        schema = DistillConfig if isinstance(saved, dict) and "teacher" in saved else RunConfig
-        return schema.model_validate(saved)
+        schema = saved_schema(saved)
+        return schema.model_validate(saved) if schema else None
     except Exception:  # noqa: BLE001 - a config from another version: the folder's other files still say enough
         return None
 

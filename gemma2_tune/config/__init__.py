@@ -1,13 +1,22 @@
-"""Configuration: one schema per command, layered from defaults, a recipe, --set items and flags.
+"""Configuration: one schema per training method, layered from defaults, a recipe, --set items and flags.
 
-    schema.py     the sections and the `sft` schema (RunConfig); light: pydantic only
-    rules.py      rules between fields, reading the model's family
+    schema.py     the shared sections and their base, RunConfig; light: pydantic only
+    sft.py        the `sft` schema (SftConfig)
+    distill.py    the `distill` schema (DistillConfig: + teacher, distill) and its rules
+    rules.py      rules every method shares, reading the model's family
     layering.py   resolve(recipe, sets, flags, schema) -> Resolved, every problem at once
+    requests.py   the options of the after-training commands (merge-models, eval, ...), checked the same way
     recipes.py    bundled recipes, finding and reading recipe files
     reference.py  the config reference (README table, `gemma2-tune config`)
+
+The registry of methods (which schema, runner, plan terms) is gemma2_tune/training/methods.py.
 """
 
+# Every method's schema is imported here, sft first: schema.method_schemas() lists them in this order.
+from .sft import SftConfig  # noqa: I001
+from .distill import DistillConfig
 from .layering import Resolved, config_to_yaml, parse_set, resolve
 from .schema import DataSection, RunConfig
 
-__all__ = ["DataSection", "Resolved", "RunConfig", "config_to_yaml", "parse_set", "resolve"]
+__all__ = ["DataSection", "DistillConfig", "Resolved", "RunConfig", "SftConfig", "config_to_yaml", "parse_set",
+           "resolve"]

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ConfigError
 from .recipes import find_recipe, load_recipe
 from .rules import config_problems
-from .schema import RunConfig
+from .schema import RunConfig, method_schemas
+from .sft import SftConfig
 
 Schema = TypeVar("Schema", bound=RunConfig)
 
@@ -83,6 +84,17 @@ def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _method_name(schema: type[BaseModel]) -> str:
+    field = schema.model_fields.get("method")
+    return str(field.default) if field is not None else schema.__name__
+
+
+def _methods_with_key(loc: tuple, schema: type[BaseModel]) -> list[str]:
+    """The methods whose schema has the dotted key `loc` that `schema` lacks (e.g. data.packing: sft)."""
+    return sorted({_method_name(other) for other in method_schemas() if other is not schema
+                   and str(loc[-1]) in _known_keys(other, loc)})
+
+
 def _format_validation_error(exc: ValidationError, origin: dict[str, str], schema: type[BaseModel]) -> list[str]:
     problems = []
     for err in exc.errors():
@@ -93,6 +105,10 @@ def _format_validation_error(exc: ValidationError, origin: dict[str, str], schem
         if err["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(str(loc[-1]), _known_keys(schema, loc), n=1)
             more = f"; did you mean '{hint[0]}'?" if hint else ""
+            owners = _methods_with_key(loc, schema)
+            if owners and not hint:
+                more = (f" for method {_method_name(schema)} (a key of {', '.join(owners)}, which "
+                        f"{_method_name(schema)} does not use)")
             problems.append(f"{dotted}{where}: unknown key{more}")
         else:
             got = err.get("input")
@@ -136,7 +152,7 @@ def resolve(
     recipe: str | None = None,
     sets: list[str] | None = None,
     flags: dict[str, tuple[str, Any]] | None = None,
-    schema: type[Schema] = RunConfig,
+    schema: type[Schema] = SftConfig,
 ) -> Resolved[Schema]:
     """Merge recipe, --set items and flags and validate once against `schema`.
 
@@ -170,21 +186,6 @@ def resolve(
     if problems:
         raise ConfigError(problems)
     return Resolved(config=config, warnings=warnings, recipe=path)
-
-
-def schema_for(recipe: str | None, sets: list[str] | None = None) -> type[RunConfig]:
-    """The command schema a recipe (and --set items) is written for: DistillConfig when it has a `teacher` or
-    `distill` section, else RunConfig (sft). Used by `validate`, which serves every command."""
-    from .schema import DistillConfig
-
-    sections = set()
-    if recipe:
-        try:
-            sections |= set(load_recipe(find_recipe(recipe)))
-        except ConfigError:
-            pass  # resolve() reports it
-    sections |= {item.split(".", 1)[0].strip() for item in sets or []}
-    return DistillConfig if sections & {"teacher", "distill"} else RunConfig
 
 
 def config_to_yaml(config: BaseModel) -> str:

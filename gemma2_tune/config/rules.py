@@ -22,7 +22,7 @@ from ..families import (
     supported_summary,
     unsupported_message,
 )
-from .schema import DistillConfig, RunConfig
+from .schema import RunConfig
 
 
 def checkpoint_size(family: Family, name_or_path: str) -> str | None:
@@ -159,50 +159,7 @@ def lora_target_problems(targets: list[str], family: Family) -> list[str]:
     return problems
 
 
-def distill_problems(cfg: DistillConfig) -> tuple[list[str], list[str]]:
-    """A distillation run's rules: the student's (run_problems), then the teacher's: a supported family that
-    is the student's (one tokenizer and vocabulary), a kernel that keeps its numerics, and not smaller than
-    the student (warned). Decided from names and local config.json files, without torch."""
-    errors, warnings = run_problems(cfg)
-    t = cfg.teacher
-    teacher_errors, teacher_warnings = model_problems(t.name_or_path, t.attn_implementation, cfg.model.dtype, "teacher")
-    errors += teacher_errors
-    warnings += teacher_warnings
-    if cfg.data.max_length - cfg.distill.max_completion_length < MIN_PROMPT_TOKENS:
-        errors.append(f"distill.max_completion_length ({cfg.distill.max_completion_length}) leaves no room for a "
-                      f"prompt in data.max_length ({cfg.data.max_length}), which holds prompt + completion")
-    ignored = [k for k, default, value in (("data.train_on", "model_turns", cfg.data.train_on),
-                                           ("data.packing", True, cfg.data.packing),
-                                           ("training.loss", "supervised_chunked", cfg.training.loss),
-                                           ("data.overlong", "truncate", cfg.data.overlong),
-                                           ("training.torch_compile", "off", cfg.training.torch_compile),
-                                           ("training.use_liger_kernel", False, cfg.training.use_liger_kernel),
-                                           ("training.fold_accumulation", "auto", cfg.training.fold_accumulation))
-               if value != default]
-    if ignored:
-        warnings.append(f"{', '.join(ignored)}: sft settings, not used by distill (the student's completions are "
-                        "generated, scored whole, unpacked)")
-    if cfg.data.eval_split:
-        errors.append("data.eval_split: distill holds prompts out with data.eval_fraction (the eval divergence is "
-                      "measured on the student's own completions)")
-    student, teacher = family_of_checkpoint(cfg.model.name_or_path), family_of_checkpoint(t.name_or_path)
-    if student and teacher and student is not teacher:
-        errors.append(f"teacher.name_or_path: '{t.name_or_path}' is {teacher.display} but the student "
-                      f"'{cfg.model.name_or_path}' is {student.display}: distillation compares next-token "
-                      "distributions over one vocabulary, so both must share the tokenizer")
-    if student and teacher is student:
-        s_size, t_size = checkpoint_size(student, cfg.model.name_or_path), checkpoint_size(teacher, t.name_or_path)
-        if s_size in student.shapes and t_size in teacher.shapes and (
-                teacher.shapes[t_size].total_params < student.shapes[s_size].total_params):
-            warnings.append(f"teacher.name_or_path: the teacher ({t_size.upper()}) is smaller than the student "
-                            f"({s_size.upper()}); distillation usually goes from a larger model to a smaller one")
-    return errors, warnings
-
-
 def config_problems(config: BaseModel) -> tuple[list[str], list[str]]:
-    """The rules of a command's schema: (errors, warnings). A new schema adds its rules here."""
-    if isinstance(config, DistillConfig):
-        return distill_problems(config)
-    if isinstance(config, RunConfig):
-        return run_problems(config)
-    return [], []
+    """The rules of a method's schema (its `problems()`): (errors, warnings)."""
+    problems = getattr(config, "problems", None)
+    return problems() if callable(problems) else ([], [])

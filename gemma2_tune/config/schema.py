@@ -1,4 +1,6 @@
-"""The run configuration: one validated object per training command, the single source of truth for a run.
+"""The sections every training method's config shares, and their base `RunConfig`; each method's schema
+(config/sft.py, config/distill.py) composes them with its own. One validated object per run is the single
+source of truth.
 
 Every default lives here, next to the reason for it. Field descriptions are written once and reused
 by `--help`, `validate`, `--dry-run` and the README's config reference.
@@ -10,7 +12,7 @@ answer without importing torch. Rules between fields live in `rules.py`; facts a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,6 +112,20 @@ class DataSection(Section):
         "skip", description="Rows that can't become valid Gemma turns: `skip` (counted, reported) or fail the run."
     )
     max_length: int = Field(1024, gt=8, description="Maximum tokens per training row.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (after loading).")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Hold out this fraction of rows (seeded) for evaluation during training."
+    )
+    eval_split: str | None = Field(None, description="Or evaluate on this split of the same dataset (e.g. test).")
+
+    def describe(self) -> str:
+        """How rows become training text, in a few words (model card, dry run)."""
+        return f"system messages '{self.system_policy}'"
+
+
+class SftDataSection(DataSection):
+    """Conversations for supervised fine-tuning: how long rows are handled, where the loss is, packing."""
+
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="Rows longer than max_length: cut at max_length, or drop the row. Both are counted."
     )
@@ -117,16 +133,16 @@ class DataSection(Section):
         "model_turns",
         description="Loss on model turns only (each with its <end_of_turn>), or on every token.",
     )
-    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (after loading).")
-    eval_fraction: float = Field(
-        0.0, ge=0.0, lt=0.5, description="Hold out this fraction of rows (seeded) for evaluation during training."
-    )
-    eval_split: str | None = Field(None, description="Or evaluate on this split of the same dataset (e.g. test).")
     packing: bool = Field(
         True,
         description="Pack rows into blocks of max_length tokens (best-fit), each row masked from the others "
         "(position ids restart, no cache); a batch item is then a block. False: one row per batch item.",
     )
+
+    def describe(self) -> str:
+        """How rows become training text, in a few words (model card, dry run)."""
+        return (f"loss on {self.train_on.replace('_', ' ')}, system messages '{self.system_policy}', packing "
+                f"{'on' if self.packing else 'off'}")
 
 
 class TrainingSection(Section):
@@ -135,12 +151,6 @@ class TrainingSection(Section):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(1, gt=0, description="Rows per device per micro-batch.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
-    fold_accumulation: Literal["auto"] | bool = Field(
-        "auto",
-        description="Run the accumulated micro-batches of a step as fewer, larger ones (same items and tokens per "
-        "optimizer step, same gradient): `auto` folds as far as `plan`'s memory model says the GPU allows (not on "
-        "CPU), `true` folds all of them into one, `false` runs them as configured.",
-    )
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides num_train_epochs.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -164,6 +174,18 @@ class TrainingSection(Section):
         "first stage of Gemma 2's WARP), updated after every optimizer step, kept in float32, carried by "
         "checkpoints and written as a second adapter or model in `<output.dir>/ema/` (null: none).",
     )
+    report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
+
+
+class SftTrainingSection(TrainingSection):
+    """Supervised fine-tuning's own training settings: accumulation folding, kernels, the loss."""
+
+    fold_accumulation: Literal["auto"] | bool = Field(
+        "auto",
+        description="Run the accumulated micro-batches of a step as fewer, larger ones (same items and tokens per "
+        "optimizer step, same gradient): `auto` folds as far as `plan`'s memory model says the GPU allows (not on "
+        "CPU), `true` folds all of them into one, `false` runs them as configured.",
+    )
     torch_compile: Literal["off", "regional"] = Field(
         "off",
         description="`regional`: torch.compile each decoder layer in place (PyTorch's regional compilation), after "
@@ -176,7 +198,6 @@ class TrainingSection(Section):
         "pip install 'gemma2-tune[liger]'), applied after a check that logits and trainable gradients on a probe "
         "batch equal the plain model's. Attention, soft-caps and `training.loss` are unchanged.",
     )
-    report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
     loss: Literal["supervised_chunked", "supervised_liger", "trl"] = Field(
         "supervised_chunked",
         description="`supervised_chunked`: lm_head, soft-cap and cross-entropy only at supervised positions, in "
@@ -194,18 +215,63 @@ class OutputSection(Section):
     overwrite: bool = Field(False, description="Allow replacing the output of a previous run in `dir`.")
 
 
+class FrozenModel(NamedTuple):
+    """A model a method loads beside the one it trains (a teacher, a reference, a reward model): frozen, never
+    saved. `key` is its config section (teacher, ...); `load_in` 4bit, 8bit or full (model.dtype)."""
+
+    key: str
+    name_or_path: str
+    load_in: str
+    attn_implementation: str
+
+
 class RunConfig(Section):
-    """Everything a training run needs (the `sft` schema), resolved: defaults < recipe < --set < flags.
+    """What every training method's config has: the model trained, its quantization and adapters, the data,
+    the optimizer and schedule, the output folder. A method's schema (config/sft.py, config/distill.py, ...)
+    composes these with its own sections, narrows `method`, and declares its rules (`problems`), the models
+    it loads beside the trained one (`frozen_models`), and its dry-run lines (`method_lines`); nothing outside
+    a method's own modules asks which method is running. Resolved: defaults < recipe < --set < flags."""
 
-    Another training command's schema subclasses it and adds its own sections.
-    """
-
+    method: str = Field("sft", description="The training method (sft, distill): picks the schema; recipes "
+                        "without it are sft, or distill when they have a `teacher` or `distill` section.")
     model: ModelSection = Field(default_factory=ModelSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+
+    # What the data rows become for this method: "conversations" (sft), "prompts" (distill, rl), "preference
+    # pairs" (dpo, reward). Read by the dry run, the data summary and `plan`.
+    data_kind: ClassVar[str] = "conversations"
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        """The method's rules between fields: (errors, warnings), each naming its key(s). Overridden by every
+        method (most start from `rules.run_problems`)."""
+        return [], []
+
+    def frozen_models(self) -> list[FrozenModel]:
+        """Models loaded beside the trained one (their weights count in `plan`, they are inputs the output folder
+        must not hold, and a sharded launch places them): none by default."""
+        return []
+
+    @property
+    def item_unit(self) -> str:
+        """What one batch item is, in words (row, packed block, prompt, pair)."""
+        return "row"
+
+    def data_line(self) -> str:
+        """How the method reads its rows, for the dry run's data line (after the source)."""
+        return f"{self.data_kind}, system messages '{self.data.system_policy}', max {self.data.max_length} tokens"
+
+    def method_lines(self) -> list[str]:
+        """What the dry run says about the method beyond the shared lines (model, data, training, output)."""
+        return []
+
+    @property
+    def generation_length(self) -> int:
+        """Tokens generated per prompt during training (0: the method generates nothing)."""
+        return 0
 
     # Derived values: computed here once, read everywhere else.
     @property
@@ -230,54 +296,11 @@ def sections(schema: type[Section]) -> dict[str, type[Section]]:
             if isinstance(f.annotation, type) and issubclass(f.annotation, Section)}
 
 
-
-
-class TeacherSection(Section):
-    """The model the student learns from: frozen, in eval mode, checked like the student after loading."""
-
-    name_or_path: str = Field(
-        "google/gemma-2-27b-it",
-        description="Hub id or local directory of the teacher: same family, tokenizer and vocabulary as the "
-        "student (Gemma 2 sizes share them); usually larger and instruction-tuned.",
-    )
-    revision: str | None = Field(None, description="Hub revision of the teacher.")
-    load_in: Literal["4bit", "8bit", "full"] = Field(
-        "4bit",
-        description="Teacher precision: 4-bit NF4 (the student's 4-bit settings), 8-bit, or `full`: unquantized in "
-        "model.dtype (bf16 by default; required under ZeRO-3, which shards it).",
-    )
-    attn_implementation: Literal["eager", "flex_attention", "sdpa", "flash_attention_2"] = Field(
-        "eager", description="The teacher's attention kernel; the same rules as model.attn_implementation."
-    )
-    trust_remote_code: bool = Field(False, description="Passed to transformers when loading the teacher.")
-
-
-class DistillSection(Section):
-    """On-policy distillation (TRL's DistillationTrainer): the student generates, the divergence to the
-    teacher's distribution on those completions is minimised."""
-
-    beta: float = Field(
-        0.5, ge=0.0, le=1.0,
-        description="Generalized Jensen-Shannon divergence: 0 = forward KL(teacher || student), 1 = reverse "
-        "KL(student || teacher), 0.5 = JSD (Agarwal et al. 2024, the on-policy distillation Gemma 2 used).",
-    )
-    temperature: float = Field(
-        1.0, gt=0.0, description="Sampling temperature of the student's completions, and of both distributions in "
-        "the divergence (the same on both sides).")
-    max_completion_length: int = Field(256, gt=0, description="Tokens generated per completion at most.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student's completions.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling of the student's completions (0: off).")
-
-    @property
-    def divergence(self) -> str:
-        """What `beta` makes the generalized JSD: 'forward KL', 'reverse KL' or 'JSD(beta=...)'."""
-        return "forward KL" if self.beta == 0 else "reverse KL" if self.beta == 1 else f"JSD(beta={self.beta})"
-
-
-class DistillConfig(RunConfig):
-    """The `distill` schema: a training run (student = model/quantization/lora) plus a teacher and the
-    divergence. data.* gives the prompts: each row's conversation up to its last user turn."""
-
-    teacher: TeacherSection = Field(default_factory=TeacherSection)
-    distill: DistillSection = Field(default_factory=DistillSection)
-    output: OutputSection = Field(default_factory=lambda: OutputSection(dir="runs/gemma2-distill"))
+def method_schemas() -> list[type[RunConfig]]:
+    """Every method's schema (the subclasses of RunConfig; config/__init__ imports them all), in import order."""
+    found, todo = [], list(RunConfig.__subclasses__())
+    while todo:
+        sub = todo.pop(0)
+        found.append(sub)
+        todo[:0] = sub.__subclasses__()
+    return found

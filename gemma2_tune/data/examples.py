@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from ..config.schema import DataSection
+from ..config.schema import SftDataSection
 from ..errors import UserError
 from ..families import GEMMA2, Family
 from .sources import Row, row_to_messages
@@ -121,7 +121,7 @@ class TurnTokenizer:
         return Encoded(rendered.text, list(enc["input_ids"]), offsets, mask)
 
 
-def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: DataSection) -> Example:
+def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: SftDataSection) -> Example:
     """Raises Overlong / BadRow for rows that can't train."""
     encoded = encoder.encode(turns, cfg.train_on)
     ids, mask = encoded.ids, encoded.mask
@@ -138,7 +138,7 @@ def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: DataSectio
     return example
 
 
-def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: DataSection,
+def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection,
                    family: Family = GEMMA2) -> tuple[list[Example], DataReport]:
     """Rows -> examples (Gemma turns, ids, labels) and a report of every row left out and why.
 

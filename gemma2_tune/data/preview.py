@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from ..config.schema import DataSection
+from ..config.schema import DataSection, SftDataSection
 from ..families import Family
 from .examples import TurnTokenizer, build_examples, mark_supervised
 from .sources import load_rows, row_to_messages
 from .turns import BadRow, normalise
 
 
-def preview(data: DataSection, tokenizer: Any, family: Family, n: int) -> Iterator[tuple[str, str]]:
+def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int) -> Iterator[tuple[str, str]]:
     """Yields (heading, text) for the first `n` trainable rows, then ("summary", the data report).
 
     Raises UserError for an unreadable source (and for no usable rows at all, as training would).

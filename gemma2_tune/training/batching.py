@@ -58,7 +58,7 @@ def micro_batch(cfg: RunConfig, shape: Shape, launch: Launch, gpu_bytes: float |
         return MicroBatch(b, a, 1, "auto: not folded without a GPU (training.fold_accumulation=true folds)")
     usable = AUTO_FOLD_SHARE * gpu_bytes
     for k in sorted((k for k in range(a, 0, -1) if a % k == 0), reverse=True):
-        need = estimate(shape, cfg, launch.num_processes, launch.zero3, launch.offload, batch=b * k).total
+        need = estimate(shape, cfg, launch.num_processes, launch.shards_parameters, launch.offload, batch=b * k).total
         if need <= usable:
             why = (f"auto: plan estimates {need / GIB:.1f} GiB of {usable / GIB:.1f} GiB "
                    f"({AUTO_FOLD_SHARE:.0%} of the card)")

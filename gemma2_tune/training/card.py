@@ -72,7 +72,7 @@ tags: [{m.get("family", "gemma2")}, gemma2-tune, {record.get("command", "sft")}]
 
 - attention: {m.get("attn_implementation")} (soft-caps: attention {m.get("attention_softcap")}, final {m.get("final_softcap")})
 - adapters: {f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}" if adapter else "none (all weights trained)"}
-- data: {d.get("rows_kept")} rows kept of {d.get("rows_read")} ({d.get("rows_bad")} bad, {d.get("rows_truncated")} truncated), {d.get("supervised_tokens")} supervised tokens; loss on {cfg.data.train_on.replace("_", " ")}, system messages '{cfg.data.system_policy}', packing {"on" if cfg.data.packing else "off"}
+- data: {d.get("rows_kept")} rows kept of {d.get("rows_read")} ({d.get("rows_bad")} bad, {d.get("rows_truncated")} truncated), {d.get("supervised_tokens")} supervised tokens; {cfg.data.describe()}
 - training: {record.get("global_step")} steps, lr {cfg.training.learning_rate:g}, loss {_num(t.get("first_loss"))} -> {_num(t.get("final_loss"))}{eval_line}
 - throughput: {speed.get("supervised_tokens_per_s") or 0:,.0f} supervised tokens/s over {_num(t.get("train_runtime_s"), 1)} s of training; launch {record.get("launch", {}).get("mode")} x {record.get("launch", {}).get("num_processes")}
 

@@ -3,7 +3,7 @@
 Two ways in, one set of rules:
   accelerate launch --config_file accelerate_configs/X.yaml -m gemma2_tune COMMAND ...   (ranks read ACCELERATE_* env)
   gemma2-tune COMMAND --launch X --num-processes N ...     (we read X.yaml, check, then run accelerate launch)
-for any training command (sft today).
+for any training command (every method of training/methods.py).
 Either way `launch_problems` is applied before any model is loaded. Light module: no torch import.
 """
 
@@ -44,10 +44,46 @@ class Launch:
     config_file: str | None = None
     offload: bool = False  # DeepSpeed keeps optimizer states (and master weights) in CPU memory or on NVMe
 
+    # Capabilities: what the launch does, derived once here; every rule elsewhere asks these, never the mode.
+    # Another sharded engine (FSDP2) is one more case in each, not edits across the code.
     @property
-    def zero3(self) -> bool:
-        """DeepSpeed ZeRO stage 3 (parameters sharded over processes)."""
+    def shards_parameters(self) -> bool:
+        """Each process holds a slice of every weight (DeepSpeed ZeRO stage 3): weights are gathered around
+        each module's forward, and code that reads a weight directly (a fused loss, EMA, kernel probes,
+        compiled layers) sees only its slice."""
         return self.mode == "deepspeed" and self.zero_stage == 3
+
+    @property
+    def sharded_init(self) -> bool:
+        """Weights are sharded as they load (zero3_init_flag): needed for QLoRA under sharding."""
+        return self.shards_parameters and self.zero3_init
+
+    @property
+    def consolidates_on_save(self) -> bool:
+        """A full model is saved as one consolidated checkpoint (zero3_save_16bit_model) rather than shards;
+        always true without sharding."""
+        return not self.shards_parameters or self.zero3_save_16bit
+
+    @property
+    def places_weights(self) -> bool:
+        """The engine places weights on devices itself: quantized weights get no device_map at load time."""
+        return self.shards_parameters
+
+    @property
+    def reentrant_checkpointing(self) -> bool:
+        """PEFT under sharded parameters needs reentrant gradient checkpointing (TRL enforces it)."""
+        return self.shards_parameters
+
+    @property
+    def reads_whole_weights(self) -> bool:
+        """Code may read a whole weight outside a module's forward (EMA, the tiled and fused losses, probes,
+        torch.compile): false when parameters are sharded."""
+        return not self.shards_parameters
+
+    @property
+    def sharding(self) -> str:
+        """The sharded engine in words, for messages ('ZeRO-3'), or '' without one."""
+        return "ZeRO-3" if self.shards_parameters else ""
 
     def describe(self) -> str:
         """'deepspeed ZeRO-3, 8 processes'."""
@@ -119,7 +155,10 @@ def current_launch(env: dict[str, str] | None = None) -> Launch:
 
 
 def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
-    """Contradictions between a resolved config and how the processes are started (empty: none)."""
+    """Contradictions between a resolved config and how the processes are started (empty: none): the shared
+    rules, then the method's own (its registry entry's `launch_problems`)."""
+    from .methods import method_for
+
     where = f"accelerate config {launch.config_file}" if launch.config_file else "the accelerate launch"
     problems = []
     wanted = PRECISION_OF_DTYPE[cfg.model.dtype]
@@ -127,36 +166,48 @@ def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
         problems.append(f"model.dtype is {cfg.model.dtype} but {where} sets mixed_precision: {launch.mixed_precision}")
     if launch.mode == "fsdp":
         problems.append(f"{where}: FSDP is not supported by gemma2-tune yet; use a DeepSpeed ZeRO-3 config")
-    if launch.zero3:
+    if launch.shards_parameters:
+        sharding = launch.sharding
         if cfg.quantization.load_in_4bit:
             if not (cfg.quant_storage == cfg.compute_dtype == cfg.model.dtype):
                 problems.append(
-                    "quantization.quant_storage, quantization.compute_dtype and model.dtype must be equal under "
-                    f"ZeRO-3 (ZeRO-3 shards one dtype); got {cfg.quant_storage}, {cfg.compute_dtype}, {cfg.model.dtype}"
+                    f"quantization.quant_storage, quantization.compute_dtype and model.dtype must be equal under "
+                    f"{sharding} ({sharding} shards one dtype); got {cfg.quant_storage}, {cfg.compute_dtype}, "
+                    f"{cfg.model.dtype}"
                 )
-            if not launch.zero3_init:
-                problems.append(f"{where}: deepspeed_config.zero3_init_flag must be true for QLoRA under ZeRO-3")
-        teacher = getattr(cfg, "teacher", None)
-        if teacher is not None and teacher.load_in != "full":
-            problems.append(f"teacher.load_in is {teacher.load_in} but ZeRO-3 shards the teacher's weights: set "
-                            "teacher.load_in=full (unquantized in model.dtype, split over the processes)")
-        if cfg.training.torch_compile != "off":
-            problems.append("training.torch_compile is set but gemma2-tune compiles layers only without ZeRO-3 (its "
-                            "parameter gathering hooks break the compiled graphs); set training.torch_compile=off")
-        if cfg.training.use_liger_kernel:
-            problems.append("training.use_liger_kernel is set but gemma2-tune checks Liger's kernels against the plain "
-                            "model's gradients, which ZeRO-3 partitions; set training.use_liger_kernel=false")
-        if cfg.training.loss == "supervised_liger":
-            problems.append("training.loss is supervised_liger but ZeRO-3 partitions the lm_head weight it reads (TRL's "
-                            "own loss runs under ZeRO-3); set training.loss=trl")
+            if not launch.sharded_init:
+                problems.append(f"{where}: deepspeed_config.zero3_init_flag must be true for QLoRA under {sharding}")
+        for frozen in cfg.frozen_models():
+            if frozen.load_in != "full":
+                problems.append(f"{frozen.key}.load_in is {frozen.load_in} but {sharding} shards the {frozen.key}'s "
+                                f"weights: set {frozen.key}.load_in=full (unquantized in model.dtype, split over the "
+                                "processes)")
         if cfg.training.ema_decay is not None:
-            problems.append("training.ema_decay is set but ZeRO-3 shards the weights it averages; keep the average "
-                            "on one GPU or under DDP (--launch ddp), or unset training.ema_decay")
-        if not cfg.lora.enabled and not launch.zero3_save_16bit:
+            problems.append(f"training.ema_decay is set but {sharding} shards the weights it averages; keep the "
+                            "average on one GPU or under DDP (--launch ddp), or unset training.ema_decay")
+        if not cfg.lora.enabled and not launch.consolidates_on_save:
             problems.append(
-                f"{where}: deepspeed_config.zero3_save_16bit_model must be true for full fine-tuning under ZeRO-3, "
-                "or the saved model is not a consolidated checkpoint"
+                f"{where}: deepspeed_config.zero3_save_16bit_model must be true for full fine-tuning under "
+                f"{sharding}, or the saved model is not a consolidated checkpoint"
             )
+    return problems + method_for(cfg).launch_problems(cfg, launch)
+
+
+def sft_launch_problems(cfg, launch: Launch) -> list[str]:
+    """sft's own keys against the launch: compiled layers, Liger's kernels and the fused loss read whole
+    weights, which a sharded launch does not have."""
+    if launch.reads_whole_weights:
+        return []
+    sharding, problems = launch.sharding, []
+    if cfg.training.torch_compile != "off":
+        problems.append(f"training.torch_compile is set but gemma2-tune compiles layers only without {sharding} "
+                        "(its parameter gathering hooks break the compiled graphs); set training.torch_compile=off")
+    if cfg.training.use_liger_kernel:
+        problems.append(f"training.use_liger_kernel is set but gemma2-tune checks Liger's kernels against the plain "
+                        f"model's gradients, which {sharding} partitions; set training.use_liger_kernel=false")
+    if cfg.training.loss == "supervised_liger":
+        problems.append(f"training.loss is supervised_liger but {sharding} partitions the lm_head weight it reads "
+                        f"(TRL's own loss runs under {sharding}); set training.loss=trl")
     return problems
 
 

@@ -1,18 +1,26 @@
-"""A training run's life, whatever trains it: output folder, manifest, attempts, printing, throughput, card.
+"""A training run's life, whatever method trains it: the run order (`train`), and the record around it
+(output folder, manifest, attempts, printing, throughput, card).
 
-    run = RunLifecycle(cfg, "sft", echo, launch, recipe, resuming)  # launch and output folder checked
-    args = trainer_args(...)                 # before any process state exists (ZeRO-3 sharded loading)
-    run.join()                               # process state; only rank 0 writes and prints
-    checkpoint = run.resume_point(resume, resume_from)
-    run.start(dataset=..., data=...)        # output folder made safe, config.yaml + run.json (running)
-    with run.attempt():                      # failed / interrupted / completed; every attempt kept
-        ...
-        run.record_model(report)
-        stop = run.attach(trainer)           # callbacks: memory, step, checkpoints, SIGTERM, lines/progress bar
-        run.finish_training(trainer, report) # throughput, loss curve; Interrupted after SIGTERM
-        run.save(trainer, tokenizer)         # weights, tokenizer, loss.png, README.md (model card)
+    train(runner):                            # the one run order; a method supplies a Runner's pieces
+        RunLifecycle(cfg, ...)                # launch and output folder checked; no process state yet
+        args = runner.prepare(launch, out)    # configs, tokenizers, checks; the trainer's arguments BEFORE any
+                                              # process state (under ZeRO-3 they make from_pretrained shard)
+        run.join()                            # process state; only rank 0 writes and prints
+        checkpoint = run.resume_point(...)
+        fields = runner.load_data(run)        # data read and checked before anything is written
+        run.start(**fields)                   # output folder made safe, config.yaml + run.json (running)
+        with run.attempt():                   # failed / interrupted / completed; every attempt kept
+            trainer = runner.build(run, args) # models through the one loading path, checked; the TRL trainer
+            runner.before_training(run, checkpoint)
+            stop = run.attach(trainer)        # callbacks: memory, step, checkpoints, SIGTERM, lines/progress bar
+            trainer.train(...)
+            runner.record_training(run, trainer, runtime)
+            run.finish_training(...)          # throughput, loss curve; Interrupted after SIGTERM
+            runner.after_training(run, trainer)
+            run.save(trainer, tokenizer)      # weights, tokenizer, loss.png, README.md (model card)
 
-A new training command reuses it as is and adds its own fields to `run.record`.
+A method's runner (training/<method>.py) supplies only what differs: its data, its models and trainer, what
+it records.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class RunLifecycle:
         cfg, launch, recipe = self.cfg, self.launch, self.recipe
         self.record: dict[str, Any] = {
             "command": self.command,
+            "method": cfg.method,
             "status": "running",
             "started_at": now(),
             "recipe": str(recipe) if recipe else None,
@@ -253,6 +262,79 @@ class RunLifecycle:
         if final is not None and not math.isfinite(final):
             lines.append(f"warning: final loss is {final}; training diverged")
         return lines
+
+
+class Runner:
+    """A method's pieces of the run order (`train`). Subclasses set `tokenizer`, `data_report` (for
+    throughput) and `base_chat_template` by the time `build` returns, and override what they need."""
+
+    tokenizer: Any = None
+    data_report: Any = None
+    base_chat_template: str | None = None
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def prepare(self, launch: Launch, out: Path) -> Any:
+        """Checks from configs and tokenizers (no weights), then the trainer's arguments, created before any
+        process state. Raises UserError."""
+        raise NotImplementedError
+
+    def load_data(self, run: "RunLifecycle") -> dict[str, Any]:
+        """Read and check the data (nothing written yet); returns run.json fields (dataset, data, ...)."""
+        raise NotImplementedError
+
+    def build(self, run: "RunLifecycle", args: Any) -> Any:
+        """Load the models through the one loading path (checked, reports recorded) and build the trainer."""
+        raise NotImplementedError
+
+    def before_training(self, run: "RunLifecycle", checkpoint: Checkpoint | None) -> None:
+        """Lines said before the first step."""
+
+    def record_training(self, run: "RunLifecycle", trainer, runtime_s: float | None) -> None:
+        """Method totals into run.record once training returns (also after SIGTERM, before Interrupted)."""
+
+    def after_training(self, run: "RunLifecycle", trainer) -> None:
+        """After a completed training loop, before saving (a final evaluation)."""
+
+    def final_lines(self, run: "RunLifecycle", trainer, runtime_s: float | None) -> list[str]:
+        """Lines said after saving, before the run's summary."""
+        return []
+
+
+def train(runner: Runner, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
+          resume_from: str | None = None) -> dict[str, Any]:
+    """Run `runner.cfg` through the one run order; returns the manifest (also output.dir/run.json).
+
+    Raises UserError for anything the user can fix (launch, output folder, data, models), found before
+    training where possible, and Interrupted (exit 143) after a SIGTERM once a checkpoint is saved.
+    """
+    from transformers import set_seed
+
+    from .launch import current_launch
+
+    cfg = runner.cfg
+    launch = current_launch()
+    run = RunLifecycle(cfg, cfg.method, echo, launch, recipe, resuming=resume or bool(resume_from))
+    args = runner.prepare(launch, run.out)  # before any process state: makes ZeRO-3 load weights sharded
+    run.join()
+    checkpoint = run.resume_point(resume, resume_from)
+    set_seed(cfg.training.seed)
+    run.start(**runner.load_data(run))
+    with run.attempt():
+        trainer = runner.build(run, args)
+        runner.before_training(run, checkpoint)
+        stop = run.attach(trainer)
+        with stop.installed():
+            result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+        runtime = result.metrics.get("train_runtime")
+        runner.record_training(run, trainer, runtime)
+        run.finish_training(trainer, runner.data_report, runtime, stop.stopped)
+        runner.after_training(run, trainer)
+        run.save(trainer, runner.tokenizer, runner.base_chat_template)
+    for line in runner.final_lines(run, trainer, runtime) + run.summary_lines():
+        run.say(line)
+    return run.record
 
 
 def _has_cuda() -> bool:

@@ -76,12 +76,10 @@ def check_output_dir(path: Path, overwrite: bool) -> str | None:
 
 
 def check_inputs_outside(cfg) -> None:
-    """The output folder must not be (or hold) an input of the run: the base model, the teacher, the data.
-    Raises UserError before anything is written or deleted."""
+    """The output folder must not be (or hold) an input of the run: the base model, the models the method loads
+    beside it (a teacher, ...), the data. Raises UserError before anything is written or deleted."""
     inputs = {"model.name_or_path": cfg.model.name_or_path, "data.dataset": cfg.data.dataset}
-    teacher = getattr(cfg, "teacher", None)
-    if teacher is not None:
-        inputs["teacher.name_or_path"] = teacher.name_or_path
+    inputs |= {f"{m.key}.name_or_path": m.name_or_path for m in cfg.frozen_models()}
     inside = inputs_inside(Path(cfg.output.dir), inputs)
     if inside:
         raise UserError(f"output.dir: {cfg.output.dir} is, or holds, an input of this run ({', '.join(inside)}); "

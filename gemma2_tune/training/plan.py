@@ -97,27 +97,28 @@ def nf4_weight_bytes(shape: Shape, cfg: RunConfig) -> float:
     return shape.linear_params * per_param + shape.other_params * DTYPE_BYTES[cfg.model.dtype]
 
 
-def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool = False, offload: bool = False,
-             batch: int | None = None, length: int | None = None, teacher: Shape | None = None) -> Plan:
-    """Per-process memory of training `shape` as `cfg` says. `batch`: items per forward (the micro-batch,
-    default the config's per-device batch; tokens per optimizer step stay the config's batch x accumulation),
-    `length`: tokens per item (default data.max_length).
-    `teacher`: for distillation, the teacher's shape (its weights, its forward, the student's KV cache while
-    generating are added)."""
+def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool = False, offload: bool = False,
+             batch: int | None = None, length: int | None = None, frozen: dict[str, Shape] | None = None) -> Plan:
+    """Per-process memory of training `shape` as `cfg` says. `shards`: parameters sharded over the
+    `num_processes` (ZeRO-3); `batch`: items per forward (the micro-batch, default the config's per-device batch;
+    tokens per optimizer step stay the config's batch x accumulation), `length`: tokens per item (default
+    data.max_length). `frozen`: the shapes of the models the method loads beside the trained one, by config key
+    (cfg.frozen_models(); the teacher). The method's own terms (its loss at least) come from its registry entry."""
+    from .methods import method_for
+
     b = batch or cfg.training.per_device_train_batch_size
     t = length or cfg.data.max_length
-    n = num_processes if zero3 else 1
-    dtype = DTYPE_BYTES[cfg.model.dtype]
+    n = num_processes if shards else 1
     terms: dict[str, float] = {}
 
     if cfg.quantization.load_in_4bit:
         terms["weights"] = nf4_weight_bytes(shape, cfg) / n
     else:
-        terms["weights"] = shape.total_params * dtype / n
+        terms["weights"] = shape.total_params * DTYPE_BYTES[cfg.model.dtype] / n
     trainable = lora_params(shape, cfg) if cfg.lora.enabled else shape.total_params
     if cfg.lora.enabled:
         terms["trainable: weights, grads, Adam"] = trainable * 16 / n
-    elif zero3:
+    elif shards:
         terms["trainable: grads, Adam, fp32 master"] = trainable * (2 if offload else 14) / n
     else:
         terms["trainable: grads, Adam"] = trainable * 6
@@ -132,20 +133,7 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
         terms["activations"] = shape.layers * b * t * h * 2 + layer_work
     else:
         terms["activations"] = shape.layers * layer_work
-    supervised = b * t  # upper bound: every position supervised
-    if teacher is not None:
-        terms.update(distill_terms(shape, teacher, cfg, b, t, n))
-        # TRL's chunked divergence: fp32 tiles of both models' logits (x3 with temporaries) + hidden states
-        terms["loss"] = 2 * min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * (h + teacher.hidden) * 8
-    elif cfg.training.loss == "supervised_chunked" and not zero3:
-        terms["loss"] = (min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
-                         + supervised * h * 8)
-    elif cfg.training.loss == "supervised_liger" and not zero3:
-        # Liger sizes its chunk of rows so that rows x vocab ~ positions x hidden (rounded up to a power of 2:
-        # up to 2x), logits in the model's dtype and their fp32 gradient; plus the gradient of the hidden states
-        terms["loss"] = 2 * supervised * h * (dtype + 4) + supervised * h * 8
-    else:
-        terms["loss"] = min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * h * 8
+    terms.update(method_for(cfg).plan_terms(shape, cfg, b, t, n, shards, frozen or {}))
     base = sum(terms.values())
     terms["overhead"] = GIB + 0.10 * base
     full_logits = b * t * shape.vocab * (2 + 4 + 4)
@@ -153,10 +141,29 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, zero3: bool =
     return Plan(terms, full_logits, per_step * t, trainable, shape.total_params)
 
 
-def distill_terms(student: Shape, teacher: Shape, cfg: RunConfig, b: int, t: int, n: int) -> dict[str, float]:
+def sft_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: dict[str, Shape]) -> dict[str, float]:
+    """sft's loss: supervised_chunked: one fp32 tile (x3 with temporaries) + fp32 hidden states at the
+    supervised positions (every position, as an upper bound); supervised_liger: Liger's chunk; TRL's loss
+    (asked for, or under sharding): its fused tiles."""
+    h, dtype = shape.hidden, DTYPE_BYTES[cfg.model.dtype]
+    supervised = b * t  # upper bound: every position supervised
+    if cfg.training.loss == "supervised_chunked" and not shards:
+        return {"loss": min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
+                + supervised * h * 8}
+    if cfg.training.loss == "supervised_liger" and not shards:
+        # Liger sizes its chunk of rows so that rows x vocab ~ positions x hidden (rounded up to a power of 2:
+        # up to 2x), logits in the model's dtype and their fp32 gradient; plus the gradient of the hidden states
+        return {"loss": 2 * supervised * h * (dtype + 4) + supervised * h * 8}
+    return {"loss": min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * h * 8}
+
+
+def distill_terms(student: Shape, cfg, b: int, t: int, n: int, shards: bool,
+                  frozen: dict[str, Shape]) -> dict[str, float]:
     """A distillation teacher's memory: weights (4-bit as the student's 4-bit settings, 8-bit with per-row
-    scales, or full precision sharded under ZeRO-3), one layer's forward at a time (no gradients), and the
-    student's KV cache while it generates (batch x accumulation prompts at once, in model.dtype)."""
+    scales, or full precision sharded), one layer's forward at a time (no gradients), the student's KV cache
+    while it generates (batch x accumulation prompts at once, in model.dtype), and TRL's chunked divergence
+    (fp32 tiles of both models' logits, x3 with temporaries, + both hidden states)."""
+    teacher = frozen.get("teacher") or student
     dtype = DTYPE_BYTES[cfg.model.dtype]
     load_in = cfg.teacher.load_in
     if load_in == "4bit":
@@ -169,7 +176,9 @@ def distill_terms(student: Shape, teacher: Shape, cfg: RunConfig, b: int, t: int
     forward = scores + (4 * teacher.hidden + 4 * teacher.intermediate) * b * t * 2
     generation_batch = b * cfg.training.gradient_accumulation_steps  # prompts generated for at once
     kv_cache = generation_batch * t * student.layers * 2 * student.kv_heads * student.head_dim * dtype
-    return {"teacher weights": weights, "teacher forward (no gradients)": forward, "generation KV cache": kv_cache}
+    loss = 2 * min(b * t, 4096) * min(student.vocab, 32768) * 4 * 3 + b * t * (student.hidden + teacher.hidden) * 8
+    return {"teacher weights": weights, "teacher forward (no gradients)": forward, "generation KV cache": kv_cache,
+            "loss": loss}
 
 
 def fits_length(shape: Shape, cfg: RunConfig, budget: float, **kw) -> int | None:
@@ -181,24 +190,25 @@ def fits_length(shape: Shape, cfg: RunConfig, budget: float, **kw) -> int | None
     return best
 
 
-def advice(shape: Shape, cfg: RunConfig, budget: float, launch, micro, teacher: Shape | None) -> list[str]:
+def advice(shape: Shape, cfg: RunConfig, budget: float, launch, micro, frozen: dict[str, Shape]) -> list[str]:
     """What to change so the run fits `budget` bytes, each checked against the estimate (a length that fits,
-    folding less, batch 1, more ZeRO-3 processes, offload; 4-bit is always worth naming when off). `launch`:
-    the Launch; `micro`: the micro-batch the run would use (None: distill)."""
-    n, zero3, offload = launch.num_processes, launch.zero3, launch.offload
+    folding less, batch 1, more sharded processes, offload; 4-bit is always worth naming when off). `launch`:
+    the Launch; `micro`: the micro-batch the run would use (None: the method does not fold); `frozen`: the
+    shapes of the models loaded beside the trained one."""
+    n, shards, offload = launch.num_processes, launch.shards_parameters, launch.offload
     batch = micro.per_device if micro else None
 
     def need(**kw) -> float:
-        args = {"num_processes": n, "zero3": zero3, "offload": offload, "teacher": teacher, "batch": batch} | kw
+        args = {"num_processes": n, "shards": shards, "offload": offload, "frozen": frozen, "batch": batch} | kw
         return estimate(shape, cfg, **args).total
 
     found = []
-    length = fits_length(shape, cfg, budget, num_processes=n, zero3=zero3, offload=offload, teacher=teacher,
+    length = fits_length(shape, cfg, budget, num_processes=n, shards=shards, offload=offload, frozen=frozen,
                          batch=batch)
     if length and length < cfg.data.max_length:
         found.append(f"--max-length {length}")
     b = cfg.training.per_device_train_batch_size
-    if micro is not None and cfg.training.fold_accumulation is True and micro.folded > 1:
+    if micro is not None and micro.folded > 1 and micro.reason == "training.fold_accumulation=true":
         unfolded = need(batch=b)
         found.append("training.fold_accumulation=auto (folds only as far as the card allows" + (
             ")" if unfolded <= budget else f"; unfolded it needs {unfolded / GIB:.1f} GiB)"))
@@ -206,13 +216,13 @@ def advice(shape: Shape, cfg: RunConfig, budget: float, launch, micro, teacher: 
         found.append("training.per_device_train_batch_size=1 (raise gradient_accumulation_steps)")
     if not cfg.quantization.load_in_4bit:
         found.append("4-bit QLoRA (quantization.load_in_4bit=true, lora.enabled=true)")
-    if zero3:
+    if shards:
         more = next((m for m in (2 * n, 4 * n, 8 * n) if need(num_processes=m) <= budget), None)
         if more:
             found.append(f"--num-processes {more} (ZeRO-3 shards weights and states)")
         if not offload and need(offload=True) <= budget:
             found.append("--launch zero3_offload")
-    elif need(num_processes=8, zero3=True) <= budget:
+    elif need(num_processes=8, shards=True) <= budget:
         found.append("more GPUs with --launch zero3 --num-processes 8")
     return found
 
@@ -229,7 +239,7 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
 
     launch = (read_launch_config(find_launch_config(launch_name), num_processes) if launch_name else
               Launch("ddp" if (num_processes or 1) > 1 else "single", num_processes or 1))
-    num_processes, zero3, offload = launch.num_processes, launch.zero3, launch.offload
+    num_processes, shards, offload = launch.num_processes, launch.shards_parameters, launch.offload
     if launch_name:
         from .launch import launch_problems
 
@@ -237,27 +247,29 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
         if problems:
             raise UserError(f"--launch {launch_name}: this run would be refused at launch:\n  - "
                             + "\n  - ".join(problems))
+    from .methods import method_for
+
     shape, where = model_shape(cfg.model.name_or_path)
-    teacher = getattr(cfg, "teacher", None)
-    teacher_shape, teacher_where = model_shape(teacher.name_or_path) if teacher is not None else (None, "")
-    # sft folds accumulation into the micro-batch as `micro_batch` decides on the run's GPU (distill doesn't fold)
-    micro = micro_batch(cfg, shape, launch, budget) if teacher is None else None
+    frozen = {m.key: (m, *model_shape(m.name_or_path)) for m in cfg.frozen_models()}
+    frozen_shapes = {key: found[1] for key, found in frozen.items()}
+    # a method that folds accumulation into the micro-batch does it as `micro_batch` decides on the run's GPU
+    micro = micro_batch(cfg, shape, launch, budget) if method_for(cfg).folds_accumulation else None
     batch = micro.per_device if micro else None  # what each forward will hold; the advice below keeps it
-    plan = estimate(shape, cfg, num_processes, zero3, offload, teacher=teacher_shape, batch=batch)
-    mode = f"ZeRO-3 over {num_processes}" + (" with CPU offload" if offload else "") if zero3 else (
+    plan = estimate(shape, cfg, num_processes, shards, offload, frozen=frozen_shapes, batch=batch)
+    mode = f"{launch.sharding} over {num_processes}" + (" with CPU offload" if offload else "") if shards else (
         f"{num_processes} process{'es' if num_processes > 1 else ''}, one full copy each")
     lines = [
         f"model: {cfg.model.name_or_path} ({where}): {plan.total_params / 1e9:.2f}B parameters, "
         f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab:,}",
-    ] + ([f"teacher: {teacher.name_or_path} ({teacher_where}): {teacher_shape.total_params / 1e9:.2f}B parameters, "
-          f"{teacher.load_in}, frozen"] if teacher is not None else []) + [
+    ] + [f"{key}: {m.name_or_path} ({w}): {s.total_params / 1e9:.2f}B parameters, {m.load_in}, frozen"
+         for key, (m, s, w) in frozen.items()] + [
         f"run: {'4-bit QLoRA' if cfg.quantization.load_in_4bit else cfg.model.dtype + (' LoRA' if cfg.lora.enabled else ' full fine-tuning')}, "
         f"{plan.trainable_params / 1e6:,.1f}M trainable; {mode}; batch {cfg.training.per_device_train_batch_size} x "
         f"{cfg.data.max_length} tokens, accumulation {cfg.training.gradient_accumulation_steps}",
     ] + ([f"on {gpu}: {micro.describe()}"] if micro else []) + [
         f"tokens per optimizer step: {plan.tokens_per_step:,}" + (
-            " (at most: prompts + completions)" if teacher is not None else
-            " (packed blocks)" if cfg.data.packing else " (at most)"),
+            " (at most: prompts + completions)" if cfg.generation_length else
+            " (packed blocks)" if getattr(cfg.data, "packing", False) else " (at most)"),
         f"estimated memory per GPU on {gpu} ({memory:.0f} GiB usable)"
         + (f", micro-batch {micro.per_device}:" if micro else ":"),
     ]
@@ -272,6 +284,6 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
     if not has_bf16 and cfg.model.dtype == "bfloat16":
         lines.append("to fit, try: a card with bf16 (A100, H100, L4, A10G, RTX 4090, ...)")
     elif plan.total > budget:
-        lines.append("to fit, try: " + ("; ".join(advice(shape, cfg, budget, launch, micro, teacher_shape))
+        lines.append("to fit, try: " + ("; ".join(advice(shape, cfg, budget, launch, micro, frozen_shapes))
                                         or "nothing this plan can model fits; a larger card"))
     return lines, ok

@@ -1,8 +1,8 @@
-"""`gemma2-tune sft`: supervised fine-tuning, read as setup -> train -> save.
+"""`gemma2-tune sft`: supervised fine-tuning; the pieces the run lifecycle (lifecycle.train) asks of it.
 
-config -> launch and output checks -> data (before anything is written) -> output folder -> model
-(checked) -> SFTTrainer (LoRA applied, placement checked) -> train (checkpoints, SIGTERM) -> adapter or
-model, tokenizer, manifest, plot, card. Every rank runs this; only the main process writes shared files.
+data: conversations -> Gemma turns -> tokenized, masked, packed blocks (before anything is written); model
+(checked) -> SFTTrainer (LoRA applied, placement checked, the supervised-only loss) -> kernels, compiled
+layers -> a final held-out evaluation. Every rank runs this; only the main process writes shared files.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import set_seed
-
-from ..config.schema import RunConfig
+from ..config.sft import SftConfig
 from ..families import Shape
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model
@@ -20,73 +18,81 @@ from ..models.lora import inspect_adapters
 from .batching import MicroBatch, gpu_memory, micro_batch
 from .compiling import compile_layers
 from .data import TrainingData, blocks_dataset, prepare_data
+from . import lifecycle
 from .describe import count
 from .kernels import apply_kernel_settings, check_kernel_settings
-from .launch import current_launch
+from .launch import Launch
 from .lifecycle import RunLifecycle
 from .trainer import build_trainer, device_map, effective_loss, trainer_args
 
 Echo = Callable[[str], None]
 
 
-def run_sft(cfg: RunConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
-            resume_from: str | None = None) -> dict[str, Any]:
-    """Train as `cfg` says; returns the run's manifest (also written to output.dir/run.json).
+class Runner(lifecycle.Runner):
+    """sft's pieces: conversations -> tokenized, masked, packed blocks; the model (checked); SFTTrainer with the
+    supervised-only loss, kernels and compiled layers as configured; a final held-out evaluation."""
 
-    Raises UserError for anything the user can fix (launch, output folder, data, model), found before
-    training where possible, and Interrupted (exit 143) after a SIGTERM once a checkpoint is saved.
-    """
-    # setup
-    launch = current_launch()
-    run = RunLifecycle(cfg, "sft", echo, launch, recipe, resuming=resume or bool(resume_from))
-    m = cfg.model
-    family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only, no weights
-    check_kernel_request(family, m.attn_implementation, training=True)
-    loss = effective_loss(cfg, launch)
-    check_kernel_settings(cfg, family, loss)
-    micro = micro_batch(cfg, Shape.from_config(hf_config.to_dict()), launch, gpu_memory())
-    args = trainer_args(cfg, run.out, launch, micro)  # before any process state: makes ZeRO-3 load weights sharded
-    run.join()
-    checkpoint = run.resume_point(resume, resume_from)
-    set_seed(cfg.training.seed)
-    data = prepare_data(cfg, family, run.say, run.state)
-    run.start(**data_record(cfg, data), loss_implementation=loss, micro_batch=micro.to_dict(),
-              chat_template={"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
-                             "replaced_base_template": data.base_chat_template is not None})
-    with run.attempt():
+    cfg: SftConfig
+
+    def prepare(self, launch: Launch, out: Path):
+        """Family and kernel from the checkpoint's config (no weights), the loss and kernel settings, the
+        micro-batch; returns SFTConfig."""
+        cfg, m = self.cfg, self.cfg.model
+        self.launch = launch
+        family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only
+        check_kernel_request(family, m.attn_implementation, training=True)
+        self.family, self.loss = family, effective_loss(cfg, launch)
+        check_kernel_settings(cfg, family, self.loss)
+        self.micro = micro_batch(cfg, Shape.from_config(hf_config.to_dict()), launch, gpu_memory())
+        return trainer_args(cfg, out, launch, self.micro)
+
+    def load_data(self, run: RunLifecycle) -> dict[str, Any]:
+        """Rows -> blocks (cached), the run's chat template on the tokenizer."""
+        cfg = self.cfg
+        data = self.data = prepare_data(cfg, self.family, run.say, run.state)
+        self.tokenizer, self.data_report, self.base_chat_template = data.tokenizer, data.report, data.base_chat_template
+        return data_record(cfg, data) | {
+            "loss_implementation": self.loss, "micro_batch": self.micro.to_dict(),
+            "chat_template": {"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
+                              "replaced_base_template": data.base_chat_template is not None}}
+
+    def build(self, run: RunLifecycle, args):
+        """The model through the one loading path, SFTTrainer (LoRA applied by TRL, placement checked), then
+        the kernel settings and compiled layers."""
+        cfg, data, launch = self.cfg, self.data, self.launch
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, run.state.local_process_index)))
-        eval_set = blocks_dataset(data.eval_blocks) if data.eval_blocks else None
-        trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, eval_set)
+        self.eval_set = blocks_dataset(data.eval_blocks) if data.eval_blocks else None
+        trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, self.eval_set)
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
         # before compiling: the compiled layers then include Liger's kernels
-        run.record["kernels"] = apply_kernel_settings(trainer, cfg, family, loss, run.say)
+        run.record["kernels"] = apply_kernel_settings(trainer, cfg, self.family, self.loss, run.say)
         if cfg.training.torch_compile == "regional":
-            run.record["compiled"] = compile_layers(trainer.model, cfg.model.dtype)
-            compiled = run.record["compiled"]
+            run.record["compiled"] = compiled = compile_layers(trainer.model, cfg.model.dtype)
             run.say(f"compiled {compiled['compiled_layers']} decoder layers (torch.compile, regional); probe vs eager: "
                     f"logits max |difference| {compiled['probe_max_abs_logit_diff']:.2e}, gradients "
                     f"{compiled['probe_max_rel_grad_diff']:.2e} of the largest")
-        say_plan(cfg, run, data, checkpoint, micro)
+        return trainer
 
-        # train
-        stop = run.attach(trainer)
-        with stop.installed():
-            result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
-        run.finish_training(trainer, data.report, result.metrics.get("train_runtime"), stop.stopped)
-        if eval_set is not None:
+    def before_training(self, run: RunLifecycle, checkpoint) -> None:
+        say_plan(self.cfg, run, self.data, checkpoint, self.micro)
+
+    def after_training(self, run: RunLifecycle, trainer) -> None:
+        """The final held-out loss and the eval curve, when rows are held out."""
+        if self.eval_set is not None:
             run.record["training"]["final_eval_loss"] = trainer.evaluate()["eval_loss"]
             run.record["training"]["eval_history"] = [{"step": e["step"], "eval_loss": e["eval_loss"]}
                                                       for e in trainer.state.log_history if "eval_loss" in e]
 
-        # save
-        run.save(trainer, data.tokenizer, data.base_chat_template)
-    for line in run.summary_lines():
-        run.say(line)
-    return run.record
+
+def run_sft(cfg: SftConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
+            resume_from: str | None = None) -> dict[str, Any]:
+    """Train as `cfg` says through the run lifecycle; returns the run's manifest (also output.dir/run.json).
+    Raises UserError (anything the user can fix), Interrupted (SIGTERM, checkpoint saved)."""
+    return lifecycle.train(Runner(cfg), echo, recipe, resume, resume_from)
 
 
-def data_record(cfg: RunConfig, data: TrainingData) -> dict[str, Any]:
+def data_record(cfg: SftConfig, data: TrainingData) -> dict[str, Any]:
     """The manifest's `dataset` and `data` sections."""
     source, report = data.source, data.report
     return {
@@ -98,7 +104,7 @@ def data_record(cfg: RunConfig, data: TrainingData) -> dict[str, Any]:
     }
 
 
-def say_plan(cfg: RunConfig, run: RunLifecycle, data: TrainingData, checkpoint, micro: MicroBatch) -> None:
+def say_plan(cfg: SftConfig, run: RunLifecycle, data: TrainingData, checkpoint, micro: MicroBatch) -> None:
     """The launch, the loss and the tokens per optimizer step, before the first step."""
     t = cfg.training
     items_per_step = cfg.rows_per_optimizer_step * run.state.num_processes

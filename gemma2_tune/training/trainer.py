@@ -34,8 +34,8 @@ def common_args(args_class, cfg: RunConfig, out: Path, launch: Launch, micro: Mi
     shape to run (default: as configured); `evaluate`: held-out data exists."""
     t = cfg.training
     micro = micro or MicroBatch(t.per_device_train_batch_size, t.gradient_accumulation_steps, 1, "as configured")
-    # PEFT under ZeRO-3 needs reentrant checkpointing (TRL enforces it; say so rather than be overridden).
-    reentrant = launch.zero3 and cfg.lora.enabled
+    # PEFT under sharded parameters needs reentrant checkpointing (TRL enforces it; say so rather than be overridden).
+    reentrant = launch.reentrant_checkpointing and cfg.lora.enabled
     return dict(
         output_dir=str(out),
         learning_rate=t.learning_rate,
@@ -89,15 +89,15 @@ def _checkpointing_args(args_class, enabled: bool, reentrant: bool) -> dict[str,
 
 
 def device_map(cfg: RunConfig, launch: Launch, local_rank: int) -> Any:
-    """4-bit weights are placed at load time, one copy per process; under ZeRO-3 DeepSpeed places them."""
-    if cfg.quantization.load_in_4bit and has_accelerator() and not launch.zero3:
+    """4-bit weights are placed at load time, one copy per process; a sharded launch places them itself."""
+    if cfg.quantization.load_in_4bit and has_accelerator() and not launch.places_weights:
         return {"": local_rank}
     return None
 
 
 def effective_loss(cfg: RunConfig, launch: Launch) -> str:
-    """The tiled loss reads lm_head's weight directly, which ZeRO-3 partitions: TRL's own loss there."""
-    return "trl" if launch.zero3 else cfg.training.loss
+    """The tiled loss reads lm_head's weight directly, which a sharded launch partitions: TRL's own loss there."""
+    return cfg.training.loss if launch.reads_whole_weights else "trl"
 
 
 class SupervisedLossTrainer(SFTTrainer):
@@ -152,10 +152,10 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Lau
 def keep_adapters_in_fp32(trainer, cfg: RunConfig, launch: Launch) -> None:
     """TRL stores QLoRA adapters in bf16, but PEFT reloads them in fp32 when resuming, so a resumed run would
     continue with other numerics. Keep the (few) trainable weights in fp32 from the start: exact resumes, and
-    Adam updates that bf16 would round away. ZeRO-3 needs one dtype: left as is. (sft and distill.)"""
+    Adam updates that bf16 would round away. A sharded launch needs one dtype: left as is. (Every method.)"""
     import torch
 
-    if cfg.lora.enabled and not launch.zero3:
+    if cfg.lora.enabled and not launch.shards_parameters:
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()

@@ -1,0 +1,179 @@
+"""The commands that use a trained model: chat, eval, merge, merge-models, serve. They parse their options and
+delegate to gemma2_tune/after/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config.schema import SftDataSection
+from ..errors import UserError
+from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, warn
+
+@command()
+def chat(
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One-shot: print only the answer and exit.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system message (handled by the run's system policy).")] = None,
+    load_in: LoadInOpt = "auto",
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+) -> None:
+    """Talk to a fine-tuned model (base from the run unless --model). Interactive with history, or one-shot."""
+    from ..after.chat import describe, interactive, one_shot
+    from ..after.inference import Sampling, load, read_run
+
+    run = read_run(adapter, model)
+    loaded = load(run, load_in_value(load_in))
+    sampling = Sampling(max_new_tokens, temperature, top_p)
+    note = describe(run, loaded, load_in, sampling)
+    if system and system.strip() and run.system_policy == "drop":
+        warn("--system: the run was trained with data.system_policy 'drop', so the system message is not sent")
+    if prompt is not None:
+        typer.secho(note, err=True, dim=True)
+        echo(one_shot(run, loaded, system, prompt, sampling))
+        return
+    echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves")
+    interactive(run, loaded, system, sampling, echo, write=lambda piece: typer.echo(piece, nl=False))
+
+
+@command()
+def merge(
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="A gemma2-tune run folder (adapter).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="New folder for the merged model.")],
+    model: ModelOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the run's "
+                                                 "model.dtype).")] = None,
+) -> None:
+    """Fold the LoRA adapter into the base (safetensors shards) for TGI, vLLM or transformers, self-checked."""
+    from ..after.merge import merge as run_merge
+
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    run_merge(adapter, output, model, dtype, echo=echo)
+
+
+@command("merge-models")
+def merge_models_command(
+    models: Annotated[list[str], typer.Argument(help="The models to merge: run folders (an adapter is merged into its "
+                                                "base first), a run's ema/ folder, merged folders or hub ids.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="New folder for the merged model.")],
+    method: Annotated[str, typer.Option(help="linear, slerp, ties, dare_ties or task_arithmetic (mergekit).")] = "linear",
+    models_flag: Annotated[bool, typer.Option("--models", hidden=True)] = False,  # `--models a b` reads as `a b`
+    base: Annotated[Optional[str], typer.Option(help="The initialisation: for ties/dare_ties/task_arithmetic and "
+                                                "--liti.")] = None,
+    t: Annotated[Optional[float], typer.Option("--t", help="SLERP factor: 0 the first model, 1 the second "
+                                               "(default 0.5).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Per-model weights, comma-separated (linear: normalised; "
+                                                   "ties/dare/task arithmetic: task-vector scales).")] = None,
+    density: Annotated[Optional[float], typer.Option(help="ties/dare_ties: fraction of each task vector kept "
+                                                     "(default 0.5).")] = None,
+    liti: Annotated[Optional[float], typer.Option(help="Then interpolate towards --base: eta * merged + (1 - eta) * "
+                                                  "base (WARP's LITI).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the inputs' "
+                                                 "precision).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random drops.")] = 42,
+) -> None:
+    """Merge fine-tuned models with mergekit (linear, SLERP, TIES, DARE, task arithmetic), optionally then LITI
+    towards the base; the result keeps eager attention, soft-caps and the run's chat template, self-checked."""
+    from ..after.merge_models import merge_models
+
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {weights}: comma-separated numbers, one per model") from None
+    merge_models(method, models, output, base, t, parsed, density, liti, dtype, seed, echo=echo)
+
+
+@command()
+def serve(
+    target: Annotated[str, typer.Argument(help="A merged folder, a run folder (its adapter is merged for serving) or "
+                                          "a run's ema/ folder.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="GEMMA2_TUNE_API_KEY",
+                                                   help="Require 'Authorization: Bearer <key>' (or set "
+                                                   "GEMMA2_TUNE_API_KEY).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: the folder's name).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+) -> None:
+    """Serve a tuned model behind an OpenAI-compatible API (/v1/chat/completions, streamed or not; /v1/models),
+    on transformers' server, with the run's chat template; stops cleanly on SIGTERM."""
+    from ..after.serve import serve as run_server
+
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    run_server(target, host, port, api_key, name, dtype, device, echo=echo)
+
+
+@command("eval")
+def evaluate_command(
+    adapter: AdapterOpt = None,
+    model: ModelOpt = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Held-out chats (any supported source).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated (needs lm-eval).")] = None,
+    max_length: Annotated[int, typer.Option(help="data.max_length for the held-out rows.")] = 1024,
+    max_rows: Annotated[Optional[int], typer.Option(help="Score at most this many rows.")] = None,
+    load_in: LoadInOpt = "auto",
+    include_path: Annotated[Optional[str], typer.Option(help="Folder of extra lm-eval task YAMLs.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task.")] = None,
+    compare: Annotated[Optional[list[str]], typer.Option(help="Also score this model on the same rows, in the same "
+                                                         "table: a run folder, its ema/, a merged folder or a hub id "
+                                                         "(repeatable).")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="gemma2-report: the launch post's benchmarks (MMLU, GSM8K, "
+                                                 "ARC-c, HellaSwag, Winogrande) with the report's few-shot "
+                                                 "settings, beside the published base scores (needs lm-eval).")] = None,
+) -> None:
+    """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), lm-eval tasks, or the
+    Gemma 2 report's benchmark table."""
+    if not dataset and not tasks and not suite:
+        raise UserError("give --dataset (held-out chats), --tasks (lm-eval tasks) and/or --suite gemma2-report")
+    if suite is not None:
+        from ..after.harness import SUITES
+
+        if suite not in SUITES:
+            raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
+        if tasks:
+            raise UserError("--suite and --tasks: choose one (the suite names its own tasks)")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be at least 1 (leave it out to score every example)")
+    if compare and not dataset:
+        raise UserError("--compare scores models on held-out chats: give --dataset too")
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise UserError(f"--include-path {include_path}: no such folder")
+    from ..after.inference import load, read_run
+
+    run = read_run(adapter, model)
+    if suite:
+        from ..after.harness import check_suite_data
+
+        check_suite_data(suite, include_path)  # before the model: missing data fails in seconds
+    from ..after.evaluate import compare_loaders
+
+    others = compare_loaders(compare or [], run, load_in_value(load_in), warn)
+    loaded = load(run, load_in_value(load_in))
+    if dataset:
+        from ..after.evaluate import evaluate
+
+        evaluate(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+                                     system_policy=run.system_policy), compare_base=True, echo=echo,
+                 others=others)
+    if tasks:
+        from ..after.harness import run_tasks
+
+        run_tasks(loaded.model, loaded.tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], include_path,
+                  limit, echo=echo)
+    if suite:
+        from ..after.harness import run_suite
+
+        config = loaded.model.config
+        size = loaded.family.size_of_shape(config.hidden_size, config.num_hidden_layers) \
+            if loaded.family.key == "gemma2" else None
+        run_suite(loaded.model, loaded.tokenizer, suite, size, include_path, limit, echo=echo)

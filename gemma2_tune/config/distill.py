@@ -1,0 +1,132 @@
+"""The `distill` schema: on-policy distillation from a teacher (TRL's DistillationTrainer).
+
+data.* gives the prompts (each row's conversation up to its last user turn); the student is model/quantization/
+lora; `teacher` and `distill` are this method's own sections. sft's packing, loss and kernel keys are unknown
+keys here: the student's completions are generated, scored whole, unpacked.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from ..families import family_of_checkpoint
+from .rules import MIN_PROMPT_TOKENS, checkpoint_size, model_problems, run_problems
+from .schema import FrozenModel, OutputSection, RunConfig, Section
+
+
+class TeacherSection(Section):
+    """The model the student learns from: frozen, in eval mode, checked like the student after loading."""
+
+    name_or_path: str = Field(
+        "google/gemma-2-27b-it",
+        description="Hub id or local directory of the teacher: same family, tokenizer and vocabulary as the "
+        "student (Gemma 2 sizes share them); usually larger and instruction-tuned.",
+    )
+    revision: str | None = Field(None, description="Hub revision of the teacher.")
+    load_in: Literal["4bit", "8bit", "full"] = Field(
+        "4bit",
+        description="Teacher precision: 4-bit NF4 (the student's 4-bit settings), 8-bit, or `full`: unquantized in "
+        "model.dtype (bf16 by default; required under ZeRO-3, which shards it).",
+    )
+    attn_implementation: Literal["eager", "flex_attention", "sdpa", "flash_attention_2"] = Field(
+        "eager", description="The teacher's attention kernel; the same rules as model.attn_implementation."
+    )
+    trust_remote_code: bool = Field(False, description="Passed to transformers when loading the teacher.")
+
+
+class DistillSection(Section):
+    """On-policy distillation (TRL's DistillationTrainer): the student generates, the divergence to the
+    teacher's distribution on those completions is minimised."""
+
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Generalized Jensen-Shannon divergence: 0 = forward KL(teacher || student), 1 = reverse "
+        "KL(student || teacher), 0.5 = JSD (Agarwal et al. 2024, the on-policy distillation Gemma 2 used).",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="Sampling temperature of the student's completions, and of both distributions in "
+        "the divergence (the same on both sides).")
+    max_completion_length: int = Field(256, gt=0, description="Tokens generated per completion at most.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student's completions.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling of the student's completions (0: off).")
+
+    @property
+    def divergence(self) -> str:
+        """What `beta` makes the generalized JSD: 'forward KL', 'reverse KL' or 'JSD(beta=...)'."""
+        return "forward KL" if self.beta == 0 else "reverse KL" if self.beta == 1 else f"JSD(beta={self.beta})"
+
+
+class DistillConfig(RunConfig):
+    """The `distill` schema: a training run (student = model/quantization/lora) plus a teacher and the
+    divergence. data.* gives the prompts: each row's conversation up to its last user turn."""
+
+    method: Literal["distill"] = Field("distill", description=RunConfig.model_fields["method"].description)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    output: OutputSection = Field(default_factory=lambda: OutputSection(dir="runs/gemma2-distill"))
+
+    data_kind: ClassVar[str] = "prompts"
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        """distill_problems."""
+        return distill_problems(self)
+
+    def frozen_models(self) -> list[FrozenModel]:
+        """The teacher."""
+        t = self.teacher
+        return [FrozenModel("teacher", t.name_or_path, t.load_in, t.attn_implementation)]
+
+    @property
+    def generation_length(self) -> int:
+        """The student's completions: distill.max_completion_length tokens at most."""
+        return self.distill.max_completion_length
+
+    @property
+    def item_unit(self) -> str:
+        """A batch item is a prompt."""
+        return "prompt"
+
+    def data_line(self) -> str:
+        """Prompts in Gemma turns, prompt + completion within data.max_length."""
+        return (f"prompts in Gemma turns (each row up to its last user turn), system messages "
+                f"'{self.data.system_policy}', prompt + completion <= {self.data.max_length} tokens")
+
+    def method_lines(self) -> list[str]:
+        """The teacher and the divergence."""
+        t, d = self.teacher, self.distill
+        return [
+            f"teacher:      {t.name_or_path} ({t.load_in}, attention {t.attn_implementation}), frozen",
+            f"distill:      on-policy: the student writes up to {d.max_completion_length} tokens per prompt "
+            f"(temperature {d.temperature}, top_p {d.top_p}); {d.divergence} to the teacher on those tokens",
+        ]
+
+
+def distill_problems(cfg: "DistillConfig") -> tuple[list[str], list[str]]:
+    """A distillation run's rules: the student's (run_problems), then the teacher's: a supported family that
+    is the student's (one tokenizer and vocabulary), a kernel that keeps its numerics, and not smaller than
+    the student (warned). Decided from names and local config.json files, without torch."""
+    errors, warnings = run_problems(cfg)
+    t = cfg.teacher
+    teacher_errors, teacher_warnings = model_problems(t.name_or_path, t.attn_implementation, cfg.model.dtype, "teacher")
+    errors += teacher_errors
+    warnings += teacher_warnings
+    if cfg.data.max_length - cfg.distill.max_completion_length < MIN_PROMPT_TOKENS:
+        errors.append(f"distill.max_completion_length ({cfg.distill.max_completion_length}) leaves no room for a "
+                      f"prompt in data.max_length ({cfg.data.max_length}), which holds prompt + completion")
+    if cfg.data.eval_split:
+        errors.append("data.eval_split: distill holds prompts out with data.eval_fraction (the eval divergence is "
+                      "measured on the student's own completions)")
+    student, teacher = family_of_checkpoint(cfg.model.name_or_path), family_of_checkpoint(t.name_or_path)
+    if student and teacher and student is not teacher:
+        errors.append(f"teacher.name_or_path: '{t.name_or_path}' is {teacher.display} but the student "
+                      f"'{cfg.model.name_or_path}' is {student.display}: distillation compares next-token "
+                      "distributions over one vocabulary, so both must share the tokenizer")
+    if student and teacher is student:
+        s_size, t_size = checkpoint_size(student, cfg.model.name_or_path), checkpoint_size(teacher, t.name_or_path)
+        if s_size in student.shapes and t_size in teacher.shapes and (
+                teacher.shapes[t_size].total_params < student.shapes[s_size].total_params):
+            warnings.append(f"teacher.name_or_path: the teacher ({t_size.upper()}) is smaller than the student "
+                            f"({s_size.upper()}); distillation usually goes from a larger model to a smaller one")
+    return errors, warnings

@@ -1,0 +1,46 @@
+"""The `sft` schema: supervised fine-tuning on conversations (the loss on model turns, packed blocks)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .rules import run_problems
+from .schema import RunConfig, SftDataSection, SftTrainingSection
+
+
+class SftConfig(RunConfig):
+    """Supervised fine-tuning: every shared section, with sft's own data keys (overlong, train_on, packing)
+    and training keys (fold_accumulation, kernels, the loss)."""
+
+    method: Literal["sft"] = Field("sft", description=RunConfig.model_fields["method"].description)
+    data: SftDataSection = Field(default_factory=SftDataSection)
+    training: SftTrainingSection = Field(default_factory=SftTrainingSection)
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        """The shared rules of a training run (rules.run_problems)."""
+        return run_problems(self)
+
+    @property
+    def item_unit(self) -> str:
+        """A batch item is a packed block, or a row."""
+        return "packed block" if self.data.packing else "row"
+
+    def data_line(self) -> str:
+        """Gemma turns, where the loss is, how long rows are handled."""
+        d = self.data
+        return (f"Gemma turns, system messages '{d.system_policy}', loss on {d.train_on.replace('_', ' ')}, max "
+                f"{d.max_length} tokens ({d.overlong} longer rows)")
+
+    def method_lines(self) -> list[str]:
+        """The loss and the kernels a run asks for beyond the defaults (nothing when none)."""
+        t = self.training
+        loss = {"trl": "loss trl (TRL's own)", "supervised_liger": "loss supervised_liger (Liger's fused linear "
+                "cross-entropy, CUDA only; checked against the fp32 tiles before training)"}
+        parts = [loss[t.loss]] if t.loss in loss else []
+        parts += ["Liger RMSNorm, GeGLU, RoPE (CUDA only; checked against the plain model before training)"
+                  ] if t.use_liger_kernel else []
+        parts += [f"torch.compile {t.torch_compile} (checked against eager before training)"
+                  ] if t.torch_compile != "off" else []
+        return [f"kernels:      {'; '.join(parts)}"] if parts else []
