@@ -43,12 +43,14 @@ CORPUS = [
     ("implicit with system (UltraFeedback, text prompt)",
      {"prompt": "Is water wet?", "chosen": [S("You are terse."), U("Is water wet?"), A("Yes.")],
       "rejected": [S("You are terse."), U("Is water wet?"), A("It depends on what you mean by wet.")]}),
-    ("implicit ShareGPT", {"chosen": [{"from": "human", "value": "Can fish fly?"}, {"from": "gpt", "value": "Some glide."}],
+    ("implicit ShareGPT", {"chosen": [{"from": "human", "value": "Can fish fly?"},
+                                      {"from": "gpt", "value": "Some glide."}],
                            "rejected": [{"from": "human", "value": "Can fish fly?"}, {"from": "gpt", "value": "ok"}]}),
     ("implicit JSON text (CSV cells)", {"chosen": json.dumps([U("How are you?"), A("Well.")]),
                                         "rejected": json.dumps([U("How are you?"), A("ok")])}),
     ("HH text", {"chosen": "\n\nHuman: What day is it?\n\nAssistant: Monday.\n\nHuman: Sure?\n\nAssistant: Yes.",
-                 "rejected": "\n\nHuman: What day is it?\n\nAssistant: Monday.\n\nHuman: Sure?\n\nAssistant: No idea."}),
+                 "rejected": "\n\nHuman: What day is it?\n\nAssistant: Monday.\n\nHuman: Sure?\n\nAssistant: "
+                             "No idea."}),
     ("HH prompt text", {"prompt": "\n\nHuman: What is a prime?\n\nAssistant:", "chosen": " A number with two divisors.",
                         "rejected": " A kind of beef."}),
     ("two system messages", {"prompt": [S("One."), S("Two."), U("Define love.")], "chosen": [A("ok")],
@@ -94,9 +96,11 @@ def test_every_schema_gives_the_run_templates_ids(tok, family, policy):
         or (family is GEMMA3_TEXT and policy == "fold" and name == "two system messages")}  # Gemma 3 takes one
     assert report.rows_bad == len(expected_bad), report.bad_rows
     kept = [(name, row) for name, row in CORPUS if name not in expected_bad]
-    assert [p.where for p in pairs] == [f"corpus line {i + 1}" for i, (n, _) in enumerate(CORPUS) if n not in expected_bad]
+    assert [p.where for p in pairs] == [f"corpus line {i + 1}" for i, (n, _) in enumerate(CORPUS)
+                                        if n not in expected_bad]
     for pair, (name, row) in zip(pairs, kept):
-        assert pair.prompt[-1]["role"] == "user" and [m["role"] for m in pair.chosen + pair.rejected] == ["assistant"] * 2
+        assert pair.prompt[-1]["role"] == "user"
+        assert [m["role"] for m in pair.chosen + pair.rejected] == ["assistant"] * 2
         assert pair.prompt_ids == template_ids(tok, pair.prompt, generation_prompt=True), name
         assert pair.prompt_ids + pair.chosen_ids == template_ids(tok, pair.prompt + pair.chosen), name
         assert pair.prompt_ids + pair.rejected_ids == template_ids(tok, pair.prompt + pair.rejected), name
@@ -154,7 +158,8 @@ BAD = [
 
 
 def test_bad_pairs_name_file_line_and_reason(tok, tmp_path):
-    path = write_jsonl(tmp_path / "prefs.jsonl", [row for row, _ in BAD] + [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path = write_jsonl(tmp_path / "prefs.jsonl", [row for row, _ in BAD] + [good])
     data = DataSection(dataset=str(path))
     rows, _ = load_rows(data)
     pairs, report = build_pairs(rows, tok, data, GEMMA2)
@@ -197,12 +202,14 @@ def test_length_rules(tok):
     row = {"prompt": [U("q")], "chosen": [A(long_answer)], "rejected": [A("short")]}
     same_start = {"prompt": [U("q")], "chosen": [A(long_answer + "yes")], "rejected": [A(long_answer + "no")]}
     long_prompt = {"prompt": [U("q " * 80)], "chosen": [A("a")], "rejected": [A("b")]}
-    rows = rows_of([("", row), ("", same_start), ("", long_prompt), ("", {"prompt": "q", "chosen": "a", "rejected": "b"})])
+    short = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    rows = rows_of([("", row), ("", same_start), ("", long_prompt), ("", short)])
     cut = DataSection(dataset="x.jsonl", max_length=40)
     pairs, report = build_pairs(rows, tok, cut, GEMMA2)
     assert [p.where for p in pairs] == ["corpus line 1", "corpus line 4"]
     assert pairs[0].truncated and len(pairs[0].prompt_ids) + len(pairs[0].chosen_ids) == 40
-    assert pairs[0].rejected_ids == build_pairs(rows[:1], tok, DataSection(dataset="x.jsonl"), GEMMA2)[0][0].rejected_ids
+    whole, _ = build_pairs(rows[:1], tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    assert pairs[0].rejected_ids == whole[0].rejected_ids  # the short side is not cut
     assert report.rows_truncated == 1 and report.rows_dropped_overlong == 2
     assert "the same in their first" in report.dropped_rows[0] and "leaves no room" in report.dropped_rows[1]
     pairs, report = build_pairs(rows, tok, cut.model_copy(update={"overlong": "drop"}), GEMMA2)
@@ -233,22 +240,22 @@ def test_trl_prepares_the_same_ids_from_our_messages(tok):
     use_run_template(tok, GEMMA2, "fold")
 
     dpo = _trl_prepare(DPOTrainer, Dataset.from_list(trl_rows(pairs, "dpo", "messages")), tok, 48)
-    assert [dict(prompt_ids=r["prompt_ids"], chosen_ids=r["chosen_ids"], rejected_ids=r["rejected_ids"]) for r in dpo] \
-        == trl_rows(full, "dpo")  # untruncated: TRL cuts in its collator
+    columns = lambda rows, keys: [{k: r[k] for k in keys} for r in rows]  # noqa: E731
+    assert columns(dpo, ("prompt_ids", "chosen_ids", "rejected_ids")) == trl_rows(full, "dpo")  # TRL cuts later
     collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=48)
     theirs, ours = collate(list(dpo)), collate(trl_rows(pairs, "dpo"))
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert theirs[key].tolist() == ours[key].tolist(), key
 
     reward = _trl_prepare(RewardTrainer, Dataset.from_list(trl_rows(full, "reward", "messages")), tok, None)
-    assert [{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in reward] == trl_rows(full, "reward")
+    assert columns(reward, ("chosen_ids", "rejected_ids")) == trl_rows(full, "reward")
     ids_only = _trl_prepare(RewardTrainer, Dataset.from_list(trl_rows(pairs, "reward")), tok, 48)
     assert [dict(r) for r in ids_only] == trl_rows(pairs, "reward")  # pre-tokenized: TRL keeps them as they are
 
     examples, _ = build_unpaired(rows, tok, data.model_copy(update={"max_length": 1024}), GEMMA2)
-    kto = _trl_prepare(KTOTrainer, Dataset.from_list(trl_rows(examples, "kto", "messages")), tok, 1024, calculate_KL=False)
-    assert [{"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"], "label": r["label"]} for r in kto] \
-        == trl_rows(examples, "kto")
+    kto = _trl_prepare(KTOTrainer, Dataset.from_list(trl_rows(examples, "kto", "messages")), tok, 1024,
+                       calculate_KL=False)
+    assert columns(kto, ("prompt_ids", "completion_ids", "label")) == trl_rows(examples, "kto")
 
 
 def test_trl_dpo_does_not_take_pre_tokenized_rows(tok):
@@ -317,3 +324,32 @@ def test_describe_pair_marks_supervised_tokens(tok):
     assert lines == ["<bos><start_of_turn>user\nWhat is the time?<end_of_turn>\n<start_of_turn>model\n",
                      f"chosen, {len(pair.chosen_ids)} tokens: ⟦ok<end_of_turn>\n⟧",
                      f"rejected, {len(pair.rejected_ids)} tokens: ⟦no<end_of_turn>\n⟧"]
+
+
+class MergingTokenizer:
+    """Characters as ids, except that "\\n" merges with the next letter (as some BPE vocabularies merge): the
+    prompt's last token is then not a prefix of prompt + answer."""
+
+    def __call__(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            if text[i] == "\n" and i + 1 < len(text) and text[i + 1].isalpha():
+                ids.append(100_000 + ord(text[i + 1]))
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return SimpleNamespace(input_ids=ids)
+
+
+def test_answer_starts_where_prompt_and_sequence_ids_part():
+    """TRL's rule for a merged boundary: the prompt keeps its common prefix only, and prompt + answer ids are still
+    the sequence's own ids (nothing dropped, nothing added); the pair is counted."""
+    tok = MergingTokenizer()
+    rows = rows_of([("", {"prompt": "q", "chosen": "yes", "rejected": "no"})])
+    (pair,), report = build_pairs(rows, tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    prompt_text = "<bos><start_of_turn>user\nq<end_of_turn>\n<start_of_turn>model\n"
+    assert pair.prompt_ids == tok(prompt_text).input_ids[:-1]  # the final "\n" merged into "\ny" / "\nn"
+    assert pair.prompt_ids + pair.chosen_ids == tok(prompt_text + "yes<end_of_turn>\n").input_ids
+    assert pair.prompt_ids + pair.rejected_ids == tok(prompt_text + "no<end_of_turn>\n").input_ids
+    assert report.notes[BOUNDARY_MERGED] == 1

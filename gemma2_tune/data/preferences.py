@@ -204,8 +204,8 @@ def _side(value: Any, name: str) -> list[Any] | str:
                 decoded = json.loads(value)
             except json.JSONDecodeError:
                 decoded = None
-            if isinstance(decoded, list):
-                value = decoded
+            if isinstance(decoded, list) and all(isinstance(m, dict) for m in decoded):
+                value = decoded  # text that merely starts with "[" stays text
     if isinstance(value, str):
         if not value.strip():
             raise BadRow(f"missing side: '{name}' is empty")
@@ -329,10 +329,11 @@ def _prompt_turns(prompt_msgs: list[Any], data: dict, cfg: DataSection, family: 
 
 def _split(msgs: list[dict]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Checked messages -> (prompt: through the last user message, [the last model message]), canonical roles."""
-    last_user = max(i for i, m in enumerate(msgs) if ROLE_NAMES[str(m["role"]).lower()] == "user")
-    last_model = max(i for i, m in enumerate(msgs) if ROLE_NAMES[str(m["role"]).lower()] == "model")
-    canon = lambda m: {"role": _CANONICAL_ROLE[ROLE_NAMES[str(m["role"]).lower()]], "content": m["content"]}  # noqa: E731
-    return [canon(m) for m in msgs[: last_user + 1]], [canon(msgs[last_model])]
+    roles = [ROLE_NAMES[str(m["role"]).lower()] for m in msgs]
+    last_user = max(i for i, role in enumerate(roles) if role == "user")
+    last_model = max(i for i, role in enumerate(roles) if role == "model")
+    canon = lambda i: {"role": _CANONICAL_ROLE[roles[i]], "content": msgs[i]["content"]}  # noqa: E731
+    return [canon(i) for i in range(last_user + 1)], [canon(last_model)]
 
 
 def _compare(chosen: list[Turn], rejected: list[Turn], implicit: bool) -> None:
@@ -374,7 +375,8 @@ def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int, overlong: 
     if longest <= limit:
         return answers, False
     if len(prompt_ids) >= limit:
-        raise _Dropped(f"prompt of {len(prompt_ids)} tokens leaves no room for an answer in data.max_length {limit}")
+        raise _Dropped(f"prompt of {len(prompt_ids)} tokens leaves no room for an answer in data.max_length "
+                       f"{limit}")
     if overlong == "drop":
         raise _Dropped(f"{longest} tokens > data.max_length {limit}")
     room = limit - len(prompt_ids)
@@ -385,7 +387,8 @@ def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int, overlong: 
     return cut, True
 
 
-def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn], notes: Counter) -> tuple[list[int], list[list[int]]]:
+def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn],
+            notes: Counter) -> tuple[list[int], list[list[int]]]:
     """Prompt ids and each answer's ids, split where the prompt's ids and every sequence's ids part (TRL's DPO rule:
     the minimum over the answers)."""
     prompt_ids = _ids(tokenizer, render(prompt, add_generation_prompt=True).text)
