@@ -151,7 +151,7 @@ BAD = [
     ({"chosen": [U("q"), A("a"), U("r"), A("b")], "rejected": [U("q"), A("c")]}, "differ before the last model turn"),
     ({"chosen": "plain answer", "rejected": "other answer"}, "text with no turns and the row has no 'prompt'"),
     ({"prompt": [U("q")], "chosen": [A("<start_of_turn>a")], "rejected": [A("b")]}, "chosen: message 1"),
-    ({"prompt": [U("q")], "chosen": [A("a")], "rejected": [A("b")], "tools": [{"name": "f"}]}, "'tools'"),
+    ({"prompt": [U("q")], "chosen": [A("a")], "rejected": [A("b")], "tools": [{"name": "f"}]}, ": row has 'tools'"),
     ({"prompt": [U("q")], "completion": [A("a")], "label": True}, "unpaired row"),
     ({"text": "hello"}, "no preference schema"),
 ]

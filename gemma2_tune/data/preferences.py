@@ -308,20 +308,26 @@ def _row_kind(data: Any) -> str:
 
 # ---- messages -> checked turns -------------------------------------------------------------------------------
 
-def _turns(messages: list[Any], data: dict, part: str, cfg: DataSection, family: Family, notes: Counter,
+def _row_fields(data: dict, cfg: DataSection, notes: Counter) -> None:
+    """Row-level fields the format cannot express (tools, media): BadRow naming the field, or counted when ignored.
+    Checked once per row, through sources' own rule (an empty message list carries nothing else to check)."""
+    row_to_messages({"messages": [], **{k: data[k] for k in UNEXPRESSIBLE_ROW_FIELDS if k in data}},
+                    cfg.unsupported_fields, notes)
+
+
+def _turns(messages: list[Any], part: str, cfg: DataSection, family: Family, notes: Counter,
            *, open_end: bool = False) -> tuple[list[dict], list[Turn]]:
     """Messages -> (role/content messages, normalised turns), checked as sft checks a row; errors name `part`."""
-    row_fields = {k: data[k] for k in UNEXPRESSIBLE_ROW_FIELDS if k in data}
     try:
-        msgs = row_to_messages({"conversations": messages, **row_fields}, cfg.unsupported_fields, notes)
+        msgs = row_to_messages({"conversations": messages}, cfg.unsupported_fields, notes)
         return msgs, normalise(msgs, cfg.system_policy, allow_open_end=open_end, family=family, notes=notes)
     except BadRow as exc:
         raise BadRow(f"{part}: {exc}") from None
 
 
-def _prompt_turns(prompt_msgs: list[Any], data: dict, cfg: DataSection, family: Family) -> list[Turn]:
+def _prompt_turns(prompt_msgs: list[Any], cfg: DataSection, family: Family) -> list[Turn]:
     """An explicit prompt's turns; BadRow unless it ends on a user turn."""
-    _, turns = _turns(prompt_msgs, data, "prompt", cfg, family, Counter(), open_end=True)
+    _, turns = _turns(prompt_msgs, "prompt", cfg, family, Counter(), open_end=True)
     if turns[-1].role != "user":
         raise BadRow("prompt ends on a model turn, not a user turn (there is nothing for the answers to answer)")
     return turns
@@ -401,11 +407,12 @@ def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn],
 
 def _read_pair(data: dict, cfg: DataSection, family: Family, notes: Counter):
     """A paired row -> (prompt, chosen, rejected messages, prompt turns, chosen turn, rejected turn, schema)."""
+    _row_fields(data, cfg, notes)
     prompt_msgs, chosen_msgs, rejected_msgs, schema = _paired_messages(data, notes)
-    given = _prompt_turns(prompt_msgs, data, cfg, family) if prompt_msgs is not None else None
+    given = _prompt_turns(prompt_msgs, cfg, family) if prompt_msgs is not None else None
     side_notes = [Counter(), Counter()]
-    c_msgs, c_turns = _turns(chosen_msgs, data, "chosen", cfg, family, side_notes[0])
-    r_msgs, r_turns = _turns(rejected_msgs, data, "rejected", cfg, family, side_notes[1])
+    c_msgs, c_turns = _turns(chosen_msgs, "chosen", cfg, family, side_notes[0])
+    r_msgs, r_turns = _turns(rejected_msgs, "rejected", cfg, family, side_notes[1])
     _compare(c_turns, r_turns, implicit=given is None)
     notes.update(side_notes[0] | side_notes[1])  # what changed on either side, once per row
     if given is not None and len(c_turns) - 1 > len(given):
@@ -470,9 +477,10 @@ def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: DataSection, family
                 answers = [(chosen, c_turn, True), (rejected, r_turn, False)]
                 row_notes[PAIR_UNPAIRED] += 1
             else:
+                _row_fields(row.data, cfg, row_notes)
                 prompt_msgs, full, label = _unpaired_messages(row.data)
-                prompt_turns = _prompt_turns(prompt_msgs, row.data, cfg, family)
-                msgs, turns = _turns(full, row.data, "completion", cfg, family, row_notes)
+                prompt_turns = _prompt_turns(prompt_msgs, cfg, family)
+                msgs, turns = _turns(full, "completion", cfg, family, row_notes)
                 if len(turns) != len(prompt_turns) + 1:
                     raise BadRow(f"completion holds {len(turns) - len(prompt_turns)} turns; KTO rates one model turn")
                 prompt, completion = _split(msgs)
