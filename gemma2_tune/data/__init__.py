@@ -5,6 +5,7 @@
     template.py  the same format as the Jinja chat template saved with every run
     examples.py  rendered rows -> token ids + labels, with a report of every row left out
     prompts.py   rows -> prompts for on-policy distillation
+    preferences.py  rows -> preference pairs (DPO, reward) or unpaired examples (KTO), ids as TRL takes them
     packing.py   best-fit packing into blocks (per-row position ids, no cross-row attention) and the collator
     cache.py     the tokenized-data cache
     preview.py   `gemma2-tune preview`: rows as they will be trained

@@ -51,3 +51,22 @@ def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int,
                text + "⟦ the student's completion, scored against the teacher ⟧")
     lines = report.summary_lines()
     yield "summary", f"── {source.name}: " + "\n".join(lines[:1] + lines[2:])
+
+
+def preview_preferences(data: DataSection, tokenizer: Any, family: Family, n: int,
+                        kind: str = "paired") -> Iterator[tuple[str, str]]:
+    """For a dpo, reward (`kind='paired'`) or kto (`'unpaired'`) config: yields (heading, text) for the first `n`
+    pairs or examples as trained (the prompt, then each answer's supervised tokens between ⟦ ⟧), then
+    ("summary", the data report). Raises UserError as training would (unreadable source, nothing usable)."""
+    from .preferences import describe_pair, load_preferences
+
+    loaded = load_preferences(data, tokenizer, family, kind)
+    for item in loaded.items[:n]:
+        if kind == "paired":
+            counts = f"prompt {len(item.prompt_ids)} tokens; chosen {len(item.chosen_ids)}, rejected " \
+                     f"{len(item.rejected_ids)} supervised"
+        else:
+            counts = f"prompt {len(item.prompt_ids)} tokens; {len(item.completion_ids)} supervised"
+        cut = " (cut at data.max_length)" if item.truncated else ""
+        yield f"── {item.where}: {counts}{cut}", "\n".join(describe_pair(item, tokenizer))
+    yield "summary", f"── {loaded.source.name}: " + "\n".join(loaded.report.summary_lines())
