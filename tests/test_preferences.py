@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gemma2_tune.config.schema import DataSection
+from gemma2_tune.config.schema import PreferenceDataSection
 from gemma2_tune.data.preferences import (BOUNDARY_MERGED, PREFERENCE_ALIASES, PROMPT_COLUMN_IGNORED,
                                           SHARED_TURNS_TO_PROMPT, PreferencePair, build_pairs, build_unpaired,
                                           describe_pair, ids_fingerprint, load_preferences, parse_hh, trl_rows)
@@ -87,7 +87,7 @@ def tok(tokenizer):
 @pytest.mark.parametrize("family", [GEMMA2, GEMMA3_TEXT], ids=["gemma2", "gemma3"])
 @pytest.mark.parametrize("policy", ["fold", "drop", "error"])
 def test_every_schema_gives_the_run_templates_ids(tok, family, policy):
-    data = DataSection(dataset="x.jsonl", system_policy=policy)
+    data = PreferenceDataSection(dataset="x.jsonl", system_policy=policy)
     pairs, report = build_pairs(rows_of(CORPUS), tok, data, family)
     use_run_template(tok, family, policy)
     expected_bad = {
@@ -118,7 +118,7 @@ def test_every_schema_gives_the_run_templates_ids(tok, family, policy):
 def test_golden_text_of_a_pair(tok):
     """Independent of both renderers: the exact Gemma strings, system text folded as Gemma 2 folds it."""
     row = {"prompt": [S("Be brief."), U("What is the time?")], "chosen": [A(" ok ")], "rejected": [A("no")]}
-    (pair,), _ = build_pairs(rows_of([("", row)]), tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    (pair,), _ = build_pairs(rows_of([("", row)]), tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     assert tok.decode(pair.prompt_ids) == ("<bos><start_of_turn>user\nBe brief.\n\nWhat is the time?<end_of_turn>\n"
                                            "<start_of_turn>model\n")
     assert tok.decode(pair.chosen_ids) == "ok<end_of_turn>\n"
@@ -126,7 +126,7 @@ def test_golden_text_of_a_pair(tok):
 
 
 def test_schema_notes_name_what_was_read(tok):
-    _, report = build_pairs(rows_of(CORPUS), tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    _, report = build_pairs(rows_of(CORPUS), tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     assert report.notes["read as Anthropic HH text"] == 1
     assert report.notes["read as prompt/chosen/rejected"] == 7  # the HH-prompt row is explicit
     assert report.notes[PROMPT_COLUMN_IGNORED] == 1 and report.notes[SHARED_TURNS_TO_PROMPT] == 1
@@ -160,7 +160,7 @@ BAD = [
 def test_bad_pairs_name_file_line_and_reason(tok, tmp_path):
     good = {"prompt": "q", "chosen": "a", "rejected": "b"}
     path = write_jsonl(tmp_path / "prefs.jsonl", [row for row, _ in BAD] + [good])
-    data = DataSection(dataset=str(path))
+    data = PreferenceDataSection(dataset=str(path))
     rows, _ = load_rows(data)
     pairs, report = build_pairs(rows, tok, data, GEMMA2)
     assert len(pairs) == 1 and report.rows_bad == len(BAD)
@@ -183,7 +183,7 @@ def test_unpaired_rows_and_pairs_for_kto(tok):
         ("", {"prompt": [U("q")], "completion": [A("a")], "label": "maybe"}),
         ("", {"prompt": [U("q")], "completion": [A("a"), U("b"), A("c")], "label": True}),
     ])
-    data = DataSection(dataset="x.jsonl")
+    data = PreferenceDataSection(dataset="x.jsonl")
     examples, report = build_unpaired(rows, tok, data, GEMMA2)
     assert [(e.where, e.label) for e in examples] == [("corpus line 1", True), ("corpus line 2", False),
                                                       ("corpus line 3", True), ("corpus line 3", False)]
@@ -204,11 +204,11 @@ def test_length_rules(tok):
     long_prompt = {"prompt": [U("q " * 80)], "chosen": [A("a")], "rejected": [A("b")]}
     short = {"prompt": "q", "chosen": "a", "rejected": "b"}
     rows = rows_of([("", row), ("", same_start), ("", long_prompt), ("", short)])
-    cut = DataSection(dataset="x.jsonl", max_length=40)
+    cut = PreferenceDataSection(dataset="x.jsonl", max_length=40)
     pairs, report = build_pairs(rows, tok, cut, GEMMA2)
     assert [p.where for p in pairs] == ["corpus line 1", "corpus line 4"]
     assert pairs[0].truncated and len(pairs[0].prompt_ids) + len(pairs[0].chosen_ids) == 40
-    whole, _ = build_pairs(rows[:1], tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    whole, _ = build_pairs(rows[:1], tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     assert pairs[0].rejected_ids == whole[0].rejected_ids  # the short side is not cut
     assert report.rows_truncated == 1 and report.rows_dropped_overlong == 2
     assert "the same in their first" in report.dropped_rows[0] and "leaves no room" in report.dropped_rows[1]
@@ -231,7 +231,7 @@ def test_trl_prepares_the_same_ids_from_our_messages(tok):
     from trl.trainer.kto_trainer import KTOTrainer
     from trl.trainer.reward_trainer import RewardTrainer
 
-    data = DataSection(dataset="x.jsonl", max_length=48)
+    data = PreferenceDataSection(dataset="x.jsonl", max_length=48)
     rows = rows_of([(n, r) for n, r in CORPUS if n != "two system messages"]
                    + [("long", {"prompt": [U("q")], "chosen": [A("word " * 40)], "rejected": [A("b")]})])
     pairs, report = build_pairs(rows, tok, data, GEMMA2)
@@ -264,7 +264,7 @@ def test_trl_dpo_does_not_take_pre_tokenized_rows(tok):
     from datasets import Dataset
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    pairs, _ = build_pairs(rows_of(CORPUS[:1]), tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    pairs, _ = build_pairs(rows_of(CORPUS[:1]), tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     with pytest.raises(KeyError):
         _trl_prepare(DPOTrainer, Dataset.from_list(trl_rows(pairs, "dpo")), tok, None)
 
@@ -272,7 +272,7 @@ def test_trl_dpo_does_not_take_pre_tokenized_rows(tok):
 def test_shipped_datasets(tok):
     """`concise` (40 pairs), its held-out 12 (prompts not in training), and the KTO variants: every row kept under
     every policy, and the preference is learnable: one hedging style on every rejected side, never on chosen."""
-    loaded = {name: load_preferences(DataSection(dataset=name), tok, GEMMA2,
+    loaded = {name: load_preferences(PreferenceDataSection(dataset=name), tok, GEMMA2,
                                      "unpaired" if "kto" in name else "paired") for name in PREFERENCE_ALIASES}
     counts = {name: (len(d.items), d.report.rows_bad) for name, d in loaded.items()}
     assert counts == {"concise": (40, 0), "concise-held-out": (12, 0), "concise-kto": (80, 0),
@@ -284,8 +284,9 @@ def test_shipped_datasets(tok):
         assert len(pair.chosen_ids) * 4 < len(pair.rejected_ids)
     assert loaded["concise-kto"].summary()["desirable"] == 40
     # The KTO file is the pairs unpaired: the same examples as unpairing the pairs here.
-    unpaired, _ = build_unpaired(load_rows(DataSection(dataset=str(PREFERENCE_ALIASES["concise"][0])))[0], tok,
-                                 DataSection(dataset="x"), GEMMA2)
+    concise = PreferenceDataSection(dataset=str(PREFERENCE_ALIASES["concise"][0]))
+    unpaired, _ = build_unpaired(load_rows(concise)[0], tok,
+                                 PreferenceDataSection(dataset="x"), GEMMA2)
     key = lambda e: (e.prompt_ids, e.completion_ids, e.label)  # noqa: E731
     assert sorted(map(key, unpaired)) == sorted(map(key, loaded["concise-kto"].items))
     summary = loaded["concise"].summary()
@@ -295,9 +296,9 @@ def test_shipped_datasets(tok):
 
 def test_fingerprint_follows_what_trains(tok):
     rows = rows_of(CORPUS)
-    fold, _ = build_pairs(rows, tok, DataSection(dataset="x.jsonl"), GEMMA2)
-    drop, _ = build_pairs(rows, tok, DataSection(dataset="x.jsonl", system_policy="drop"), GEMMA2)
-    again, _ = build_pairs(rows, tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    fold, _ = build_pairs(rows, tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
+    drop, _ = build_pairs(rows, tok, PreferenceDataSection(dataset="x.jsonl", system_policy="drop"), GEMMA2)
+    again, _ = build_pairs(rows, tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     assert ids_fingerprint(fold) == ids_fingerprint(again) != ids_fingerprint(drop)
     assert ids_fingerprint(fold[1:]) != ids_fingerprint(fold)
 
@@ -306,19 +307,19 @@ def test_preview_shows_both_sides(tok, tmp_path):
     from gemma2_tune.data.preview import preview_preferences
 
     path = write_jsonl(tmp_path / "p.jsonl", [CORPUS[1][1], {"chosen": "x"}, CORPUS[0][1]])
-    shown = list(preview_preferences(DataSection(dataset=str(path)), tok, GEMMA2, 5))
+    shown = list(preview_preferences(PreferenceDataSection(dataset=str(path)), tok, GEMMA2, 5))
     assert [h.split(":")[0] for h, _ in shown] == ["── p.jsonl line 1", "── p.jsonl line 3", "summary"]
     heading, text = shown[0]
     assert "Be brief.\n\nWhy is the sky blue?<end_of_turn>" in text
     assert "chosen, " in text and "⟦Rayleigh scattering.<end_of_turn>\n⟧" in text
     assert "⟦Because.<end_of_turn>\n⟧" in text
     assert "1 bad" in shown[-1][1] and "p.jsonl line 2: missing side: no 'rejected'" in shown[-1][1]
-    kto = list(preview_preferences(DataSection(dataset=str(path)), tok, GEMMA2, 1, kind="unpaired"))
+    kto = list(preview_preferences(PreferenceDataSection(dataset=str(path)), tok, GEMMA2, 1, kind="unpaired"))
     assert "desirable" in kto[0][1] and len(kto) == 2
 
 
 def test_describe_pair_marks_supervised_tokens(tok):
-    (pair,), _ = build_pairs(rows_of(CORPUS[:1]), tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    (pair,), _ = build_pairs(rows_of(CORPUS[:1]), tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     assert isinstance(pair, PreferencePair)
     lines = list(describe_pair(pair, tok))
     assert lines == ["<bos><start_of_turn>user\nWhat is the time?<end_of_turn>\n<start_of_turn>model\n",
@@ -347,7 +348,7 @@ def test_answer_starts_where_prompt_and_sequence_ids_part():
     the sequence's own ids (nothing dropped, nothing added); the pair is counted."""
     tok = MergingTokenizer()
     rows = rows_of([("", {"prompt": "q", "chosen": "yes", "rejected": "no"})])
-    (pair,), report = build_pairs(rows, tok, DataSection(dataset="x.jsonl"), GEMMA2)
+    (pair,), report = build_pairs(rows, tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     prompt_text = "<bos><start_of_turn>user\nq<end_of_turn>\n<start_of_turn>model\n"
     assert pair.prompt_ids == tok(prompt_text).input_ids[:-1]  # the final "\n" merged into "\ny" / "\nn"
     assert pair.prompt_ids + pair.chosen_ids == tok(prompt_text + "yes<end_of_turn>\n").input_ids

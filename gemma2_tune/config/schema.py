@@ -145,6 +145,15 @@ class SftDataSection(DataSection):
                 f"{'on' if self.packing else 'off'}")
 
 
+class PreferenceDataSection(DataSection):
+    """Preference pairs (dpo, reward) or unpaired labelled completions (kto): how over-long pairs are handled."""
+
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Pairs longer than max_length (prompt + answer, per side): cut both answers at the "
+        "same point (the prompt is never cut), or drop the pair. Both are counted."
+    )
+
+
 class TrainingSection(Section):
     """Optimizer, schedule, batch shape, checkpointing and logging (passed to TRL's SFTConfig)."""
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
-from ..config.schema import DataSection
+from ..config.schema import PreferenceDataSection
 from ..families import Family
 from .examples import DataReport
 from .sources import PACKAGE_DIR, UNEXPRESSIBLE_ROW_FIELDS, Row, Source, load_rows, parse_marked_text, row_to_messages
@@ -149,13 +149,13 @@ def ids_fingerprint(items: Sequence[PreferencePair | UnpairedExample]) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_preference_alias(data: DataSection) -> DataSection:
+def resolve_preference_alias(data: PreferenceDataSection) -> PreferenceDataSection:
     """data with a shipped preference dataset's name (`concise`, ...) replaced by its file; anything else as is."""
     alias = PREFERENCE_ALIASES.get(data.dataset)
     return data.model_copy(update={"dataset": str(alias[0])}) if alias else data
 
 
-def load_preferences(data: DataSection, tokenizer: Any, family: Family, kind: Kind,
+def load_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family, kind: Kind,
                      max_length: int | None = None) -> PreferenceData:
     """Read data.dataset and build pairs (`kind='paired'`, DPO and reward) or unpaired examples (`'unpaired'`,
     KTO; pairs count as two). `max_length` overrides data.max_length (tokens per side, prompt included).
@@ -308,14 +308,14 @@ def _row_kind(data: Any) -> str:
 
 # ---- messages -> checked turns -------------------------------------------------------------------------------
 
-def _row_fields(data: dict, cfg: DataSection, notes: Counter) -> None:
+def _row_fields(data: dict, cfg: PreferenceDataSection, notes: Counter) -> None:
     """Row-level fields the format cannot express (tools, media): BadRow naming the field, or counted when ignored.
     Checked once per row, through sources' own rule (an empty message list carries nothing else to check)."""
     row_to_messages({"messages": [], **{k: data[k] for k in UNEXPRESSIBLE_ROW_FIELDS if k in data}},
                     cfg.unsupported_fields, notes)
 
 
-def _turns(messages: list[Any], part: str, cfg: DataSection, family: Family, notes: Counter,
+def _turns(messages: list[Any], part: str, cfg: PreferenceDataSection, family: Family, notes: Counter,
            *, open_end: bool = False) -> tuple[list[dict], list[Turn]]:
     """Messages -> (role/content messages, normalised turns), checked as sft checks a row; errors name `part`."""
     try:
@@ -325,7 +325,7 @@ def _turns(messages: list[Any], part: str, cfg: DataSection, family: Family, not
         raise BadRow(f"{part}: {exc}") from None
 
 
-def _prompt_turns(prompt_msgs: list[Any], cfg: DataSection, family: Family) -> list[Turn]:
+def _prompt_turns(prompt_msgs: list[Any], cfg: PreferenceDataSection, family: Family) -> list[Turn]:
     """An explicit prompt's turns; BadRow unless it ends on a user turn."""
     _, turns = _turns(prompt_msgs, "prompt", cfg, family, Counter(), open_end=True)
     if turns[-1].role != "user":
@@ -405,7 +405,7 @@ def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn],
     return prompt_ids[:n], [s[n:] for s in sequences]
 
 
-def _read_pair(data: dict, cfg: DataSection, family: Family, notes: Counter):
+def _read_pair(data: dict, cfg: PreferenceDataSection, family: Family, notes: Counter):
     """A paired row -> (prompt, chosen, rejected messages, prompt turns, chosen turn, rejected turn, schema)."""
     _row_fields(data, cfg, notes)
     prompt_msgs, chosen_msgs, rejected_msgs, schema = _paired_messages(data, notes)
@@ -422,7 +422,7 @@ def _read_pair(data: dict, cfg: DataSection, family: Family, notes: Counter):
     return prompt, chosen, rejected, c_turns[:-1], c_turns[-1], r_turns[-1], schema
 
 
-def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: DataSection, family: Family,
+def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection, family: Family,
                 max_length: int | None = None) -> tuple[list[PreferencePair], DataReport]:
     """Rows -> preference pairs and a report (rows read/kept/bad/truncated/dropped; tokens: both sequences of
     each pair in total_tokens, both answers in supervised_tokens). Unpaired rows are bad rows here.
@@ -459,7 +459,7 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: DataSection, family: F
     return pairs, report
 
 
-def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: DataSection, family: Family,
+def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection, family: Family,
                    max_length: int | None = None) -> tuple[list[UnpairedExample], DataReport]:
     """Rows -> KTO examples and a report. Unpaired rows give one example; pairs give two (chosen: label true,
     rejected: false), both kept or both left out. rows_kept counts rows; the examples' labels are in the items.

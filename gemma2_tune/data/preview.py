@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from ..config.schema import DataSection, SftDataSection
+from ..config.schema import DataSection, PreferenceDataSection, SftDataSection
 from ..families import Family
 from .examples import TurnTokenizer, build_examples, mark_supervised
 from .sources import load_rows, row_to_messages
@@ -53,7 +53,7 @@ def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int,
     yield "summary", f"── {source.name}: " + "\n".join(lines[:1] + lines[2:])
 
 
-def preview_preferences(data: DataSection, tokenizer: Any, family: Family, n: int,
+def preview_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family, n: int,
                         kind: str = "paired") -> Iterator[tuple[str, str]]:
     """For a dpo, reward (`kind='paired'`) or kto (`'unpaired'`) config: yields (heading, text) for the first `n`
     pairs or examples as trained (the prompt, then each answer's supervised tokens between ⟦ ⟧), then
