@@ -66,6 +66,7 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str,
     weights load. Returns (name, loader) pairs. Raises UserError."""
     from pathlib import Path
 
+    from ..models.checks import vocabulary_digest
     from ..models.loading import checkpoint_family, load_tokenizer
     from .inference import load, read_run
 
@@ -74,7 +75,7 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str,
 
     if not names:
         return []
-    first, vocab = checkpoint_family(run.base_model)[0], tokenizer_of(run).get_vocab()
+    first, vocab = checkpoint_family(run.base_model)[0], vocabulary_digest(tokenizer_of(run))
     loaders = []
     for name in names:
         other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
@@ -82,7 +83,7 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str,
         if family.key != first.key:
             raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "
                             f"{first.display}")
-        if tokenizer_of(other).get_vocab() != vocab:
+        if vocabulary_digest(tokenizer_of(other)) != vocab:
             raise UserError(f"--compare {name}: its tokenizer differs from the first model's; the same held-out "
                             "tokens can't be scored by both")
         if other.system_policy != run.system_policy:

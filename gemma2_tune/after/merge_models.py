@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-
+from ..config.requests import MergeModelsRequest
 from ..errors import UserError
 from ..files import staged_dir
 
-METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic")
-NEEDS_BASE = ("ties", "dare_ties", "task_arithmetic")
 # config.json keys that must be equal for tensors to be merged position by position
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size", "sliding_window", "tie_word_embeddings")
@@ -80,20 +78,15 @@ class MergePlan:
     first_stage: str | None = None  # the method's result before LITI, when LITI follows
 
 
-def merge_models(method: str, models: list[str], output: str, base: str | None = None, t: float | None = None,
-                 weights: list[float] | None = None, density: float | None = None, liti: float | None = None,
-                 dtype: str | None = None, seed: int = 42, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Merge `models` by `method` (then LITI towards `base` by `liti`) into the new folder `output`.
-
-    `t`: SLERP's interpolation factor (0: the first model, 1: the second). `weights`: per model, for linear
-    (normalised) and TIES/DARE/task arithmetic (scales of the task vectors); default equal. `density`: fraction
-    of each task vector TIES/DARE keep. `liti`: eta in [0, 1] (0: the base, 1: the merge). `dtype`: of the
-    merged weights (default: the inputs' precision). Returns the report (also output/merge.json).
-    Raises UserError: an unknown method, wrong numbers of models, inputs of different families, shapes or
-    vocabularies, an existing output, mergekit missing, or a failed self-check (nothing is written then).
+def merge_models(request: MergeModelsRequest, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Merge `request.models` by `request.method` (then LITI towards `request.base` by `request.liti`) into the
+    new folder `request.output` (config/requests.py says what each option means; its rules have been checked).
+    `dtype`: of the merged weights (default: the inputs' precision). Returns the report (also output/merge.json).
+    Raises UserError: an existing output, an output inside an input, inputs of different families, shapes or
+    vocabularies, mergekit missing, or a failed self-check (nothing is written then).
     """
-    out = Path(output).expanduser()
-    plan = check_request(method, models, out, base, t, weights, density, liti, dtype, seed)
+    out = Path(request.output).expanduser()
+    plan = check_request(request, out)
     try:
         import mergekit  # noqa: F401
     except ImportError:
@@ -130,68 +123,27 @@ def merge_models(method: str, models: list[str], output: str, base: str | None =
     return report
 
 
-def check_request(method: str, models: list[str], out: Path, base: str | None, t: float | None,
-                  weights: list[float] | None, density: float | None, liti: float | None, dtype: str | None,
-                  seed: int) -> MergePlan:
-    """Every problem of the request at once, before any weight is read. Raises UserError."""
-    import math
-
-    problems = []
+def check_request(request: MergeModelsRequest, out: Path) -> MergePlan:
+    """The output folder and the inputs, before any weight is read (the options' own rules were checked by the
+    request's schema). Raises UserError."""
+    problems = request.problems()  # a request built without config.requests.check: its rules here too
+    if problems:
+        raise UserError("merge-models:\n" + "\n".join(f"  - {p}" for p in problems))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--output {out}: already exists and is not empty; choose a new folder (nothing was written)")
-    if method not in METHODS:
-        raise UserError(f"--method {method}: use one of {', '.join(METHODS)}")
-    if not models:
-        raise UserError("--models: name at least one model (run folders, merged folders or hub ids)")
+    models, base = request.models, request.base
     named = {"--base": base} if base else {}
     named |= {f"--models[{i + 1}]": m for i, m in enumerate(models)}
     inside = [f"{k} {v}" for k, v in named.items() if _overlaps(out, v)]
     if inside:
         raise UserError(f"--output {out}: is, holds or lies inside an input ({', '.join(inside)}); choose a folder "
                         "outside them (nothing was written)")
-    same = _same_location(models)
-    if same:
-        problems.append(f"--models: {same} given more than once")
-    if t is not None and method != "slerp":
-        problems.append(f"--t: only SLERP takes it (--method {method})")
-    if density is not None and method not in ("ties", "dare_ties"):
-        problems.append(f"--density: only ties and dare_ties take it (--method {method})")
-    t = 0.5 if t is None else t
-    density = 0.5 if density is None else density
-    finite_weights = weights is None or all(math.isfinite(w) for w in weights)
-    if not finite_weights:
-        problems.append(f"--weights: {weights} must be finite numbers")
-    if liti is not None and not math.isfinite(liti):
-        problems.append(f"--liti {liti}: must be a finite number in [0, 1]")
-    if method == "slerp" and len(models) != 2:
-        problems.append(f"--method slerp: interpolates exactly 2 models, got {len(models)}")
-    if method == "linear" and len(models) == 1 and liti is None:
-        problems.append("--method linear with one model: nothing to merge (add models, or --liti with --base)")
-    if (method in NEEDS_BASE or liti is not None) and base is None:
-        problems.append(f"--base: required for {'--liti' if liti is not None else '--method ' + method} (the "
-                        "initialisation the task vectors are taken from)")
-    if not 0.0 <= t <= 1.0:
-        problems.append(f"--t {t}: must be in [0, 1]")
-    if liti is not None and not 0.0 <= liti <= 1.0:
-        problems.append(f"--liti {liti}: must be in [0, 1] (0: the base, 1: the merge)")
-    if not 0.0 < density <= 1.0:
-        problems.append(f"--density {density}: must be in (0, 1]")
-    if weights is not None:
-        if method == "slerp":
-            problems.append("--weights: SLERP takes --t, not weights")
-        elif finite_weights and len(weights) != len(models):  # (non-finite weights are said above)
-            problems.append(f"--weights: {len(weights)} given for {len(models)} models")
-        elif finite_weights and method == "linear" and sum(weights) <= 0:
-            problems.append("--weights: must sum to a positive number")
-    if dtype not in (None, "bfloat16", "float16", "float32"):
-        problems.append(f"--dtype {dtype}: use bfloat16, float16 or float32")
-    if problems:
-        raise UserError("merge-models:\n" + "\n".join(f"  - {p}" for p in problems))
     resolved = [resolve_input(m, f"--models[{i + 1}]") for i, m in enumerate(models)]
     base_input = resolve_input(base, "--base") if base else None
     check_compatible(resolved + ([base_input] if base_input else []))
-    dtype = dtype or resolved[0].dtype or "bfloat16"
-    return MergePlan(method, resolved, base_input, t, weights, density, liti, dtype, seed)
+    dtype = request.dtype or resolved[0].dtype or "bfloat16"
+    return MergePlan(request.method, resolved, base_input, request.slerp_t, request.weights, request.kept_density,
+                     request.liti, dtype, request.seed)
 
 
 def _overlaps(out: Path, given: str) -> bool:
@@ -201,19 +153,6 @@ def _overlaps(out: Path, given: str) -> bool:
         return False
     a, b = out.resolve(), path.resolve()
     return a == b or b in a.parents or a in b.parents
-
-
-def _same_location(models: list[str]) -> list[str]:
-    """The inputs named twice (local folders compared by resolved path)."""
-    seen: dict[str, str] = {}
-    twice = []
-    for m in models:
-        path = Path(m).expanduser()
-        key = str(path.resolve()) if path.exists() else m
-        if key in seen:
-            twice.append(m)
-        seen.setdefault(key, m)
-    return twice
 
 
 def resolve_input(given: str, key: str) -> MergeInput:
@@ -228,6 +167,7 @@ def resolve_input(given: str, key: str) -> MergeInput:
 
 def _resolve_input(given: str, key: str) -> MergeInput:
     """What one name points at (config and tokenizer only, no weights). Raises UserError."""
+    from ..models.checks import vocabulary_digest
     from ..models.loading import checkpoint_family, load_tokenizer, model_location
     from .inference import read_run, saved_policy
 
@@ -254,13 +194,12 @@ def _resolve_input(given: str, key: str) -> MergeInput:
         config_source, kind, location = given, "hub" if ":" not in given else "builtin", model_location(given)
     family, hf_config = checkpoint_family(config_source)
     tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source)
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items())) + json.dumps(tokenizer.all_special_tokens)
     if dtype is None:
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         dtype = str(saved).replace("torch.", "") if saved is not None else None
         dtype = dtype if dtype in ("bfloat16", "float16", "float32") else None
     return MergeInput(given, key, kind, location, family, hf_config, policy, dtype,
-                      hashlib.sha256(vocab.encode()).hexdigest(), adapter)
+                      vocabulary_digest(tokenizer), adapter)
 
 
 def check_compatible(inputs: list[MergeInput]) -> None:

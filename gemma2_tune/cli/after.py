@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config.requests import EvalRequest, MergeModelsRequest, MergeRequest, check
 from ..config.schema import SftDataSection
 from ..errors import UserError
 from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, warn
@@ -52,9 +53,9 @@ def merge(
     """Fold the LoRA adapter into the base (safetensors shards) for TGI, vLLM or transformers, self-checked."""
     from ..after.merge import merge as run_merge
 
-    if dtype not in (None, "bfloat16", "float16", "float32"):
-        raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
-    run_merge(adapter, output, model, dtype, echo=echo)
+    request = check(MergeRequest, {"--adapter": ("adapter", adapter), "--output": ("output", output),
+                                   "--model": ("model", model), "--dtype": ("dtype", dtype)}, "merge")
+    run_merge(request.adapter, request.output, request.model, request.dtype, echo=echo)
 
 
 @command("merge-models")
@@ -88,7 +89,11 @@ def merge_models_command(
             parsed = [float(w) for w in weights.split(",")]
         except ValueError:
             raise UserError(f"--weights {weights}: comma-separated numbers, one per model") from None
-    merge_models(method, models, output, base, t, parsed, density, liti, dtype, seed, echo=echo)
+    request = check(MergeModelsRequest, {
+        "--method": ("method", method), "--models": ("models", models), "--output": ("output", output),
+        "--base": ("base", base), "--t": ("t", t), "--weights": ("weights", parsed), "--density": ("density", density),
+        "--liti": ("liti", liti), "--dtype": ("dtype", dtype), "--seed": ("seed", seed)}, "merge-models")
+    merge_models(request, echo=echo)
 
 
 @command()
@@ -133,19 +138,15 @@ def evaluate_command(
 ) -> None:
     """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), lm-eval tasks, or the
     Gemma 2 report's benchmark table."""
-    if not dataset and not tasks and not suite:
-        raise UserError("give --dataset (held-out chats), --tasks (lm-eval tasks) and/or --suite gemma2-report")
+    check(EvalRequest, {"--dataset": ("dataset", dataset), "--tasks": ("tasks", tasks), "--suite": ("suite", suite),
+                        "--max-length": ("max_length", max_length), "--max-rows": ("max_rows", max_rows),
+                        "--limit": ("limit", limit), "--compare": ("compare", compare or []),
+                        "--include-path": ("include_path", include_path)}, "eval")
     if suite is not None:
         from ..after.harness import SUITES
 
         if suite not in SUITES:
             raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
-        if tasks:
-            raise UserError("--suite and --tasks: choose one (the suite names its own tasks)")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be at least 1 (leave it out to score every example)")
-    if compare and not dataset:
-        raise UserError("--compare scores models on held-out chats: give --dataset too")
     if include_path is not None and not Path(include_path).expanduser().is_dir():
         raise UserError(f"--include-path {include_path}: no such folder")
     from ..after.inference import load, read_run

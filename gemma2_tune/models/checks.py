@@ -140,3 +140,14 @@ class ModelReport:
             f"trainable params: {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%)"
             + (f" in {self.lora_modules} LoRA modules on {self.lora_targets}" if self.lora_modules else ""),
         ]
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """16 hex digits over the token -> id mapping and the special tokens: equal digests mean token ids mean the
+    same thing in both models. The one tokenizer-compatibility check (distill's teacher, merge-models' inputs,
+    eval --compare)."""
+    import hashlib
+    import json
+
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())) + json.dumps(sorted(tokenizer.all_special_tokens))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]

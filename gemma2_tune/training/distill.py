@@ -22,13 +22,12 @@ from trl import DistillationConfig, DistillationTrainer
 from trl.trainer.utils import RepeatSampler
 
 from ..config.distill import DistillConfig
-from ..data.cache import tokenizer_fingerprint
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
 from ..data.template import use_run_template
 from ..data.turns import END
 from ..errors import UserError
-from ..models.checks import check_kernel_request
+from ..models.checks import check_kernel_request, vocabulary_digest
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
 from . import lifecycle
@@ -105,7 +104,7 @@ def check_teacher(cfg: DistillConfig, student_family, student_config, student_to
         raise UserError(f"teacher.name_or_path: vocabulary of {config.vocab_size:,} entries, the student's has "
                         f"{student_config.vocab_size:,}: the divergence compares distributions over one vocabulary")
     teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code)
-    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
+    if vocabulary_digest(teacher_tokenizer) != vocabulary_digest(student_tokenizer):
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' has another tokenizer than the student "
                         f"'{cfg.model.name_or_path}' (same vocabulary size, different tokens): token ids would not "
                         "mean the same thing")

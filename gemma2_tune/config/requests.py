@@ -1,0 +1,191 @@
+"""The options of the after-training commands (merge, merge-models, serve, eval), checked as recipes are: a
+pydantic schema per command (types, ranges, choices) plus its rules between options, every problem reported
+at once, each naming its flag, exit 2. Light (pydantic only): the checks run before any model loads.
+
+    request = check(MergeModelsRequest, {"--method": ("method", "slerp"), "--t": ("t", 0.3), ...})
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+MERGE_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic")  # mergekit's names
+NEEDS_BASE = ("ties", "dare_ties", "task_arithmetic")  # task vectors are taken from the base
+
+
+class Request(BaseModel):
+    """A command's options; `problems()` holds the rules between them (each naming its flag)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def problems(self) -> list[str]:
+        return []
+
+
+class MergeRequest(Request):
+    """`merge`: an adapter run folded into its base."""
+
+    adapter: str
+    output: str
+    model: str | None = None
+    dtype: Dtype | None = None
+
+
+class ServeRequest(Request):
+    """`serve`: where to listen and in which precision."""
+
+    target: str
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None
+    name: str | None = None
+    dtype: Dtype | None = None
+    device: str = "auto"
+
+    def problems(self) -> list[str]:
+        if self.api_key is not None and not self.api_key.strip():
+            return ["--api-key: empty; every request would be refused (leave it out to serve without a key)"]
+        return []
+
+
+class EvalRequest(Request):
+    """`eval`: held-out loss, lm-eval tasks, or the report's suite."""
+
+    dataset: str | None = None
+    tasks: str | None = None
+    suite: str | None = None
+    max_length: int = Field(1024, gt=8)
+    max_rows: int | None = Field(None, gt=0)
+    limit: int | None = None
+    compare: list[str] = Field(default_factory=list)
+    include_path: str | None = None
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.dataset and not self.tasks and not self.suite:
+            found.append("give --dataset (held-out chats), --tasks (lm-eval tasks) and/or --suite gemma2-report")
+        if self.suite and self.tasks:
+            found.append("--suite and --tasks: choose one (the suite names its own tasks)")
+        if self.compare and not self.dataset:
+            found.append("--compare scores models on held-out chats: give --dataset too")
+        if self.limit is not None and self.limit < 1:
+            found.append(f"--limit {self.limit}: must be at least 1 (leave it out to score every example)")
+        return found
+
+
+class MergeModelsRequest(Request):
+    """`merge-models`: mergekit's methods, then optionally LITI towards the base (WARP's last stage).
+
+    t: SLERP's factor (0: the first model, 1: the second). weights: per model (linear: normalised; TIES/DARE/task
+    arithmetic: task-vector scales). density: fraction of each task vector TIES/DARE keep. liti: eta in [0, 1]
+    (0: the base, 1: the merge). seed: DARE's random drops."""
+
+    method: Literal["linear", "slerp", "ties", "dare_ties", "task_arithmetic"] = "linear"
+    models: list[str]
+    output: str
+    base: str | None = None
+    t: float | None = None
+    weights: list[float] | None = None
+    density: float | None = None
+    liti: float | None = None
+    dtype: Dtype | None = None
+    seed: int = 42
+
+    def problems(self) -> list[str]:
+        found = []
+        method, models, weights = self.method, self.models, self.weights
+        if not models:
+            found.append("--models: name at least one model (run folders, merged folders or hub ids)")
+        twice = same_location(models)
+        if twice:
+            found.append(f"--models: {twice} given more than once")
+        if self.t is not None and method != "slerp":
+            found.append(f"--t: only SLERP takes it (--method {method})")
+        if self.density is not None and method not in ("ties", "dare_ties"):
+            found.append(f"--density: only ties and dare_ties take it (--method {method})")
+        finite_weights = weights is None or all(math.isfinite(w) for w in weights)
+        if not finite_weights:
+            found.append(f"--weights: {weights} must be finite numbers")
+        if self.liti is not None and not math.isfinite(self.liti):
+            found.append(f"--liti {self.liti}: must be a finite number in [0, 1]")
+        elif self.liti is not None and not 0.0 <= self.liti <= 1.0:
+            found.append(f"--liti {self.liti}: must be in [0, 1] (0: the base, 1: the merge)")
+        if method == "slerp" and len(models) != 2:
+            found.append(f"--method slerp: interpolates exactly 2 models, got {len(models)}")
+        if method == "linear" and len(models) == 1 and self.liti is None:
+            found.append("--method linear with one model: nothing to merge (add models, or --liti with --base)")
+        if (method in NEEDS_BASE or self.liti is not None) and self.base is None:
+            found.append(f"--base: required for {'--liti' if self.liti is not None else '--method ' + method} (the "
+                         "initialisation the task vectors are taken from)")
+        if self.t is not None and not 0.0 <= self.t <= 1.0:
+            found.append(f"--t {self.t}: must be in [0, 1]")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            found.append(f"--density {self.density}: must be in (0, 1]")
+        if weights is not None:
+            if method == "slerp":
+                found.append("--weights: SLERP takes --t, not weights")
+            elif finite_weights and len(weights) != len(models):  # (non-finite weights are said above)
+                found.append(f"--weights: {len(weights)} given for {len(models)} models")
+            elif finite_weights and method == "linear" and sum(weights) <= 0:
+                found.append("--weights: must sum to a positive number")
+        return found
+
+    @property
+    def slerp_t(self) -> float:
+        """SLERP's factor, 0.5 when not given."""
+        return 0.5 if self.t is None else self.t
+
+    @property
+    def kept_density(self) -> float:
+        """TIES/DARE's density, 0.5 when not given."""
+        return 0.5 if self.density is None else self.density
+
+
+def same_location(models: list[str]) -> list[str]:
+    """The inputs named twice (local folders compared by resolved path)."""
+    from pathlib import Path
+
+    seen: dict[str, str] = {}
+    twice = []
+    for m in models:
+        path = Path(m).expanduser()
+        key = str(path.resolve()) if path.exists() else m
+        if key in seen:
+            twice.append(m)
+        seen.setdefault(key, m)
+    return twice
+
+
+def check(schema: type[Request], options: dict[str, tuple[str, Any]], command: str) -> Request:
+    """Validate a command's options: {flag as typed: (field, value)}. Returns the request; raises ConfigError
+    with every problem (the schema's, then its rules), each naming its flag, under "`command`: invalid options"."""
+    flag_of = {field: flag for flag, (field, _) in options.items()}
+    values = {field: value for field, value in options.values()}
+    try:
+        request = schema.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            got = err.get("input")
+            problems.append(f"{flag_of.get(field, field)} {got!r}: {err['msg']}" if field else err["msg"])
+        raise OptionsError(command, problems) from None
+    problems = request.problems()
+    if problems:
+        raise OptionsError(command, problems)
+    return request
+
+
+class OptionsError(ConfigError):
+    """Problems with a command's options, each naming its flag: exit 2."""
+
+    def __init__(self, command: str, problems: list[str]):
+        super().__init__(problems)
+        self.message = f"{command}: invalid options:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        self.args = (self.message,)
