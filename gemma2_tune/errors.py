@@ -3,12 +3,14 @@
     UserError     a problem with the user's input (file, key, row, model): exit 2
     ConfigError   one or more configuration problems, each naming its key: exit 2
     Interrupted   training stopped by SIGTERM after saving a checkpoint (resumable): exit 143
+    Diverged      training stopped at a non-finite loss or gradient (the weights stay finite): exit 3
 """
 
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, resumable
+EXIT_DIVERGED = 3  # the run went wrong numerically: nothing trained after the divergence was kept
 
 
 class Outcome(Exception):
@@ -39,3 +41,10 @@ class Interrupted(Outcome):
     """Training stopped by SIGTERM after saving a checkpoint; `--resume` continues it."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class Diverged(Outcome):
+    """Training stopped before an optimizer step with a non-finite loss or gradient (NaN/inf); the message names
+    the step and the last complete checkpoint, which holds finite weights."""
+
+    exit_code = EXIT_DIVERGED

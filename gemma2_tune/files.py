@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .errors import UserError
 
 
 COMPLETE = "complete.json"  # marker written last into a folder (a builtin model, a checkpoint) once it is whole
@@ -19,16 +25,72 @@ def home() -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside the target then rename: a reader never sees half a file. Raises OSError."""
+    """Write beside the target, flush it to disk, then rename: a reader (or a machine after a power loss)
+    never sees half a file. Raises OSError."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename, a new file) to disk; a no-op where folders can't be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync every file under `folder` and the folders themselves: what a completeness marker written after it
+    claims is then on disk, not in the page cache (a power loss or full disk otherwise leaves a marked folder
+    with truncated files)."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            try:
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except OSError:
+                pass
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why the folder `path` could not be created or written (its nearest existing ancestor is a file, is
+    read-only, or lacks permission), or None. Checked before a command writes anything."""
+    path = path.expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        return f"{probe} is on a read-only filesystem" if read_only else f"no permission to write in {probe}"
+    return None
 
 
 @contextlib.contextmanager
@@ -61,3 +123,86 @@ def proc_status_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the filesystem is read-only"}
+
+
+@contextlib.contextmanager
+def disk_errors(folder: Path) -> Iterator[None]:
+    """A full disk, an exceeded quota or a read-only filesystem while writing `folder` becomes one UserError
+    (exit 2) naming the folder and the cause, instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        raise UserError(f"output.dir {folder}: cannot write: {DISK_ERRORS[exc.errno]} ({exc.filename or folder}); "
+                        "free space or choose another --output-dir") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """One writer per output folder: `.NAME.lock` beside it holds the writer's pid, host and start time. A lock
+    whose process is gone (same host) is stale and taken over; a live one refuses. Created atomically
+    (O_EXCL), so two processes starting together cannot both take it."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder.expanduser()
+        self.path = self.folder.parent / f".{self.folder.name}.lock"
+        self.held = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a stale lock was taken over. Raises UserError when a live process
+        holds it (naming its pid and host)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        note = None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                host, pid = holder.get("host"), holder.get("pid")
+                if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+                    self.path.unlink(missing_ok=True)
+                    note = f"taking over a stale lock on {self.folder} (process {pid} on {host} is gone)"
+                    continue
+                raise UserError(f"output.dir {self.folder}: another gemma2-tune process (pid {pid} on {host}, since "
+                                f"{holder.get('since', '?')}) is writing it; wait for it, or choose another "
+                                f"--output-dir (a lock left by a crashed machine: remove {self.path})") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, fh)
+            self.held = True
+            return note
+        raise UserError(f"output.dir {self.folder}: cannot take its lock {self.path}")
+
+    def holder(self) -> dict:
+        """What the lock file says (empty when unreadable)."""
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it."""
+        if self.held and self.holder().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..data.turns import END
 from ..errors import UserError
-from ..files import staged_dir
+from ..files import staged_dir, writable_problem
 from ..models.loading import LoadRequest, load_model
 from .inference import load, prompt_ids, read_run
 
@@ -43,6 +43,9 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
     out = Path(output).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--output {out}: already exists and is not empty; choose a new folder (nothing was written)")
+    problem = writable_problem(out)
+    if problem:
+        raise UserError(f"--output {out}: cannot create it ({problem})")
     run = read_run(adapter, model)
     if not run.is_adapter:
         raise UserError(f"--adapter {adapter}: a full fine-tune; its folder already is a complete model")

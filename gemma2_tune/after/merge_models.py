@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from ..config.requests import MergeModelsRequest
 from ..errors import UserError
-from ..files import staged_dir
+from ..files import staged_dir, writable_problem
 
 # config.json keys that must be equal for tensors to be merged position by position
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -131,6 +131,9 @@ def check_request(request: MergeModelsRequest, out: Path) -> MergePlan:
         raise UserError("merge-models:\n" + "\n".join(f"  - {p}" for p in problems))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--output {out}: already exists and is not empty; choose a new folder (nothing was written)")
+    problem = writable_problem(out)
+    if problem:
+        raise UserError(f"--output {out}: cannot create it ({problem})")
     models, base = request.models, request.base
     named = {"--base": base} if base else {}
     named |= {f"--models[{i + 1}]": m for i, m in enumerate(models)}

@@ -42,6 +42,8 @@ MaxStepsOpt = Annotated[Optional[int], typer.Option(help="training.max_steps")]
 LearningRateOpt = Annotated[Optional[float], typer.Option(help="training.learning_rate")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a previous run in the output dir.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the output dir.")]
+AllowDataChangeOpt = Annotated[bool, typer.Option("--allow-data-change", help="With --resume: continue although the "
+                                                  "data changed since the checkpoint (recorded in run.json).")]
 ResumeFromOpt = Annotated[Optional[str], typer.Option("--resume-from", help="Continue from this checkpoint folder.")]
 NumProcessesOpt = Annotated[Optional[int], typer.Option("--num-processes", help="Processes for --launch.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and plan; train nothing.")]

@@ -13,6 +13,7 @@ from ..config.layering import Resolved, config_to_yaml
 from ..errors import UserError
 from ..training.methods import METHODS, check_command
 from .app import (
+    AllowDataChangeOpt,
     DatasetOpt,
     DryRunOpt,
     LaunchOpt,
@@ -55,7 +56,8 @@ def resolve_for(method: str, recipe: str | None, sets: list[str] | None,
 
 
 def start_training(method: str, resolved: Resolved, *, launch: str | None, num_processes: int | None,
-                   resume: bool, resume_from: str | None, dry_run: bool, recipe_label: str | None) -> None:
+                   resume: bool, resume_from: str | None, dry_run: bool, recipe_label: str | None,
+                   allow_data_change: bool = False) -> None:
     """What every training command does with its resolved config: check, then dry run, launch N processes
     (each rank re-enters the method's command with the resolved config), or train in this process."""
     from ..training.describe import run_lines
@@ -79,6 +81,7 @@ def start_training(method: str, resolved: Resolved, *, launch: str | None, num_p
         extra = ["--recipe-label", str(resolved.recipe or "flags")]
         extra += ["--resume"] if resume else []
         extra += ["--resume-from", resume_from] if resume_from else []
+        extra += ["--allow-data-change"] if allow_data_change else []
         if dry_run:
             echo(f"# would launch: {how.describe()} with {path}")
         else:
@@ -93,7 +96,7 @@ def start_training(method: str, resolved: Resolved, *, launch: str | None, num_p
         for line in run_lines(cfg):
             echo(line)
     METHODS[method].run(cfg, echo=echo, recipe=recipe_label or resolved.recipe, resume=resume,
-                        resume_from=resume_from)
+                        resume_from=resume_from, allow_data_change=allow_data_change)
 
 
 @command(help=METHODS["sft"].summary)
@@ -109,6 +112,7 @@ def sft(
     overwrite: OverwriteOpt = None,
     resume: ResumeOpt = False,
     resume_from: ResumeFromOpt = None,
+    allow_data_change: AllowDataChangeOpt = False,
     launch: LaunchOpt = None,
     num_processes: NumProcessesOpt = None,
     dry_run: DryRunOpt = False,
@@ -117,7 +121,8 @@ def sft(
     flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
         "data.max_length": ("--max-length", max_length)}
     start_training("sft", resolve_for("sft", recipe, set_, flags), launch=launch, num_processes=num_processes,
-                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label)
+                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
+                   allow_data_change=allow_data_change)
 
 
 @command(help=METHODS["distill"].summary)
@@ -134,6 +139,7 @@ def distill(
     overwrite: OverwriteOpt = None,
     resume: ResumeOpt = False,
     resume_from: ResumeFromOpt = None,
+    allow_data_change: AllowDataChangeOpt = False,
     launch: LaunchOpt = None,
     num_processes: NumProcessesOpt = None,
     dry_run: DryRunOpt = False,
@@ -143,4 +149,4 @@ def distill(
         "teacher.name_or_path": ("--teacher", teacher)}
     start_training("distill", resolve_for("distill", recipe, set_, flags), launch=launch,
                    num_processes=num_processes, resume=resume, resume_from=resume_from, dry_run=dry_run,
-                   recipe_label=recipe_label)
+                   recipe_label=recipe_label, allow_data_change=allow_data_change)

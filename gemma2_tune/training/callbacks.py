@@ -10,7 +10,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from ..config.schema import RunConfig
-from ..files import proc_status_bytes
+from ..files import proc_status_bytes, sync_folder
 from .checkpoints import mark_complete
 
 Echo = Callable[[str], None]
@@ -29,6 +29,38 @@ class EchoLoss(TrainerCallback):
                 extra = f", generating {logs['generation_time']:.2f}s of the step's {logs['step_time']:.2f}s"
             self.echo(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
                       f"lr {logs.get('learning_rate', 0):.2e}{extra}")
+
+
+class NonFinite(RuntimeError):
+    """Raised inside the training loop when a loss or gradient is NaN/inf; `lifecycle.train` turns it into
+    Diverged. `step`: the optimizer step that would have applied it (1-based); `what`: which value."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"{what} at step {step}")
+        self.step, self.what = step, what
+
+
+class StopOnDivergence(TrainerCallback):
+    """Checks every optimizer step before the update: the trainable gradients must be finite (a NaN/inf loss
+    makes them so); and every logged loss and gradient norm (the only signal where a sharded engine holds the
+    gradients). On the first non-finite one, raises NonFinite: the weights never take a non-finite update, and
+    no checkpoint after it is written."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ARG002
+        import torch
+
+        norms = [p.grad.detach().float().norm() for p in (model.parameters() if model is not None else [])
+                 if p.requires_grad and p.grad is not None]
+        if norms and not bool(torch.isfinite(torch.stack(norms)).all()):
+            raise NonFinite(state.global_step + 1, "non-finite gradient (NaN or inf) in the trainable weights")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002
+        import math
+
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise NonFinite(state.global_step, f"{key} {value}")
 
 
 class LogLastStep(TrainerCallback):
@@ -51,15 +83,23 @@ class TrackStep(TrainerCallback):
 
 
 class MarkCheckpoints(TrainerCallback):
-    """After every rank has written checkpoint-N, the main process marks it complete."""
+    """After every rank has written checkpoint-N and flushed it to disk (fsync of its files and folder), the
+    main process marks it complete with the files' sizes and the data's fingerprint (`record`: the run's
+    manifest). `finish(folder)`: what a saved model folder gets before it is marked (a full fine-tune's stop
+    tokens), or None."""
 
-    def __init__(self, cfg: RunConfig, state):
-        self.cfg, self.dist = cfg, state
+    def __init__(self, cfg: RunConfig, state, record: dict, finish: Callable[[Path], None] | None = None):
+        self.cfg, self.dist, self.record, self.finish = cfg, state, record, finish
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ARG002
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.dist.is_main_process and self.finish is not None:
+            self.finish(folder)
+        sync_folder(folder)  # every rank: what it wrote is on disk before the marker says so
         self.dist.wait_for_everyone()
         if self.dist.is_main_process:
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.cfg)
+            fingerprint = (self.record.get("dataset") or {}).get("fingerprint")
+            mark_complete(folder, state.global_step, self.cfg, fingerprint)
         self.dist.wait_for_everyone()
 
 

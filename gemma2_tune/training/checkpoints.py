@@ -1,8 +1,10 @@
 """Checkpoints that are complete or visibly not, and choosing one to resume from.
 
-The trainer writes `checkpoint-N/` file by file. Only after every rank has finished writing does the
-main process add `complete.json` (atomically: write, then rename), holding the step and the resolved
-config. A folder without it (a run killed while saving) is never resumed from.
+The trainer writes `checkpoint-N/` file by file. Only after every rank has finished writing and flushed
+its files to disk (fsync) does the main process add `complete.json` (atomically: write, fsync, rename),
+holding the step, the resolved config, the data's fingerprint and every file's size. A folder without it (a
+run killed while saving) is never resumed from; one whose files do not match it (truncated by a power loss
+or a full disk, a file missing, an unreadable trainer state) is named and skipped for an older one.
 """
 
 from __future__ import annotations
@@ -43,9 +45,59 @@ def list_checkpoints(out: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def mark_complete(path: Path, step: int, cfg: RunConfig) -> None:
-    """Write complete.json (step + resolved config) into a checkpoint every rank has finished writing."""
-    write_text_atomic(path / MARKER, json.dumps({"step": step, "config": cfg.model_dump(mode="json")}, indent=1))
+def mark_complete(path: Path, step: int, cfg: RunConfig, data_fingerprint: str | None = None) -> None:
+    """Write complete.json (step, resolved config, data fingerprint, {file: bytes}) into a checkpoint every
+    rank has finished writing and flushed."""
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != MARKER}
+    write_text_atomic(path / MARKER, json.dumps({"step": step, "config": cfg.model_dump(mode="json"),
+                                                 "data_fingerprint": data_fingerprint, "files": files}, indent=1))
+
+
+def damage(path: Path) -> str | None:
+    """Why a marked checkpoint cannot be loaded, or None: a file the marker lists that is missing or of another
+    size, no readable trainer_state.json, a safetensors file whose header does not parse, a torch file (zip)
+    whose directory is unreadable. Reads headers only (seconds, even for large checkpoints)."""
+    import zipfile
+
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{path / MARKER} is unreadable"
+    for name, size in (marker.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size:,} bytes, {size:,} when the checkpoint was written (truncated)"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"{path / 'trainer_state.json'} is {'missing' if isinstance(exc, OSError) else 'not valid JSON'}"
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with open(file, "rb") as fh:
+                header = int.from_bytes(fh.read(8), "little")
+                json.loads(fh.read(header))
+            if header + 8 > file.stat().st_size:
+                raise ValueError
+        except (OSError, ValueError):
+            return f"{file} is not a readable safetensors file (truncated?)"
+    for file in sorted(path.rglob("*.pt")) + sorted(path.rglob("*.pth")):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return f"{file} is not a readable torch file (truncated?)"
+    return None
+
+
+def marked_data_fingerprint(path: Path) -> str | None:
+    """The data fingerprint a checkpoint's marker recorded (None: not recorded, a checkpoint from before)."""
+    try:
+        return json.loads((path / MARKER).read_text()).get("data_fingerprint")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -79,16 +131,29 @@ def check_checkpoint(path: Path, cfg: RunConfig) -> Checkpoint:
     if diffs:
         raise UserError(f"{path}: saved by a run with a different config; resuming would mix two recipes:\n"
                         + "\n".join(f"  - {d}" for d in diffs))
+    broken = damage(path)
+    if broken:
+        raise UserError(f"--resume-from {path}: the checkpoint cannot be loaded: {broken}; pick an earlier one")
     return Checkpoint(path, int(m.group(1)), True)
 
 
-def newest_complete(out: Path, cfg: RunConfig) -> tuple[Checkpoint, list[Checkpoint]]:
-    """For --resume: the newest complete checkpoint in `out`, and the incomplete ones skipped over."""
+def newest_complete(out: Path, cfg: RunConfig) -> tuple[Checkpoint, list[tuple[Checkpoint, str]]]:
+    """For --resume: the newest complete, loadable checkpoint in `out`, and the newer ones skipped over with
+    the reason (incomplete: no marker; damaged: `damage`'s reason). Raises UserError when none can be used,
+    naming what is wrong with each."""
     found = list_checkpoints(out)
-    complete = [c for c in found if c.complete]
-    if not complete:
-        detail = f" ({len(found)} incomplete)" if found else ""
-        raise UserError(f"--resume: no complete checkpoint in {out}{detail}; set training.save_steps to checkpoint a run")
-    best = complete[-1]
-    skipped = [c for c in found if not c.complete and c.step > best.step]
-    return check_checkpoint(best.path, cfg), skipped
+    skipped: list[tuple[Checkpoint, str]] = []
+    for c in reversed(found):
+        if not c.complete:
+            skipped.append((c, "incomplete: no complete marker (stopped while saving)"))
+            continue
+        broken = damage(c.path)
+        if broken:
+            skipped.append((c, f"cannot be loaded: {broken}"))
+            continue
+        return check_checkpoint(c.path, cfg), skipped
+    if not found:
+        raise UserError(f"--resume: no complete checkpoint in {out}; set training.save_steps to checkpoint a run")
+    reasons = "\n".join(f"  - {c.path}: {why}" for c, why in skipped)
+    raise UserError(f"--resume: no loadable checkpoint in {out}:\n{reasons}\nstart again with --overwrite, or "
+                    "--resume-from a checkpoint copied from elsewhere")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,12 +35,23 @@ from typing import Any, Callable
 
 from ..config.layering import config_to_yaml
 from ..config.schema import RunConfig
-from ..errors import Interrupted, UserError
-from ..files import write_text_atomic
+from ..errors import Diverged, Interrupted, UserError
+from ..files import OutputLock, disk_errors, writable_problem, write_text_atomic
+from ..models.serving import serving_config, stop_token_ids
 from . import manifest as mf
-from .callbacks import EchoLoss, LogLastStep, MarkCheckpoints, PeakMemory, StopOnSignal, TrackStep, peak_memory
+from .callbacks import (
+    EchoLoss,
+    LogLastStep,
+    MarkCheckpoints,
+    NonFinite,
+    PeakMemory,
+    StopOnDivergence,
+    StopOnSignal,
+    TrackStep,
+    peak_memory,
+)
 from .card import model_card, plot_run
-from .checkpoints import Checkpoint, check_checkpoint, newest_complete
+from .checkpoints import Checkpoint, check_checkpoint, list_checkpoints, marked_data_fingerprint, newest_complete
 from .ema import ExponentialMovingAverage, write_ema_folder
 from .launch import Launch, launch_problems
 from .progress import LiveProgress, bar_wanted
@@ -86,8 +98,18 @@ class RunLifecycle:
         self.memory = PeakMemory()
         self.ema: ExponentialMovingAverage | None = None
         self.checkpoint = None
+        self.tokenizer_ids: tuple[list[int], int | None] | None = None  # stop tokens and pad of the run's tokenizer
         mf.check_inputs_outside(cfg)
+        problem = writable_problem(self.out)
+        if problem:
+            raise UserError(f"output.dir {self.out}: cannot create it ({problem})")
         self.replacing = None if resuming else mf.check_output_dir(self.out, cfg.output.overwrite)
+        # one process writes a run folder at a time; rank 0 of a launch holds the lock for all ranks
+        self.lock = OutputLock(self.out) if os.environ.get("RANK", "0") == "0" else None
+        if self.lock is not None:
+            taken_over = self.lock.acquire()
+            if taken_over:
+                echo(taken_over)
 
     def join(self) -> None:
         """Join the launch's processes: rank-aware printing, the same config on every rank, the record."""
@@ -109,7 +131,7 @@ class RunLifecycle:
             "launch": {"mode": launch.mode, "num_processes": self.state.num_processes,
                        "zero_stage": launch.zero_stage, "mixed_precision": launch.mixed_precision},
             "resumed_from": None,
-            "attempts": (previous or {}).get("attempts", []),
+            "attempts": closed_attempts((previous or {}).get("attempts", [])),
             "versions": mf.library_versions(),
             "device": "cuda" if _has_cuda() else "cpu",
         }
@@ -139,8 +161,8 @@ class RunLifecycle:
             if mf.read_manifest(self.out) is None:
                 raise UserError(f"--resume: {self.out} holds no gemma2-tune run to resume")
             checkpoint, skipped = newest_complete(self.out, self.cfg)
-            for c in skipped:
-                self.say(f"skipping incomplete checkpoint {c.path} (no complete marker)")
+            for c, why in skipped:
+                self.say(f"skipping checkpoint {c.path}: {why}; resuming from {checkpoint.path} instead")
         else:
             return None
         self.record["resumed_from"] = str(checkpoint.path)
@@ -152,18 +174,46 @@ class RunLifecycle:
         if self.main:
             mf.write_manifest(self.out, self.record)
 
+    def check_resumed_data(self, fingerprint: str | None, allow_change: bool) -> None:
+        """On resume: the data must be what the checkpoint trained on (its marker's fingerprint), unless
+        `allow_change` (--allow-data-change), which is recorded. Raises UserError naming both fingerprints."""
+        if self.checkpoint is None:
+            return
+        saved = marked_data_fingerprint(self.checkpoint.path)
+        if saved is None or fingerprint is None or saved == fingerprint:
+            return
+        if not allow_change:
+            raise UserError(f"--resume: the data changed since {self.checkpoint.path} was written (dataset fingerprint "
+                            f"{saved} then, {fingerprint} now): the resumed run would not be the run it continues; "
+                            "restore the data, or pass --allow-data-change to continue on the new data (recorded "
+                            "in run.json)")
+        self.record["data_changed_on_resume"] = {"checkpoint": saved, "now": fingerprint}
+        self.say(f"warning: the data changed since {self.checkpoint.path} (fingerprint {saved} -> {fingerprint}); "
+                 "continuing on the new data as --allow-data-change asks")
+
     def start(self, **fields: Any) -> None:
-        """Make the output folder safe to write (rank 0), save config.yaml, record `fields`, write run.json."""
+        """Make the output folder safe to write (rank 0: a previous run replaced by --overwrite is moved aside,
+        deleted only when this run completes), save config.yaml, record `fields` and this attempt, write
+        run.json. Raises UserError when the folder cannot be written (disk full, read-only)."""
         if self.replacing:
             self.say(self.replacing)
-        if self.main:
-            if not self.resuming:
-                mf.prepare_output_dir(self.out, self.cfg.output.overwrite)
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out / mf.RESOLVED_CONFIG, config_to_yaml(self.cfg))
-        self.state.wait_for_everyone()
-        self.record.update(fields)
-        self.write()
+        with disk_errors(self.out):
+            if self.main:
+                if not self.resuming:
+                    note = mf.prepare_output_dir(self.out, self.cfg.output.overwrite)
+                    if note:
+                        self.say(note)
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.out / mf.RESOLVED_CONFIG, config_to_yaml(self.cfg))
+            self.state.wait_for_everyone()
+            self.record.update(fields)
+            # this attempt is on record from its start: a SIGKILL leaves it 'running', read as killed later
+            self.record["attempts"] = self.record["attempts"] + [self._attempt_entry()]
+            self.write()
+
+    def _attempt_entry(self) -> dict[str, Any]:
+        return {k: self.record.get(k) for k in ("started_at", "finished_at", "status", "resumed_from", "global_step",
+                                                 "wall_time_s", "data_changed_on_resume")}
 
     def attempt(self):
         """Context for the attempt: a failure is recorded with its error; every exit appends the attempt."""
@@ -172,7 +222,8 @@ class RunLifecycle:
         @contextlib.contextmanager
         def attempt():
             try:
-                yield self
+                with disk_errors(self.out):
+                    yield self
             except BaseException as exc:
                 if self.record["status"] == "running":
                     self.record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -180,9 +231,11 @@ class RunLifecycle:
             finally:
                 self.record["finished_at"] = now()
                 self.record["wall_time_s"] = round(time.time() - self.started, 2)
-                self.record["attempts"] = self.record["attempts"] + [{k: self.record.get(k) for k in (
-                    "started_at", "finished_at", "status", "resumed_from", "global_step", "wall_time_s")}]
-                self.write()
+                self.record["attempts"] = self.record["attempts"][:-1] + [self._attempt_entry()]
+                try:
+                    self.write()
+                except OSError:
+                    pass  # a full or read-only disk: the error being raised says so
 
         return attempt()
 
@@ -193,8 +246,10 @@ class RunLifecycle:
         stop = StopOnSignal(self.state)
         decay = self.cfg.training.ema_decay
         self.ema = ExponentialMovingAverage(decay, self.checkpoint.path if self.checkpoint else None) if decay else None
-        for callback in (self.memory, TrackStep(self.record), LogLastStep(), self.ema,  # the average before the marker
-                         MarkCheckpoints(self.cfg, self.state), stop):
+        finish = None if self.cfg.lora.enabled else self.finish_model_folder  # a full model: stop tokens
+        for callback in (StopOnDivergence(), self.memory, TrackStep(self.record), LogLastStep(),
+                         self.ema,  # the average before the marker
+                         MarkCheckpoints(self.cfg, self.state, self.record, finish), stop):
             if callback is not None:
                 trainer.add_callback(callback)
         say = self.say
@@ -212,6 +267,19 @@ class RunLifecycle:
         for line in report.summary_lines() + [f"warning: {w}" for w in report.warnings]:
             self.say(line)
         self.write()
+
+    def diverged(self, exc: "NonFinite") -> Diverged:
+        """Record a divergence (run.json: failed, the step, the last complete checkpoint) and return the error to
+        raise. The weights never took the non-finite update; no later checkpoint exists."""
+        complete = [c for c in list_checkpoints(self.out) if c.complete and c.step < exc.step]
+        kept = str(complete[-1].path) if complete else None
+        self.record.update(status="failed", diverged_at_step=exc.step, last_finite_checkpoint=kept,
+                           error=f"training diverged at step {exc.step}: {exc.what}")
+        where = (f"the last complete checkpoint, {kept}, holds finite weights (--resume-from it with a lower "
+                 "training.learning_rate, or fix the data)" if kept else
+                 "no checkpoint was written before it (lower training.learning_rate or training.save_steps)")
+        return Diverged(f"training diverged at step {exc.step} ({exc.what}); nothing after step "
+                        f"{exc.step - 1} was kept; {where}")
 
     def finish_training(self, trainer, data_report, runtime_s: float | None, stopped: bool) -> None:
         """Losses and throughput into the record; raises Interrupted when SIGTERM stopped training."""
@@ -234,6 +302,8 @@ class RunLifecycle:
         """Final weights (adapter or model), tokenizer (with the run's generated chat template; a template
         it replaced is kept as chat_template.base.jinja), loss plot and model card; status completed."""
         trainer.save_model(str(self.out))
+        if self.main and not self.cfg.lora.enabled:
+            self.finish_model_folder(self.out)
         self.record.update(status="completed")
         if self.main:
             tokenizer.save_pretrained(str(self.out))
@@ -241,10 +311,22 @@ class RunLifecycle:
                 (self.out / BASE_TEMPLATE).write_text(base_chat_template)
             plot_run(trainer.state.log_history, self.out / "loss.png")
         if self.ema is not None:  # every rank: saving goes through the trainer
-            write_ema_folder(self.ema, trainer, self.out, self.main)
+            folder = write_ema_folder(self.ema, trainer, self.out, self.main)
+            if self.main and not self.cfg.lora.enabled:
+                self.finish_model_folder(folder)
             self.record["ema"] = self.ema.describe()
         if self.main:
             (self.out / "README.md").write_text(model_card(self.cfg, self.record, self.out))
+            replaced = mf.drop_replaced(self.out)  # the run --overwrite replaced: only now that this one is whole
+            if replaced:
+                self.say(replaced)
+
+    def finish_model_folder(self, folder: Path) -> None:
+        """A full model the run writes (the run folder, checkpoint-N/, ema/) stops at <end_of_turn> wherever it
+        is served (generation_config.json's eos_token_id, as `merge`'s output) and generates with the cache on
+        (config.json's use_cache, which training turned off)."""
+        if self.tokenizer_ids is not None:
+            serving_config(folder, *self.tokenizer_ids)
 
     def summary_lines(self) -> list[str]:
         """The last lines of a completed run: throughput, memory, loss."""
@@ -303,11 +385,13 @@ class Runner:
 
 
 def train(runner: Runner, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
-          resume_from: str | None = None) -> dict[str, Any]:
+          resume_from: str | None = None, allow_data_change: bool = False) -> dict[str, Any]:
     """Run `runner.cfg` through the one run order; returns the manifest (also output.dir/run.json).
 
-    Raises UserError for anything the user can fix (launch, output folder, data, models), found before
-    training where possible, and Interrupted (exit 143) after a SIGTERM once a checkpoint is saved.
+    Raises UserError for anything the user can fix (launch, output folder, data, models, a resume on changed
+    data without `allow_data_change`, a full or read-only disk), found before training where possible;
+    Interrupted (exit 143) after a SIGTERM once a checkpoint is saved; Diverged (exit 3) at a NaN/inf loss or
+    gradient, before the update (run.json `failed` with the step and the last complete checkpoint).
     """
     from transformers import set_seed
 
@@ -316,25 +400,41 @@ def train(runner: Runner, echo: Echo = print, recipe: Path | str | None = None, 
     cfg = runner.cfg
     launch = current_launch()
     run = RunLifecycle(cfg, cfg.method, echo, launch, recipe, resuming=resume or bool(resume_from))
-    args = runner.prepare(launch, run.out)  # before any process state: makes ZeRO-3 load weights sharded
-    run.join()
-    checkpoint = run.resume_point(resume, resume_from)
-    set_seed(cfg.training.seed)
-    run.start(**runner.load_data(run))
-    with run.attempt():
-        trainer = runner.build(run, args)
-        runner.before_training(run, checkpoint)
-        stop = run.attach(trainer)
-        with stop.installed():
-            result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
-        runtime = result.metrics.get("train_runtime")
-        runner.record_training(run, trainer, runtime)
-        run.finish_training(trainer, runner.data_report, runtime, stop.stopped)
-        runner.after_training(run, trainer)
-        run.save(trainer, runner.tokenizer, runner.base_chat_template)
-    for line in runner.final_lines(run, trainer, runtime) + run.summary_lines():
-        run.say(line)
-    return run.record
+    try:
+        args = runner.prepare(launch, run.out)  # before any process state: makes ZeRO-3 load weights sharded
+        run.join()
+        checkpoint = run.resume_point(resume, resume_from)
+        set_seed(cfg.training.seed)
+        fields = runner.load_data(run)
+        run.check_resumed_data((fields.get("dataset") or {}).get("fingerprint"), allow_data_change)
+        run.tokenizer_ids = stop_token_ids(runner.tokenizer)
+        run.start(**fields)
+        with run.attempt():
+            trainer = runner.build(run, args)
+            runner.before_training(run, checkpoint)
+            stop = run.attach(trainer)
+            try:
+                with stop.installed():
+                    result = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+            except NonFinite as exc:
+                raise run.diverged(exc) from None
+            runtime = result.metrics.get("train_runtime")
+            runner.record_training(run, trainer, runtime)
+            run.finish_training(trainer, runner.data_report, runtime, stop.stopped)
+            runner.after_training(run, trainer)
+            run.save(trainer, runner.tokenizer, runner.base_chat_template)
+        for line in runner.final_lines(run, trainer, runtime) + run.summary_lines():
+            run.say(line)
+        return run.record
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def closed_attempts(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier attempts from run.json, an attempt still 'running' (its process was killed: SIGKILL, a lost node,
+    a power loss) marked 'killed' (its end was never recorded)."""
+    return [a | {"status": "killed"} if a.get("status") == "running" else a for a in attempts]
 
 
 def _has_cuda() -> bool:

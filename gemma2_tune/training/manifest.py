@@ -68,9 +68,13 @@ def check_output_dir(path: Path, overwrite: bool) -> str | None:
         return (f"replacing the previous run in {path}: it failed before its first optimizer step "
                 f"({str(previous.get('error', '?')).splitlines()[0][:200]})")
     if not overwrite:
+        kept = replaced_path(path)
+        restore = (f"; the run an interrupted --overwrite replaced is kept in {kept} (restore: rm -rf {path} && mv "
+                   f"{kept} {path})" if kept.exists() else "")
         raise UserError(
             f"output.dir: {path} already holds a run (status {previous.get('status', '?')}, started "
             f"{previous.get('started_at', '?')}); pass --overwrite to replace it, or choose another --output-dir"
+            + restore
         )
     return None
 
@@ -100,10 +104,39 @@ def inputs_inside(path: Path, inputs: dict[str, str]) -> list[str]:
     return found
 
 
-def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    """After `check_output_dir`: remove a previous run of ours (with overwrite, or one that never trained)
-    and create the folder."""
+def replaced_path(path: Path) -> Path:
+    """Where `--overwrite` keeps the run it replaces until the new run completes: `.NAME.replaced` beside it."""
+    return path.parent / f".{path.name}.replaced"
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> str | None:
+    """After `check_output_dir`: make `path` an empty folder for a new run. A previous completed (or resumable)
+    run replaced by --overwrite is moved aside to `.NAME.replaced`, deleted only when the new run completes
+    (`drop_replaced`), so a rerun killed early loses nothing; a run that never trained is deleted. Returns what
+    to tell the user."""
     check_output_dir(path, overwrite)
-    if path.exists() and any(path.iterdir()):  # a previous run of ours: --overwrite, or it never trained
-        shutil.rmtree(path)
+    note = None
+    if path.exists() and any(path.iterdir()):
+        previous = read_manifest(path) or {}
+        kept = replaced_path(path)
+        if never_trained(path, previous) or (kept.exists() and previous.get("status") != "completed"):
+            # nothing of this one is worth keeping; an earlier replaced run, if any, stays the one to restore
+            shutil.rmtree(path)
+        else:
+            if kept.exists():
+                shutil.rmtree(kept)
+            path.rename(kept)
+        if kept.exists():
+            note = (f"the previous run is kept in {kept} until this run completes (if this run is stopped, restore it "
+                    f"with: rm -rf {path} && mv {kept} {path})")
     path.mkdir(parents=True, exist_ok=True)
+    return note
+
+
+def drop_replaced(path: Path) -> str | None:
+    """Delete the run --overwrite moved aside, once the new run in `path` is complete; returns a note."""
+    kept = replaced_path(path)
+    if not kept.exists():
+        return None
+    shutil.rmtree(kept, ignore_errors=True)
+    return f"removed the run this one replaced ({kept})"

@@ -53,6 +53,7 @@ def common_args(args_class, cfg: RunConfig, out: Path, launch: Launch, micro: Mi
         fp16=cfg.model.dtype == "float16",
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (the filter would print a made-up number)
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=t.per_device_train_batch_size,
