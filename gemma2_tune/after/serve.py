@@ -387,11 +387,29 @@ async def read_body(request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class KeyCheck:
+    """ASGI middleware: /v1/ requires `Authorization: Bearer <key>`, compared in constant time. A plain ASGI
+    middleware, not @app.middleware("http"): that one (Starlette's BaseHTTPMiddleware) wraps `receive`, and a
+    handler behind it can't see its client leave."""
+
+    def __init__(self, app, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = openai_error(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                        code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def build_app(served: Served, engine, api_key: str | None, max_request_bytes: int | None = None):
     """The FastAPI app: the checks in front of `engine` (serve_engines). `max_request_bytes` defaults to
     default_max_request_bytes(served.context)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -407,17 +425,12 @@ def build_app(served: Served, engine, api_key: str | None, max_request_bytes: in
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return openai_error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if expected is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").encode("latin-1", "replace")
-            if not hmac.compare_digest(given, expected):
-                return openai_error(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                    code="invalid_api_key")
-        try:
-            return await call_next(request)
-        except Exception as exc:  # noqa: BLE001 - the client gets a message, the server keeps serving
-            return openai_error(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}", "server_error")
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):  # the client gets a message, the server keeps serving
+        return openai_error(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}", "server_error")
+
+    if expected is not None:
+        app.add_middleware(KeyCheck, expected=expected)
 
     def finish_reason(generation, settings: Settings) -> str:
         hit_limit = generation.tokens >= settings.max_new_tokens and generation.last_token not in eos
@@ -462,16 +475,20 @@ def build_app(served: Served, engine, api_key: str | None, max_request_bytes: in
 
     async def whole(request: Request, checked: Checked, cid: str):
         generation = engine.start(checked.ids, checked.settings)
+        # The body is read, so the next ASGI message is the client's disconnect.
+        gone = asyncio.ensure_future(request.receive())
         pieces: list[str] = []
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(generation.queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    # Nothing is sent before the answer, so a departed client is only seen by asking.
-                    if await request.is_disconnected():
-                        return None
+                item = asyncio.ensure_future(generation.queue.get())
+                await asyncio.wait((item, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    if gone.result().get("type") == "http.disconnect":
+                        return Response(status_code=499)  # nobody reads it; generation is cancelled below
+                    gone = asyncio.ensure_future(request.receive())
                     continue
+                item = item.result()
                 if item is None:
                     break
                 if not isinstance(item, str):
@@ -479,6 +496,7 @@ def build_app(served: Served, engine, api_key: str | None, max_request_bytes: in
                 pieces.append(item)
         finally:
             generation.cancel()
+            gone.cancel()
         message = {"role": "assistant", "content": "".join(pieces)}
         return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()), "model": served.name,
                              "choices": [{"index": 0, "message": message, "logprobs": None,
