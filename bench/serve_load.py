@@ -1,7 +1,7 @@
 """Load test for `gemma2-tune serve`: requests/s and latency at several client counts, and whether every answer
 under load is identical to the same request sent alone (greedy).
 
-    python bench/serve_load.py --serve runs/x [--continuous-batching]     # starts a server, measures, stops it
+    python bench/serve_load.py --serve runs/x [--sequential]     # starts a server, measures, stops it
     python bench/serve_load.py --port 8000 --api-key K                    # a server already running here
 
 Only 127.0.0.1 is ever contacted. Bounded: every request has a timeout and each client sends a fixed number of
@@ -110,7 +110,8 @@ def start_server(folder: str, port: int, key: str, extra: list[str], log: Path) 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", help="start `gemma2-tune serve FOLDER` for the measurement (stopped after)")
-    parser.add_argument("--continuous-batching", action="store_true", help="with --serve: pass it to the server")
+    parser.add_argument("--sequential", action="store_true",
+                        help="with --serve: start it with --no-continuous-batching (one request at a time)")
     parser.add_argument("--port", type=int, help="a server already listening on 127.0.0.1:PORT")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--clients", default="1,4,16,32", help="comma-separated client counts")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.serve:
         port, key = free_port(), secrets.token_hex(16)
         log = Path(args.out or "serve_load").with_suffix(".server.log")
-        proc = start_server(args.serve, port, key, ["--continuous-batching"] if args.continuous_batching else [], log)
+        proc = start_server(args.serve, port, key, ["--no-continuous-batching"] if args.sequential else [], log)
     try:
         expected = reference(port, key, args.max_tokens)
         steps = []
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             proc.terminate()
             proc.wait(timeout=60)
     result = {"max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
-              "continuous_batching": args.continuous_batching, "steps": steps}
+              "continuous_batching": not args.sequential if args.serve else None, "steps": steps}
     if steps[0]["requests_per_s"]:
         result["speedup_last_vs_first"] = round(steps[-1]["requests_per_s"] / steps[0]["requests_per_s"], 2)
         print(f"{steps[-1]['clients']} clients vs {steps[0]['clients']}: x{result['speedup_last_vs_first']}")

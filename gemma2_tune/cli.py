@@ -406,8 +406,10 @@ def serve(
                                                              "reading them (default: 32 bytes per context token "
                                                              "+ 64 KiB).")] = None,
     continuous_batching: Annotated[bool, typer.Option(help="transformers' continuous batching: concurrent requests "
-                                                      "share forward passes (soft-caps kept); per request only "
-                                                      "max_tokens, temperature and top_p.")] = False,
+                                                      "share forward passes (soft-caps kept); per request "
+                                                      "max_tokens, temperature and top_p. --no-continuous-batching: "
+                                                      "one request at a time, also stop, seed, logit_bias and "
+                                                      "frequency_penalty.")] = True,
 ) -> None:
     """Serve a tuned model behind an OpenAI-compatible API (/v1/chat/completions, streamed or not; /v1/models),
     with the run's chat template and stop tokens; stops cleanly on SIGTERM."""

@@ -1,7 +1,7 @@
 """`gemma2-tune serve`: a trained run or a merged folder behind an OpenAI-compatible API.
 
-The web layer is FastAPI + uvicorn; generation is transformers' (`serve_engines`: `model.generate` one request at
-a time, or transformers' continuous batching with `--continuous-batching`). What this module adds is what makes
+The web layer is FastAPI + uvicorn; generation is transformers' (`serve_engines`: continuous batching by default,
+or `model.generate` one request at a time with `--no-continuous-batching`). What this module adds is what makes
 it right for a tuned Gemma, and safe under hostile input:
 
 - the model: a merged folder is served as it is; a run with a LoRA adapter (or its `ema/`) is first merged
@@ -323,8 +323,8 @@ def check_request(body: Any, served: Served, batching: bool = False) -> Checked 
     if batching:
         for key in BATCHING_REFUSES:
             if getattr(request, key) not in (None, 0, "", [], {}):
-                return (400, f"'{key}' is not available: this server runs continuous batching, which takes per "
-                        "request only max_tokens, temperature and top_p", key, None)
+                return (400, f"'{key}' is not available with continuous batching, which takes per request only "
+                        "max_tokens, temperature and top_p (serve --no-continuous-batching accepts it)", key, None)
     chars = sum(len(s) for m in request.messages for s in _strings(m.get("content")))
     if served.context is not None and chars > served.context * served.max_token_chars:
         return (400, f"the prompt is {chars} characters, more than this model's context of {served.context} tokens "
@@ -579,7 +579,7 @@ def longest_token_chars(tokenizer) -> int:
 def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str | None = None,
           name: str | None = None, dtype: str | None = None, device: str = "auto",
           echo: Callable[[str], None] = print, *, max_request_bytes: int | None = None,
-          continuous_batching: bool = False) -> None:
+          continuous_batching: bool = True) -> None:
     """Serve `target` until SIGTERM/SIGINT. Raises UserError: a missing folder, a model that fails its checks,
     transformers' serving extras missing, a port in use, an empty API key, a body limit under 1 KiB."""
     try:
