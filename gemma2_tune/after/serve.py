@@ -613,8 +613,8 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
         served.max_token_chars = longest_token_chars(served.tokenizer)
         folder = model.generation_config
         served.sampling = (bool(folder.do_sample), folder.temperature or 1.0, folder.top_p or 1.0)
-        engine = BatchingEngine(model, served.tokenizer) if continuous_batching else SequentialEngine(model,
-                                                                                                   served.tokenizer)
+        engine = (BatchingEngine(model, served.tokenizer, served.context) if continuous_batching
+                  else SequentialEngine(model, served.tokenizer))
         app = build_app(served, engine, api_key, max_request_bytes)
         limit = max_request_bytes or default_max_request_bytes(served.context)
         where = f"http://{host}:{port}/v1"

@@ -149,7 +149,10 @@ class BatchingEngine:
 
     name = "continuous batching"
 
-    def __init__(self, model, tokenizer, max_batch_tokens: int | None = None):
+    CPU_CONTEXTS = 4  # on a CPU the cache holds this many full contexts (more requests when they are shorter)
+    CPU_BATCH_TOKENS = 512  # and a forward pass takes at most this many tokens
+
+    def __init__(self, model, tokenizer, context: int | None = None):
         from transformers import ContinuousBatchingConfig
 
         register_softcapped_paged_attention()
@@ -161,8 +164,11 @@ class BatchingEngine:
         config.do_sample, config.temperature, config.top_k, config.top_p = True, 0.5, 1, 0.5
         config.max_new_tokens = 1
         cb = ContinuousBatchingConfig(per_request_processors=True, auto_switch_to_flash=False)
-        if max_batch_tokens is not None:
-            cb.max_batch_tokens = max_batch_tokens
+        if model.device.type == "cpu" and context:
+            # transformers sizes the cache from 60% of the machine's RAM on a CPU: 11.7 GB (and minutes to
+            # allocate) for the tiny test model; a few contexts' worth serves as well.
+            cb.num_blocks = -(-self.CPU_CONTEXTS * context // cb.page_size)
+            cb.max_batch_tokens = self.CPU_BATCH_TOKENS
         self.cb = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
         self.cb.start()
 
