@@ -162,7 +162,7 @@ def test_an_error_inside_a_stream_is_in_openais_shape_and_the_stream_ends(served
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "out of memory" in error["message"] and set(error) == {
         "message", "type", "param", "code"}
-    assert engine.cancelled == 1
+    assert engine.cancelled == 0  # it ended by itself: nothing to cancel
     r = c.post("/v1/chat/completions", json={"messages": HI}, headers={"Authorization": "Bearer k"})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
 

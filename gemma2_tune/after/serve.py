@@ -445,39 +445,49 @@ def build_app(served: Served, engine, api_key: str | None, max_request_bytes: in
                 "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
         return f"data: {json.dumps(body | (extra or {}))}\n\n"
 
+    def failure_event(message: str) -> str:
+        return f"data: {json.dumps(error_body(f'generation failed: {message}', 'server_error'))}\n\ndata: [DONE]\n\n"
+
     async def streamed(checked: Checked, cid: str):
-        generation = None
+        generation, ended = None, False
         try:
             # Generation starts with the response: a client gone before this point has cost nothing.
-            generation = engine.start(checked.ids, checked.settings)
+            try:
+                generation = engine.start(checked.ids, checked.settings)
+            except Exception as exc:  # noqa: BLE001 - e.g. the batching loop died: said in the stream
+                ended = True
+                yield failure_event(f"{type(exc).__name__}: {str(exc)[:300]}")
+                return
             yield chunk(cid, {"role": "assistant", "content": ""})
             while True:
                 item = await generation.queue.get()
                 pieces = [item]
-                while not generation.queue.empty() and pieces[-1] is not None and isinstance(pieces[-1], str):
+                while not generation.queue.empty() and isinstance(pieces[-1], str):
                     pieces.append(generation.queue.get_nowait())
                 text = "".join(p for p in pieces if isinstance(p, str))
                 if text:
                     yield chunk(cid, {"content": text})
                 end = pieces[-1]
                 if end is None:
+                    ended = True
                     break
                 if not isinstance(end, str):  # Failed: the error in OpenAI's shape, then the end of the stream
-                    yield f"data: {json.dumps(error_body(f'generation failed: {end.message}', 'server_error'))}\n\n"
-                    yield "data: [DONE]\n\n"
+                    ended = True
+                    yield failure_event(end.message)
                     return
             yield chunk(cid, {}, finish_reason(generation, checked.settings),
                         {"usage": usage(checked, generation)})
             yield "data: [DONE]\n\n"
         finally:
-            if generation is not None:
-                generation.cancel()  # a no-op once generation ended; stops it when the client left
+            if generation is not None and not ended:
+                generation.cancel()  # the client left: stop generating for it
 
     async def whole(request: Request, checked: Checked, cid: str):
         generation = engine.start(checked.ids, checked.settings)
         # The body is read, so the next ASGI message is the client's disconnect.
         gone = asyncio.ensure_future(request.receive())
         pieces: list[str] = []
+        ended = False
         try:
             while True:
                 item = asyncio.ensure_future(generation.queue.get())
@@ -489,13 +499,15 @@ def build_app(served: Served, engine, api_key: str | None, max_request_bytes: in
                     gone = asyncio.ensure_future(request.receive())
                     continue
                 item = item.result()
+                ended = not isinstance(item, str)
                 if item is None:
                     break
-                if not isinstance(item, str):
+                if ended:
                     return openai_error(500, f"generation failed: {item.message}", "server_error")
                 pieces.append(item)
         finally:
-            generation.cancel()
+            if not ended:
+                generation.cancel()  # the client left: stop generating for it
             gone.cancel()
         message = {"role": "assistant", "content": "".join(pieces)}
         return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()), "model": served.name,
