@@ -157,6 +157,22 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(ok_run, s
     assert proc.poll() is None
 
 
+def test_a_request_cannot_change_the_template_or_the_stop_tokens(ok_run, server):
+    proc, port, _ = server
+    c = client(port)
+    hi = [{"role": "user", "content": "How is the weather?"}]
+    for extra in ({"chat_template_kwargs": {"chat_template": "{{ 'hijacked' }}"}},
+                  {"chat_template": "{% for i in range(10**9) %}x{% endfor %}"},
+                  {"generation_config": json.dumps({"eos_token_id": [], "min_new_tokens": 19})}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(model=ok_run.name, messages=hi, max_tokens=20, extra_body=extra)
+        assert refused.value.body["param"] == next(iter(extra)) and refused.value.status_code == 400
+    done = c.chat.completions.create(model=ok_run.name, messages=hi, temperature=0, max_tokens=20)
+    assert done.choices[0].message.content.strip() == "ok" and done.choices[0].finish_reason == "stop"
+    assert done.usage.completion_tokens < 20  # still stopped at <end_of_turn>
+    assert proc.poll() is None
+
+
 def test_port_in_use_or_out_of_range_is_refused_before_loading(ok_run, server):
     _, port, _ = server
     for bad in (port, 99999):
@@ -185,3 +201,148 @@ def test_request_checks_follow_the_system_policy(tiny_model_dir):
     assert status == 400 and param == "messages" and "system" in message
     assert request_problem(body, Served(Path(tiny_model_dir), "m", "fold", GEMMA2, "m")) is None
     assert request_problem(body | {"max_tokens": 0}, Served(Path(tiny_model_dir), "m", "fold", GEMMA2, "m"))[0] == 400
+
+
+# ---- a tiny random model (answers run to max_tokens): hostile input, abandoned requests, load --------------------
+
+HOSTILE = [  # (body bytes, Content-Type, expected status)
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"chat_template": "x"}}),
+     "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "generation_config": '{"eos_token_id": []}'}),
+     "application/json", 400),
+    ("[" * 50_000 + "]" * 50_000, "application/json", 400),
+    ('{"messages": [{"role": "user", "content": "Hi"}], "seed": ' + str(2**70) + "}", "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": "x"}), "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "presence_penalty": 9}), "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"a": 1}}), "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"10000000": 1}}), "application/json",
+     400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}], "stop": [1]}), "application/json", 400),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}', "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "x"}]}), "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "Hi"}]}), "text/plain", 415),
+    ("{not json", "application/json", 400),
+]
+
+
+def post(port, body, content_type="application/json", key=KEY, timeout=60):
+    """(status, parsed JSON or text, seconds) of a raw POST to /v1/chat/completions."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    start = time.time()
+    data = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    connection.request("POST", "/v1/chat/completions", body=data,
+                       headers={"Content-Type": content_type, "Authorization": f"Bearer {key}"})
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    try:
+        return response.status, json.loads(text), time.time() - start
+    except ValueError:
+        return response.status, text, time.time() - start
+
+
+@pytest.fixture(scope="module")
+def tiny_servers(tiny_model_dir, tmp_path_factory):
+    """The tiny random model served twice: continuous batching (the default) and one request at a time."""
+    logs = tmp_path_factory.mktemp("tiny-serve")
+    servers, procs = {}, []
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # the machine is shared: no thread fights
+    for mode, extra in (("batching", []), ("sequential", ["--no-continuous-batching"])):
+        port = free_port()
+        log = (logs / f"{mode}.log").open("w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "gemma2_tune", "serve", str(tiny_model_dir), "--port",
+                                        str(port), "--api-key", KEY, *extra], cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT, env=env), log))
+        servers[mode] = port
+    deadline = time.time() + 240
+    for (proc, _), (mode, port) in zip(procs, servers.items()):
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (logs / f"{mode}.log").read_text()
+            assert time.time() < deadline, (logs / f"{mode}.log").read_text()
+            time.sleep(0.5)
+    yield servers
+    for proc, log in procs:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+
+
+def answers(port, max_tokens=5):
+    status, body, _ = post(port, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens,
+                                  "temperature": 0})
+    assert status == 200, body
+    return body
+
+
+@pytest.mark.parametrize("mode", ["batching", "sequential"])
+def test_hostile_requests_get_4xx_in_openais_shape_and_the_server_keeps_answering(tiny_servers, mode):
+    port = tiny_servers[mode]
+    for body, content_type, expected in HOSTILE:
+        status, reply, _ = post(port, body, content_type)
+        assert status == expected, (body[:100], status, reply)
+        assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as health:
+        assert health.status == 200
+    big = json.dumps({"messages": [{"role": "user", "content": "word " * 2_000_000}]})  # 10 MB
+    status, reply, seconds = post(port, big)
+    assert status == 413 and "bytes" in reply["error"]["message"] and seconds < 10, (status, seconds)
+    status, reply, seconds = post(port, {"messages": [{"role": "user", "content": "word " * 30_000}]})
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded" and seconds < 10
+    body = answers(port)
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 5
+    with pytest.raises(openai.BadRequestError) as refused:
+        c = client(port)
+        c.chat.completions.create(model=c.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}],
+                                             extra_body={"chat_template_kwargs": {"chat_template": "{{ 1 }}"}})
+    assert refused.value.body["param"] == "chat_template_kwargs"
+
+
+@pytest.mark.parametrize("mode", ["batching", "sequential"])
+def test_abandoned_requests_stop_generating(tiny_servers, mode):
+    """Four clients leave 4,000-token requests (non-streamed) and one leaves a stream after its first chunk; the
+    next request is served promptly: each abandoned request would otherwise take minutes on this model."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = tiny_servers[mode]
+    long = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "temperature": 0})
+
+    def leave() -> None:
+        with pytest.raises(OSError):  # the client gives up after 1 s
+            post(port, long, timeout=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: leave(), range(4)))
+    stream = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    stream.request("POST", "/v1/chat/completions", body=long.replace('"temperature"', '"stream": true, "temperature"'),
+                   headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    assert stream.getresponse().read(6) == b"data: "  # the stream began
+    stream.close()
+    start = time.time()
+    answers(port)
+    assert time.time() - start < 20, f"the next request waited {time.time() - start:.1f} s"
+
+
+def test_load_script_answers_under_load_equal_answers_alone(tiny_servers):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    port = tiny_servers["batching"]
+    expected = serve_load.reference(port, KEY, 8)
+    step = serve_load.load_step(port, KEY, clients=8, per_client=2, max_tokens=8, expected=expected)
+    assert step["errors"] == 0 and step["identical"] == step["requests"] == 16, step

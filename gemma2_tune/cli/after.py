@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config.requests import EvalRequest, MergeModelsRequest, MergeRequest, check
+from ..config.requests import EvalRequest, MergeModelsRequest, MergeRequest, ServeRequest, check
 from ..config.schema import SftDataSection
 from ..errors import UserError
 from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, warn
@@ -108,14 +108,26 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="Model id clients use (default: the folder's name).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    max_request_bytes: Annotated[Optional[int], typer.Option(help="Refuse larger request bodies (413) before "
+                                                             "reading them (default: 32 bytes per context token "
+                                                             "+ 64 KiB).")] = None,
+    continuous_batching: Annotated[bool, typer.Option(help="transformers' continuous batching: concurrent requests "
+                                                      "share forward passes (soft-caps kept); per request "
+                                                      "max_tokens, temperature and top_p. --no-continuous-batching: "
+                                                      "one request at a time, also stop, seed, logit_bias and "
+                                                      "frequency_penalty.")] = True,
 ) -> None:
     """Serve a tuned model behind an OpenAI-compatible API (/v1/chat/completions, streamed or not; /v1/models),
-    on transformers' server, with the run's chat template; stops cleanly on SIGTERM."""
+    with the run's chat template and stop tokens; stops cleanly on SIGTERM."""
     from ..after.serve import serve as run_server
 
-    if dtype not in (None, "bfloat16", "float16", "float32"):
-        raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
-    run_server(target, host, port, api_key, name, dtype, device, echo=echo)
+    r = check(ServeRequest, {"TARGET": ("target", target), "--host": ("host", host), "--port": ("port", port),
+                             "--api-key": ("api_key", api_key), "--name": ("name", name), "--dtype": ("dtype", dtype),
+                             "--device": ("device", device), "--max-request-bytes": ("max_request_bytes",
+                                                                                     max_request_bytes),
+                             "--continuous-batching": ("continuous_batching", continuous_batching)}, "serve")
+    run_server(r.target, r.host, r.port, r.api_key, r.name, r.dtype, r.device, echo=echo,
+               max_request_bytes=r.max_request_bytes, continuous_batching=r.continuous_batching)
 
 
 @command("eval")

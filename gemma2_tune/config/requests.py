@@ -47,11 +47,8 @@ class ServeRequest(Request):
     name: str | None = None
     dtype: Dtype | None = None
     device: str = "auto"
-
-    def problems(self) -> list[str]:
-        if self.api_key is not None and not self.api_key.strip():
-            return ["--api-key: empty; every request would be refused (leave it out to serve without a key)"]
-        return []
+    max_request_bytes: int | None = None  # its bounds and the key's are serve's (after/serve.py), one place
+    continuous_batching: bool = True
 
 
 class EvalRequest(Request):
