@@ -245,3 +245,18 @@ def test_a_folder_skips_hidden_copies_names_its_files_and_warns_on_duplicates(tm
     assert report.rows_duplicate == 1 and report.duplicate_rows == ["more.jsonl line 1 = chats.jsonl line 2"]
     assert "warning: 1 kept row is an exact duplicate of an earlier row" in "\n".join(report.summary_lines())
     assert report.to_dict()["rows_duplicate"] == 1  # run.json's `data` section
+
+
+def test_a_file_that_is_not_text_is_refused_naming_its_line_and_nothing_is_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma2_tune.cli import app
+
+    f = tmp_path / "chats.json"
+    f.write_bytes(b'[\n{"prompt": "Caf\xe9?", "completion": "Yes."}\n]\n')  # Latin-1, as older Excel saves
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["sft", "--model", "builtin:tiny-gemma2", "--dataset", str(f), "-o", str(out),
+                                 "--max-steps", "1", "--set", "quantization.load_in_4bit=false"])
+    assert r.exit_code == 2, r.output
+    assert f"{f} line 2: not valid UTF-8 text (invalid continuation byte at byte 17); save the file as UTF-8" in r.output
+    assert not out.exists()
