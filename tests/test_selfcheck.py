@@ -88,3 +88,15 @@ def test_fp32_logits_upcast_exactly_and_leave_the_model_as_it_was(gemma3):
     assert all(torch.equal(before[k], v) and v.dtype == dtypes[k] for k, v in peft.state_dict().items())
     as_fp32 = copy.deepcopy(peft).float()  # the whole model in float32 at once: the same numbers
     assert max((a - b).abs().max().item() for a, b in zip(selfcheck.logits(as_fp32, ids), upcast)) < 1e-4
+
+
+def test_fp32_logits_of_an_offloaded_model(gemma3):
+    """device_map with CPU offload (a model larger than the GPU): weights exist only inside accelerate's forward."""
+    from accelerate import cpu_offload
+
+    path, ids = gemma3
+    peft = lora_model(path, "bfloat16")
+    expected = selfcheck.fp32_logits(peft, ids)
+    offloaded = cpu_offload(copy.deepcopy(peft), execution_device="cpu")
+    got = selfcheck.fp32_logits(offloaded, ids)
+    assert max((a - b).abs().max().item() for a, b in zip(got, expected)) < 1e-4

@@ -51,37 +51,45 @@ def logits(model, prompt_ids: list) -> list:
 @contextlib.contextmanager
 def _computed_in_fp32(model) -> Iterator[None]:
     """Each module's bf16/fp16 parameters upcast to float32 while it runs, restored after (an exact round trip),
-    so the peak memory is the model plus one module in float32, not the model in float32."""
+    so the peak memory is the model plus one module in float32, not the model in float32. A module accelerate
+    offloads (device_map with CPU or disk) has its weights only inside the forward accelerate wraps
+    (`_old_forward`), so that one is wrapped there."""
     import torch
 
     low = (torch.bfloat16, torch.float16)
-    handles, saved = [], {}
+    patched = []
 
-    def up(module, _args):
-        for name, param in module.named_parameters(recurse=False):
-            if param.dtype in low and param.device.type != "meta":
-                saved[(id(module), name)] = param.data
-                param.data = param.data.float()
+    def upcast_around(module, forward):
+        def run(*args, **kwargs):
+            saved = []
+            for param in module.parameters(recurse=False):
+                if param.dtype in low and param.device.type != "meta":
+                    saved.append((param, param.data))
+                    param.data = param.data.float()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                for param, data in saved:
+                    param.data = data
 
-    def down(module, _args, _output):
-        for name, param in module.named_parameters(recurse=False):
-            original = saved.pop((id(module), name), None)
-            if original is not None:
-                param.data = original
+        return run
 
     for module in model.modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            handles += [module.register_forward_pre_hook(up), module.register_forward_hook(down)]
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        attr = "_old_forward" if hasattr(module, "_old_forward") else "forward"
+        had_own = attr in vars(module)
+        original = getattr(module, attr)
+        setattr(module, attr, upcast_around(module, original))
+        patched.append((module, attr, had_own, original))
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
-        for module in model.modules():  # a failed forward leaves some upcast: restore them
-            for name, param in module.named_parameters(recurse=False):
-                original = saved.pop((id(module), name), None)
-                if original is not None:
-                    param.data = original
+        for module, attr, had_own, original in patched:
+            if had_own:
+                setattr(module, attr, original)
+            else:
+                delattr(module, attr)
 
 
 def fp32_logits(model, prompt_ids: list) -> list:
