@@ -8,6 +8,7 @@ same reason where it refuses one.
 """
 
 import random
+import re
 import shutil
 from collections import Counter
 
@@ -27,6 +28,7 @@ IT_STYLE_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 REASONS = ["no messages", "tool_calls", "function_call", "not an object", "unknown role", "content is not text",
+           "a text model takes only text parts", "has no 'text' string",
            "empty content",
            "control marker", "after the conversation started", "is a system message and", "second system message",
            "no user or model messages", "roles must alternate"]
@@ -61,7 +63,9 @@ def corpus(seed: int = 0, n: int = 260) -> list:
             messages[rng.randrange(len(messages))]["role"] = rng.choice(ODD_ROLES)
         if rng.random() < 0.05:
             messages[rng.randrange(len(messages))]["content"] = rng.choice(
-                [None, 7, [{"type": "text", "text": "hi"}], {"text": "hi"}])
+                [None, 7, [{"type": "text", "text": "hi"}], {"text": "hi"}, [{"type": "text", "text": " Where"},
+                 {"type": "input_text", "text": "is Rome?\n"}], [{"type": "text", "text": "see"},
+                 {"type": "image_url", "image_url": {"url": "x"}}], [{"text": "untyped"}], [{"type": "text"}], []])
         if rng.random() < 0.05:
             rng.shuffle(messages)
         if rng.random() < 0.06:  # what the format cannot express: a tool call on a model turn
@@ -152,6 +156,29 @@ def test_training_ids_are_the_templates_ids(tokenizers):
                     {"role": "gpt", "content": "Hello!\n"}]
     encoded = TurnTokenizer(tokenizer).encode(normalise(conversation, "fold"))
     assert encoded.ids == template_ids(tokenizer, conversation, False)
+
+
+@pytest.mark.parametrize("which", ["gemma2", "gemma3"])
+def test_text_parts_are_joined_and_other_parts_refused_alike_in_training_and_template(tokenizers, which):
+    """OpenAI-style content: text parts joined by a space (as serve joins them), an image part refused naming
+    its type, by the training renderer and by the template alike."""
+    tokenizer, family = tokenizers[which]
+    use_run_template(tokenizer, family, "fold")
+    parts = [{"role": "system", "content": [{"type": "text", "text": " Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Where"}, {"type": "input_text", "text": "is Rome?"}]},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "In Italy."}]}]
+    plain = [{"role": "system", "content": " Be brief."}, {"role": "user", "content": "Where is Rome?"},
+             {"role": "assistant", "content": "In Italy."}]
+    expected = python_path(plain, "fold", family, False)
+    assert python_path(parts, "fold", family, False) == expected
+    assert tokenizer.apply_chat_template(parts, tokenize=False) == expected
+    image = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                          {"type": "image_url", "image_url": {"url": "cat.png"}}]}]
+    reason = "message 0 (user) content part 1 is of type 'image_url'; a text model takes only text parts"
+    with pytest.raises(BadRow, match=re.escape(reason)):
+        python_path(image, "fold", family, True)
+    with pytest.raises(TemplateError, match=re.escape(reason)):
+        tokenizer.apply_chat_template(image, tokenize=False)
 
 
 @pytest.mark.parametrize("unsupported", ["bad_row", "ignore"])

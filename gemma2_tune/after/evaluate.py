@@ -41,7 +41,7 @@ def evaluate(loaded: Loaded, data: SftDataSection, compare_base: bool, echo=prin
     model = loaded.model
     rows, source = load_rows(data)
     examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family)
-    for line in report.summary_lines():
+    for line in source.lines() + report.summary_lines():
         echo(line)
     results = {}
     if compare_base and hasattr(model, "disable_adapter"):

@@ -52,6 +52,50 @@ def _lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+def gemma_lm(model, tokenizer):
+    """lm-eval's HFLM over a loaded model, giving every request exactly one <bos> at its start, as Gemma was
+    trained (the format is `<bos>` + text; a missing or a doubled <bos> both degrade Gemma's scores badly).
+
+    HFLM alone cannot: with a tokenizer that adds <bos> (every Gemma tokenizer), loglikelihood_rolling
+    (perplexity tasks) encodes the document with <bos> and then prefixes its own prefix token, <bos> again
+    (lm-evaluation-harness#3333); with one that doesn't, multiple-choice and generation requests get none.
+    Here every request is encoded without the tokenizer's special tokens and <bos> is put in front once: by
+    the encoder for loglikelihood and generation requests (a <bos> the text already starts with is not
+    doubled), by lm-eval's prefix token alone for rolling ones. Raises UserError when lm-eval is missing."""
+    _, HFLM, _ = _lm_eval()
+
+    class GemmaLM(HFLM):
+        _rolling = False  # inside loglikelihood_rolling: lm-eval puts <bos> (its prefix token) in front itself
+
+        def _without_bos_text(self, string: str) -> str:
+            bos = self.tokenizer.bos_token
+            return string[len(bos):] if bos and string.startswith(bos) else string
+
+        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+            ids = self.tokenizer.encode(self._without_bos_text(string), add_special_tokens=False)
+            if add_special_tokens is not False and not self._rolling:  # False: a continuation, never first
+                ids = [self.tokenizer.bos_token_id] + ids
+                if left_truncate_len:
+                    return ids[:1] + ids[1:][-(left_truncate_len - 1):]
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
+        def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+            # each string gets <bos> as text; lm-eval sees it and encodes without special tokens
+            bos = self.tokenizer.bos_token
+            strings = [bos + self._without_bos_text(s) for s in strings]
+            return super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=left_truncate_len,
+                                            truncation=truncation)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            self._rolling = True
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._rolling = False
+
+    return GemmaLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+
+
 def _evaluate(lm_eval, lm, tasks: list[str], manager, limit: int | None, num_fewshot: int | None = None) -> dict:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -86,9 +130,9 @@ def check_suite_data(suite: str, include_path: str | None) -> None:
 def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None, limit: int | None, echo=print) -> dict:
     """Run lm-eval `tasks` on a loaded model; prints and returns {task: metrics}. Raises UserError when
     lm-eval is missing, a task is unknown, or its data can't be loaded."""
-    lm_eval, HFLM, TaskManager = _lm_eval()
+    lm_eval, _, TaskManager = _lm_eval()
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    lm = gemma_lm(model, tokenizer)
     table = _evaluate(lm_eval, lm, tasks, manager, limit)["results"]
     for task, metrics in table.items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
@@ -104,9 +148,9 @@ def run_suite(model, tokenizer, suite: str, size: str | None, include_path: str 
     Scores are percentages. Raises UserError: an unknown suite, lm-eval missing, a task's data unavailable."""
     if suite not in SUITES:
         raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
-    lm_eval, HFLM, TaskManager = _lm_eval()
+    lm_eval, _, TaskManager = _lm_eval()
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    lm = gemma_lm(model, tokenizer)
     published = PUBLISHED.get(size or "")
     rows = {}
     for item in SUITES[suite]:

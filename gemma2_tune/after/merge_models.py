@@ -378,13 +378,12 @@ def self_check(plan: MergePlan, folder: Path, tokenizer, policy: str) -> dict[st
     import torch
 
     from ..models.loading import LoadRequest, load_model
-    from .inference import prompt_ids
-    from .merge import CHECK_PROMPTS, _compare, _logits
+    from . import selfcheck
 
     family = plan.models[0].family
     merged, report = load_model(LoadRequest(str(folder), dtype=plan.dtype, attn_implementation="eager"))
-    prompts = [prompt_ids(p, tokenizer, policy, family) for p in CHECK_PROMPTS]
-    got = _logits(merged, prompts)
+    prompts = selfcheck.prompts(tokenizer, policy, family)
+    got = selfcheck.logits(merged, prompts)
     del merged
     finite = all(bool(torch.isfinite(g).all()) for g in got)
     check: dict[str, Any] = {"loads": True, "attention": "eager", "logits_finite": finite, "passed": finite,
@@ -396,9 +395,9 @@ def self_check(plan: MergePlan, folder: Path, tokenizer, policy: str) -> dict[st
     if reference is not None and finite:
         what, location = reference
         other, _ = load_model(LoadRequest(location, dtype=plan.dtype, attn_implementation="eager"))
-        expected = _logits(other, prompts)
+        expected = selfcheck.logits(other, prompts)
         del other
-        compared = _compare(got, expected)
+        compared = selfcheck.compare(got, expected)
         bound = TOLERANCE[plan.dtype]
         ok = compared["max_abs_logit_diff"] <= bound
         check |= {"equals": what, "max_abs_logit_diff": compared["max_abs_logit_diff"], "tolerance": bound,

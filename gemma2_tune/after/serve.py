@@ -149,11 +149,13 @@ TEXT_PARTS = ("text", "input_text", "output_text")
 def joined_text_parts(message: Any) -> Any:
     """A message whose content is a list of text parts gets them joined by a space, as transformers' server joins
     them for a text model, so the check renders what generation will; other content is left to the check."""
+    from ..data.turns import content_text
+
     if isinstance(message, dict) and isinstance(message.get("content"), list):
         parts = message["content"]
         if parts and all(isinstance(p, dict) and p.get("type") in TEXT_PARTS and isinstance(p.get("text"), str)
                          for p in parts):
-            return message | {"content": " ".join(p["text"] for p in parts)}
+            return message | {"content": content_text(parts, "message")}
     return message
 
 

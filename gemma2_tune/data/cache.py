@@ -17,7 +17,7 @@ from ..files import home, staged_dir
 from .examples import DataReport
 from .packing import Block
 
-FORMAT_VERSION = 3  # bump when rendering, masking or packing changes what a row becomes
+FORMAT_VERSION = 4  # bump when rendering, masking or packing changes what a row becomes
 
 
 def cache_dir() -> Path:

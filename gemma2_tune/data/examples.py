@@ -6,6 +6,8 @@ so a run can say exactly what happened to its data.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -49,6 +51,8 @@ class DataReport:
     supervised_tokens: int = 0
     bad_rows: list[str] = field(default_factory=list)  # first few "where: reason"
     dropped_rows: list[str] = field(default_factory=list)
+    rows_duplicate: int = 0  # kept rows identical to an earlier kept row (they train once per copy)
+    duplicate_rows: list[str] = field(default_factory=list)  # first few "where = where of the first copy"
 
     def to_dict(self) -> dict[str, Any]:
         """As plain JSON-ready data (for run.json)."""
@@ -85,6 +89,11 @@ class DataReport:
         lines += [f"  {count} x {note}" for note, count in sorted(self.notes.items())]
         lines += [f"  bad row {b}" for b in self.bad_rows]
         lines += [f"  dropped row {d}" for d in self.dropped_rows]
+        if self.rows_duplicate:
+            what = "rows are exact duplicates" if self.rows_duplicate > 1 else "row is an exact duplicate"
+            lines.append(f"warning: {self.rows_duplicate} kept {what} of an earlier row (each copy trains: remove "
+                         "them if they are not meant to weigh more)")
+            lines += [f"  duplicate row {d}" for d in self.duplicate_rows]
         return lines
 
 
@@ -140,7 +149,8 @@ def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: SftDataSec
 
 def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection,
                    family: Family = GEMMA2) -> tuple[list[Example], DataReport]:
-    """Rows -> examples (Gemma turns, ids, labels) and a report of every row left out and why.
+    """Rows -> examples (Gemma turns, ids, labels) and a report of every row left out and why, and of kept rows
+    that repeat an earlier one exactly (kept, and warned about).
 
     Raises UserError when no row is usable, or when bad rows exist and data.on_bad_rows is 'error'.
     """
@@ -150,6 +160,7 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection,
     report = DataReport(rows_read=len(rows))
     examples: list[Example] = []
     notes: Counter = Counter()
+    first_seen: dict[bytes, str] = {}  # digest of a kept row's raw data -> where it was first
     if len(rows) >= 2000 and sys.stderr.isatty():  # a progress bar for long tokenizing, on a terminal only
         from tqdm.auto import tqdm
 
@@ -172,6 +183,13 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection,
             report.dropped(row.where, exc)
             continue
         examples.append(example)
+        digest = hashlib.sha256(json.dumps(row.data, sort_keys=True, default=str).encode()).digest()
+        if digest in first_seen:
+            report.rows_duplicate += 1
+            if len(report.duplicate_rows) < SHOWN_LOCATIONS:
+                report.duplicate_rows.append(f"{row.where} = {first_seen[digest]}")
+        else:
+            first_seen[digest] = row.where
         notes.update(row_notes)  # counted only for rows that train
         report.rows_truncated += example.truncated
         report.total_tokens += len(example.input_ids)

@@ -33,7 +33,7 @@ def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int) -> Ite
         supervised = sum(encoded.mask[1:kept])
         over = f" (longer than data.max_length: {data.overlong})" if len(encoded.ids) > kept else ""
         yield f"── {row.where}: {kept} tokens, {supervised} supervised{over}", mark_supervised(encoded, data.max_length)
-    yield "summary", f"── {source.name}: " + "\n".join(report.summary_lines())
+    yield "summary", f"── {source.name}: " + "\n".join(source.lines() + report.summary_lines())
 
 
 def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int,

@@ -13,11 +13,14 @@ ChatML markers never reach the model: they are parsed into turns and rendered in
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
+import io
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,6 +68,20 @@ class Source:
     resolved: str  # file/folder path or hub id
     files: list[str]
     fingerprint: str = ""
+    hidden_skipped: int = 0  # hidden files under a folder (editor and notebook autosaves), not read
+    rows_per_file: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """What was read, for the log: a folder's files with their rows, and the hidden ones skipped."""
+        if self.kind != "local" or not Path(self.resolved).is_dir():
+            return []
+        root = Path(self.resolved)
+        read = ", ".join(f"{Path(f).relative_to(root)} ({self.rows_per_file.get(f, 0)} rows)" for f in self.files)
+        lines = [f"data folder {root}: {len(self.files)} file{'s' * (len(self.files) != 1)} read: {read}"]
+        if self.hidden_skipped:
+            lines.append(f"  {self.hidden_skipped} hidden file{'s' * (self.hidden_skipped != 1)} skipped (names or "
+                         "folders starting with '.', e.g. .ipynb_checkpoints/: autosaved copies)")
+        return lines
 
 
 def looks_local(name: str) -> bool:
@@ -81,34 +98,79 @@ def describe_source(cfg: DataSection) -> str:
     return f"{cfg.dataset} ({'local' if looks_local(cfg.dataset) else 'hub'}, split {cfg.split})"
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def local_files(path: Path) -> list[Path]:
-    """A supported file, or every supported file under a folder (sorted). Raises UserError otherwise."""
+    """A supported file, or every supported file under a folder (sorted), hidden ones left out (a name or a
+    folder starting with '.': .ipynb_checkpoints/ and editor autosaves hold copies of the real files). Raises
+    UserError otherwise."""
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
             raise UserError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(sorted(LOCAL_SUFFIXES))})")
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES
+                       and not _hidden(p, path))
         if not files:
-            raise UserError(f"{path}: folder has no {', '.join(sorted(LOCAL_SUFFIXES))} files")
+            raise UserError(f"{path}: folder has no {', '.join(sorted(LOCAL_SUFFIXES))} files"
+                            + (" (hidden ones are not read)" if _hidden_files(path) else ""))
         return files
     raise UserError(f"{path}: no such dataset file or folder")
 
 
+def _hidden_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES and _hidden(p, folder))
+
+
+def _encoding(raw: bytes) -> str:
+    """UTF-16 when the file starts with its byte-order mark (Excel's "Unicode text", PowerShell's `>`), else
+    UTF-8 with an optional byte-order mark (Notepad, Excel's "CSV UTF-8")."""
+    return "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """A whole file as text. Raises UserError naming the line of the first byte that is not valid text."""
+    encoding = _encoding(raw)
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: not valid {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text "
+                        f"({exc.reason} at byte {exc.start}); save the file as UTF-8") from None
+
+
+def _jsonl_lines(path: Path, raw: bytes) -> Iterator[tuple[int, str | BadRow]]:
+    """(line number, text) of each line; a line that is not valid UTF-8 is a BadRow, not the whole file."""
+    if _encoding(raw) == "utf-16":
+        yield from enumerate(_decode(path, raw).split("\n"), 1)
+        return
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            yield lineno, line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield lineno, BadRow(f"not valid UTF-8 ({exc.reason} at column {exc.start + 1})")
+
+
 def _read_json_file(path: Path) -> Iterator[Row]:
+    raw = path.read_bytes()
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path.name} line {lineno}"
-                try:
-                    yield Row(where, json.loads(line))
-                except json.JSONDecodeError as exc:
-                    yield Row(where, BadRow(f"invalid JSON ({exc.msg})"))
+        for lineno, line in _jsonl_lines(path, raw):
+            if isinstance(line, str) and not line.strip():
+                continue
+            where = f"{path.name} line {lineno}"
+            if isinstance(line, BadRow):
+                yield Row(where, line)
+                continue
+            try:
+                yield Row(where, json.loads(line))
+            except json.JSONDecodeError as exc:
+                yield Row(where, BadRow(f"invalid JSON ({exc.msg})"))
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path, raw))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
@@ -122,16 +184,46 @@ def _read_json_file(path: Path) -> Iterator[Row]:
         yield Row(f"{path.name} item {i}", item)
 
 
+def _read_csv_file(path: Path) -> Iterator[Row]:
+    """Every cell as the text it holds: `1`, `007`, `1.50` and `NA` stay strings (a type-inferring reader makes
+    them numbers or missing values, and every row bad); an empty cell is an absent value. Rows are named by the
+    line they start on."""
+    reader = csv.reader(io.StringIO(_decode(path, path.read_bytes()), newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        while True:
+            start = reader.line_num + 1
+            cells = next(reader, None)
+            if cells is None:
+                return
+            if not cells:  # a blank line
+                continue
+            where = f"{path.name} line {start}"
+            if len(cells) != len(header):
+                yield Row(where, BadRow(f"{len(cells)} cells where the header has {len(header)}"))
+                continue
+            yield Row(where, {name: (cell if cell != "" else None) for name, cell in zip(header, cells)})
+    except csv.Error as exc:
+        raise UserError(f"{path} line {reader.line_num}: not readable as CSV ({exc})") from None
+
+
 def _read_table_file(path: Path) -> Iterator[Row]:
     import datasets
 
-    builder = "parquet" if path.suffix == ".parquet" else "csv"
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - any reader failure is the file's problem
-        raise UserError(f"{path}: cannot read as {builder} ({exc})") from None
+        raise UserError(f"{path}: cannot read as parquet ({exc})") from None
     for i, item in enumerate(table):
         yield Row(f"{path.name} row {i}", item)
+
+
+def _read_local_file(path: Path) -> Iterator[Row]:
+    if path.suffix in (".jsonl", ".json"):
+        return _read_json_file(path)
+    return _read_csv_file(path) if path.suffix == ".csv" else _read_table_file(path)
 
 
 def _read_hub(cfg: DataSection, hub_id: str) -> Iterator[Row]:
@@ -151,7 +243,13 @@ def _read_hub(cfg: DataSection, hub_id: str) -> Iterator[Row]:
 
 
 def load_rows(cfg: DataSection) -> tuple[list[Row], Source]:
-    """Read every row of the configured source, fingerprinting its content."""
+    """Read every row of the configured source, fingerprinting its content.
+
+    Local text files are read as UTF-8 (a byte-order mark is skipped) or, after a UTF-16 byte-order mark, as
+    UTF-16. A row that can't be read (invalid JSON, a line that is not UTF-8, a CSV line with the wrong number
+    of cells) comes back as a Row holding a BadRow, counted later with its file and line. Raises UserError: no
+    such file, an unsupported type, a file that can't be read at all, no rows.
+    """
     alias = ALIASES.get(cfg.dataset)
     digest = hashlib.sha256()
     rows: list[Row] = []
@@ -161,11 +259,14 @@ def load_rows(cfg: DataSection) -> tuple[list[Row], Source]:
     elif alias or looks_local(cfg.dataset):
         path = alias.local if alias else Path(cfg.dataset).expanduser()
         files = local_files(path)
-        source = Source("local", cfg.dataset, str(path), [str(f) for f in files])
+        source = Source("local", cfg.dataset, str(path), [str(f) for f in files],
+                        hidden_skipped=_hidden_files(path) if path.is_dir() else 0)
 
         def stream_files() -> Iterator[Row]:
             for f in files:
-                yield from (_read_json_file(f) if f.suffix in (".jsonl", ".json") else _read_table_file(f))
+                for row in _read_local_file(f):
+                    source.rows_per_file[str(f)] = source.rows_per_file.get(str(f), 0) + 1
+                    yield row
 
         stream = stream_files()
     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..families import GEMMA2, Family
 from .sources import UNEXPRESSIBLE_MESSAGE_FIELDS
-from .turns import BOS, CONTROL_MARKERS, END, ROLE_NAMES, START, SystemPolicy
+from .turns import BOS, CONTROL_MARKERS, END, ROLE_NAMES, START, TEXT_PART_TYPES, SystemPolicy
 
 
 def _literal(text: str) -> str:
@@ -27,9 +27,10 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
     `unsupported` is 'bad_row' (the format cannot express them), and ignores them when it is 'ignore'."""
     roles = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in ROLE_NAMES.items()) + "}"
     markers = "[" + ", ".join(_literal(m) for m in CONTROL_MARKERS) + "]"
+    part_types = "[" + ", ".join(_literal(t) for t in TEXT_PART_TYPES) + "]"
     verbatim = family.system_fold == "first_verbatim"
     keep_system = (
-        "{%- set ns.system = message['content'] + '\\n\\n' -%}" if verbatim
+        "{%- set ns.system = content + '\\n\\n' -%}" if verbatim
         else "{%- set ns.system = ns.system + text + '\\n\\n' -%}"
     )
     second_system = (
@@ -55,6 +56,22 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
         f"{{#- gemma2-tune: {family.display} turns, system policy {system_policy}; generated, do not edit -#}}"
         f"{{%- set roles = {roles} -%}}"
         f"{{%- set markers = {markers} -%}}"
+        f"{{%- set text_types = {part_types} -%}}"
+        # content_text: a string, or text parts joined by a space; any other part is refused naming its type
+        "{%- macro content_text(content, where) -%}"
+        "{%- if content is string -%}{{ content }}"
+        "{%- elif content is sequence and content is not mapping -%}"
+        "{%- for part in content -%}"
+        "{%- set kind = part['type'] if part is mapping and 'type' in part else none -%}"
+        "{%- if kind is none or kind not in text_types -%}{{ raise_exception(where ~ ' content part ' ~ loop.index0"
+        " ~ ' is ' ~ (('of type \\'' ~ kind ~ '\\'') if kind is not none else 'not a typed part') ~ '; a text model"
+        " takes only text parts (" + ", ".join(TEXT_PART_TYPES) + ")') }}{%- endif -%}"
+        "{%- if 'text' not in part or part['text'] is not string -%}{{ raise_exception(where ~ ' content part ' ~"
+        " loop.index0 ~ ' (' ~ kind ~ ') has no \\'text\\' string') }}{%- endif -%}"
+        "{{ ' ' if not loop.first else '' }}{{ part['text'] }}"
+        "{%- endfor -%}"
+        "{%- else -%}{{ raise_exception(where ~ ' content is not text') }}{%- endif -%}"
+        "{%- endmacro -%}"
         "{%- set ns = namespace(system='', nsys=0, nturns=0, fold=" + ("true" if system_policy == "fold" else "false")
         + ") -%}"
         "{%- if messages is string or messages is not iterable or messages | length == 0 -%}"
@@ -68,9 +85,9 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
         "{%- set key = (raw | string | lower) if raw is not none else '' -%}"
         "{%- if key not in roles -%}{{ raise_exception('message ' ~ i ~ ' has unknown role ' ~ raw) }}{%- endif -%}"
         "{%- set role = roles[key] -%}"
-        "{%- if 'content' not in message or message['content'] is not string -%}"
-        "{{ raise_exception('message ' ~ i ~ ' (' ~ raw ~ ') content is not text') }}{%- endif -%}"
-        "{%- set text = message['content'] | trim -%}"
+        "{%- set content = content_text(message['content'] if 'content' in message else none,"
+        " 'message ' ~ i ~ ' (' ~ raw ~ ')') -%}"
+        "{%- set text = content | trim -%}"
         "{%- if text == '' and role != 'system' -%}"
         "{{ raise_exception('message ' ~ i ~ ' (' ~ raw ~ ') has empty content') }}{%- endif -%}"
         "{%- if text != '' -%}"
@@ -100,7 +117,7 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
         "{%- set ns.nturns = 0 -%}"
         "{%- for message in messages -%}{%- set role = roles[message['role'] | string | lower] -%}"
         "{%- if role != 'system' -%}"
-        "{%- set text = message['content'] | trim -%}"
+        "{%- set text = content_text(message['content'], '') | trim -%}"
         "{%- if ns.nturns == 0 and ns.fold -%}{%- set text = ns.system + text -%}{%- endif -%}"
         f"{{{{ {_literal(START)} ~ role ~ '\\n' ~ text ~ {_literal(END)} ~ '\\n' }}}}"
         "{%- set ns.nturns = ns.nturns + 1 -%}"

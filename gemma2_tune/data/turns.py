@@ -40,10 +40,45 @@ ROLE_NAMES = {
 
 SystemPolicy = Literal["fold", "drop", "error"]
 EMPTY_SYSTEM = "empty system message dropped"
+# OpenAI-style content parts that carry text (chat completions' "text"; the Responses API's input/output_text).
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
 class BadRow(ValueError):
     """A row that can't become a valid Gemma conversation; the message says why."""
+
+
+def content_text(content: Any, where: str) -> str:
+    """A message's content as one string: a string as it is; a list of OpenAI-style text parts
+    (`{"type": "text", "text": ...}`) joined by a space, as transformers' server joins them for a text model.
+
+    `where` names the message in the error ("message 2 (user)"). Raises BadRow for any other content: a part
+    of another type (an image, audio) names the type, since a text model cannot take it.
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRow(f"{where} content is not text")
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PART_TYPES:
+            raise BadRow(f"{where} content part {k} is " + (f"of type {kind!r}" if kind is not None else "not a typed part")
+                         + f"; a text model takes only text parts ({', '.join(TEXT_PART_TYPES)})")
+        if not isinstance(part.get("text"), str):
+            raise BadRow(f"{where} content part {k} ({kind}) has no 'text' string")
+        texts.append(part["text"])
+    return " ".join(texts)
+
+
+def _unencodable(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone UTF-16 surrogate: half of an emoji, left by a
+    cut or mis-encoded file), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return exc.start
 
 
 @dataclass(frozen=True)
@@ -59,7 +94,7 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
     """Role/content messages -> alternating user/model turns ending with the model's.
 
     `allow_open_end` accepts a conversation ending with a user turn (a prompt for generation); `family`
-    decides how system text is folded. An empty system message carries nothing to fold: it is dropped
+    decides how system text is folded. Content is a string or a list of text parts (`content_text`). An empty system message carries nothing to fold: it is dropped
     and counted in `notes` ("empty system message dropped"). Raises BadRow saying why a conversation
     can't be rendered. `chat_template` (template.py) is this function written in Jinja.
     """
@@ -75,8 +110,12 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
         role = ROLE_NAMES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
             raise BadRow(f"message {i} has unknown role {raw_role!r}")
-        if not isinstance(content, str):
-            raise BadRow(f"message {i} ({raw_role}) content is not text")
+        content = content_text(content, f"message {i} ({raw_role})")
+        bad_char = _unencodable(content)
+        if bad_char is not None:
+            raise BadRow(f"message {i} ({raw_role}) has a lone UTF-16 surrogate "
+                         f"(U+{ord(content[bad_char]):04X}) at character {bad_char}: half of a character such as an "
+                         "emoji, which no tokenizer can encode; the file was cut or mis-encoded there")
         text = content.strip()
         if not text:
             if role == "system":

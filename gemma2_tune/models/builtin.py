@@ -46,8 +46,9 @@ def _gemma3_270m(path: Path) -> Path:
 
 
 BUILTINS = {
-    "tiny-gemma2": Builtin("tiny random Gemma 2 (4 layers, hidden 64; sliding/global, soft-caps 50/30)", 1, _tiny("gemma2")),
-    "tiny-gemma3": Builtin("tiny random Gemma 3 text model (4 layers, hidden 64; 3 sliding : 1 global, QK-norm)", 1,
+    # version 2: the tokenizer adds <bos> as Gemma's do
+    "tiny-gemma2": Builtin("tiny random Gemma 2 (4 layers, hidden 64; sliding/global, soft-caps 50/30)", 2, _tiny("gemma2")),
+    "tiny-gemma3": Builtin("tiny random Gemma 3 text model (4 layers, hidden 64; 3 sliding : 1 global, QK-norm)", 2,
                            _tiny("gemma3")),
     "gemma-3-270m": Builtin("Gemma 3 270M base, real weights (GGUF Q4_K_M from the package registry, dequantized)",
                             2, _gemma3_270m),

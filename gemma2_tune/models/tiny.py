@@ -35,8 +35,9 @@ def training_corpus() -> list[str]:
 
 
 def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
-    """A fast byte-level BPE tokenizer with Gemma's special tokens and `family`'s chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A fast byte-level BPE tokenizer with Gemma's special tokens and `family`'s chat template, adding <bos> to
+    what it encodes (add_special_tokens=True, the default) as Gemma's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -49,6 +50,11 @@ def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
         show_progress=False,
     )
     tok.train_from_iterator(training_corpus(), trainer=trainer)
+    # Every real Gemma tokenizer adds <bos> itself (tokenizer.json's post-processor), and code that forgets
+    # add_special_tokens=False gets two; the tiny ones do the same, so tests see what real runs would.
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos>:0 $A:0", pair="<bos>:0 $A:0 <bos>:1 $B:1",
+                                                       special_tokens=[("<bos>", bos)])
     from ..data.template import chat_template
 
     return PreTrainedTokenizerFast(

@@ -74,6 +74,8 @@ def prepare_data(cfg: RunConfig, family: Family, echo: Echo, state=None) -> Trai
     tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
     base_template = use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
     rows, source = load_rows(cfg.data)
+    for line in source.lines():  # a folder's files: what is read, and the hidden copies that are not
+        echo(line)
     rows, held_out = split_rows(rows, cfg)
     seed = cfg.training.seed if cfg.data.eval_fraction else None
     key = cache.cache_key(cfg.data, source.fingerprint, tokenizer, seed, family.key)
