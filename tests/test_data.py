@@ -5,7 +5,7 @@ import pytest
 
 from conftest import write_jsonl
 from gemma2_tune.data.turns import BadRow, normalise, render
-from gemma2_tune.config.schema import DataSection
+from gemma2_tune.config.schema import DataSection, SftDataSection
 from gemma2_tune.data.sources import load_rows, parse_marked_text, row_to_messages
 from gemma2_tune.errors import UserError
 
@@ -154,7 +154,7 @@ OTHER = {"messages": [{"role": "user", "content": "Again"}, {"role": "assistant"
 def examples_of(path, tokenizer, **data):
     from gemma2_tune.data.examples import build_examples
 
-    cfg = DataSection(dataset=str(path), **data)
+    cfg = SftDataSection(dataset=str(path), **data)
     rows, source = load_rows(cfg)
     return build_examples(rows, tokenizer, cfg)[1], source
 
