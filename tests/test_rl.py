@@ -149,7 +149,7 @@ def test_missing_files_and_rewards_are_config_errors(prompts, tmp_path):
            "--set", "rl.num_generations=3")
     assert r.exit_code == 2 and "must be whole groups" in r.output
     r = rl("--dataset", str(prompts), "-o", str(tmp_path / "e"), "--reward-model", str(ROOT / "recipes"))
-    assert r.exit_code == 2 and "rl.reward_model.name_or_path" in r.output
+    assert r.exit_code == 2 and "reward_model.name_or_path" in r.output
     for name in "abcde":
         assert not (tmp_path / name).exists()
 
@@ -161,9 +161,9 @@ def test_the_plan_counts_generation_the_group_and_the_reward_model(tmp_path):
     assert "reference forward (no gradients)" in r.output
     plain = r.output
     r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-grpo-qlora", "--gpu", "h100-80gb",
-                            "--set", "rl.reward_model.name_or_path=google/gemma-2-2b", "--set", "rl.beta=0"])
+                            "--set", "reward_model.name_or_path=google/gemma-2-2b", "--set", "rl.beta=0"])
     assert r.exit_code == 0, r.output
-    assert "rl.reward_model: google/gemma-2-2b" in r.output and "reward model weights" in r.output
+    assert "reward_model: google/gemma-2-2b" in r.output and "reward model weights" in r.output
     assert "reference forward" not in r.output and plain != r.output
 
 

@@ -163,7 +163,7 @@ def rl(
         "--reward-function", help="rl.reward_functions: PATH.py:NAME[=WEIGHT], TRL's signature f(prompts, "
         "completions, **kwargs) -> list[float]; repeatable.")] = None,
     reward_model: Annotated[Optional[str], typer.Option(
-        "--reward-model", help="rl.reward_model.name_or_path: a sequence-classification folder (one output) or hub "
+        "--reward-model", help="reward_model.name_or_path: a sequence-classification folder (one output) or hub "
         "id.")] = None,
     algorithm: Annotated[Optional[str], typer.Option(
         "--algorithm", help="rl.algorithm: grpo, dapo, dr_grpo, bnpo, cispo, sapo or rloo.")] = None,
@@ -184,7 +184,7 @@ def rl(
 ) -> None:
     flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
         "rl.reward_functions": ("--reward-function", reward_function_specs(reward_function)),
-        "rl.reward_model.name_or_path": ("--reward-model", reward_model),
+        "reward_model.name_or_path": ("--reward-model", reward_model),
         "rl.algorithm": ("--algorithm", algorithm),
         "rl.num_generations": ("--num-generations", num_generations)}
     start_training("rl", resolve_for("rl", recipe, set_, flags), launch=launch, num_processes=num_processes,

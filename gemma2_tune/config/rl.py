@@ -89,7 +89,6 @@ class RlSection(Section):
         False, description="Leave truncated completions out of the loss (DAPO's overlong filtering).")
     reward_functions: list[RewardFunction] = Field(
         default_factory=list, description="Python reward functions: [{path, name, weight}].")
-    reward_model: RewardModelSection = Field(default_factory=RewardModelSection)
     use_vllm: bool = Field(False, description="Generate with vLLM (TRL's colocate mode; needs vllm and a GPU). "
                            "Default: transformers' generate, the tested path.")
     initial_adapter: str | None = Field(
@@ -114,6 +113,7 @@ class RlConfig(RunConfig):
 
     method: Literal["rl"] = Field("rl", description=RunConfig.model_fields["method"].description)
     rl: RlSection = Field(default_factory=RlSection)
+    reward_model: RewardModelSection = Field(default_factory=RewardModelSection)
     training: RlTrainingSection = Field(default_factory=RlTrainingSection)
     output: OutputSection = Field(default_factory=lambda: OutputSection(dir="runs/gemma2-rl"))
 
@@ -143,8 +143,8 @@ class RlConfig(RunConfig):
     def frozen_models(self) -> list[FrozenModel]:
         """The reward model, when there is one (the reference is the policy with its adapters switched, or a
         copy TRL makes for full fine-tuning: counted by plan's rl terms)."""
-        r = self.rl.reward_model
-        return [FrozenModel("rl.reward_model", r.name_or_path, r.load_in, r.attn_implementation)] if r.name_or_path \
+        r = self.reward_model
+        return [FrozenModel("reward_model", r.name_or_path, r.load_in, r.attn_implementation)] if r.name_or_path \
             else []
 
     @property
@@ -164,11 +164,11 @@ class RlConfig(RunConfig):
 
     def method_lines(self) -> list[str]:
         """The algorithm, the group, the rewards."""
-        r = self.rl
+        r, cfg_rm = self.rl, self.reward_model
         rewards = [f"{f.label} x {f.weight:g}" for f in r.reward_functions]
-        if r.reward_model.name_or_path:
-            rewards.append(f"reward model {r.reward_model.name_or_path} ({r.reward_model.load_in}) x "
-                           f"{r.reward_model.weight:g}")
+        if cfg_rm.name_or_path:
+            rewards.append(f"reward model {cfg_rm.name_or_path} ({cfg_rm.load_in}) x "
+                           f"{cfg_rm.weight:g}")
         clip = f"{r.epsilon}" + (f"/{r.epsilon_high}" if r.epsilon_high else "")
         lines = [
             f"rl:           {r.algorithm}{'' if r.algorithm == 'rloo' else ' (GRPO loss)'}, group of "
@@ -208,10 +208,10 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
     the reward model's family rules, a generation batch of whole groups, room for a prompt. Decided from names
     and files, without torch (a function's name is looked up when the run prepares, before anything is written)."""
     errors, warnings = run_problems(cfg)
-    r, t = cfg.rl, cfg.training
-    if not r.reward_functions and not r.reward_model.name_or_path:
+    r, t, cfg_rm = cfg.rl, cfg.training, cfg.reward_model
+    if not r.reward_functions and not cfg_rm.name_or_path:
         errors.append("rl: no reward: give rl.reward_functions (--reward-function path.py:name) and/or "
-                      "rl.reward_model.name_or_path (--reward-model DIR)")
+                      "reward_model.name_or_path (--reward-model DIR)")
     for i, f in enumerate(r.reward_functions):
         if not f.path.endswith(".py"):
             errors.append(f"rl.reward_functions[{i}].path: {f.path}: not a .py file")
@@ -222,12 +222,12 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
     labels = [f.label for f in r.reward_functions]
     if len(set(labels)) != len(labels):
         errors.append(f"rl.reward_functions: listed twice: {sorted({x for x in labels if labels.count(x) > 1})}")
-    if r.reward_model.name_or_path:
-        path = Path(r.reward_model.name_or_path).expanduser()
-        if r.reward_model.name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
-            errors.append(f"rl.reward_model.name_or_path: {r.reward_model.name_or_path}: no such folder")
-        elif adapter_folder(r.reward_model.name_or_path):
-            errors.append(f"rl.reward_model.name_or_path: {r.reward_model.name_or_path} is a LoRA adapter; a reward "
+    if cfg_rm.name_or_path:
+        path = Path(cfg_rm.name_or_path).expanduser()
+        if cfg_rm.name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
+            errors.append(f"reward_model.name_or_path: {cfg_rm.name_or_path}: no such folder")
+        elif adapter_folder(cfg_rm.name_or_path):
+            errors.append(f"reward_model.name_or_path: {cfg_rm.name_or_path} is a LoRA adapter; a reward "
                           "model must be a whole sequence-classification model (merge it first)")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     if per_step % r.num_generations:
@@ -265,9 +265,9 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
                 errors.append(f"rl.initial_adapter: {r.initial_adapter}: no readable adapter_config.json")
     if r.algorithm == "sapo" or r.algorithm == "cispo":
         warnings.append(f"rl.algorithm: {r.algorithm} is newer in TRL and less tested here than grpo/dapo/dr_grpo")
-    if r.reward_model.name_or_path:
-        rm_errors, rm_warnings = model_problems(r.reward_model.name_or_path, r.reward_model.attn_implementation,
-                                                cfg.model.dtype, "rl.reward_model")
+    if cfg_rm.name_or_path:
+        rm_errors, rm_warnings = model_problems(cfg_rm.name_or_path, cfg_rm.attn_implementation,
+                                                cfg.model.dtype, "reward_model")
         # a reward model may be of any family (a sequence classifier): only path problems are errors
         errors += [e for e in rm_errors if "no such folder" in e or "attn_implementation" in e]
         warnings += [w for w in rm_warnings if "doesn't name a supported family" not in w]
@@ -278,10 +278,10 @@ def rl_launch_problems(cfg: RlConfig, launch: Any) -> list[str]:
     """rl's keys against the launch (training/launch.py's Launch: its capabilities, never its mode): a reward
     model quantized at load cannot be sharded; vLLM's colocated engine needs whole weights to load into it."""
     problems = []
-    rm = cfg.rl.reward_model
+    rm = cfg.reward_model
     if launch.shards_parameters and rm.name_or_path and rm.load_in != "full":
-        problems.append(f"rl.reward_model.load_in is {rm.load_in} but {launch.sharding} shards the models it "
-                        "places, which quantized weights cannot be; set rl.reward_model.load_in=full")
+        problems.append(f"reward_model.load_in is {rm.load_in} but {launch.sharding} shards the models it "
+                        "places, which quantized weights cannot be; set reward_model.load_in=full")
     if launch.shards_parameters and cfg.rl.use_vllm:
         problems.append(f"rl.use_vllm: gemma2-tune runs vLLM generation only without {launch.sharding}; set "
                         "rl.use_vllm=false")

@@ -202,9 +202,9 @@ def rl_terms(policy: Shape, cfg, b: int, t: int, n: int, shards: bool,
         if not cfg.lora.enabled:
             terms["reference weights (frozen copy)"] = policy.total_params * dtype / n
         terms["reference forward (no gradients)"] = forward
-    reward = frozen.get("rl.reward_model")
+    reward = frozen.get("reward_model")
     if reward is not None:
-        load_in = r.reward_model.load_in
+        load_in = cfg.reward_model.load_in
         if load_in == "4bit":
             weights = nf4_weight_bytes(reward, cfg)
         elif load_in == "8bit":
@@ -213,7 +213,7 @@ def rl_terms(policy: Shape, cfg, b: int, t: int, n: int, shards: bool,
             weights = reward.total_params * dtype / n
         terms["reward model weights"] = weights
         terms["reward model forward (no gradients)"] = (b * reward.heads * t * t * 6 if
-                                                        r.reward_model.attn_implementation == "eager" else 0) + (
+                                                        cfg.reward_model.attn_implementation == "eager" else 0) + (
             4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
     terms["loss"] = min(b * t, 4096) * min(policy.vocab, 32768) * 4 * 3 + b * t * policy.hidden * 8
     return terms

@@ -286,8 +286,8 @@ class Runner(lifecycle.Runner):
         self.family, self.tokenizer = family, tokenizer
         self.functions = [load_reward_function(f, i) for i, f in enumerate(r.reward_functions)]
         self.reward_tokenizer, self.reward_template = self._reward_model_tokenizer() if (
-            r.reward_model.name_or_path) else (None, None)
-        weights = [f.weight for f in r.reward_functions] + ([r.reward_model.weight] if self.reward_tokenizer else [])
+            cfg.reward_model.name_or_path) else (None, None)
+        weights = [f.weight for f in r.reward_functions] + ([cfg.reward_model.weight] if self.reward_tokenizer else [])
         return rl_args(cfg, out, launch, weights)
 
     def _reward_model_tokenizer(self):
@@ -295,17 +295,17 @@ class Runner(lifecycle.Runner):
         rendering). Returns (tokenizer, 'own' | 'run')."""
         from transformers import AutoConfig, AutoTokenizer
 
-        rm = self.cfg.rl.reward_model
+        rm = self.cfg.reward_model
         location = model_location(rm.name_or_path)
         try:
             config = AutoConfig.from_pretrained(location, trust_remote_code=rm.trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=rm.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - missing, offline, not a model folder
-            raise UserError(f"rl.reward_model.name_or_path: cannot load {rm.name_or_path}'s config and tokenizer "
+            raise UserError(f"reward_model.name_or_path: cannot load {rm.name_or_path}'s config and tokenizer "
                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
         architectures = getattr(config, "architectures", None) or []
         if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-            raise UserError(f"rl.reward_model.name_or_path: {rm.name_or_path} is not a reward model: it must be a "
+            raise UserError(f"reward_model.name_or_path: {rm.name_or_path} is not a reward model: it must be a "
                             f"sequence classifier with one output (found {', '.join(architectures) or 'no architecture'}, "
                             f"{config.num_labels} labels)")
         if tokenizer.pad_token is None:
@@ -343,7 +343,7 @@ class Runner(lifecycle.Runner):
                 "top_p": r.top_p, "top_k": r.top_k, "max_completion_length": r.max_completion_length,
                 "mask_truncated_completions": r.mask_truncated_completions,
                 "reward_functions": [f.model_dump() for f in r.reward_functions],
-                "reward_model": r.reward_model.name_or_path,
+                "reward_model": cfg.reward_model.name_or_path,
                 "reward_model_template": self.reward_template,
                 "initial_adapter": r.initial_adapter, "generation": "vllm" if r.use_vllm else "transformers",
                 "on_policy": r.num_iterations == 1},
@@ -376,7 +376,7 @@ class Runner(lifecycle.Runner):
         """The reward model, frozen and in eval mode; quantized weights placed at load, others by the trainer."""
         from transformers import AutoModelForSequenceClassification
 
-        cfg, rm = self.cfg, self.cfg.rl.reward_model
+        cfg, rm = self.cfg, self.cfg.reward_model
         bits = None if rm.load_in == "full" else rm.load_in
         q = cfg.quantization
         device = ({"": run.state.local_process_index} if bits and has_accelerator()
@@ -388,7 +388,7 @@ class Runner(lifecycle.Runner):
                 quantization_config=bnb_config(bits, cfg.model.dtype, q.quant_type, q.double_quant,
                                                cfg.compute_dtype, cfg.quant_storage), device_map=device)
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"rl.reward_model.name_or_path: cannot load {rm.name_or_path} "
+            raise UserError(f"reward_model.name_or_path: cannot load {rm.name_or_path} "
                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
         model.requires_grad_(False)
         model.eval()
@@ -430,7 +430,7 @@ class Runner(lifecycle.Runner):
             run.say(f"log-prob probe: the loss's log-probabilities equal a plain forward soft-capped at "
                     f"{self.family.final_softcap} (temperature {r.temperature}) within {gap:.1e} nats")
         if self.reward_tokenizer is not None:
-            run.say(f"reward model: {r.reward_model.name_or_path} ({r.reward_model.load_in}), frozen, eval mode; "
+            run.say(f"reward model: {cfg.reward_model.name_or_path} ({cfg.reward_model.load_in}), frozen, eval mode; "
                     f"prompt + completion rendered with {'its own' if self.reward_template == 'own' else 'the run'}"
                     "'s chat template")
         reference = ("the starting adapter (a frozen copy)" if r.initial_adapter else
