@@ -23,7 +23,7 @@ def test_every_bundled_recipe_validates_and_starts_with_its_command(path):
         assert resolved.config.model.dtype == "bfloat16"
     head = path.read_text().splitlines()[:4]
     assert head[0].startswith("# ")
-    command = "distill" if "teacher" in path.read_text() else "sft"
+    command = resolved.config.method  # the command that runs it is its method's
     assert any(line.startswith("# Run: ") and f"gemma2_tune {command}" in line.replace("gemma2-tune", "gemma2_tune")
                and path.name in line for line in head)
 

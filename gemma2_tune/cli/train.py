@@ -150,3 +150,61 @@ def distill(
     start_training("distill", resolve_for("distill", recipe, set_, flags), launch=launch,
                    num_processes=num_processes, resume=resume, resume_from=resume_from, dry_run=dry_run,
                    recipe_label=recipe_label, allow_data_change=allow_data_change)
+
+
+@command(help=METHODS["rl"].summary)
+def rl(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model.name_or_path: the starting policy: a "
+                                                 "hub id, a model folder, or a gemma2-tune LoRA run folder (its base "
+                                                 "+ adapter: the starting policy and the reference).")] = None,
+    reward_function: Annotated[Optional[list[str]], typer.Option(
+        "--reward-function", help="rl.reward_functions: PATH.py:NAME[=WEIGHT], TRL's signature f(prompts, "
+        "completions, **kwargs) -> list[float]; repeatable.")] = None,
+    reward_model: Annotated[Optional[str], typer.Option(
+        "--reward-model", help="reward_model.name_or_path: a sequence-classification folder (one output) or hub "
+        "id.")] = None,
+    algorithm: Annotated[Optional[str], typer.Option(
+        "--algorithm", help="rl.algorithm: grpo, dapo, dr_grpo, bnpo, cispo, sapo or rloo.")] = None,
+    num_generations: Annotated[Optional[int], typer.Option(
+        "--num-generations", help="rl.num_generations: the group size.")] = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputDirOpt = None,
+    max_steps: MaxStepsOpt = None,
+    learning_rate: LearningRateOpt = None,
+    overwrite: OverwriteOpt = None,
+    resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
+    allow_data_change: AllowDataChangeOpt = False,
+    launch: LaunchOpt = None,
+    num_processes: NumProcessesOpt = None,
+    dry_run: DryRunOpt = False,
+    recipe_label: RecipeLabelOpt = None,
+) -> None:
+    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
+        "rl.reward_functions": ("--reward-function", reward_function_specs(reward_function)),
+        "reward_model.name_or_path": ("--reward-model", reward_model),
+        "rl.algorithm": ("--algorithm", algorithm),
+        "rl.num_generations": ("--num-generations", num_generations)}
+    start_training("rl", resolve_for("rl", recipe, set_, flags), launch=launch, num_processes=num_processes,
+                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
+                   allow_data_change=allow_data_change)
+
+
+def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | None:
+    """--reward-function PATH.py:NAME[=WEIGHT] items -> rl.reward_functions entries (None: not given). Raises
+    UserError naming the item that is not of that form."""
+    if not items:
+        return None
+    specs = []
+    for item in items:
+        target, _, weight = item.partition("=")
+        path, sep, name = target.rpartition(":")
+        if not sep or not path or not name:
+            raise UserError(f"--reward-function {item}: expected PATH.py:NAME (optionally =WEIGHT)")
+        try:
+            specs.append({"path": path, "name": name, "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise UserError(f"--reward-function {item}: the weight after '=' must be a number") from None
+    return specs

@@ -2,6 +2,7 @@
 
     METHODS["sft"]      conversations -> SftConfig     -> training/sft.py      (SFTTrainer, supervised loss)
     METHODS["distill"]  prompts       -> DistillConfig -> training/distill.py  (DistillationTrainer)
+    METHODS["rl"]       prompts       -> RlConfig      -> training/rl.py       (GRPOTrainer / RLOOTrainer)
 
 An entry names the method's schema (config/<method>.py: its sections, rules, the models it loads beside
 the trained one, its dry-run lines), its runner (training/<method>.py: what it loads, the trainer it builds,
@@ -21,6 +22,7 @@ from typing import Any, Callable
 from ..config.distill import DistillConfig
 from ..config.recipes import find_recipe, load_recipe
 from ..config.schema import RunConfig
+from ..config.rl import RlConfig, rl_launch_problems
 from ..config.sft import SftConfig
 from ..errors import ConfigError, UserError
 from . import plan
@@ -56,9 +58,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "gemma2_tune.training.sft", plan.sft_terms, sft_launch_problems, folds_accumulation=True),
     Method("distill", DistillConfig, "On-policy distillation: the student writes answers to the prompts and "
            "learns the teacher's distribution.", "gemma2_tune.training.distill", plan.distill_terms),
+    Method("rl", RlConfig, "Online reinforcement learning (GRPO loss types or RLOO): the policy writes groups of "
+           "answers to the prompts, rewarded by Python functions and/or a reward model.", "gemma2_tune.training.rl",
+           plan.rl_terms, rl_launch_problems),
 )}
 # Sections only one method has: a recipe without `method:` that has one of them is that method's.
-IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill"}
+IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill", "rl": "rl"}
 
 
 def method_for(cfg: RunConfig) -> Method:

@@ -1,0 +1,481 @@
+"""`gemma2-tune rl`: online reinforcement learning on prompts, rewarded by Python functions and/or a reward model.
+
+The policy writes a group of `rl.num_generations` completions per prompt (stopping at <end_of_turn>), each is
+rewarded (a weighted sum of reward functions and a frozen sequence-classification reward model), the advantage of
+a completion is its reward against its group's, and the policy is updated with TRL's clipped, KL-regularised
+objective: GRPOTrainer with one of its loss types (grpo, dapo, dr_grpo, bnpo, cispo, sapo) or RLOOTrainer
+(leave-one-out baseline). The log-probabilities of the loss come from TRL's fused LM head, which applies Gemma 2's
+final soft-cap (30.0) and the sampling temperature as generation does; a probe before the first step refuses a
+model where they differ. Around it: the same config layering, run lifecycle, checks, launches, EMA, checkpoints and
+exact resume (epoch-seeded prompt order, generation RNG restored from the checkpoint) as `sft` and `distill`.
+
+What it leaves out (on purpose, as nanochat's chat_rl.py says of its own): no value model (PPO's critic) and no
+GAE: the group is the baseline; no multi-turn rollouts, tools or environments (TRL has them; one completion per
+prompt here); no reward-model training (that is `gemma2-tune reward`); no asynchronous or off-policy generation
+beyond `rl.num_iterations` passes over a batch; vLLM generation only as TRL's colocate mode on a GPU, untested
+here (transformers' generate is the default and the tested path); no reward shaping beyond weights (a function
+does its own).
+
+setup (family, tokenizer, reward functions imported, reward model's config) -> prompts -> reward functions
+called on a dummy batch -> policy (QLoRA, LoRA, full; or a run's adapter) + reward model (frozen) -> log-prob
+probe -> train -> save.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import PrinterCallback, TrainerCallback
+
+from ..config.rl import RewardFunction, RlConfig
+from ..data.prompts import build_prompts
+from ..data.sources import load_rows
+from ..data.template import use_run_template
+from ..data.turns import END
+from ..errors import UserError
+from ..models.checks import check_kernel_request
+from ..models.loading import checkpoint_family, load_model, load_tokenizer, model_location, torch_dtype
+from ..models.lora import inspect_adapters, lora_config
+from ..models.quantization import bnb_config
+from . import lifecycle
+from .distill import EpochSeededRepeatSampler, run_total
+from .launch import Launch
+from .lifecycle import RunLifecycle
+from .trainer import common_args, device_map, has_accelerator, keep_adapters_in_fp32
+
+Echo = Callable[[str], None]
+# The log-prob probe's tolerance, nats per token: fp32 computes both sides to ~1e-6; bf16/fp16 (and 4-bit
+# weights dequantized to them) round the LM head's matmul differently in TRL's tiles and in the plain forward.
+PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
+
+
+# ---------------------------------------------------------------------------------------------- reward functions
+class CheckedReward:
+    """A user's reward function, checked on every call: it must return one finite number per completion.
+    Anything else stops the run with a UserError naming `path:name` (TRL would turn None into NaN and go on)."""
+
+    def __init__(self, fn: Callable, spec: RewardFunction):
+        self.fn, self.spec = fn, spec
+        self.__name__ = spec.name  # TRL logs rewards/<name>/mean
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        label = self.spec.label
+        try:
+            out = self.fn(prompts=prompts, completions=completions, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the user's code: say which function, and what it raised
+            raise UserError(f"reward function {label}: raised {type(exc).__name__}: {exc}") from None
+        try:
+            values = [float(x) for x in out]
+        except (TypeError, ValueError):
+            raise UserError(f"reward function {label}: must return a list of numbers (one per completion), "
+                            f"returned {type(out).__name__}: {str(out)[:120]}") from None
+        if len(values) != len(completions):
+            raise UserError(f"reward function {label}: returned {len(values)} rewards for {len(completions)} "
+                            "completions (one per completion)")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise UserError(f"reward function {label}: returned {values[bad[0]]} for completion {bad[0]} "
+                            f"({completions[bad[0]]!r:.120}); rewards must be finite numbers")
+        return values
+
+
+def load_reward_function(spec: RewardFunction, index: int) -> CheckedReward:
+    """Import `spec.path` and take `spec.name` from it. Raises UserError naming the key for a missing file,
+    code that fails on import, a missing name or something not callable."""
+    key = f"rl.reward_functions[{index}]"
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{key}.path: {spec.path}: no such file")
+    module_name = f"gemma2_tune_reward_{index}_{path.stem}"
+    try:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module  # pickling (dataloader workers) finds it
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file
+        raise UserError(f"{key}.path: importing {spec.path} failed: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, spec.name, None)
+    if fn is None:
+        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                         and getattr(v, "__module__", None) == module_name)
+        raise UserError(f"{key}.name: {spec.path} defines no '{spec.name}' (functions there: "
+                        f"{', '.join(defined) or 'none'})")
+    if not callable(fn):
+        raise UserError(f"{key}.name: {spec.label} is a {type(fn).__name__}, not a function")
+    return CheckedReward(fn, spec)
+
+
+def try_reward_functions(functions: list[CheckedReward], prompt: list[dict[str, str]], tokenizer) -> None:
+    """Call every reward function on a dummy batch (one prompt, an empty completion and a short one), with the
+    keyword arguments TRL passes, before anything is written. Raises UserError as CheckedReward does."""
+    texts = ["", "Hello."]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    for fn in functions:
+        fn([prompt] * len(texts), completions, completion_ids=ids, trainer_state=None,
+           log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
+
+
+# ------------------------------------------------------------------------------------------------------ trainers
+class CountingGeneration:
+    """What on-policy generation costs and yields, for GRPO and RLOO alike: completion tokens generated
+    (`supervised_seen`: the positions the loss is on), completions and truncated ones (no <end_of_turn> or
+    <eos> within rl.max_completion_length), seconds generating (`generation_seconds`; also logged per step as
+    `generation_time`); prompts in an order that survives a resume (epoch-seeded sampler)."""
+
+    supervised_seen = 0
+    generation_seconds = 0.0
+    completions_generated = 0
+    completions_truncated = 0
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        return EpochSeededRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
+                                        sampler.repeat_count, sampler.shuffle, sampler.seed)
+
+    def _generate(self, prompts: list):
+        started = time.perf_counter()
+        out = super()._generate(prompts)
+        seconds = time.perf_counter() - started
+        self.generation_seconds += seconds
+        if self.model.training:
+            completion_ids = out[1]  # GRPO and RLOO: (prompt_ids, completion_ids, ...)
+            stops = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
+            self.supervised_seen += sum(len(ids) for ids in completion_ids)
+            self.completions_generated += len(completion_ids)
+            self.completions_truncated += sum(1 for ids in completion_ids if not ids or ids[-1] not in stops)
+            self._metrics["train"]["generation_time"].append(seconds)
+        return out
+
+
+def trainer_classes():
+    """(GRPOTrainer, RLOOTrainer) with generation counted."""
+    from trl import GRPOTrainer, RLOOTrainer
+
+    class GemmaGRPOTrainer(CountingGeneration, GRPOTrainer):
+        """TRL's GRPOTrainer, generation counted."""
+
+    class GemmaRLOOTrainer(CountingGeneration, RLOOTrainer):
+        """TRL's RLOOTrainer, generation counted."""
+
+    return GemmaGRPOTrainer, GemmaRLOOTrainer
+
+
+def rl_args(cfg: RlConfig, out: Path, launch: Launch, weights: list[float]):
+    """TRL's GRPOConfig (or RLOOConfig) from the resolved config, built before any model loads. `weights`: one
+    per reward (the functions in order, then the reward model)."""
+    from trl import GRPOConfig, RLOOConfig
+
+    r = cfg.rl
+    config_class = RLOOConfig if r.algorithm == "rloo" else GRPOConfig
+    common = common_args(config_class, cfg, out, launch, evaluate=bool(cfg.data.eval_fraction))
+    # evaluation generates a group per held-out prompt: an eval batch is whole groups
+    common["per_device_eval_batch_size"] = r.num_generations
+    args = dict(
+        num_generations=r.num_generations, beta=r.beta, epsilon=r.epsilon, epsilon_high=r.epsilon_high,
+        num_iterations=r.num_iterations, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+        max_completion_length=r.max_completion_length, mask_truncated_completions=r.mask_truncated_completions,
+        reward_weights=weights,
+        # the loss's log-probabilities must be those the completions were sampled from: no dropout noise in them
+        disable_dropout=True,
+        use_vllm=r.use_vllm, vllm_mode="colocate", log_completions=False, remove_unused_columns=False,
+    )
+    if r.algorithm != "rloo":
+        args |= dict(loss_type=r.algorithm, scale_rewards=r.scale_rewards)
+    return config_class(**common, **args)
+
+
+def vllm_problem() -> str | None:
+    """Why vLLM generation cannot run here (None: it can)."""
+    if not has_accelerator():
+        return "no CUDA GPU is visible (vLLM generates on a GPU)"
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install vllm, a version TRL supports)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- log-prob parity
+def logprob_gap(trainer, input_ids, attention_mask, completion_length: int, final_softcap: float | None,
+                temperature: float) -> float:
+    """Largest |difference| (nats) between the per-token log-probabilities TRL's loss uses
+    (`_get_per_token_logps_and_entropies`, its fused LM head) and a plain forward: the backbone's hidden states
+    through the LM head in fp32, soft-capped with `final_softcap` (cap * tanh(z / cap); None: none), divided by
+    `temperature`, log-softmax. input_ids/attention_mask: (B, T), the last `completion_length` positions scored."""
+    import torch
+
+    from ..models.lora import base_model
+
+    model = trainer.model
+    with torch.no_grad():
+        ours, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, completion_length)
+        base = base_model(model)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = hidden.last_hidden_state[:, -completion_length - 1:-1].float()
+        logits = hidden @ base.get_output_embeddings().weight.float().T
+        if final_softcap:
+            logits = final_softcap * torch.tanh(logits / final_softcap)
+        plain = (logits / temperature).log_softmax(-1)
+        plain = plain.gather(-1, input_ids[:, -completion_length:].unsqueeze(-1)).squeeze(-1)
+    mask = attention_mask[:, -completion_length:].bool()
+    return (ours.float() - plain)[mask].abs().max().item()
+
+
+def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], family, cfg: RlConfig) -> float:
+    """The probe before the first step: TRL's loss log-probabilities == the soft-capped plain forward's on a
+    rendered prompt + a short completion, within PROBE_TOLERANCE[model.dtype]. Returns the gap (nats); raises
+    UserError when a model computes them without the family's final soft-cap (or otherwise differently)."""
+    import torch
+
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + "Hello there."
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    device = trainer.accelerator.device
+    ids = ids.to(device)
+    gap = logprob_gap(trainer, ids, torch.ones_like(ids), 4, family.final_softcap, cfg.rl.temperature)
+    if not gap <= PROBE_TOLERANCE[cfg.model.dtype]:
+        raise UserError(f"model.name_or_path: the log-probabilities of the RL loss differ by {gap:.3g} nats from "
+                        f"a plain forward soft-capped at {family.final_softcap} ({family.display}'s final soft-cap; "
+                        f"the model's config says {getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
+                        "the loss would not be about the distribution completions are sampled from")
+    return gap
+
+
+class EchoRewards(TrainerCallback):
+    """One line per logging step with the mean reward, its spread in groups, the KL to the reference and the
+    share of truncated completions."""
+
+    def __init__(self, say: Echo):
+        self.say = say
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ARG002
+        if logs and "reward" in logs and state.is_world_process_zero:
+            extra = f", KL {logs['kl']:.4f}" if "kl" in logs else ""
+            clipped = logs.get("completions/clipped_ratio")
+            self.say(f"  reward {logs['reward']:.4f} (std in groups {logs.get('reward_std', float('nan')):.3f})"
+                     f"{extra}" + (f", truncated {clipped:.0%}" if clipped is not None else ""))
+
+
+# ----------------------------------------------------------------------------------------------------- the runner
+class Runner(lifecycle.Runner):
+    """rl's pieces: the policy's family, tokenizer and kernel, the reward functions (imported, then tried on a
+    dummy batch) and the reward model's config checked before any weights load; prompts; the policy (QLoRA,
+    LoRA, full, or a run's adapter) and the reward model (frozen); TRL's GRPOTrainer or RLOOTrainer; a log-prob
+    probe; generation and reward totals in run.json."""
+
+    cfg: RlConfig
+
+    def prepare(self, launch: Launch, out: Path):
+        """Policy and rewards checked from configs, files and tokenizers; the run's template on the tokenizer;
+        returns GRPOConfig/RLOOConfig. Raises UserError."""
+        cfg, m, r = self.cfg, self.cfg.model, self.cfg.rl
+        self.launch = launch
+        if r.use_vllm:
+            problem = vllm_problem()
+            if problem:
+                raise UserError(f"rl.use_vllm: {problem}; leave it false to generate with transformers")
+        family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
+        check_kernel_request(family, m.attn_implementation, training=True)
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
+                                                   cfg.data.unsupported_fields)
+        tokenizer.padding_side = "left"  # generation pads prompts on the left
+        self.family, self.tokenizer = family, tokenizer
+        self.functions = [load_reward_function(f, i) for i, f in enumerate(r.reward_functions)]
+        self.reward_tokenizer, self.reward_template = self._reward_model_tokenizer() if (
+            cfg.reward_model.name_or_path) else (None, None)
+        weights = [f.weight for f in r.reward_functions] + ([cfg.reward_model.weight] if self.reward_tokenizer else [])
+        return rl_args(cfg, out, launch, weights)
+
+    def _reward_model_tokenizer(self):
+        """The reward model's config (one output) and tokenizer; its own chat template, else the run's (our
+        rendering). Returns (tokenizer, 'own' | 'run')."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        rm = self.cfg.reward_model
+        location = model_location(rm.name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(location, trust_remote_code=rm.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=rm.trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - missing, offline, not a model folder
+            raise UserError(f"reward_model.name_or_path: cannot load {rm.name_or_path}'s config and tokenizer "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        architectures = getattr(config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+            raise UserError(f"reward_model.name_or_path: {rm.name_or_path} is not a reward model: it must be a "
+                            f"sequence classifier with one output (found {', '.join(architectures) or 'no architecture'}, "
+                            f"{config.num_labels} labels)")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.chat_template:
+            return tokenizer, "own"
+        use_run_template(tokenizer, self.family, self.cfg.data.system_policy, self.cfg.data.unsupported_fields)
+        return tokenizer, "run"
+
+    def load_data(self, run: RunLifecycle) -> dict[str, Any]:
+        """Prompts (each row up to its last user turn), held-out prompts by data.eval_fraction; every reward
+        function tried on a dummy batch. Nothing is written yet."""
+        cfg, tokenizer, family, r = self.cfg, self.tokenizer, self.family, self.cfg.rl
+        rows, source = load_rows(cfg.data)
+        from .data import split_rows
+
+        rows, held_out = split_rows(rows, cfg)
+        self.prompts, report = build_prompts(rows, tokenizer, cfg.data, family, r.max_completion_length)
+        self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family,
+                                          r.max_completion_length)[0] if held_out else None
+        self.data_report = report
+        try_reward_functions(self.functions, self.prompts[0], tokenizer)
+        for line in report.summary_lines()[:1] + report.summary_lines()[2:]:
+            run.say(line)
+        run.say(f"prompts: {len(self.prompts)} ({report.total_tokens:,} tokens); groups of {r.num_generations} "
+                f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at {END}")
+        return dict(
+            dataset={"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
+                     "fingerprint": source.fingerprint, "split": cfg.data.split},
+            data=report.to_dict() | {"prompts": len(self.prompts), "eval_prompts": len(self.eval_prompts or [])},
+            rl={"algorithm": r.algorithm, "trainer": "RLOOTrainer" if r.algorithm == "rloo" else "GRPOTrainer",
+                "num_generations": r.num_generations, "beta": r.beta, "epsilon": r.epsilon,
+                "epsilon_high": r.epsilon_high, "num_iterations": r.num_iterations,
+                "scale_rewards": None if r.algorithm == "rloo" else r.scale_rewards, "temperature": r.temperature,
+                "top_p": r.top_p, "top_k": r.top_k, "max_completion_length": r.max_completion_length,
+                "mask_truncated_completions": r.mask_truncated_completions,
+                "reward_functions": [f.model_dump() for f in r.reward_functions],
+                "reward_model": cfg.reward_model.name_or_path,
+                "reward_model_template": self.reward_template,
+                "initial_adapter": r.initial_adapter, "generation": "vllm" if r.use_vllm else "transformers",
+                "on_policy": r.num_iterations == 1},
+            loss_implementation=(f"trl {'RLOOTrainer' if r.algorithm == 'rloo' else 'GRPOTrainer'} "
+                                 f"({r.algorithm}; log-probabilities from TRL's fused LM head, soft-capped)"),
+            chat_template={"generated_for": family.key, "system_policy": cfg.data.system_policy,
+                           "replaced_base_template": self.base_chat_template is not None})
+
+    def _load_policy(self, run: RunLifecycle):
+        """The policy through the one loading path; a run's adapter on it, trainable, when starting from one.
+        Returns (model, report, peft_config for TRL or None)."""
+        from ..models.loading import LoadRequest
+
+        cfg = self.cfg
+        rank = run.state.local_process_index
+        model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, self.launch, rank)))
+        if not cfg.rl.initial_adapter:
+            return model, report, lora_config(cfg)
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(Path(cfg.rl.initial_adapter).expanduser()),
+                                              is_trainable=True)
+        except Exception as exc:  # noqa: BLE001 - an adapter for another base, a damaged file
+            raise UserError(f"rl.initial_adapter: {cfg.rl.initial_adapter}: cannot load its adapter onto "
+                            f"{cfg.model.name_or_path} ({type(exc).__name__}: {str(exc)[:200]})") from None
+        return model, report, None
+
+    def _load_reward_model(self, run: RunLifecycle):
+        """The reward model, frozen and in eval mode; quantized weights placed at load, others by the trainer."""
+        from transformers import AutoModelForSequenceClassification
+
+        cfg, rm = self.cfg, self.cfg.reward_model
+        bits = None if rm.load_in == "full" else rm.load_in
+        q = cfg.quantization
+        device = ({"": run.state.local_process_index} if bits and has_accelerator()
+                  and not self.launch.places_weights else None)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_location(rm.name_or_path), dtype=torch_dtype(cfg.model.dtype),
+                attn_implementation=rm.attn_implementation, trust_remote_code=rm.trust_remote_code,
+                quantization_config=bnb_config(bits, cfg.model.dtype, q.quant_type, q.double_quant,
+                                               cfg.compute_dtype, cfg.quant_storage), device_map=device)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"reward_model.name_or_path: cannot load {rm.name_or_path} "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        model.requires_grad_(False)
+        model.eval()
+        return model
+
+    def build(self, run: RunLifecycle, args):
+        """Policy and reward model through their loading paths; the trainer; the log-prob probe."""
+        cfg, launch, r = self.cfg, self.launch, self.cfg.rl
+        policy, report, peft = self._load_policy(run)
+        # generation stops at <end_of_turn> (a base checkpoint's generation config may know only <eos>); TRL
+        # takes its stop tokens, and what counts as truncated, from here
+        end_of_turn = self.tokenizer.convert_tokens_to_ids(END)
+        policy.generation_config.eos_token_id = [self.tokenizer.eos_token_id, end_of_turn]
+        rewards: list[Any] = list(self.functions)
+        processing = [None] * len(rewards)
+        if self.reward_tokenizer is not None:
+            rewards.append(self._load_reward_model(run))
+            processing.append(self.reward_tokenizer)
+        from datasets import Dataset
+
+        grpo, rloo = trainer_classes()
+        trainer_class = rloo if r.algorithm == "rloo" else grpo
+        try:
+            trainer = trainer_class(
+                model=policy, reward_funcs=rewards, args=args,
+                train_dataset=Dataset.from_dict({"prompt": self.prompts}),
+                eval_dataset=Dataset.from_dict({"prompt": self.eval_prompts}) if self.eval_prompts else None,
+                processing_class=self.tokenizer, reward_processing_classes=processing, peft_config=peft)
+        except ValueError as exc:  # TRL's own checks of its arguments (e.g. a batch of partial groups)
+            raise UserError(f"rl: TRL refused the settings: {exc}") from None
+        trainer.remove_callback(PrinterCallback)
+        keep_adapters_in_fp32(trainer, cfg, launch)
+        trainer.add_callback(EchoRewards(run.say))
+        inspect_adapters(trainer.model, cfg, report)
+        run.record_model(report)
+        if not launch.shards_parameters:  # a sharded launch holds no whole LM head to compare against
+            gap = check_logprob_parity(trainer, self.tokenizer, self.prompts[0], self.family, cfg)
+            run.record["rl"]["logprob_probe_max_gap_nats"] = gap
+            run.say(f"log-prob probe: the loss's log-probabilities equal a plain forward soft-capped at "
+                    f"{self.family.final_softcap} (temperature {r.temperature}) within {gap:.1e} nats")
+        if self.reward_tokenizer is not None:
+            run.say(f"reward model: {cfg.reward_model.name_or_path} ({cfg.reward_model.load_in}), frozen, eval mode; "
+                    f"prompt + completion rendered with {'its own' if self.reward_template == 'own' else 'the run'}"
+                    "'s chat template")
+        reference = ("the starting adapter (a frozen copy)" if r.initial_adapter else
+                     "the base (adapters disabled)" if cfg.lora.enabled else "a frozen copy of the starting model")
+        run.say(f"rl: {r.algorithm} with groups of {r.num_generations}, KL coefficient {r.beta} to {reference}; "
+                f"launch {launch.describe()}")
+        run.record["rl"]["reference"] = reference if r.beta else None
+        return trainer
+
+    def record_training(self, run: RunLifecycle, trainer, runtime_s: float | None) -> None:
+        """Completions, truncated ones, completion tokens and generation seconds (totals over attempts); the
+        reward and KL curves."""
+        before = run.previous.get("rl") or {}  # a resumed run: totals over its attempts
+        self.generated = run_total(trainer, trainer.supervised_seen)
+        completions = run_total(trainer, trainer.completions_generated) + (before.get("completions") or 0)
+        truncated = run_total(trainer, trainer.completions_truncated) + (before.get("completions_truncated") or 0)
+        history = [e for e in trainer.state.log_history if "reward" in e and "eval_reward" not in e]
+        run.record["rl"] |= {
+            "tokens_generated": self.generated + (before.get("tokens_generated") or 0),
+            "generation_s": round(run_total(trainer, trainer.generation_seconds) + (before.get("generation_s") or 0),
+                                  3),
+            "completions": int(completions), "completions_truncated": int(truncated),
+            "truncated_fraction": truncated / completions if completions else None,
+            "train_runtime_s": runtime_s,
+            "reward_history": [{"step": e["step"], "reward": e["reward"], "reward_std": e.get("reward_std"),
+                                "kl": e.get("kl"), "clipped_ratio": e.get("completions/clipped_ratio")}
+                               for e in history]}
+        if history:
+            run.record["rl"] |= {"first_reward": history[0]["reward"], "final_reward": history[-1]["reward"]}
+
+    def after_training(self, run: RunLifecycle, trainer) -> None:
+        """The held-out reward curve, when prompts are held out."""
+        if self.eval_prompts:
+            run.record["training"]["eval_history"] = [{"step": e["step"], "eval_reward": e["eval_reward"]}
+                                                      for e in trainer.state.log_history if "eval_reward" in e]
+
+    def final_lines(self, run: RunLifecycle, trainer, runtime_s: float | None) -> list[str]:
+        """Rewards first and last, completions and truncation, generation's share of the time."""
+        rl = run.record["rl"]
+        share = (run_total(trainer, trainer.generation_seconds) / max(runtime_s or 0, 1e-9)
+                 / max(run.state.num_processes, 1))
+        lines = [f"generated {rl['completions']:,} completions ({self.generated:,.0f} tokens this attempt), "
+                 f"{rl['completions_truncated']:,} truncated at {self.cfg.rl.max_completion_length} tokens; "
+                 f"generation took {share:.0%} of the training time"]
+        if "first_reward" in rl:
+            lines.append(f"reward: {rl['first_reward']:.4f} at the first logged step, {rl['final_reward']:.4f} at "
+                         "the last")
+        return lines

@@ -1,0 +1,200 @@
+"""Online RL (`gemma2-tune rl`) on CPU with tiny Gemma 2 models: the loss's log-probabilities against a plain
+soft-capped forward, bad reward functions and reward models stopped before anything is written, the plan's terms,
+a short run with a reward function and a reward model."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import QUESTIONS, ROOT, write_jsonl
+from gemma2_tune.cli import app
+
+runner = CliRunner()
+REWARDS = ROOT / "recipes" / "rewards" / "starts_with.py"
+FP32 = ["--set", "quantization.load_in_4bit=false", "--set", "model.dtype=float32", "--set", "lora.dropout=0",
+        "--set", "rl.max_completion_length=4", "--set", "data.max_length=64", "--set", "rl.num_generations=4",
+        "--set", "training.per_device_train_batch_size=4", "--set", "training.gradient_accumulation_steps=1",
+        "--set", "training.save_steps=null", "--set", "training.logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl",
+                       [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS])
+
+
+def rl(*args):
+    return runner.invoke(app, ["rl", "--model", "builtin:tiny-gemma2", *FP32, *args])
+
+
+def built_trainer(tmp_path, tiny_model_dir, model, temperature=1.0):
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.config.rl import RlConfig
+    from gemma2_tune.models.loading import load_tokenizer
+    from gemma2_tune.training.launch import Launch
+    from gemma2_tune.training.rl import rl_args, trainer_classes
+    from datasets import Dataset
+
+    cfg = resolve(None, ["model.name_or_path=builtin:tiny-gemma2", "lora.enabled=false",
+                         "quantization.load_in_4bit=false", "model.dtype=float32", f"rl.temperature={temperature}",
+                         f"rl.reward_functions=[{{path: {REWARDS}, name: brevity}}]", "rl.num_generations=2",
+                         "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=1",
+                         f"output.dir={tmp_path / 'x'}"], schema=RlConfig).config
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    grpo, _ = trainer_classes()
+    trainer = grpo(model=model, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                   args=rl_args(cfg, tmp_path / "x", Launch("single"), [1.0]),
+                   train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi"}]] * 2}),
+                   processing_class=tokenizer)
+    return trainer
+
+
+def loud_tiny_gemma2(tiny_model_dir):
+    """The tiny Gemma 2 with its tied embeddings scaled up: logits of tens (as a real model's), where the final
+    soft-cap at 30 changes the distribution (random small logits would hide a missing cap)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40.0).add_(39.0)  # Gemma's norm scales by (1 + weight)
+    return model
+
+
+def test_the_loss_logprobs_are_a_plain_soft_capped_forward(tiny_model_dir, tmp_path):
+    """TRL's per-token log-probabilities (its fused LM head, used by the loss) == log_softmax(30 tanh(z/30) / T)
+    of a plain eager forward, fp32, 1e-5; and with the final soft-cap removed from the model, the probe refuses it."""
+    from gemma2_tune.errors import UserError
+    from gemma2_tune.families import GEMMA2
+    from gemma2_tune.training.rl import logprob_gap
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 900, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded prompt
+    mask[2, -2:] = 0  # a completion that stopped early
+    for temperature in (1.0, 0.7):
+        model = loud_tiny_gemma2(tiny_model_dir)
+        assert model.config.final_logit_softcapping == 30.0
+        trainer = built_trainer(tmp_path, tiny_model_dir, model, temperature)
+        with torch.no_grad():  # the model's own forward (what generation samples from), soft-capped by transformers
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -6:-1].float()
+        assert logits.abs().max() > 10  # the cap matters at these logits
+        plain = (logits / temperature).log_softmax(-1).gather(-1, ids[:, -5:].unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            ours, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 5)
+        keep = mask[:, -5:].bool()
+        assert (ours - plain)[keep].abs().max().item() <= 1e-5
+        assert logprob_gap(trainer, ids, mask, 5, GEMMA2.final_softcap, temperature) <= 1e-5
+    # the same model without its final soft-cap: generation and the fused head both lose it; the probe says so
+    model = loud_tiny_gemma2(tiny_model_dir)
+    model.config.final_logit_softcapping = None
+    trainer = built_trainer(tmp_path, tiny_model_dir, model)
+    gap = logprob_gap(trainer, ids, mask, 5, GEMMA2.final_softcap, 1.0)
+    assert gap > 1e-2, gap
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.config.rl import RlConfig
+    from gemma2_tune.models.loading import load_tokenizer
+    from gemma2_tune.training.rl import check_logprob_parity
+
+    cfg = resolve(None, ["model.name_or_path=builtin:tiny-gemma2", "model.dtype=float32",
+                         f"rl.reward_functions=[{{path: {REWARDS}, name: brevity}}]"], schema=RlConfig).config
+    with pytest.raises(UserError, match="differ by .* nats from a plain forward soft-capped at 30.0"):
+        check_logprob_parity(trainer, load_tokenizer(str(tiny_model_dir)), [{"role": "user", "content": "Hi"}],
+                             GEMMA2, cfg)
+
+
+BAD = '''
+import math
+def raises(completions, **kwargs):
+    raise RuntimeError("boom")
+def short(completions, **kwargs):
+    return [1.0]
+def nan(completions, **kwargs):
+    return [math.nan] * len(completions)
+def words(completions, **kwargs):
+    return ["many"] * len(completions)
+NOT_A_FUNCTION = 3
+'''
+
+
+@pytest.mark.parametrize("name, says", [
+    ("raises", "reward function {f}:raises: raised RuntimeError: boom"),
+    ("short", "reward function {f}:short: returned 1 rewards for 2 completions"),
+    ("nan", "reward function {f}:nan: returned nan for completion 0"),
+    ("words", "reward function {f}:words: must return a list of numbers"),
+    ("missing", "rl.reward_functions[0].name: {f} defines no 'missing' (functions there: nan, raises, short, words)"),
+    ("NOT_A_FUNCTION", "rl.reward_functions[0].name: {f}:NOT_A_FUNCTION is a int, not a function"),
+])
+def test_a_bad_reward_function_stops_the_run_naming_it_before_anything_is_written(prompts, tmp_path, name, says):
+    bad = tmp_path / "bad_rewards.py"
+    bad.write_text(BAD)
+    out = tmp_path / "run"
+    r = rl("--dataset", str(prompts), "-o", str(out), "--reward-function", f"{bad}:{name}")
+    assert r.exit_code == 2, r.output
+    assert says.format(f=bad) in r.output and "Traceback" not in r.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_files_and_rewards_are_config_errors(prompts, tmp_path):
+    r = rl("--dataset", str(prompts), "-o", str(tmp_path / "a"), "--reward-function", str(tmp_path / "nope.py") + ":f")
+    assert r.exit_code == 2 and f"rl.reward_functions[0].path: {tmp_path / 'nope.py'}: no such file" in r.output
+    r = rl("--dataset", str(prompts), "-o", str(tmp_path / "b"))
+    assert r.exit_code == 2 and "rl: no reward" in r.output
+    r = rl("--dataset", str(prompts), "-o", str(tmp_path / "c"), "--reward-function", "no-colon")
+    assert r.exit_code == 2 and "--reward-function no-colon: expected PATH.py:NAME" in r.output
+    r = rl("--dataset", str(prompts), "-o", str(tmp_path / "d"), "--reward-function", f"{REWARDS}:brevity",
+           "--set", "rl.num_generations=3")
+    assert r.exit_code == 2 and "must be whole groups" in r.output
+    r = rl("--dataset", str(prompts), "-o", str(tmp_path / "e"), "--reward-model", str(ROOT / "recipes"))
+    assert r.exit_code == 2 and "reward_model.name_or_path" in r.output
+    for name in "abcde":
+        assert not (tmp_path / name).exists()
+
+
+def test_the_plan_counts_generation_the_group_and_the_reward_model(tmp_path):
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-grpo-qlora", "--gpu", "h100-80gb"])
+    assert r.exit_code == 0, r.output
+    assert "generation KV cache (16 completions: 2 prompts x group 8)" in r.output
+    assert "reference forward (no gradients)" in r.output
+    plain = r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-2-9b-grpo-qlora", "--gpu", "h100-80gb",
+                            "--set", "reward_model.name_or_path=google/gemma-2-2b", "--set", "rl.beta=0"])
+    assert r.exit_code == 0, r.output
+    assert "reward_model: google/gemma-2-2b" in r.output and "reward model weights" in r.output
+    assert "reference forward" not in r.output and plain != r.output
+
+
+@pytest.mark.slow
+def test_a_short_run_with_a_reward_function_and_a_reward_model(prompts, tmp_path, tiny_model_dir):
+    """A tiny Gemma2ForSequenceClassification (one output) beside a reward function, GRPO and RLOO: run.json says
+    what was generated, truncated and rewarded; the adapter is saved and chat loads it."""
+    from transformers import Gemma2Config, Gemma2ForSequenceClassification
+
+    from gemma2_tune.models.loading import load_tokenizer
+
+    reward_dir = tmp_path / "reward-model"
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg.update(num_labels=1, architectures=["Gemma2ForSequenceClassification"])
+    torch.manual_seed(0)
+    Gemma2ForSequenceClassification(Gemma2Config(**cfg)).save_pretrained(reward_dir)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(reward_dir)
+    for algorithm in ("dr_grpo", "rloo"):
+        out = tmp_path / algorithm
+        r = rl("--dataset", str(prompts), "-o", str(out), "--max-steps", "2", "--algorithm", algorithm,
+               "--reward-function", f"{REWARDS}:brevity=0.5", "--reward-model", str(reward_dir))
+        assert r.exit_code == 0, r.output
+        m = json.loads((out / "run.json").read_text())
+        assert m["status"] == "completed" and m["global_step"] == 2 and m["method"] == "rl"
+        d = m["rl"]
+        assert d["algorithm"] == algorithm and d["trainer"] == ("RLOOTrainer" if algorithm == "rloo" else "GRPOTrainer")
+        assert d["completions"] == 8 and 0 <= d["completions_truncated"] <= 8 and d["tokens_generated"] > 0
+        assert d["generation_s"] > 0 and d["logprob_probe_max_gap_nats"] <= 1e-4
+        assert d["reward_model"] == str(reward_dir) and d["reward_model_template"] == "own"
+        assert len(d["reward_history"]) == 2 and all(math.isfinite(e["reward"]) for e in d["reward_history"])
+        assert "reward model:" in r.output and "log-prob probe" in r.output and "generating" in r.output
+        assert (out / "adapter_model.safetensors").is_file()
+    r = runner.invoke(app, ["chat", "--adapter", str(tmp_path / "rloo"), "--prompt", "Hi", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
