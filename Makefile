@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch lying on this machine's disk, if there is one; otherwise pip's usual torch.
 TORCH ?= $(or $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl)),torch)
 
-.PHONY: install quickstart test docs clean
+.PHONY: install quickstart test test-fast docs clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,10 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The unit tests that train nothing (a few minutes at most on 2 cores): for the edit-test loop.
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,6 +40,27 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def answer_ok_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A QLoRA run of the tiny Gemma 2 taught to answer every question with 'ok' and stop (40 steps, unpacked,
+    a quarter of QUESTIONS held out for its eval loss), built once per test session. Tests only read it:
+    anything they write goes to their own tmp_path."""
+    from typer.testing import CliRunner
+
+    from gemma2_tune.cli import app
+
+    tmp = tmp_path_factory.mktemp("answer-ok")
+    data = write_jsonl(tmp / "ok.jsonl", ok_rows(QUESTIONS))
+    out = tmp / "okrun"
+    r = CliRunner().invoke(app, ["sft", "--recipe", "quickstart-cpu", "--dataset", str(data), "-o", str(out),
+                                 "--max-steps", "40", "--set", "data.eval_fraction=0.25", "--set",
+                                 "training.eval_steps=20", "--set", "training.logging_steps=5", "--set",
+                                 "data.packing=false", "--set", "training.gradient_accumulation_steps=1", "--set",
+                                 "training.save_steps=null"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 def ok_rows(questions: list[str]) -> list[dict]:
     """Chats that answer every question with 'ok' (what the "answer ok" tests teach)."""
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in questions]

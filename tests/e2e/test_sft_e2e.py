@@ -63,7 +63,9 @@ def test_manifest_records_what_happened(run_dir):
     d = m["data"]
     assert (d["rows_read"], d["rows_kept"], d["rows_bad"]) == (36, 35, 1)
     assert 0 < d["supervised_tokens"] < d["total_tokens"]
-    assert m["model"]["trainable_params"] > 0 and m["wall_time_s"] > 0
+    # LoRA r=16 on 4 layers of tiny-gemma2 (hidden 64, 4 query heads and 2 key/value heads of 16):
+    # q and o 16 x (64 + 64), k and v 16 x (64 + 32) each: 7,168 per layer
+    assert m["model"]["trainable_params"] == 28_672 and m["wall_time_s"] > 0
     t = m["throughput"]
     assert t["supervised_tokens_trained"] > 0 and t["supervised_tokens_counted"] == "exact"
     assert t["supervised_tokens_per_s"] > 0 and t["peak_memory_bytes"] > 0 and 0 <= t["padding_fraction"] < 1

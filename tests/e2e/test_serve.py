@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, ok_rows, write_jsonl
+from conftest import ROOT
 from gemma2_tune.cli import app
 
 openai = pytest.importorskip("openai")
@@ -32,15 +32,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ok_run(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("serve")
-    data = write_jsonl(tmp / "ok.jsonl", ok_rows(QUESTIONS))
-    out = tmp / "okrun"
-    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "--dataset", str(data), "-o", str(out), "--max-steps",
-                            "40", "--set", "data.packing=false", "--set", "training.gradient_accumulation_steps=1",
-                            "--set", "training.save_steps=null"])
-    assert r.exit_code == 0, r.output
-    return out
+def ok_run(answer_ok_run):
+    """The session's "answer ok" run (conftest)."""
+    return answer_ok_run
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ok_rows, write_jsonl
+from conftest import ok_rows, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -18,17 +18,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def ok_run(tmp_path_factory, tiny_model_dir):
-    """A QLoRA run taught to answer every question with 'ok' and stop."""
-    tmp = tmp_path_factory.mktemp("ok")
-    data = write_jsonl(tmp / "ok.jsonl", ok_rows(QUESTIONS))
-    out = tmp / "run"
-    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "--dataset", str(data), "-o", str(out),
-                            "--max-steps", "40", "--set", "data.eval_fraction=0.25", "--set", "training.eval_steps=20",
-                            "--set", "training.logging_steps=5", "--set", "data.packing=false",
-                            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"])
-    assert r.exit_code == 0, r.output
-    return out, tmp
+def ok_run(answer_ok_run, tmp_path_factory):
+    """The session's "answer ok" run (conftest), and a folder of this module's own for what tests write."""
+    return answer_ok_run, tmp_path_factory.mktemp("ok")
 
 
 def test_plot_model_card_and_eval_during_training(ok_run):

@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gemma2_tune"
+PACKAGE = Path(__file__).resolve().parents[2] / "gemma2_tune"
 # lowest first; a module may import its own layer and those below
 LAYERS = [{"errors", "files", "families"}, {"config"}, {"data"}, {"models"}, {"training", "after"}, {"cli", "__main__"}]
 
