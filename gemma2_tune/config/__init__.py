@@ -3,6 +3,7 @@
     schema.py     the shared sections and their base, RunConfig; light: pydantic only
     sft.py        the `sft` schema (SftConfig)
     distill.py    the `distill` schema (DistillConfig: + teacher, distill) and its rules
+    dpo.py        the `dpo` schema (DpoConfig: + dpo; preference pairs, KTO's unpaired examples)
     rules.py      rules every method shares, reading the model's family
     layering.py   resolve(recipe, sets, flags, schema) -> Resolved, every problem at once
     requests.py   the options of the after-training commands (merge-models, eval, ...), checked the same way
@@ -15,8 +16,9 @@ The registry of methods (which schema, runner, plan terms) is gemma2_tune/traini
 # Every method's schema is imported here, sft first: schema.method_schemas() lists them in this order.
 from .sft import SftConfig  # noqa: I001
 from .distill import DistillConfig
+from .dpo import DpoConfig
 from .layering import Resolved, config_to_yaml, parse_set, resolve
 from .schema import DataSection, RunConfig
 
-__all__ = ["DataSection", "DistillConfig", "Resolved", "RunConfig", "SftConfig", "config_to_yaml", "parse_set",
+__all__ = ["DataSection", "DistillConfig", "DpoConfig", "Resolved", "RunConfig", "SftConfig", "config_to_yaml", "parse_set",
            "resolve"]

@@ -2,6 +2,7 @@
 
     METHODS["sft"]      conversations -> SftConfig     -> training/sft.py      (SFTTrainer, supervised loss)
     METHODS["distill"]  prompts       -> DistillConfig -> training/distill.py  (DistillationTrainer)
+    METHODS["dpo"]      pairs         -> DpoConfig     -> training/dpo.py      (DPOTrainer; KTOTrainer unpaired)
 
 An entry names the method's schema (config/<method>.py: its sections, rules, the models it loads beside
 the trained one, its dry-run lines), its runner (training/<method>.py: what it loads, the trainer it builds,
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config.distill import DistillConfig
+from ..config.dpo import DpoConfig
 from ..config.recipes import find_recipe, load_recipe
 from ..config.schema import RunConfig
 from ..config.sft import SftConfig
@@ -56,9 +58,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "gemma2_tune.training.sft", plan.sft_terms, sft_launch_problems, folds_accumulation=True),
     Method("distill", DistillConfig, "On-policy distillation: the student writes answers to the prompts and "
            "learns the teacher's distribution.", "gemma2_tune.training.distill", plan.distill_terms),
+    Method("dpo", DpoConfig, "Preference optimisation on chosen/rejected pairs against a frozen reference: DPO and "
+           "TRL's other losses (ipo, hinge, robust, apo_zero, ...), KTO on unpaired examples.",
+           "gemma2_tune.training.dpo", plan.dpo_terms),
 )}
 # Sections only one method has: a recipe without `method:` that has one of them is that method's.
-IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill"}
+IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill", "dpo": "dpo"}
 
 
 def method_for(cfg: RunConfig) -> Method:
