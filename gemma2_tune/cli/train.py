@@ -171,3 +171,25 @@ def dpo(
         "dpo.beta": ("--beta", beta)}
     start_training("dpo", resolve_for("dpo", recipe, set_, flags), launch=launch, num_processes=num_processes,
                    resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label)
+
+
+@command(help=METHODS["reward"].summary)
+def reward(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputDirOpt = None,
+    max_steps: MaxStepsOpt = None,
+    learning_rate: LearningRateOpt = None,
+    overwrite: OverwriteOpt = None,
+    resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
+    launch: LaunchOpt = None,
+    num_processes: NumProcessesOpt = None,
+    dry_run: DryRunOpt = False,
+    recipe_label: RecipeLabelOpt = None,
+) -> None:
+    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite)
+    start_training("reward", resolve_for("reward", recipe, set_, flags), launch=launch, num_processes=num_processes,
+                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label)

@@ -4,6 +4,7 @@
     sft.py        the `sft` schema (SftConfig)
     distill.py    the `distill` schema (DistillConfig: + teacher, distill) and its rules
     dpo.py        the `dpo` schema (DpoConfig: + dpo; preference pairs, KTO's unpaired examples)
+    reward.py     the `reward` schema (RewardConfig: + reward; a one-score head on preference pairs)
     rules.py      rules every method shares, reading the model's family
     layering.py   resolve(recipe, sets, flags, schema) -> Resolved, every problem at once
     requests.py   the options of the after-training commands (merge-models, eval, ...), checked the same way
@@ -17,8 +18,9 @@ The registry of methods (which schema, runner, plan terms) is gemma2_tune/traini
 from .sft import SftConfig  # noqa: I001
 from .distill import DistillConfig
 from .dpo import DpoConfig
+from .reward import RewardConfig
 from .layering import Resolved, config_to_yaml, parse_set, resolve
 from .schema import DataSection, RunConfig
 
-__all__ = ["DataSection", "DistillConfig", "DpoConfig", "Resolved", "RunConfig", "SftConfig", "config_to_yaml", "parse_set",
+__all__ = ["DataSection", "DistillConfig", "DpoConfig", "RewardConfig", "Resolved", "RunConfig", "SftConfig", "config_to_yaml", "parse_set",
            "resolve"]

@@ -107,6 +107,26 @@ def held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
 
 
+def read_preferences(cfg, tokenizer, family, kind: str):
+    """The training items and the held-out ones (data.eval_fraction of the source, or data.eval_dataset /
+    data.eval_split read and checked the same way). Returns (PreferenceData, items, eval PreferenceData or None,
+    eval items). Raises UserError (the held-out source's problems name data.eval_dataset)."""
+    data = load_preferences(cfg.data, tokenizer, family, kind)
+    items, eval_items = held_out(data.items, cfg.data.eval_fraction, cfg.training.seed)
+    eval_data = None
+    other = cfg.data.eval_dataset or (cfg.data.eval_split and cfg.data.dataset)
+    if other:
+        eval_cfg = cfg.data.model_copy(update={"dataset": other, "split": cfg.data.eval_split or cfg.data.split,
+                                               "max_rows": None})
+        try:
+            eval_data = load_preferences(eval_cfg, tokenizer, family, kind)
+        except UserError as exc:
+            key = "data.eval_dataset" if cfg.data.eval_dataset else "data.eval_split"
+            raise UserError(f"{key}: {exc.message}") from None
+        eval_items = eval_data.items
+    return data, items, eval_data, eval_items
+
+
 def load_policy(cfg: DpoConfig, device: Any, *, training: bool = True):
     """The starting policy through the one loading path: the base (cfg.base_model), with an sft run's adapter
     applied (trainable, for LoRA) or merged into the weights (full fine-tuning). Returns (model, report).
@@ -155,18 +175,7 @@ class Runner(lifecycle.Runner):
         """Pairs (or unpaired examples) and the held-out ones, read and checked; the run.json fields."""
         cfg = self.cfg
         kind = "unpaired" if cfg.dpo.unpaired else "paired"
-        data = load_preferences(cfg.data, self.tokenizer, self.family, kind)
-        items, eval_items = held_out(data.items, cfg.data.eval_fraction, cfg.training.seed)
-        eval_data = None
-        other = cfg.data.eval_dataset or (cfg.data.eval_split and cfg.data.dataset)
-        if other:
-            eval_cfg = cfg.data.model_copy(update={"dataset": other, "split": cfg.data.eval_split or cfg.data.split,
-                                                   "max_rows": None})
-            try:
-                eval_data = load_preferences(eval_cfg, self.tokenizer, self.family, kind)
-            except UserError as exc:
-                raise UserError(f"data.eval_dataset: {exc.message}") from None
-            eval_items = eval_data.items
+        data, items, eval_data, eval_items = read_preferences(cfg, self.tokenizer, self.family, kind)
         if cfg.dpo.unpaired:  # TRL samples KTO in order (its KL pairs are per batch): the order is drawn here
             random.Random(cfg.training.seed).shuffle(items)
         self.items, self.eval_items, self.data_report = items, eval_items, data.report
@@ -247,10 +256,10 @@ class Runner(lifecycle.Runner):
         run.record["dpo"]["eval"] = {k.removeprefix("eval_"): v for k, v in final.items()
                                      if k.removeprefix("eval_") in REWARD_METRICS + ("loss",)}
         run.record["training"]["final_eval_loss"] = final["eval_loss"]
-        run.record["training"]["eval_history"] = [
-            {"step": e["step"], "eval_loss": e["eval_loss"]} | {k: e[f"eval_{k}"] for k in REWARD_METRICS
-                                                                 if f"eval_{k}" in e}
-            for e in trainer.state.log_history if "eval_loss" in e]
+        by_step = {e["step"]: {"step": e["step"], "eval_loss": e["eval_loss"]} | {
+            k: e[f"eval_{k}"] for k in REWARD_METRICS if f"eval_{k}" in e}
+            for e in trainer.state.log_history if "eval_loss" in e}  # the final evaluation may repeat the last step's
+        run.record["training"]["eval_history"] = list(by_step.values())
 
     def final_lines(self, run: RunLifecycle, trainer, runtime_s: float | None) -> list[str]:
         """The held-out preference accuracy and margin."""

@@ -3,6 +3,7 @@
     METHODS["sft"]      conversations -> SftConfig     -> training/sft.py      (SFTTrainer, supervised loss)
     METHODS["distill"]  prompts       -> DistillConfig -> training/distill.py  (DistillationTrainer)
     METHODS["dpo"]      pairs         -> DpoConfig     -> training/dpo.py      (DPOTrainer; KTOTrainer unpaired)
+    METHODS["reward"]   pairs         -> RewardConfig  -> training/reward.py   (RewardTrainer, one-score head)
 
 An entry names the method's schema (config/<method>.py: its sections, rules, the models it loads beside
 the trained one, its dry-run lines), its runner (training/<method>.py: what it loads, the trainer it builds,
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from ..config.distill import DistillConfig
 from ..config.dpo import DpoConfig
+from ..config.reward import RewardConfig
 from ..config.recipes import find_recipe, load_recipe
 from ..config.schema import RunConfig
 from ..config.sft import SftConfig
@@ -61,9 +63,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dpo", DpoConfig, "Preference optimisation on chosen/rejected pairs against a frozen reference: DPO and "
            "TRL's other losses (ipo, hinge, robust, apo_zero, ...), KTO on unpaired examples.",
            "gemma2_tune.training.dpo", plan.dpo_terms),
+    Method("reward", RewardConfig, "A reward model on chosen/rejected pairs: Gemma with a one-score head, "
+           "held-out pairwise accuracy.", "gemma2_tune.training.reward", plan.reward_terms),
 )}
 # Sections only one method has: a recipe without `method:` that has one of them is that method's.
-IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill", "dpo": "dpo"}
+IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill", "dpo": "dpo", "reward": "reward"}
 
 
 def method_for(cfg: RunConfig) -> Method:

@@ -173,6 +173,15 @@ def dpo_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: d
     return terms
 
 
+def reward_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool,
+                 frozen: dict[str, Shape]) -> dict[str, float]:
+    """A reward model's extra memory: chosen and rejected are scored as one batch of 2B sequences, so the
+    activations count twice (the shared term counts B). No logits over the vocabulary: the score head reads one
+    hidden state per sequence (its fp32 copy and gradient: 2B x hidden x 8 B)."""
+    return {"activations of the second sequence of each pair": activation_bytes(shape, cfg, b, t),
+            "loss": 2 * b * shape.hidden * 8}
+
+
 def sft_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: dict[str, Shape]) -> dict[str, float]:
     """sft's loss: supervised_chunked: one fp32 tile (x3 with temporaries) + fp32 hidden states at the
     supervised positions (every position, as an upper bound); supervised_liger: Liger's chunk; TRL's loss
