@@ -137,7 +137,7 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
         dtype = dtype or {"bf16": "bfloat16", "fp32": "float32"}.get(load_in, trained_dtype)
         bits = load_in if load_in in ("8bit", "4bit") else None
         request = LoadRequest(run.base_model, dtype=dtype, attn_implementation=run.attn_implementation,
-                              quantization=bits)
+                              quantization=bits, head=run.config.head if run.config else "causal-lm")
     model, report = load_model(request)
     if run.is_adapter:
         from peft import PeftModel

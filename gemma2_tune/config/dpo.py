@@ -141,6 +141,11 @@ class DpoConfig(RunConfig):
         return start.base if start else self.model.name_or_path
 
     @property
+    def preference_kind(self) -> str:
+        """'unpaired' for KTO's losses (pairs count as a desirable and an undesirable example), else 'paired'."""
+        return "unpaired" if self.dpo.unpaired else "paired"
+
+    @property
     def item_unit(self) -> str:
         """A batch item is a pair (chosen and rejected run as one batch of two), or a KTO example."""
         return "example" if self.dpo.unpaired else "pair"
@@ -167,8 +172,8 @@ class DpoConfig(RunConfig):
         else:
             reference = f"a second copy of {self.model.name_or_path} ({self.model.dtype}), frozen"
         trainer = "KTOTrainer" if self.dpo.unpaired else "DPOTrainer"
-        return [f"dpo:          {self.dpo.describe()} (TRL {trainer}, log-probabilities of soft-capped logits); "
-                f"reference: {reference}"]
+        return [f"dpo:          {self.dpo.describe()} (TRL {trainer}, log-probabilities of soft-capped logits, "
+                f"dropout off in both models); reference: {reference}"]
 
 
 def dpo_problems(cfg: DpoConfig) -> tuple[list[str], list[str]]:

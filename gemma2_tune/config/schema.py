@@ -264,6 +264,11 @@ class RunConfig(Section):
         method (most start from `rules.run_problems`)."""
         return [], []
 
+    @property
+    def preference_kind(self) -> str:
+        """How a method reads preference data: 'paired' (chosen/rejected) or 'unpaired' (KTO's labelled answers)."""
+        return "paired"
+
     # What the trained model outputs: "causal-lm" (next-token logits) or "sequence-classification" (one score per
     # sequence: reward models). Read by the model card and by the commands that load a run (chat, merge).
     head: ClassVar[str] = "causal-lm"
