@@ -1,7 +1,7 @@
 import pytest
 
 from gemma2_tune.config.layering import resolve
-from gemma2_tune.training.methods import schema_for
+from gemma2_tune.training.methods import METHODS, schema_for
 from gemma2_tune.config.recipes import bundled_recipes, find_recipe
 
 RECIPES = bundled_recipes()
@@ -23,7 +23,7 @@ def test_every_bundled_recipe_validates_and_starts_with_its_command(path):
         assert resolved.config.model.dtype == "bfloat16"
     head = path.read_text().splitlines()[:4]
     assert head[0].startswith("# ")
-    command = "distill" if "teacher" in path.read_text() else "sft"
+    command = next(name for name, m in METHODS.items() if m.schema is schema_for(str(path)))
     assert any(line.startswith("# Run: ") and f"gemma2_tune {command}" in line.replace("gemma2-tune", "gemma2_tune")
                and path.name in line for line in head)
 

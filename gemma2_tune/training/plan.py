@@ -159,7 +159,7 @@ def dpo_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: d
     reference's weights in model.dtype (/ N under ZeRO-3). KTO (an unpaired loss) adds a forward of both models on
     the B mismatched KL sequences. Loss: TRL's chunked log-probabilities, fp32 tiles (x3 with temporaries)."""
     sequences = b if cfg.dpo.unpaired else 2 * b
-    terms = {"activations of the second sequence of each pair" if not cfg.dpo.unpaired else
+    terms = {"activations, rejected sides" if not cfg.dpo.unpaired else
              "KL sequences (policy forward, no gradients)":
              activation_bytes(shape, cfg, b, t) if not cfg.dpo.unpaired else forward_bytes(
                  shape, cfg.model.attn_implementation, b, t)}
@@ -178,7 +178,7 @@ def reward_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool,
     """A reward model's extra memory: chosen and rejected are scored as one batch of 2B sequences, so the
     activations count twice (the shared term counts B). No logits over the vocabulary: the score head reads one
     hidden state per sequence (its fp32 copy and gradient: 2B x hidden x 8 B)."""
-    return {"activations of the second sequence of each pair": activation_bytes(shape, cfg, b, t),
+    return {"activations, rejected sides": activation_bytes(shape, cfg, b, t),
             "loss": 2 * b * shape.hidden * 8}
 
 
