@@ -155,7 +155,8 @@ def test_reward_model_orders_held_out_pairs_and_its_merge_scores_the_same(tmp_pa
     held = jsonl(PREFS / "held_out.jsonl")[:4]
     tokenizer = AutoTokenizer.from_pretrained(merged)
     plain = AutoModelForSequenceClassification.from_pretrained(merged, attn_implementation="eager", dtype=torch.float32)
-    trained = AutoPeftModelForSequenceClassification.from_pretrained(out, attn_implementation="eager",
+    # the base's own config says nothing of the head: one score is asked for, as the model card says
+    trained = AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1, attn_implementation="eager",
                                                                      dtype=torch.float32)
     from gemma2_tune.data.preferences import load_preferences
     from gemma2_tune.config.schema import PreferenceDataSection
@@ -198,3 +199,38 @@ def test_bad_pairs_exit_2_naming_the_row_and_write_nothing(tmp_path):
     r = runner.invoke(app, ["dpo", "--model", "builtin:tiny-gemma2", "--set", "dpo.loss_type=[kto,sigmoid]",
                             "--dry-run"])
     assert r.exit_code == 2 and "cannot be combined" in r.output
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    common = ["--model", "builtin:tiny-gemma2", "--dataset", "concise", "--max-steps", "8", "--learning-rate", "5e-3",
+              *FP32, "--set", "training.save_steps=3", "--set", "training.logging_steps=1",
+              "--set", "training.per_device_train_batch_size=2", "--set", "data.max_length=64"]
+    reference = tmp_path / "reference"
+    r = runner.invoke(app, ["dpo", *common, "-o", str(reference)])
+    assert r.exit_code == 0, r.output
+    out, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "dpo", *common, "-o", str(out)], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 600
+        while "step 4/" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    r = runner.invoke(app, ["dpo", *common, "-o", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["global_step"] == 8
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6

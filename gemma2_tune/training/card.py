@@ -52,7 +52,7 @@ def model_card(cfg: RunConfig, record: dict[str, Any], out: Path) -> str:
     load = (f'''```python
 from peft import AutoPeftModelFor{auto}
 from transformers import AutoTokenizer
-model = AutoPeftModelFor{auto}.from_pretrained("{out}", attn_implementation="{cfg.model.attn_implementation}")
+model = AutoPeftModelFor{auto}.from_pretrained("{out}", {"num_labels=1, " if cfg.head == "sequence-classification" else ""}attn_implementation="{cfg.model.attn_implementation}")
 tokenizer = AutoTokenizer.from_pretrained("{out}")
 ```''' if adapter else f'''```python
 from transformers import AutoModelFor{auto}, AutoTokenizer
