@@ -79,7 +79,7 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
     policy = saved_policy(path, cfg) or "fold"
     if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
         saved = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        base = model or (cfg.model.name_or_path if cfg else saved)
+        base = model or (cfg.base_model if cfg else saved)
         if not base:
             raise UserError(f"{key} {adapter}: the adapter does not name its base model; pass --model")
         return TrainedRun(path, base, policy, True, cfg)
@@ -137,7 +137,7 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
         dtype = dtype or {"bf16": "bfloat16", "fp32": "float32"}.get(load_in, trained_dtype)
         bits = load_in if load_in in ("8bit", "4bit") else None
         request = LoadRequest(run.base_model, dtype=dtype, attn_implementation=run.attn_implementation,
-                              quantization=bits)
+                              quantization=bits, head=run.config.head if run.config else "causal-lm")
     model, report = load_model(request)
     if run.is_adapter:
         from peft import PeftModel

@@ -61,13 +61,15 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True  # training turned it off; serving wants it
     end = tokenizer.convert_tokens_to_ids(END)
-    merged.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(merged, "generation_config", None) is not None:  # a reward model (one score per sequence) does not generate
+        merged.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    head = run.config.head if run.config else "causal-lm"
 
     with staged_dir(out, echo=echo) as tmp:  # nothing reaches `out` unless the bounded check passes
         merged.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)  # with the run's generated chat template
-        got = _reloaded_logits(tmp, prompts, run.attn_implementation, dtype)
+        got = _reloaded_logits(tmp, prompts, run.attn_implementation, dtype, head)
         check = selfcheck.verdict(selfcheck.compare(got, reference), floor, dtype)
         check = {"against": f"unquantized base + adapter, computed in float32 (merged in {dtype})"} | check
         report = {"base_model": run.base_model, "adapter": str(run.path), "trained_in_4bit": was_4bit,
@@ -95,8 +97,9 @@ def _prompts(run, loaded) -> list:
     return selfcheck.prompts(loaded.tokenizer, run.system_policy, loaded.family, loaded.model.device)
 
 
-def _reloaded_logits(folder: Path, prompts, kernel: str, dtype: str) -> list:
-    """Reload what was written (as a server would, through the checked loading path) and score the prompts."""
-    reloaded, _ = load_model(LoadRequest(str(folder), dtype=dtype, attn_implementation=kernel))
+def _reloaded_logits(folder: Path, prompts, kernel: str, dtype: str, head: str = "causal-lm") -> list:
+    """Reload what was written (as a server would, through the checked loading path, with the run's head: a
+    reward model's scores are (1, 1) logits) and score the prompts."""
+    reloaded, _ = load_model(LoadRequest(str(folder), dtype=dtype, attn_implementation=kernel, head=head))
     reloaded.to(prompts[0].device)
     return selfcheck.logits(reloaded, prompts)

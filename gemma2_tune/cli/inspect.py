@@ -58,19 +58,24 @@ def preview(
     n: Annotated[int, typer.Option("-n", help="Rows to show.", min=1)] = 3,
 ) -> None:
     """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧ (for a distill
-    recipe: the prompts as the student will see them)."""
+    recipe: the prompts as the student will see them; for dpo and reward: each pair's prompt, then both answers'
+    supervised tokens)."""
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
                                          "data.dataset": ("--dataset", dataset)}, schema_for(recipe, set_)).config
     from ..data.preview import preview as rows_preview
-    from ..data.preview import preview_prompts
+    from ..data.preview import preview_preferences, preview_prompts
     from ..data.template import use_run_template
     from ..models.loading import checkpoint_family, load_tokenizer
 
     family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
-    shown = (preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length) if cfg.data_kind == "prompts"
-             else rows_preview(cfg.data, tokenizer, family, n))
+    if cfg.data_kind == "prompts":
+        shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length)
+    elif cfg.data_kind == "preference pairs":
+        shown = preview_preferences(cfg.data, tokenizer, family, n, cfg.preference_kind)
+    else:
+        shown = rows_preview(cfg.data, tokenizer, family, n)
     for heading, text in shown:
         if heading == "summary":
             echo(text)

@@ -152,6 +152,59 @@ def distill(
                    recipe_label=recipe_label, allow_data_change=allow_data_change)
 
 
+@command(help=METHODS["dpo"].summary)
+def dpo(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputDirOpt = None,
+    max_steps: MaxStepsOpt = None,
+    learning_rate: LearningRateOpt = None,
+    loss_type: Annotated[Optional[str], typer.Option("--loss-type", help="dpo.loss_type: sigmoid (DPO), ipo, hinge, "
+                                                     "robust, apo_zero, kto, ... (comma-separated to combine)")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="dpo.beta: the pull towards the reference.")] = None,
+    overwrite: OverwriteOpt = None,
+    resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
+    allow_data_change: AllowDataChangeOpt = False,
+    launch: LaunchOpt = None,
+    num_processes: NumProcessesOpt = None,
+    dry_run: DryRunOpt = False,
+    recipe_label: RecipeLabelOpt = None,
+) -> None:
+    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
+        "dpo.loss_type": ("--loss-type", [t.strip() for t in loss_type.split(",")] if loss_type else None),
+        "dpo.beta": ("--beta", beta)}
+    start_training("dpo", resolve_for("dpo", recipe, set_, flags), launch=launch, num_processes=num_processes,
+                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
+                   allow_data_change=allow_data_change)
+
+
+@command(help=METHODS["reward"].summary)
+def reward(
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputDirOpt = None,
+    max_steps: MaxStepsOpt = None,
+    learning_rate: LearningRateOpt = None,
+    overwrite: OverwriteOpt = None,
+    resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
+    allow_data_change: AllowDataChangeOpt = False,
+    launch: LaunchOpt = None,
+    num_processes: NumProcessesOpt = None,
+    dry_run: DryRunOpt = False,
+    recipe_label: RecipeLabelOpt = None,
+) -> None:
+    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite)
+    start_training("reward", resolve_for("reward", recipe, set_, flags), launch=launch, num_processes=num_processes,
+                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
+                   allow_data_change=allow_data_change)
+
+
 @command(help=METHODS["rl"].summary)
 def rl(
     recipe: RecipeOpt = None,

@@ -3,6 +3,8 @@
     schema.py     the shared sections and their base, RunConfig; light: pydantic only
     sft.py        the `sft` schema (SftConfig)
     distill.py    the `distill` schema (DistillConfig: + teacher, distill) and its rules
+    dpo.py        the `dpo` schema (DpoConfig: + dpo; preference pairs, KTO's unpaired examples)
+    reward.py     the `reward` schema (RewardConfig: + reward; a one-score head on preference pairs)
     rl.py         the `rl` schema (RlConfig: + rl: algorithm, group, KL, clipping, rewards) and its rules
     rules.py      rules every method shares, reading the model's family
     layering.py   resolve(recipe, sets, flags, schema) -> Resolved, every problem at once
@@ -16,9 +18,11 @@ The registry of methods (which schema, runner, plan terms) is gemma2_tune/traini
 # Every method's schema is imported here, sft first: schema.method_schemas() lists them in this order.
 from .sft import SftConfig  # noqa: I001
 from .distill import DistillConfig
+from .dpo import DpoConfig
+from .reward import RewardConfig
 from .rl import RlConfig
 from .layering import Resolved, config_to_yaml, parse_set, resolve
 from .schema import DataSection, RunConfig
 
-__all__ = ["DataSection", "DistillConfig", "Resolved", "RlConfig", "RunConfig", "SftConfig", "config_to_yaml", "parse_set",
-           "resolve"]
+__all__ = ["DataSection", "DistillConfig", "DpoConfig", "Resolved", "RewardConfig", "RlConfig", "RunConfig",
+           "SftConfig", "config_to_yaml", "parse_set", "resolve"]

@@ -152,6 +152,10 @@ class PreferenceDataSection(DataSection):
         "truncate", description="Pairs longer than max_length (prompt + answer, per side): cut both answers at the "
         "same point (the prompt is never cut), or drop the pair. Both are counted."
     )
+    eval_dataset: str | None = Field(
+        None, description="Held-out pairs from another dataset (e.g. `concise-held-out`), read and checked like the "
+        "training pairs; evaluated every training.eval_steps and at the end (preference accuracy, reward margin)."
+    )
 
 
 class TrainingSection(Section):
@@ -241,8 +245,9 @@ class RunConfig(Section):
     it loads beside the trained one (`frozen_models`), and its dry-run lines (`method_lines`); nothing outside
     a method's own modules asks which method is running. Resolved: defaults < recipe < --set < flags."""
 
-    method: str = Field("sft", description="The training method (sft, distill): picks the schema; recipes "
-                        "without it are sft, or distill when they have a `teacher` or `distill` section.")
+    method: str = Field("sft", description="The training method (sft, distill, dpo, reward, rl): picks the schema; "
+                        "recipes without it are sft, or the method whose own section they have (`teacher`/`distill`: "
+                        "distill, `dpo`: dpo, `reward`: reward, `rl`: rl).")
     model: ModelSection = Field(default_factory=ModelSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -258,6 +263,21 @@ class RunConfig(Section):
         """The method's rules between fields: (errors, warnings), each naming its key(s). Overridden by every
         method (most start from `rules.run_problems`)."""
         return [], []
+
+    @property
+    def preference_kind(self) -> str:
+        """How a method reads preference data: 'paired' (chosen/rejected) or 'unpaired' (KTO's labelled answers)."""
+        return "paired"
+
+    # What the trained model outputs: "causal-lm" (next-token logits) or "sequence-classification" (one score per
+    # sequence: reward models). Read by the model card and by the commands that load a run (chat, merge).
+    head: ClassVar[str] = "causal-lm"
+
+    @property
+    def base_model(self) -> str:
+        """The base checkpoint under the trained weights (what a run's adapter is applied to): model.name_or_path,
+        unless a method starts from another run's folder and says its base."""
+        return self.model.name_or_path
 
     def frozen_models(self) -> list[FrozenModel]:
         """Models loaded beside the trained one (their weights count in `plan`, they are inputs the output folder

@@ -47,6 +47,14 @@ ALIASES = {
                     local=PACKAGE_DIR / "assets" / "pirate" / "train.jsonl"),
     "pirate-held-out": Alias("8 held-out chats in the same style (for eval)",
                              local=PACKAGE_DIR / "assets" / "pirate" / "held_out.jsonl"),
+    "concise": Alias("40 preference pairs shipped with gemma2-tune: a concise answer over the same answer hedged",
+                     local=PACKAGE_DIR / "assets" / "preferences" / "train.jsonl"),
+    "concise-held-out": Alias("12 held-out preference pairs in the same style (for eval)",
+                              local=PACKAGE_DIR / "assets" / "preferences" / "held_out.jsonl"),
+    "concise-kto": Alias("the 40 concise pairs unpaired for KTO: 80 rows, prompt/completion/label",
+                         local=PACKAGE_DIR / "assets" / "preferences" / "kto_train.jsonl"),
+    "concise-kto-held-out": Alias("the 12 held-out concise pairs unpaired: 24 rows",
+                                  local=PACKAGE_DIR / "assets" / "preferences" / "kto_held_out.jsonl"),
 }
 LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
 

@@ -113,6 +113,9 @@ class LoadRequest:
     quant_storage: str | None = None
     device_map: Any = "auto"  # "auto": an inference load goes to GPU 0 when there is one; None: no placement
     training: bool = False
+    # "causal-lm": next-token logits; "sequence-classification": one score per sequence (reward models), read at
+    # the last non-padding token by a `score` linear layer (new and random when the checkpoint has none)
+    head: str = "causal-lm"
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device_map: Any = None) -> LoadRequest:
@@ -120,12 +123,16 @@ class LoadRequest:
         q = cfg.quantization
         return cls(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype,
                    cfg.model.attn_implementation, "4bit" if q.load_in_4bit else None, q.quant_type,
-                   q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True)
+                   q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True, head=cfg.head)
 
     def bnb(self):
-        """The BitsAndBytesConfig this request asks for (None: unquantized)."""
-        return bnb_config(self.quantization, self.dtype, self.quant_type, self.double_quant, self.compute_dtype,
-                          self.quant_storage)
+        """The BitsAndBytesConfig this request asks for (None: unquantized). A score head stays unquantized: it is
+        trained whole (PEFT's modules_to_save) and is one row of weights."""
+        config = bnb_config(self.quantization, self.dtype, self.quant_type, self.double_quant, self.compute_dtype,
+                            self.quant_storage)
+        if config is not None and self.head == "sequence-classification":
+            config.llm_int8_skip_modules = ["score"]
+        return config
 
 
 def load_model(request: LoadRequest):
@@ -135,7 +142,7 @@ def load_model(request: LoadRequest):
     loaded, or a loaded model contradicting what was asked (see models/checks.py).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     family, _ = checkpoint_family(request.name_or_path, request.revision, request.trust_remote_code)
     check_kernel_request(family, request.attn_implementation, request.training)
@@ -144,9 +151,13 @@ def load_model(request: LoadRequest):
     device_map = request.device_map
     if device_map == "auto":
         device_map = {"": 0} if torch.cuda.is_available() and not request.training else None
+    auto, head_kwargs = AutoModelForCausalLM, {}
+    if request.head == "sequence-classification":
+        auto, head_kwargs = AutoModelForSequenceClassification, {"num_labels": 1}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             location,
+            **head_kwargs,
             revision=request.revision,
             trust_remote_code=request.trust_remote_code,
             attn_implementation=request.attn_implementation,

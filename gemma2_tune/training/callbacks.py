@@ -14,6 +14,9 @@ from ..files import proc_status_bytes, sync_folder
 from .checkpoints import mark_complete
 
 Echo = Callable[[str], None]
+# (logged key, name in the line, format): what TRL's DPO/KTO and reward trainers log per step
+PREFERENCE_METRICS = (("rewards/accuracies", "accuracy", ".0%"), ("rewards/margins", "margin", ".3f"),
+                      ("accuracy", "accuracy", ".0%"), ("margin", "margin", ".3f"))
 
 
 class EchoLoss(TrainerCallback):
@@ -27,6 +30,9 @@ class EchoLoss(TrainerCallback):
             extra = ""
             if "generation_time" in logs and "step_time" in logs:  # on-policy distillation: what generating costs
                 extra = f", generating {logs['generation_time']:.2f}s of the step's {logs['step_time']:.2f}s"
+            for key, name, form in PREFERENCE_METRICS:  # preference and reward runs: how well the pairs are told apart
+                if key in logs:
+                    extra += f", {name} {logs[key]:{form}}"
             self.echo(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
                       f"lr {logs.get('learning_rate', 0):.2e}{extra}")
 

@@ -48,16 +48,21 @@ def model_card(cfg: RunConfig, record: dict[str, Any], out: Path) -> str:
     adapter = cfg.lora.enabled
     base = cfg.model.name_or_path
     quant = "4-bit NF4 QLoRA" if cfg.quantization.load_in_4bit else ("LoRA" if adapter else "full fine-tuning")
+    auto = "SequenceClassification" if cfg.head == "sequence-classification" else "CausalLM"
     load = (f'''```python
-from peft import AutoPeftModelForCausalLM
+from peft import AutoPeftModelFor{auto}
 from transformers import AutoTokenizer
-model = AutoPeftModelForCausalLM.from_pretrained("{out}", attn_implementation="{cfg.model.attn_implementation}")
+model = AutoPeftModelFor{auto}.from_pretrained("{out}", {"num_labels=1, " if cfg.head == "sequence-classification" else ""}attn_implementation="{cfg.model.attn_implementation}")
 tokenizer = AutoTokenizer.from_pretrained("{out}")
 ```''' if adapter else f'''```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{out}", attn_implementation="{cfg.model.attn_implementation}", dtype="bfloat16")
+from transformers import AutoModelFor{auto}, AutoTokenizer
+model = AutoModelFor{auto}.from_pretrained("{out}", attn_implementation="{cfg.model.attn_implementation}", dtype="bfloat16")
 tokenizer = AutoTokenizer.from_pretrained("{out}")
 ```''')
+    if cfg.head == "sequence-classification":
+        load += ("\n\nA reward model: `model(**tokenizer.apply_chat_template(messages, return_dict=True, "
+                 "return_tensors='pt')).logits[0, 0]` is the score of a conversation ending with a model turn. Gemma 2's "
+                 "final soft-cap belongs to the language-model head and does not apply to the score.")
     eval_line = f"\n- final eval loss: {t['final_eval_loss']:.4f}" if t.get("final_eval_loss") is not None else ""
     return f"""---
 base_model: {base}

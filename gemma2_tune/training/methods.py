@@ -2,6 +2,8 @@
 
     METHODS["sft"]      conversations -> SftConfig     -> training/sft.py      (SFTTrainer, supervised loss)
     METHODS["distill"]  prompts       -> DistillConfig -> training/distill.py  (DistillationTrainer)
+    METHODS["dpo"]      pairs         -> DpoConfig     -> training/dpo.py      (DPOTrainer; KTOTrainer unpaired)
+    METHODS["reward"]   pairs         -> RewardConfig  -> training/reward.py   (RewardTrainer, one-score head)
     METHODS["rl"]       prompts       -> RlConfig      -> training/rl.py       (GRPOTrainer / RLOOTrainer)
 
 An entry names the method's schema (config/<method>.py: its sections, rules, the models it loads beside
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config.distill import DistillConfig
+from ..config.dpo import DpoConfig
+from ..config.reward import RewardConfig
 from ..config.recipes import find_recipe, load_recipe
 from ..config.schema import RunConfig
 from ..config.rl import RlConfig, rl_launch_problems
@@ -58,12 +62,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "gemma2_tune.training.sft", plan.sft_terms, sft_launch_problems, folds_accumulation=True),
     Method("distill", DistillConfig, "On-policy distillation: the student writes answers to the prompts and "
            "learns the teacher's distribution.", "gemma2_tune.training.distill", plan.distill_terms),
+    Method("dpo", DpoConfig, "Preference optimisation on chosen/rejected pairs against a frozen reference: DPO and "
+           "TRL's other losses (ipo, hinge, robust, apo_zero, ...), KTO on unpaired examples.",
+           "gemma2_tune.training.dpo", plan.dpo_terms),
+    Method("reward", RewardConfig, "A reward model on chosen/rejected pairs: Gemma with a one-score head, "
+           "held-out pairwise accuracy.", "gemma2_tune.training.reward", plan.reward_terms),
     Method("rl", RlConfig, "Online reinforcement learning (GRPO loss types or RLOO): the policy writes groups of "
            "answers to the prompts, rewarded by Python functions and/or a reward model.", "gemma2_tune.training.rl",
            plan.rl_terms, rl_launch_problems),
 )}
 # Sections only one method has: a recipe without `method:` that has one of them is that method's.
-IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill", "rl": "rl"}
+IMPLIED_BY_SECTION = {"teacher": "distill", "distill": "distill", "dpo": "dpo", "reward": "reward", "rl": "rl"}
 
 
 def method_for(cfg: RunConfig) -> Method:

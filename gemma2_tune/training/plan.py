@@ -123,6 +123,18 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool 
     else:
         terms["trainable: grads, Adam"] = trainable * 6
 
+    terms["activations"] = activation_bytes(shape, cfg, b, t)
+    terms.update(method_for(cfg).plan_terms(shape, cfg, b, t, n, shards, frozen or {}))
+    base = sum(terms.values())
+    terms["overhead"] = GIB + 0.10 * base
+    full_logits = b * t * shape.vocab * (2 + 4 + 4)
+    per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps * num_processes
+    return Plan(terms, full_logits, per_step * t, trainable, shape.total_params)
+
+
+def activation_bytes(shape: Shape, cfg: RunConfig, b: int, t: int) -> float:
+    """Bytes of the trained model's activations for `b` sequences of `t` tokens (with gradients): gradient
+    checkpointing keeps each layer's input and recomputes one layer at a time; without it every layer's are kept."""
     h, i, heads = shape.hidden, shape.intermediate, shape.heads
     # eager keeps several copies of the (B, heads, T, T) scores: bf16 scores, soft-cap tanh, masked, fp32 softmax,
     # bf16 probs, and their gradients; 14 B per element is what tests/test_plan.py measures on CPU. Fused
@@ -130,15 +142,44 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool 
     scores = b * heads * t * t * 14 if cfg.model.attn_implementation == "eager" else 0
     layer_work = scores + (4 * h + 4 * i) * b * t * 2
     if cfg.training.gradient_checkpointing:
-        terms["activations"] = shape.layers * b * t * h * 2 + layer_work
-    else:
-        terms["activations"] = shape.layers * layer_work
-    terms.update(method_for(cfg).plan_terms(shape, cfg, b, t, n, shards, frozen or {}))
-    base = sum(terms.values())
-    terms["overhead"] = GIB + 0.10 * base
-    full_logits = b * t * shape.vocab * (2 + 4 + 4)
-    per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps * num_processes
-    return Plan(terms, full_logits, per_step * t, trainable, shape.total_params)
+        return shape.layers * b * t * h * 2 + layer_work
+    return shape.layers * layer_work
+
+
+def forward_bytes(shape: Shape, attn_implementation: str, b: int, t: int) -> float:
+    """Bytes of one layer's forward without gradients (a frozen model's forward: nothing kept between layers)."""
+    scores = b * shape.heads * t * t * 6 if attn_implementation == "eager" else 0
+    return scores + (4 * shape.hidden + 4 * shape.intermediate) * b * t * 2
+
+
+def dpo_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: dict[str, Shape]) -> dict[str, float]:
+    """A preference run's extra memory: chosen and rejected run as one batch of 2B sequences, so the policy's
+    activations count twice (the shared term counts B); the reference's forward on the same 2B sequences (no
+    gradients; with LoRA it is the policy with its adapter disabled, so no weights); with full fine-tuning the
+    reference's weights in model.dtype (/ N under ZeRO-3). KTO (an unpaired loss) adds a forward of both models on
+    the B mismatched KL sequences. Loss: TRL's chunked log-probabilities, fp32 tiles (x3 with temporaries)."""
+    sequences = b if cfg.dpo.unpaired else 2 * b
+    terms = {"activations, rejected sides" if not cfg.dpo.unpaired else
+             "KL sequences (policy forward, no gradients)":
+             activation_bytes(shape, cfg, b, t) if not cfg.dpo.unpaired else forward_bytes(
+                 shape, cfg.model.attn_implementation, b, t)}
+    reference = frozen.get("reference")
+    if reference is not None:
+        terms["reference weights"] = reference.total_params * DTYPE_BYTES[cfg.model.dtype] / n
+    ref_sequences = sequences * (2 if cfg.dpo.unpaired else 1)
+    terms["reference forward (no gradients)"] = forward_bytes(reference or shape, cfg.model.attn_implementation,
+                                                              ref_sequences, t)
+    terms["loss"] = min(sequences * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + sequences * t * shape.hidden * 8
+    return terms
+
+
+def reward_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool,
+                 frozen: dict[str, Shape]) -> dict[str, float]:
+    """A reward model's extra memory: chosen and rejected are scored as one batch of 2B sequences, so the
+    activations count twice (the shared term counts B). No logits over the vocabulary: the score head reads one
+    hidden state per sequence (its fp32 copy and gradient: 2B x hidden x 8 B)."""
+    return {"activations, rejected sides": activation_bytes(shape, cfg, b, t),
+            "loss": 2 * b * shape.hidden * 8}
 
 
 def sft_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: dict[str, Shape]) -> dict[str, float]:
@@ -287,7 +328,7 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
                             + "\n  - ".join(problems))
     from .methods import method_for
 
-    shape, where = model_shape(cfg.model.name_or_path)
+    shape, where = model_shape(cfg.base_model)
     frozen = {m.key: (m, *model_shape(m.name_or_path)) for m in cfg.frozen_models()}
     frozen_shapes = {key: found[1] for key, found in frozen.items()}
     # a method that folds accumulation into the micro-batch does it as `micro_batch` decides on the run's GPU
