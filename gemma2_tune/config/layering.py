@@ -106,7 +106,7 @@ def _format_validation_error(exc: ValidationError, origin: dict[str, str], schem
             hint = difflib.get_close_matches(str(loc[-1]), _known_keys(schema, loc), n=1)
             more = f"; did you mean '{hint[0]}'?" if hint else ""
             owners = _methods_with_key(loc, schema)
-            if owners and not hint:
+            if owners:  # the key exists, for another method: say so rather than guess a near name
                 more = (f" for method {_method_name(schema)} (a key of {', '.join(owners)}, which "
                         f"{_method_name(schema)} does not use)")
             problems.append(f"{dotted}{where}: unknown key{more}")
