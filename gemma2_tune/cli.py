@@ -412,6 +412,24 @@ def serve(
     run_server(target, host, port, api_key, name, dtype, device, echo=echo)
 
 
+@command()
+def export(
+    target: Annotated[str, typer.Argument(help="A run folder (its adapter is merged first), a run's ema/ folder, a "
+                                          "merged folder or a merge-models output.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The GGUF file to write (FILE.gguf; FILE.export.json "
+                                        "and, with --ollama, FILE.Modelfile go beside it).")],
+    to: Annotated[str, typer.Option(help="Format: gguf (llama.cpp, Ollama).")] = "gguf",
+    quant: Annotated[str, typer.Option(help="llama.cpp type: f16, bf16, f32, q8_0, q4_k_m, q5_k_m, q6_k, ...")] = "f16",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    ollama: Annotated[bool, typer.Option(help="Also write an Ollama Modelfile (our template, stop at <end_of_turn>).")] = False,
+) -> None:
+    """Export a tuned model to one GGUF file for llama.cpp and Ollama (pip install 'gemma2-tune[export]'), checked
+    (template, stop token, <bos>, soft-caps) and compared with transformers before anything is written."""
+    from .after.export import export as run_export
+
+    run_export(target, to=to, quant=quant, output=output, overwrite=overwrite, ollama=ollama, echo=echo)
+
+
 @command("eval")
 def evaluate_command(
     adapter: AdapterOpt = None,

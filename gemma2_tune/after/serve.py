@@ -47,9 +47,11 @@ class Served:
 
 
 @contextmanager
-def served_folder(target: str, name: str | None, dtype: str | None, echo: Callable[[str], None]) -> Iterator[Served]:
+def served_folder(target: str, name: str | None, dtype: str | None, echo: Callable[[str], None],
+                  command: str = "serve") -> Iterator[Served]:
     """The model folder to serve for `target` (a merged folder, a full fine-tune, or a run/adapter folder merged
-    into a temporary folder for the server's lifetime). Raises UserError when `target` is none of these."""
+    into a temporary folder for the server's lifetime). `command` names the caller in messages (export uses it
+    too). Raises UserError when `target` is none of these."""
     from ..models.loading import checkpoint_family
     from .inference import read_run
     from .merge import merge
@@ -57,16 +59,17 @@ def served_folder(target: str, name: str | None, dtype: str | None, echo: Callab
     path = Path(target).expanduser()
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "no such folder"
-        raise UserError(f"serve {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
-    run = read_run(str(path), None)
+        raise UserError(f"{command} {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
+    run = read_run(str(path), None, key=command)
     label = name or (path.parent.name + "-ema" if path.name == "ema" else path.name)
     if not run.is_adapter:
         family, _ = checkpoint_family(str(path))
         yield Served(path, label, run.system_policy, family, str(path))
         return
-    work = Path(tempfile.mkdtemp(prefix="gemma2-tune-serve-"))
+    work = Path(tempfile.mkdtemp(prefix=f"gemma2-tune-{command}-"))
     try:
-        echo(f"{path} holds a LoRA adapter: merging it into its base for serving (a temporary folder, removed at exit)")
+        echo(f"{path} holds a LoRA adapter: merging it into its base for {command} (a temporary folder, removed at "
+             "exit)")
         merge(str(path), str(work / "merged"), dtype=dtype, echo=lambda line: echo(f"  {line}"))
         family, _ = checkpoint_family(str(work / "merged"))
         yield Served(work / "merged", label, run.system_policy, family, str(path))
