@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,export]"  # export compiles llama.cpp once (pip keeps the wheel)
 	touch $@
 
 quickstart: install

@@ -286,6 +286,8 @@ def spm_gemma2(tmp_path_factory):
     return build_spm_gemma2(tmp_path_factory.mktemp("spm") / "tiny-gemma2-spm")
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_tiny_gemma2_exports_with_its_soft_caps_and_passes_parity(spm_gemma2, tmp_path):
     from gemma2_tune.after.export import read_metadata
     from gemma2_tune.data.template import chat_template
@@ -313,6 +315,8 @@ def test_tiny_gemma2_exports_with_its_soft_caps_and_passes_parity(spm_gemma2, tm
     assert "FROM ./tiny-f16.gguf" in modelfile and modelfile.count('PARAMETER stop "<end_of_turn>"') == 1
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_tiny_gemma2_quantized_by_llama_cpp_is_reported(spm_gemma2, tmp_path):
     out = tmp_path / "tiny-q4_k_m.gguf"
     r = _invoke([str(spm_gemma2), "-o", str(out), "--quant", "q4_k_m"])
@@ -324,6 +328,8 @@ def test_tiny_gemma2_quantized_by_llama_cpp_is_reported(spm_gemma2, tmp_path):
     assert 0 <= report["parity"]["top1_agreement"] <= 1
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_a_failed_bound_writes_nothing(spm_gemma2, tmp_path, monkeypatch):
     import gemma2_tune.after.export as export_module
 
