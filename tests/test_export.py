@@ -241,7 +241,8 @@ def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
 # --- a tiny Gemma 2 through llama.cpp -----------------------------------------------------------------------
 
 def build_spm_gemma2(path: Path) -> Path:
-    """A tiny Gemma 2 (the family's tiny shape: soft-caps 50/30, sliding window 32 on alternate layers) whose
+    """A tiny Gemma 2 (the family's tiny shape: soft-caps 50/30, sliding window 32 on alternate layers; queries
+    scaled by head_dim like the 2B and 9B, where Gemma2Config's default 256 is head_dim) whose
     tokenizer is SentencePiece BPE like Gemma's (byte fallback, no dummy prefix, turn markers as user-defined
     symbols, <pad> <eos> <bos> <unk> = 0 1 2 3), trained here on the shipped chats; random weights."""
     import sentencepiece as spm
@@ -269,7 +270,9 @@ def build_spm_gemma2(path: Path) -> Path:
     tokenizer.chat_template = chat_template(GEMMA2)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>")}
     config = transformers.Gemma2Config(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                                       eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], **GEMMA2.tiny_config)
+                                       eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+                                       # as in Gemma 2 2B and 9B (256 = head_dim): llama.cpp scales queries by head_dim
+                                       query_pre_attn_scalar=GEMMA2.tiny_config["head_dim"], **GEMMA2.tiny_config)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]

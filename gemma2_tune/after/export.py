@@ -293,10 +293,18 @@ def _staged_model(folder: Path, template: str, work: Path) -> Path:
         if item.name not in carriers:
             (staged / item.name).symlink_to(item.resolve())
     config_file = folder / "tokenizer_config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        config.pop("chat_template", None)
-        (staged / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config.pop("chat_template", None)
+    if "added_tokens_decoder" not in config:
+        # transformers 5 keeps added tokens in tokenizer.json only; llama.cpp's SentencePiece path (Gemma 2) reads
+        # them from here, and without it <start_of_turn>/<end_of_turn> would be plain text to llama.cpp's tokenizer
+        from ..models.loading import load_tokenizer
+
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                     "normalized": t.normalized, "single_word": t.single_word}
+            for i, t in load_tokenizer(str(folder)).added_tokens_decoder.items()}
+    (staged / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     (staged / "chat_template.jinja").write_text(template)
     return staged
 
@@ -401,6 +409,16 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if key not in present:
                 check(key, family.attention_softcap if key.startswith("attn") else family.final_softcap, None, False)
+    # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 27B (which it
+    # recognises by its layer count: 46, 62), whatever the checkpoint says (src/models/gemma2.cpp, gemma3.cpp); a
+    # GGUF has no key for it, so a model with another query_pre_attn_scalar would compute another function there
+    layers = config.get("num_hidden_layers")
+    is_27b = layers == {"gemma2": 46, "gemma3": 62}.get(arch)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    llama_scalar = config["hidden_size"] / config["num_attention_heads"] if is_27b else head_dim
+    scalar = config.get("query_pre_attn_scalar", head_dim)
+    check("query scale llama.cpp applies", f"query_pre_attn_scalar {llama_scalar:g}", f"query_pre_attn_scalar {scalar:g}",
+          abs(float(scalar) - float(llama_scalar)) < 1e-6)
     if terms:
         check("Gemma terms of use", GEMMA_TERMS["license_link"], metadata.get("general.license.link"))
     return checks
