@@ -132,7 +132,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             result = {
                 "source": str(served.source), "family": served.family.key, "system_policy": policy,
                 "unsupported_fields": unsupported, "quant": quant, "converter": converted,
-                "gguf": {"file": out.name, "bytes": gguf_file.stat().st_size, "metadata": _summary(metadata)},
+                "gguf": {"file": out.name, "bytes": gguf_file.stat().st_size, "tensors": _tensor_count(gguf_file),
+                         "metadata": _summary(metadata)},
                 "checks": checks, "parity": parity, "gemma_terms": GEMMA_NOTICE if terms else None,
                 "seconds": round(time.time() - started, 1),
             }
@@ -366,8 +367,13 @@ def read_metadata(path: Path) -> dict[str, Any]:
         if key.startswith("GGUF."):
             continue
         values[key] = field.contents()
-    values["__tensors__"] = len(reader.tensors)
     return values
+
+
+def _tensor_count(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return len(GGUFReader(str(path)).tensors)
 
 
 def _summary(metadata: dict) -> dict:
