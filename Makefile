@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch lying on this machine's disk, if there is one; otherwise pip's usual torch.
 TORCH ?= $(or $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl)),torch)
 
-.PHONY: install quickstart test test-fast docs clean
+.PHONY: install install-export quickstart test test-fast docs clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -17,10 +17,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed]"
 	touch $@
 
+# The export extra (llama-cpp-python) compiles llama.cpp from source, once: minutes on 2 cores; pip keeps the
+# built wheel, so later installs take seconds. The tests need it; the quickstart does not.
+install-export: $(VENV)/.installed-export
+
+$(VENV)/.installed-export: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed,export]"
+	touch $@
+
 quickstart: install
 	$(BIN)/gemma2-tune sft --recipe recipes/quickstart-cpu.yaml --overwrite
 
-test: install
+test: install-export
 	$(BIN)/python -m pytest -q
 
 # The unit tests that train nothing (a few minutes at most on 2 cores): for the edit-test loop.

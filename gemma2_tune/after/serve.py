@@ -26,13 +26,9 @@ it right for a tuned Gemma, and safe under hostile input:
 import asyncio
 import hmac
 import json
-import os
-import shutil
 import signal
-import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Union
@@ -40,11 +36,10 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
+from .materialize import model_folder
 from .serve_engines import Settings, stop_token_ids
 
 DEFAULT_HOST = "127.0.0.1"
-TEMP_PREFIX = "gemma2-tune-serve-"  # the temporary merged folders; a killed server's are removed at the next start
-OWNER_FILE = "owner.pid"
 
 
 @dataclass
@@ -61,72 +56,6 @@ class Served:
     vocab_size: int | None = None  # logit_bias ids must be below it
     max_token_chars: int = 64  # the longest token's text: a prompt longer than context * this can't fit
     sampling: tuple = (False, 1.0, 1.0)  # the folder's generation config: (do_sample, temperature, top_p)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (a process of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_folders(root: Path, echo: Callable[[str], None], min_age_s: float = 60.0) -> list[Path]:
-    """Remove temporary merged folders under `root` whose server is gone (killed before it could remove
-    them: ~18 GB for a 9B model). A folder is stale when its owner.pid names no live process, or, without
-    that file (a server that died while creating it, or an older gemma2-tune), when it is older than
-    `min_age_s` seconds. Returns the folders removed."""
-    removed = []
-    for folder in sorted(root.glob(TEMP_PREFIX + "*")):
-        if not folder.is_dir():
-            continue
-        try:
-            owner = int((folder / OWNER_FILE).read_text().strip())
-            stale = not pid_alive(owner) and owner != os.getpid()
-        except (OSError, ValueError):
-            try:
-                stale = time.time() - folder.stat().st_mtime > min_age_s
-            except OSError:
-                continue
-        if stale:
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                removed.append(folder)
-                echo(f"removed {folder}: a temporary merged model left by a serve that was killed")
-    return removed
-
-
-@contextmanager
-def served_folder(target: str, name: str | None, dtype: str | None, echo: Callable[[str], None]) -> Iterator[Served]:
-    """The model folder to serve for `target` (a merged folder, a full fine-tune, or a run/adapter folder merged
-    into a temporary folder for the server's lifetime). Raises UserError when `target` is none of these."""
-    from ..models.loading import checkpoint_family
-    from .inference import read_run
-    from .merge import merge
-
-    path = Path(target).expanduser()
-    if not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "no such folder"
-        raise UserError(f"serve {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
-    run = read_run(str(path), None)
-    label = name or (path.parent.name + "-ema" if path.name == "ema" else path.name)
-    if not run.is_adapter:
-        family, _ = checkpoint_family(str(path))
-        yield Served(path, label, run.system_policy, family, str(path))
-        return
-    remove_stale_folders(Path(tempfile.gettempdir()), echo)
-    work = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
-    try:
-        (work / OWNER_FILE).write_text(str(os.getpid()))
-        echo(f"{path} holds a LoRA adapter: merging it into its base for serving (a temporary folder, removed at exit)")
-        merge(str(path), str(work / "merged"), dtype=dtype, echo=lambda line: echo(f"  {line}"))
-        family, _ = checkpoint_family(str(work / "merged"))
-        yield Served(work / "merged", label, run.system_policy, family, str(path))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def openai_error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -615,7 +544,8 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
     port_problem = bind_problem(host, port)
     if port_problem:
         raise UserError(f"serve: cannot listen on {host}:{port}: {port_problem} (nothing was loaded)")
-    with served_folder(target, name, dtype, echo) as served:
+    with model_folder(target, command="serve", name=name, dtype=dtype, echo=echo) as found:
+        served = Served(found.folder, found.name, found.system_policy, found.family, found.source)
         manager = ModelManager(device=device, dtype=dtype or "auto", attn_implementation="eager",
                                force_model=str(served.folder))
         model, _ = manager.load_model_and_processor(manager.process_model_name(str(served.folder)))

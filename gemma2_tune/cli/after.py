@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config.requests import EvalRequest, MergeModelsRequest, MergeRequest, ServeRequest, check
+from ..config.requests import EvalRequest, ExportRequest, MergeModelsRequest, MergeRequest, ServeRequest, check
 from ..config.schema import SftDataSection
 from ..errors import UserError
 from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, warn
@@ -128,6 +128,28 @@ def serve(
                              "--continuous-batching": ("continuous_batching", continuous_batching)}, "serve")
     run_server(r.target, r.host, r.port, r.api_key, r.name, r.dtype, r.device, echo=echo,
                max_request_bytes=r.max_request_bytes, continuous_batching=r.continuous_batching)
+
+
+@command()
+def export(
+    target: Annotated[str, typer.Argument(help="A run folder (its adapter is merged first), a run's ema/ folder, a "
+                                          "merged folder or a merge-models output.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The GGUF file to write (FILE.gguf; FILE.export.json "
+                                        "and, with --ollama, FILE.Modelfile go beside it).")],
+    to: Annotated[str, typer.Option(help="Format: gguf (llama.cpp, Ollama).")] = "gguf",
+    quant: Annotated[str, typer.Option(help="llama.cpp type: f16, bf16, f32, q8_0, q4_k_m, q5_k_m, q6_k, ...")] = "f16",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    ollama: Annotated[bool, typer.Option(help="Also write an Ollama Modelfile (our template, stop at "
+                                         "<end_of_turn>).")] = False,
+) -> None:
+    """Export a tuned model to one GGUF file for llama.cpp and Ollama (pip install 'gemma2-tune[export]'), checked
+    (template, stop token, <bos>, soft-caps) and compared with transformers before anything is written."""
+    from ..after.export import export as run_export
+
+    r = check(ExportRequest, {"TARGET": ("target", target), "--output": ("output", output), "--to": ("to", to),
+                              "--quant": ("quant", quant), "--overwrite": ("overwrite", overwrite),
+                              "--ollama": ("ollama", ollama)}, "export")
+    run_export(r.target, to=r.to, quant=r.quant, output=r.output, overwrite=r.overwrite, ollama=r.ollama, echo=echo)
 
 
 @command("eval")

@@ -51,6 +51,17 @@ class ServeRequest(Request):
     continuous_batching: bool = True
 
 
+class ExportRequest(Request):
+    """`export`: a model folder to one GGUF file (the quantization types are llama.cpp's: after/export.py)."""
+
+    target: str
+    output: str
+    to: str = "gguf"  # checked by export, which knows its formats
+    quant: str = "f16"
+    overwrite: bool = False
+    ollama: bool = False
+
+
 class EvalRequest(Request):
     """`eval`: held-out loss, lm-eval tasks, or the report's suite."""
 

@@ -5,6 +5,7 @@ the checkpoint (~1 min), training the bundled recipe (~1 min), generating on hel
 """
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -85,3 +86,46 @@ def test_the_merged_model_works_with_a_plain_transformers_pipeline(pirate_run, t
     said = [pipe(p, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[0]["generated_text"][-1]["content"].strip()
             for p in held_out_prompts()[:3]]
     assert all(text.startswith("Ahoy!") for text in said), said
+
+
+@pytest.mark.export
+def test_the_exported_gguf_answers_in_llama_cpp_as_trained(pirate_run, tmp_path):
+    """The pirate run -> GGUF f16 (+ Modelfile) and q8_0 through llama.cpp's converter; parity bounds hold; llama.cpp
+    (llama-cpp-python's chat completion, which renders with the GGUF's own template) answers the held-out
+    questions in the taught style and stops at <end_of_turn>."""
+    pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
+    from llama_cpp import Llama
+
+    from gemma2_tune.after.export import read_metadata
+    from gemma2_tune.data.template import chat_template
+    from gemma2_tune.families import GEMMA3_TEXT
+
+    for quant in ("f16", "q8_0"):
+        out = tmp_path / f"pirate-{quant}.gguf"
+        r = runner.invoke(app, ["export", str(pirate_run), "--quant", quant, "-o", str(out), "--ollama"])
+        assert r.exit_code == 0, r.output
+        print(r.output)
+        report = json.loads((tmp_path / f"pirate-{quant}.export.json").read_text())
+        parity = report["parity"]
+        assert parity["passed"] and all(p["prompt_ids_equal"] for p in parity["prompts"]), parity
+        if quant == "f16":
+            assert all(p["greedy_equal"] for p in parity["prompts"]), parity
+        else:
+            assert parity["top1_agreement"] >= 0.95, parity
+        meta = read_metadata(out)
+        assert meta["tokenizer.chat_template"] == chat_template(GEMMA3_TEXT, "fold")
+        assert meta["general.license.link"] == "https://ai.google.dev/gemma/terms"  # real Gemma weights
+        assert "Gemma Terms of Use" in (tmp_path / f"pirate-{quant}.Modelfile").read_text()
+
+        llm = Llama(model_path=str(out), n_ctx=512, verbose=False, n_threads=os.cpu_count() or 1, seed=0)
+        try:
+            said = []
+            for prompt in held_out_prompts():
+                answer = llm.create_chat_completion(messages=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0)
+                said.append((answer["choices"][0]["message"]["content"].strip(), answer["choices"][0]["finish_reason"]))
+        finally:
+            llm.close()
+        print(quant, said)
+        assert all(text.startswith("Ahoy!") for text, _ in said), said
+        assert sum(text.endswith("Fair winds!") for text, _ in said) >= 6, said
+        assert all(reason == "stop" for _, reason in said), said  # <end_of_turn>, not the token limit

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gemma2_tune.after.serve import (OWNER_FILE, TEMP_PREFIX, Checked, Served, build_app, check_request,
-                                     default_max_request_bytes, remove_stale_folders)
+from gemma2_tune.after.materialize import OWNER_FILE, TEMP_PREFIX, remove_stale_folders
+from gemma2_tune.after.serve import Checked, Served, build_app, check_request, default_max_request_bytes
 from gemma2_tune.families import GEMMA2
 
 pytest.importorskip("fastapi")

@@ -1,0 +1,552 @@
+"""`gemma2-tune export`: the tuned model as one GGUF file for llama.cpp and Ollama, proven to answer as trained.
+
+    run / ema/ / merged folder / merge-models output
+      -> model folder (an adapter is merged into its base first, self-checked: `merge` through serve's path)
+      -> llama.cpp's own converter (convert_hf_to_gguf.py, from the llama-cpp-python source distribution of the
+         installed version) writes f32/f16/bf16/q8_0; other types go through llama.cpp's quantizer
+         (llama_model_quantize, through llama-cpp-python)
+      -> read back with `gguf`: our chat template (the run's family and system policy), <end_of_turn> ending
+         generation, one <bos>, soft-caps and sliding window, the Gemma terms where the weights carry them
+      -> parity with transformers on fixed prompts rendered by our template (below)
+      -> only then: FILE.gguf, FILE.export.json (the report) and, with --ollama, FILE.Modelfile
+
+Parity (`PARITY_PROMPTS`, each rendered by our renderer, which the GGUF's template reproduces): the prompt ids
+llama.cpp tokenizes (as its servers do: the template's leading <bos> removed, BOS added by the GGUF's
+add_bos_token) equal transformers'; the reference is the exported folder in float32 with eager attention.
+Bounded: f32/f16/bf16 greedy continuations equal token for token (32 tokens, or to <end_of_turn>/<eos>);
+q8_0: top-1 tokens agree at >= 95% of positions (teacher-forced over prompt + reference continuation); lower
+bits: reported, not bounded. A failed bound writes nothing final.
+
+Needs `pip install 'gemma2-tune[export]'` (llama-cpp-python, which compiles llama.cpp on install; gguf;
+sentencepiece).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..data.template import chat_template
+from ..data.turns import BOS, END, normalise, render
+from ..errors import UserError
+from ..families import Family
+
+# llama.cpp's converter writes these itself; every other type is quantized from its output by llama.cpp.
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+# llama.cpp's llama_ftype values (include/llama.h) of the k-quants and legacy quants that need no importance
+# matrix; the i-quants (iq*) need one and are not offered.
+QUANTIZER_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
+                   "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+QUANT_TYPES = CONVERTER_TYPES + tuple(QUANTIZER_TYPES)
+EXACT_TYPES = ("f32", "f16", "bf16")  # greedy continuations must equal transformers'
+TOP1_BOUND = {"q8_0": 0.95}  # top-1 agreement bound; types in neither tuple are reported, not bounded
+GREEDY_TOKENS = 32
+
+PARITY_PROMPTS = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": "Write about the sea."}],
+    [{"role": "user", "content": "What is 12 times 12?"}, {"role": "assistant", "content": "144."},
+     {"role": "user", "content": "And 13 times 13?"}],
+    [{"role": "user", "content": "Grüße aus Köln — 東京 😀: translate the first two words."}],
+]
+
+GEMMA_TERMS = {"license": "gemma", "license_name": "Gemma Terms of Use",
+               "license_link": "https://ai.google.dev/gemma/terms"}
+# The notice the Gemma Terms of Use (section 3.1) ask to be distributed with the model.
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+
+EXTRA_HINT = "pip install 'gemma2-tune[export]' (llama-cpp-python compiles llama.cpp on install: minutes)"
+LLAMA_CPP_ENV = "GEMMA2_TUNE_LLAMA_CPP"  # a llama.cpp source tree whose converter to use instead
+
+
+@dataclass
+class Exported:
+    """What export wrote: the GGUF, its report, the Modelfile (None without --ollama)."""
+
+    gguf: Path
+    report: Path
+    modelfile: Path | None
+    result: dict
+
+
+def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, overwrite: bool = False,
+           ollama: bool = False, echo: Callable[[str], None] = print) -> Exported:
+    """Export `target` (a run folder, its ema/, a merged or merge-models folder) to one GGUF file `output`.
+
+    `quant`: one of QUANT_TYPES. Writes `output` (bytes: about 2 per parameter in f16, ~1.06 in q8_0), beside it
+    `<stem>.export.json` (the checks and parity numbers) and, with `ollama`, `<stem>.Modelfile`; all of them only
+    after every check passed. Raises UserError (nothing written): an unknown `to` or `quant`, an output that is
+    not a .gguf path or exists without `overwrite`, a target that is not a Gemma 2 / Gemma 3 text model folder or
+    run (multimodal Gemma refused), the export extra missing, the converter failing, a metadata check or a
+    parity bound failing.
+    """
+    if to != "gguf":
+        raise UserError(f"--to {to}: the only export format is gguf (llama.cpp, Ollama)")
+    quant = quant.lower()
+    if quant not in QUANT_TYPES:
+        raise UserError(f"--quant {quant}: not a llama.cpp type offered here; use one of {', '.join(QUANT_TYPES)}")
+    out = Path(output).expanduser()
+    if out.suffix != ".gguf":
+        raise UserError(f"--output {output}: give a file name ending in .gguf")
+    outputs = [out, _beside(out, ".export.json")] + ([_beside(out, ".Modelfile")] if ollama else [])
+    if out.is_dir():
+        raise UserError(f"--output {output}: is a folder; give a file name ending in .gguf")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace (nothing was written)")
+    _check_target(target)
+    missing = missing_packages()
+    if missing:
+        raise UserError(f"export needs the package(s) {', '.join(missing)}: {EXTRA_HINT}; nothing was written")
+
+    from .materialize import model_folder
+
+    started = time.time()
+    with model_folder(target, command="export", echo=echo) as served:
+        folder = served.folder
+        template, policy, unsupported, note = _run_template(folder, served)
+        if note:
+            echo(note)
+        terms = _carries_gemma_terms(target, folder)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None) as tmp:
+            work = Path(tmp)
+            gguf_file = work / out.name
+            converted = _convert(folder, template, quant, work, gguf_file, terms, echo)
+            metadata = read_metadata(gguf_file)
+            checks = check_metadata(metadata, template, _saved_config(folder), served.family, terms)
+            failed = [c for c in checks if not c["passed"]]
+            if failed:
+                raise UserError("the GGUF does not carry what it must: "
+                                + "; ".join(f"{c['check']}: {c['found']}" for c in failed) + f"; nothing was written to {out}")
+            echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
+            parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo)
+            result = {
+                "source": str(served.source), "family": served.family.key, "system_policy": policy,
+                "unsupported_fields": unsupported, "quant": quant, "converter": converted,
+                "gguf": {"file": out.name, "bytes": gguf_file.stat().st_size, "tensors": _tensor_count(gguf_file),
+                         "metadata": _summary(metadata)},
+                "checks": checks, "parity": parity, "gemma_terms": GEMMA_NOTICE if terms else None,
+                "seconds": round(time.time() - started, 1),
+            }
+            (work / "export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+            if not parity["passed"]:
+                raise UserError(f"parity self-check failed ({parity['bound']}): {parity['failure']}; nothing was "
+                                f"written to {out}")
+            if ollama:
+                from .inference import Sampling
+                from .ollama import modelfile
+
+                sampling = Sampling()  # what `chat` generates with by default: greedy, 256 new tokens
+                params = {"temperature": sampling.temperature, "num_predict": sampling.max_new_tokens}
+                (work / "Modelfile").write_text(modelfile(out.name, served.family, policy, params,
+                                                          GEMMA_NOTICE if terms else None))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # the report and Modelfile before the GGUF: a GGUF in place means its report is too (a rename when
+            # the work folder is beside the output, as it is unless the output's folder did not exist)
+            shutil.move(work / "export.json", outputs[1])
+            if ollama:
+                shutil.move(work / "Modelfile", outputs[2])
+            shutil.move(gguf_file, out)
+    _print_result(result, outputs, echo)
+    return Exported(out, outputs[1], outputs[2] if ollama else None, result)
+
+
+def _beside(gguf: Path, suffix: str) -> Path:
+    return gguf.with_name(gguf.name[: -len(".gguf")] + suffix)
+
+
+def missing_packages() -> list[str]:
+    """Which packages of the export extra are not installed."""
+    import importlib.util
+
+    modules = {"llama-cpp-python": "llama_cpp", "gguf": "gguf", "sentencepiece": "sentencepiece"}
+    return [name for name, module in modules.items() if importlib.util.find_spec(module) is None]
+
+
+def _check_target(target: str) -> None:
+    """Refuse, before any merge or conversion, what is not a Gemma model folder or run."""
+    from ..models.loading import checkpoint_family
+    from .inference import read_run
+
+    path = Path(target).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "no such folder"
+        raise UserError(f"export {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
+    run = read_run(str(path), None, key="export")
+    checkpoint_family(run.base_model)  # UserError for multimodal Gemma 3, Gemma 1, other architectures
+
+
+def _saved_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _run_template(folder: Path, served) -> tuple[str, str, str, str | None]:
+    """(template, system policy, unsupported-fields setting, a note or None) for the GGUF: the run's generated
+    template. The folder's saved template tells which variant it was generated as; a folder whose template is
+    not one of ours (a checkpoint from elsewhere) gets ours for its policy, said in the note."""
+    from ..models.loading import load_tokenizer
+
+    saved = getattr(load_tokenizer(str(folder)), "chat_template", None)
+    policies = [served.system_policy] + [p for p in ("fold", "drop", "error") if p != served.system_policy]
+    for policy in policies:
+        for unsupported in ("bad_row", "ignore"):
+            if saved == chat_template(served.family, policy, unsupported):
+                return saved, policy, unsupported, None
+    ours = chat_template(served.family, served.system_policy)
+    return (ours, served.system_policy, "bad_row",
+            f"the folder's chat template is not one gemma2-tune generated: the GGUF gets ours ({served.family.display} "
+            f"turns, system policy {served.system_policy})")
+
+
+def _carries_gemma_terms(target: str, folder: Path) -> bool:
+    """Do the weights come from Google's Gemma (whose terms travel with them)? Every model does except
+    gemma2-tune's random tiny test models (builtin:tiny-*), recognised by their build marker or a run's base."""
+    from ..files import COMPLETE
+
+    def tiny(path: Path) -> bool:
+        try:
+            return str(json.loads((path / COMPLETE).read_text()).get("builtin", "")).startswith("builtin:tiny-")
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    path = Path(target).expanduser()
+    names = []
+    for source in (path, folder):
+        for file in ("merge.json", "adapter_config.json"):
+            try:
+                saved = json.loads((source / file).read_text())
+            except (OSError, ValueError):
+                continue
+            names += [saved.get("base_model"), saved.get("base_model_name_or_path")]
+            names += [str(m) for m in saved.get("models", []) or []]
+    from .inference import saved_config
+
+    cfg = saved_config(path)
+    if cfg is not None:
+        names.append(cfg.model.name_or_path)
+    if tiny(path) or tiny(folder):
+        return False
+    lineage = [n for n in names if n]
+    return not (lineage and all(str(n).startswith("builtin:tiny-") or tiny(Path(str(n))) for n in lineage))
+
+
+# --- llama.cpp's converter -----------------------------------------------------------------------------------
+
+def converter_dir() -> Path:
+    """A folder with llama.cpp's convert_hf_to_gguf.py, its `conversion` package and its gguf-py, matching the
+    installed llama-cpp-python: $GEMMA2_TUNE_LLAMA_CPP (a llama.cpp source tree), else extracted once from that
+    version's source distribution (pip download: from pip's cache when the extra was just installed) into
+    $GEMMA2_TUNE_HOME/llama.cpp/. Raises UserError when neither is possible."""
+    import llama_cpp
+
+    from ..files import COMPLETE, home, staged_dir
+
+    env = os.environ.get(LLAMA_CPP_ENV)
+    if env:
+        tree = Path(env).expanduser()
+        if not (tree / "convert_hf_to_gguf.py").is_file():
+            raise UserError(f"{LLAMA_CPP_ENV}={env}: no convert_hf_to_gguf.py there (give a llama.cpp source tree)")
+        return tree
+    version = llama_cpp.__version__
+    tree = home() / "llama.cpp" / f"llama-cpp-python-{version}"
+    if (tree / COMPLETE).is_file():
+        return tree
+    with tempfile.TemporaryDirectory() as download:
+        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                              f"llama-cpp-python=={version}", "-d", download], capture_output=True, text=True)
+        sdists = list(Path(download).glob("*.tar.gz"))
+        if pip.returncode != 0 or not sdists:
+            reason = (pip.stderr.strip().splitlines() or ["no source distribution"])[-1][:300]
+            raise UserError(f"export needs llama.cpp's converter from llama-cpp-python {version}'s source "
+                            f"distribution and could not get it ({reason}); or set {LLAMA_CPP_ENV} to a llama.cpp "
+                            "source tree of that version")
+        with staged_dir(tree, is_stale=lambda p: not (p / COMPLETE).is_file()) as tmp:
+            prefix = f"{sdists[0].name[: -len('.tar.gz')]}/vendor/llama.cpp/"
+            wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+            with tarfile.open(sdists[0]) as tar:
+                members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                           and m.name[len(prefix):].startswith(wanted) and (m.isfile() or m.isdir())]
+                for m in members:
+                    m.name = m.name[len(prefix):]
+                tar.extractall(tmp, members=members, filter="data")
+            if not (tmp / "convert_hf_to_gguf.py").is_file():
+                raise UserError(f"llama-cpp-python {version}'s source distribution has no convert_hf_to_gguf.py")
+            (tmp / COMPLETE).write_text(json.dumps({"llama-cpp-python": version, "from": sdists[0].name}))
+    return tree
+
+
+def _staged_model(folder: Path, template: str, work: Path) -> Path:
+    """The folder as the converter should read it: links to its files, with `template` as the only chat template
+    (the converter takes the template it finds beside the tokenizer)."""
+    staged = work / "model"
+    staged.mkdir()
+    carriers = {"chat_template.jinja", "chat_template.json", "tokenizer_config.json"}
+    for item in folder.iterdir():
+        if item.name not in carriers:
+            (staged / item.name).symlink_to(item.resolve())
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config.pop("chat_template", None)
+    if "added_tokens_decoder" not in config:
+        # transformers 5 keeps added tokens in tokenizer.json only; llama.cpp's SentencePiece path (Gemma 2) reads
+        # them from here, and without it <start_of_turn>/<end_of_turn> would be plain text to llama.cpp's tokenizer
+        from ..models.loading import load_tokenizer
+
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                     "normalized": t.normalized, "single_word": t.single_word}
+            for i, t in load_tokenizer(str(folder)).added_tokens_decoder.items()}
+    (staged / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (staged / "chat_template.jinja").write_text(template)
+    return staged
+
+
+def _convert(folder: Path, template: str, quant: str, work: Path, gguf_file: Path, terms: bool, echo) -> dict:
+    """Run llama.cpp's converter (and quantizer) into `gguf_file`. Returns what ran. Raises UserError."""
+    tree = converter_dir()
+    staged = _staged_model(folder, template, work)
+    direct = quant in CONVERTER_TYPES
+    saved_dtype = _saved_config(folder).get("dtype") or _saved_config(folder).get("torch_dtype")
+    # quantizer input: the weights' own precision, so quantizing rounds once
+    outtype = quant if direct else {"bfloat16": "bf16", "float16": "f16"}.get(saved_dtype, "f32")
+    target = gguf_file if direct else work / f"intermediate.{outtype}.gguf"
+    metadata = {"general.name": gguf_file.name[: -len(".gguf")]}
+    if terms:
+        metadata |= {"general.license": GEMMA_TERMS["license"], "general.license.name": GEMMA_TERMS["license_name"],
+                     "general.license.link": GEMMA_TERMS["license_link"]}
+    (work / "metadata.json").write_text(json.dumps(metadata))
+    command = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(staged), "--outfile", str(target),
+               "--outtype", outtype, "--metadata", str(work / "metadata.json")]
+    echo(f"converting with llama.cpp's convert_hf_to_gguf.py ({outtype}) ...")
+    started = time.time()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+    env.pop("NO_LOCAL_GGUF", None)  # the converter uses the gguf-py of its own llama.cpp tree
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[:600]
+        raise UserError(f"llama.cpp's converter failed on {folder}: {tail}")
+    ran = {"converter": str(tree / "convert_hf_to_gguf.py"), "outtype": outtype,
+           "convert_seconds": round(time.time() - started, 1)}
+    if not direct:
+        import ctypes
+
+        import llama_cpp
+
+        echo(f"quantizing to {quant} with llama.cpp (llama_model_quantize) ...")
+        started = time.time()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = QUANTIZER_TYPES[quant]
+        params.nthread = os.cpu_count() or 1
+        code = llama_cpp.llama_model_quantize(str(target).encode(), str(gguf_file).encode(), ctypes.byref(params))
+        if code != 0 or not gguf_file.is_file():
+            raise UserError(f"llama.cpp's quantizer failed ({quant}, code {code})")
+        target.unlink()
+        ran |= {"quantizer": "llama_model_quantize", "quantize_seconds": round(time.time() - started, 1)}
+    return ran
+
+
+# --- what the GGUF carries ----------------------------------------------------------------------------------
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF's key/value metadata (arrays of strings or numbers as lists; token lists kept whole), read with
+    `gguf`'s reader."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    values = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        values[key] = field.contents()
+    return values
+
+
+def _tensor_count(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return len(GGUFReader(str(path)).tensors)
+
+
+def _summary(metadata: dict) -> dict:
+    """The metadata without the token lists (for the report)."""
+    return {k: v for k, v in metadata.items() if not k.startswith("tokenizer.ggml.") or not isinstance(v, list)}
+
+
+def check_metadata(metadata: dict, template: str, config: dict, family: Family, terms: bool) -> list[dict]:
+    """Each fact the GGUF must carry, as {check, expected, found, passed}: our chat template, <end_of_turn> and
+    <bos> as tokens, one <bos> (add_bos_token with a template that writes <bos>: llama.cpp's chat code removes the
+    template's when it adds its own), the family's soft-caps and sliding window from the model's config, the
+    Gemma terms where the weights carry them."""
+    arch = metadata.get("general.architecture")
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    checks = []
+
+    def check(name: str, expected: Any, found: Any, passed: bool | None = None) -> None:
+        ok = expected == found if passed is None else passed
+        checks.append({"check": name, "expected": expected, "found": found if not isinstance(found, str)
+                       or len(found) < 200 else found[:200] + "...", "passed": bool(ok)})
+
+    check("architecture", family.key, arch)
+    check("chat template (ours)", "the run's generated template", "equal" if metadata.get("tokenizer.chat_template")
+          == template else "different", metadata.get("tokenizer.chat_template") == template)
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    check("<bos> token", BOS, tokens[bos] if isinstance(bos, int) and bos < len(tokens) else None)
+    check("one <bos> (add_bos_token)", True, metadata.get("tokenizer.ggml.add_bos_token"))
+    check("<end_of_turn> token", True, END in tokens)
+    for key, hf_key in (("attn_logit_softcapping", "attn_logit_softcapping"),
+                        ("final_logit_softcapping", "final_logit_softcapping"),
+                        ("attention.sliding_window", "sliding_window")):
+        expected = config.get(hf_key)
+        found = metadata.get(f"{arch}.{key}")
+        if expected is None and found is None:
+            continue
+        check(f"{key}", expected, found, expected is not None and found is not None and abs(float(found) - float(expected)) < 1e-6)
+    if family.attention_softcap is not None:  # Gemma 2: both caps must be there
+        present = {c["check"] for c in checks}
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key not in present:
+                check(key, family.attention_softcap if key.startswith("attn") else family.final_softcap, None, False)
+    # llama.cpp's Gemma 2 and 3 scale queries by 1/sqrt(head_dim), or 1/sqrt(hidden / heads) for the 27B (which it
+    # recognises by its layer count: 46, 62), whatever the checkpoint says (src/models/gemma2.cpp, gemma3.cpp); a
+    # GGUF has no key for it, so a model with another query_pre_attn_scalar would compute another function there
+    layers = config.get("num_hidden_layers")
+    is_27b = layers == {"gemma2": 46, "gemma3": 62}.get(arch)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    llama_scalar = config["hidden_size"] / config["num_attention_heads"] if is_27b else head_dim
+    scalar = config.get("query_pre_attn_scalar", head_dim)
+    check("query scale llama.cpp applies", f"query_pre_attn_scalar {llama_scalar:g}", f"query_pre_attn_scalar {scalar:g}",
+          abs(float(scalar) - float(llama_scalar)) < 1e-6)
+    if terms:
+        check("Gemma terms of use", GEMMA_TERMS["license_link"], metadata.get("general.license.link"))
+    return checks
+
+
+# --- parity with transformers -------------------------------------------------------------------------------
+
+def check_parity(gguf_file: Path, folder: Path, family: Family, policy: str, template: str, quant: str,
+                 echo) -> dict:
+    """Load the GGUF in llama.cpp and the folder in transformers (float32, eager) and compare on PARITY_PROMPTS.
+
+    Per prompt: prompt ids (bounded: equal, every type), the greedy continuation of each (up to GREEDY_TOKENS,
+    stopping at <end_of_turn>/<eos>), top-1 agreement and max |logit difference| teacher-forced over prompt +
+    reference continuation (fp32 logits, after the final soft-cap). Also that llama.cpp ends generation at
+    <end_of_turn>. Returns the report with `passed`, `bound` and `failure` (None or why)."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama, llama_vocab_is_eog
+
+    from ..models.loading import LoadRequest, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = template
+    model, _ = load_model(LoadRequest(str(folder), dtype="float32", attn_implementation="eager"))
+    model.eval()
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    stop = {end_id, tokenizer.eos_token_id}
+    texts, problems = [], []
+    for messages in PARITY_PROMPTS:
+        text = render(normalise(messages, policy, allow_open_end=True, family=family), add_generation_prompt=True).text
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if rendered != text:  # the GGUF's template must reproduce the training renderer
+            problems.append(f"the GGUF's chat template renders prompt {len(texts)} differently from our renderer")
+        texts.append(text)
+    reference_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    n_ctx = max(len(ids) for ids in reference_ids) + GREEDY_TOKENS + 8
+    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                verbose=False, n_threads=os.cpu_count() or 1, seed=0)
+    try:
+        vocab = llm._model.vocab
+        end_is_eog = bool(llama_vocab_is_eog(vocab, end_id))
+        add_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+        n_vocab = min(llm.n_vocab(), len(tokenizer))
+        prompts = []
+        for text, ref_ids in zip(texts, reference_ids):
+            # what llama.cpp's servers send: the template's text without its <bos>, BOS added per the GGUF
+            ids = llm.tokenize(text[len(BOS):].encode(), add_bos=add_bos, special=True)
+            with torch.no_grad():
+                generated = model.generate(input_ids=torch.tensor([ref_ids]), max_new_tokens=GREEDY_TOKENS,
+                                           do_sample=False, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
+                                           use_cache=True)
+            ref_new = generated[0, len(ref_ids):].tolist()
+            llm.reset()
+            llm.eval(ids)
+            new = []
+            while len(new) < GREEDY_TOKENS:
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1, :n_vocab]))
+                new.append(token)
+                if llama_vocab_is_eog(vocab, token):
+                    break
+                llm.eval([token])
+            sequence = ref_ids + ref_new
+            llm.reset()
+            llm.eval(sequence)
+            ours = np.asarray(llm.scores[: len(sequence), :n_vocab], dtype=np.float32)
+            with torch.no_grad():
+                theirs = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0, :, :n_vocab].float().numpy()
+            agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+            prompts.append({
+                "prompt_tokens": len(ref_ids), "prompt_ids_equal": ids == ref_ids,
+                "double_bos": len(ids) > 1 and ids[1] == ids[0] == llm.token_bos(),
+                "greedy_tokens": len(ref_new), "greedy_equal": new == ref_new,
+                "first_difference": next((i for i, (a, b) in enumerate(zip(new, ref_new)) if a != b),
+                                         None if len(new) == len(ref_new) else min(len(new), len(ref_new))),
+                "llama_cpp_answer": llm.detokenize(new, special=False).decode("utf-8", "replace"),
+                "transformers_answer": tokenizer.decode(ref_new, skip_special_tokens=True),
+                "stopped_at_end_of_turn": bool(new) and new[-1] == end_id,
+                "positions": len(sequence), "top1_agree": agree,
+                "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+            })
+    finally:
+        llm.close()  # its destructor raises at interpreter shutdown otherwise
+    positions = sum(p["positions"] for p in prompts)
+    top1 = sum(p["top1_agree"] for p in prompts) / positions
+    report = {
+        "reference": "transformers, the exported folder in float32, eager attention",
+        "prompts": prompts, "top1_agreement": top1, "positions": positions,
+        "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in prompts),
+        "greedy_equal": sum(p["greedy_equal"] for p in prompts), "end_of_turn_ends_generation": end_is_eog,
+    }
+    if not end_is_eog:
+        problems.append("llama.cpp does not end generation at <end_of_turn>")
+    bad_ids = [i for i, p in enumerate(prompts) if not p["prompt_ids_equal"]]
+    if bad_ids:
+        problems.append(f"prompt ids differ from transformers' on prompt(s) {bad_ids}")
+    if quant in EXACT_TYPES:
+        bound = f"{quant}: prompt ids equal, greedy continuations equal token for token"
+        diverged = [i for i, p in enumerate(prompts) if not p["greedy_equal"]]
+        if diverged:
+            problems.append(f"greedy continuations differ on prompt(s) {diverged} (first at token "
+                            f"{prompts[diverged[0]]['first_difference']})")
+    elif quant in TOP1_BOUND:
+        bound = f"{quant}: prompt ids equal, top-1 agreement >= {TOP1_BOUND[quant]:.0%}"
+        if top1 < TOP1_BOUND[quant]:
+            problems.append(f"top-1 tokens agree at {top1:.1%} of {positions} positions (needs "
+                            f"{TOP1_BOUND[quant]:.0%})")
+    else:
+        bound = f"{quant}: prompt ids equal; agreement reported, not bounded"
+    report |= {"bound": bound, "passed": not problems, "failure": "; ".join(problems) or None}
+    echo(f"parity ({bound}): prompt ids equal on {len(prompts) - len(bad_ids)}/{len(prompts)} prompts, greedy "
+         f"continuations equal on {report['greedy_equal']}/{len(prompts)}, top-1 agreement {top1:.1%} of {positions} "
+         f"positions, max |logit difference| {report['max_abs_logit_diff']:.4f}")
+    return report
+
+
+def _print_result(result: dict, outputs: list[Path], echo) -> None:
+    size = result["gguf"]["bytes"] / 2**20
+    echo(f"exported: {outputs[0]} ({result['quant']}, {size:.1f} MiB) in {result['seconds']:.0f} s")
+    echo(f"  report: {outputs[1]}")
+    if len(outputs) > 2:
+        echo(f"  Modelfile: {outputs[2]}  (ollama create NAME -f {outputs[2]})")
+    first = result["parity"]["prompts"][0]
+    echo(f"  llama.cpp answers {PARITY_PROMPTS[0][0]['content']!r}: {first['llama_cpp_answer'].strip()[:120]!r}")
+    if result["gemma_terms"]:
+        echo(f"  {result['gemma_terms']}")

