@@ -12,7 +12,11 @@ machinery differs: TRL trains one unpadded row per micro-batch and scores every 
 fused loss; gemma2-tune packs rows and scores only supervised positions.
 
 A third side, gemma2-tune with packing off, takes exactly TRL's micro-batches and optimizer steps, so its
-final loss shows whether the numerics match. Each side runs in its own process, interleaved, `--repeats` times. Reported per run: supervised tokens/s
+final loss shows whether the numerics match. A fourth, gemma2-tune with `training.loss=trl`, is gemma2-tune's
+defaults with the loss swapped for TRL 1.16's own (plain SFTTrainer.compute_loss: `model(..., fused_lm_head=True)`,
+TRL's chunked log-probabilities with the final soft-cap; on a CPU, without Triton, it scores every position,
+not only the supervised ones): against the defaults it isolates the loss path. `--sides` picks a subset
+(a TRL side first: the ratios are over it). Each side runs in its own process, interleaved, `--repeats` times. Reported per run: supervised tokens/s
 (supervised tokens / trainer runtime), peak RSS during training (VmHWM reset when training starts) and
 its growth over the RSS at that moment (model, data and adapters already loaded: the training memory), and the final loss: mean cross-entropy per supervised token of the
 trained adapter over all rows, computed the same way for both. Ratios are gemma2-tune / TRL, medians.
@@ -34,7 +38,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # The sides: TRL's reference recipe; gemma2-tune's defaults; gemma2-tune without packing, which takes the
 # same micro-batches and optimizer steps as TRL (isolates the loss path; checks numerics).
-SIDES = {"trl": [], "gemma2-tune": [], "gemma2-tune-unpacked": ["data.packing=false"]}
+# TRL at its best here: its own packing (best-fit decreasing, padding-free position ids; transformers masks packed
+# rows from position ids under eager, as for gemma2-tune's blocks).
+# gemma2-tune with TRL's own loss (everything else as the defaults): our tiles vs TRL's fused path.
+SIDES = {"trl": [], "trl-packed": [], "gemma2-tune": [], "gemma2-tune-unpacked": ["data.packing=false"],
+         "gemma2-tune-loss-trl": ["training.loss=trl"]}
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
@@ -95,7 +103,7 @@ def make_chats(rows: int, vocab: int, seed: int = 0) -> list[dict]:
 
 # ----------------------------------------------------------------------------- workers (one per process)
 def rendered_examples(model_dir: str, data: str):
-    from gemma2_tune.config.schema import DataSection
+    from gemma2_tune.config.schema import SftDataSection as DataSection
     from gemma2_tune.data.sources import load_rows
     from gemma2_tune.data.examples import build_examples
     from gemma2_tune.models.loading import load_tokenizer
@@ -123,7 +131,7 @@ def final_loss(model_dir: str, adapter: str, examples) -> float:
         return supervised_loss(model, examples)["loss"]
 
 
-def worker_trl(model_dir: str, data: str, out: str) -> dict:
+def worker_trl(model_dir: str, data: str, out: str, packing: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -140,7 +148,7 @@ def worker_trl(model_dir: str, data: str, out: str) -> dict:
     args = SFTConfig(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=4,
                      learning_rate=2e-4, bf16=True, max_length=1024, gradient_checkpointing=True,
                      num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], seed=42,
-                     packing=False, use_cpu=True, disable_tqdm=True)
+                     packing=packing, use_cpu=True, disable_tqdm=True)  # packing: bfd, padding-free
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")
     train = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
@@ -207,42 +215,73 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra gemma2-tune setting (key=value); "
                         "the default compares against gemma2-tune's defaults")
     parser.add_argument("--only", choices=list(SIDES), help="run one side (exploration, no ratios)")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, trl first "
+                        f"(default: all: {','.join(SIDES)})")
     a = parser.parse_args()
     if a.worker:
-        result = worker_trl(a.model_dir, a.data, a.out) if a.worker == "trl" else worker_gemma2_tune(
+        result = worker_trl(a.model_dir, a.data, a.out, packing=a.worker == "trl-packed") if a.worker.startswith(
+            "trl") else worker_gemma2_tune(
             a.model_dir, a.data, a.out, a.set + SIDES[a.worker])
         Path(a.result).write_text(json.dumps(result))
         return
+    sides = [a.only] if a.only else [s.strip() for s in a.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or not a.only and not sides[0].startswith("trl"):
+        parser.error(f"--sides: unknown {', '.join(unknown)}" if unknown else "--sides: a TRL side first (the ratios "
+                     "are over it)")
+    base = sides[0]
     if a.quick:
         a.rows, a.vocab, a.repeats = 12, 4096, 1
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gemma2-tune-bench-") as tmp:
         work = Path(tmp)
         model_dir, data = work / "model", work / "chats.jsonl"
         build_model(model_dir, a.vocab, a.hidden, a.layers)
         data.write_text("".join(json.dumps(c) + "\n" for c in make_chats(a.rows, a.vocab)))
         os.environ["GEMMA2_TUNE_HOME"] = str(work / "home")  # a cold tokenized-data cache for every run
-        sides = [a.only] if a.only else list(SIDES)
         runs: dict[str, list[dict]] = {s: [] for s in sides}
         for r in range(a.repeats):
             for side in (sides if r % 2 == 0 else sides[::-1]):  # interleaved, order alternating
-                runs[side].append(run_side(side, model_dir, data, work, a.set))
+                runs[side].append(run_side(side, model_dir, data, work, a.set) | {"load_avg_1m": os.getloadavg()[0]})
                 print(f"repeat {r + 1} {side:22s} " + json.dumps(runs[side][-1]), flush=True)
     if a.only:
         return
-    med = {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in runs.items()}
     metrics = ("supervised_tokens_per_s", "peak_rss", "peak_growth", "final_loss", "steps")
-    ratios = {s: {k: med[s][k] / med["trl"][k] for k in metrics} for s in SIDES if s != "trl"}
+    med = {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in runs.items()}
+    spread = {s: {k: {"min": min(x[k] for x in v), "median": med[s][k], "max": max(x[k] for x in v)} for k in metrics}
+              for s, v in runs.items()}
+    ratios = {s: {k: med[s][k] / med[base][k] for k in metrics} for s in sides if s != base}
     summary = {"setup": {"rows": a.rows, "vocab": a.vocab, "hidden": a.hidden, "layers": a.layers,
-                         "repeats": a.repeats, "gemma2_tune_sets": a.set, "machine": f"{os.cpu_count()} CPU cores"},
-               "runs": runs, "median": med, "ratio_over_trl": ratios}
+                         "repeats": a.repeats, "gemma2_tune_sets": a.set, "sides": sides,
+                         "machine": f"{os.cpu_count()} CPU cores", "started": started,
+                         "load_avg_1m_before": load_before[0], "load_avg_1m_after": os.getloadavg()[0]},
+               "runs": runs, "median": med, "min_median_max": spread, f"ratio_over_{base}": ratios}
+    if {"gemma2-tune", "gemma2-tune-loss-trl"} <= set(sides):
+        # The loss path alone: TRL's fused loss over ours, everything else equal (medians, and per repeat)
+        ours, theirs = runs["gemma2-tune"], runs["gemma2-tune-loss-trl"]
+        summary["loss_trl_over_supervised_chunked"] = {
+            k: {"median": med["gemma2-tune-loss-trl"][k] / med["gemma2-tune"][k],
+                "per_repeat": [t[k] / o[k] for o, t in zip(ours, theirs)]} for k in metrics}
     Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{'':22s}{'TRL reference':>14s}{'gemma2-tune':>13s}{'ratio':>7s}{'unpacked':>11s}{'ratio':>7s}")
-    for key, label, scale in (("supervised_tokens_per_s", "supervised tokens/s", 1), ("peak_rss", "peak RSS MiB", 2**20),
-                              ("peak_growth", "peak growth MiB", 2**20), ("final_loss", "final loss", 1),
-                              ("steps", "optimizer steps", 1)):
-        ours, unp = "gemma2-tune", "gemma2-tune-unpacked"
-        print(f"{label:22s}{med['trl'][key] / scale:14.2f}{med[ours][key] / scale:13.2f}{ratios[ours][key]:7.2f}"
-              f"{med[unp][key] / scale:11.2f}{ratios[unp][key]:7.2f}")
+    rows = (("supervised_tokens_per_s", "supervised tokens/s", 1), ("peak_rss", "peak RSS MiB", 2**20),
+            ("peak_growth", "peak growth MiB", 2**20), ("final_loss", "final loss", 1), ("steps", "optimizer steps", 1))
+    others = [s for s in sides if s != base]
+    print(f"\nmedians (ratio over {base}); {a.repeats} repeats, interleaved")
+    print(f"{'':22s}{base:>14s}" + "".join(f"{s:>28s}" for s in others))
+    for key, label, scale in rows:
+        print(f"{label:22s}{med[base][key] / scale:14.2f}"
+              + "".join(f"{med[s][key] / scale:20.2f} ({ratios[s][key]:5.2f})" for s in others))
+    print("\nmin / median / max")
+    for side in sides:
+        for key, label, scale in rows[:3]:
+            m = spread[side][key]
+            print(f"{side:22s}{label:22s}{m['min'] / scale:10.2f}{m['median'] / scale:10.2f}{m['max'] / scale:10.2f}")
+    if "loss_trl_over_supervised_chunked" in summary:
+        print("\ntraining.loss=trl over supervised_chunked (medians; per repeat):")
+        for key, label, _ in rows:
+            x = summary["loss_trl_over_supervised_chunked"][key]
+            print(f"{label:22s}{x['median']:8.3f}   " + " ".join(f"{v:.3f}" for v in x["per_repeat"]))
     print(f"\nwritten: {a.json}")
 
 
