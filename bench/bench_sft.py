@@ -2,6 +2,9 @@
 
     python bench/bench_sft.py                     # full: 256,000-token vocabulary, ~5-10 minutes on 2 CPU cores
     python bench/bench_sft.py --quick             # small smoke run (used by the tests)
+    python bench/bench_sft.py --sides trl-packed,gemma2-tune,gemma2-tune-loss-trl --repeats 3 \
+        --json bench/results_loss.json            # our loss vs TRL's fused loss, and TRL packed (issue 17, item 6)
+    python bench/bench_sft.py --loss-kernels --repeats 3 --json bench/results_loss.json   # the loss path alone
 
 Both sides train the same locally built Gemma 2 (real 256,000-entry vocabulary and tokenizer, small hidden
 size and depth so it runs on a CPU; alternating sliding/global layers, soft-caps 50/30), in 4-bit NF4 with
@@ -15,7 +18,11 @@ A third side, gemma2-tune with packing off, takes exactly TRL's micro-batches an
 final loss shows whether the numerics match. A fourth, gemma2-tune with `training.loss=trl`, is gemma2-tune's
 defaults with the loss swapped for TRL 1.16's own (plain SFTTrainer.compute_loss: `model(..., fused_lm_head=True)`,
 TRL's chunked log-probabilities with the final soft-cap; on a CPU, without Triton, it scores every position,
-not only the supervised ones): against the defaults it isolates the loss path. `--sides` picks a subset
+not only the supervised ones): against the defaults it isolates the loss path. `trl-packed` is TRL at its best
+here: its own packing (best-fit decreasing, padding-free position ids), the reference recipe otherwise.
+`--loss-kernels` times the loss alone (forward + backward of lm_head, soft-cap and cross-entropy on one block,
+bf16 inputs under autocast), each side in its own process: ours, TRL's fused LM head as it runs on a CPU, and
+TRL's kernel given only the supervised positions, as its Triton path selects them on CUDA. `--sides` picks a subset
 (a TRL side first: the ratios are over it). Each side runs in its own process, interleaved, `--repeats` times. Reported per run: supervised tokens/s
 (supervised tokens / trainer runtime), peak RSS during training (VmHWM reset when training starts) and
 its growth over the RSS at that moment (model, data and adapters already loaded: the training memory), and the final loss: mean cross-entropy per supervised token of the
@@ -180,6 +187,102 @@ def worker_gemma2_tune(model_dir: str, data: str, out: str, sets: list[str]) -> 
             "final_loss": final_loss(model_dir, out, examples)}
 
 
+# ----------------------------------------------------------------------------- the loss path alone (--loss-kernels)
+# Each: (hidden (B, S, H) after the final norm, labels (B, S), lm_head weight (V, H), soft-cap) -> summed loss.
+LOSS_SIDES = ("supervised_chunked", "trl-fused-as-on-cpu", "trl-fused-supervised-only")
+
+
+def loss_kernel_sum(side: str, hidden, labels, weight, softcap):
+    """ours: gemma2-tune's fp32 tiles at supervised positions. trl-fused-as-on-cpu: TRL 1.16's fused LM head as it
+    runs without Triton (trl/trainer/utils.py add_fused_lm_head: every position scored, ignored ones zeroed).
+    trl-fused-supervised-only: the same kernel on the supervised positions only, as TRL selects them on CUDA/XPU
+    (there through its Triton folds; here through its torch folds)."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+
+    from gemma2_tune.training.loss import supervised_loss_sum
+
+    if side == "supervised_chunked":
+        return supervised_loss_sum(hidden, labels, weight, softcap)[0]
+    h, y = hidden[:, :-1], labels[:, 1:]
+    mask = y != -100
+    if side == "trl-fused-supervised-only":
+        h, y = h[mask], y[mask]
+    else:
+        h, y = h.reshape(-1, h.shape[-1]), y.clamp(min=0).reshape(-1)
+    log_probs = ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, chunk, softcap, 1.0, ("log_probs",))[0]
+    return -(log_probs if side == "trl-fused-supervised-only" else log_probs.view(mask.shape).masked_fill(~mask, 0)).sum()
+
+
+def worker_loss(side: str, vocab: int, hidden_size: int, tokens: int, supervised: float, steps: int) -> dict:
+    """Forward + backward of one side's loss on a (1, tokens) block, bf16 weights and hidden under bf16 autocast
+    (as the bench trains): seconds per step (median of `steps` after one warm-up) and peak RSS growth."""
+    import torch
+
+    from gemma2_tune.training.callbacks import current_memory, peak_memory, reset_peak_memory
+
+    torch.manual_seed(0)
+    weight = (torch.randn(vocab, hidden_size) * 0.05).bfloat16().requires_grad_()
+    hidden = (torch.randn(1, tokens, hidden_size) * 4.0).bfloat16().requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens))
+    labels[torch.rand(1, tokens) >= supervised] = -100
+    times, value = [], None
+    reset_peak_memory()
+    start = current_memory()
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_kernel_sum(side, hidden, labels, weight, 30.0)
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+        value, hidden.grad, weight.grad = loss.item(), None, None
+    peak, _ = peak_memory()
+    n = int((labels[:, 1:] != -100).sum())
+    step = statistics.median(times[1:])
+    return {"seconds_per_step": step, "supervised_tokens_per_s": n / step, "peak_growth": peak - start,
+            "loss_per_token": value / n, "supervised_tokens": n}
+
+
+def loss_kernels(a) -> None:
+    """The loss path alone, each side in its own process, interleaved, `--repeats` times."""
+    runs: dict[str, list[dict]] = {s: [] for s in LOSS_SIDES}
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    with tempfile.TemporaryDirectory(prefix="gemma2-tune-bench-loss-") as tmp:
+        for r in range(a.repeats):
+            for side in (LOSS_SIDES if r % 2 == 0 else LOSS_SIDES[::-1]):
+                result_file = Path(tmp) / f"{side}-{r}.json"
+                cmd = [sys.executable, __file__, "--worker-loss", side, "--vocab", str(a.vocab), "--hidden",
+                       str(a.hidden), "--tokens", str(a.tokens), "--supervised", str(a.supervised), "--steps",
+                       str(a.steps), "--result", str(result_file)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+                if proc.returncode != 0:
+                    sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
+                runs[side].append(json.loads(result_file.read_text()) | {"load_avg_1m": os.getloadavg()[0]})
+                print(f"repeat {r + 1} {side:26s} " + json.dumps(runs[side][-1]), flush=True)
+    keys = ("seconds_per_step", "supervised_tokens_per_s", "peak_growth", "loss_per_token")
+    spread = {s: {k: {"min": min(x[k] for x in v), "median": statistics.median(x[k] for x in v),
+                      "max": max(x[k] for x in v)} for k in keys} for s, v in runs.items()}
+    ratios = {s: {k: spread[s][k]["median"] / spread["supervised_chunked"][k]["median"] for k in keys}
+              for s in LOSS_SIDES[1:]}
+    summary = {"setup": {"vocab": a.vocab, "hidden": a.hidden, "tokens": a.tokens, "supervised_fraction": a.supervised,
+                         "steps": a.steps, "repeats": a.repeats, "machine": f"{os.cpu_count()} CPU cores",
+                         "started": started, "load_avg_1m_after": os.getloadavg()[0]},
+               "runs": runs, "min_median_max": spread, "ratio_over_supervised_chunked": ratios}
+    path = Path(a.json)
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing.setdefault("loss_kernels", []).append(summary)  # several shapes accumulate in one file
+    path.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"\nloss alone, V={a.vocab} H={a.hidden}, {a.tokens} tokens, {a.supervised:.0%} supervised; "
+          f"min / median / max over {a.repeats} repeats (ratio of medians over supervised_chunked)")
+    for side in LOSS_SIDES:
+        t, m = spread[side]["supervised_tokens_per_s"], spread[side]["peak_growth"]
+        ratio = "" if side == LOSS_SIDES[0] else (f"  ({ratios[side]['supervised_tokens_per_s']:.2f}, "
+                                                    f"{ratios[side]['peak_growth']:.2f})")
+        print(f"{side:26s} supervised tok/s {t['min']:9.0f} {t['median']:9.0f} {t['max']:9.0f}   peak growth MiB "
+              f"{m['min'] / 2**20:7.0f} {m['median'] / 2**20:7.0f} {m['max'] / 2**20:7.0f}{ratio}")
+    print(f"\nwritten: {path}")
+
+
 # ----------------------------------------------------------------------------- driver
 def run_side(side: str, model_dir: Path, data: Path, work: Path, sets: list[str]) -> dict:
     out = work / f"{side}-{time.time_ns()}"
@@ -217,7 +320,22 @@ def main() -> None:
     parser.add_argument("--only", choices=list(SIDES), help="run one side (exploration, no ratios)")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, trl first "
                         f"(default: all: {','.join(SIDES)})")
+    parser.add_argument("--loss-kernels", action="store_true", help="the loss path alone: ours vs TRL's fused LM "
+                        "head (as it runs here, and on supervised positions only as on CUDA); writes 'loss_kernels' "
+                        "into --json")
+    parser.add_argument("--worker-loss", choices=LOSS_SIDES)
+    parser.add_argument("--tokens", type=int, default=4096, help="--loss-kernels: tokens in the batch")
+    parser.add_argument("--supervised", type=float, default=0.5, help="--loss-kernels: supervised fraction")
+    parser.add_argument("--steps", type=int, default=3, help="--loss-kernels: timed steps after one warm-up")
     a = parser.parse_args()
+    if a.worker_loss:
+        Path(a.result).write_text(json.dumps(worker_loss(a.worker_loss, a.vocab, a.hidden, a.tokens, a.supervised,
+                                                         a.steps)))
+        return
+    if a.loss_kernels:
+        if a.quick:
+            a.vocab, a.tokens, a.repeats, a.steps = 4096, 256, 1, 1
+        return loss_kernels(a)
     if a.worker:
         result = worker_trl(a.model_dir, a.data, a.out, packing=a.worker == "trl-packed") if a.worker.startswith(
             "trl") else worker_gemma2_tune(
