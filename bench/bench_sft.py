@@ -23,7 +23,7 @@ here: its own packing (best-fit decreasing, padding-free position ids), the refe
 `--loss-kernels` times the loss alone (forward + backward of lm_head, soft-cap and cross-entropy on one block,
 bf16 inputs under autocast), each side in its own process: ours, TRL's fused LM head as it runs on a CPU, and
 TRL's kernel given only the supervised positions, as its Triton path selects them on CUDA. `--sides` picks a subset
-(a TRL side first: the ratios are over it). Each side runs in its own process, interleaved, `--repeats` times. Reported per run: supervised tokens/s
+(the ratios are over the first). Each side runs in its own process, interleaved, `--repeats` times. Reported per run: supervised tokens/s
 (supervised tokens / trainer runtime), peak RSS during training (VmHWM reset when training starts) and
 its growth over the RSS at that moment (model, data and adapters already loaded: the training memory), and the final loss: mean cross-entropy per supervised token of the
 trained adapter over all rows, computed the same way for both. Ratios are gemma2-tune / TRL, medians.
@@ -138,6 +138,24 @@ def final_loss(model_dir: str, adapter: str, examples) -> float:
         return supervised_loss(model, examples)["loss"]
 
 
+def count_training_cpu_seconds() -> dict:
+    """CPU seconds (user + system, every thread of this process) spent inside Trainer.train, filled in when it
+    returns: on a machine shared with other work, less sensitive to load than wall seconds."""
+    import transformers
+
+    spent, train = {}, transformers.Trainer.train
+
+    def timed(self, *args, **kwargs):
+        start = time.process_time()
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            spent["cpu_s"] = time.process_time() - start
+
+    transformers.Trainer.train = timed
+    return spent
+
+
 def worker_trl(model_dir: str, data: str, out: str, packing: bool = False) -> dict:
     import torch
     from datasets import Dataset
@@ -160,6 +178,7 @@ def worker_trl(model_dir: str, data: str, out: str, packing: bool = False) -> di
                       task_type="CAUSAL_LM")
     train = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=lora)
+    cpu = count_training_cpu_seconds()
     memory = PeakMemory()
     trainer.add_callback(memory)
     result = trainer.train()
@@ -167,7 +186,8 @@ def worker_trl(model_dir: str, data: str, out: str, packing: bool = False) -> di
     trainer.save_model(out)
     runtime = result.metrics["train_runtime"]
     return {"supervised_tokens": report.supervised_tokens, "runtime_s": runtime,
-            "supervised_tokens_per_s": report.supervised_tokens / runtime, "peak_rss": peak,
+            "supervised_tokens_per_s": report.supervised_tokens / runtime, "train_cpu_s": cpu["cpu_s"],
+            "supervised_tokens_per_cpu_s": report.supervised_tokens / cpu["cpu_s"], "peak_rss": peak,
             "peak_growth": peak - memory.start, "steps": trainer.state.global_step,
             "final_loss": final_loss(model_dir, out, examples)}
 
@@ -178,11 +198,13 @@ def worker_gemma2_tune(model_dir: str, data: str, out: str, sets: list[str]) -> 
 
     cfg = resolve(None, [f"model.name_or_path={model_dir}", f"data.dataset={data}", f"output.dir={out}",
                          "training.save_steps=null", "training.logging_steps=1", *sets]).config
+    cpu = count_training_cpu_seconds()
     record = run_sft(cfg, echo=lambda line: None)
     t = record["throughput"]
     _, examples, _ = rendered_examples(model_dir, data)
     return {"supervised_tokens": t["supervised_tokens_trained"], "runtime_s": record["training"]["train_runtime_s"],
-            "supervised_tokens_per_s": t["supervised_tokens_per_s"], "peak_rss": t["peak_memory_bytes"],
+            "supervised_tokens_per_s": t["supervised_tokens_per_s"], "train_cpu_s": cpu["cpu_s"],
+            "supervised_tokens_per_cpu_s": t["supervised_tokens_trained"] / cpu["cpu_s"], "peak_rss": t["peak_memory_bytes"],
             "peak_growth": t["peak_memory_growth_bytes"], "steps": record["global_step"],
             "final_loss": final_loss(model_dir, out, examples)}
 
@@ -226,20 +248,23 @@ def worker_loss(side: str, vocab: int, hidden_size: int, tokens: int, supervised
     hidden = (torch.randn(1, tokens, hidden_size) * 4.0).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens))
     labels[torch.rand(1, tokens) >= supervised] = -100
-    times, value = [], None
+    times, cpu, value = [], [], None
     reset_peak_memory()
     start = current_memory()
     for _ in range(steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = loss_kernel_sum(side, hidden, labels, weight, 30.0)
         loss.backward()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         value, hidden.grad, weight.grad = loss.item(), None, None
     peak, _ = peak_memory()
     n = int((labels[:, 1:] != -100).sum())
     step = statistics.median(times[1:])
-    return {"seconds_per_step": step, "supervised_tokens_per_s": n / step, "peak_growth": peak - start,
+    cpu_step = statistics.median(cpu[1:])
+    return {"seconds_per_step": step, "supervised_tokens_per_s": n / step, "cpu_seconds_per_step": cpu_step,
+            "supervised_tokens_per_cpu_s": n / cpu_step, "peak_growth": peak - start,
             "loss_per_token": value / n, "supervised_tokens": n}
 
 
@@ -259,7 +284,8 @@ def loss_kernels(a) -> None:
                     sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
                 runs[side].append(json.loads(result_file.read_text()) | {"load_avg_1m": os.getloadavg()[0]})
                 print(f"repeat {r + 1} {side:26s} " + json.dumps(runs[side][-1]), flush=True)
-    keys = ("seconds_per_step", "supervised_tokens_per_s", "peak_growth", "loss_per_token")
+    keys = ("seconds_per_step", "supervised_tokens_per_s", "cpu_seconds_per_step", "supervised_tokens_per_cpu_s",
+            "peak_growth", "loss_per_token")
     spread = {s: {k: {"min": min(x[k] for x in v), "median": statistics.median(x[k] for x in v),
                       "max": max(x[k] for x in v)} for k in keys} for s, v in runs.items()}
     ratios = {s: {k: spread[s][k]["median"] / spread["supervised_chunked"][k]["median"] for k in keys}
@@ -274,12 +300,14 @@ def loss_kernels(a) -> None:
     path.write_text(json.dumps(existing, indent=2) + "\n")
     print(f"\nloss alone, V={a.vocab} H={a.hidden}, {a.tokens} tokens, {a.supervised:.0%} supervised; "
           f"min / median / max over {a.repeats} repeats (ratio of medians over supervised_chunked)")
-    for side in LOSS_SIDES:
-        t, m = spread[side]["supervised_tokens_per_s"], spread[side]["peak_growth"]
-        ratio = "" if side == LOSS_SIDES[0] else (f"  ({ratios[side]['supervised_tokens_per_s']:.2f}, "
-                                                    f"{ratios[side]['peak_growth']:.2f})")
-        print(f"{side:26s} supervised tok/s {t['min']:9.0f} {t['median']:9.0f} {t['max']:9.0f}   peak growth MiB "
-              f"{m['min'] / 2**20:7.0f} {m['median'] / 2**20:7.0f} {m['max'] / 2**20:7.0f}{ratio}")
+    for key, label, scale in (("supervised_tokens_per_s", "supervised tok/s", 1),
+                              ("supervised_tokens_per_cpu_s", "supervised tok/CPU-s", 1),
+                              ("peak_growth", "peak growth MiB", 2**20)):
+        for side in LOSS_SIDES:
+            m = spread[side][key]
+            ratio = "" if side == LOSS_SIDES[0] else f"  ({ratios[side][key]:.2f})"
+            print(f"{label:22s}{side:28s}{m['min'] / scale:10.1f}{m['median'] / scale:10.1f}{m['max'] / scale:10.1f}"
+                  f"{ratio}")
     print(f"\nwritten: {path}")
 
 
@@ -318,7 +346,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra gemma2-tune setting (key=value); "
                         "the default compares against gemma2-tune's defaults")
     parser.add_argument("--only", choices=list(SIDES), help="run one side (exploration, no ratios)")
-    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run, trl first "
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides to run; ratios are over the first "
                         f"(default: all: {','.join(SIDES)})")
     parser.add_argument("--loss-kernels", action="store_true", help="the loss path alone: ours vs TRL's fused LM "
                         "head (as it runs here, and on supervised positions only as on CUDA); writes 'loss_kernels' "
@@ -344,9 +372,8 @@ def main() -> None:
         return
     sides = [a.only] if a.only else [s.strip() for s in a.sides.split(",") if s.strip()]
     unknown = [s for s in sides if s not in SIDES]
-    if unknown or not a.only and not sides[0].startswith("trl"):
-        parser.error(f"--sides: unknown {', '.join(unknown)}" if unknown else "--sides: a TRL side first (the ratios "
-                     "are over it)")
+    if unknown:
+        parser.error(f"--sides: unknown {', '.join(unknown)}")
     base = sides[0]
     if a.quick:
         a.rows, a.vocab, a.repeats = 12, 4096, 1
@@ -365,7 +392,8 @@ def main() -> None:
                 print(f"repeat {r + 1} {side:22s} " + json.dumps(runs[side][-1]), flush=True)
     if a.only:
         return
-    metrics = ("supervised_tokens_per_s", "peak_rss", "peak_growth", "final_loss", "steps")
+    metrics = ("supervised_tokens_per_s", "supervised_tokens_per_cpu_s", "peak_rss", "peak_growth", "final_loss",
+               "steps")
     med = {s: {k: statistics.median(x[k] for x in v) for k in v[0]} for s, v in runs.items()}
     spread = {s: {k: {"min": min(x[k] for x in v), "median": med[s][k], "max": max(x[k] for x in v)} for k in metrics}
               for s, v in runs.items()}
@@ -382,7 +410,8 @@ def main() -> None:
             k: {"median": med["gemma2-tune-loss-trl"][k] / med["gemma2-tune"][k],
                 "per_repeat": [t[k] / o[k] for o, t in zip(ours, theirs)]} for k in metrics}
     Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
-    rows = (("supervised_tokens_per_s", "supervised tokens/s", 1), ("peak_rss", "peak RSS MiB", 2**20),
+    rows = (("supervised_tokens_per_s", "supervised tokens/s", 1), ("supervised_tokens_per_cpu_s", "supervised tok/CPU-s", 1),
+            ("peak_rss", "peak RSS MiB", 2**20),
             ("peak_growth", "peak growth MiB", 2**20), ("final_loss", "final loss", 1), ("steps", "optimizer steps", 1))
     others = [s for s in sides if s != base]
     print(f"\nmedians (ratio over {base}); {a.repeats} repeats, interleaved")
@@ -392,7 +421,7 @@ def main() -> None:
               + "".join(f"{med[s][key] / scale:20.2f} ({ratios[s][key]:5.2f})" for s in others))
     print("\nmin / median / max")
     for side in sides:
-        for key, label, scale in rows[:3]:
+        for key, label, scale in rows[:4]:
             m = spread[side][key]
             print(f"{side:22s}{label:22s}{m['min'] / scale:10.2f}{m['median'] / scale:10.2f}{m['max'] / scale:10.2f}")
     if "loss_trl_over_supervised_chunked" in summary:
