@@ -270,11 +270,14 @@ def worker_loss(side: str, vocab: int, hidden_size: int, tokens: int, supervised
 
 def loss_kernels(a) -> None:
     """The loss path alone, each side in its own process, interleaved, `--repeats` times."""
-    runs: dict[str, list[dict]] = {s: [] for s in LOSS_SIDES}
+    sides = [s.strip() for s in a.loss_sides.split(",")]
+    if any(s not in LOSS_SIDES for s in sides) or sides[0] != LOSS_SIDES[0]:
+        sys.exit(f"--loss-sides: from {', '.join(LOSS_SIDES)}, {LOSS_SIDES[0]} first")
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     with tempfile.TemporaryDirectory(prefix="gemma2-tune-bench-loss-") as tmp:
         for r in range(a.repeats):
-            for side in (LOSS_SIDES if r % 2 == 0 else LOSS_SIDES[::-1]):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 result_file = Path(tmp) / f"{side}-{r}.json"
                 cmd = [sys.executable, __file__, "--worker-loss", side, "--vocab", str(a.vocab), "--hidden",
                        str(a.hidden), "--tokens", str(a.tokens), "--supervised", str(a.supervised), "--steps",
@@ -289,7 +292,7 @@ def loss_kernels(a) -> None:
     spread = {s: {k: {"min": min(x[k] for x in v), "median": statistics.median(x[k] for x in v),
                       "max": max(x[k] for x in v)} for k in keys} for s, v in runs.items()}
     ratios = {s: {k: spread[s][k]["median"] / spread["supervised_chunked"][k]["median"] for k in keys}
-              for s in LOSS_SIDES[1:]}
+              for s in sides[1:]}
     summary = {"setup": {"vocab": a.vocab, "hidden": a.hidden, "tokens": a.tokens, "supervised_fraction": a.supervised,
                          "steps": a.steps, "repeats": a.repeats, "machine": f"{os.cpu_count()} CPU cores",
                          "started": started, "load_avg_1m_after": os.getloadavg()[0]},
@@ -303,9 +306,9 @@ def loss_kernels(a) -> None:
     for key, label, scale in (("supervised_tokens_per_s", "supervised tok/s", 1),
                               ("supervised_tokens_per_cpu_s", "supervised tok/CPU-s", 1),
                               ("peak_growth", "peak growth MiB", 2**20)):
-        for side in LOSS_SIDES:
+        for side in sides:
             m = spread[side][key]
-            ratio = "" if side == LOSS_SIDES[0] else f"  ({ratios[side][key]:.2f})"
+            ratio = "" if side == sides[0] else f"  ({ratios[side][key]:.2f})"
             print(f"{label:22s}{side:28s}{m['min'] / scale:10.1f}{m['median'] / scale:10.1f}{m['max'] / scale:10.1f}"
                   f"{ratio}")
     print(f"\nwritten: {path}")
@@ -352,6 +355,8 @@ def main() -> None:
                         "head (as it runs here, and on supervised positions only as on CUDA); writes 'loss_kernels' "
                         "into --json")
     parser.add_argument("--worker-loss", choices=LOSS_SIDES)
+    parser.add_argument("--loss-sides", default=",".join(LOSS_SIDES), help="--loss-kernels: the sides, "
+                        f"{LOSS_SIDES[0]} first (default: all)")
     parser.add_argument("--tokens", type=int, default=4096, help="--loss-kernels: tokens in the batch")
     parser.add_argument("--supervised", type=float, default=0.5, help="--loss-kernels: supervised fraction")
     parser.add_argument("--steps", type=int, default=3, help="--loss-kernels: timed steps after one warm-up")
