@@ -14,17 +14,33 @@ pytestmark = pytest.mark.slow
 def test_bench_quick_writes_all_sides_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "bench/bench_sft.py", "--quick", "--json", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=1800)  # five sides, ~1 minute each on 2 busy cores
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert set(data["runs"]) == {"trl", "gemma2-tune", "gemma2-tune-unpacked"}
+    assert set(data["runs"]) == {"trl", "trl-packed", "gemma2-tune", "gemma2-tune-unpacked", "gemma2-tune-loss-trl"}
     for side, runs in data["runs"].items():
         assert runs[0]["supervised_tokens"] > 0 and runs[0]["supervised_tokens_per_s"] > 0, side
-    # every side trains the same supervised tokens; unpacked takes TRL's exact optimizer steps
+    # every side trains the same supervised tokens; unpacked takes TRL's exact optimizer steps, and the loss swap
+    # takes the defaults' steps
     tokens = {runs[0]["supervised_tokens"] for runs in data["runs"].values()}
     assert len(tokens) == 1
     assert data["runs"]["gemma2-tune-unpacked"][0]["steps"] == data["runs"]["trl"][0]["steps"]
-    assert "supervised tokens/s" in r.stdout
+    assert data["runs"]["gemma2-tune-loss-trl"][0]["steps"] == data["runs"]["gemma2-tune"][0]["steps"]
+    assert set(data["min_median_max"]["trl"]["supervised_tokens_per_s"]) == {"min", "median", "max"}
+    assert data["loss_trl_over_supervised_chunked"]["supervised_tokens_per_s"]["median"] > 0
+    assert "supervised tokens/s" in r.stdout and "training.loss=trl over supervised_chunked" in r.stdout
+
+
+def test_bench_loss_kernels_quick_runs_ours_and_trls(tmp_path):
+    """--loss-kernels: the loss path alone, ours vs TRL's fused LM head both ways; same loss (bf16 inputs)."""
+    out = tmp_path / "loss.json"
+    r = subprocess.run([sys.executable, "bench/bench_sft.py", "--loss-kernels", "--quick", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(out.read_text())["loss_kernels"][-1]
+    losses = [runs[0]["loss_per_token"] for runs in result["runs"].values()]
+    assert len(losses) == 3 and max(losses) - min(losses) < 1e-3 * max(losses)
+    assert set(result["ratio_over_supervised_chunked"]) == {"trl-fused-as-on-cpu", "trl-fused-supervised-only"}
 
 
 def test_bench_gpu_smoke_runs_every_side_it_can_on_a_cpu(tmp_path):
