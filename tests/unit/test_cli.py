@@ -17,8 +17,14 @@ def invoke(*args):
 
 
 def test_help_and_version():
+    from typer.main import get_command
+
     r = invoke("--help")
     assert r.exit_code == 0
+    # every command, in the order --help lists them: one per training method first (the registry's), then the rest
+    assert list(get_command(app).commands) == [
+        "sft", "distill", "dpo", "reward", "rl", "chat", "merge", "merge-models", "serve", "export", "eval",
+        "validate", "preview", "plan", "build-model", "models", "recipes", "config"]
     for command in ("sft", "validate", "preview", "recipes"):
         assert command in r.output
     r = invoke("--version")
