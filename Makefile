@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch lying on this machine's disk, if there is one; otherwise pip's usual torch.
 TORCH ?= $(or $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl)),torch)
 
-.PHONY: install install-export quickstart test test-fast docs clean
+.PHONY: install install-export quickstart test test-all test-fast docs clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,7 +28,11 @@ $(VENV)/.installed-export: $(VENV)/.installed
 quickstart: install
 	$(BIN)/gemma2-tune sft --recipe recipes/quickstart-cpu.yaml --overwrite
 
+# Everything but the real-weights export (llama.cpp on the real 270M: ~10 more minutes; `make test-all` runs it).
 test: install-export
+	$(BIN)/python -m pytest -q -m "not (real and export)"
+
+test-all: install-export
 	$(BIN)/python -m pytest -q
 
 # The unit tests that train nothing (a few minutes at most on 2 cores): for the edit-test loop.
