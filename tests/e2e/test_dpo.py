@@ -260,3 +260,22 @@ def test_two_processes(tmp_path, launch):
     assert m["status"] == "completed" and m["global_step"] == 3 and m["launch"]["num_processes"] == 2
     assert abs(m["dpo"]["history"][0]["loss"] - math.log(2)) <= 1e-2  # bf16: policy == reference at the start
     assert (out / ("adapter_model.safetensors" if launch == "ddp" else "model.safetensors")).is_file()
+
+
+@pytest.mark.slow
+def test_kto_on_unpaired_examples_and_the_preview_of_pairs(tmp_path):
+    r = runner.invoke(app, ["preview", "--set", "method=dpo", "--model", "builtin:tiny-gemma2", "--dataset", "concise",
+                            "-n", "1"])
+    assert r.exit_code == 0, r.output
+    assert "chosen, 5 tokens: ⟦Paris.<end_of_turn>\n⟧" in r.output and "40 read, 40 kept" in r.output
+    out = tmp_path / "kto"
+    r = runner.invoke(app, ["dpo", "--model", "builtin:tiny-gemma2", "--dataset", "concise-kto", "--loss-type", "kto",
+                            "-o", str(out), "--max-steps", "6", "--learning-rate", "5e-3", *FP32,
+                            "--set", "training.per_device_train_batch_size=4", "--set", "training.logging_steps=2",
+                            "--set", "data.eval_dataset=concise-kto-held-out", "--set", "training.eval_steps=6"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "run.json").read_text())
+    assert m["dpo"]["trainer"] == "KTOTrainer" and m["data"]["items"] == 80 and m["data"]["eval_items"] == 24
+    history = m["dpo"]["history"]
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] and "kl" in history[-1]
+    assert m["dpo"]["eval"]["rewards/margins"] > 0
