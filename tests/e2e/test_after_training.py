@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ok_rows, write_jsonl
+from conftest import QUESTIONS, ok_rows, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -19,8 +19,11 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def ok_run(answer_ok_run, tmp_path_factory):
-    """The session's "answer ok" run (conftest), and a folder of this module's own for what tests write."""
-    return answer_ok_run, tmp_path_factory.mktemp("ok")
+    """The session's "answer ok" run (conftest), and a folder of this module's own for what tests write, holding
+    the run's chats (ok.jsonl) for the tests that train a variant of it."""
+    tmp = tmp_path_factory.mktemp("ok")
+    write_jsonl(tmp / "ok.jsonl", ok_rows(QUESTIONS))
+    return answer_ok_run, tmp
 
 
 def test_plot_model_card_and_eval_during_training(ok_run):
