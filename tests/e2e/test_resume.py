@@ -122,7 +122,8 @@ def test_incomplete_newer_checkpoint_is_skipped_and_refused_by_path(reference, t
     assert (out / "run.json").read_text() == before
     r = cli("-o", str(out), "--resume")
     assert r.exit_code == 0, r.output
-    assert "skipping incomplete checkpoint" in r.output and "checkpoint-12" in r.output
+    assert "skipping checkpoint" in r.output and "incomplete: no complete marker" in r.output
+    assert "checkpoint-12" in r.output
 
 
 def test_checkpoint_of_a_different_recipe_is_refused(reference, tmp_path):
