@@ -87,9 +87,14 @@ def test_training_memory_terms_agree_with_measured_peak_on_cpu(tmp_path, tiny_mo
     out = tmp_path / f"run{length}"
     sets = [f"data.max_length={length}", "data.dataset=" + str(write_long_chats(tmp_path, length)),
             "training.gradient_accumulation_steps=1", "training.save_steps=null"]
-    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "-o", str(out), "--max-steps", "3",
-                            *sum((["--set", s] for s in sets), [])])
-    assert r.exit_code == 0, r.output
+    # a fresh process: in the test runner's, earlier tests' freed but resident memory can absorb the training's
+    # allocations without RSS growth (a measured growth of 0 was seen once)
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gemma2_tune", "sft", "--recipe", "quickstart-cpu", "-o", str(out),
+                        "--max-steps", "3", *sum((["--set", s] for s in sets), [])], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
     measured = json.loads((out / "run.json").read_text())["throughput"]["peak_memory_growth_bytes"]
     cfg = resolve("quickstart-cpu", sets).config
     shape, _ = model_shape(str(tiny_model_dir))
