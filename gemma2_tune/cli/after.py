@@ -169,13 +169,27 @@ def evaluate_command(
     suite: Annotated[Optional[str], typer.Option(help="gemma2-report: the launch post's benchmarks (MMLU, GSM8K, "
                                                  "ARC-c, HellaSwag, Winogrande) with the report's few-shot "
                                                  "settings, beside the published base scores (needs lm-eval).")] = None,
+    reward_function: Annotated[Optional[list[str]], typer.Option(
+        "--reward-function", help="Score the models' answers to the --dataset prompts with this function, PATH.py:NAME "
+        "(TRL's signature, as `rl` takes it; repeatable): its mean per model, instead of the held-out loss.")] = None,
+    reward_model: Annotated[Optional[str], typer.Option(
+        "--reward-model", help="Score the answers with this reward model too: a `gemma2-tune reward` run or a "
+        "one-output sequence-classification folder or hub id.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Rewarded answers: at most this many tokens each.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Rewarded answers: 0 = greedy, else sampled at this "
+                                               "temperature.")] = 0.0,
+    samples: Annotated[int, typer.Option(help="Rewarded answers: answers per prompt (sampled; the same seed "
+                                         "for every model).")] = 1,
 ) -> None:
-    """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), lm-eval tasks, or the
-    Gemma 2 report's benchmark table."""
-    check(EvalRequest, {"--dataset": ("dataset", dataset), "--tasks": ("tasks", tasks), "--suite": ("suite", suite),
-                        "--max-length": ("max_length", max_length), "--max-rows": ("max_rows", max_rows),
-                        "--limit": ("limit", limit), "--compare": ("compare", compare or []),
-                        "--include-path": ("include_path", include_path)}, "eval")
+    """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), the mean reward of
+    their answers (--reward-function/--reward-model), lm-eval tasks, or the Gemma 2 report's benchmark table."""
+    request = check(EvalRequest, {
+        "--dataset": ("dataset", dataset), "--tasks": ("tasks", tasks), "--suite": ("suite", suite),
+        "--max-length": ("max_length", max_length), "--max-rows": ("max_rows", max_rows), "--limit": ("limit", limit),
+        "--compare": ("compare", compare or []), "--include-path": ("include_path", include_path),
+        "--reward-function": ("reward_functions", reward_function or []), "--reward-model": ("reward_model", reward_model),
+        "--max-new-tokens": ("max_new_tokens", max_new_tokens), "--temperature": ("temperature", temperature),
+        "--samples": ("samples", samples)}, "eval")
     if suite is not None:
         from ..after.harness import SUITES
 
@@ -193,8 +207,20 @@ def evaluate_command(
     from ..after.evaluate import compare_loaders
 
     others = compare_loaders(compare or [], run, load_in_value(load_in), warn)
+    if request.scores_rewards:
+        from ..after.reward_eval import reward_scorers
+
+        functions, reward_model_tokenizer = reward_scorers(request)  # checked before the models load
     loaded = load(run, load_in_value(load_in))
-    if dataset:
+    if request.scores_rewards:
+        from ..after.inference import Sampling
+        from ..after.reward_eval import load_scoring_model, reward_table
+
+        scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
+        reward_table(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+                                            system_policy=run.system_policy), run.system_policy, functions, scoring,
+                     Sampling(max_new_tokens, temperature), samples, compare_base=True, others=others, echo=echo)
+    elif dataset:
         from ..after.evaluate import evaluate
 
         evaluate(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,

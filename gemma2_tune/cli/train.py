@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..config.layering import Resolved, config_to_yaml
+from ..config.rl import reward_function_specs
 from ..errors import UserError
 from ..training.methods import METHODS, check_command
 from .app import (
@@ -243,21 +244,3 @@ def rl(
     start_training("rl", resolve_for("rl", recipe, set_, flags), launch=launch, num_processes=num_processes,
                    resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
                    allow_data_change=allow_data_change)
-
-
-def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | None:
-    """--reward-function PATH.py:NAME[=WEIGHT] items -> rl.reward_functions entries (None: not given). Raises
-    UserError naming the item that is not of that form."""
-    if not items:
-        return None
-    specs = []
-    for item in items:
-        target, _, weight = item.partition("=")
-        path, sep, name = target.rpartition(":")
-        if not sep or not path or not name:
-            raise UserError(f"--reward-function {item}: expected PATH.py:NAME (optionally =WEIGHT)")
-        try:
-            specs.append({"path": path, "name": name, "weight": float(weight) if weight else 1.0})
-        except ValueError:
-            raise UserError(f"--reward-function {item}: the weight after '=' must be a number") from None
-    return specs

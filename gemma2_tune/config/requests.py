@@ -63,7 +63,7 @@ class ExportRequest(Request):
 
 
 class EvalRequest(Request):
-    """`eval`: held-out loss, lm-eval tasks, or the report's suite."""
+    """`eval`: held-out loss, rewards of generated answers, lm-eval tasks, or the report's suite."""
 
     dataset: str | None = None
     tasks: str | None = None
@@ -73,11 +73,25 @@ class EvalRequest(Request):
     limit: int | None = None
     compare: list[str] = Field(default_factory=list)
     include_path: str | None = None
+    reward_functions: list[str] = Field(default_factory=list)  # PATH.py:NAME, parsed by the command
+    reward_model: str | None = None
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    samples: int = Field(1, gt=0)
+
+    @property
+    def scores_rewards(self) -> bool:
+        """Answers are generated and rewarded (instead of the held-out loss)."""
+        return bool(self.reward_functions or self.reward_model)
 
     def problems(self) -> list[str]:
         found = []
         if not self.dataset and not self.tasks and not self.suite:
             found.append("give --dataset (held-out chats), --tasks (lm-eval tasks) and/or --suite gemma2-report")
+        if self.scores_rewards and not self.dataset:
+            found.append("--reward-function/--reward-model score answers to prompts: give --dataset (the prompts)")
+        if self.samples > 1 and self.temperature == 0:
+            found.append(f"--samples {self.samples}: greedy answers are all the same; give --temperature > 0")
         if self.suite and self.tasks:
             found.append("--suite and --tasks: choose one (the suite names its own tasks)")
         if self.compare and not self.dataset:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from ..errors import ConfigError
 from .rules import MIN_PROMPT_TOKENS, model_problems, run_problems
 from .schema import FrozenModel, OutputSection, RunConfig, Section, TrainingSection
 
@@ -187,6 +188,36 @@ def adapter_folder(name: str) -> bool:
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
+def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | None:
+    """--reward-function PATH.py:NAME[=WEIGHT] items -> rl.reward_functions entries (None: not given). Raises
+    ConfigError naming the item that is not of that form."""
+    if not items:
+        return None
+    specs = []
+    for item in items:
+        target, _, weight = item.partition("=")
+        path, sep, name = target.rpartition(":")
+        if not sep or not path or not name:
+            raise ConfigError(f"--reward-function {item}: expected PATH.py:NAME (optionally =WEIGHT)")
+        try:
+            specs.append({"path": path, "name": name, "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise ConfigError(f"--reward-function {item}: the weight after '=' must be a number") from None
+    return specs
+
+
+def reward_run(name: str) -> bool:
+    """A local `gemma2-tune reward` run (or any PEFT SEQ_CLS adapter): adapter_config.json with task_type SEQ_CLS
+    and no whole model beside it."""
+    path = Path(name).expanduser()
+    if not adapter_folder(name):
+        return False
+    try:
+        return json.loads((path / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    except (OSError, ValueError):
+        return False
+
+
 def adapter_base(path: Path) -> str | None:
     """The base model of an adapter run: its config.yaml's model.name_or_path, else adapter_config.json's
     base_model_name_or_path; None when neither says."""
@@ -226,9 +257,9 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
         path = Path(cfg_rm.name_or_path).expanduser()
         if cfg_rm.name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
             errors.append(f"reward_model.name_or_path: {cfg_rm.name_or_path}: no such folder")
-        elif adapter_folder(cfg_rm.name_or_path):
-            errors.append(f"reward_model.name_or_path: {cfg_rm.name_or_path} is a LoRA adapter; a reward "
-                          "model must be a whole sequence-classification model (merge it first)")
+        elif adapter_folder(cfg_rm.name_or_path) and not reward_run(cfg_rm.name_or_path):
+            errors.append(f"reward_model.name_or_path: {cfg_rm.name_or_path} is a LoRA adapter of a causal LM, "
+                          "not a reward model (a `gemma2-tune reward` run or a one-output sequence classifier)")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     if per_step % r.num_generations:
         errors.append(f"rl.num_generations ({r.num_generations}): the completions generated per optimizer step "

@@ -1,6 +1,7 @@
-"""Prompts for on-policy distillation: each row's conversation up to its last user turn, in Gemma's format.
+"""Prompts for on-policy training (distill, rl) and for `eval`'s reward scores: each row's conversation up to
+its last user turn, in Gemma's format.
 
-The student writes the answers itself, so a row's own last answer is not trained on (it is counted as a
+The model writes the answers itself, so a row's own last answer is not trained on (it is counted as a
 reference answer set aside). Rows are checked exactly as for `sft` (turn format, system policy, fields the
 format cannot express); a row with no user turn to answer is a bad row. A prompt is the row's own messages
 (role and content), cut after the last user turn: the trainer renders it with the run's chat template,
@@ -48,7 +49,7 @@ def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family
         if length > budget:
             report.rows_dropped_overlong += 1
             report.dropped(row.where, f"prompt of {length} tokens > data.max_length {data.max_length} - "
-                                      f"distill.max_completion_length {max_completion_length}")
+                                      f"the {max_completion_length} tokens kept for the completion")
             continue
         prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[: last_user + 1]])
         notes.update(row_notes)

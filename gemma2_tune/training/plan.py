@@ -51,6 +51,12 @@ def model_shape(name_or_path: str) -> tuple[Shape, str]:
     from ..models.builtin import builtin_folder, builtin_path, is_builtin
 
     path = builtin_folder(name_or_path) if is_builtin(name_or_path) else Path(name_or_path).expanduser()
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from ..config.rl import adapter_base
+
+        base = adapter_base(path)  # a LoRA run (a reward run beside an RL policy): its base's shape
+        if base and base != name_or_path:
+            return model_shape(base)
     family = family_of_name(name_or_path)
     size = family.size_from_name(name_or_path) if family else None
     if is_builtin(name_or_path) and not (path / "config.json").is_file() and not (family and size in family.shapes):

@@ -24,24 +24,22 @@ probe -> train -> save.
 from __future__ import annotations
 
 import importlib.util
-import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from transformers import PrinterCallback, TrainerCallback
 
-from ..config.rl import RewardFunction, RlConfig
+from ..config.rl import RlConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
 from ..data.template import use_run_template
 from ..data.turns import END
 from ..errors import UserError
 from ..models.checks import check_kernel_request
-from ..models.loading import checkpoint_family, load_model, load_tokenizer, model_location, torch_dtype
+from ..models.loading import checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
-from ..models.quantization import bnb_config
+from ..rewards import load_reward_function, load_reward_model, reward_model_tokenizer, try_reward_functions
 from . import lifecycle
 from .distill import EpochSeededRepeatSampler, run_total
 from .launch import Launch
@@ -52,73 +50,6 @@ Echo = Callable[[str], None]
 # The log-prob probe's tolerance, nats per token: fp32 computes both sides to ~1e-6; bf16/fp16 (and 4-bit
 # weights dequantized to them) round the LM head's matmul differently in TRL's tiles and in the plain forward.
 PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
-
-
-# ---------------------------------------------------------------------------------------------- reward functions
-class CheckedReward:
-    """A user's reward function, checked on every call: it must return one finite number per completion.
-    Anything else stops the run with a UserError naming `path:name` (TRL would turn None into NaN and go on)."""
-
-    def __init__(self, fn: Callable, spec: RewardFunction):
-        self.fn, self.spec = fn, spec
-        self.__name__ = spec.name  # TRL logs rewards/<name>/mean
-
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        label = self.spec.label
-        try:
-            out = self.fn(prompts=prompts, completions=completions, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the user's code: say which function, and what it raised
-            raise UserError(f"reward function {label}: raised {type(exc).__name__}: {exc}") from None
-        try:
-            values = [float(x) for x in out]
-        except (TypeError, ValueError):
-            raise UserError(f"reward function {label}: must return a list of numbers (one per completion), "
-                            f"returned {type(out).__name__}: {str(out)[:120]}") from None
-        if len(values) != len(completions):
-            raise UserError(f"reward function {label}: returned {len(values)} rewards for {len(completions)} "
-                            "completions (one per completion)")
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            raise UserError(f"reward function {label}: returned {values[bad[0]]} for completion {bad[0]} "
-                            f"({completions[bad[0]]!r:.120}); rewards must be finite numbers")
-        return values
-
-
-def load_reward_function(spec: RewardFunction, index: int) -> CheckedReward:
-    """Import `spec.path` and take `spec.name` from it. Raises UserError naming the key for a missing file,
-    code that fails on import, a missing name or something not callable."""
-    key = f"rl.reward_functions[{index}]"
-    path = Path(spec.path).expanduser()
-    if not path.is_file():
-        raise UserError(f"{key}.path: {spec.path}: no such file")
-    module_name = f"gemma2_tune_reward_{index}_{path.stem}"
-    try:
-        loader_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module  # pickling (dataloader workers) finds it
-        loader_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's file
-        raise UserError(f"{key}.path: importing {spec.path} failed: {type(exc).__name__}: {exc}") from None
-    fn = getattr(module, spec.name, None)
-    if fn is None:
-        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                         and getattr(v, "__module__", None) == module_name)
-        raise UserError(f"{key}.name: {spec.path} defines no '{spec.name}' (functions there: "
-                        f"{', '.join(defined) or 'none'})")
-    if not callable(fn):
-        raise UserError(f"{key}.name: {spec.label} is a {type(fn).__name__}, not a function")
-    return CheckedReward(fn, spec)
-
-
-def try_reward_functions(functions: list[CheckedReward], prompt: list[dict[str, str]], tokenizer) -> None:
-    """Call every reward function on a dummy batch (one prompt, an empty completion and a short one), with the
-    keyword arguments TRL passes, before anything is written. Raises UserError as CheckedReward does."""
-    texts = ["", "Hello."]
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
-    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    for fn in functions:
-        fn([prompt] * len(texts), completions, completion_ids=ids, trainer_state=None,
-           log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
 
 
 # ------------------------------------------------------------------------------------------------------ trainers
@@ -284,33 +215,18 @@ class Runner(lifecycle.Runner):
                                                    cfg.data.unsupported_fields)
         tokenizer.padding_side = "left"  # generation pads prompts on the left
         self.family, self.tokenizer = family, tokenizer
-        self.functions = [load_reward_function(f, i) for i, f in enumerate(r.reward_functions)]
+        self.functions = [load_reward_function(f, f"rl.reward_functions[{i}]") for i, f in enumerate(r.reward_functions)]
         self.reward_tokenizer, self.reward_template = self._reward_model_tokenizer() if (
             cfg.reward_model.name_or_path) else (None, None)
         weights = [f.weight for f in r.reward_functions] + ([cfg.reward_model.weight] if self.reward_tokenizer else [])
         return rl_args(cfg, out, launch, weights)
 
     def _reward_model_tokenizer(self):
-        """The reward model's config (one output) and tokenizer; its own chat template, else the run's (our
-        rendering). Returns (tokenizer, 'own' | 'run')."""
-        from transformers import AutoConfig, AutoTokenizer
-
+        """The reward model's tokenizer (checked to be a one-output sequence classifier's): its own chat template,
+        else the run's (our rendering). Returns (tokenizer, 'own' | 'run')."""
         rm = self.cfg.reward_model
-        location = model_location(rm.name_or_path)
-        try:
-            config = AutoConfig.from_pretrained(location, trust_remote_code=rm.trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=rm.trust_remote_code)
-        except Exception as exc:  # noqa: BLE001 - missing, offline, not a model folder
-            raise UserError(f"reward_model.name_or_path: cannot load {rm.name_or_path}'s config and tokenizer "
-                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
-        architectures = getattr(config, "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-            raise UserError(f"reward_model.name_or_path: {rm.name_or_path} is not a reward model: it must be a "
-                            f"sequence classifier with one output (found {', '.join(architectures) or 'no architecture'}, "
-                            f"{config.num_labels} labels)")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if tokenizer.chat_template:
+        tokenizer, own = reward_model_tokenizer(rm.name_or_path, "reward_model.name_or_path", rm.trust_remote_code)
+        if own:
             return tokenizer, "own"
         use_run_template(tokenizer, self.family, self.cfg.data.system_policy, self.cfg.data.unsupported_fields)
         return tokenizer, "run"
@@ -374,25 +290,14 @@ class Runner(lifecycle.Runner):
 
     def _load_reward_model(self, run: RunLifecycle):
         """The reward model, frozen and in eval mode; quantized weights placed at load, others by the trainer."""
-        from transformers import AutoModelForSequenceClassification
-
         cfg, rm = self.cfg, self.cfg.reward_model
         bits = None if rm.load_in == "full" else rm.load_in
-        q = cfg.quantization
         device = ({"": run.state.local_process_index} if bits and has_accelerator()
                   and not self.launch.places_weights else None)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_location(rm.name_or_path), dtype=torch_dtype(cfg.model.dtype),
-                attn_implementation=rm.attn_implementation, trust_remote_code=rm.trust_remote_code,
-                quantization_config=bnb_config(bits, cfg.model.dtype, q.quant_type, q.double_quant,
-                                               cfg.compute_dtype, cfg.quant_storage), device_map=device)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"reward_model.name_or_path: cannot load {rm.name_or_path} "
-                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
-        model.requires_grad_(False)
-        model.eval()
-        return model
+        return load_reward_model(rm.name_or_path, "reward_model.name_or_path", dtype=cfg.model.dtype, bits=bits,
+                                 quantization=cfg.quantization, compute_dtype=cfg.compute_dtype,
+                                 quant_storage=cfg.quant_storage, attn_implementation=rm.attn_implementation,
+                                 trust_remote_code=rm.trust_remote_code, device_map=device)
 
     def build(self, run: RunLifecycle, args):
         """Policy and reward model through their loading paths; the trainer; the log-prob probe."""
@@ -431,8 +336,8 @@ class Runner(lifecycle.Runner):
                     f"{self.family.final_softcap} (temperature {r.temperature}) within {gap:.1e} nats")
         if self.reward_tokenizer is not None:
             run.say(f"reward model: {cfg.reward_model.name_or_path} ({cfg.reward_model.load_in}), frozen, eval mode; "
-                    f"prompt + completion rendered with {'its own' if self.reward_template == 'own' else 'the run'}"
-                    "'s chat template")
+                    "prompt + completion rendered with "
+                    + ("its own chat template" if self.reward_template == "own" else "the run's chat template"))
         reference = ("the starting adapter (a frozen copy)" if r.initial_adapter else
                      "the base (adapters disabled)" if cfg.lora.enabled else "a frozen copy of the starting model")
         run.say(f"rl: {r.algorithm} with groups of {r.num_generations}, KL coefficient {r.beta} to {reference}; "
