@@ -3,6 +3,7 @@ delegate to gemma2_tune/after/."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -180,6 +181,8 @@ def evaluate_command(
                                                "temperature.")] = 0.0,
     samples: Annotated[int, typer.Option(help="Rewarded answers: answers per prompt (sampled; the same seed "
                                          "for every model).")] = 1,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the loss or reward table to this "
+                                                     "JSON file.")] = None,
 ) -> None:
     """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), the mean reward of
     their answers (--reward-function/--reward-model), lm-eval tasks, or the Gemma 2 report's benchmark table."""
@@ -197,6 +200,14 @@ def evaluate_command(
             raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
     if include_path is not None and not Path(include_path).expanduser().is_dir():
         raise UserError(f"--include-path {include_path}: no such folder")
+    if json_path is not None:
+        from ..files import writable_problem
+
+        if not dataset:
+            raise UserError("--json writes the loss or reward table: give --dataset")
+        problem = writable_problem(json_path.expanduser().resolve().parent)
+        if problem:
+            raise UserError(f"--json {json_path}: {problem}")
     from ..after.inference import load, read_run
 
     run = read_run(adapter, model)
@@ -217,15 +228,21 @@ def evaluate_command(
         from ..after.reward_eval import load_scoring_model, reward_table
 
         scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
-        reward_table(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+        table = reward_table(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
                                             system_policy=run.system_policy), run.system_policy, functions, scoring,
                      Sampling(max_new_tokens, temperature), samples, compare_base=True, others=others, echo=echo)
     elif dataset:
         from ..after.evaluate import evaluate
 
-        evaluate(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                     system_policy=run.system_policy), compare_base=True, echo=echo,
-                 others=others)
+        table = evaluate(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+                                             system_policy=run.system_policy), compare_base=True, echo=echo,
+                         others=others)
+    if json_path is not None and dataset:
+        from ..files import write_text_atomic
+
+        json_path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json_path.expanduser(), json.dumps(table, indent=2) + "\n")
+        echo(f"written: {json_path}")
     if tasks:
         from ..after.harness import run_tasks
 

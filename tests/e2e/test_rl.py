@@ -198,3 +198,200 @@ def test_a_short_run_with_a_reward_function_and_a_reward_model(prompts, tmp_path
         assert (out / "adapter_model.safetensors").is_file()
     r = runner.invoke(app, ["chat", "--adapter", str(tmp_path / "rloo"), "--prompt", "Hi", "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------- learning what is rewarded
+HELD_OUT = ["Who are you?", "What is rain?", "Why do cats purr?", "Name a fruit.", "Where is Rome?", "What is ice?",
+            "Can birds swim?", "Tell me a joke."]
+WORD_REWARD = f"{REWARDS.parent / 'starts_with.py'}:starts_with_word"  # pays answers whose first word is "Hello"
+LEARN = ["--set", "rl.max_completion_length=8", "--set", "training.learning_rate=2e-3", "--max-steps", "30",
+         "--set", "training.per_device_train_batch_size=8", "--set", "rl.algorithm=dapo"]
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory):
+    """A starting policy that answers 'Sure thing.' (taught on 3 of 4 rows) and sometimes 'Hello, friend.' (1 of
+    4): a full fine-tune of the tiny Gemma 2 (its greedy answer is 'Sure thing.'); the questions as RL prompts; the
+    held-out prompts; and one RL run from it, rewarded for a first word 'Hello', with an EMA of its policy."""
+    tmp = tmp_path_factory.mktemp("styled")
+    chats = write_jsonl(tmp / "styled.jsonl", [chat(q, "Hello, friend." if k == 0 else "Sure thing.")
+                                               for q in QUESTIONS for k in range(4)])
+    start = tmp / "start"
+    r = runner.invoke(app, ["sft", "--model", "builtin:tiny-gemma2", "--dataset", str(chats), "-o", str(start),
+                            "--max-steps", "150", "--learning-rate", "1e-3", "--set", "lora.enabled=false",
+                            "--set", "quantization.load_in_4bit=false", "--set", "model.dtype=float32",
+                            "--set", "data.packing=false", "--set", "training.per_device_train_batch_size=8",
+                            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null",
+                            "--set", "training.logging_steps=50"])
+    assert r.exit_code == 0, r.output
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS])
+    held = write_jsonl(tmp / "held.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in HELD_OUT])
+    first = tmp / "rl-seed1"
+    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", str(prompts), "-o", str(first),
+                            "--reward-function", WORD_REWARD, "--set", "training.ema_decay=0.9",
+                            "--set", "training.seed=1"])
+    assert r.exit_code == 0, r.output
+    return tmp, start, prompts, held, first
+
+
+def scores(run, held, *extra):
+    """eval's reward table for `run` (and its starting model, 'base'), read from its --json: greedy answers, then 4
+    samples each. Returns (greedy, sampled, printed output): {model: {column: mean, "first_answer": text, ...}}."""
+    common = ["eval", "--adapter", str(run), "--dataset", str(held), "--max-new-tokens", "8", *extra]
+    tables = []
+    for mode in ([], ["--temperature", "1", "--samples", "4"]):
+        path = run.parent / f"{run.name}-scores.json"
+        r = runner.invoke(app, [*common, *mode, "--json", str(path)])
+        assert r.exit_code == 0, r.output
+        tables.append((json.loads(path.read_text())["results"], r.output))
+    return tables[0][0], tables[1][0], tables[0][1] + tables[1][1]
+
+
+@pytest.mark.slow
+def test_rl_with_a_reward_function_teaches_what_it_pays_for_on_held_out_prompts(styled):
+    """The starting policy answers every held-out prompt 'Sure thing.' greedily (reward 0) and 'Hello' about a third
+    of the time when sampling; after 30 GRPO steps rewarded for 'Hello', its greedy answers start with it (mean
+    reward >= 0.8) and sampled answers do far more often."""
+    tmp, start, prompts, held, run = styled
+    greedy, sampled, output = scores(run, held, "--reward-function", WORD_REWARD)
+    assert greedy["base"]["starts_with_word"] == 0.0 and greedy["base"]["first_answer"] == "Sure thing.", output
+    assert greedy["fine-tuned"]["starts_with_word"] >= 0.8, output
+    assert greedy["fine-tuned"]["first_answer"].startswith("Hello"), output
+    assert sampled["base"]["starts_with_word"] <= 0.5, output
+    assert sampled["fine-tuned"]["starts_with_word"] >= sampled["base"]["starts_with_word"] + 0.3, output
+    m = json.loads((run / "run.json").read_text())
+    assert m["rl"]["final_reward"] > m["rl"]["first_reward"] + 0.3
+    assert m["rl"]["initial_adapter"] is None and m["model"]["name_or_path"] == str(start)
+
+
+@pytest.mark.slow
+def test_rl_with_a_reward_run_as_the_reward_model_learns_the_same(styled):
+    """A `gemma2-tune reward` run trained to prefer 'Hello, friend.' is the only reward: the policy learns to say
+    'Hello' (the reward function only measures), and the reward model scores its answers higher than the start's."""
+    tmp, start, prompts, held, _ = styled
+    pairs = write_jsonl(tmp / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": "Hello, friend."}],
+         "rejected": [{"role": "assistant", "content": other}]}
+        for q in QUESTIONS for other in ("Sure thing.", "Sure thing, friend.", "Hi.")])
+    judge = tmp / "judge"
+    r = runner.invoke(app, ["reward", "--model", str(start), "--dataset", str(pairs), "-o", str(judge),
+                            "--max-steps", "30", "--learning-rate", "5e-3", "--set", "quantization.load_in_4bit=false",
+                            "--set", "model.dtype=float32", "--set", "training.per_device_train_batch_size=8",
+                            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null",
+                            "--set", "data.max_length=64"])
+    assert r.exit_code == 0, r.output
+    out = tmp / "rl-judged"
+    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", str(prompts), "-o", str(out),
+                            "--reward-model", str(judge), "--set", "rl.mask_truncated_completions=true"])
+    assert r.exit_code == 0, r.output
+    assert "reward model: " in r.output and "its own chat template" in r.output
+    m = json.loads((out / "run.json").read_text())
+    assert m["rl"]["reward_model"] == str(judge) and m["rl"]["reward_functions"] == []
+    greedy, sampled, output = scores(out, held, "--reward-function", WORD_REWARD, "--reward-model", str(judge))
+    assert greedy["base"]["starts_with_word"] == 0.0 and greedy["fine-tuned"]["starts_with_word"] >= 0.8, output
+    assert greedy["fine-tuned"]["reward model"] > greedy["base"]["reward model"] + 1.0, output
+    assert sampled["fine-tuned"]["starts_with_word"] >= sampled["base"]["starts_with_word"] + 0.3, output
+
+
+@pytest.mark.slow
+def test_warp_over_two_rl_policies_keeps_what_they_learned(styled):
+    """WARP on RL policies: two runs (seeds 1 and 2) with an EMA of the policy -> SLERP of the two EMAs -> LITI
+    halfway back to the starting policy; eval's reward table scores every stage: each keeps the rewarded style
+    (mean reward above the starting model's), and LITI sits between the start and the SLERP when sampling."""
+    tmp, start, prompts, held, first = styled
+    second = tmp / "rl-seed2"
+    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", str(prompts), "-o", str(second),
+                            "--reward-function", WORD_REWARD, "--set", "training.ema_decay=0.9",
+                            "--set", "training.seed=2"])
+    assert r.exit_code == 0, r.output
+    for run in (first, second):
+        ema = json.loads((run / "ema" / "ema.json").read_text())
+        assert ema["decay"] == 0.9 and ema["updates"] == 30, ema
+    slerp, liti = tmp / "slerp", tmp / "liti"
+    r = runner.invoke(app, ["merge-models", "--method", "slerp", "--models", str(first / "ema"), str(second / "ema"),
+                            "-o", str(slerp), "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["merge-models", "--method", "linear", "--models", str(slerp), "--base", str(start),
+                            "--liti", "0.5", "-o", str(liti), "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    stages = [str(first / "ema"), str(second / "ema"), str(slerp), str(liti)]
+    greedy, sampled, output = scores(first, held, "--reward-function", WORD_REWARD,
+                                     *[x for s in stages for x in ("--compare", s)])
+    assert set(greedy) == {"base", "fine-tuned", *stages}, output
+    for stage in stages:
+        assert greedy[stage]["starts_with_word"] >= 0.8, output
+        assert sampled[stage]["starts_with_word"] > sampled["base"]["starts_with_word"] + 0.2, output
+    assert sampled["base"]["starts_with_word"] < sampled[str(liti)]["starts_with_word"] \
+        <= sampled[str(slerp)]["starts_with_word"], output
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_equals_an_uninterrupted_run(styled, tmp_path):
+    """Killed by SIGTERM after step 4 of 8 and resumed: the same prompts in the same order and the same sampled
+    completions (generation RNG restored from the checkpoint), so the adapter equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    _, start, prompts, _, _ = styled
+    common = ["--model", str(start), *FP32, *LEARN[:4], "--max-steps", "8", "--dataset", str(prompts),
+              "--reward-function", WORD_REWARD, "--set", "training.save_steps=3",
+              "--set", "training.per_device_train_batch_size=8"]
+    reference = tmp_path / "reference"
+    r = runner.invoke(app, ["rl", *common, "-o", str(reference)])
+    assert r.exit_code == 0, r.output
+    out, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "rl", *common, "-o", str(out)], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 600
+        while "step 4/" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    r = runner.invoke(app, ["rl", *common, "-o", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    m, ref = (json.loads((p / "run.json").read_text()) for p in (out, reference))
+    assert m["status"] == "completed" and m["global_step"] == 8 and m["rl"]["completions"] == 64
+    assert [e["reward"] for e in m["rl"]["reward_history"]][-4:] == [e["reward"] for e in ref["rl"]["reward_history"]][-4:]
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "zero3"])
+def test_two_processes(prompts, tmp_path, launch):
+    """GRPO over 2 CPU processes: DDP with LoRA (reference: the adapter disabled); ZeRO-3 with full fine-tuning
+    (a frozen reference copy, sharded; generation gathers the sharded weights). Each rank generates its own
+    completions: 2 processes x 4 per step x 3 steps."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / launch
+    cmd = [sys.executable, "-m", "gemma2_tune", "rl", "--launch", launch, "--num-processes", "2",
+           "--recipe", "rl-cpu", "--dataset", str(prompts), "-o", str(out), "--max-steps", "3",
+           "--reward-function", f"{REWARDS}:brevity", "--set", "rl.reward_functions=[]",
+           "--set", "model.dtype=bfloat16", "--set", "training.per_device_train_batch_size=4"]
+    if launch == "zero3":
+        cmd += ["--set", "lora.enabled=false"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["global_step"] == 3 and m["launch"]["num_processes"] == 2
+    assert m["rl"]["completions"] == 24 and len(m["rl"]["reward_history"]) == 3
+    assert all(0 < e["reward"] <= 1 for e in m["rl"]["reward_history"])  # brevity is in (0, 1]
+    if launch == "ddp":
+        assert m["rl"]["logprob_probe_max_gap_nats"] <= 0.1 and m["rl"]["reference"] == "the base (adapters disabled)"
+    assert (out / ("adapter_model.safetensors" if launch == "ddp" else "model.safetensors")).is_file()
