@@ -5,9 +5,7 @@ are message lists; completion[0]['content'] is the answer's text without <end_of
 completion; anything else stops with a UserError naming `path:name`. A reward model is a sequence classifier with
 one output: a whole folder or hub id, or a `gemma2-tune reward` run (a SEQ_CLS LoRA adapter whose score head is
 saved with it: its base is loaded as a sequence classifier and the adapter put on it, merged where the weights are
-not quantized). It scores prompt + completion rendered as TRL's GRPOTrainer renders them for a reward model
-(trl.data_utils.apply_chat_template with the reward model's tokenizer: its own chat template, else the run's),
-read at the last token (`logits[:, 0]`).
+not quantized). RewardModelScorer says what text it reads (the same in `rl` and in `eval`).
 """
 
 from __future__ import annotations
@@ -171,19 +169,53 @@ def load_reward_model(name: str, key: str, *, dtype: str, bits: str | None = Non
     return model
 
 
-def reward_model_scores(model, tokenizer, prompts: list[Messages], texts: list[str], batch_size: int = 8) -> list[float]:
-    """Scores of prompt + completion, rendered and read as TRL's GRPOTrainer does for a reward model (the
-    conversation through `tokenizer`'s chat template, right-padded, no added special tokens, logits[:, 0])."""
-    import torch
-    from trl.data_utils import apply_chat_template
+class RewardModelScorer:
+    """A reward model as a reward function (TRL's signature): one score per completion, batched.
 
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = [apply_chat_template({"messages": p + [{"role": "assistant", "content": t}]}, tokenizer)["text"]
-                 for p, t in zip(prompts[start:start + batch_size], texts[start:start + batch_size])]
-        inputs = tokenizer(text=batch, return_tensors="pt", padding=True, padding_side="right",
-                           add_special_tokens=False).to(device)
-        with torch.inference_mode():
-            scores += model(**inputs).logits[:, 0].float().tolist()
-    return scores
+    The text scored: with a chat template gemma2-tune generated (a `gemma2-tune reward` run's, or the run's for a
+    reward model without one), the prompt rendered with the model-turn header, the answer, <end_of_turn> and the
+    newline, which is exactly the template's rendering of prompt + answer, and stays defined for an empty answer
+    (a policy that stops at once), which the template refuses as a conversation; with a reward model's own
+    foreign template, the whole conversation through it, as TRL's GRPOTrainer renders for a reward model
+    (trl.data_utils.apply_chat_template). Read right-padded, no added special tokens, at `logits[:, 0]`.
+    `model` may be replaced after construction (rl puts TRL's prepared copy here). Raises UserError when a foreign
+    template refuses a conversation."""
+
+    __name__ = "reward_model"  # TRL logs rewards/reward_model/mean
+
+    def __init__(self, model, tokenizer, ours: bool, batch_size: int = 8):
+        self.model, self.tokenizer, self.ours, self.batch_size = model, tokenizer, ours, batch_size
+
+    def text(self, prompt: Messages, answer: str) -> str:
+        """What the reward model reads for `prompt` answered with `answer`."""
+        if self.ours:
+            from .data.turns import END
+
+            head = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return f"{head}{answer.strip()}{END}\n"
+        from trl.data_utils import apply_chat_template
+
+        try:
+            return apply_chat_template({"messages": prompt + [{"role": "assistant", "content": answer}]},
+                                       self.tokenizer)["text"]
+        except Exception as exc:  # noqa: BLE001 - the reward model's own template
+            raise UserError(f"reward model: its chat template refused a prompt + answer ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); answer {answer!r:.80}") from None
+
+    def scores(self, prompts: list[Messages], texts: list[str]) -> list[float]:
+        """Scores of each prompt answered with the matching text."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = [self.text(p, t) for p, t in zip(prompts[start:start + self.batch_size],
+                                                      texts[start:start + self.batch_size])]
+            inputs = self.tokenizer(text=batch, return_tensors="pt", padding=True, padding_side="right",
+                                    add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                out += self.model(**inputs).logits[:, 0].float().tolist()
+        return out
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:  # noqa: ARG002 - TRL's keyword columns
+        return self.scores(prompts, [c[0]["content"] if isinstance(c, list) else c for c in completions])

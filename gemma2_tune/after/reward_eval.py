@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..config.schema import DataSection
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..rewards import CheckedReward, call_reward_function, reward_model_scores
+from ..rewards import CheckedReward, RewardModelScorer, call_reward_function
 from .inference import Loaded, Sampling, prompt_ids
 
 Echo = Callable[[str], None]
@@ -45,11 +45,13 @@ def answers(loaded: Loaded, prompts: list[list[dict[str, str]]], policy: str, sa
 
 
 def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list[CheckedReward],
-                 reward_model: tuple[Any, Any] | None, sampling: Sampling, samples: int, compare_base: bool,
-                 others: list[tuple[str, Callable[[], Loaded]]] = (), echo: Echo = print) -> dict[str, Any]:
+                 reward_model: RewardModelScorer | None, sampling: Sampling, samples: int, compare_base: bool,
+                 others: list[tuple[str, Callable[[], Loaded]]] = (), echo: Echo = print,
+                 label: str = "model") -> dict[str, Any]:
     """Mean rewards of the loaded model's answers (and its base's, adapter off, when `compare_base` and it has
-    one; and each of `others`, (name, loader), loaded one at a time), printed as one table. `reward_model`:
-    (model, tokenizer) or None. Returns {"dataset", "prompts", "answers_per_prompt", "results": {name: {label:
+    one; and each of `others`, (name, loader), loaded one at a time), printed as one table (`label`: the row of a
+    model without an adapter). `reward_model`: the
+    scorer rl trains with, or None. Returns {"dataset", "prompts", "answers_per_prompt", "results": {name: {label:
     mean, ..., "truncated": n, "first_answer": text}}}. Raises UserError: no usable prompts, a reward function
     that fails."""
     rows, source = load_rows(data)
@@ -67,7 +69,7 @@ def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list
             values = call_reward_function(fn, asked, texts, model_loaded.tokenizer)
             means[fn.spec.name] = sum(values) / len(values)
         if reward_model:
-            values = reward_model_scores(*reward_model, asked, texts)
+            values = reward_model.scores(asked, texts)
             means["reward model"] = sum(values) / len(values)
         return means | {"truncated": truncated, "answers": len(texts), "first_answer": texts[0]}
 
@@ -76,7 +78,7 @@ def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list
     if compare_base and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             results["base"] = score(loaded)
-    results["fine-tuned" if hasattr(model, "disable_adapter") else "model"] = score(loaded)
+    results["fine-tuned" if hasattr(model, "disable_adapter") else label] = score(loaded)
     for name, load_other in others:  # checked by the caller (same family and vocabulary)
         other = load_other()
         results[name] = score(other)
@@ -111,18 +113,17 @@ def reward_scorers(request) -> tuple[list[CheckedReward], Any]:
     return functions, tokenizer
 
 
-def load_scoring_model(name: str | None, checked: Any, loaded: Loaded) -> tuple[Any, Any] | None:
-    """The reward model (frozen, on the evaluated model's device, in its dtype) and its tokenizer: its own chat
-    template, else the run's (as `rl` scores). None without --reward-model."""
+def load_scoring_model(name: str | None, checked: Any, loaded: Loaded) -> RewardModelScorer | None:
+    """The reward model (frozen, on the evaluated model's device, in its dtype) as `rl` scores with it: its own
+    chat template, else the run's. None without --reward-model."""
     if name is None:
         return None
-    from ..data.template import use_run_template
+    from ..data.template import is_generated, use_run_template
     from ..rewards import load_reward_model
 
     tokenizer, own = checked
     if not own:
         use_run_template(tokenizer, loaded.family, "fold", "bad_row")
     dtype = str(loaded.model.dtype).removeprefix("torch.")
-    device = loaded.model.device
     model = load_reward_model(name, f"--reward-model {name}", dtype=dtype)
-    return model.to(device), tokenizer
+    return RewardModelScorer(model.to(loaded.model.device), tokenizer, ours=is_generated(tokenizer.chat_template))

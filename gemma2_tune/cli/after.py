@@ -230,7 +230,8 @@ def evaluate_command(
         scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
         table = reward_table(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
                                             system_policy=run.system_policy), run.system_policy, functions, scoring,
-                     Sampling(max_new_tokens, temperature), samples, compare_base=True, others=others, echo=echo)
+                     Sampling(max_new_tokens, temperature), samples, compare_base=True, others=others, echo=echo,
+                             label=model or "model")
     elif dataset:
         from ..after.evaluate import evaluate
 

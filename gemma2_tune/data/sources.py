@@ -47,6 +47,14 @@ ALIASES = {
                     local=PACKAGE_DIR / "assets" / "pirate" / "train.jsonl"),
     "pirate-held-out": Alias("8 held-out chats in the same style (for eval)",
                              local=PACKAGE_DIR / "assets" / "pirate" / "held_out.jsonl"),
+    "greetings": Alias("64 chats shipped with gemma2-tune: 16 questions, each answered 'Hello, friend.' once and "
+                       "three ways starting 'Sure'  (the CPU WARP walk-through's SFT data; `rl` reads their prompts)",
+                       local=PACKAGE_DIR / "assets" / "greetings" / "chats.jsonl"),
+    "greetings-held-out": Alias("8 held-out prompts for the greetings walk-through (eval --reward-function)",
+                                local=PACKAGE_DIR / "assets" / "greetings" / "held_out.jsonl"),
+    "greetings-pairs": Alias("48 preference pairs: 'Hello, friend.' over 'Sure thing.' and two others (a reward "
+                             "model that prefers the greeting)",
+                             local=PACKAGE_DIR / "assets" / "greetings" / "pairs.jsonl"),
     "concise": Alias("40 preference pairs shipped with gemma2-tune: a concise answer over the same answer hedged",
                      local=PACKAGE_DIR / "assets" / "preferences" / "train.jsonl"),
     "concise-held-out": Alias("12 held-out preference pairs in the same style (for eval)",

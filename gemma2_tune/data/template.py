@@ -126,6 +126,11 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
     )
 
 
+def is_generated(template: str | None) -> bool:
+    """A chat template this package generated (chat_template above; its first line says so)."""
+    return bool(template) and "gemma2-tune: " in template[:200] and "generated, do not edit" in template[:200]
+
+
 def use_run_template(tokenizer, family: Family, system_policy: SystemPolicy, unsupported: str = "bad_row") -> str | None:
     """Give `tokenizer` the run's generated template. Returns the template it carried before when that one
     differs (a base or -it checkpoint's own, to keep beside the run as chat_template.base.jinja), else None."""

@@ -33,13 +33,14 @@ from transformers import PrinterCallback, TrainerCallback
 from ..config.rl import RlConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..data.template import use_run_template
+from ..data.template import is_generated, use_run_template
 from ..data.turns import END
 from ..errors import UserError
 from ..models.checks import check_kernel_request
 from ..models.loading import checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
-from ..rewards import load_reward_function, load_reward_model, reward_model_tokenizer, try_reward_functions
+from ..rewards import (RewardModelScorer, load_reward_function, load_reward_model, reward_model_tokenizer,
+                       try_reward_functions)
 from . import lifecycle
 from .distill import EpochSeededRepeatSampler, run_total
 from .launch import Launch
@@ -308,10 +309,12 @@ class Runner(lifecycle.Runner):
         end_of_turn = self.tokenizer.convert_tokens_to_ids(END)
         policy.generation_config.eos_token_id = [self.tokenizer.eos_token_id, end_of_turn]
         rewards: list[Any] = list(self.functions)
-        processing = [None] * len(rewards)
+        scorer = None
         if self.reward_tokenizer is not None:
-            rewards.append(self._load_reward_model(run))
-            processing.append(self.reward_tokenizer)
+            scorer = RewardModelScorer(self._load_reward_model(run), self.reward_tokenizer,
+                                       ours=is_generated(self.reward_tokenizer.chat_template),
+                                       batch_size=cfg.training.per_device_train_batch_size)
+            rewards.append(scorer)
         from datasets import Dataset
 
         grpo, rloo = trainer_classes()
@@ -321,9 +324,15 @@ class Runner(lifecycle.Runner):
                 model=policy, reward_funcs=rewards, args=args,
                 train_dataset=Dataset.from_dict({"prompt": self.prompts}),
                 eval_dataset=Dataset.from_dict({"prompt": self.eval_prompts}) if self.eval_prompts else None,
-                processing_class=self.tokenizer, reward_processing_classes=processing, peft_config=peft)
+                processing_class=self.tokenizer, peft_config=peft)
         except ValueError as exc:  # TRL's own checks of its arguments (e.g. a batch of partial groups)
             raise UserError(f"rl: TRL refused the settings: {exc}") from None
+        if scorer is not None:  # placed (or sharded) as TRL places a reward model it is given as a model
+            from trl.models import prepare_deepspeed
+
+            scorer.model = (prepare_deepspeed(scorer.model, trainer.accelerator) if trainer.is_deepspeed_enabled else
+                            trainer.accelerator.prepare_model(scorer.model, evaluation_mode=True,
+                                                              device_placement=True))
         trainer.remove_callback(PrinterCallback)
         keep_adapters_in_fp32(trainer, cfg, launch)
         trainer.add_callback(EchoRewards(run.say))
@@ -337,7 +346,8 @@ class Runner(lifecycle.Runner):
         if self.reward_tokenizer is not None:
             run.say(f"reward model: {cfg.reward_model.name_or_path} ({cfg.reward_model.load_in}), frozen, eval mode; "
                     "prompt + completion rendered with "
-                    + ("its own chat template" if self.reward_template == "own" else "the run's chat template"))
+                    + ("its own chat template" if self.reward_template == "own" else "the run's chat template")
+                    + (" (prompt, answer, <end_of_turn>: defined for an empty answer too)" if scorer.ours else ""))
         reference = ("the starting adapter (a frozen copy)" if r.initial_adapter else
                      "the base (adapters disabled)" if cfg.lora.enabled else "a frozen copy of the starting model")
         run.say(f"rl: {r.algorithm} with groups of {r.num_generations}, KL coefficient {r.beta} to {reference}; "

@@ -201,37 +201,29 @@ def test_a_short_run_with_a_reward_function_and_a_reward_model(prompts, tmp_path
 
 
 # ------------------------------------------------------------------------------------- learning what is rewarded
-HELD_OUT = ["Who are you?", "What is rain?", "Why do cats purr?", "Name a fruit.", "Where is Rome?", "What is ice?",
-            "Can birds swim?", "Tell me a joke."]
 WORD_REWARD = f"{REWARDS.parent / 'starts_with.py'}:starts_with_word"  # pays answers whose first word is "Hello"
 LEARN = ["--set", "rl.max_completion_length=8", "--set", "training.learning_rate=2e-3", "--max-steps", "30",
          "--set", "training.per_device_train_batch_size=8", "--set", "rl.algorithm=dapo"]
 
 
-def chat(question: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-
-
 @pytest.fixture(scope="module")
 def styled(tmp_path_factory):
-    """A starting policy that answers 'Sure thing.' (taught on 3 of 4 rows) and sometimes 'Hello, friend.' (1 of
-    4): a full fine-tune of the tiny Gemma 2 (its greedy answer is 'Sure thing.'); the questions as RL prompts; the
-    held-out prompts; and one RL run from it, rewarded for a first word 'Hello', with an EMA of its policy."""
+    """The shipped `greetings` data: a starting policy taught to answer 'Hello, friend.' once in 4 and 'Sure ...'
+    otherwise (a full fine-tune of the tiny Gemma 2: its greedy answers start with 'Sure'); and one RL run from
+    it on the same prompts, rewarded for a first word 'Hello', with an EMA of its policy. Held-out prompts:
+    `greetings-held-out`."""
     tmp = tmp_path_factory.mktemp("styled")
-    chats = write_jsonl(tmp / "styled.jsonl", [chat(q, "Hello, friend." if k == 0 else "Sure thing.")
-                                               for q in QUESTIONS for k in range(4)])
     start = tmp / "start"
-    r = runner.invoke(app, ["sft", "--model", "builtin:tiny-gemma2", "--dataset", str(chats), "-o", str(start),
+    r = runner.invoke(app, ["sft", "--model", "builtin:tiny-gemma2", "--dataset", "greetings", "-o", str(start),
                             "--max-steps", "150", "--learning-rate", "1e-3", "--set", "lora.enabled=false",
                             "--set", "quantization.load_in_4bit=false", "--set", "model.dtype=float32",
                             "--set", "data.packing=false", "--set", "training.per_device_train_batch_size=8",
                             "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null",
                             "--set", "training.logging_steps=50"])
     assert r.exit_code == 0, r.output
-    prompts = write_jsonl(tmp / "prompts.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS])
-    held = write_jsonl(tmp / "held.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in HELD_OUT])
+    prompts, held = "greetings", "greetings-held-out"
     first = tmp / "rl-seed1"
-    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", str(prompts), "-o", str(first),
+    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", prompts, "-o", str(first),
                             "--reward-function", WORD_REWARD, "--set", "training.ema_decay=0.9",
                             "--set", "training.seed=1"])
     assert r.exit_code == 0, r.output
@@ -241,24 +233,25 @@ def styled(tmp_path_factory):
 def scores(run, held, *extra):
     """eval's reward table for `run` (and its starting model, 'base'), read from its --json: greedy answers, then 4
     samples each. Returns (greedy, sampled, printed output): {model: {column: mean, "first_answer": text, ...}}."""
-    common = ["eval", "--adapter", str(run), "--dataset", str(held), "--max-new-tokens", "8", *extra]
+    common = ["eval", "--adapter", str(run), "--dataset", held, "--max-new-tokens", "8", *extra]
     tables = []
     for mode in ([], ["--temperature", "1", "--samples", "4"]):
         path = run.parent / f"{run.name}-scores.json"
         r = runner.invoke(app, [*common, *mode, "--json", str(path)])
         assert r.exit_code == 0, r.output
         tables.append((json.loads(path.read_text())["results"], r.output))
+        print(r.output[r.output.index("answers: "):])  # the table, for `pytest -s`
     return tables[0][0], tables[1][0], tables[0][1] + tables[1][1]
 
 
 @pytest.mark.slow
 def test_rl_with_a_reward_function_teaches_what_it_pays_for_on_held_out_prompts(styled):
-    """The starting policy answers every held-out prompt 'Sure thing.' greedily (reward 0) and 'Hello' about a third
-    of the time when sampling; after 30 GRPO steps rewarded for 'Hello', its greedy answers start with it (mean
+    """The starting policy answers every held-out prompt 'Sure ...' greedily (reward 0) and 'Hello' about a third
+    of the time or less when sampling; after 30 GRPO steps rewarded for 'Hello', its greedy answers start with it (mean
     reward >= 0.8) and sampled answers do far more often."""
     tmp, start, prompts, held, run = styled
     greedy, sampled, output = scores(run, held, "--reward-function", WORD_REWARD)
-    assert greedy["base"]["starts_with_word"] == 0.0 and greedy["base"]["first_answer"] == "Sure thing.", output
+    assert greedy["base"]["starts_with_word"] == 0.0 and greedy["base"]["first_answer"].startswith("Sure"), output
     assert greedy["fine-tuned"]["starts_with_word"] >= 0.8, output
     assert greedy["fine-tuned"]["first_answer"].startswith("Hello"), output
     assert sampled["base"]["starts_with_word"] <= 0.5, output
@@ -273,19 +266,16 @@ def test_rl_with_a_reward_run_as_the_reward_model_learns_the_same(styled):
     """A `gemma2-tune reward` run trained to prefer 'Hello, friend.' is the only reward: the policy learns to say
     'Hello' (the reward function only measures), and the reward model scores its answers higher than the start's."""
     tmp, start, prompts, held, _ = styled
-    pairs = write_jsonl(tmp / "pairs.jsonl", [
-        {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": "Hello, friend."}],
-         "rejected": [{"role": "assistant", "content": other}]}
-        for q in QUESTIONS for other in ("Sure thing.", "Sure thing, friend.", "Hi.")])
+    pairs = "greetings-pairs"
     judge = tmp / "judge"
-    r = runner.invoke(app, ["reward", "--model", str(start), "--dataset", str(pairs), "-o", str(judge),
+    r = runner.invoke(app, ["reward", "--model", str(start), "--dataset", pairs, "-o", str(judge),
                             "--max-steps", "30", "--learning-rate", "5e-3", "--set", "quantization.load_in_4bit=false",
                             "--set", "model.dtype=float32", "--set", "training.per_device_train_batch_size=8",
                             "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null",
                             "--set", "data.max_length=64"])
     assert r.exit_code == 0, r.output
     out = tmp / "rl-judged"
-    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", str(prompts), "-o", str(out),
+    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", prompts, "-o", str(out),
                             "--reward-model", str(judge), "--set", "rl.mask_truncated_completions=true"])
     assert r.exit_code == 0, r.output
     assert "reward model: " in r.output and "its own chat template" in r.output
@@ -304,7 +294,7 @@ def test_warp_over_two_rl_policies_keeps_what_they_learned(styled):
     (mean reward above the starting model's), and LITI sits between the start and the SLERP when sampling."""
     tmp, start, prompts, held, first = styled
     second = tmp / "rl-seed2"
-    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", str(prompts), "-o", str(second),
+    r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", prompts, "-o", str(second),
                             "--reward-function", WORD_REWARD, "--set", "training.ema_decay=0.9",
                             "--set", "training.seed=2"])
     assert r.exit_code == 0, r.output
@@ -342,7 +332,7 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(styled, tmp_path):
     from safetensors.torch import load_file
 
     _, start, prompts, _, _ = styled
-    common = ["--model", str(start), *FP32, *LEARN[:4], "--max-steps", "8", "--dataset", str(prompts),
+    common = ["--model", str(start), *FP32, *LEARN[:4], "--max-steps", "8", "--dataset", prompts,
               "--reward-function", WORD_REWARD, "--set", "training.save_steps=3",
               "--set", "training.per_device_train_batch_size=8"]
     reference = tmp_path / "reference"
@@ -395,3 +385,24 @@ def test_two_processes(prompts, tmp_path, launch):
     if launch == "ddp":
         assert m["rl"]["logprob_probe_max_gap_nats"] <= 0.1 and m["rl"]["reference"] == "the base (adapters disabled)"
     assert (out / ("adapter_model.safetensors" if launch == "ddp" else "model.safetensors")).is_file()
+
+
+@pytest.mark.slow
+def test_rl_from_a_lora_sft_run_trains_its_adapter_further(answer_ok_run, prompts, tmp_path):
+    """--model runs/x (the session's QLoRA "answer ok" run): its base is loaded, its adapter is the starting policy
+    and, frozen, the reference; the saved adapter has the run's shape and moved from the start."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "from-sft"
+    r = runner.invoke(app, ["rl", "--model", str(answer_ok_run), "--dataset", str(prompts), "-o", str(out),
+                            "--max-steps", "2", "--reward-function", f"{REWARDS}:brevity", "--learning-rate", "1e-2",
+                            "--set", "rl.max_completion_length=4", "--set", "data.max_length=64",
+                            "--set", "rl.num_generations=4", "--set", "training.per_device_train_batch_size=4",
+                            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "run.json").read_text())
+    assert m["rl"]["initial_adapter"] == str(answer_ok_run) and m["model"]["name_or_path"] == "builtin:tiny-gemma2"
+    assert m["rl"]["reference"] == "the starting adapter (a frozen copy)"
+    start, end = (load_file(str(p / "adapter_model.safetensors")) for p in (answer_ok_run, out))
+    assert set(start) == set(end)
+    assert max((start[k].float() - end[k].float()).abs().max().item() for k in start) > 0

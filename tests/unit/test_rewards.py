@@ -1,0 +1,78 @@
+"""Rewards shared by `rl` and `eval` (gemma2_tune/rewards.py): what a reward model reads, which folders count as
+reward models, and eval's reward options checked before any model loads."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from gemma2_tune.cli import app
+
+runner = CliRunner()
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+def test_a_reward_model_reads_the_templates_rendering_and_an_empty_answer_is_defined(tokenizer):
+    """With our template the text is exactly the template's prompt + answer; an empty answer (a policy that stops
+    at once), which the template refuses as a conversation, reads as the empty model turn."""
+    from gemma2_tune.data.template import is_generated
+    from gemma2_tune.rewards import RewardModelScorer
+
+    assert is_generated(tokenizer.chat_template)
+    scorer = RewardModelScorer(None, tokenizer, ours=True)
+    for answer in ("Hello, friend.", "  two\nlines  ", "ünïcode ✓"):
+        whole = tokenizer.apply_chat_template(PROMPT + [{"role": "assistant", "content": answer}], tokenize=False)
+        assert scorer.text(PROMPT, answer) == whole
+    with pytest.raises(Exception, match="has empty content"):
+        tokenizer.apply_chat_template(PROMPT + [{"role": "assistant", "content": ""}], tokenize=False)
+    head = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert scorer.text(PROMPT, "") == head + "<end_of_turn>\n"
+    foreign = RewardModelScorer(None, tokenizer, ours=False)  # TRL's rendering: the whole conversation
+    assert foreign.text(PROMPT, "Hello") == scorer.text(PROMPT, "Hello")
+    from gemma2_tune.errors import UserError
+
+    with pytest.raises(UserError, match="reward model: its chat template refused a prompt \\+ answer"):
+        foreign.text(PROMPT, "")
+
+
+def test_a_reward_run_is_a_reward_model_and_a_causal_lm_adapter_is_not(tmp_path):
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.config.rl import RlConfig, reward_run
+    from gemma2_tune.errors import ConfigError
+
+    common = ["model.name_or_path=builtin:tiny-gemma2", "rl.reward_functions=[]"]
+    for task, ok in (("SEQ_CLS", True), ("CAUSAL_LM", False)):
+        folder = tmp_path / task
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"task_type": task,
+                                                                 "base_model_name_or_path": "builtin:tiny-gemma2"}))
+        assert reward_run(str(folder)) is ok
+        if ok:
+            resolve(None, [*common, f"reward_model.name_or_path={folder}"], schema=RlConfig)  # no error
+            from gemma2_tune.training.plan import model_shape
+
+            assert model_shape(str(folder))[0] == model_shape("builtin:tiny-gemma2")[0]  # plan counts its base
+        else:
+            with pytest.raises(ConfigError, match="is a LoRA adapter of a causal LM, not a reward model"):
+                resolve(None, [*common, f"reward_model.name_or_path={folder}"], schema=RlConfig)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--reward-function", "r.py:f"], "--reward-function/--reward-model score answers to prompts: give --dataset"),
+    (["--dataset", "greetings-held-out", "--reward-function", f"{ROOT}/recipes/rewards/starts_with.py:brevity",
+      "--samples", "3"], "--samples 3: greedy answers are all the same; give --temperature > 0"),
+    (["--dataset", "greetings-held-out", "--reward-function", f"{ROOT}/recipes/rewards/starts_with.py:brevity=2"],
+     "eval reports each function's mean; weights are for rl's summed reward"),
+    (["--dataset", "greetings-held-out", "--reward-function", f"{ROOT}/recipes/rewards/starts_with.py:nope"],
+     "defines no 'nope' (functions there: brevity, starts_with_word)"),
+    (["--dataset", "greetings-held-out", "--reward-model", f"{ROOT}/recipes"], "--reward-model"),
+    (["--tasks", "x", "--json", "out.json"], "--json writes the loss or reward table: give --dataset"),
+])
+def test_eval_reward_options_are_checked_before_any_model_loads(args, says, tmp_path, monkeypatch):
+    import gemma2_tune.after.inference as inference
+
+    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["eval", "--model", "builtin:tiny-gemma2", *args])
+    assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
