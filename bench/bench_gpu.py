@@ -11,6 +11,10 @@ tokenizer of that size; every side trains it from the same files on the same mix
 
     trl                 plain TRL 1.16, the reference QLoRA recipe: NF4 + double quant, LoRA r16 on q/k/v/o,
                         eager, gradient checkpointing, batch 1 x accumulation 4, unpacked rows, max length 1024
+    trl-best            plain TRL 1.16 at its best: the same, with its packing (bfd, padding-free: rows packed into
+                        1,024-token sequences without cross-row attention) and its default loss (the fused,
+                        chunked, soft-capped LM head)
+    trl-best-liger      trl-best + use_liger_kernel=True (Liger's kernels as TRL applies them; CUDA only)
     gemma2-tune         `gemma2-tune sft` defaults (packed 1024-token blocks, supervised-only tiled loss,
                         accumulation folded into the micro-batch when `plan` says it fits)
     gemma2-tune-flex    the same with model.attn_implementation=flex_attention (soft-cap inside the kernel)
@@ -21,6 +25,8 @@ tokenizer of that size; every side trains it from the same files on the same mix
                         the probe check of logits and gradients against the plain model)
     gemma2-tune-liger-loss  defaults + training.loss=supervised_liger (Liger's fused linear cross-entropy with
                         the 30.0 soft-cap at supervised positions, lm_head in bf16, instead of the fp32 tiles)
+    gemma2-tune-loss-trl  defaults + training.loss=trl (TRL's fused soft-capped LM head instead of our fp32 tiles:
+                        on a CPU ours was faster, bench/results_loss.json; on CUDA TRL's runs in Triton)
     gemma2-tune-fused   flex_attention + Liger's kernels and loss + regional compile together
     gemma2-tune-flex-8192  flex_attention, 8,192-token packed blocks, accumulation 1 (the long-context memory
                         target; not in the default sides)
@@ -45,9 +51,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# TRL's sides: SFTConfig settings on top of the reference recipe
+TRL_SIDES = {"trl": {}, "trl-best": {"packing": True}, "trl-best-liger": {"packing": True, "use_liger_kernel": True}}
 SIDES = {
-    "trl": None,
+    **{side: None for side in TRL_SIDES},
     "gemma2-tune": [],
+    "gemma2-tune-loss-trl": ["training.loss=trl"],
     "gemma2-tune-flex": ["model.attn_implementation=flex_attention"],
     "gemma2-tune-4096": ["data.max_length=4096", "training.gradient_accumulation_steps=1"],
     "gemma2-tune-compiled": ["training.torch_compile=regional"],
@@ -59,8 +68,9 @@ SIDES = {
                               "training.gradient_accumulation_steps=1"],
 }
 # the baseline, the defaults, then the likeliest speed-ups first (a time limit cuts the last ones)
-DEFAULT_SIDES = ["trl", "gemma2-tune", "gemma2-tune-fused", "gemma2-tune-liger-loss", "gemma2-tune-liger",
-                 "gemma2-tune-compiled", "gemma2-tune-flex", "gemma2-tune-4096"]
+DEFAULT_SIDES = ["trl", "trl-best", "gemma2-tune", "gemma2-tune-fused", "gemma2-tune-loss-trl", "trl-best-liger",
+                 "gemma2-tune-liger-loss", "gemma2-tune-liger", "gemma2-tune-compiled", "gemma2-tune-flex",
+                 "gemma2-tune-4096"]
 RUNNING: list = []  # the side's worker process while it runs (killed if the benchmark is stopped)
 
 
@@ -72,7 +82,7 @@ def stop(signum, frame):  # noqa: ARG001
     raise SystemExit(f"stopped by signal {signum} (any side already measured is in the JSON)")
 
 
-CUDA_ONLY = ("gemma2-tune-flex", "gemma2-tune-compiled", "gemma2-tune-liger", "gemma2-tune-liger-loss",
+CUDA_ONLY = ("trl-best-liger", "gemma2-tune-flex", "gemma2-tune-compiled", "gemma2-tune-liger", "gemma2-tune-liger-loss",
              "gemma2-tune-fused", "gemma2-tune-flex-8192")
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
@@ -175,7 +185,8 @@ def last_loss(log_history: list[dict]) -> float | None:
     return losses[-1] if losses else None
 
 
-def worker_trl(model_dir: str, data: str, out: str, steps: int, warmup: int) -> dict:
+def worker_trl(model_dir: str, data: str, out: str, steps: int, warmup: int, settings: dict | None = None) -> dict:
+    """The reference recipe with `settings` (TRL_SIDES) on top."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -190,10 +201,10 @@ def worker_trl(model_dir: str, data: str, out: str, steps: int, warmup: int) -> 
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.bfloat16,
                                                  quantization_config=quant, device_map={"": 0} if cuda else None)
-    args = SFTConfig(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=4,
-                     learning_rate=2e-4, bf16=True, max_length=1024, gradient_checkpointing=True, max_steps=steps,
-                     logging_steps=1, save_strategy="no", report_to=[], seed=42, packing=False, use_cpu=not cuda,
-                     disable_tqdm=True)
+    recipe = dict(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=4, learning_rate=2e-4,
+                  bf16=True, max_length=1024, gradient_checkpointing=True, max_steps=steps, logging_steps=1,
+                  save_strategy="no", report_to=[], seed=42, packing=False, use_cpu=not cuda, disable_tqdm=True)
+    args = SFTConfig(**recipe | (settings or {}))
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")
     train = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
@@ -275,7 +286,8 @@ def main() -> None:
     add_worker_arguments(parser, SIDES)
     a = parser.parse_args()
     if a.worker:
-        result = (worker_trl(a.model_dir, a.data, a.out, a.steps, a.warmup) if a.worker == "trl" else
+        result = (worker_trl(a.model_dir, a.data, a.out, a.steps, a.warmup, TRL_SIDES[a.worker])
+                  if a.worker in TRL_SIDES else
                   worker_gemma2_tune(a.model_dir, a.data, a.out, SIDES[a.worker], a.steps, a.warmup))
         Path(a.result).write_text(json.dumps(result))
         return

@@ -73,8 +73,8 @@ SMOKE=$("$PY" -c "import torch; print('' if torch.cuda.is_available() else '--sm
 
 if [ "$SHAPE" = "2b" ]; then
   # flex gradients vs eager, Liger vs the plain model, Liger's loss vs the tiles; on a CPU these skip
-  step tests 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_attention.py \
-    tests/test_kernels.py
+  step tests 150 "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider tests/e2e/test_attention.py \
+    tests/unit/test_kernels.py
   step bench-2b 600 "$OUT/bench-2b.log" "$PY" bench/bench_gpu.py $SMOKE --shapes 2b \
     --json "$OUT/results_gpu_2b.json"
 else

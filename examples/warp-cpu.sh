@@ -29,7 +29,7 @@ echo "== 2. On-policy distillation: the student writes answers to the prompts an
 echo "      distribution on them"
 $G distill --model "$OUT/sft" --teacher "$OUT/teacher" --dataset greetings -o "$OUT/distill" --overwrite \
     --max-steps 60 --learning-rate 1e-3 --set lora.enabled=false --set teacher.load_in=full "${CPU[@]}" \
-    --set distill.max_completion_length=8 --set data.max_length=64 --set training.per_device_train_batch_size=8 \
+    --set distill.max_completion_length=16 --set data.max_length=64 --set training.per_device_train_batch_size=8 \
     --set training.logging_steps=20
 
 echo "== 3. Reward model: prefers 'Hello, friend.' (pairs on the teacher's questions)"
@@ -42,7 +42,7 @@ echo "      student, an EMA of each policy"
 for seed in 1 2; do
   $G rl --model "$OUT/distill" --dataset greetings -o "$OUT/rl$seed" --overwrite --reward-model "$OUT/reward" \
       --max-steps 30 --learning-rate 2e-3 "${CPU[@]}" --set lora.dropout=0 --set rl.num_generations=4 \
-      --set rl.max_completion_length=8 --set data.max_length=64 --set rl.mask_truncated_completions=true \
+      --set rl.max_completion_length=16 --set data.max_length=64 --set rl.mask_truncated_completions=true \
       --set training.per_device_train_batch_size=8 --set training.ema_decay=0.9 --set training.seed=$seed \
       --set training.logging_steps=10
 done
@@ -56,6 +56,6 @@ echo "== 6. Every stage on the held-out prompts: greedy answers, then 4 sampled 
 STAGES=(--compare "$OUT/teacher" --compare "$OUT/sft" --compare "$OUT/rl1/ema" --compare "$OUT/rl2/ema" --compare "$OUT/slerp"
         --compare "$OUT/warp")
 $G eval --model "$OUT/distill" --dataset greetings-held-out --reward-function $WORD --reward-model "$OUT/reward" \
-    --max-new-tokens 8 "${STAGES[@]}" --json "$OUT/scores-greedy.json"
+    --max-new-tokens 16 "${STAGES[@]}" --json "$OUT/scores-greedy.json"
 $G eval --model "$OUT/distill" --dataset greetings-held-out --reward-function $WORD --reward-model "$OUT/reward" \
-    --max-new-tokens 8 --temperature 1 --samples 4 "${STAGES[@]}" --json "$OUT/scores-sampled.json"
+    --max-new-tokens 16 --temperature 1 --samples 4 "${STAGES[@]}" --json "$OUT/scores-sampled.json"

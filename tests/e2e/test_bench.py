@@ -52,7 +52,7 @@ def test_bench_gpu_smoke_runs_every_side_it_can_on_a_cpu(tmp_path):
     data = json.loads(out.read_text())
     assert data["shapes"]["smoke"]["complete"]  # (the file is also written after each side)
     sides = data["shapes"]["smoke"]["sides"]
-    assert set(sides) == {"trl", "gemma2-tune", "gemma2-tune-4096"}  # flex: no CPU backward; Liger: Triton
+    assert set(sides) == {"trl", "trl-best", "gemma2-tune", "gemma2-tune-loss-trl", "gemma2-tune-4096"}  # flex: no CPU backward; Liger: Triton
     for side, result in sides.items():
         assert "error" not in result, (side, result.get("error"))
         assert result["steps"] == 2 and result["supervised_tokens_per_s"] > 0 and result["tokens_per_s"] > 0

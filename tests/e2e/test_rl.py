@@ -202,7 +202,7 @@ def test_a_short_run_with_a_reward_function_and_a_reward_model(prompts, tmp_path
 
 # ------------------------------------------------------------------------------------- learning what is rewarded
 WORD_REWARD = f"{REWARDS.parent / 'starts_with.py'}:starts_with_word"  # pays answers whose first word is "Hello"
-LEARN = ["--set", "rl.max_completion_length=8", "--set", "training.learning_rate=2e-3", "--max-steps", "30",
+LEARN = ["--set", "rl.max_completion_length=16", "--set", "training.learning_rate=2e-3", "--max-steps", "30",
          "--set", "training.per_device_train_batch_size=8", "--set", "rl.algorithm=dapo"]
 
 
@@ -233,7 +233,7 @@ def styled(tmp_path_factory):
 def scores(run, held, *extra):
     """eval's reward table for `run` (and its starting model, 'base'), read from its --json: greedy answers, then 4
     samples each. Returns (greedy, sampled, printed output): {model: {column: mean, "first_answer": text, ...}}."""
-    common = ["eval", "--adapter", str(run), "--dataset", held, "--max-new-tokens", "8", *extra]
+    common = ["eval", "--adapter", str(run), "--dataset", held, "--max-new-tokens", "16", *extra]
     tables = []
     for mode in ([], ["--temperature", "1", "--samples", "4"]):
         path = run.parent / f"{run.name}-scores.json"
