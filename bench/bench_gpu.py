@@ -311,7 +311,7 @@ def main() -> None:
         sys.exit(f"--sides: unknown {', '.join(unknown)} (known: {', '.join(SIDES)})")
     if a.smoke:
         a.shapes, a.rows, a.steps, a.warmup = "smoke", 24, 2, 0
-        # flex has no CPU backward, Liger is Triton (GPU) code; compiling is tested by tests/test_compile.py and only
+        # flex has no CPU backward, Liger is Triton (GPU) code; compiling is tested by tests/unit/test_compile.py and only
         # costs time on a CPU
         sides = [s for s in sides if s not in CUDA_ONLY]
     summary: dict = {"device": device, "peak_tflops": peak, "steps": a.steps, "warmup": a.warmup, "rows": a.rows,

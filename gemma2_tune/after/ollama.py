@@ -19,7 +19,7 @@ exist, which text/template reports when it is reached (Ollama answers the reques
 template needs Go 1.22 or newer (`range` over an integer, to trim and scan content byte by byte: text/template
 has no string functions and Ollama adds none but `json`).
 
-tests/test_export.py renders a corpus with a real Go text/template (and Ollama's collate step) and compares it
+tests/e2e/test_export.py renders a corpus with a real Go text/template (and Ollama's collate step) and compares it
 byte for byte with our renderer.
 """
 

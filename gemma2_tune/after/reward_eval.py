@@ -113,9 +113,9 @@ def reward_scorers(request) -> tuple[list[CheckedReward], Any]:
     return functions, tokenizer
 
 
-def load_scoring_model(name: str | None, checked: Any, loaded: Loaded) -> RewardModelScorer | None:
+def load_scoring_model(name: str | None, checked: Any, loaded: Loaded, policy: str) -> RewardModelScorer | None:
     """The reward model (frozen, on the evaluated model's device, in its dtype) as `rl` scores with it: its own
-    chat template, else the run's. None without --reward-model."""
+    chat template, else the run's (its family, system `policy`). None without --reward-model."""
     if name is None:
         return None
     from ..data.template import is_generated, use_run_template
@@ -123,7 +123,7 @@ def load_scoring_model(name: str | None, checked: Any, loaded: Loaded) -> Reward
 
     tokenizer, own = checked
     if not own:
-        use_run_template(tokenizer, loaded.family, "fold", "bad_row")
+        use_run_template(tokenizer, loaded.family, policy, "bad_row")
     dtype = str(loaded.model.dtype).removeprefix("torch.")
     model = load_reward_model(name, f"--reward-model {name}", dtype=dtype)
     return RewardModelScorer(model.to(loaded.model.device), tokenizer, ours=is_generated(tokenizer.chat_template))

@@ -11,7 +11,7 @@ far the reference itself moves when it is computed in the checked precision inst
 (`fp32_logits` vs `logits`). A folder passes when its distance to the float32 reference stays within
 FLOOR_FACTOR times that floor (plus MIN_SLACK), as max and as mean |logit difference|. Rounding stays
 inside; a wrong LoRA scaling, a dropped module or another base moves the logits by what the adapter or the
-base contributes, far beyond it (tests/test_selfcheck.py). A top-1 flip needs one logit to move by half the
+base contributes, far beyond it (tests/unit/test_selfcheck.py). A top-1 flip needs one logit to move by half the
 reference's top-1 margin, so it is bounded through the max; top-1 agreement is reported, with the floor's.
 """
 

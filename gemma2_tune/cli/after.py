@@ -227,7 +227,7 @@ def evaluate_command(
         from ..after.inference import Sampling
         from ..after.reward_eval import load_scoring_model, reward_table
 
-        scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
+        scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded, run.system_policy)
         table = reward_table(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
                                             system_policy=run.system_policy), run.system_policy, functions, scoring,
                      Sampling(max_new_tokens, temperature), samples, compare_base=True, others=others, echo=echo,

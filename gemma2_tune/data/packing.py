@@ -3,7 +3,7 @@
 Rows are placed by best-fit decreasing into blocks of at most `max_length` tokens. Inside a block,
 position ids restart at 0 for every row and no attention mask is passed: transformers then masks
 each row from the others (for sliding-window and global layers alike) under eager attention, provided
-the KV cache is off. tests/test_packing.py proves it: per-row logits of a packed batch equal the rows
+the KV cache is off. tests/unit/test_packing.py proves it: per-row logits of a packed batch equal the rows
 run alone. The first label of every row is -100, so no row is trained to predict its neighbour's start.
 """
 

@@ -22,7 +22,7 @@ generation prompt, each whole sequence (prompt + answer) tokenized in one piece,
 the prompt's ids and the sequence's ids part (`trl.data_utils.common_prefix_length`). So `prompt_ids +
 chosen_ids` are exactly the ids of the run's chat template for prompt + chosen, and an answer's ids are its text,
 <end_of_turn> and the newline the renderer writes after it (the newline is in the answer's log-probability, as
-in TRL; it is the same token on both sides). tests/test_preferences.py checks both against `apply_chat_template`
+in TRL; it is the same token on both sides). tests/unit/test_preferences.py checks both against `apply_chat_template`
 and against TRL's own preparation.
 
 Length (data.max_length counts prompt + answer, per side): the prompt is never cut (cutting it changes what it

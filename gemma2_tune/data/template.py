@@ -5,7 +5,7 @@ Generated from the family (how system text is folded) and the run's `data.system
 TemplateError naming why, every conversation training refuses. One difference by design: a template
 accepts a conversation ending with a user turn (a prompt to answer), which training cannot learn from.
 
-tests/test_template.py renders a generated corpus through both paths for every policy.
+tests/unit/test_template.py renders a generated corpus through both paths for every policy.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ GEMMA2 = Family(
         "flex_attention": AttentionKernel(
             "flex_attention", True,
             "applies the soft-cap inside the kernel (its score_mod) and masks packed rows and the sliding window "
-            "through its block mask; equal to eager within 1e-5 in fp32 (tests/test_attention.py)",
+            "through its block mask; equal to eager within 1e-5 in fp32 (tests/e2e/test_attention.py)",
             cpu_backward=False),
     },
     layer_pattern="sliding-window (4,096 tokens) and global attention layers alternate",

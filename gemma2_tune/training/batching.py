@@ -3,7 +3,7 @@
 `batch b x accumulation a` runs a forwards of b items. Folding by k (a divisor of a) runs a/k forwards of
 b*k items instead: the same items per optimizer step (the sampler groups consecutive items either way),
 the same loss normalisation (summed over the step's supervised tokens), so the same gradient up to float
-summation order, with fewer, fuller kernels on a GPU. tests/test_batching.py checks the gradient.
+summation order, with fewer, fuller kernels on a GPU. tests/unit/test_batching.py checks the gradient.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Reference (what the model's own forward does):
 Here: only the final-norm hidden states at supervised positions are used, in tiles of
 `token_chunk` rows x `vocab_chunk` columns with an online log-sum-exp, in fp32. Backward recomputes
 each tile, so memory holds one tile, never (positions x vocabulary).
-tests/test_loss.py checks loss and gradients against the reference, soft-cap on.
+tests/unit/test_loss.py checks loss and gradients against the reference, soft-cap on.
 """
 
 from __future__ import annotations

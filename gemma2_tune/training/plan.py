@@ -16,7 +16,7 @@ Every term is a formula over the model's shape and the resolved config, in bytes
                beside it, what full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
   overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
 
-Shapes come from the model families' published configurations (gemma2_tune/families). tests/test_plan.py
+Shapes come from the model families' published configurations (gemma2_tune/families). tests/unit/test_plan.py
 checks the parameter counts against the published models and the activation and loss terms against peak
 memory measured on tiny models on this CPU.
 """
@@ -143,7 +143,7 @@ def activation_bytes(shape: Shape, cfg: RunConfig, b: int, t: int) -> float:
     checkpointing keeps each layer's input and recomputes one layer at a time; without it every layer's are kept."""
     h, i, heads = shape.hidden, shape.intermediate, shape.heads
     # eager keeps several copies of the (B, heads, T, T) scores: bf16 scores, soft-cap tanh, masked, fp32 softmax,
-    # bf16 probs, and their gradients; 14 B per element is what tests/test_plan.py measures on CPU. Fused
+    # bf16 probs, and their gradients; 14 B per element is what tests/unit/test_plan.py measures on CPU. Fused
     # kernels (sdpa, flash-attn: Gemma 3 only) never hold them.
     scores = b * heads * t * t * 14 if cfg.model.attn_implementation == "eager" else 0
     layer_work = scores + (4 * h + 4 * i) * b * t * 2
