@@ -126,7 +126,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             failed = [c for c in checks if not c["passed"]]
             if failed:
                 raise UserError("the GGUF does not carry what it must: "
-                                + "; ".join(f"{c['check']}: {c['found']}" for c in failed) + f"; nothing was written to {out}")
+                                + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
+                                + f"; nothing was written to {out}")
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
             parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo)
             result = {
@@ -425,9 +426,36 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
     scalar = config.get("query_pre_attn_scalar", head_dim)
     check("query scale llama.cpp applies", f"query_pre_attn_scalar {llama_scalar:g}", f"query_pre_attn_scalar {scalar:g}",
           abs(float(scalar) - float(llama_scalar)) < 1e-6)
+    expected_layers, found_layers = config_layer_pattern(config), llama_layer_pattern(metadata, arch, layers)
+    if expected_layers is not None:
+        check("sliding/global layers llama.cpp applies", expected_layers, found_layers, expected_layers == found_layers)
     if terms:
         check("Gemma terms of use", GEMMA_TERMS["license_link"], metadata.get("general.license.link"))
     return checks
+
+
+# llama.cpp's default sliding-window layer pattern when a GGUF has no `{arch}.attention.sliding_window_pattern`:
+# every n-th layer global, the others sliding (src/models/gemma2.cpp: 2, gemma3.cpp: 6; llama_hparams::
+# set_swa_pattern). Its Gemma 3 converter writes no pattern, so a Gemma 3 with another layer_types than the
+# published 5 local : 1 global would attend differently there.
+LLAMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+
+
+def config_layer_pattern(config: dict) -> str | None:
+    """The model's layers as a string, 's' sliding and 'g' global (from layer_types); None when it has none."""
+    types = config.get("layer_types")
+    return "".join("s" if t == "sliding_attention" else "g" for t in types) if types else None
+
+
+def llama_layer_pattern(metadata: dict, arch: str | None, layers: int | None) -> str | None:
+    """The layers as llama.cpp will run them ('s'/'g'): the GGUF's sliding_window_pattern (a per-layer array or
+    a period), else the architecture's default period (LLAMA_SWA_PATTERN); None when unknown."""
+    pattern = metadata.get(f"{arch}.attention.sliding_window_pattern", LLAMA_SWA_PATTERN.get(arch))
+    if isinstance(pattern, list):
+        return "".join("s" if x else "g" for x in pattern)
+    if not isinstance(pattern, int) or not layers:
+        return None
+    return "".join("s" if pattern == 0 or il % pattern < pattern - 1 else "g" for il in range(layers))
 
 
 # --- parity with transformers -------------------------------------------------------------------------------

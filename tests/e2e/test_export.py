@@ -240,11 +240,13 @@ def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
 
 # --- a tiny Gemma 2 through llama.cpp -----------------------------------------------------------------------
 
-def build_spm_gemma2(path: Path) -> Path:
+def build_spm_gemma2(path: Path, family=GEMMA2, **config) -> Path:
     """A tiny Gemma 2 (the family's tiny shape: soft-caps 50/30, sliding window 32 on alternate layers; queries
-    scaled by head_dim like the 2B and 9B, where Gemma2Config's default 256 is head_dim) whose
-    tokenizer is SentencePiece BPE like Gemma's (byte fallback, no dummy prefix, turn markers as user-defined
-    symbols, <pad> <eos> <bos> <unk> = 0 1 2 3), trained here on the shipped chats; random weights."""
+    scaled by head_dim like the 2B and 9B, where Gemma2Config's default 256 is head_dim), or with
+    family=GEMMA3_TEXT a tiny Gemma 3 text model (3 local : 1 global layers, QK-norm), whose tokenizer is
+    SentencePiece BPE like Gemma's (byte fallback, no dummy prefix, turn markers as user-defined symbols,
+    <pad> <eos> <bos> <unk> = 0 1 2 3), trained here on the shipped chats; random weights. `config`: settings over
+    the family's tiny shape."""
     import sentencepiece as spm
     import torch
     import transformers
@@ -267,19 +269,20 @@ def build_spm_gemma2(path: Path) -> Path:
         "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # converted from tokenizer.model
-    tokenizer.chat_template = chat_template(GEMMA2)
+    tokenizer.chat_template = chat_template(family)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>")}
-    config = transformers.Gemma2Config(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                                       eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
-                                       # as in Gemma 2 2B and 9B (256 = head_dim): llama.cpp scales queries by head_dim
-                                       query_pre_attn_scalar=GEMMA2.tiny_config["head_dim"], **GEMMA2.tiny_config)
+    config_class = transformers.Gemma2Config if family is GEMMA2 else transformers.Gemma3TextConfig
+    # as in Gemma 2 2B and 9B (256 = head_dim): llama.cpp scales queries by head_dim
+    shape = {"query_pre_attn_scalar": family.tiny_config["head_dim"]} | family.tiny_config | config
+    config = config_class(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+                          eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], **shape)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     # marks it as one of gemma2-tune's random tiny models: no Gemma weights, so no Gemma terms in its GGUF
-    (path / COMPLETE).write_text(json.dumps({"builtin": "builtin:tiny-gemma2-spm", "family": "gemma2"}))
+    (path / COMPLETE).write_text(json.dumps({"builtin": f"builtin:tiny-{family.key}-spm", "family": family.key}))
     return path
 
 
@@ -316,6 +319,42 @@ def test_tiny_gemma2_exports_with_its_soft_caps_and_passes_parity(spm_gemma2, tm
     assert "parity (f16" in r.output and "exported:" in r.output
     modelfile = (tmp_path / "tiny-f16.Modelfile").read_text()
     assert "FROM ./tiny-f16.gguf" in modelfile and modelfile.count('PARAMETER stop "<end_of_turn>"') == 1
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_tiny_gemma3_exports_and_passes_parity(tmp_path):
+    """Gemma 3 text through llama.cpp's converter, with the published layer pattern (5 local : 1 global): its
+    architecture, window and template in the GGUF, and the f16 parity bound (prompt ids and greedy tokens
+    equal). With another pattern (3 : 1), which llama.cpp's Gemma 3 cannot represent (its converter writes no
+    pattern and its runtime assumes 5 : 1), the export is refused saying so; parity failed there before the check
+    (greedy tokens differed once prompts crossed the window), so it is the check that catches it first."""
+    pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
+    from gemma2_tune.after.export import read_metadata
+    from gemma2_tune.data.template import chat_template
+
+    model = build_spm_gemma2(tmp_path / "tiny-gemma3-spm", GEMMA3_TEXT, num_hidden_layers=6,
+                             layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    out = tmp_path / "out" / "tiny3.gguf"
+    r = _invoke([str(model), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(out)
+    assert meta["general.architecture"] == "gemma3"
+    assert meta["gemma3.attention.sliding_window"] == GEMMA3_TEXT.tiny_config["sliding_window"]
+    assert meta["tokenizer.chat_template"] == chat_template(GEMMA3_TEXT, "fold")
+    report = json.loads((out.parent / "tiny3.export.json").read_text())
+    assert report["parity"]["passed"] and report["parity"]["end_of_turn_ends_generation"], report["parity"]
+    assert all(p["prompt_ids_equal"] and p["greedy_equal"] for p in report["parity"]["prompts"])
+    assert all(c["passed"] for c in report["checks"]), report["checks"]
+    assert {"check": "sliding/global layers llama.cpp applies", "expected": "sssssg", "found": "sssssg",
+            "passed": True} in report["checks"]
+
+    other = build_spm_gemma2(tmp_path / "tiny-gemma3-3to1", GEMMA3_TEXT)  # the tiny shape's 3 local : 1 global
+    before = set((tmp_path / "out").iterdir())
+    r = _invoke([str(other), "-o", str(tmp_path / "out" / "other.gguf")])
+    assert r.exit_code == 2, r.output
+    assert "sliding/global layers llama.cpp applies: ssss (expected sssg)" in r.output
+    _nothing_written(tmp_path / "out", before)
 
 
 @pytest.mark.slow
