@@ -7,10 +7,11 @@
 # `greetings-pairs` (the greeting preferred), `greetings-held-out` (8 unseen prompts). The reward pays answers
 # whose first word is "Hello" (recipes/rewards/starts_with.py). A toy: it shows each stage doing its job on a
 # model small enough to train in seconds, not a useful chat model.
-# Run from the repository root: bash examples/warp-cpu.sh [OUT]   (OUT: runs/warp-cpu)
+# Run from the repository root, after `make install`: bash examples/warp-cpu.sh [OUT]   (OUT: runs/warp-cpu)
 set -euo pipefail
 OUT=${1:-runs/warp-cpu}
-G="${GEMMA2_TUNE:-gemma2-tune}"
+# the command: $GEMMA2_TUNE, else the repository's .venv (make install), else gemma2-tune on the PATH
+G="${GEMMA2_TUNE:-$( [ -x .venv/bin/gemma2-tune ] && echo .venv/bin/gemma2-tune || echo gemma2-tune )}"
 CPU=(--set quantization.load_in_4bit=false --set model.dtype=float32 --set training.gradient_accumulation_steps=1
      --set training.save_steps=null)
 WORD=recipes/rewards/starts_with.py:starts_with_word

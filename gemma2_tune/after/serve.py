@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
 from .materialize import model_folder
-from .serve_engines import Settings, stop_token_ids
+from .serve_engines import Settings, generation_stop_ids
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -347,7 +347,7 @@ def build_app(served: Served, engine, api_key: str | None, max_request_bytes: in
     limit = max_request_bytes or default_max_request_bytes(served.context)
     expected = f"Bearer {api_key}".encode() if api_key is not None else None
     batching = getattr(engine, "name", "") == "continuous batching"
-    eos = set(stop_token_ids(engine.model.generation_config))
+    eos = set(generation_stop_ids(engine.model.generation_config))
     app = FastAPI(title="gemma2-tune serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 

@@ -61,7 +61,7 @@ class Generation:
         return self.counter.last_token
 
 
-def stop_token_ids(generation_config) -> list[int]:
+def generation_stop_ids(generation_config) -> list[int]:
     """The folder's stop tokens as a list of ids (generation_config.eos_token_id is an int or a list)."""
     eos = generation_config.eos_token_id
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -158,7 +158,7 @@ class BatchingEngine:
         register_softcapped_paged_attention()
         self.model, self.tokenizer = model, tokenizer
         self.vocab = model.config.get_text_config().vocab_size
-        self.eos = stop_token_ids(model.generation_config)
+        self.eos = generation_stop_ids(model.generation_config)
         config = copy.deepcopy(model.generation_config)
         # Each of these values only makes transformers create the processor; every request passes its own.
         config.do_sample, config.temperature, config.top_k, config.top_p = True, 0.5, 1, 0.5

@@ -13,13 +13,11 @@ student (QLoRA or full) + teacher (4-bit, 8-bit or full precision; frozen, eval)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from transformers import PrinterCallback
 from trl import DistillationConfig, DistillationTrainer
-from trl.trainer.utils import RepeatSampler
 
 from ..config.distill import DistillConfig
 from ..data.prompts import build_prompts
@@ -32,6 +30,7 @@ from ..models.loading import LoadRequest, checkpoint_family, load_model, load_to
 from ..models.lora import inspect_adapters, lora_config
 from . import lifecycle
 from .data import split_rows
+from .generation import CountingGeneration, run_total
 from .launch import Launch
 from .lifecycle import RunLifecycle
 from .trainer import common_args, device_map, has_accelerator, keep_adapters_in_fp32
@@ -39,39 +38,8 @@ from .trainer import common_args, device_map, has_accelerator, keep_adapters_in_
 Echo = Callable[[str], None]
 
 
-class EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's RepeatSampler draws each epoch's order from one generator, so an epoch's order depends on how
-    many epochs the sampler has served: a run resumed in epoch 2 would see epoch 1's order. Here the order is
-    a function of (seed, epoch): the trainer calls set_epoch before every epoch, resumed or not."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.shuffle:
-            self.generator.manual_seed((self.seed or 0) + epoch)
-
-
-class GemmaDistillationTrainer(DistillationTrainer):
-    """TRL's DistillationTrainer, counting what on-policy generation costs: the completion tokens generated
-    (`supervised_seen`: they are the positions the divergence is computed on) and the seconds spent
-    generating (`generation_seconds`; also logged per step as `generation_time`); with a sampler whose epochs
-    keep their order across a resume."""
-
-    supervised_seen = 0
-    generation_seconds = 0.0
-
-    def _get_train_sampler(self, dataset=None):
-        sampler = super()._get_train_sampler(dataset)
-        return EpochSeededRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
-                                        sampler.repeat_count, sampler.shuffle, sampler.seed)
-
-    def _generate(self, prompts: list):
-        started = time.perf_counter()
-        out = super()._generate(prompts)
-        seconds = time.perf_counter() - started
-        self.generation_seconds += seconds
-        if self.model.training:
-            self.supervised_seen += sum(len(ids) for ids in out[1])
-            self._metrics["train"]["generation_time"].append(seconds)
-        return out
+class GemmaDistillationTrainer(CountingGeneration, DistillationTrainer):
+    """TRL's DistillationTrainer, counting what on-policy generation costs (training/generation.py)."""
 
 
 def distill_args(cfg: DistillConfig, out: Path, launch: Launch, end_of_turn: int, eos: int) -> DistillationConfig:
@@ -234,12 +202,4 @@ def build_trainer(cfg: DistillConfig, student, teacher, tokenizer, prompts: list
     trainer.remove_callback(PrinterCallback)
     keep_adapters_in_fp32(trainer, cfg, launch)
     return trainer
-
-
-def run_total(trainer, value: float) -> float:
-    """A per-process counter summed over the launch's processes."""
-    import torch
-
-    total = torch.tensor([float(value)], device=trainer.accelerator.device)
-    return trainer.accelerator.gather(total).sum().item()
 

@@ -24,7 +24,6 @@ probe -> train -> save.
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +41,7 @@ from ..models.lora import inspect_adapters, lora_config
 from ..rewards import (RewardModelScorer, load_reward_function, load_reward_model, reward_model_tokenizer,
                        try_reward_functions)
 from . import lifecycle
-from .distill import EpochSeededRepeatSampler, run_total
+from .generation import CountingGeneration, run_total
 from .launch import Launch
 from .lifecycle import RunLifecycle
 from .trainer import common_args, device_map, has_accelerator, keep_adapters_in_fp32
@@ -54,45 +53,27 @@ PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
 
 
 # ------------------------------------------------------------------------------------------------------ trainers
-class CountingGeneration:
-    """What on-policy generation costs and yields, for GRPO and RLOO alike: completion tokens generated
-    (`supervised_seen`: the positions the loss is on), completions and truncated ones (no <end_of_turn> or
-    <eos> within rl.max_completion_length), seconds generating (`generation_seconds`; also logged per step as
-    `generation_time`); prompts in an order that survives a resume (epoch-seeded sampler)."""
+class CountingCompletions(CountingGeneration):
+    """Generation counted (training/generation.py), and the completions: how many, and how many truncated (no
+    <end_of_turn> or <eos> within rl.max_completion_length), for GRPO and RLOO alike."""
 
-    supervised_seen = 0
-    generation_seconds = 0.0
     completions_generated = 0
     completions_truncated = 0
 
-    def _get_train_sampler(self, dataset=None):
-        sampler = super()._get_train_sampler(dataset)
-        return EpochSeededRepeatSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
-                                        sampler.repeat_count, sampler.shuffle, sampler.seed)
-
-    def _generate(self, prompts: list):
-        started = time.perf_counter()
-        out = super()._generate(prompts)
-        seconds = time.perf_counter() - started
-        self.generation_seconds += seconds
-        if self.model.training:
-            completion_ids = out[1]  # GRPO and RLOO: (prompt_ids, completion_ids, ...)
-            stops = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
-            self.supervised_seen += sum(len(ids) for ids in completion_ids)
-            self.completions_generated += len(completion_ids)
-            self.completions_truncated += sum(1 for ids in completion_ids if not ids or ids[-1] not in stops)
-            self._metrics["train"]["generation_time"].append(seconds)
-        return out
+    def count_completions(self, completion_ids: list[list[int]]) -> None:
+        stops = set(self.eos_token_ids) | {self._tokenizer.pad_token_id}
+        self.completions_generated += len(completion_ids)
+        self.completions_truncated += sum(1 for ids in completion_ids if not ids or ids[-1] not in stops)
 
 
 def trainer_classes():
     """(GRPOTrainer, RLOOTrainer) with generation counted."""
     from trl import GRPOTrainer, RLOOTrainer
 
-    class GemmaGRPOTrainer(CountingGeneration, GRPOTrainer):
+    class GemmaGRPOTrainer(CountingCompletions, GRPOTrainer):
         """TRL's GRPOTrainer, generation counted."""
 
-    class GemmaRLOOTrainer(CountingGeneration, RLOOTrainer):
+    class GemmaRLOOTrainer(CountingCompletions, RLOOTrainer):
         """TRL's RLOOTrainer, generation counted."""
 
     return GemmaGRPOTrainer, GemmaRLOOTrainer
