@@ -71,3 +71,23 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float = 600) -> str:
+    """Run `python -m gemma2_tune ARGS` from the repository root, send SIGTERM once its output shows `marker`
+    (e.g. "step 4/"), and check it ended as an interrupted run does (exit 143). Returns its output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", *args], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + timeout
+        while marker not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 143, log_path.read_text()[-2000:]
+    return log_path.read_text()

@@ -4,17 +4,15 @@ teacher to a fresh student on prompts alone, resume after SIGTERM, two processes
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, write_jsonl
+from conftest import QUESTIONS, ROOT, sigterm_after, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -158,18 +156,9 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_
     reference = tmp_path / "reference"
     r = distill(*common, "-o", str(reference))
     assert r.exit_code == 0, r.output
-    out, log_path = tmp_path / "run", tmp_path / "log.txt"
-    cmd = [sys.executable, "-m", "gemma2_tune", "distill", "--model", "builtin:tiny-gemma2", *FP32, *common,
-           "-o", str(out)]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + 180
-        while "step 5/" not in log_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 143
+    out = tmp_path / "run"
+    sigterm_after(["distill", "--model", "builtin:tiny-gemma2", *FP32, *common, "-o", str(out)], "step 5/",
+                  tmp_path / "log.txt", timeout=180)
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     r = distill(*common, "-o", str(out), "--resume")
     assert r.exit_code == 0, r.output

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, sigterm_after, write_jsonl
 from gemma2_tune.cli import app
 
 runner = CliRunner()
@@ -203,12 +203,6 @@ def test_bad_pairs_exit_2_naming_the_row_and_write_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
 
     common = ["--model", "builtin:tiny-gemma2", "--dataset", "concise", "--max-steps", "8", "--learning-rate", "5e-3",
@@ -217,16 +211,8 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
     r = runner.invoke(app, ["dpo", *common, "-o", str(reference)])
     assert r.exit_code == 0, r.output
-    out, log_path = tmp_path / "run", tmp_path / "log.txt"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "dpo", *common, "-o", str(out)], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + 600
-        while "step 4/" not in log_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 143
+    out = tmp_path / "run"
+    sigterm_after(["dpo", *common, "-o", str(out)], "step 4/", tmp_path / "log.txt")
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     r = runner.invoke(app, ["dpo", *common, "-o", str(out), "--resume"])
     assert r.exit_code == 0, r.output

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, write_jsonl
+from conftest import QUESTIONS, ROOT, sigterm_after, write_jsonl
 from gemma2_tune.cli import app
 
 runner = CliRunner()
@@ -323,12 +323,6 @@ def test_warp_over_two_rl_policies_keeps_what_they_learned(styled):
 def test_resume_after_sigterm_equals_an_uninterrupted_run(styled, tmp_path):
     """Killed by SIGTERM after step 4 of 8 and resumed: the same prompts in the same order and the same sampled
     completions (generation RNG restored from the checkpoint), so the adapter equals an uninterrupted run's."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
 
     _, start, prompts, _, _ = styled
@@ -338,16 +332,8 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(styled, tmp_path):
     reference = tmp_path / "reference"
     r = runner.invoke(app, ["rl", *common, "-o", str(reference)])
     assert r.exit_code == 0, r.output
-    out, log_path = tmp_path / "run", tmp_path / "log.txt"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "rl", *common, "-o", str(out)], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + 600
-        while "step 4/" not in log_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 143
+    out = tmp_path / "run"
+    sigterm_after(["rl", *common, "-o", str(out)], "step 4/", tmp_path / "log.txt")
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     r = runner.invoke(app, ["rl", *common, "-o", str(out), "--resume"])
     assert r.exit_code == 0, r.output
