@@ -5,7 +5,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "gemma2_tune"
 # lowest first; a module may import its own layer and those below
-LAYERS = [{"errors", "files", "families"}, {"config"}, {"data"}, {"models"}, {"training", "after"}, {"cli", "__main__"}]
+LAYERS = [{"errors", "files", "families"}, {"config"}, {"data"}, {"models", "rewards"}, {"training", "after"},
+          {"cli", "__main__"}]
 
 
 def layer_of(part: str) -> int:
