@@ -192,7 +192,7 @@ def evaluate_command(
         "--compare": ("compare", compare or []), "--include-path": ("include_path", include_path),
         "--reward-function": ("reward_functions", reward_function or []), "--reward-model": ("reward_model", reward_model),
         "--max-new-tokens": ("max_new_tokens", max_new_tokens), "--temperature": ("temperature", temperature),
-        "--samples": ("samples", samples)}, "eval")
+        "--samples": ("samples", samples), "--json": ("json_path", str(json_path) if json_path else None)}, "eval")
     if suite is not None:
         from ..after.harness import SUITES
 
@@ -203,8 +203,6 @@ def evaluate_command(
     if json_path is not None:
         from ..files import writable_problem
 
-        if not dataset:
-            raise UserError("--json writes the loss or reward table: give --dataset")
         problem = writable_problem(json_path.expanduser().resolve().parent)
         if problem:
             raise UserError(f"--json {json_path}: {problem}")
@@ -223,21 +221,19 @@ def evaluate_command(
 
         functions, reward_model_tokenizer = reward_scorers(request)  # checked before the models load
     loaded = load(run, load_in_value(load_in))
+    rows = SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+                          system_policy=run.system_policy) if dataset else None
     if request.scores_rewards:
         from ..after.inference import Sampling
         from ..after.reward_eval import load_scoring_model, reward_table
 
         scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded, run.system_policy)
-        table = reward_table(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                            system_policy=run.system_policy), run.system_policy, functions, scoring,
-                     Sampling(max_new_tokens, temperature), samples, compare_base=True, others=others, echo=echo,
-                             label=model or "model")
+        table = reward_table(loaded, rows, run.system_policy, functions, scoring, Sampling(max_new_tokens, temperature),
+                             samples, compare_base=True, others=others, echo=echo, label=model or "model")
     elif dataset:
         from ..after.evaluate import evaluate
 
-        table = evaluate(loaded, SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                             system_policy=run.system_policy), compare_base=True, echo=echo,
-                         others=others)
+        table = evaluate(loaded, rows, compare_base=True, echo=echo, others=others)
     if json_path is not None and dataset:
         from ..files import write_text_atomic
 

@@ -78,6 +78,7 @@ class EvalRequest(Request):
     max_new_tokens: int = Field(256, gt=0)
     temperature: float = Field(0.0, ge=0)
     samples: int = Field(1, gt=0)
+    json_path: str | None = None
 
     @property
     def scores_rewards(self) -> bool:
@@ -90,6 +91,8 @@ class EvalRequest(Request):
             found.append("give --dataset (held-out chats), --tasks (lm-eval tasks) and/or --suite gemma2-report")
         if self.scores_rewards and not self.dataset:
             found.append("--reward-function/--reward-model score answers to prompts: give --dataset (the prompts)")
+        if self.json_path and not self.dataset:
+            found.append("--json writes the loss or reward table: give --dataset")
         if self.samples > 1 and self.temperature == 0:
             found.append(f"--samples {self.samples}: greedy answers are all the same; give --temperature > 0")
         if self.suite and self.tasks:
