@@ -151,10 +151,17 @@ def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], famil
     gap = logprob_gap(trainer, ids, torch.ones_like(ids), 4, family.final_softcap, cfg.rl.temperature)
     if not gap <= PROBE_TOLERANCE[cfg.model.dtype]:
         raise UserError(f"model.name_or_path: the log-probabilities of the RL loss differ by {gap:.3g} nats from "
-                        f"a plain forward soft-capped at {family.final_softcap} ({family.display}'s final soft-cap; "
-                        f"the model's config says {getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
+                        f"{plain_forward(family)} (the model's config says final_logit_softcapping="
+                        f"{getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
                         "the loss would not be about the distribution completions are sampled from")
     return gap
+
+
+def plain_forward(family) -> str:
+    """What the probe compares with, in words."""
+    if family.final_softcap:
+        return f"a plain forward soft-capped at {family.final_softcap} ({family.display}'s final soft-cap)"
+    return f"a plain forward without a final soft-cap ({family.display} has none)"
 
 
 class EchoRewards(TrainerCallback):
@@ -322,8 +329,8 @@ class Runner(lifecycle.Runner):
         if not launch.shards_parameters:  # a sharded launch holds no whole LM head to compare against
             gap = check_logprob_parity(trainer, self.tokenizer, self.prompts[0], self.family, cfg)
             run.record["rl"]["logprob_probe_max_gap_nats"] = gap
-            run.say(f"log-prob probe: the loss's log-probabilities equal a plain forward soft-capped at "
-                    f"{self.family.final_softcap} (temperature {r.temperature}) within {gap:.1e} nats")
+            run.say(f"log-prob probe: the loss's log-probabilities equal {plain_forward(self.family)}, at "
+                    f"temperature {r.temperature}, within {gap:.1e} nats")
         if self.reward_tokenizer is not None:
             run.say(f"reward model: {cfg.reward_model.name_or_path} ({cfg.reward_model.load_in}), frozen, eval mode; "
                     "prompt + completion rendered with "

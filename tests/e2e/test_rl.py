@@ -101,7 +101,7 @@ def test_the_loss_logprobs_are_a_plain_soft_capped_forward(tiny_model_dir, tmp_p
 
     cfg = resolve(None, ["model.name_or_path=builtin:tiny-gemma2", "model.dtype=float32",
                          f"rl.reward_functions=[{{path: {REWARDS}, name: brevity}}]"], schema=RlConfig).config
-    with pytest.raises(UserError, match="differ by .* nats from a plain forward soft-capped at 30.0"):
+    with pytest.raises(UserError, match="differ by .* nats from a plain forward soft-capped at 30.0 .Gemma 2's final"):
         check_logprob_parity(trainer, load_tokenizer(str(tiny_model_dir)), [{"role": "user", "content": "Hi"}],
                              GEMMA2, cfg)
 
@@ -392,3 +392,16 @@ def test_rl_from_a_lora_sft_run_trains_its_adapter_further(answer_ok_run, prompt
     start, end = (load_file(str(p / "adapter_model.safetensors")) for p in (answer_ok_run, out))
     assert set(start) == set(end)
     assert max((start[k].float() - end[k].float()).abs().max().item() for k in start) > 0
+
+
+@pytest.mark.slow
+def test_a_short_run_on_a_tiny_gemma3(prompts, tmp_path):
+    """Gemma 3 text (no final soft-cap: the probe compares against the plain log-softmax) through the same path."""
+    out = tmp_path / "gemma3"
+    r = runner.invoke(app, ["rl", "--model", "builtin:tiny-gemma3", *FP32, "--dataset", str(prompts), "-o", str(out),
+                            "--max-steps", "2", "--reward-function", f"{REWARDS}:brevity"])
+    assert r.exit_code == 0, r.output
+    assert "equal a plain forward without a final soft-cap (Gemma 3 text has none)" in r.output, r.output
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["model"]["family"] == "gemma3"
+    assert m["rl"]["logprob_probe_max_gap_nats"] <= 1e-4 and m["rl"]["completions"] == 8
