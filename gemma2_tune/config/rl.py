@@ -198,11 +198,11 @@ def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | Non
         target, _, weight = item.partition("=")
         path, sep, name = target.rpartition(":")
         if not sep or not path or not name:
-            raise ConfigError(f"--reward-function {item}: expected PATH.py:NAME (optionally =WEIGHT)")
+            raise ConfigError([f"--reward-function {item}: expected PATH.py:NAME (optionally =WEIGHT)"])
         try:
             specs.append({"path": path, "name": name, "weight": float(weight) if weight else 1.0})
         except ValueError:
-            raise ConfigError(f"--reward-function {item}: the weight after '=' must be a number") from None
+            raise ConfigError([f"--reward-function {item}: the weight after '=' must be a number"]) from None
     return specs
 
 

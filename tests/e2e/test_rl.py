@@ -291,7 +291,8 @@ def test_rl_with_a_reward_run_as_the_reward_model_learns_the_same(styled):
 def test_warp_over_two_rl_policies_keeps_what_they_learned(styled):
     """WARP on RL policies: two runs (seeds 1 and 2) with an EMA of the policy -> SLERP of the two EMAs -> LITI
     halfway back to the starting policy; eval's reward table scores every stage: each keeps the rewarded style
-    (mean reward above the starting model's), and LITI sits between the start and the SLERP when sampling."""
+    (greedy mean >= 0.8 from the start's 0; sampled, each RL stage gains > 0.2 over the start), and LITI, halfway
+    back, sits strictly between the start and the SLERP when sampling."""
     tmp, start, prompts, held, first = styled
     second = tmp / "rl-seed2"
     r = runner.invoke(app, ["rl", "--model", str(start), *FP32, *LEARN, "--dataset", prompts, "-o", str(second),
@@ -312,11 +313,12 @@ def test_warp_over_two_rl_policies_keeps_what_they_learned(styled):
     greedy, sampled, output = scores(first, held, "--reward-function", WORD_REWARD,
                                      *[x for s in stages for x in ("--compare", s)])
     assert set(greedy) == {"base", "fine-tuned", *stages}, output
+    start = sampled["base"]["starts_with_word"]
     for stage in stages:
         assert greedy[stage]["starts_with_word"] >= 0.8, output
-        assert sampled[stage]["starts_with_word"] > sampled["base"]["starts_with_word"] + 0.2, output
-    assert sampled["base"]["starts_with_word"] < sampled[str(liti)]["starts_with_word"] \
-        <= sampled[str(slerp)]["starts_with_word"], output
+        if stage != str(liti):
+            assert sampled[stage]["starts_with_word"] > start + 0.2, output
+    assert start < sampled[str(liti)]["starts_with_word"] < sampled[str(slerp)]["starts_with_word"], output
 
 
 @pytest.mark.slow
