@@ -1,4 +1,6 @@
-"""The benchmark script runs end to end (tiny sizes): a smoke test, not a measurement."""
+"""The benchmark scripts run end to end (tiny sizes): smoke tests, not measurements. The CPU benchmark's are
+marked `bench` (`make test-all`); the GPU benchmark's smoke test runs in `make test` (the device check runs that
+script on a GPU, where a broken side would cost rare device time)."""
 
 import json
 import subprocess
@@ -11,6 +13,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.bench
 def test_bench_quick_writes_all_sides_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "bench/bench_sft.py", "--quick", "--json", str(out)], cwd=ROOT,
@@ -31,6 +34,7 @@ def test_bench_quick_writes_all_sides_and_ratios(tmp_path):
     assert "supervised tokens/s" in r.stdout and "training.loss=trl over supervised_chunked" in r.stdout
 
 
+@pytest.mark.bench
 def test_bench_loss_kernels_quick_runs_ours_and_trls(tmp_path):
     """--loss-kernels: the loss path alone, ours vs TRL's fused LM head both ways; same loss (bf16 inputs)."""
     out = tmp_path / "loss.json"
