@@ -162,8 +162,6 @@ def load_reward_model(name: str, key: str, *, dtype: str, bits: str | None = Non
         raise UserError(f"{key}: cannot load {name} ({type(exc).__name__}: {str(exc)[:200]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = 0
     model.requires_grad_(False)
     model.eval()
     return model
@@ -185,6 +183,8 @@ class RewardModelScorer:
 
     def __init__(self, model, tokenizer, ours: bool, batch_size: int = 8):
         self.model, self.tokenizer, self.ours, self.batch_size = model, tokenizer, ours, batch_size
+        if model is not None and model.config.pad_token_id is None:  # where a padded batch's last token is read
+            model.config.pad_token_id = tokenizer.pad_token_id
 
     def text(self, prompt: Messages, answer: str) -> str:
         """What the reward model reads for `prompt` answered with `answer`."""
