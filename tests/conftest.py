@@ -91,3 +91,28 @@ def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float =
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=300) == 143, log_path.read_text()[-2000:]
     return log_path.read_text()
+
+
+def resumed_equals_uninterrupted(args: list[str], tmp_path: Path, marker: str, steps: int) -> tuple[dict, dict]:
+    """`gemma2-tune ARGS` run to the end (the reference), then again killed by SIGTERM at `marker` and resumed
+    with --resume: both complete `steps` steps and their adapters are equal within 1e-6. Returns (the resumed
+    run's run.json, the reference's)."""
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from gemma2_tune.cli import app
+
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    r = CliRunner().invoke(app, [*args, "-o", str(reference)])
+    assert r.exit_code == 0, r.output
+    sigterm_after([*args, "-o", str(out)], marker, tmp_path / "log.txt")
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    r = CliRunner().invoke(app, [*args, "-o", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    resumed, ref = (json.loads((p / "run.json").read_text()) for p in (out, reference))
+    assert resumed["status"] == "completed" and resumed["global_step"] == steps == ref["global_step"]
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    return resumed, ref

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, sigterm_after, write_jsonl
+from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -152,22 +151,10 @@ RESUME = ["--max-steps", "12", "--set", "training.save_steps=4", "--set", "train
 
 
 def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_path):
-    common = ["--teacher", str(teacher), "--dataset", str(prompts), *RESUME]
-    reference = tmp_path / "reference"
-    r = distill(*common, "-o", str(reference))
-    assert r.exit_code == 0, r.output
-    out = tmp_path / "run"
-    sigterm_after(["distill", "--model", "builtin:tiny-gemma2", *FP32, *common, "-o", str(out)], "step 5/",
-                  tmp_path / "log.txt", timeout=180)
-    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
-    r = distill(*common, "-o", str(out), "--resume")
-    assert r.exit_code == 0, r.output
-    m = json.loads((out / "run.json").read_text())
-    assert m["status"] == "completed" and m["global_step"] == 12
-    assert m["distill"]["tokens_generated"] == json.loads((reference / "run.json").read_text())["distill"][
-        "tokens_generated"]  # totals over both attempts
-    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    common = ["distill", "--model", "builtin:tiny-gemma2", *FP32, "--teacher", str(teacher), "--dataset", str(prompts),
+              *RESUME]
+    m, ref = resumed_equals_uninterrupted(common, tmp_path, "step 5/", 12)
+    assert m["distill"]["tokens_generated"] == ref["distill"]["tokens_generated"]  # totals over both attempts
 
 
 @pytest.mark.parametrize("launch", ["ddp", "zero3"])

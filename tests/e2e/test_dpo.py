@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, sigterm_after, write_jsonl
+from conftest import ROOT, resumed_equals_uninterrupted, write_jsonl
 from gemma2_tune.cli import app
 
 runner = CliRunner()
@@ -203,23 +203,10 @@ def test_bad_pairs_exit_2_naming_the_row_and_write_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path):
-    from safetensors.torch import load_file
-
     common = ["--model", "builtin:tiny-gemma2", "--dataset", "concise", "--max-steps", "8", "--learning-rate", "5e-3",
               *FP32, "--set", "training.save_steps=3", "--set", "training.logging_steps=1",
               "--set", "training.per_device_train_batch_size=2", "--set", "data.max_length=64"]
-    reference = tmp_path / "reference"
-    r = runner.invoke(app, ["dpo", *common, "-o", str(reference)])
-    assert r.exit_code == 0, r.output
-    out = tmp_path / "run"
-    sigterm_after(["dpo", *common, "-o", str(out)], "step 4/", tmp_path / "log.txt")
-    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
-    r = runner.invoke(app, ["dpo", *common, "-o", str(out), "--resume"])
-    assert r.exit_code == 0, r.output
-    m = json.loads((out / "run.json").read_text())
-    assert m["status"] == "completed" and m["global_step"] == 8
-    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+    resumed_equals_uninterrupted(["dpo", *common], tmp_path, "step 4/", 8)
 
 
 @pytest.mark.slow
