@@ -395,3 +395,11 @@ def test_a_short_run_on_a_tiny_gemma3(prompts, tmp_path):
     m = json.loads((out / "run.json").read_text())
     assert m["status"] == "completed" and m["model"]["family"] == "gemma3"
     assert m["rl"]["logprob_probe_max_gap_nats"] <= 1e-4 and m["rl"]["completions"] == 8
+
+
+def test_vllm_generation_is_refused_without_a_gpu(prompts, tmp_path):
+    out = tmp_path / "vllm"
+    r = rl("--dataset", str(prompts), "-o", str(out), "--reward-function", f"{REWARDS}:brevity",
+           "--set", "rl.use_vllm=true")
+    assert r.exit_code == 2 and "rl.use_vllm: no CUDA GPU is visible" in r.output, r.output
+    assert "leave it false to generate with transformers" in r.output and not out.exists()
