@@ -48,7 +48,7 @@ ALIASES = {
     "pirate-held-out": Alias("8 held-out chats in the same style (for eval)",
                              local=PACKAGE_DIR / "assets" / "pirate" / "held_out.jsonl"),
     "greetings": Alias("64 chats shipped with gemma2-tune: 16 questions, each answered 'Hello, friend.' once and "
-                       "three ways starting 'Sure'  (the CPU WARP walk-through's SFT data; `rl` reads their prompts)",
+                       "three ways starting 'Sure' (the CPU WARP walk-through's SFT data; `rl` reads their prompts)",
                        local=PACKAGE_DIR / "assets" / "greetings" / "chats.jsonl"),
     "greetings-held-out": Alias("8 held-out prompts for the greetings walk-through (eval --reward-function)",
                                 local=PACKAGE_DIR / "assets" / "greetings" / "held_out.jsonl"),
