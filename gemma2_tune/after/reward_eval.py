@@ -47,13 +47,12 @@ def answers(loaded: Loaded, prompts: list[list[dict[str, str]]], policy: str, sa
 def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list[CheckedReward],
                  reward_model: RewardModelScorer | None, sampling: Sampling, samples: int, compare_base: bool,
                  others: list[tuple[str, Callable[[], Loaded]]] = (), echo: Echo = print,
-                 label: str = "model") -> dict[str, Any]:
+                 model_label: str = "model") -> dict[str, Any]:
     """Mean rewards of the loaded model's answers (and its base's, adapter off, when `compare_base` and it has
-    one; and each of `others`, (name, loader), loaded one at a time), printed as one table (`label`: the row of a
-    model without an adapter). `reward_model`: the
-    scorer rl trains with, or None. Returns {"dataset", "prompts", "answers_per_prompt", "results": {name: {label:
-    mean, ..., "truncated": n, "first_answer": text}}}. Raises UserError: no usable prompts, a reward function
-    that fails."""
+    one; and each of `others`, (name, loader), loaded one at a time), printed as one table (`model_label`: the
+    row of a model without an adapter). `reward_model`: the scorer rl trains with, or None. Returns {"dataset",
+    "prompts", "answers_per_prompt", "results": {name: {reward: mean, ..., "truncated": n, "answers": n,
+    "first_answer": text}}}. Raises UserError: no usable prompts, a reward function that fails."""
     rows, source = load_rows(data)
     prompts, report = build_prompts(rows, loaded.tokenizer, data, loaded.family, sampling.max_new_tokens)
     for line in source.lines() + report.summary_lines()[:1]:
@@ -78,7 +77,7 @@ def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list
     if compare_base and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             results["base"] = score(loaded)
-    results["fine-tuned" if hasattr(model, "disable_adapter") else label] = score(loaded)
+    results["fine-tuned" if hasattr(model, "disable_adapter") else model_label] = score(loaded)
     for name, load_other in others:  # checked by the caller (same family and vocabulary)
         other = load_other()
         results[name] = score(other)

@@ -229,7 +229,8 @@ def evaluate_command(
 
         scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded, run.system_policy)
         table = reward_table(loaded, rows, run.system_policy, functions, scoring, Sampling(max_new_tokens, temperature),
-                             samples, compare_base=True, others=others, echo=echo, label=model or "model")
+                             samples, compare_base=True, others=others, echo=echo,
+                             model_label=model or "model")
     elif dataset:
         from ..after.evaluate import evaluate
 
