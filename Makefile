@@ -28,9 +28,9 @@ $(VENV)/.installed-export: $(VENV)/.installed
 quickstart: install
 	$(BIN)/gemma2-tune sft --recipe recipes/quickstart-cpu.yaml --overwrite
 
-# Everything but the tests marked `real` (the real Gemma 3 270M: ~7 minutes, ~17 more with its llama.cpp export)
-# and `bench` (the CPU benchmark scripts end to end, a second memory measurement: ~6 minutes); `make test-all`
-# runs those too.
+# Everything but the tests marked `real` (the real Gemma 3 270M with its llama.cpp export: 19.5 minutes here, on
+# shared cores) and `bench` (the CPU benchmark scripts end to end, a second memory measurement: ~6 minutes);
+# `make test-all` runs those too.
 test: install-export
 	$(BIN)/python -m pytest -q -m "not real and not bench"
 
