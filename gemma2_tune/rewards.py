@@ -98,9 +98,11 @@ def call_reward_function(fn: CheckedReward, prompts: list[Messages], texts: list
 
 
 # ------------------------------------------------------------------------------------------------- reward models
-def reward_model_tokenizer(name: str, key: str, trust_remote_code: bool = False):
+def reward_model_tokenizer(name: str, key: str, family, system_policy: str, unsupported: str = "bad_row",
+                           trust_remote_code: bool = False):
     """A reward model's tokenizer, after checking it is a sequence classifier with one output (a reward run's
-    base is loaded as one). Returns (tokenizer, has its own chat template). Raises UserError naming `key`."""
+    base is loaded as one), with its own chat template, else the run's (`family`, `system_policy`,
+    `unsupported`: our rendering). Returns (tokenizer, "own" | "run"). Raises UserError naming `key`."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .models.loading import model_location
@@ -122,7 +124,12 @@ def reward_model_tokenizer(name: str, key: str, trust_remote_code: bool = False)
                         f"{str(exc)[:200]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, bool(tokenizer.chat_template)
+    if tokenizer.chat_template:
+        return tokenizer, "own"
+    from .data.template import use_run_template
+
+    use_run_template(tokenizer, family, system_policy, unsupported)
+    return tokenizer, "run"
 
 
 def load_reward_model(name: str, key: str, *, dtype: str, bits: str | None = None, quantization: Any = None,
@@ -176,13 +183,16 @@ class RewardModelScorer:
     (a policy that stops at once), which the template refuses as a conversation; with a reward model's own
     foreign template, the whole conversation through it, as TRL's GRPOTrainer renders for a reward model
     (trl.data_utils.apply_chat_template). Read right-padded, no added special tokens, at `logits[:, 0]`.
-    `model` may be replaced after construction (rl puts TRL's prepared copy here). Raises UserError when a foreign
-    template refuses a conversation."""
+    `model` may be replaced after construction (rl puts TRL's prepared copy here). `ours`: the tokenizer's template
+    is one gemma2-tune generated. Raises UserError when a foreign template refuses a conversation."""
 
     __name__ = "reward_model"  # TRL logs rewards/reward_model/mean
 
-    def __init__(self, model, tokenizer, ours: bool, batch_size: int = 8):
-        self.model, self.tokenizer, self.ours, self.batch_size = model, tokenizer, ours, batch_size
+    def __init__(self, model, tokenizer, batch_size: int = 8):
+        from .data.template import is_generated
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.ours = is_generated(tokenizer.chat_template)
         if model is not None and model.config.pad_token_id is None:  # where a padded batch's last token is read
             model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -93,10 +93,10 @@ def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list
             "answers_per_prompt": samples, "results": results}
 
 
-def reward_scorers(request) -> tuple[list[CheckedReward], Any]:
+def reward_scorers(request, family, policy: str) -> tuple[list[CheckedReward], Any]:
     """eval's --reward-function items imported and --reward-model's tokenizer checked, before any model loads:
-    (functions, the reward model's (tokenizer, has its own template) or None). Raises UserError naming the
-    option."""
+    (functions, the reward model's tokenizer: its own chat template, else the run's, for `family` and system
+    `policy`; or None). Raises UserError naming the option."""
     from ..config.rl import RewardFunction, reward_function_specs
     from ..errors import UserError
     from ..rewards import load_reward_function, reward_model_tokenizer
@@ -107,22 +107,18 @@ def reward_scorers(request) -> tuple[list[CheckedReward], Any]:
             raise UserError(f"--reward-function {item}: eval reports each function's mean; weights are for rl's "
                             "summed reward (leave out '=WEIGHT')")
         functions.append(load_reward_function(RewardFunction(**spec), f"--reward-function {item}", flag=True))
-    tokenizer = (reward_model_tokenizer(request.reward_model, f"--reward-model {request.reward_model}")
-                 if request.reward_model else None)
+    tokenizer = (reward_model_tokenizer(request.reward_model, f"--reward-model {request.reward_model}", family,
+                                        policy)[0] if request.reward_model else None)
     return functions, tokenizer
 
 
-def load_scoring_model(name: str | None, checked: Any, loaded: Loaded, policy: str) -> RewardModelScorer | None:
-    """The reward model (frozen, on the evaluated model's device, in its dtype) as `rl` scores with it: its own
-    chat template, else the run's (its family, system `policy`). None without --reward-model."""
+def load_scoring_model(name: str | None, tokenizer: Any, loaded: Loaded) -> RewardModelScorer | None:
+    """The reward model (frozen, on the evaluated model's device, in its dtype) with `tokenizer` (reward_scorers'),
+    as `rl` scores with it. None without --reward-model."""
     if name is None:
         return None
-    from ..data.template import is_generated, use_run_template
     from ..rewards import load_reward_model
 
-    tokenizer, own = checked
-    if not own:
-        use_run_template(tokenizer, loaded.family, policy, "bad_row")
     dtype = str(loaded.model.dtype).removeprefix("torch.")
     model = load_reward_model(name, f"--reward-model {name}", dtype=dtype)
-    return RewardModelScorer(model.to(loaded.model.device), tokenizer, ours=is_generated(tokenizer.chat_template))
+    return RewardModelScorer(model.to(loaded.model.device), tokenizer)

@@ -219,7 +219,10 @@ def evaluate_command(
     if request.scores_rewards:
         from ..after.reward_eval import reward_scorers
 
-        functions, reward_model_tokenizer = reward_scorers(request)  # checked before the models load
+        from ..models.loading import checkpoint_family
+
+        family = checkpoint_family(run.base_model)[0]
+        functions, reward_model_tokenizer = reward_scorers(request, family, run.system_policy)  # before models load
     loaded = load(run, load_in_value(load_in))
     rows = SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
                           system_policy=run.system_policy) if dataset else None
@@ -227,7 +230,7 @@ def evaluate_command(
         from ..after.inference import Sampling
         from ..after.reward_eval import load_scoring_model, reward_table
 
-        scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded, run.system_policy)
+        scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
         table = reward_table(loaded, rows, run.system_policy, functions, scoring, Sampling(max_new_tokens, temperature),
                              samples, compare_base=True, others=others, echo=echo,
                              model_label=model or "model")

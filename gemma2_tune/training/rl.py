@@ -32,7 +32,7 @@ from transformers import PrinterCallback, TrainerCallback
 from ..config.rl import RlConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..data.template import is_generated, use_run_template
+from ..data.template import use_run_template
 from ..data.turns import END
 from ..errors import UserError
 from ..models.checks import check_kernel_request
@@ -205,20 +205,12 @@ class Runner(lifecycle.Runner):
         tokenizer.padding_side = "left"  # generation pads prompts on the left
         self.family, self.tokenizer = family, tokenizer
         self.functions = [load_reward_function(f, f"rl.reward_functions[{i}]") for i, f in enumerate(r.reward_functions)]
-        self.reward_tokenizer, self.reward_template = self._reward_model_tokenizer() if (
-            cfg.reward_model.name_or_path) else (None, None)
+        rm = cfg.reward_model
+        self.reward_tokenizer, self.reward_template = reward_model_tokenizer(
+            rm.name_or_path, "reward_model.name_or_path", family, cfg.data.system_policy, cfg.data.unsupported_fields,
+            rm.trust_remote_code) if rm.name_or_path else (None, None)
         weights = [f.weight for f in r.reward_functions] + ([cfg.reward_model.weight] if self.reward_tokenizer else [])
         return rl_args(cfg, out, launch, weights)
-
-    def _reward_model_tokenizer(self):
-        """The reward model's tokenizer (checked to be a one-output sequence classifier's): its own chat template,
-        else the run's (our rendering). Returns (tokenizer, 'own' | 'run')."""
-        rm = self.cfg.reward_model
-        tokenizer, own = reward_model_tokenizer(rm.name_or_path, "reward_model.name_or_path", rm.trust_remote_code)
-        if own:
-            return tokenizer, "own"
-        use_run_template(tokenizer, self.family, self.cfg.data.system_policy, self.cfg.data.unsupported_fields)
-        return tokenizer, "run"
 
     def load_data(self, run: RunLifecycle) -> dict[str, Any]:
         """Prompts (each row up to its last user turn), held-out prompts by data.eval_fraction; every reward
@@ -300,7 +292,6 @@ class Runner(lifecycle.Runner):
         scorer = None
         if self.reward_tokenizer is not None:
             scorer = RewardModelScorer(self._load_reward_model(run), self.reward_tokenizer,
-                                       ours=is_generated(self.reward_tokenizer.chat_template),
                                        batch_size=cfg.training.per_device_train_batch_size)
             rewards.append(scorer)
         from datasets import Dataset

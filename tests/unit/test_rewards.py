@@ -20,7 +20,8 @@ def test_a_reward_model_reads_the_templates_rendering_and_an_empty_answer_is_def
     from gemma2_tune.rewards import RewardModelScorer
 
     assert is_generated(tokenizer.chat_template)
-    scorer = RewardModelScorer(None, tokenizer, ours=True)
+    scorer = RewardModelScorer(None, tokenizer)
+    assert scorer.ours
     for answer in ("Hello, friend.", "  two\nlines  ", "ünïcode ✓"):
         whole = tokenizer.apply_chat_template(PROMPT + [{"role": "assistant", "content": answer}], tokenize=False)
         assert scorer.text(PROMPT, answer) == whole
@@ -28,7 +29,8 @@ def test_a_reward_model_reads_the_templates_rendering_and_an_empty_answer_is_def
         tokenizer.apply_chat_template(PROMPT + [{"role": "assistant", "content": ""}], tokenize=False)
     head = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     assert scorer.text(PROMPT, "") == head + "<end_of_turn>\n"
-    foreign = RewardModelScorer(None, tokenizer, ours=False)  # TRL's rendering: the whole conversation
+    foreign = RewardModelScorer(None, tokenizer)
+    foreign.ours = False  # as for a foreign template: TRL's rendering of the whole conversation
     assert foreign.text(PROMPT, "Hello") == scorer.text(PROMPT, "Hello")
     from gemma2_tune.errors import UserError
 
