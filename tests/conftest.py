@@ -116,3 +116,19 @@ def resumed_equals_uninterrupted(args: list[str], tmp_path: Path, marker: str, s
     wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (reference, out))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
     return resumed, ref
+
+
+def two_process_run(args: list[str], launch: str, out: Path, steps: int, timeout: float = 1200) -> dict:
+    """`python -m gemma2_tune ARGS --launch LAUNCH --num-processes 2 -o OUT` (one thread per process): it must exit
+    0 and complete `steps` steps over 2 processes. Returns its run.json."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "gemma2_tune", *args, "--launch", launch, "--num-processes", "2", "-o", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    m = json.loads((out / "run.json").read_text())
+    assert m["status"] == "completed" and m["global_step"] == steps and m["launch"]["num_processes"] == 2
+    return m

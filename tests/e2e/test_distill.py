@@ -3,15 +3,13 @@ teacher to a fresh student on prompts alone, resume after SIGTERM, two processes
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, write_jsonl
+from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, two_process_run, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -160,18 +158,13 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_
 @pytest.mark.parametrize("launch", ["ddp", "zero3"])
 def test_two_processes(teacher, prompts, tmp_path, launch):
     out = tmp_path / launch
-    cmd = [sys.executable, "-m", "gemma2_tune", "distill", "--launch", launch, "--num-processes", "2",
-           "--model", "builtin:tiny-gemma2", "--teacher", str(teacher), "--dataset", str(prompts), "-o", str(out),
-           "--max-steps", "3", "--set", "training.logging_steps=1", "--set", "teacher.load_in=full",
-           "--set", "distill.max_completion_length=6", "--set", "training.per_device_train_batch_size=2",
-           "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"]
+    args = ["distill", "--model", "builtin:tiny-gemma2", "--teacher", str(teacher), "--dataset", str(prompts),
+            "--max-steps", "3", "--set", "training.logging_steps=1", "--set", "teacher.load_in=full",
+            "--set", "distill.max_completion_length=6", "--set", "training.per_device_train_batch_size=2",
+            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"]
     if launch == "ddp":
-        cmd += ["--set", "quantization.load_in_4bit=false"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    m = json.loads((out / "run.json").read_text())
-    assert m["status"] == "completed" and m["global_step"] == 3 and m["launch"]["num_processes"] == 2
+        args += ["--set", "quantization.load_in_4bit=false"]
+    m = two_process_run(args, launch, out, steps=3, timeout=600)
     assert m["launch"]["zero_stage"] == (3 if launch == "zero3" else None)
     assert (out / "adapter_model.safetensors").is_file()
 

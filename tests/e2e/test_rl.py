@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, write_jsonl
+from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, two_process_run, write_jsonl
 from gemma2_tune.cli import app
 
 runner = CliRunner()
@@ -340,22 +340,13 @@ def test_two_processes(prompts, tmp_path, launch):
     """GRPO over 2 CPU processes: DDP with LoRA (reference: the adapter disabled); ZeRO-3 with full fine-tuning
     (a frozen reference copy, sharded; generation gathers the sharded weights). Each rank generates its own
     completions: 2 processes x 4 per step x 3 steps."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / launch
-    cmd = [sys.executable, "-m", "gemma2_tune", "rl", "--launch", launch, "--num-processes", "2",
-           "--recipe", "rl-cpu", "--dataset", str(prompts), "-o", str(out), "--max-steps", "3",
-           "--reward-function", f"{REWARDS}:brevity", "--set", "rl.reward_functions=[]",
-           "--set", "model.dtype=bfloat16", "--set", "training.per_device_train_batch_size=4"]
+    args = ["rl", "--recipe", "rl-cpu", "--dataset", str(prompts), "--max-steps", "3",
+            "--reward-function", f"{REWARDS}:brevity", "--set", "rl.reward_functions=[]",
+            "--set", "model.dtype=bfloat16", "--set", "training.per_device_train_batch_size=4"]
     if launch == "zero3":
-        cmd += ["--set", "lora.enabled=false"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    m = json.loads((out / "run.json").read_text())
-    assert m["status"] == "completed" and m["global_step"] == 3 and m["launch"]["num_processes"] == 2
+        args += ["--set", "lora.enabled=false"]
+    m = two_process_run(args, launch, out, steps=3)
     assert m["rl"]["completions"] == 24 and len(m["rl"]["reward_history"]) == 3
     assert all(0 < e["reward"] <= 1 for e in m["rl"]["reward_history"])  # brevity is in (0, 1]
     if launch == "ddp":
