@@ -79,6 +79,10 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str,
     loaders = []
     for name in names:
         other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
+        if other.head != run.head:
+            what = {"causal-lm": "a causal LM", "sequence-classification": "a reward model"}
+            raise UserError(f"--compare {name}: {what[other.head]}, but the first model is {what[run.head]}: "
+                            "they are scored differently (held-out loss or rewards; pairwise accuracy)")
         family = checkpoint_family(other.base_model)[0]
         if family.key != first.key:
             raise UserError(f"--compare {name}: a {family.display} model; the held-out chats are rendered for "

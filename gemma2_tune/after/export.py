@@ -174,7 +174,7 @@ def missing_packages() -> list[str]:
 
 
 def _check_target(target: str) -> None:
-    """Refuse, before any merge or conversion, what is not a Gemma model folder or run."""
+    """Refuse, before any merge or conversion, what is not a Gemma model folder or run, or is a reward model."""
     from ..models.loading import checkpoint_family
     from .inference import read_run
 
@@ -183,6 +183,7 @@ def _check_target(target: str) -> None:
         what = "is a file, not a folder" if path.exists() else "no such folder"
         raise UserError(f"export {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
     run = read_run(str(path), None, key="export")
+    run.require_generating("export")  # llama.cpp runs language models; a reward model's score head is not one
     checkpoint_family(run.base_model)  # UserError for multimodal Gemma 3, Gemma 1, other architectures
 
 

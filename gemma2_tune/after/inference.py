@@ -41,6 +41,24 @@ class TrainedRun:
         return self.config.model.attn_implementation if self.config else "eager"
 
     @property
+    def head(self) -> str:
+        """"sequence-classification" for a reward model (a reward run, its merge or any one-score classifier), else
+        "causal-lm"."""
+        from ..config.rules import reward_model_kind
+
+        if self.config is not None:
+            return self.config.head
+        return "sequence-classification" if reward_model_kind(str(self.path)) else "causal-lm"
+
+    def require_generating(self, key: str) -> None:
+        """Raises UserError naming `key` when this is a reward model: it scores answers and generates nothing."""
+        from ..config.rules import reward_model_kind, reward_model_refusal
+
+        if self.head != "causal-lm":
+            kind = reward_model_kind(str(self.path)) or "a `gemma2-tune reward` run"
+            raise UserError(reward_model_refusal(key, str(self.path), kind))
+
+    @property
     def dtype(self) -> str:
         """The precision the run trained in; for a model folder (a merge, a full fine-tune), its config.json's;
         else bfloat16."""
@@ -137,7 +155,7 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
         dtype = dtype or {"bf16": "bfloat16", "fp32": "float32"}.get(load_in, trained_dtype)
         bits = load_in if load_in in ("8bit", "4bit") else None
         request = LoadRequest(run.base_model, dtype=dtype, attn_implementation=run.attn_implementation,
-                              quantization=bits, head=run.config.head if run.config else "causal-lm")
+                              quantization=bits, head=run.head)
     model, report = load_model(request)
     if run.is_adapter:
         from peft import PeftModel

@@ -91,6 +91,7 @@ def model_folder(target: str, *, command: str, name: str | None = None, dtype: s
         what = "is a file, not a folder" if path.exists() else "no such folder"
         raise UserError(f"{command} {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
     run = read_run(str(path), None, key=command)
+    run.require_generating(command)  # before a merge: a reward model can be neither served nor exported
     label = name or (path.parent.name + "-ema" if path.name == "ema" else path.name)
     if not run.is_adapter:
         family, _ = checkpoint_family(str(path))

@@ -64,7 +64,7 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
     if getattr(merged, "generation_config", None) is not None:  # a reward model (one score per sequence) does not generate
         merged.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    head = run.config.head if run.config else "causal-lm"
+    head = run.head
 
     with staged_dir(out, echo=echo) as tmp:  # nothing reaches `out` unless the bounded check passes
         merged.save_pretrained(tmp, max_shard_size="5GB")

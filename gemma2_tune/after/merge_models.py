@@ -51,10 +51,12 @@ class MergeInput:
     vocab_digest: str = ""
     adapter: bool = False
     adapter_merge: dict[str, Any] | None = None  # `merge`'s report when an adapter was merged into its base
+    head: str = "causal-lm"  # "sequence-classification": a reward model (its score head is merged like any tensor)
 
     def describe(self) -> dict[str, Any]:
         """For merge.json."""
-        described = {"given": self.given, "kind": self.kind, "system_policy": self.system_policy, "dtype": self.dtype}
+        described = {"given": self.given, "kind": self.kind, "head": self.head, "system_policy": self.system_policy,
+                     "dtype": self.dtype}
         if self.adapter_merge is not None:
             described["adapter_merged_into_base"] = {k: self.adapter_merge.get(k) for k in (
                 "base_model", "merged_dtype", "trained_in_4bit", "check", "trained_model_check")}
@@ -174,14 +176,17 @@ def _resolve_input(given: str, key: str) -> MergeInput:
     from ..models.loading import checkpoint_family, load_tokenizer, model_location
     from .inference import read_run, saved_policy
 
+    from ..config.rules import sequence_classifier
+
     path = Path(given).expanduser()
     policy = dtype = None
     adapter = False
+    head = "causal-lm"
     if path.is_dir():
         run = read_run(given, None, key=key)
         policy = saved_policy(path, run.config)
         dtype = run.config.model.dtype if run.config else None
-        adapter, config_source, location = run.is_adapter, run.base_model, str(path)
+        adapter, config_source, location, head = run.is_adapter, run.base_model, str(path), run.head
         kind = "run (LoRA adapter)" if adapter else "run (full fine-tune)" if run.config else "model folder"
     elif path.exists():
         raise UserError(f"{key} {given}: a file; give a model or run folder, or a hub id")
@@ -196,19 +201,27 @@ def _resolve_input(given: str, key: str) -> MergeInput:
             raise UserError(problem)
         config_source, kind, location = given, "hub" if ":" not in given else "builtin", model_location(given)
     family, hf_config = checkpoint_family(config_source)
+    if not adapter and sequence_classifier(getattr(hf_config, "architectures", None)):
+        head = "sequence-classification"  # a merged reward model, or one from the hub
     tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source)
     if dtype is None:
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         dtype = str(saved).replace("torch.", "") if saved is not None else None
         dtype = dtype if dtype in ("bfloat16", "float16", "float32") else None
     return MergeInput(given, key, kind, location, family, hf_config, policy, dtype,
-                      vocabulary_digest(tokenizer), adapter)
+                      vocabulary_digest(tokenizer), adapter, head=head)
 
 
 def check_compatible(inputs: list[MergeInput]) -> None:
-    """One family, identical shapes, one vocabulary. Raises UserError listing every difference."""
+    """One family, one head (causal LMs, or reward models: weight-averaged reward models, Ramé et al. 2024,
+    arXiv:2401.12187), identical shapes, one vocabulary. Raises UserError listing every difference."""
     first, problems = inputs[0], []
+    heads = {"causal-lm": "a causal LM", "sequence-classification": "a reward model (sequence classifier)"}
     for other in inputs[1:]:
+        if other.head != first.head:
+            problems.append(f"{other.key} {other.given} is {heads[other.head]}, {first.key} {first.given} is "
+                            f"{heads[first.head]}")
+            continue
         if other.family.key != first.family.key:
             problems.append(f"{other.key} {other.given} is {other.family.display}, {first.key} {first.given} is "
                             f"{first.family.display}")
@@ -315,7 +328,8 @@ def _readable(config: dict[str, Any], plan: MergePlan) -> dict[str, Any]:
 
 def finish_folder(folder: Path, first: MergeInput, policy: str):
     """The merged folder as a model to serve: eager attention and soft-caps in config.json, the tokenizer with
-    the generated chat template, a generation config that stops at <end_of_turn>. Returns the tokenizer."""
+    the generated chat template, a generation config that stops at <end_of_turn> (not for a reward model).
+    Returns the tokenizer."""
     from transformers import GenerationConfig
 
     from ..data.template import use_run_template
@@ -337,6 +351,8 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
     tokenizer = load_tokenizer(source)
     use_run_template(tokenizer, family, policy, "bad_row")
     tokenizer.save_pretrained(str(folder))
+    if first.head != "causal-lm":  # a reward model scores and does not generate
+        return tokenizer
     end = tokenizer.convert_tokens_to_ids(END)
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=[tokenizer.eos_token_id, end])
@@ -380,21 +396,22 @@ def self_check(plan: MergePlan, folder: Path, tokenizer, policy: str) -> dict[st
     from ..models.loading import LoadRequest, load_model
     from . import selfcheck
 
-    family = plan.models[0].family
-    merged, report = load_model(LoadRequest(str(folder), dtype=plan.dtype, attn_implementation="eager"))
+    family, head = plan.models[0].family, plan.models[0].head
+    merged, report = load_model(LoadRequest(str(folder), dtype=plan.dtype, attn_implementation="eager", head=head))
     prompts = selfcheck.prompts(tokenizer, policy, family)
     got = selfcheck.logits(merged, prompts)
     del merged
     finite = all(bool(torch.isfinite(g).all()) for g in got)
+    outputs = "logits" if head == "causal-lm" else "scores"  # a reward model: one score per chat
     check: dict[str, Any] = {"loads": True, "attention": "eager", "logits_finite": finite, "passed": finite,
-                             "lines": [f"reloaded with eager attention: logits finite on {len(prompts)} chats: "
+                             "lines": [f"reloaded with eager attention: {outputs} finite on {len(prompts)} chats: "
                                        f"{'yes' if finite else 'NO'}"], "failure": None}
     if not finite:
-        check["failure"] = "the merged model's logits are not finite"
+        check["failure"] = f"the merged model's {outputs} are not finite"
     reference = identity_reference(plan)
     if reference is not None and finite:
         what, location = reference
-        other, _ = load_model(LoadRequest(location, dtype=plan.dtype, attn_implementation="eager"))
+        other, _ = load_model(LoadRequest(location, dtype=plan.dtype, attn_implementation="eager", head=head))
         expected = selfcheck.logits(other, prompts)
         del other
         compared = selfcheck.compare(got, expected)

@@ -30,6 +30,7 @@ def chat(
     from ..after.inference import Sampling, load, read_run
 
     run = read_run(adapter, model)
+    run.require_generating("--adapter" if adapter else "--model")
     loaded = load(run, load_in_value(load_in))
     sampling = Sampling(max_new_tokens, temperature, top_p)
     note = describe(run, loaded, load_in, sampling)
@@ -157,7 +158,7 @@ def export(
 def evaluate_command(
     adapter: AdapterOpt = None,
     model: ModelOpt = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Held-out chats (any supported source).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Held-out chats (any supported source); for a reward model, held-out preference pairs.")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated (needs lm-eval).")] = None,
     max_length: Annotated[int, typer.Option(help="data.max_length for the held-out rows.")] = 1024,
     max_rows: Annotated[Optional[int], typer.Option(help="Score at most this many rows.")] = None,
@@ -185,7 +186,8 @@ def evaluate_command(
                                                      "JSON file.")] = None,
 ) -> None:
     """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), the mean reward of
-    their answers (--reward-function/--reward-model), lm-eval tasks, or the Gemma 2 report's benchmark table."""
+    their answers (--reward-function/--reward-model), lm-eval tasks, or the Gemma 2 report's benchmark table. For a
+    reward model: its pairwise accuracy and margin on --dataset's preference pairs."""
     request = check(EvalRequest, {
         "--dataset": ("dataset", dataset), "--tasks": ("tasks", tasks), "--suite": ("suite", suite),
         "--max-length": ("max_length", max_length), "--max-rows": ("max_rows", max_rows), "--limit": ("limit", limit),
@@ -209,6 +211,14 @@ def evaluate_command(
     from ..after.inference import load, read_run
 
     run = read_run(adapter, model)
+    scores_pairs = run.head != "causal-lm"  # a reward model: its pairwise accuracy on --dataset's pairs
+    if scores_pairs:
+        given = [o for o, v in (("--tasks", tasks), ("--suite", suite), ("--reward-function", reward_function),
+                                ("--reward-model", reward_model)) if v]
+        if given or not dataset:
+            raise UserError(f"{', '.join(given) or 'eval'}: {run.path} is a reward model (one score per answer): "
+                            "eval scores it on preference pairs: give --dataset (pairs: chosen/rejected) and "
+                            "optionally --compare other reward models")
     if suite:
         from ..after.harness import check_suite_data
 
@@ -234,6 +244,14 @@ def evaluate_command(
         table = reward_table(loaded, rows, run.system_policy, functions, scoring, Sampling(max_new_tokens, temperature),
                              samples, compare_base=True, others=others, echo=echo,
                              model_label=model or "model")
+    elif scores_pairs:
+        from ..after.preference_eval import preference_table
+        from ..config.schema import PreferenceDataSection
+
+        pairs = PreferenceDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
+                                      system_policy=run.system_policy)
+        table = preference_table(loaded, pairs, others=others, echo=echo,
+                                 model_label=model or "model")
     elif dataset:
         from ..after.evaluate import evaluate
 

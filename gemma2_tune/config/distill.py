@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..families import family_of_checkpoint
-from .rules import MIN_PROMPT_TOKENS, checkpoint_size, model_problems, run_problems
+from .rules import MIN_PROMPT_TOKENS, checkpoint_size, generating_model_problem, model_problems, run_problems
 from .schema import FrozenModel, OutputSection, RunConfig, Section
 
 
@@ -109,7 +109,9 @@ def distill_problems(cfg: "DistillConfig") -> tuple[list[str], list[str]]:
     the student (warned). Decided from names and local config.json files, without torch."""
     errors, warnings = run_problems(cfg)
     t = cfg.teacher
-    teacher_errors, teacher_warnings = model_problems(t.name_or_path, t.attn_implementation, cfg.model.dtype, "teacher")
+    problem = generating_model_problem(t.name_or_path, "teacher.name_or_path")
+    teacher_errors, teacher_warnings = ([problem], []) if problem else \
+        model_problems(t.name_or_path, t.attn_implementation, cfg.model.dtype, "teacher")
     errors += teacher_errors
     warnings += teacher_warnings
     if cfg.data.max_length - cfg.distill.max_completion_length < MIN_PROMPT_TOKENS:

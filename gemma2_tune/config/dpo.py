@@ -18,7 +18,7 @@ from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import Field
 
-from .rules import run_problems
+from .rules import generating_model_problem, run_problems
 from .schema import FrozenModel, OutputSection, PreferenceDataSection, RunConfig, Section
 
 # TRL 1.16 DPOConfig.loss_type's values (trl/trainer/dpo_config.py), combinable with dpo.loss_weights.
@@ -181,6 +181,9 @@ def dpo_problems(cfg: DpoConfig) -> tuple[list[str], list[str]]:
     loss: every dpo.loss_type known to TRL 1.16 (ORPO/SimPO refused with the reason), KTO's losses alone, weights
     one per loss, EXO's label smoothing, KTO's batch of at least 2 (its KL estimate pairs each prompt with another
     example's answer in the batch); a starting sft adapter's LoRA shape equal to lora.*."""
+    problem = generating_model_problem(cfg.model.name_or_path, "model.name_or_path")
+    if problem:  # a reward run is an adapter too: not a starting policy
+        return [problem], []
     try:
         start = sft_start(cfg.model.name_or_path)
     except (OSError, ValueError) as exc:

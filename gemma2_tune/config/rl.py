@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
-from .rules import MIN_PROMPT_TOKENS, model_problems, run_problems
+from .rules import MIN_PROMPT_TOKENS, generating_model_problem, model_problems, reward_model_kind, run_problems
 from .schema import FrozenModel, OutputSection, RunConfig, Section, TrainingSection
 
 # TRL 1.16's GRPOTrainer loss types (GRPOConfig.loss_type), and RLOO (RLOOTrainer: leave-one-out baseline).
@@ -128,8 +128,8 @@ class RlConfig(RunConfig):
         if not isinstance(data, dict):
             return data
         name = (data.get("model") or {}).get("name_or_path") if isinstance(data.get("model"), dict) else None
-        if not isinstance(name, str) or not adapter_folder(name):
-            return data
+        if not isinstance(name, str) or not adapter_folder(name) or reward_run(name):
+            return data  # a reward run stays model.name_or_path: the rules refuse it there
         base = adapter_base(Path(name).expanduser())
         if base is None:
             return data  # rules report the adapter folder as a model that cannot load
@@ -209,13 +209,7 @@ def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | Non
 def reward_run(name: str) -> bool:
     """A local `gemma2-tune reward` run (or any PEFT SEQ_CLS adapter): adapter_config.json with task_type SEQ_CLS
     and no whole model beside it."""
-    path = Path(name).expanduser()
-    if not adapter_folder(name):
-        return False
-    try:
-        return json.loads((path / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
-    except (OSError, ValueError):
-        return False
+    return adapter_folder(name) and reward_model_kind(name) is not None
 
 
 def adapter_base(path: Path) -> str | None:
@@ -280,7 +274,9 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
                       "group) is not scaled (leave it at 'group')")
     if r.epsilon_high is not None and r.epsilon_high < r.epsilon:
         errors.append(f"rl.epsilon_high ({r.epsilon_high}) is below rl.epsilon ({r.epsilon})")
-    if r.initial_adapter:
+    if r.initial_adapter and reward_run(r.initial_adapter):
+        errors.append(generating_model_problem(r.initial_adapter, "rl.initial_adapter"))
+    elif r.initial_adapter:
         if not cfg.lora.enabled:
             errors.append(f"rl.initial_adapter: {r.initial_adapter} is a LoRA adapter; training it needs "
                           "lora.enabled=true")

@@ -48,6 +48,42 @@ def local_path_problem(name: str, key: str = "model") -> str | None:
     return None
 
 
+def sequence_classifier(architectures: list[str] | None) -> bool:
+    """Whether a config.json's `architectures` name sequence classifiers only (e.g. Gemma2ForSequenceClassification:
+    one score per sequence, no LM head)."""
+    return bool(architectures) and all(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def reward_model_kind(name: str) -> str | None:
+    """What the local folder `name` is when it holds a reward model: "a `gemma2-tune reward` run (a
+    sequence-classification LoRA adapter)" or "a sequence classifier (ARCHITECTURE)"; None for anything else (a
+    causal LM, an adapter of one, a hub id, no such folder). From adapter_config.json's task_type, else config.json's
+    architectures; no weights are read."""
+    path = Path(name).expanduser()
+    try:
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            if json.loads((path / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+                return "a `gemma2-tune reward` run (a sequence-classification LoRA adapter)"
+            return None
+        architectures = json.loads((path / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return f"a sequence classifier ({architectures[0]})" if sequence_classifier(architectures) else None
+
+
+def reward_model_refusal(key: str, name: str, kind: str) -> str:
+    """The message for a reward model given where a model that generates text is needed."""
+    return (f"{key}: {name} is a reward model, {kind}: it gives one score per answer and does not generate text. "
+            "Give a causal LM here (a Gemma checkpoint, or an sft, distill, dpo or rl run); reward models are used "
+            "by `rl --reward-model` and `eval --reward-model`")
+
+
+def generating_model_problem(name: str, key: str) -> str | None:
+    """reward_model_refusal when the local folder `name` holds a reward model (reward_model_kind), else None."""
+    kind = reward_model_kind(name)
+    return None if kind is None else reward_model_refusal(key, name, kind)
+
+
 def model_problems(name: str, kernel: str, dtype: str, key: str = "model") -> tuple[list[str], list[str]]:
     """What the model's family says about this kernel and dtype: (errors, warnings), naming `key`.name_or_path
     and `key`.attn_implementation (model.* or teacher.*; the dtype is always model.dtype)."""
@@ -110,7 +146,8 @@ def kernel_summary(kernel: str) -> str:
 def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
     """Rules of a training run's config. Returns (errors, warnings), each naming the key(s) involved."""
     m, q, lora = cfg.model, cfg.quantization, cfg.lora
-    errors, warnings = model_problems(m.name_or_path, m.attn_implementation, m.dtype)
+    problem = generating_model_problem(m.name_or_path, "model.name_or_path") if cfg.head == "causal-lm" else None
+    errors, warnings = ([problem], []) if problem else model_problems(m.name_or_path, m.attn_implementation, m.dtype)
     family = family_of_checkpoint(m.name_or_path) or GEMMA2  # module names are the same in both families
 
     if q.load_in_4bit and not lora.enabled:

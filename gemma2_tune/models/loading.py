@@ -144,7 +144,13 @@ def load_model(request: LoadRequest):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    family, _ = checkpoint_family(request.name_or_path, request.revision, request.trust_remote_code)
+    from ..config.rules import reward_model_refusal, sequence_classifier
+
+    family, config = checkpoint_family(request.name_or_path, request.revision, request.trust_remote_code)
+    architectures = getattr(config, "architectures", None)
+    if request.head == "causal-lm" and sequence_classifier(architectures):  # a reward model: its head is not an LM's
+        raise UserError(reward_model_refusal("model.name_or_path", request.name_or_path,
+                                             f"a sequence classifier ({architectures[0]})"))
     check_kernel_request(family, request.attn_implementation, request.training)
     location = model_location(request.name_or_path)
     quant = request.bnb()

@@ -177,6 +177,70 @@ def test_reward_model_orders_held_out_pairs_and_its_merge_scores_the_same(tmp_pa
         right += scores[0] > scores[1]
     assert right == len(held)
 
+    # eval of a reward model: its pairwise accuracy on pairs, the run (adapter) and its merge in one table, equal to
+    # what training's own held-out evaluation counted (TRL's batched evaluation; here one sequence at a time)
+    table = tmp_path / "pairs.json"
+    r = runner.invoke(app, ["eval", "--adapter", str(out), "--dataset", "concise-held-out", "--compare", str(merged),
+                            "--json", str(table)])
+    assert r.exit_code == 0 and "pairwise accuracy" in r.output, r.output
+    results = json.loads(table.read_text())["results"]
+    assert list(results) == ["fine-tuned", str(merged)], results
+    assert results["fine-tuned"]["pairs"] == 12 and results["fine-tuned"]["pairwise_accuracy"] == e["pairwise_accuracy"]
+    assert abs(results["fine-tuned"]["margin"] - results[str(merged)]["margin"]) <= 1e-4, results
+    assert results["fine-tuned"]["margin"] > 0
+
+
+def test_weight_averaged_reward_models_merge_their_score_heads(tmp_path):
+    """WARM (Rame et al. 2024): two reward runs from one base (different seeds, so different score heads) averaged
+    by merge-models: the merged score head is the mean of theirs, the result is a reward model that eval scores
+    beside its inputs; a causal LM is not merged into a reward model, and nothing generates from one."""
+    pytest.importorskip("mergekit")
+    from safetensors.torch import load_file
+
+    runs = []
+    for seed in (1, 2):
+        out = tmp_path / f"rm{seed}"
+        r = runner.invoke(app, ["reward", "--model", "builtin:tiny-gemma2", "--dataset", "concise", "-o", str(out),
+                                "--max-steps", "6", "--learning-rate", "5e-3", "--set", f"training.seed={seed}", *FP32,
+                                "--set", "training.per_device_train_batch_size=4"])
+        assert r.exit_code == 0, r.output
+        runs.append(out)
+    merged = []
+    for run in runs:
+        r = runner.invoke(app, ["merge", "--adapter", str(run), "--output", str(run) + "-merged"])
+        assert r.exit_code == 0, r.output
+        merged.append(load_file(str(run) + "-merged/model.safetensors"))
+    warm = tmp_path / "warm"
+    r = runner.invoke(app, ["merge-models", "--method", "linear", "--models", str(runs[0]), str(runs[1]),
+                            "-o", str(warm)])
+    assert r.exit_code == 0 and "scores finite on 3 chats: yes" in r.output, r.output
+    got = load_file(str(warm / "model.safetensors"))
+    a, b = merged
+    assert (a["score.weight"] - b["score.weight"]).abs().max() > 1e-2  # the seeds made different heads
+    for name in ("score.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert torch.allclose(got[name], (a[name] + b[name]) / 2, atol=1e-6), name
+    report = json.loads((warm / "merge.json").read_text())
+    assert [m["head"] for m in report["models"]] == ["sequence-classification"] * 2
+    assert json.loads((warm / "config.json").read_text())["architectures"] == ["Gemma2ForSequenceClassification"]
+    assert not (warm / "generation_config.json").exists()
+
+    table = tmp_path / "pairs.json"
+    r = runner.invoke(app, ["eval", "--model", str(warm), "--dataset", "concise-held-out", "--compare", str(runs[0]),
+                            "--compare", str(runs[1]), "--json", str(table)])
+    assert r.exit_code == 0, r.output
+    results = json.loads(table.read_text())["results"]
+    assert list(results) == [str(warm), str(runs[0]), str(runs[1])] and all(x["pairs"] == 12 for x in results.values())
+
+    r = runner.invoke(app, ["merge-models", "--method", "linear", "--models", str(runs[0]), "builtin:tiny-gemma2",
+                            "-o", str(tmp_path / "mixed")])
+    assert r.exit_code == 2 and "builtin:tiny-gemma2 is a causal LM" in r.output and "is a reward model" in r.output
+    assert not (tmp_path / "mixed").exists()
+    for args in (["chat", "--model", str(warm), "--prompt", "hi"], ["sft", "--model", str(warm), "-o",
+                                                                     str(tmp_path / "sft")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "is a reward model, a sequence classifier" in r.output, r.output
+    assert not (tmp_path / "sft").exists()
+
 
 def test_bad_pairs_exit_2_naming_the_row_and_write_nothing(tmp_path):
     good = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hi."}],

@@ -78,3 +78,77 @@ def test_eval_reward_options_are_checked_before_any_model_loads(args, says, tmp_
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["eval", "--model", "builtin:tiny-gemma2", *args])
     assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+
+
+def reward_model_folders(tmp_path):
+    """A reward run (a SEQ_CLS adapter) and a merged reward model (config.json of a sequence classifier), as files
+    only: what the refusals read."""
+    run, merged = tmp_path / "rm-run", tmp_path / "rm-merged"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS",
+                                                         "base_model_name_or_path": "builtin:tiny-gemma2"}))
+    (run / "adapter_model.safetensors").write_bytes(b"")
+    merged.mkdir()
+    (merged / "config.json").write_text(json.dumps({"architectures": ["Gemma2ForSequenceClassification"],
+                                                    "model_type": "gemma2"}))
+    (merged / "model.safetensors").write_bytes(b"")
+    return run, merged
+
+
+def test_a_reward_model_is_refused_wherever_a_model_must_generate(tmp_path):
+    """As the model (or sft run) of sft, dpo and rl, and as distill's teacher: a reward model's head is no LM head
+    (loaded as a causal LM its score would be dropped and the tied embeddings read instead, silently)."""
+    from gemma2_tune.config.distill import DistillConfig
+    from gemma2_tune.config.dpo import DpoConfig
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.config.reward import RewardConfig
+    from gemma2_tune.config.rl import RlConfig
+    from gemma2_tune.config.rules import reward_model_kind
+    from gemma2_tune.config.sft import SftConfig
+    from gemma2_tune.errors import ConfigError
+
+    run, merged = reward_model_folders(tmp_path)
+    assert reward_model_kind(str(run)) == "a `gemma2-tune reward` run (a sequence-classification LoRA adapter)"
+    assert reward_model_kind(str(merged)) == "a sequence classifier (Gemma2ForSequenceClassification)"
+    assert reward_model_kind("builtin:tiny-gemma2") is None and reward_model_kind(str(tmp_path / "nope")) is None
+    rl = ["rl.reward_functions=[]", f"reward_model.name_or_path={run}"]
+    for folder in (run, merged):
+        for schema, key, extra in ((SftConfig, "model", []), (DpoConfig, "model", []), (RlConfig, "model", rl),
+                                   (DistillConfig, "teacher", ["model.name_or_path=builtin:tiny-gemma2"])):
+            with pytest.raises(ConfigError) as caught:
+                resolve(None, [*extra, f"{key}.name_or_path={folder}"], schema=schema)
+            assert f"{key}.name_or_path: {folder} is a reward model" in str(caught.value), (schema, str(caught.value))
+            assert "merge it first" not in str(caught.value)  # the adapter advice would give a classifier again
+    resolve(None, [f"model.name_or_path={merged}"], schema=RewardConfig)  # a reward model trained further: fine
+
+
+@pytest.mark.parametrize("args", [
+    ["chat", "--adapter", "{run}", "--prompt", "hi"], ["chat", "--model", "{merged}", "--prompt", "hi"],
+    ["serve", "{run}"], ["serve", "{merged}"], ["export", "{run}", "-o", "rm.gguf"],
+    ["export", "{merged}", "-o", "rm.gguf"],
+    ["eval", "--adapter", "{run}", "--tasks", "hellaswag"],
+    ["eval", "--adapter", "{run}", "--dataset", "greetings-held-out", "--reward-function", "r.py:f"],
+    ["eval", "--model", "builtin:tiny-gemma2", "--dataset", "greetings-held-out", "--compare", "{merged}"],
+])
+def test_chat_serve_export_and_eval_refuse_a_reward_model_before_loading_it(args, tmp_path, monkeypatch):
+    import gemma2_tune.after.inference as inference
+    import gemma2_tune.models.loading as loading
+
+    run, merged = reward_model_folders(tmp_path)
+    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, [a.format(run=run, merged=merged) for a in args])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "is a reward model" in r.output or "a reward model, but the first model is a causal LM" in r.output, r.output
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_the_loading_path_refuses_a_sequence_classifier_as_a_causal_lm(tmp_path):
+    """The last guard, for what only its config.json can say (a hub id): a classifier asked for as a causal LM."""
+    from gemma2_tune.errors import UserError
+    from gemma2_tune.models.loading import LoadRequest, load_model
+
+    _, merged = reward_model_folders(tmp_path)
+    with pytest.raises(UserError, match="model.name_or_path: .* is a reward model, a sequence classifier"):
+        load_model(LoadRequest(str(merged), dtype="float32", attn_implementation="eager"))
