@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config.rl import RewardFunction, adapter_base, reward_run
+from .config.rules import sequence_classifier
 from .errors import UserError
 
 Messages = list[dict[str, str]]
@@ -113,7 +114,7 @@ def reward_model_tokenizer(name: str, key: str, family, system_policy: str, unsu
         if not reward_run(name):
             config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
             architectures = getattr(config, "architectures", None) or []
-            if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+            if not sequence_classifier(architectures) or config.num_labels != 1:
                 raise UserError(f"{key}: {name} is not a reward model: it must be a sequence classifier with one "
                                 f"output (found {', '.join(architectures) or 'no architecture'}, {config.num_labels} "
                                 "labels)")

@@ -11,7 +11,8 @@ run, merged folders, full fine-tunes and hub ids are used as they are), checks b
 they are of one family with identical shapes and vocabulary, writes mergekit's configuration, and finishes
 the output as a model to serve: eager attention and the family's soft-caps in config.json, the chat template
 generated for the inputs' system policy, a generation config that stops at <end_of_turn>, merge.json, and a
-self-check of the written folder.
+self-check of the written folder. Reward models (reward runs, their merges) merge the same way, their score heads
+averaged like any tensor (WARM: Ramé et al. 2024, arXiv:2401.12187); one is never merged with a causal LM.
 """
 
 from __future__ import annotations

@@ -393,6 +393,9 @@ def _row_messages(data: dict, notes: Counter | None) -> list[Any]:
             if isinstance(m, dict) else m
             for m in convo
         ]
+    if data.get("chosen") is not None and data.get("rejected") is not None and data.get("completion") is None:
+        raise BadRow("a preference pair (chosen/rejected), not a chat: `dpo` and `reward` train on pairs, and `eval` "
+                     "scores pairs for a reward model")
     if data.get("prompt") is not None or data.get("completion") is not None:
         prompt, completion = data.get("prompt"), data.get("completion")
         if prompt is None or completion is None:

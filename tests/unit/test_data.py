@@ -60,6 +60,10 @@ def test_unknown_schema_names_its_columns():
         row_to_messages({"foo": 1})
     with pytest.raises(BadRow, match="only one of"):
         row_to_messages({"prompt": "x"})
+    for pair in ({"prompt": "q", "chosen": "a", "rejected": "b"},  # explicit and implicit preference rows
+                 {"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}):
+        with pytest.raises(BadRow, match=r"a preference pair \(chosen/rejected\), not a chat: `dpo` and `reward`"):
+            row_to_messages(pair)
 
 
 ROWS = [
