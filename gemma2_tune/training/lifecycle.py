@@ -324,8 +324,8 @@ class RunLifecycle:
     def finish_model_folder(self, folder: Path) -> None:
         """A full model the run writes (the run folder, checkpoint-N/, ema/) stops at <end_of_turn> wherever it
         is served (generation_config.json's eos_token_id, as `merge`'s output) and generates with the cache on
-        (config.json's use_cache, which training turned off)."""
-        if self.tokenizer_ids is not None:
+        (config.json's use_cache, which training turned off). Not for a reward model: it generates nothing."""
+        if self.tokenizer_ids is not None and self.cfg.head == "causal-lm":
             serving_config(folder, *self.tokenizer_ids)
 
     def summary_lines(self) -> list[str]:

@@ -191,25 +191,24 @@ def test_reward_model_orders_held_out_pairs_and_its_merge_scores_the_same(tmp_pa
 
 
 def test_weight_averaged_reward_models_merge_their_score_heads(tmp_path):
-    """WARM (Rame et al. 2024): two reward runs from one base (different seeds, so different score heads) averaged
-    by merge-models: the merged score head is the mean of theirs, the result is a reward model that eval scores
+    """WARM (Rame et al. 2024): two reward runs from one base (a LoRA run and a full fine-tune, different seeds, so
+    different score heads) averaged by merge-models: the merged score head is the mean of theirs, the result is a reward model that eval scores
     beside its inputs; a causal LM is not merged into a reward model, and nothing generates from one."""
     pytest.importorskip("mergekit")
     from safetensors.torch import load_file
 
     runs = []
-    for seed in (1, 2):
+    for seed, lora in ((1, "true"), (2, "false")):  # a LoRA run and a full fine-tune
         out = tmp_path / f"rm{seed}"
         r = runner.invoke(app, ["reward", "--model", "builtin:tiny-gemma2", "--dataset", "concise", "-o", str(out),
                                 "--max-steps", "6", "--learning-rate", "5e-3", "--set", f"training.seed={seed}", *FP32,
-                                "--set", "training.per_device_train_batch_size=4"])
+                                "--set", "training.per_device_train_batch_size=4", "--set", f"lora.enabled={lora}"])
         assert r.exit_code == 0, r.output
         runs.append(out)
-    merged = []
-    for run in runs:
-        r = runner.invoke(app, ["merge", "--adapter", str(run), "--output", str(run) + "-merged"])
-        assert r.exit_code == 0, r.output
-        merged.append(load_file(str(run) + "-merged/model.safetensors"))
+    r = runner.invoke(app, ["merge", "--adapter", str(runs[0]), "--output", str(tmp_path / "rm1-merged")])
+    assert r.exit_code == 0, r.output
+    merged = [load_file(str(tmp_path / "rm1-merged" / "model.safetensors")), load_file(str(runs[1] / "model.safetensors"))]
+    assert not (runs[1] / "generation_config.json").exists()  # a reward model's folder: nothing to generate with
     warm = tmp_path / "warm"
     r = runner.invoke(app, ["merge-models", "--method", "linear", "--models", str(runs[0]), str(runs[1]),
                             "-o", str(warm)])
