@@ -24,6 +24,7 @@ probe -> train -> save.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,9 +48,9 @@ from .lifecycle import RunLifecycle
 from .trainer import common_args, device_map, has_accelerator, keep_adapters_in_fp32
 
 Echo = Callable[[str], None]
-# The log-prob probe's tolerance, nats per token: fp32 computes both sides to ~1e-6; bf16/fp16 (and 4-bit
-# weights dequantized to them) round the LM head's matmul differently in TRL's tiles and in the plain forward.
-PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
+# The log-prob probe's tolerance in float32, nats per token: both sides agree to ~1e-6 (probe_tolerance: bf16/fp16)
+PROBE_TOLERANCE_FP32 = 1e-4
+SIGNIFICANT_BITS = {"bfloat16": 8, "float16": 11}  # mantissa bits, the implicit one counted
 
 
 # ------------------------------------------------------------------------------------------------------ trainers
@@ -113,12 +114,31 @@ def vllm_problem() -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- log-prob parity
+def probe_tolerance(dtype: str, max_abs_logit: float, final_softcap: float | None, temperature: float) -> float:
+    """The largest log-probability gap (nats) rounding alone explains between TRL's loss, computed in `dtype`, and
+    the plain fp32 forward. float32: PROBE_TOLERANCE_FP32. bfloat16/float16: the LM head's output is rounded to
+    `dtype` (at most half a unit in the last place at the largest |logit|, `max_abs_logit`: 0.125 for logits in
+    [32, 64) in bf16; real Gemma 3 270M reaches ~65, Gemma 2's pre-cap logits pass 30), then the soft-cap's three
+    operations (divide, tanh, multiply: half a unit each at |logit| <= cap); a log-probability is a logit minus the
+    log-sum-exp, each off by that much (x2), divided by `temperature`; plus 0.01 for the order of accumulation."""
+    if dtype not in SIGNIFICANT_BITS:
+        return PROBE_TOLERANCE_FP32
+    bits = SIGNIFICANT_BITS[dtype]
+
+    def half_ulp(x: float) -> float:
+        return 2.0 ** (math.floor(math.log2(max(x, 2.0 ** -14))) - bits)
+
+    per_logit = half_ulp(max_abs_logit) + (3 * half_ulp(final_softcap) if final_softcap else 0.0)
+    return 2 * per_logit / temperature + 0.01
+
+
 def logprob_gap(trainer, input_ids, attention_mask, completion_length: int, final_softcap: float | None,
-                temperature: float) -> float:
-    """Largest |difference| (nats) between the per-token log-probabilities TRL's loss uses
+                temperature: float) -> tuple[float, float]:
+    """(largest |difference| in nats, largest |logit|) between the per-token log-probabilities TRL's loss uses
     (`_get_per_token_logps_and_entropies`, its fused LM head) and a plain forward: the backbone's hidden states
     through the LM head in fp32, soft-capped with `final_softcap` (cap * tanh(z / cap); None: none), divided by
-    `temperature`, log-softmax. input_ids/attention_mask: (B, T), the last `completion_length` positions scored."""
+    `temperature`, log-softmax; the largest |logit| is before the soft-cap, over the scored positions.
+    input_ids/attention_mask: (B, T), the last `completion_length` positions scored."""
     import torch
 
     from ..models.lora import base_model
@@ -130,31 +150,35 @@ def logprob_gap(trainer, input_ids, attention_mask, completion_length: int, fina
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = hidden.last_hidden_state[:, -completion_length - 1:-1].float()
         logits = hidden @ base.get_output_embeddings().weight.float().T
+        mask = attention_mask[:, -completion_length:].bool()
+        largest = logits[mask].abs().max().item()
         if final_softcap:
             logits = final_softcap * torch.tanh(logits / final_softcap)
         plain = (logits / temperature).log_softmax(-1)
         plain = plain.gather(-1, input_ids[:, -completion_length:].unsqueeze(-1)).squeeze(-1)
-    mask = attention_mask[:, -completion_length:].bool()
-    return (ours.float() - plain)[mask].abs().max().item()
+    return (ours.float() - plain)[mask].abs().max().item(), largest
 
 
 def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], family, cfg: RlConfig) -> float:
     """The probe before the first step: TRL's loss log-probabilities == the soft-capped plain forward's on a
-    rendered prompt + a short completion, within PROBE_TOLERANCE[model.dtype]. Returns the gap (nats); raises
-    UserError when a model computes them without the family's final soft-cap (or otherwise differently)."""
+    rendered prompt + a short completion, within what rounding in model.dtype explains (probe_tolerance). Returns
+    (gap, tolerance) in nats; raises UserError when a model computes them without the family's final soft-cap (or
+    otherwise differently)."""
     import torch
 
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + "Hello there."
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     device = trainer.accelerator.device
     ids = ids.to(device)
-    gap = logprob_gap(trainer, ids, torch.ones_like(ids), 4, family.final_softcap, cfg.rl.temperature)
-    if not gap <= PROBE_TOLERANCE[cfg.model.dtype]:
-        raise UserError(f"model.name_or_path: the log-probabilities of the RL loss differ by {gap:.3g} nats from "
+    gap, largest = logprob_gap(trainer, ids, torch.ones_like(ids), 4, family.final_softcap, cfg.rl.temperature)
+    tolerance = probe_tolerance(cfg.model.dtype, largest, family.final_softcap, cfg.rl.temperature)
+    if not gap <= tolerance:
+        raise UserError(f"model.name_or_path: the log-probabilities of the RL loss differ by {gap:.3g} nats (more "
+                        f"than {cfg.model.dtype} rounding explains at logits up to {largest:.1f}: {tolerance:.3g}) from "
                         f"{plain_forward(family)} (the model's config says final_logit_softcapping="
                         f"{getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
                         "the loss would not be about the distribution completions are sampled from")
-    return gap
+    return gap, tolerance
 
 
 def plain_forward(family) -> str:
@@ -318,10 +342,12 @@ class Runner(lifecycle.Runner):
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
         if not launch.shards_parameters:  # a sharded launch holds no whole LM head to compare against
-            gap = check_logprob_parity(trainer, self.tokenizer, self.prompts[0], self.family, cfg)
+            gap, tolerance = check_logprob_parity(trainer, self.tokenizer, self.prompts[0], self.family, cfg)
             run.record["rl"]["logprob_probe_max_gap_nats"] = gap
+            run.record["rl"]["logprob_probe_tolerance_nats"] = tolerance
             run.say(f"log-prob probe: the loss's log-probabilities equal {plain_forward(self.family)}, at "
-                    f"temperature {r.temperature}, within {gap:.1e} nats")
+                    f"temperature {r.temperature}, within {gap:.1e} nats (rounding in {cfg.model.dtype} allows "
+                    f"{tolerance:.1e})")
         if self.reward_tokenizer is not None:
             run.say(f"reward model: {cfg.reward_model.name_or_path} ({cfg.reward_model.load_in}), frozen, eval mode; "
                     "prompt + completion rendered with "
