@@ -159,10 +159,11 @@ def logprob_gap(trainer, input_ids, attention_mask, completion_length: int, fina
     return (ours.float() - plain)[mask].abs().max().item(), largest
 
 
-def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], family, cfg: RlConfig) -> float:
+def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], family,
+                         cfg: RlConfig) -> tuple[float, float, float]:
     """The probe before the first step: TRL's loss log-probabilities == the soft-capped plain forward's on a
     rendered prompt + a short completion, within what rounding in model.dtype explains (probe_tolerance). Returns
-    (gap, tolerance) in nats; raises UserError when a model computes them without the family's final soft-cap (or
+    (gap, tolerance) in nats and the largest |logit| the tolerance follows; raises UserError when a model computes them without the family's final soft-cap (or
     otherwise differently)."""
     import torch
 
@@ -178,7 +179,7 @@ def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], famil
                         f"{plain_forward(family)} (the model's config says final_logit_softcapping="
                         f"{getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
                         "the loss would not be about the distribution completions are sampled from")
-    return gap, tolerance
+    return gap, tolerance, largest
 
 
 def plain_forward(family) -> str:
@@ -342,9 +343,10 @@ class Runner(lifecycle.Runner):
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
         if not launch.shards_parameters:  # a sharded launch holds no whole LM head to compare against
-            gap, tolerance = check_logprob_parity(trainer, self.tokenizer, self.prompts[0], self.family, cfg)
+            gap, tolerance, largest = check_logprob_parity(trainer, self.tokenizer, self.prompts[0], self.family, cfg)
             run.record["rl"]["logprob_probe_max_gap_nats"] = gap
             run.record["rl"]["logprob_probe_tolerance_nats"] = tolerance
+            run.record["rl"]["logprob_probe_largest_logit"] = largest
             run.say(f"log-prob probe: the loss's log-probabilities equal {plain_forward(self.family)}, at "
                     f"temperature {r.temperature}, within {gap:.1e} nats (rounding in {cfg.model.dtype} allows "
                     f"{tolerance:.1e})")
