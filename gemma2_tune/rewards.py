@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config.rl import RewardFunction, adapter_base, reward_run
+from .config.rl import RewardFunction, adapter_base, reward_model_path_problem, reward_run
 from .config.rules import sequence_classifier
 from .errors import UserError
 
@@ -108,6 +108,9 @@ def reward_model_tokenizer(name: str, key: str, family, system_policy: str, unsu
 
     from .models.loading import model_location
 
+    problem = reward_model_path_problem(name, key)
+    if problem:
+        raise UserError(problem)
     location = model_location(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -115,9 +118,11 @@ def reward_model_tokenizer(name: str, key: str, family, system_policy: str, unsu
             config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
             architectures = getattr(config, "architectures", None) or []
             if not sequence_classifier(architectures) or config.num_labels != 1:
+                found = ", ".join(architectures) or "no architecture"
+                if sequence_classifier(architectures):
+                    found += f" with {config.num_labels} outputs"
                 raise UserError(f"{key}: {name} is not a reward model: it must be a sequence classifier with one "
-                                f"output (found {', '.join(architectures) or 'no architecture'}, {config.num_labels} "
-                                "labels)")
+                                f"output (found {found})")
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - missing, offline, not a model folder
@@ -141,7 +146,7 @@ def load_reward_model(name: str, key: str, *, dtype: str, bits: str | None = Non
     and kept as a PEFT wrapper on quantized ones. Raises UserError naming `key`."""
     from transformers import AutoModelForSequenceClassification
 
-    from .models.loading import model_location
+    from .models.loading import model_location, quiet_transformers
     from .models.quantization import bnb_config, torch_dtype
 
     q = quantization
@@ -151,15 +156,13 @@ def load_reward_model(name: str, key: str, *, dtype: str, bits: str | None = Non
         quant.llm_int8_skip_modules = ["score"]  # the one-output head stays unquantized
     is_run = reward_run(name)
     location = adapter_base(Path(name).expanduser()) if is_run else name
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    if is_run:  # the base has no score head (the adapter brings it): transformers' missing-weights report is noise
-        hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_location(location), num_labels=1, dtype=torch_dtype(dtype), attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, quantization_config=quant, device_map=device_map)
+        # a reward run's base has no score head (the adapter brings it): transformers' missing-weights report is noise
+        with quiet_transformers(is_run):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_location(location), num_labels=1, dtype=torch_dtype(dtype),
+                attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                quantization_config=quant, device_map=device_map)
         if is_run:
             from peft import PeftModel
 
@@ -168,8 +171,6 @@ def load_reward_model(name: str, key: str, *, dtype: str, bits: str | None = Non
                 model = model.merge_and_unload()
     except Exception as exc:  # noqa: BLE001 - a damaged folder, an adapter for another base
         raise UserError(f"{key}: cannot load {name} ({type(exc).__name__}: {str(exc)[:200]})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     model.requires_grad_(False)
     model.eval()
     return model

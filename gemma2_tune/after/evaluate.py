@@ -59,13 +59,15 @@ def evaluate(loaded: Loaded, data: SftDataSection, compare_base: bool, echo=prin
     return {"dataset": source.name, "fingerprint": source.fingerprint, "results": results}
 
 
-def compare_loaders(names: list[str], run: TrainedRun, load_in: str,
-                    warn: Callable[[str], None]) -> list[tuple[str, Callable[[], Loaded]]]:
+def compare_loaders(names: list[str], run: TrainedRun, load_in: str, warn: Callable[[str], None],
+                    taken: set[str] = frozenset()) -> list[tuple[str, Callable[[], Loaded]]]:
     """`eval --compare` models (run folders, ema/, merged folders or hub ids), each checked now against the first
     model `run` (same family and tokenizer vocabulary; a different system policy is warned about), before any
-    weights load. Returns (name, loader) pairs. Raises UserError."""
+    weights load. `taken`: the table's other row names (a compared model's row is its name as given, which must
+    not be one of them). Returns (name, loader) pairs. Raises UserError."""
     from pathlib import Path
 
+    from ..models.builtin import is_builtin
     from ..models.checks import vocabulary_digest
     from ..models.loading import checkpoint_family, load_tokenizer
     from .inference import load, read_run
@@ -73,12 +75,22 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str,
     def tokenizer_of(r: TrainedRun):
         return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model)
 
+    for i, name in enumerate(names):  # what the names alone say, before any tokenizer loads
+        if name in taken:
+            raise UserError(f"--compare {name}: the table already has a row named {name!r} (the first model's); "
+                            f"name the folder another way (e.g. ./{name})")
+        if name in names[:i]:
+            raise UserError(f"--compare {name}: given twice")
+        if not Path(name).expanduser().exists() and ("/" not in name or name.startswith(("/", "./", "../", "~"))) \
+                and not is_builtin(name):
+            raise UserError(f"--compare {name}: no such folder (a hub id has the form org/name)")
     if not names:
         return []
     first, vocab = checkpoint_family(run.base_model)[0], vocabulary_digest(tokenizer_of(run))
     loaders = []
     for name in names:
-        other = read_run(name, None) if Path(name).expanduser().is_dir() else read_run(None, name)
+        path = Path(name).expanduser()
+        other = read_run(name, None, key="--compare") if path.is_dir() else read_run(None, name)
         if other.head != run.head:
             what = {"causal-lm": "a causal LM", "sequence-classification": "a reward model"}
             raise UserError(f"--compare {name}: {what[other.head]}, but the first model is {what[run.head]}: "

@@ -97,12 +97,25 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
     policy = saved_policy(path, cfg) or "fold"
     if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
         saved = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        base = model or (cfg.base_model if cfg else saved)
+        trained = cfg.base_model if cfg else saved
+        base = model or trained
         if not base:
             raise UserError(f"{key} {adapter}: the adapter does not name its base model; pass --model")
+        if model and trained:
+            from ..families import family_of_checkpoint
+
+            given, own = family_of_checkpoint(model), family_of_checkpoint(trained)
+            if given and own and given.key != own.key:
+                raise UserError(f"--model {model}: a {given.display} model, but {key} {adapter} was trained on "
+                                f"{trained} ({own.display}): an adapter fits its own family's base only")
         return TrainedRun(path, base, policy, True, cfg)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):  # full fine-tune or merged output
         return TrainedRun(path, str(path), policy, False, cfg)
+    from ..config.rules import unfinished_run
+
+    unfinished = unfinished_run(str(path))
+    if unfinished:
+        raise UserError(f"{key} {adapter}: {unfinished}")
     raise UserError(f"{key} {adapter}: not an adapter folder (no adapter_config.json + adapter_model.safetensors) "
                     "and not a model folder (no config.json + *.safetensors)")
 

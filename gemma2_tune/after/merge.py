@@ -88,8 +88,10 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
     echo(f"  vs {check['against']}: {selfcheck.describe(check)}")
     if "trained_model_check" in report:
         t = report["trained_model_check"]
-        echo(f"  vs {t['against']}: max |logit difference| {t['max_abs_logit_diff']:.4f}, top-1 tokens agree "
-             f"{t['top1_agreement']:.1%} (not bounded: the base's 4-bit quantization error, which no merge removes)")
+        top1 = f", top-1 tokens agree {t['top1_agreement']:.1%}" if t["outputs"] > 1 else ""
+        what = "logit" if t["outputs"] > 1 else "score"
+        echo(f"  vs {t['against']}: max |{what} difference| {t['max_abs_logit_diff']:.4f}{top1} (not bounded: the "
+             "base's 4-bit quantization error, which no merge removes)")
     return report
 
 

@@ -107,7 +107,8 @@ def compare(got: list, reference: list) -> dict[str, Any]:
     agree = sum(int((g.to(r.device).argmax(-1) == r.argmax(-1)).sum()) for g, r in zip(got, reference))
     return {"max_abs_logit_diff": max(d.max().item() for d in diffs),
             "mean_abs_logit_diff": sum(d.mean(-1).sum().item() for d in diffs) / positions,
-            "top1_agreement": agree / positions, "positions": positions, "prompts": len(reference)}
+            "top1_agreement": agree / positions, "positions": positions, "prompts": len(reference),
+            "outputs": reference[0].shape[-1]}  # 1: a reward model's score (top-1 says nothing)
 
 
 def verdict(result: dict[str, Any], floor: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -131,6 +132,11 @@ def check(got: list, reference_model, prompt_ids: list, dtype: str) -> dict[str,
 def describe(record: dict[str, Any]) -> str:
     """One line: the distance, the measured bound, top-1 agreement next to the floor's."""
     floor, bound = record["noise_floor"], record["bound"]
+    if record.get("outputs", 2) == 1:  # a reward model: one score per position
+        return (f"max |score difference| {record['max_abs_logit_diff']:.4f} (bound "
+                f"{bound['max_abs_logit_diff']:.4f}), mean {record['mean_abs_logit_diff']:.5f} (bound "
+                f"{bound['mean_abs_logit_diff']:.5f}; {floor['dtype']} noise floor: max "
+                f"{floor['max_abs_logit_diff']:.4f}, mean {floor['mean_abs_logit_diff']:.5f})")
     return (f"max |logit difference| {record['max_abs_logit_diff']:.4f} (bound {bound['max_abs_logit_diff']:.4f}), "
             f"mean {record['mean_abs_logit_diff']:.5f} (bound {bound['mean_abs_logit_diff']:.5f}); top-1 tokens agree "
             f"{record['top1_agreement']:.1%} ({floor['dtype']} noise floor: max {floor['max_abs_logit_diff']:.4f}, "

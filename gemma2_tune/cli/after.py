@@ -9,10 +9,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config.requests import EvalRequest, ExportRequest, MergeModelsRequest, MergeRequest, ServeRequest, check
+from ..config.requests import (DEFAULT_EVAL_LENGTH, EvalRequest, ExportRequest, MergeModelsRequest, MergeRequest,
+                               ServeRequest, check)
 from ..config.schema import SftDataSection
 from ..errors import UserError
 from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, warn
+
+# files that make a folder a run's or a model's: an existing file beside them is not replaced by eval --json
+MODEL_FOLDER_MARKERS = ("run.json", "config.yaml", "adapter_config.json", "config.json", "merge.json")
+
 
 @command()
 def chat(
@@ -160,7 +165,8 @@ def evaluate_command(
     model: ModelOpt = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Held-out chats (any supported source); for a reward model, held-out preference pairs.")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated (needs lm-eval).")] = None,
-    max_length: Annotated[int, typer.Option(help="data.max_length for the held-out rows.")] = 1024,
+    max_length: Annotated[Optional[int], typer.Option(help="data.max_length for the held-out rows (default: the "
+                                                       "run's data.max_length, else 1024).")] = None,
     max_rows: Annotated[Optional[int], typer.Option(help="Score at most this many rows.")] = None,
     load_in: LoadInOpt = "auto",
     include_path: Annotated[Optional[str], typer.Option(help="Folder of extra lm-eval task YAMLs.")] = None,
@@ -205,27 +211,42 @@ def evaluate_command(
     if json_path is not None:
         from ..files import writable_problem
 
-        problem = writable_problem(json_path.expanduser().resolve().parent)
+        target = json_path.expanduser()
+        problem = writable_problem(target.resolve().parent)
         if problem:
             raise UserError(f"--json {json_path}: {problem}")
+        if target.is_dir():
+            raise UserError(f"--json {json_path}: a folder; give a file name (e.g. {json_path}/eval.json)")
+        if target.exists() and any((target.parent / f).is_file() for f in MODEL_FOLDER_MARKERS):
+            raise UserError(f"--json {json_path}: a file of the run or model folder {target.parent}; it is not "
+                            "overwritten: give a new file name")
     from ..after.inference import load, read_run
 
     run = read_run(adapter, model)
     scores_pairs = run.head != "causal-lm"  # a reward model: its pairwise accuracy on --dataset's pairs
     if scores_pairs:
+        defaults = {"--max-new-tokens": 256, "--temperature": 0.0, "--samples": 1}
         given = [o for o, v in (("--tasks", tasks), ("--suite", suite), ("--reward-function", reward_function),
-                                ("--reward-model", reward_model)) if v]
+                                ("--reward-model", reward_model), ("--limit", limit), ("--include-path", include_path))
+                 if v] + [o for o, v in (("--max-new-tokens", max_new_tokens), ("--temperature", temperature),
+                                         ("--samples", samples)) if v != defaults[o]]
         if given or not dataset:
             raise UserError(f"{', '.join(given) or 'eval'}: {run.path} is a reward model (one score per answer): "
                             "eval scores it on preference pairs: give --dataset (pairs: chosen/rejected) and "
-                            "optionally --compare other reward models")
+                            "optionally --compare other reward models, --max-rows, --max-length")
+    if max_length is None:  # the length the run trained and scored its held-out rows at
+        max_length = run.config.data.max_length if run.config else DEFAULT_EVAL_LENGTH
+        if dataset:
+            echo(f"rows up to {max_length} tokens ({'the run' if run.config else 'the default'}'s data.max_length; "
+                 "--max-length to change)")
     if suite:
         from ..after.harness import check_suite_data
 
         check_suite_data(suite, include_path)  # before the model: missing data fails in seconds
     from ..after.evaluate import compare_loaders
 
-    others = compare_loaders(compare or [], run, load_in_value(load_in), warn)
+    others = compare_loaders(compare or [], run, load_in_value(load_in), warn,
+                             taken={"base", "fine-tuned", model or "model"})
     if request.scores_rewards:
         from ..after.reward_eval import reward_scorers
 

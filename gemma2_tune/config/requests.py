@@ -62,13 +62,16 @@ class ExportRequest(Request):
     ollama: bool = False
 
 
+DEFAULT_EVAL_LENGTH = 1024  # eval --max-length for a model without a run config (a hub id, a merged folder)
+
+
 class EvalRequest(Request):
     """`eval`: held-out loss, rewards of generated answers, lm-eval tasks, or the report's suite."""
 
     dataset: str | None = None
     tasks: str | None = None
     suite: str | None = None
-    max_length: int = Field(1024, gt=8)
+    max_length: int | None = Field(None, gt=8)  # None: the run's data.max_length (DEFAULT_EVAL_LENGTH without one)
     max_rows: int | None = Field(None, gt=0)
     limit: int | None = None
     compare: list[str] = Field(default_factory=list)

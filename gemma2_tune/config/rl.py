@@ -19,7 +19,8 @@ import yaml
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
-from .rules import MIN_PROMPT_TOKENS, generating_model_problem, model_problems, reward_model_kind, run_problems
+from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, reward_model_kind, run_problems,
+                    unfinished_run)
 from .schema import FrozenModel, OutputSection, RunConfig, Section, TrainingSection
 
 # TRL 1.16's GRPOTrainer loss types (GRPOConfig.loss_type), and RLOO (RLOOTrainer: leave-one-out baseline).
@@ -206,6 +207,22 @@ def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | Non
     return specs
 
 
+def reward_model_path_problem(name: str, key: str) -> str | None:
+    """Why `name` can't be a reward model, from its files alone (naming `key`): no such folder (a local path, or a
+    bare name, which is no hub id), a run that holds no trained weights yet, a LoRA adapter of a causal LM. None:
+    it may be one (whether it is a one-output sequence classifier is checked when its config loads)."""
+    path = Path(name).expanduser()  # (builtin:NAME models have a colon)
+    if not path.exists() and (name.startswith(("/", "./", "../", "~")) or "/" not in name) and ":" not in name:
+        return f"{key}: {name}: no such folder (a hub id has the form org/name)"
+    unfinished = unfinished_run(name)
+    if unfinished:
+        return f"{key}: {unfinished}"
+    if adapter_folder(name) and not reward_run(name):
+        return (f"{key}: {name} is a LoRA adapter of a causal LM, not a reward model (a `gemma2-tune reward` run or "
+                "a one-output sequence classifier)")
+    return None
+
+
 def reward_run(name: str) -> bool:
     """A local `gemma2-tune reward` run (or any PEFT SEQ_CLS adapter): adapter_config.json with task_type SEQ_CLS
     and no whole model beside it."""
@@ -247,13 +264,13 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
     labels = [f.label for f in r.reward_functions]
     if len(set(labels)) != len(labels):
         errors.append(f"rl.reward_functions: listed twice: {sorted({x for x in labels if labels.count(x) > 1})}")
-    if cfg_rm.name_or_path:
-        path = Path(cfg_rm.name_or_path).expanduser()
-        if cfg_rm.name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
-            errors.append(f"reward_model.name_or_path: {cfg_rm.name_or_path}: no such folder")
-        elif adapter_folder(cfg_rm.name_or_path) and not reward_run(cfg_rm.name_or_path):
-            errors.append(f"reward_model.name_or_path: {cfg_rm.name_or_path} is a LoRA adapter of a causal LM, "
-                          "not a reward model (a `gemma2-tune reward` run or a one-output sequence classifier)")
+    rm_problem = cfg_rm.name_or_path and reward_model_path_problem(cfg_rm.name_or_path, "reward_model.name_or_path")
+    if rm_problem:
+        errors.append(rm_problem)
+    weights = [f.weight for f in r.reward_functions] + ([cfg_rm.weight] if cfg_rm.name_or_path else [])
+    if weights and not any(weights):
+        errors.append("rl.reward_functions[*].weight, reward_model.weight: every reward's weight is 0: each "
+                      "completion's reward is 0, every advantage is 0 and nothing is learned")
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     if per_step % r.num_generations:
         errors.append(f"rl.num_generations ({r.num_generations}): the completions generated per optimizer step "
@@ -292,10 +309,12 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
                 errors.append(f"rl.initial_adapter: {r.initial_adapter}: no readable adapter_config.json")
     if r.algorithm == "sapo" or r.algorithm == "cispo":
         warnings.append(f"rl.algorithm: {r.algorithm} is newer in TRL and less tested here than grpo/dapo/dr_grpo")
-    if cfg_rm.name_or_path:
-        rm_errors, rm_warnings = model_problems(cfg_rm.name_or_path, cfg_rm.attn_implementation,
-                                                cfg.model.dtype, "reward_model")
-        # a reward model may be of any family (a sequence classifier): only path problems are errors
+    if cfg_rm.name_or_path and not rm_problem:
+        # a reward run: its base says the family (and so which attention kernels keep its soft-caps)
+        name = (adapter_base(Path(cfg_rm.name_or_path).expanduser()) or cfg_rm.name_or_path
+                if reward_run(cfg_rm.name_or_path) else cfg_rm.name_or_path)
+        rm_errors, rm_warnings = model_problems(name, cfg_rm.attn_implementation, cfg.model.dtype, "reward_model")
+        # a reward model may be of any family (a sequence classifier): only path and kernel problems are errors
         errors += [e for e in rm_errors if "no such folder" in e or "attn_implementation" in e]
         warnings += [w for w in rm_warnings if "doesn't name a supported family" not in w]
     return errors, warnings

@@ -42,10 +42,35 @@ def local_path_problem(name: str, key: str = "model") -> str | None:
     path = Path(name).expanduser()
     if name.startswith(("/", "./", "../", "~")) and not path.exists():
         return f"{key}.name_or_path: {name}: no such folder"
+    unfinished = unfinished_run(name)
+    if unfinished:
+        return f"{key}.name_or_path: {unfinished}"
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return (f"{key}.name_or_path: '{name}' is a LoRA adapter (adapter_config.json, no config.json), not a whole "
                 f"model: merge it first (gemma2-tune merge --adapter {name} --output merged/NAME) and use that folder")
     return None
+
+
+def unfinished_run(name: str) -> str | None:
+    """Why the local folder `name` can't be used as a model yet: a run folder (run.json) that holds no trained
+    weights (its run was interrupted, failed or is running: no adapter or model files at its top), with how to go
+    on (resume it, or use its last checkpoint-N); None for anything else."""
+    path = Path(name).expanduser()
+    if not (path / "run.json").is_file():
+        return None
+    if ((path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()) or (
+            (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+        return None
+    try:
+        record = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    checkpoints = sorted(path.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1])
+                         if c.name.split("-")[-1].isdigit() else -1)
+    method = record.get("method") or "sft"
+    return (f"{name} is a run that holds no trained weights (run.json: status {record.get('status', '?')}, step "
+            f"{record.get('global_step') or 0}): resume it (gemma2-tune {method} -o {name} --resume)"
+            + (f" or use its last checkpoint, {checkpoints[-1]}" if checkpoints else ""))
 
 
 def sequence_classifier(architectures: list[str] | None) -> bool:

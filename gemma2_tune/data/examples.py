@@ -75,7 +75,8 @@ class DataReport:
             shown = "\n".join(f"  - {b}" for b in self.bad_rows)
             raise UserError(f"data: {self.rows_bad} bad rows and data.on_bad_rows is 'error'; first ones:\n{shown}")
         if not self.rows_kept:
-            raise UserError(f"data: no usable {what} left\n" + "\n".join(self.summary_lines()))
+            raise UserError(f"data: no usable {what} left\n" + "\n".join(self.summary_lines())
+                            + f"\ndata: no usable {what} left (the rows above say why)")
 
     def summary_lines(self) -> list[str]:
         """Human-readable lines for the log."""

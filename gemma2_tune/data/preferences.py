@@ -302,6 +302,10 @@ def _row_kind(data: Any) -> str:
     if data.get("label") is not None:
         return "unpaired"
     present = sorted(k for k, v in data.items() if v is not None)
+    if "messages" in present or "conversations" in present:
+        raise BadRow(f"a chat ({'messages' if 'messages' in present else 'conversations'}), not a preference pair: "
+                     "this command takes pairs (prompt/chosen/rejected or chosen/rejected), or prompt/completion/"
+                     "label rows for KTO")
     raise BadRow(f"no preference schema (has {present}; expected prompt/chosen/rejected, chosen/rejected, "
                  "or prompt/completion/label)")
 

@@ -5,7 +5,8 @@ The model writes the answers itself, so a row's own last answer is not trained o
 reference answer set aside). Rows are checked exactly as for `sft` (turn format, system policy, fields the
 format cannot express); a row with no user turn to answer is a bad row. A prompt is the row's own messages
 (role and content), cut after the last user turn: the trainer renders it with the run's chat template,
-which is the training renderer, so system text folds exactly as it does at serving time.
+which is the training renderer, so system text folds exactly as it does at serving time. A prompt-only row
+(TRL's format: {"prompt": "text"}, one user turn, or {"prompt": [messages]}) is read as that conversation.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ from .turns import ROLE_NAMES, BadRow, normalise, render
 REFERENCE_SET_ASIDE = "reference answer set aside (on-policy: the student writes its own)"
 
 
+def prompt_only(data: dict[str, Any]) -> dict[str, Any]:
+    """A prompt-only row ({"prompt": str | messages}, no completion, chat or pair) as a chat row: a string is
+    one user turn; other rows unchanged."""
+    if data.get("prompt") is None or any(data.get(k) is not None for k in
+                                          ("completion", "messages", "conversations", "chosen", "rejected")):
+        return data
+    prompt = data["prompt"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return {**{k: v for k, v in data.items() if k != "prompt"}, "messages": messages}
+
+
 def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family: Family,
                   max_completion_length: int) -> tuple[list[list[dict[str, str]]], DataReport]:
     """Rows -> prompts (normalised messages ending with a user turn; system text already handled by the
@@ -34,7 +46,7 @@ def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family
     for row in rows:
         row_notes: Counter = Counter()
         try:
-            messages = row_to_messages(row.data, data.unsupported_fields, row_notes)
+            messages = row_to_messages(prompt_only(row.data), data.unsupported_fields, row_notes)
             turns = normalise(messages, data.system_policy, allow_open_end=True, family=family, notes=row_notes)
             if turns[-1].role == "model":
                 turns = turns[:-1]

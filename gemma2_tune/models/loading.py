@@ -12,6 +12,7 @@ soft-caps and the dtype are checked (models/checks.py).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,6 +136,20 @@ class LoadRequest:
         return config
 
 
+@contextlib.contextmanager
+def quiet_transformers(enabled: bool = True):
+    """transformers' warnings (its load report of missing weights) silenced inside the block when `enabled`."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if enabled:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_model(request: LoadRequest):
     """Load and check; -> (model, ModelReport). LoRA is applied later (by the trainer, or PEFT for a run).
 
@@ -160,17 +175,21 @@ def load_model(request: LoadRequest):
     auto, head_kwargs = AutoModelForCausalLM, {}
     if request.head == "sequence-classification":
         auto, head_kwargs = AutoModelForSequenceClassification, {"num_labels": 1}
+    # a reward run's base loaded to take its adapter, which brings the score head: "newly initialized" is noise
+    brings_head = request.head == "sequence-classification" and not request.training and not sequence_classifier(
+        architectures)
     try:
-        model = auto.from_pretrained(
-            location,
-            **head_kwargs,
-            revision=request.revision,
-            trust_remote_code=request.trust_remote_code,
-            attn_implementation=request.attn_implementation,
-            dtype=torch_dtype(request.dtype),
-            quantization_config=quant,
-            device_map=device_map,
-        )
+        with quiet_transformers(brings_head):
+            model = auto.from_pretrained(
+                location,
+                **head_kwargs,
+                revision=request.revision,
+                trust_remote_code=request.trust_remote_code,
+                attn_implementation=request.attn_implementation,
+                dtype=torch_dtype(request.dtype),
+                quantization_config=quant,
+                device_map=device_map,
+            )
     except Exception as exc:  # noqa: BLE001
         raise UserError(_loading_hint("weights", request.name_or_path, exc)) from None
     if request.training:

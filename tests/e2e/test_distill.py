@@ -233,6 +233,26 @@ def test_prompts_render_as_serving_renders_them(tokenizer):
             tokenizer.chat_template = saved
 
 
+def test_prompt_only_rows_are_read_as_their_conversation(tokenizer):
+    """TRL's prompt-only format: {"prompt": "text"} is one user turn, {"prompt": [messages]} that conversation; a
+    prompt with a completion is still a chat row (its answer set aside), a lone completion still a bad row."""
+    from gemma2_tune.config.schema import DataSection
+    from gemma2_tune.data.prompts import build_prompts
+    from gemma2_tune.data.sources import Row
+    from gemma2_tune.families import GEMMA2
+
+    rows = [Row("a", {"prompt": "Say hello"}),
+            Row("b", {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
+                                 {"role": "user", "content": "More?"}]}),
+            Row("c", {"prompt": "Q", "completion": "A"}), Row("d", {"completion": "A"})]
+    prompts, report = build_prompts(rows, tokenizer, DataSection(dataset="x"), GEMMA2, 16)
+    assert prompts == [[{"role": "user", "content": "Say hello"}],
+                       [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
+                        {"role": "user", "content": "More?"}],
+                       [{"role": "user", "content": "Q"}]]
+    assert report.rows_bad == 1 and report.bad_rows[0].startswith("d: ")
+
+
 def test_preview_of_a_distill_recipe_shows_prompts(tmp_path, prompts):
     recipe = tmp_path / "d.yaml"
     recipe.write_text(f"model:\n  name_or_path: builtin:tiny-gemma2\nteacher:\n  name_or_path: builtin:tiny-gemma2\n"

@@ -138,7 +138,7 @@ def test_reward_model_orders_held_out_pairs_and_its_merge_scores_the_same(tmp_pa
 
     out = tmp_path / "rm"
     r = runner.invoke(app, ["reward", "--model", "builtin:tiny-gemma2", "--dataset", "concise", "-o", str(out),
-                            "--max-steps", "10", "--learning-rate", "5e-3", *FP32,
+                            "--max-steps", "10", "--learning-rate", "5e-3", *FP32, "--set", "data.max_length=256",
                             "--set", "data.eval_dataset=concise-held-out", "--set", "training.eval_steps=5",
                             "--set", "training.per_device_train_batch_size=4", "--set", "training.logging_steps=5"])
     assert r.exit_code == 0, r.output
@@ -183,6 +183,7 @@ def test_reward_model_orders_held_out_pairs_and_its_merge_scores_the_same(tmp_pa
     r = runner.invoke(app, ["eval", "--adapter", str(out), "--dataset", "concise-held-out", "--compare", str(merged),
                             "--json", str(table)])
     assert r.exit_code == 0 and "pairwise accuracy" in r.output, r.output
+    assert "rows up to 256 tokens (the run's data.max_length" in r.output  # as training scored them (no pair is cut)
     results = json.loads(table.read_text())["results"]
     assert list(results) == ["fine-tuned", str(merged)], results
     assert results["fine-tuned"]["pairs"] == 12 and results["fine-tuned"]["pairwise_accuracy"] == e["pairwise_accuracy"]

@@ -154,6 +154,7 @@ BAD = [
     ({"prompt": [U("q")], "chosen": [A("a")], "rejected": [A("b")], "tools": [{"name": "f"}]}, ": row has 'tools'"),
     ({"prompt": [U("q")], "completion": [A("a")], "label": True}, "unpaired row"),
     ({"text": "hello"}, "no preference schema"),
+    ({"messages": [U("q"), A("a")]}, "a chat (messages), not a preference pair"),
 ]
 
 

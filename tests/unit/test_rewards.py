@@ -4,6 +4,7 @@ reward models, and eval's reward options checked before any model loads."""
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import ROOT
@@ -129,6 +130,10 @@ def test_a_reward_model_is_refused_wherever_a_model_must_generate(tmp_path):
     ["eval", "--adapter", "{run}", "--tasks", "hellaswag"],
     ["eval", "--adapter", "{run}", "--dataset", "greetings-held-out", "--reward-function", "r.py:f"],
     ["eval", "--model", "builtin:tiny-gemma2", "--dataset", "greetings-held-out", "--compare", "{merged}"],
+    # generation and lm-eval options mean nothing for a reward model: refused, not ignored
+    ["eval", "--adapter", "{run}", "--dataset", "concise-held-out", "--limit", "3"],
+    ["eval", "--adapter", "{run}", "--dataset", "concise-held-out", "--temperature", "0.7", "--samples", "2"],
+    ["eval", "--adapter", "{run}", "--dataset", "concise-held-out", "--max-new-tokens", "5"],
 ])
 def test_chat_serve_export_and_eval_refuse_a_reward_model_before_loading_it(args, tmp_path, monkeypatch):
     import gemma2_tune.after.inference as inference
@@ -152,3 +157,87 @@ def test_the_loading_path_refuses_a_sequence_classifier_as_a_causal_lm(tmp_path)
     _, merged = reward_model_folders(tmp_path)
     with pytest.raises(UserError, match="model.name_or_path: .* is a reward model, a sequence classifier"):
         load_model(LoadRequest(str(merged), dtype="float32", attn_implementation="eager"))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--compare", "fine-tuned"], "--compare fine-tuned: the table already has a row named 'fine-tuned'"),
+    (["--compare", "./other", "--compare", "./other"], "--compare ./other: given twice"),
+    (["--compare", "nope_run"], "--compare nope_run: no such folder (a hub id has the form org/name)"),
+    (["--json", "{run}"], "a folder; give a file name"),
+    (["--json", "{run}/adapter_config.json"], "a file of the run or model folder"),
+])
+def test_eval_compare_names_and_json_path_are_checked_before_any_model_loads(args, says, tmp_path, monkeypatch):
+    """A compared model named like a row already in the table would replace that row; a --json path that is a
+    folder failed after the whole evaluation, one that is a run's own file was overwritten (the run lost)."""
+    import gemma2_tune.after.inference as inference
+
+    run, _ = reward_model_folders(tmp_path)
+    (tmp_path / "fine-tuned").mkdir()
+    (tmp_path / "other").mkdir()
+    before = (run / "adapter_config.json").read_text()
+    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["eval", "--adapter", str(run), "--dataset", "concise-held-out",
+                            *[a.format(run=run) for a in args]])
+    assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, r.output
+    assert (run / "adapter_config.json").read_text() == before
+
+
+def test_reward_model_settings_refused_from_their_files(tmp_path):
+    """rl's reward model: the kernel its base's family refuses (sdpa drops Gemma 2's soft-caps; it failed after the
+    policy loaded), a bare name that is no folder, a run with no weights yet, and rewards that all weigh 0."""
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.config.rl import RlConfig
+    from gemma2_tune.errors import ConfigError
+
+    run, _ = reward_model_folders(tmp_path)
+    (run / "config.yaml").write_text("model:\n  name_or_path: builtin:tiny-gemma2\n")
+    unfinished = tmp_path / "rm-unfinished"
+    (unfinished / "checkpoint-11").mkdir(parents=True)
+    (unfinished / "run.json").write_text(json.dumps({"method": "reward", "status": "interrupted", "global_step": 11}))
+    common = ["model.name_or_path=builtin:tiny-gemma2", "rl.reward_functions=[]"]
+    resolve(None, [*common, f"reward_model.name_or_path={run}"], schema=RlConfig)  # fine as it is
+    for extra, says in (
+            ([f"reward_model.name_or_path={run}", "reward_model.attn_implementation=sdpa"],
+             "reward_model.attn_implementation"),
+            (["reward_model.name_or_path=rm_typo"], "reward_model.name_or_path: rm_typo: no such folder"),
+            ([f"reward_model.name_or_path={unfinished}"],
+             f"holds no trained weights (run.json: status interrupted, step 11): resume it (gemma2-tune reward -o "
+             f"{unfinished} --resume) or use its last checkpoint, {unfinished / 'checkpoint-11'}"),
+            ([f"reward_model.name_or_path={run}", "reward_model.weight=0"], "every reward's weight is 0")):
+        with pytest.raises(ConfigError) as caught:
+            resolve(None, [*common, *extra], schema=RlConfig)
+        assert says in str(caught.value), str(caught.value)
+
+
+def test_an_unfinished_run_or_another_familys_base_is_refused_where_a_model_is_read(tmp_path):
+    """A run folder with checkpoints but no weights at its top says how to go on (was: 'not an adapter folder',
+    or transformers' 'Should have a model_type key'); an adapter on another family's base is refused (was: loaded
+    silently when the shapes happened to fit)."""
+    from gemma2_tune.after.inference import read_run
+    from gemma2_tune.config.layering import resolve
+    from gemma2_tune.config.sft import SftConfig
+    from gemma2_tune.errors import ConfigError, UserError
+
+    unfinished = tmp_path / "sft-unfinished"
+    (unfinished / "checkpoint-4").mkdir(parents=True)
+    (unfinished / "run.json").write_text(json.dumps({"method": "sft", "status": "failed", "global_step": 4}))
+    with pytest.raises(UserError, match=r"--adapter .*sft-unfinished is a run that holds no trained weights "
+                                        r"\(run.json: status failed, step 4\): resume it"):
+        read_run(str(unfinished), None)
+    with pytest.raises(ConfigError, match="model.name_or_path: .* holds no trained weights"):
+        resolve(None, [f"model.name_or_path={unfinished}"], schema=SftConfig)
+    run, _ = reward_model_folders(tmp_path)
+    assert read_run(str(run), "builtin:tiny-gemma2").base_model == "builtin:tiny-gemma2"
+    with pytest.raises(UserError, match="--model builtin:tiny-gemma3: a Gemma 3 text model, but --adapter .* was "
+                                        "trained on builtin:tiny-gemma2 .Gemma 2."):
+        read_run(str(run), "builtin:tiny-gemma3")
+
+
+def test_a_reward_models_self_check_speaks_of_scores():
+    from gemma2_tune.after import selfcheck
+
+    scores = [torch.tensor([[[0.5], [1.0]]])]
+    record = selfcheck.verdict(selfcheck.compare(scores, scores), selfcheck.compare(scores, scores), "float32")
+    assert record["outputs"] == 1 and "score difference" in selfcheck.describe(record)
+    assert "top-1" not in selfcheck.describe(record)
