@@ -237,8 +237,8 @@ def evaluate_command(
     if max_length is None:  # the length the run trained and scored its held-out rows at
         max_length = run.config.data.max_length if run.config else DEFAULT_EVAL_LENGTH
         if dataset:
-            echo(f"rows up to {max_length} tokens ({'the run' if run.config else 'the default'}'s data.max_length; "
-                 "--max-length to change)")
+            source = "the run's data.max_length" if run.config else "the default"
+            echo(f"rows up to {max_length} tokens ({source}; --max-length to change)")
     if suite:
         from ..after.harness import check_suite_data
 
