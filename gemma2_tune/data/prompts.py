@@ -26,7 +26,7 @@ REFERENCE_SET_ASIDE = "reference answer set aside (on-policy: the student writes
 def prompt_only(data: dict[str, Any]) -> dict[str, Any]:
     """A prompt-only row ({"prompt": str | messages}, no completion, chat or pair) as a chat row: a string is
     one user turn; other rows unchanged."""
-    if data.get("prompt") is None or any(data.get(k) is not None for k in
+    if not isinstance(data, dict) or data.get("prompt") is None or any(data.get(k) is not None for k in
                                           ("completion", "messages", "conversations", "chosen", "rejected")):
         return data
     prompt = data["prompt"]

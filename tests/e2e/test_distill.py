@@ -244,13 +244,13 @@ def test_prompt_only_rows_are_read_as_their_conversation(tokenizer):
     rows = [Row("a", {"prompt": "Say hello"}),
             Row("b", {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
                                  {"role": "user", "content": "More?"}]}),
-            Row("c", {"prompt": "Q", "completion": "A"}), Row("d", {"completion": "A"})]
+            Row("c", {"prompt": "Q", "completion": "A"}), Row("d", {"completion": "A"}), Row("e", ["not", "a row"])]
     prompts, report = build_prompts(rows, tokenizer, DataSection(dataset="x"), GEMMA2, 16)
     assert prompts == [[{"role": "user", "content": "Say hello"}],
                        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
                         {"role": "user", "content": "More?"}],
                        [{"role": "user", "content": "Q"}]]
-    assert report.rows_bad == 1 and report.bad_rows[0].startswith("d: ")
+    assert report.rows_bad == 2 and report.bad_rows[0].startswith("d: ") and report.bad_rows[1].startswith("e: ")
 
 
 def test_preview_of_a_distill_recipe_shows_prompts(tmp_path, prompts):
