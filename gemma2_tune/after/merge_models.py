@@ -234,6 +234,10 @@ def check_compatible(inputs: list[MergeInput]) -> None:
                             + ", ".join(shapes))
         elif other.vocab_digest != first.vocab_digest:
             problems.append(f"{other.key} {other.given} has another tokenizer vocabulary than {first.key} {first.given}")
+    if any(i.head != first.head for i in inputs) and any(i.key == "--base" for i in inputs):
+        problems.append("reward models merge by weight averaging (--method linear or slerp, no --base); ties, "
+                        "dare_ties, task_arithmetic and --liti take task vectors from a --base of the same kind: a "
+                        "reward model (e.g. the one they all started from), not a causal LM")
     if problems:
         raise UserError("merge-models: these models cannot be merged (nothing was read beyond configs and "
                         "tokenizers):\n" + "\n".join(f"  - {p}" for p in problems))

@@ -235,6 +235,10 @@ def test_weight_averaged_reward_models_merge_their_score_heads(tmp_path):
                             "-o", str(tmp_path / "mixed")])
     assert r.exit_code == 2 and "builtin:tiny-gemma2 is a causal LM" in r.output and "is a reward model" in r.output
     assert not (tmp_path / "mixed").exists()
+    r = runner.invoke(app, ["merge-models", "--method", "task_arithmetic", "--models", *map(str, runs), "--base",
+                            "builtin:tiny-gemma2", "-o", str(tmp_path / "mixed")])  # the causal base they came from
+    assert r.exit_code == 2 and "reward models merge by weight averaging (--method linear or slerp" in r.output
+    assert not (tmp_path / "mixed").exists()
     for args in (["chat", "--model", str(warm), "--prompt", "hi"], ["sft", "--model", str(warm), "-o",
                                                                      str(tmp_path / "sft")]):
         r = runner.invoke(app, args)
