@@ -67,7 +67,7 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str, warn: Calla
     not be one of them). Returns (name, loader) pairs. Raises UserError."""
     from pathlib import Path
 
-    from ..models.builtin import is_builtin
+    from ..config.rules import missing_folder
     from ..models.checks import vocabulary_digest
     from ..models.loading import checkpoint_family, load_tokenizer
     from .inference import load, read_run
@@ -81,9 +81,9 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str, warn: Calla
                             f"name the folder another way (e.g. ./{name})")
         if name in names[:i]:
             raise UserError(f"--compare {name}: given twice")
-        if not Path(name).expanduser().exists() and ("/" not in name or name.startswith(("/", "./", "../", "~"))) \
-                and not is_builtin(name):
-            raise UserError(f"--compare {name}: no such folder (a hub id has the form org/name)")
+        missing = missing_folder(name, bare_names=True)
+        if missing:
+            raise UserError(f"--compare {name}: {missing}")
     if not names:
         return []
     first, vocab = checkpoint_family(run.base_model)[0], vocabulary_digest(tokenizer_of(run))

@@ -122,11 +122,15 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
 
 def saved_config(path: Path) -> RunConfig | None:
     """The resolved config a run folder (or its ema/) saved as config.yaml, in its method's schema (runs saved
-    before `method:` included); None when there is none or it is from another version."""
-    if not (path / "config.yaml").is_file():
+    before `method:` included); a checkpoint-N/ folder's is its run's (a resume keeps the config); None when there is
+    none or it is from another version."""
+    source = path / "config.yaml"
+    if not source.is_file() and path.name.startswith("checkpoint-"):
+        source = path.parent / "config.yaml"
+    if not source.is_file():
         return None
     try:
-        saved = yaml.safe_load((path / "config.yaml").read_text())
+        saved = yaml.safe_load(source.read_text())
         schema = saved_schema(saved)
         return schema.model_validate(saved) if schema else None
     except Exception:  # noqa: BLE001 - a config from another version: the folder's other files still say enough

@@ -192,11 +192,11 @@ def _resolve_input(given: str, key: str) -> MergeInput:
     elif path.exists():
         raise UserError(f"{key} {given}: a file; give a model or run folder, or a hub id")
     else:
-        from ..config.rules import local_path_problem
-        from ..models.builtin import is_builtin
+        from ..config.rules import local_path_problem, missing_folder
 
-        if "/" not in given and not is_builtin(given):
-            raise UserError(f"{key} {given}: no such folder (a hub id has the form org/name)")
+        missing = missing_folder(given, bare_names=True)
+        if missing:
+            raise UserError(f"{key} {given}: {missing}")
         problem = local_path_problem(given, key)
         if problem:
             raise UserError(problem)

@@ -281,6 +281,7 @@ def evaluate_command(
         from ..files import write_text_atomic
 
         json_path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        table = {"dataset": table.get("dataset"), "max_length": max_length, "max_rows": max_rows} | table
         write_text_atomic(json_path.expanduser(), json.dumps(table, indent=2) + "\n")
         echo(f"written: {json_path}")
     if tasks:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import ClassVar, Literal, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .rules import generating_model_problem, run_problems
 from .schema import FrozenModel, OutputSection, PreferenceDataSection, RunConfig, Section
@@ -59,6 +59,12 @@ class DpoSection(Section):
         description="Probability that a preference label is flipped (`robust`); EXO's epsilon (`exo_pair`, needs > 0).")
     desirable_weight: float = Field(1.0, gt=0.0, description="KTO: weight of the desirable examples' loss.")
     undesirable_weight: float = Field(1.0, gt=0.0, description="KTO: weight of the undesirable examples' loss.")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_loss(cls, value: object) -> object:
+        """`--set dpo.loss_type=kto` (one name, as --loss-type takes it): a list of one."""
+        return [value] if isinstance(value, str) else value
 
     @property
     def unpaired(self) -> bool:

@@ -19,8 +19,8 @@ import yaml
 from pydantic import Field, model_validator
 
 from ..errors import ConfigError
-from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, reward_model_kind, run_problems,
-                    unfinished_run)
+from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, missing_folder, model_problems, reward_model_kind,
+                    run_problems, unfinished_run)
 from .schema import FrozenModel, OutputSection, RunConfig, Section, TrainingSection
 
 # TRL 1.16's GRPOTrainer loss types (GRPOConfig.loss_type), and RLOO (RLOOTrainer: leave-one-out baseline).
@@ -211,9 +211,9 @@ def reward_model_path_problem(name: str, key: str) -> str | None:
     """Why `name` can't be a reward model, from its files alone (naming `key`): no such folder (a local path, or a
     bare name, which is no hub id), a run that holds no trained weights yet, a LoRA adapter of a causal LM. None:
     it may be one (whether it is a one-output sequence classifier is checked when its config loads)."""
-    path = Path(name).expanduser()  # (builtin:NAME models have a colon)
-    if not path.exists() and (name.startswith(("/", "./", "../", "~")) or "/" not in name) and ":" not in name:
-        return f"{key}: {name}: no such folder (a hub id has the form org/name)"
+    missing = missing_folder(name, bare_names=True)
+    if missing:
+        return f"{key}: {name}: {missing}"
     unfinished = unfinished_run(name)
     if unfinished:
         return f"{key}: {unfinished}"

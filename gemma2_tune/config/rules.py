@@ -40,14 +40,35 @@ def local_path_problem(name: str, key: str = "model") -> str | None:
     if not name.strip():
         return f"{key}.name_or_path: empty"
     path = Path(name).expanduser()
-    if name.startswith(("/", "./", "../", "~")) and not path.exists():
-        return f"{key}.name_or_path: {name}: no such folder"
+    missing = missing_folder(name)
+    if missing:
+        return f"{key}.name_or_path: {name}: {missing}"
     unfinished = unfinished_run(name)
     if unfinished:
         return f"{key}.name_or_path: {unfinished}"
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         return (f"{key}.name_or_path: '{name}' is a LoRA adapter (adapter_config.json, no config.json), not a whole "
                 f"model: merge it first (gemma2-tune merge --adapter {name} --output merged/NAME) and use that folder")
+    return None
+
+
+def missing_folder(name: str, bare_names: bool = False) -> str | None:
+    """Why `name`, meant as a local model folder, is none: "a file, not a model folder", or "no such folder" when
+    it reads as a path (starts with / ./ ../ ~, has more than one slash, or its first part is a folder here) or,
+    with `bare_names`, has no slash at all (no hub id: those are org/name). None: it exists, or may be a hub id
+    or a builtin:NAME model."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return "a file, not a model folder"
+    if path.exists() or ":" in name:
+        return None
+    slashes = name.count("/")
+    if name.startswith(("/", "./", "../", "~")) or slashes > 1:
+        return "no such folder"
+    if slashes == 1 and path.parent.is_dir():
+        return f"no such folder ({path.parent}/ is a folder here, so this is a path, not a hub id)"
+    if slashes == 0 and bare_names:
+        return "no such folder (a hub id has the form org/name)"
     return None
 
 

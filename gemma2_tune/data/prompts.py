@@ -30,6 +30,8 @@ def prompt_only(data: dict[str, Any]) -> dict[str, Any]:
                                           ("completion", "messages", "conversations", "chosen", "rejected")):
         return data
     prompt = data["prompt"]
+    if not isinstance(prompt, (str, list)):
+        raise BadRow(f"'prompt' is {type(prompt).__name__}: expected text or a list of messages")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return {**{k: v for k, v in data.items() if k != "prompt"}, "messages": messages}
 

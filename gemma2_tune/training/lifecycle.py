@@ -292,6 +292,10 @@ class RunLifecycle:
             speed = self.record["throughput"]
             speed["supervised_tokens_this_attempt"] = speed["supervised_tokens_trained"]
             speed["supervised_tokens_trained"] += before
+        if step == 0 and not stopped:  # e.g. fewer rows than one batch, dropped by the trainer's sampler
+            raise UserError(f"training ran no optimizer step (the trainer found no full batch in the data: fewer "
+                            "examples than training.per_device_train_batch_size x processes?); nothing was saved "
+                            f"in {self.out}")
         if stopped:
             saved = self.out / f"checkpoint-{step}"
             self.record.update(status="interrupted", checkpoint=str(saved))

@@ -71,10 +71,13 @@ def check_output_dir(path: Path, overwrite: bool) -> str | None:
         kept = replaced_path(path)
         restore = (f"; the run an interrupted --overwrite replaced is kept in {kept} (restore: rm -rf {path} && mv "
                    f"{kept} {path})" if kept.exists() else "")
+        status = previous.get("status", "?")
+        resume = ("--resume to continue it, " if status in ("interrupted", "failed", "running")
+                  and any(path.glob("checkpoint-*")) else "")
         raise UserError(
-            f"output.dir: {path} already holds a run (status {previous.get('status', '?')}, started "
-            f"{previous.get('started_at', '?')}); pass --overwrite to replace it, or choose another --output-dir"
-            + restore
+            f"output.dir: {path} already holds a run (status {status}, started "
+            f"{previous.get('started_at', '?')}); pass {resume}--overwrite to replace it, or choose another "
+            "--output-dir" + restore
         )
     return None
 

@@ -244,13 +244,26 @@ def test_prompt_only_rows_are_read_as_their_conversation(tokenizer):
     rows = [Row("a", {"prompt": "Say hello"}),
             Row("b", {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
                                  {"role": "user", "content": "More?"}]}),
-            Row("c", {"prompt": "Q", "completion": "A"}), Row("d", {"completion": "A"}), Row("e", ["not", "a row"])]
+            Row("c", {"prompt": "Q", "completion": "A"}), Row("d", {"completion": "A"}), Row("e", ["not", "a row"]),
+            Row("f", {"prompt": 42})]
     prompts, report = build_prompts(rows, tokenizer, DataSection(dataset="x"), GEMMA2, 16)
     assert prompts == [[{"role": "user", "content": "Say hello"}],
                        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
                         {"role": "user", "content": "More?"}],
                        [{"role": "user", "content": "Q"}]]
-    assert report.rows_bad == 2 and report.bad_rows[0].startswith("d: ") and report.bad_rows[1].startswith("e: ")
+    assert report.rows_bad == 3 and report.bad_rows[0].startswith("d: ") and report.bad_rows[1].startswith("e: ")
+    assert report.bad_rows[2] == "f: 'prompt' is int: expected text or a list of messages"
+
+
+def test_fewer_prompts_than_one_batch_is_refused_and_nothing_is_called_completed(tmp_path):
+    """3 prompts, a batch of 4: the trainer dropped the partial batch and ran 0 steps; the run then crashed in its
+    summary with an untrained adapter saved and run.json saying 'completed'."""
+    data = write_jsonl(tmp_path / "p3.jsonl", [{"prompt": q} for q in QUESTIONS[:3]])
+    out = tmp_path / "run"
+    r = distill("--teacher", "builtin:tiny-gemma2", "--dataset", str(data), "-o", str(out), "--max-steps", "1",
+                "--set", "training.per_device_train_batch_size=4", "--set", "training.gradient_accumulation_steps=1")
+    assert r.exit_code == 2 and "3 usable prompts, fewer than one batch" in r.output, r.output
+    assert "Traceback" not in r.output and not (out / "run.json").exists()  # refused before the run is written
 
 
 def test_preview_of_a_distill_recipe_shows_prompts(tmp_path, prompts):

@@ -184,7 +184,9 @@ def test_reward_model_orders_held_out_pairs_and_its_merge_scores_the_same(tmp_pa
                             "--json", str(table)])
     assert r.exit_code == 0 and "pairwise accuracy" in r.output, r.output
     assert "rows up to 256 tokens (the run's data.max_length" in r.output  # as training scored them (no pair is cut)
-    results = json.loads(table.read_text())["results"]
+    written = json.loads(table.read_text())
+    assert written["max_length"] == 256 and written["max_rows"] is None  # what the figures were computed at
+    results = written["results"]
     assert list(results) == ["fine-tuned", str(merged)], results
     assert results["fine-tuned"]["pairs"] == 12 and results["fine-tuned"]["pairwise_accuracy"] == e["pairwise_accuracy"]
     assert abs(results["fine-tuned"]["margin"] - results[str(merged)]["margin"]) <= 1e-4, results

@@ -241,3 +241,56 @@ def test_a_reward_models_self_check_speaks_of_scores():
     record = selfcheck.verdict(selfcheck.compare(scores, scores), selfcheck.compare(scores, scores), "float32")
     assert record["outputs"] == 1 and "score difference" in selfcheck.describe(record)
     assert "top-1" not in selfcheck.describe(record)
+
+
+def test_names_meant_as_local_folders_that_are_none(tmp_path, monkeypatch):
+    """A missing local path was looked up on the hub (an offline or 'Repo id must be in the form' error naming
+    model.name_or_path); a data file given as a model was read as a config."""
+    from gemma2_tune.config.rules import missing_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "held.jsonl").write_text("{}\n")
+    assert missing_folder("held.jsonl") == "a file, not a model folder"
+    assert missing_folder("runs/nope").startswith("no such folder (runs/ is a folder here")
+    assert missing_folder("runs/sft/checkpoint-4") == missing_folder("./x") == "no such folder"
+    assert missing_folder("nope") is None and missing_folder("nope", bare_names=True).startswith("no such folder")
+    assert missing_folder("google/gemma-2-2b") is None and missing_folder("builtin:tiny-gemma2") is None
+    assert missing_folder("runs") is None
+
+
+def test_a_checkpoint_reads_its_runs_config(tmp_path):
+    """eval of runs/x/checkpoint-N read rows at 1024 tokens (and the default system policy) while runs/x and its
+    ema/ read them at the run's data.max_length: a checkpoint's loss came from other tokens."""
+    from gemma2_tune.after.inference import saved_config
+
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: sft\nmodel:\n  name_or_path: builtin:tiny-gemma2\n"
+                                     "data:\n  max_length: 32\n  system_policy: drop\n")
+    cfg = saved_config(run / "checkpoint-2")
+    assert cfg is not None and cfg.data.max_length == 32 and cfg.data.system_policy == "drop"
+    assert saved_config(tmp_path) is None
+
+
+def test_one_dpo_loss_given_with_set_is_a_list_of_one():
+    from gemma2_tune.config.dpo import DpoConfig
+    from gemma2_tune.config.layering import resolve
+
+    cfg = resolve(None, ["model.name_or_path=builtin:tiny-gemma2", "dpo.loss_type=kto",
+                         "training.per_device_train_batch_size=2"], schema=DpoConfig).config
+    assert cfg.dpo.loss_type == ["kto"]
+
+
+def test_an_interrupted_run_in_the_output_folder_suggests_resuming_it(tmp_path):
+    from gemma2_tune.errors import UserError
+    from gemma2_tune.training.manifest import check_output_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"status": "interrupted", "global_step": 3, "started_at": "t"}))
+    with pytest.raises(UserError, match="pass --resume to continue it, --overwrite to replace it"):
+        check_output_dir(out, overwrite=False)
+    (out / "run.json").write_text(json.dumps({"status": "completed", "global_step": 3, "started_at": "t"}))
+    with pytest.raises(UserError, match=r"\(status completed, started t\); pass --overwrite to replace it"):
+        check_output_dir(out, overwrite=False)
