@@ -93,9 +93,12 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise UserError(f"{key} {adapter}: no such folder")
+    from ..config.rules import saved_weights, unfinished_run
+
     cfg = saved_config(path)
     policy = saved_policy(path, cfg) or "fold"
-    if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
+    weights = saved_weights(path)
+    if weights == "adapter":
         saved = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         trained = cfg.base_model if cfg else saved
         base = model or trained
@@ -109,10 +112,8 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
                 raise UserError(f"--model {model}: a {given.display} model, but {key} {adapter} was trained on "
                                 f"{trained} ({own.display}): an adapter fits its own family's base only")
         return TrainedRun(path, base, policy, True, cfg)
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):  # full fine-tune or merged output
+    if weights == "model":  # full fine-tune or merged output
         return TrainedRun(path, str(path), policy, False, cfg)
-    from ..config.rules import unfinished_run
-
     unfinished = unfinished_run(str(path))
     if unfinished:
         raise UserError(f"{key} {adapter}: {unfinished}")

@@ -225,11 +225,11 @@ def evaluate_command(
     run = read_run(adapter, model)
     scores_pairs = run.head != "causal-lm"  # a reward model: its pairwise accuracy on --dataset's pairs
     if scores_pairs:
-        defaults = {"--max-new-tokens": 256, "--temperature": 0.0, "--samples": 1}
+        generation = {"--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--samples": "samples"}
         given = [o for o, v in (("--tasks", tasks), ("--suite", suite), ("--reward-function", reward_function),
                                 ("--reward-model", reward_model), ("--limit", limit), ("--include-path", include_path))
-                 if v] + [o for o, v in (("--max-new-tokens", max_new_tokens), ("--temperature", temperature),
-                                         ("--samples", samples)) if v != defaults[o]]
+                 if v] + [o for o, f in generation.items()
+                          if getattr(request, f) != EvalRequest.model_fields[f].default]
         if given or not dataset:
             raise UserError(f"{', '.join(given) or 'eval'}: {run.path} is a reward model (one score per answer): "
                             "eval scores it on preference pairs: give --dataset (pairs: chosen/rejected) and "

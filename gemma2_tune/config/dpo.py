@@ -18,7 +18,7 @@ from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import Field, field_validator
 
-from .rules import generating_model_problem, run_problems
+from .rules import generating_model_problem, run_problems, saved_weights
 from .schema import FrozenModel, OutputSection, PreferenceDataSection, RunConfig, Section
 
 # TRL 1.16 DPOConfig.loss_type's values (trl/trainer/dpo_config.py), combinable with dpo.loss_weights.
@@ -99,7 +99,7 @@ def sft_start(name_or_path: str) -> SftStart | None:
     files, no torch. Raises ValueError when the adapter does not name its base."""
     path = Path(name_or_path).expanduser()
     adapter_config = path / "adapter_config.json"
-    if not (adapter_config.is_file() and (path / "adapter_model.safetensors").is_file()):
+    if saved_weights(path) != "adapter":
         return None
     lora = json.loads(adapter_config.read_text())
     base = None

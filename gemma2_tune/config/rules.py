@@ -72,6 +72,16 @@ def missing_folder(name: str, bare_names: bool = False) -> str | None:
     return None
 
 
+def saved_weights(path: Path) -> str | None:
+    """What trained weights the folder `path` holds at its top: "adapter" (adapter_config.json +
+    adapter_model.safetensors), "model" (config.json + *.safetensors: a full fine-tune, a merge) or None."""
+    if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
+        return "adapter"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "model"
+    return None
+
+
 def unfinished_run(name: str) -> str | None:
     """Why the local folder `name` can't be used as a model yet: a run folder (run.json) that holds no trained
     weights (its run was interrupted, failed or is running: no adapter or model files at its top), with how to go
@@ -79,8 +89,7 @@ def unfinished_run(name: str) -> str | None:
     path = Path(name).expanduser()
     if not (path / "run.json").is_file():
         return None
-    if ((path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()) or (
-            (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+    if saved_weights(path):
         return None
     try:
         record = json.loads((path / "run.json").read_text())
