@@ -98,6 +98,11 @@ class Family:
     multimodal_sizes: dict[str, str] = field(default_factory=dict)  # sizes of this generation we refuse, and why
     system_fold: SystemFold = "join_trimmed"
     system_note: str = ""  # how system text reaches the model, in words
+    # "gemma": <start_of_turn>ROLE ... <end_of_turn> (Gemma 2, Gemma 3); "gemma4": <|turn>ROLE ... <turn|> (Gemma 4)
+    turn_format: str = "gemma"
+    # Sizes whose official -it template writes an empty thought block after the model header when thinking is off
+    # (Gemma 4 12B, 26B-A4B, 31B; not E2B/E4B): rows must carry it too, or training starts far off the -it model.
+    empty_thought_sizes: tuple[str, ...] = ()
     attention_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     fp16_refused_sizes: tuple[str, ...] = ()
