@@ -225,12 +225,14 @@ def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sa
 
     from transformers import TextIteratorStreamer
 
+    from ..models.serving import generated_text
+
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = prompt_ids(messages, tokenizer, system_policy, loaded.family).to(model.device)
     kwargs = sampling.generate_kwargs(tokenizer) | {"input_ids": ids, "use_cache": True}
     if on_text is None:
         out = model.generate(**kwargs)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return generated_text(tokenizer, out[0, ids.shape[1]:]).strip()
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     worker = threading.Thread(target=model.generate, kwargs=kwargs | {"streamer": streamer})
     worker.start()

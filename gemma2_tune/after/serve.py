@@ -526,13 +526,17 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
     """Serve `target` until SIGTERM/SIGINT. Raises UserError: a missing folder, a model that fails its checks,
     transformers' serving extras missing, a port in use, an empty API key, a body limit under 1 KiB."""
     try:
+        import fastapi  # noqa: F401 - the web layer (transformers' serving extras)
         import uvicorn
-        from transformers.cli.serving.model_manager import ModelManager
     except ImportError:
         raise UserError("serve needs transformers' serving extras: pip install 'gemma2-tune[serve]'") from None
     from ..models.checks import check_loaded
     from ..models.loading import load_tokenizer
-    from .serve_engines import BatchingEngine, SequentialEngine
+    from .serve_engines import BatchingEngine, SequentialEngine, internals_problem, load_for_serving
+
+    moved = internals_problem(continuous_batching)
+    if moved:
+        raise UserError(f"serve: {moved} (nothing was loaded)")
 
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty (or GEMMA2_TUNE_API_KEY is set to nothing): every request would be "
@@ -546,9 +550,7 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
         raise UserError(f"serve: cannot listen on {host}:{port}: {port_problem} (nothing was loaded)")
     with model_folder(target, command="serve", name=name, dtype=dtype, echo=echo) as found:
         served = Served(found.folder, found.name, found.system_policy, found.family, found.source)
-        manager = ModelManager(device=device, dtype=dtype or "auto", attn_implementation="eager",
-                               force_model=str(served.folder))
-        model, _ = manager.load_model_and_processor(manager.process_model_name(str(served.folder)))
+        model = load_for_serving(served.folder, dtype=dtype or "auto", device=device)
         for warning in check_loaded(model, served.family, "eager", str(model.dtype).replace("torch.", "")):
             echo(f"warning: {warning}")
         served.tokenizer = load_tokenizer(str(served.folder))
@@ -582,7 +584,6 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
             raise UserError(f"serve: could not listen on {host}:{port} (in use?)") from exc
         finally:
             engine.stop()
-            manager.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if not server.started:

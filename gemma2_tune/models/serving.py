@@ -35,3 +35,10 @@ def serving_config(folder: Path, eos_ids: list[int], pad_id: int | None) -> None
     generation.update(eos_token_id=eos_ids, pad_token_id=pad_id)
     generation.setdefault("bos_token_id", config.get("bos_token_id"))
     generation_path.write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+
+
+def generated_text(tokenizer: Any, ids: Any) -> str:
+    """The text of generated token ids as chat and serve both show it: special tokens (the stop tokens) left out,
+    bytes that form no character (a multi-byte character cut by the token limit) as U+FFFD, as
+    `tokenizer.decode` writes them. `ids`: a sequence or 1-D tensor of token ids."""
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
