@@ -47,7 +47,7 @@ class ServeRequest(Request):
     name: str | None = None
     dtype: Dtype | None = None
     device: str = "auto"
-    max_request_bytes: int | None = None  # its bounds and the key's are serve's (after/serve.py), one place
+    max_request_bytes: int | None = None  # its bounds and the key's are serve's (after/serve/run.py), one place
     continuous_batching: bool = True
 
 

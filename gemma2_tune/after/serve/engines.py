@@ -166,7 +166,7 @@ class TextPieces:
 
     def finish(self) -> str | None:
         """What the decoded whole still has beyond the pieces sent (None: nothing)."""
-        from ..models.serving import generated_text
+        from ...models.serving import generated_text
 
         whole = generated_text(self.tokenizer, self.ids)
         rest = whole[len(self.sent):] if whole.startswith(self.sent) else ""
@@ -254,7 +254,6 @@ class BatchingEngine:
         """Add `ids` to the running batch; must be called on the event loop."""
         if self.cb.background_thread_status.fatal_error is not None:
             raise RuntimeError(f"the batching loop stopped: {self.cb.background_thread_status.fatal_error}")
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         request_id = f"req-{uuid.uuid4().hex}"
         streamer = BatchStreamer(TextPieces(self.tokenizer), queue, lambda: self.cb.cancel_request(request_id))
@@ -351,8 +350,8 @@ def load_for_serving(folder, *, dtype: str = "auto", device: str = "auto"):
     Raises UserError naming the folder when transformers cannot load it."""
     import transformers
 
-    from ..errors import UserError
-    from ..models.quantization import torch_dtype
+    from ...errors import UserError
+    from ...models.quantization import torch_dtype
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
