@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from ..config.schema import RunConfig
-from ..training.methods import saved_schema
+from ..config.methods import saved_schema
 from ..data.template import use_run_template
 from ..data.turns import END, normalise, render
 from ..errors import UserError

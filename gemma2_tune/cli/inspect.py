@@ -11,7 +11,8 @@ import typer
 from ..config.layering import resolve
 from ..config.recipes import bundled_recipes, recipe_summary
 from ..errors import ConfigError, UserError
-from ..training.methods import METHODS, schema_for
+from ..config.methods import schema_for
+from ..training.methods import METHODS
 from .app import ModelOpt, DatasetOpt, RecipeOpt, SetOpt, app, command, echo, resolved_config, warn
 
 @command()

@@ -7,12 +7,13 @@
     reward.py     the `reward` schema (RewardConfig: + reward; a one-score head on preference pairs)
     rl.py         the `rl` schema (RlConfig: + rl: algorithm, group, KL, clipping, rewards) and its rules
     rules.py      rules every method shares, reading the model's family
+    methods.py    which method (so which schema) a recipe, a saved config or a command is written for
     layering.py   resolve(recipe, sets, flags, schema) -> Resolved, every problem at once
     requests.py   the options of the after-training commands (merge-models, eval, ...), checked the same way
     recipes.py    bundled recipes, finding and reading recipe files
     reference.py  the config reference (README table, `gemma2-tune config`)
 
-The registry of methods (which schema, runner, plan terms) is gemma2_tune/training/methods.py.
+The registry of methods (schema, runner, plan terms, command flags) is gemma2_tune/training/methods.py.
 """
 
 # Every method's schema is imported here, sft first: schema.method_schemas() lists them in this order.

@@ -138,6 +138,10 @@ class RlConfig(RunConfig):
         data["rl"] = dict(data.get("rl") or {}, initial_adapter=name)
         return data
 
+    def launch_problems(self, launch: Any) -> list[str]:
+        """rl's keys against the launch (rl_launch_problems)."""
+        return rl_launch_problems(self, launch)
+
     def problems(self) -> tuple[list[str], list[str]]:
         """rl_problems."""
         return rl_problems(self)

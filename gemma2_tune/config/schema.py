@@ -12,7 +12,7 @@ answer without importing torch. Rules between fields live in `rules.py`; facts a
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -259,10 +259,19 @@ class RunConfig(Section):
     # pairs" (dpo, reward). Read by the dry run, the data summary and `plan`.
     data_kind: ClassVar[str] = "conversations"
 
+    # The run may fold accumulated micro-batches into one forward (training/batching.py; `plan` shows the
+    # micro-batch it will use).
+    folds_accumulation: ClassVar[bool] = False
+
     def problems(self) -> tuple[list[str], list[str]]:
         """The method's rules between fields: (errors, warnings), each naming its key(s). Overridden by every
         method (most start from `rules.run_problems`)."""
         return [], []
+
+    def launch_problems(self, launch: Any) -> list[str]:
+        """The method's own keys against how its processes are started (training/launch.py's Launch: read its
+        capabilities, never its mode); the shared rules are training/launch.launch_problems'. None by default."""
+        return []
 
     @property
     def preference_kind(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -17,10 +17,28 @@ class SftConfig(RunConfig):
     method: Literal["sft"] = Field("sft", description=RunConfig.model_fields["method"].description)
     data: SftDataSection = Field(default_factory=SftDataSection)
     training: SftTrainingSection = Field(default_factory=SftTrainingSection)
+    folds_accumulation: ClassVar[bool] = True
 
     def problems(self) -> tuple[list[str], list[str]]:
         """The shared rules of a training run (rules.run_problems)."""
         return run_problems(self)
+
+    def launch_problems(self, launch: Any) -> list[str]:
+        """sft's own keys against the launch: compiled layers, Liger's kernels and the fused loss read whole
+        weights, which a sharded launch does not have."""
+        if launch.reads_whole_weights:
+            return []
+        sharding, problems = launch.sharding, []
+        if self.training.torch_compile != "off":
+            problems.append(f"training.torch_compile is set but gemma2-tune compiles layers only without {sharding} "
+                            "(its parameter gathering hooks break the compiled graphs); set training.torch_compile=off")
+        if self.training.use_liger_kernel:
+            problems.append(f"training.use_liger_kernel is set but gemma2-tune checks Liger's kernels against the plain "
+                            f"model's gradients, which {sharding} partitions; set training.use_liger_kernel=false")
+        if self.training.loss == "supervised_liger":
+            problems.append(f"training.loss is supervised_liger but {sharding} partitions the lm_head weight it reads "
+                            f"(TRL's own loss runs under {sharding}); set training.loss=trl")
+        return problems
 
     @property
     def item_unit(self) -> str:

@@ -113,7 +113,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """'key: checkpoint X, now Y' for every key that differs (output.* may differ; a checkpoint from before
     `method:` was recorded has the method its sections imply)."""
-    from .methods import method_of_mapping
+    from ..config.methods import method_of_mapping
 
     saved = {"method": method_of_mapping(saved), **saved} if isinstance(saved, dict) else saved
     a, b = _flatten(saved), _flatten(cfg.model_dump(mode="json"))

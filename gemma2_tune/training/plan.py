@@ -332,13 +332,12 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
         if problems:
             raise UserError(f"--launch {launch_name}: this run would be refused at launch:\n  - "
                             + "\n  - ".join(problems))
-    from .methods import method_for
 
     shape, where = model_shape(cfg.base_model)
     frozen = {m.key: (m, *model_shape(m.name_or_path)) for m in cfg.frozen_models()}
     frozen_shapes = {key: found[1] for key, found in frozen.items()}
     # a method that folds accumulation into the micro-batch does it as `micro_batch` decides on the run's GPU
-    micro = micro_batch(cfg, shape, launch, budget) if method_for(cfg).folds_accumulation else None
+    micro = micro_batch(cfg, shape, launch, budget) if cfg.folds_accumulation else None
     batch = micro.per_device if micro else None  # what each forward will hold; the advice below keeps it
     plan = estimate(shape, cfg, num_processes, shards, offload, frozen=frozen_shapes, batch=batch)
     mode = f"{launch.sharding} over {num_processes}" + (" with CPU offload" if offload else "") if shards else (

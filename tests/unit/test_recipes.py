@@ -1,7 +1,7 @@
 import pytest
 
 from gemma2_tune.config.layering import resolve
-from gemma2_tune.training.methods import METHODS, schema_for
+from gemma2_tune.config.methods import schema_for
 from gemma2_tune.config.recipes import bundled_recipes, find_recipe
 
 RECIPES = bundled_recipes()
