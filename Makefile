@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch lying on this machine's disk, if there is one; otherwise pip's usual torch.
 TORCH ?= $(or $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl)),torch)
 
-.PHONY: install install-export quickstart test test-all test-fast docs clean
+.PHONY: install install-export quickstart test test-all test-fast docs docs-generate clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -42,7 +42,14 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
 
-docs: install
-	$(BIN)/python -m gemma2_tune.config.reference README.md
+# The generated pages: the CLI and config references (from the Typer app and the schemas) and the benchmark tables
+# (from bench/*.json). tests/unit/test_docs.py fails when a committed page differs from what this writes.
+docs-generate: install
+	$(BIN)/python -m gemma2_tune.cli.reference docs
+	$(BIN)/python bench/report.py docs/guides/benchmarks.md
+
+# The documentation site, built into site/ (mkdocs serve shows it while you write).
+docs: docs-generate
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
