@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gemma2_tune.config.reference import replace_section  # noqa: E402
+from gemma2_tune.config.reference import replace_section
 
 BENCH = ROOT / "bench"
 PAGE = ROOT / "docs" / "guides" / "benchmarks.md"
@@ -70,7 +70,8 @@ def cpu_vs_trl(data: dict) -> list[str]:
     """bench/results.json (bench_sft.py): one epoch per side, medians of the repeats."""
     s, med, ratio = data["setup"], data["median"], data["ratio_over_trl"]
     sides = ("trl", "gemma2-tune", "gemma2-tune-unpacked")
-    rows = (("supervised tokens/s", "supervised_tokens_per_s", 1, 1), ("peak RSS during training, MiB", "peak_rss", MIB, 0),
+    rows = (("supervised tokens/s", "supervised_tokens_per_s", 1, 1),
+            ("peak RSS during training, MiB", "peak_rss", MIB, 0),
             ("peak growth during training, MiB", "peak_growth", MIB, 0), ("final loss", "final_loss", 1, 2),
             ("optimizer steps", "steps", 1, 0))
     lines = [provenance("results.json", s), "",
@@ -131,7 +132,8 @@ def loss_alone(data: dict) -> list[str]:
     if partial:
         run = partial["runs"]["gemma2-tune"][0]
         lines += ["", f"End to end (`{partial['command']}`): the defaults' run trained {run['supervised_tokens']:,} "
-                  f"supervised tokens in {run['steps']} optimizer steps, {_f(run['train_cpu_s'], 0)} CPU s of training, "
+                  f"supervised tokens in {run['steps']} optimizer steps, {_f(run['train_cpu_s'], 0)} CPU s of "
+                  "training, "
                   f"{_f(run['runtime_s'], 0)} s wall, peak RSS {_f(run['peak_rss'] / MIB, 0)} MiB."]
     return lines
 
@@ -142,7 +144,8 @@ def serve_load(batching: dict, sequential: dict) -> list[str]:
              f"Greedy, {batching['max_tokens']} tokens per answer, {batching['requests_per_client']} requests per "
              "client, one after another; the tiny random model.", "",
              "| clients | batching (default): requests/s | p50 s | p95 s | identical | `--no-continuous-batching`: "
-             "requests/s | p50 s | p95 s | identical |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "requests/s | p50 s | p95 s | identical |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for a, b in zip(batching["steps"], sequential["steps"]):
         assert a["clients"] == b["clients"], (a, b)
         cells = [str(a["clients"])]
@@ -151,14 +154,17 @@ def serve_load(batching: dict, sequential: dict) -> list[str]:
                       f"{step['identical']}/{step['requests']}"]
         lines.append("| " + " | ".join(cells) + " |")
     first, last = batching["steps"][0]["clients"], batching["steps"][-1]["clients"]
-    lines += ["", f"{last} clients against {first}: x{batching['speedup_last_vs_first']:.2f} requests/s with continuous "
+    lines += ["", f"{last} clients against {first}: x{batching['speedup_last_vs_first']:.2f} requests/s with "
+              "continuous "
               f"batching, x{sequential['speedup_last_vs_first']:.2f} one request at a time."]
     return lines
 
 
 def sections(bench: Path = BENCH) -> dict[str, str]:
     """{block name: the block, markers included}, from the result files in `bench`."""
-    read = lambda name: json.loads((bench / name).read_text())  # noqa: E731
+    def read(name: str) -> dict:
+        return json.loads((bench / name).read_text())
+
     blocks = {"cpu-vs-trl": cpu_vs_trl(read("results.json")),
               "loss-alone": loss_alone(read("results_loss.json")),
               "serve-load": serve_load(read("serve_load_batching.json"), read("serve_load_sequential.json"))}

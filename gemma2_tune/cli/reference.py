@@ -1,8 +1,9 @@
 """The CLI reference, generated from the command tree Typer builds from the app (`typer.main.get_command`): every
 command in the order `gemma2-tune --help` lists them, its usage, its help and every visible argument and option
-with the help, default and range `--help` shows. Written between the markers of docs/reference/cli.md.
+with the help, default and range `--help` shows. Written between the markers of docs/reference/cli.md
+(`make docs-generate`).
 
-    python -m gemma2_tune.cli.reference [DOCS_DIR]    # rewrites docs/reference/cli.md and config.md (`make docs-generate`)
+    python -m gemma2_tune.cli.reference [DOCS_DIR]   # rewrites docs/reference/cli.md and config.md
 """
 
 from __future__ import annotations
