@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch lying on this machine's disk, if there is one; otherwise pip's usual torch.
 TORCH ?= $(or $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl)),torch)
 
-.PHONY: install install-export quickstart test test-all test-fast docs docs-generate clean
+.PHONY: install install-export quickstart test test-all test-fast docs clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -42,8 +42,9 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site
+	rm -rf $(VENV) runs .pytest_cache
 
+.PHONY: docs-generate
 # The generated pages: the CLI and config references (from the Typer app and the schemas) and the benchmark tables
 # (from bench/*.json). tests/unit/test_docs.py fails when a committed page differs from what this writes.
 docs-generate: install
