@@ -133,8 +133,7 @@ def loss_alone(data: dict) -> list[str]:
         run = partial["runs"]["gemma2-tune"][0]
         lines += ["", f"End to end (`{partial['command']}`): the defaults' run trained {run['supervised_tokens']:,} "
                   f"supervised tokens in {run['steps']} optimizer steps, {_f(run['train_cpu_s'], 0)} CPU s of "
-                  "training, "
-                  f"{_f(run['runtime_s'], 0)} s wall, peak RSS {_f(run['peak_rss'] / MIB, 0)} MiB."]
+                  f"training, {_f(run['runtime_s'], 0)} s wall, peak RSS {_f(run['peak_rss'] / MIB, 0)} MiB."]
     return lines
 
 
@@ -155,8 +154,7 @@ def serve_load(batching: dict, sequential: dict) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     first, last = batching["steps"][0]["clients"], batching["steps"][-1]["clients"]
     lines += ["", f"{last} clients against {first}: x{batching['speedup_last_vs_first']:.2f} requests/s with "
-              "continuous "
-              f"batching, x{sequential['speedup_last_vs_first']:.2f} one request at a time."]
+              f"continuous batching, x{sequential['speedup_last_vs_first']:.2f} one request at a time."]
     return lines
 
 
