@@ -63,5 +63,13 @@ lock:
 clean:
 	rm -rf $(VENV) $(LATEST) runs .pytest_cache
 
-docs: install
-	$(BIN)/python -m gemma2_tune.config.reference README.md
+.PHONY: docs-generate
+# The generated pages: the CLI and config references (from the Typer app and the schemas) and the benchmark tables
+# (from bench/*.json). tests/unit/test_docs.py fails when a committed page differs from what this writes.
+docs-generate: install
+	$(BIN)/python -m gemma2_tune.cli.reference docs
+	$(BIN)/python bench/report.py docs/guides/benchmarks.md
+
+# The documentation site, built into site/ (mkdocs serve shows it while you write).
+docs: docs-generate
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
