@@ -28,7 +28,8 @@ from gemma2_tune.config import reference as config_reference
 from gemma2_tune.config.recipes import bundled_recipes
 from gemma2_tune.config.schema import sections
 from gemma2_tune.errors import ConfigError
-from gemma2_tune.training.methods import METHODS, schema_for
+from gemma2_tune.config.methods import schema_for
+from gemma2_tune.training.methods import METHODS
 
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
