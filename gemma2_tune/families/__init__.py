@@ -8,6 +8,10 @@ into the first user turn, the module names LoRA can target, and the shape of its
     family_of_name("google/gemma-3-1b-it")  -> GEMMA3_TEXT  (from a name, before anything loads)
     family_of_checkpoint(name_or_path)      -> local config.json first, then the name; None if unknown
 
+    base.py     what a family is (Family, Shape, AttentionKernel): the fields every check reads
+    gemma2.py   Gemma 2 (2B, 9B, 27B)
+    gemma3.py   Gemma 3 text (270M, 1B)
+
 This package is pure data and standard library: `validate` reads it without torch.
 """
 

@@ -21,11 +21,11 @@ it right for a tuned Gemma, and safe under hostile input:
   /v1/models and /health exposed; SIGTERM or Ctrl-C stop it cleanly (uvicorn).
 
 The package, by what each module decides:
-- `schema`: what a request may ask (the strict body schema, refused fields, every check before generation);
-- `engines`: how generation runs (sequential or continuous batching), and the one place serve reaches below
+- `schema.py`: what a request may ask (the strict body schema, refused fields, every check before generation);
+- `engines.py`: how generation runs (sequential or continuous batching), and the one place serve reaches below
   transformers' documented API;
-- `routes`: the HTTP surface (OpenAI's endpoints and error shape, body limits, the API key, streaming);
-- `run`: `serve` itself: load, check, listen, stop.
+- `routes.py`: the HTTP surface (OpenAI's endpoints and error shape, body limits, the API key, streaming);
+- `run.py`: `serve` itself: load, check, listen, stop.
 """
 
 from .routes import build_app
