@@ -108,6 +108,12 @@ class DataSection(Section):
         "`images`/`audio`/`video`, messages with `tool_calls`): bad rows naming the field, or `ignore` the field "
         "and train on the text (counted in run.json).",
     )
+    enable_thinking: bool = Field(
+        False,
+        description="Gemma 4: render rows with thinking on, as the -it template does with enable_thinking=True "
+        "(<|think|> first in the system turn; a message's `reasoning`/`reasoning_content` in the thought channel). "
+        "Rows with reasoning need it; Gemma 2 and Gemma 3 have no thinking mode.",
+    )
     on_bad_rows: Literal["skip", "error"] = Field(
         "skip", description="Rows that can't become valid Gemma turns: `skip` (counted, reported) or fail the run."
     )
