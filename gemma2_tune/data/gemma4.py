@@ -296,17 +296,16 @@ def _parts_text(content: list, where: str) -> list[str]:
 def _content(message: Mapping, role: str, where: str) -> Any:
     """A message's content as the official template writes it: system text trimmed (text parts: each trimmed and
     followed by a space); user and model text trimmed (parts: each trimmed, joined without a separator); a tool
-    message's string or text parts as they are, or its JSON object. None: no content (a model message making
-    tool calls)."""
+    message's text (or text parts joined) as it is. None: no content (a model message making tool calls)."""
     content = message.get("content")
     if role == "tool":
-        if isinstance(content, Mapping):
-            _check_strings(content, where)
-            return dict(content)
+        if isinstance(content, Mapping):  # the official template fails on one (it iterates it as content parts)
+            raise BadRow(f"{where} content is a JSON object; Gemma 4's template reads a tool's result as text "
+                         "(serialise it, e.g. as JSON)")
         if isinstance(content, list):
             content = "".join(_parts_text(content, where))
         if not isinstance(content, str):
-            raise BadRow(f"{where} content is not text or a JSON object")
+            raise BadRow(f"{where} content is not text")
         _check_text(content, where)
         return content
     if content is None and role == "model":
@@ -559,3 +558,15 @@ def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, thinki
         elif not isinstance(end, ToolCall):
             emit(f"{g4.TURN_START}model\n" + (g4.EMPTY_THOUGHT if empty_thought and not thinking else ""))
     return Rendered("".join(out), tuple(spans))
+
+
+def split_answer(text: str) -> tuple[str | None, str]:
+    """What a Gemma 4 model wrote after its generation prompt (decoded with its special tokens) -> (its thought, or
+    None; the rest), up to where generation stops (<turn|>, <|tool_response>, <eos>). A thought left unclosed (the
+    token limit came first) is all thought."""
+    for stop in g4.STOP_TOKENS:
+        text = text.split(stop)[0]
+    if not text.startswith(g4.THOUGHT_OPEN):
+        return None, text
+    thought, closed, rest = text[len(g4.THOUGHT_OPEN):].partition(g4.CHANNEL_END)
+    return (thought[:-1] if thought.endswith("\n") else thought), rest if closed else ""

@@ -147,3 +147,13 @@ def use_run_template(tokenizer, family: Family, system_policy: SystemPolicy, uns
     before = getattr(tokenizer, "chat_template", None)
     tokenizer.chat_template = ours
     return before if before and before != ours else None
+
+
+def template_record(family: Family, cfg, base_template: str | None, empty_thought: bool = False) -> dict:
+    """What run.json says about the chat template saved with a run (`cfg`: its RunConfig): the family and system
+    policy it was generated for, whether it replaced the checkpoint's own; Gemma 4 adds its two switches."""
+    record = {"generated_for": family.key, "system_policy": cfg.data.system_policy,
+              "replaced_base_template": base_template is not None}
+    if family.turn_format == "gemma4":
+        record.update(enable_thinking=cfg.data.enable_thinking, empty_thought=empty_thought)
+    return record

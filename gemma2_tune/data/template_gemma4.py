@@ -298,19 +298,19 @@ BODY = r"""
 {%- endmacro -%}
 {%- macro check_tool_content(message, where) -%}
   {%- set content = message.get('content') -%}
-  {%- if content is mapping -%}{{- check_strings(content, where) -}}
-  {%- else -%}
-    {%- if content is sequence and content is not string -%}{%- set content = parts_text(content, where, 'tool') -%}
-    {%- endif -%}
-    {%- if content is not string -%}{{- raise_exception(where ~ ' content is not text or a JSON object') -}}{%- endif -%}
-    {{- check_text(content, where) -}}
+  {%- if content is mapping -%}
+    {{- raise_exception(where ~ " content is a JSON object; Gemma 4's template reads a tool's result as text "
+        ~ '(serialise it, e.g. as JSON)') -}}
   {%- endif -%}
+  {%- if content is sequence and content is not string -%}{%- set content = parts_text(content, where, 'tool') -%}
+  {%- endif -%}
+  {%- if content is not string -%}{{- raise_exception(where ~ ' content is not text') -}}{%- endif -%}
+  {{- check_text(content, where) -}}
 {%- endmacro -%}
 {%- macro tool_content(message) -%}
   {%- set content = message.get('content') -%}
-  {%- if content is sequence and content is not string and content is not mapping -%}
-    {%- for part in content -%}{{- part['text'] -}}{%- endfor -%}
-  {%- else -%}{{- content -}}
+  {%- if content is string -%}{{- content -}}
+  {%- else -%}{%- for part in content -%}{{- part['text'] -}}{%- endfor -%}
   {%- endif -%}
 {%- endmacro -%}
 {%- macro reasoning_of(message) -%}
@@ -498,8 +498,7 @@ BODY = r"""
   {%- set message = messages[k + first] -%}
   {%- if kind == 'user' -%}{{- TURN ~ 'user\n' ~ ns.texts[k + first] ~ END ~ '\n' -}}
   {%- elif kind == 'tool' -%}
-    {{- RESPONSE ~ response_body(ns3.names[k], message.get('content') if message.get('content') is mapping else
-        tool_content(message)) -}}
+    {{- RESPONSE ~ response_body(ns3.names[k], tool_content(message)) -}}
     {%- if not loop.last and kinds[k + 1] == 'user' -%}{{- END ~ '\n' -}}{%- endif -%}
   {%- else -%}
     {%- if k == 0 or kinds[k - 1] != 'tool' -%}

@@ -50,6 +50,22 @@ EMPTY_SYSTEM = "empty system message dropped"
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
+def end_of_turn(family: Family) -> str:
+    """The token that ends a model turn (the model learns to write it, generation stops at it): <end_of_turn>
+    (Gemma 2/3) or <turn|> (Gemma 4)."""
+    from ..families.gemma4_format import TURN_END
+
+    return TURN_END if family.turn_format == "gemma4" else END
+
+
+def stop_tokens(family: Family) -> tuple[str, ...]:
+    """Where generation stops: <eos> and the end of a turn; Gemma 4 also at <|tool_response>, which the model writes
+    after its tool calls (its published generation_config.json: [<eos>, <turn|>, <|tool_response>])."""
+    from ..families.gemma4_format import STOP_TOKENS
+
+    return STOP_TOKENS if family.turn_format == "gemma4" else ("<eos>", END)
+
+
 class BadRow(ValueError):
     """A row that can't become a valid Gemma conversation; the message says why."""
 
