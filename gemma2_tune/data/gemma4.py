@@ -102,13 +102,9 @@ def format_call(call: ToolCall) -> str:
 
 
 def format_response(response: ToolResponse) -> str:
-    """`<|tool_response>response:NAME{key:value,...}<tool_response|>`; a response that is not an object is
-    `response:NAME{value:VALUE}`."""
-    value = response.response
-    if isinstance(value, Mapping):
-        body = ",".join(f"{k}:{format_value(v, False)}" for k, v in _sorted_items(value))
-    else:
-        body = "value:" + format_value(value, False)
+    """`<|tool_response>response:NAME{value:<|"|>TEXT<|"|>}<tool_response|>` (a tool message's text, as the
+    official template writes it)."""
+    body = "value:" + format_value(response.response, False)
     return f"{g4.TOOL_RESPONSE_START}response:{response.name}{{{body}}}{g4.TOOL_RESPONSE_END}"
 
 

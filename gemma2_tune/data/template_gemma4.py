@@ -258,14 +258,8 @@ BODY = r"""
     {{- ',' if not loop.last else '' -}}{%- endfor -%}{%- endif -%}
   {{- '}' ~ CALL_END -}}
 {%- endmacro -%}
-{%- macro response_body(name, value) -%}
-  {{- 'response:' ~ name ~ '{' -}}
-  {%- if value is mapping -%}
-    {%- for k, v in value | dictsort -%}{{- k ~ ':' ~ value_text(v, false) -}}{{- ',' if not loop.last else '' -}}
-    {%- endfor -%}
-  {%- else -%}{{- 'value:' ~ value_text(value, false) -}}
-  {%- endif -%}
-  {{- '}' ~ RESPONSE_END -}}
+{%- macro response_body(name, text) -%}
+  {{- 'response:' ~ name ~ '{value:' ~ D ~ text ~ D ~ '}' ~ RESPONSE_END -}}
 {%- endmacro -%}
 
 {#- ===== messages: content, reasoning, tool calls ===== -#}

@@ -58,6 +58,14 @@ def end_of_turn(family: Family) -> str:
     return TURN_END if family.turn_format == "gemma4" else END
 
 
+def turn_markers(family: Family) -> tuple[str, str]:
+    """The markers that open and close a turn, each one token of the family's tokenizer: <start_of_turn> and
+    <end_of_turn> (Gemma 2/3), <|turn> and <turn|> (Gemma 4)."""
+    from ..families.gemma4_format import TURN_END, TURN_START
+
+    return (TURN_START, TURN_END) if family.turn_format == "gemma4" else (START, END)
+
+
 def stop_tokens(family: Family) -> tuple[str, ...]:
     """Where generation stops: <eos> and the end of a turn; Gemma 4 also at <|tool_response>, which the model writes
     after its tool calls (its published generation_config.json: [<eos>, <turn|>, <|tool_response>])."""
@@ -127,10 +135,10 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ToolResponse:
-    """What a tool returned to the model (from the environment: never supervised): a JSON object, or a value."""
+    """What a tool returned to the model (from the environment: never supervised), as text."""
 
     name: str
-    response: Any
+    response: str
 
 
 @dataclass(frozen=True)
