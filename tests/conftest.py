@@ -48,7 +48,8 @@ def gemma4():
     from gemma2_tune.families import GEMMA3_TEXT
 
     return dataclasses.replace(GEMMA3_TEXT, key="gemma4", display="Gemma 4", model_types=("gemma4",),
-                               name_pattern=r"gemma-?4", size_pattern=r"(?<![0-9.])(e2b|e4b|12b|26b-a4b|31b)(?![a-z0-9])",
+                               name_pattern=r"gemma-?4",
+                               size_pattern=r"(?<![0-9.])(e2b|e4b|12b|26b-a4b|31b)(?![a-z0-9])",
                                turn_format="gemma4", empty_thought_sizes=("12b", "26b-a4b", "31b"))
 
 

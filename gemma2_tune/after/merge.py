@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..models.serving import stop_ids
 from ..errors import UserError
 from ..files import clean_stale_staging, staged_dir, writable_problem
 from ..models.loading import LoadRequest, load_model
+from ..models.serving import stop_ids
 from . import selfcheck
 from .inference import load, read_run
 

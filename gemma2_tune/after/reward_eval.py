@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..config.schema import DataSection
+from ..data.gemma4 import split_answer
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
 from ..rewards import CheckedReward, RewardModelScorer, call_reward_function
-from ..data.gemma4 import split_answer
 from .inference import Loaded, Sampling, prompt_ids
 
 Echo = Callable[[str], None]

@@ -62,9 +62,9 @@ def preview(
     supervised tokens)."""
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
                                          "data.dataset": ("--dataset", dataset)}, schema_for(recipe, set_)).config
+    from ..data.gemma4 import writes_empty_thought
     from ..data.preview import preview as rows_preview
     from ..data.preview import preview_preferences, preview_prompts
-    from ..data.gemma4 import writes_empty_thought
     from ..data.template import use_run_template
     from ..models.loading import checkpoint_family, load_tokenizer
 

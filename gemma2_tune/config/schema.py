@@ -126,7 +126,7 @@ class DataSection(Section):
 
     def describe(self) -> str:
         """How rows become training text, in a few words (model card, dry run)."""
-        return f"system messages '{self.system_policy}'"
+        return f"system messages '{self.system_policy}'" + (", thinking on" if self.enable_thinking else "")
 
 
 class SftDataSection(DataSection):
@@ -148,7 +148,7 @@ class SftDataSection(DataSection):
     def describe(self) -> str:
         """How rows become training text, in a few words (model card, dry run)."""
         return (f"loss on {self.train_on.replace('_', ' ')}, system messages '{self.system_policy}', packing "
-                f"{'on' if self.packing else 'off'}")
+                f"{'on' if self.packing else 'off'}" + (", thinking on" if self.enable_thinking else ""))
 
 
 class PreferenceDataSection(DataSection):

@@ -229,8 +229,8 @@ def _check_schema(schema: Any, where: str) -> None:
         else:
             other = sorted((k for k in schema if k not in g4.PARAMETER_KEYS), key=str.lower)  # as Jinja's sort
             if other:
-                raise BadRow(f"{where} is an object without 'properties' and with {', '.join(other)}, which Gemma 4's template "
-                             "writes as if they were properties; give it 'properties'")
+                raise BadRow(f"{where} is an object without 'properties' and with {', '.join(other)}, which Gemma "
+                             "4's template writes as if they were properties; give it 'properties'")
         _check_required(schema.get("required"), where)
 
 

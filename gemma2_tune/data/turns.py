@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence, Union
 
 from ..families import GEMMA2, Family
+from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
 
 IGNORE_INDEX = -100  # label of a token that is not learned (PyTorch cross-entropy's ignore_index)
 BOS = "<bos>"
@@ -53,25 +54,7 @@ TEXT_PART_TYPES = ("text", "input_text", "output_text")
 def end_of_turn(family: Family) -> str:
     """The token that ends a model turn (the model learns to write it, generation stops at it): <end_of_turn>
     (Gemma 2/3) or <turn|> (Gemma 4)."""
-    from ..families.gemma4_format import TURN_END
-
-    return TURN_END if family.turn_format == "gemma4" else END
-
-
-def turn_markers(family: Family) -> tuple[str, str]:
-    """The markers that open and close a turn, each one token of the family's tokenizer: <start_of_turn> and
-    <end_of_turn> (Gemma 2/3), <|turn> and <turn|> (Gemma 4)."""
-    from ..families.gemma4_format import TURN_END, TURN_START
-
-    return (TURN_START, TURN_END) if family.turn_format == "gemma4" else (START, END)
-
-
-def stop_tokens(family: Family) -> tuple[str, ...]:
-    """Where generation stops: <eos> and the end of a turn; Gemma 4 also at <|tool_response>, which the model writes
-    after its tool calls (its published generation_config.json: [<eos>, <turn|>, <|tool_response>])."""
-    from ..families.gemma4_format import STOP_TOKENS
-
-    return STOP_TOKENS if family.turn_format == "gemma4" else ("<eos>", END)
+    return GEMMA4_TURN_END if family.turn_format == "gemma4" else END
 
 
 class BadRow(ValueError):

@@ -14,15 +14,19 @@ from ..families.gemma4_format import STOP_TOKENS as GEMMA4_STOP_TOKENS
 from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
 
 
+def end_of_turn_token(tokenizer: Any) -> str:
+    """The token that ends a model turn in this tokenizer's format: <turn|> when it has one (Gemma 4's vocabulary),
+    else <end_of_turn> (Gemma 2/3)."""
+    return GEMMA4_TURN_END if GEMMA4_TURN_END in tokenizer.get_vocab() else END
+
+
 def stop_ids(tokenizer: Any) -> list[int]:
     """Where generation stops, as token ids: <eos> and <end_of_turn> for a Gemma 2/3 tokenizer; <eos>, <turn|> and
-    <|tool_response>, as Gemma 4's published generation configs ([1, 106, 50]), for a tokenizer that has <turn|>
-    (Gemma 4's vocabulary)."""
-    if GEMMA4_TURN_END in tokenizer.get_vocab():
-        ends = [tokenizer.convert_tokens_to_ids(t) for t in GEMMA4_STOP_TOKENS[1:]]
-    else:
-        ends = [tokenizer.convert_tokens_to_ids(END)]
-    return list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *ends) if isinstance(i, int)))
+    <|tool_response>, as Gemma 4's published generation configs ([1, 106, 50]), for Gemma 4's (`end_of_turn_token`)."""
+    end = end_of_turn_token(tokenizer)
+    ends = GEMMA4_STOP_TOKENS[1:] if end == GEMMA4_TURN_END else (end,)
+    ids = (tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in ends))
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int)))
 
 
 def stop_token_ids(tokenizer: Any) -> tuple[list[int], int | None] | None:

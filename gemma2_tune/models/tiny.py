@@ -97,13 +97,13 @@ def build_tiny(family: Family, path: Path) -> Path:
     from ..files import COMPLETE, staged_dir
 
     tokenizer = build_tokenizer(family=family)
-    from ..data.turns import stop_tokens
+    from .serving import stop_ids
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>")}
     config = getattr(transformers, family.config_class)(
         vocab_size=len(tokenizer),
         pad_token_id=ids["<pad>"],
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(family)],
+        eos_token_id=stop_ids(tokenizer),
         bos_token_id=ids["<bos>"],
         **family.tiny_config,
     )

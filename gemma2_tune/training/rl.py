@@ -257,7 +257,8 @@ class Runner(lifecycle.Runner):
         for line in report.summary_lines()[:1] + report.summary_lines()[2:]:
             run.say(line)
         run.say(f"prompts: {len(self.prompts)} ({report.total_tokens:,} tokens); groups of {r.num_generations} "
-                f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at {end_of_turn(family)}")
+                f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at "
+                f"{end_of_turn(family)}")
         return dict(
             dataset={"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
                      "fingerprint": source.fingerprint, "split": cfg.data.split},
