@@ -324,6 +324,13 @@ def _turns(messages: list[Any], part: str, cfg: PreferenceDataSection, family: F
            *, open_end: bool = False) -> tuple[list[dict], list[Turn]]:
     """Messages -> (role/content messages, normalised turns), checked as sft checks a row; errors name `part`."""
     try:
+        # a side is read as role/content only: what else a Gemma 4 message carries would be lost, so it is refused
+        extra = next((f"message {i} has '{k}'" for i, m in enumerate(messages) if isinstance(m, dict)
+                      for k in ("tool_calls", "reasoning", "reasoning_content", "thinking") if m.get(k)), None)
+        tool = any(isinstance(m, dict) and str(m.get("role")).lower() == "tool" for m in messages)
+        if family.turn_format == "gemma4" and (extra or tool):
+            raise BadRow(f"{extra or 'a tool message'}: preference pairs carry text turns only (no reasoning or "
+                         "tools yet)")
         msgs = row_to_messages({"conversations": messages}, cfg.unsupported_fields, notes)
         return msgs, normalise(msgs, cfg.system_policy, allow_open_end=open_end, family=family, notes=notes,
                                thinking=cfg.enable_thinking)

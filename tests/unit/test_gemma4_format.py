@@ -200,3 +200,21 @@ def test_examples_and_preview_show_turn_end_learned(gemma4, gemma4_tokenizer, tm
     off = SftDataSection(dataset=str(path))  # the agent row has reasoning: thinking must be on
     _, report = build_examples([Row(f"row {i}", r) for i, r in enumerate(rows)], gemma4_tokenizer, off, gemma4)
     assert report.rows_bad == 1 and "has reasoning but thinking is off" in report.bad_rows[0]
+
+
+def test_preference_pairs_answer_after_the_generation_prompt(gemma4, gemma4_tokenizer):
+    """dpo/reward: the prompt is Gemma 4's generation prompt (with the size's empty thought block), each answer
+    what follows it; a side whose messages carry reasoning or tools is refused (a side is read as text turns)."""
+    from gemma2_tune.config.schema import PreferenceDataSection
+    from gemma2_tune.data.preferences import build_pairs
+
+    tok = gemma4_tokenizer
+    rows = [Row("r0", {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}),
+            Row("r1", {"chosen": [{"role": "user", "content": "Q"},
+                                  {"role": "assistant", "content": "A", "reasoning": "r"}],
+                       "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "B"}]})]
+    pairs, report = build_pairs(rows, tok, PreferenceDataSection(dataset="x"), gemma4, empty_thought=True)
+    assert tok.decode(pairs[0].prompt_ids) == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    assert tok.decode(pairs[0].chosen_ids) == "Hello.<turn|>\n"
+    assert report.bad_rows == ["r1: chosen: message 1 has 'reasoning': preference pairs carry text turns only (no "
+                               "reasoning or tools yet)"]
