@@ -14,7 +14,8 @@ would render silently wrong is refused here (BadRow) and there (raise_exception)
 - an assistant message with both tool calls and text: the official template writes the text after the tool
   responses, not where the model wrote it.
 - a tool message whose name the template would take from another call (no matching tool_call_id), or could not
-  name at all ('unknown'); tool call arguments given as a JSON string (the template raises on those too).
+  name at all ('unknown'); tool call arguments given as a JSON string, a tool message whose content is a JSON
+  object (the official template raises on the one, fails on the other).
 - reasoning rendered while thinking is off (the model would learn to think without <|think|>), reasoning on a
   user or tool message (never rendered), `tool_responses` embedded in an assistant message.
 - tool, function and parameter names that the response parsers cannot read back (`call:(\\w+)`), declarations
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -49,7 +51,7 @@ REASONING_DROPPED = "reasoning before the last user message dropped (Gemma 4's t
 # What the response parsers read back as a call's name (transformers' and TRL's Gemma 4 schemas: call:(?P<name>\w+)),
 # in ASCII: a name outside it is written by the model but cannot be parsed out of its answer.
 NAME = re.compile(r"[A-Za-z0-9_]+")
-NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
+NAME_CHARS = string.ascii_letters + string.digits + "_"  # the same, for the template (Jinja has no regex)
 D = g4.STRING_DELIMITER
 
 
@@ -370,7 +372,7 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, tools: An
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRow("no messages")
     declared = declarations(tools)
-    read = []  # (index, raw role, role, content, reasoning, calls)
+    read = []  # (index, raw role, role, content, reasoning, calls, message), in order
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRow(f"message {i} is not an object")
@@ -410,7 +412,7 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, tools: An
 
     turns: list[Turn] = []
     system_parts = ([Text(system[0][3])] if system and system_policy == "fold" else []) + declared
-    if system_parts or thinking or (system and system_policy == "fold"):
+    if system_parts or thinking:
         turns.append(Turn("system", system_parts))
     answered: list = []  # the raw tool calls the tool messages being read answer
     for k, (i, raw, role, content, reasoning, calls, message) in enumerate(rest):

@@ -328,7 +328,6 @@ def test_template_equals_training_and_the_official_template_on_a_generated_corpu
     coverage = ["tools", "tool responses", "two tool steps", "ends with calls", "ends with responses", "reasoning",
                 "reasoning dropped", "thinking on", "system", "multi-turn"] + (
         ["empty thought inserted"] if empty_thought else [])
-    print(sorted(seen.items()))
     assert seen["accepted"] >= (100 if policy == "error" else 150) and seen["refused"] >= 100, seen
     assert all(seen[c] >= 5 for c in coverage), seen
     refusals = {k for k in seen if k.startswith("refused: ")}
