@@ -201,10 +201,10 @@ class RewardModelScorer:
     def text(self, prompt: Messages, answer: str) -> str:
         """What the reward model reads for `prompt` answered with `answer`."""
         if self.ours:
-            from .data.turns import END
+            from .models.serving import end_of_turn_token
 
             head = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            return f"{head}{answer.strip()}{END}\n"
+            return f"{head}{answer.strip()}{end_of_turn_token(self.tokenizer)}\n"
         from trl.data_utils import apply_chat_template
 
         try:

@@ -41,6 +41,27 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def gemma4():
+    """A family with Gemma 4's turn format (its other facts are Gemma 3 text's): the turn format's tests."""
+    import dataclasses
+
+    from gemma2_tune.families import GEMMA3_TEXT
+
+    return dataclasses.replace(GEMMA3_TEXT, key="gemma4", display="Gemma 4", model_types=("gemma4",),
+                               name_pattern=r"gemma-?4",
+                               size_pattern=r"(?<![0-9.])(e2b|e4b|12b|26b-a4b|31b)(?![a-z0-9])",
+                               turn_format="gemma4", empty_thought_sizes=("12b", "26b-a4b", "31b"))
+
+
+@pytest.fixture(scope="session")
+def gemma4_tokenizer(gemma4):
+    """The tiny tokenizer with Gemma 4's special tokens at their published ids and the generated template."""
+    from gemma2_tune.models.tiny import build_tokenizer
+
+    return build_tokenizer(family=gemma4)
+
+
+@pytest.fixture(scope="session")
 def answer_ok_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A QLoRA run of the tiny Gemma 2 taught to answer every question with 'ok' and stop (40 steps, unpacked,
     a quarter of QUESTIONS held out for its eval loss), built once per test session. Tests only read it:

@@ -40,7 +40,7 @@ def evaluate(loaded: Loaded, data: SftDataSection, compare_base: bool, echo=prin
     family and vocabulary), printed as one table. Raises UserError when the data has no usable rows."""
     model = loaded.model
     rows, source = load_rows(data)
-    examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family)
+    examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family, empty_thought=loaded.empty_thought)
     for line in source.lines() + report.summary_lines():
         echo(line)
     results = {}

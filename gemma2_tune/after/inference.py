@@ -16,8 +16,9 @@ import yaml
 
 from ..config.schema import RunConfig
 from ..config.methods import saved_schema
+from ..data.gemma4 import split_answer, writes_empty_thought
 from ..data.template import use_run_template
-from ..data.turns import END, normalise, render
+from ..data.turns import normalise, render
 from ..errors import UserError
 from ..families import Family
 
@@ -59,6 +60,11 @@ class TrainedRun:
             raise UserError(reward_model_refusal(key, str(self.path), kind))
 
     @property
+    def enable_thinking(self) -> bool:
+        """Gemma 4: the run rendered its rows with thinking on (data.enable_thinking); chat and eval's default."""
+        return bool(self.config and self.config.data.enable_thinking)
+
+    @property
     def dtype(self) -> str:
         """The precision the run trained in; for a model folder (a merge, a full fine-tune), its config.json's;
         else bfloat16."""
@@ -80,6 +86,8 @@ class Loaded:
     tokenizer: Any
     family: Family
     report: Any
+    empty_thought: bool = False  # Gemma 4 12B/26B-A4B/31B: the generation prompt writes an empty thought block
+    thinking: bool = False  # Gemma 4: conversations rendered with thinking on (enable_thinking)
 
 
 def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> TrainedRun:
@@ -164,7 +172,9 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
     family, _ = checkpoint_family(run.base_model)
     tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model)
     unsupported = run.config.data.unsupported_fields if run.config else "bad_row"
-    use_run_template(tokenizer, family, run.system_policy, unsupported)  # what generation renders, whatever was saved
+    empty_thought = writes_empty_thought(family, run.base_model)
+    # what generation renders, whatever was saved
+    use_run_template(tokenizer, family, run.system_policy, unsupported, empty_thought=empty_thought)
     trained_dtype = run.dtype
     if load_in == "as-trained" and run.config is not None:
         request = dataclasses.replace(LoadRequest.for_run(run.config), name_or_path=run.base_model, training=False,
@@ -185,12 +195,13 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
             raise UserError(f"--adapter {run.path}: does not fit base model '{run.base_model}' (trained on "
                             f"'{trained_on}'): {str(exc).splitlines()[0][:300]}") from None
     model.eval()
-    return Loaded(model, tokenizer, family, report)
+    return Loaded(model, tokenizer, family, report, empty_thought, run.enable_thinking)
 
 
 @dataclass
 class Sampling:
-    """Generation settings: greedy when temperature is 0; generation stops at <end_of_turn> or <eos>."""
+    """Generation settings: greedy when temperature is 0; generation stops at the end of a turn or <eos>
+    (models.serving.stop_ids)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
@@ -198,10 +209,9 @@ class Sampling:
 
     def generate_kwargs(self, tokenizer) -> dict[str, Any]:
         """Keyword arguments for model.generate: limits, stop tokens, sampling or greedy."""
-        stop = [tokenizer.convert_tokens_to_ids(END)]
-        if tokenizer.eos_token_id is not None:
-            stop.append(tokenizer.eos_token_id)
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "eos_token_id": stop,
+        from ..models.serving import stop_ids
+
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "eos_token_id": stop_ids(tokenizer),
                                   "pad_token_id": tokenizer.pad_token_id}
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
@@ -210,17 +220,21 @@ class Sampling:
         return kwargs
 
 
-def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, family: Family):
-    """The conversation so far + the model's turn header, exactly as in training: (1, length) ids.
-    Raises BadRow when the conversation can't be rendered."""
-    text = render(normalise(messages, system_policy, allow_open_end=True, family=family),
-                  add_generation_prompt=True).text
+def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, family: Family, *,
+               thinking: bool = False, empty_thought: bool = False):
+    """The conversation so far + the model's turn header, exactly as in training: (1, length) ids. `thinking`,
+    `empty_thought`: Gemma 4's switches (turns.render). Raises BadRow when the conversation can't be rendered."""
+    options = {"family": family, "thinking": thinking}
+    text = render(normalise(messages, system_policy, allow_open_end=True, **options), add_generation_prompt=True,
+                  empty_thought=empty_thought, **options).text
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
 
 def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sampling: Sampling,
-          on_text: Callable[[str], None] | None = None) -> str:
-    """Generate the model's next turn; streams pieces to `on_text` when given. Stops at <end_of_turn>."""
+          on_text: Callable[[str], None] | None = None, on_thought: Callable[[str], None] | None = None) -> str:
+    """Generate the model's next turn; streams pieces to `on_text` when given. Stops at the end of its turn.
+    A Gemma 4 model thinking (`loaded.thinking`) writes its thought first: it goes to `on_thought` (when given),
+    and the answer is returned (not streamed)."""
     import threading
 
     from transformers import TextIteratorStreamer
@@ -228,8 +242,15 @@ def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sa
     from ..models.serving import generated_text
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    ids = prompt_ids(messages, tokenizer, system_policy, loaded.family).to(model.device)
+    ids = prompt_ids(messages, tokenizer, system_policy, loaded.family, thinking=loaded.thinking,
+                     empty_thought=loaded.empty_thought).to(model.device)
     kwargs = sampling.generate_kwargs(tokenizer) | {"input_ids": ids, "use_cache": True}
+    if loaded.thinking:  # the thought is cut out of the text with its markers, so the text keeps them
+        out = model.generate(**kwargs)
+        thought, answer = split_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
+        if thought is not None and on_thought is not None:
+            on_thought(thought)
+        return answer.strip()
     if on_text is None:
         out = model.generate(**kwargs)
         return generated_text(tokenizer, out[0, ids.shape[1]:]).strip()

@@ -338,8 +338,8 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
     from transformers import GenerationConfig
 
     from ..data.template import use_run_template
-    from ..data.turns import END
     from ..models.loading import load_tokenizer
+    from ..models.serving import stop_ids
 
     family = first.family
     config_path = folder / "config.json"
@@ -358,9 +358,8 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
     tokenizer.save_pretrained(str(folder))
     if first.head != "causal-lm":  # a reward model scores and does not generate
         return tokenizer
-    end = tokenizer.convert_tokens_to_ids(END)
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=[tokenizer.eos_token_id, end])
+                                  eos_token_id=stop_ids(tokenizer))
     generation.save_pretrained(str(folder))
     return tokenizer
 

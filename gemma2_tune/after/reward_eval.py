@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..config.schema import DataSection
+from ..data.gemma4 import split_answer
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
 from ..rewards import CheckedReward, RewardModelScorer, call_reward_function
@@ -33,14 +34,18 @@ def answers(loaded: Loaded, prompts: list[list[dict[str, str]]], policy: str, sa
     torch.manual_seed(SEED)
     asked, texts, truncated = [], [], 0
     for prompt in prompts:
-        ids = prompt_ids(prompt, tokenizer, policy, loaded.family).to(model.device)
+        ids = prompt_ids(prompt, tokenizer, policy, loaded.family, thinking=loaded.thinking,
+                         empty_thought=loaded.empty_thought).to(model.device)
         for _ in range(samples):
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                                      **kwargs)[0, ids.shape[1]:].tolist()
             truncated += not out or out[-1] not in stops
             asked.append(prompt)
-            texts.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+            if loaded.thinking:  # the answer is what follows the model's thought
+                texts.append(split_answer(tokenizer.decode(out, skip_special_tokens=False))[1].strip())
+            else:
+                texts.append(tokenizer.decode(out, skip_special_tokens=True).strip())
     return asked, texts, truncated
 
 
@@ -54,7 +59,8 @@ def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list
     "prompts", "answers_per_prompt", "results": {name: {reward: mean, ..., "truncated": n, "answers": n,
     "first_answer": text}}}. Raises UserError: no usable prompts, a reward function that fails."""
     rows, source = load_rows(data)
-    prompts, report = build_prompts(rows, loaded.tokenizer, data, loaded.family, sampling.max_new_tokens)
+    prompts, report = build_prompts(rows, loaded.tokenizer, data, loaded.family, sampling.max_new_tokens,
+                                    empty_thought=loaded.empty_thought)
     for line in source.lines() + report.summary_lines()[:1]:
         echo(line)
     mode = "greedy" if sampling.temperature == 0 else f"{samples} at temperature {sampling.temperature}"

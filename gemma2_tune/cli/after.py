@@ -17,6 +17,16 @@ from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, 
 
 # files that make a folder a run's or a model's: an existing file beside them is not replaced by eval --json
 MODEL_FOLDER_MARKERS = ("run.json", "config.yaml", "adapter_config.json", "config.json", "merge.json")
+ThinkingOpt = Annotated[Optional[bool], typer.Option(
+    "--enable-thinking/--no-enable-thinking", help="Gemma 4: render with thinking on (<|think|> in the system turn; "
+    "the model writes its thought first). Default: as the run trained (data.enable_thinking), else off.")]
+
+
+def thinking_value(given: bool | None, run, family) -> bool:
+    """--enable-thinking, else the run's data.enable_thinking. Raises UserError for a family without thinking."""
+    if given and family.turn_format != "gemma4":
+        raise UserError(f"--enable-thinking: {family.display} has no thinking mode (Gemma 4 has)")
+    return run.enable_thinking if given is None else given
 
 
 @command()
@@ -29,6 +39,7 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    enable_thinking: ThinkingOpt = None,
 ) -> None:
     """Talk to a fine-tuned model (base from the run unless --model). Interactive with history, or one-shot."""
     from ..after.chat import describe, interactive, one_shot
@@ -37,16 +48,19 @@ def chat(
     run = read_run(adapter, model)
     run.require_generating("--adapter" if adapter else "--model")
     loaded = load(run, load_in_value(load_in))
+    loaded.thinking = thinking_value(enable_thinking, run, loaded.family)
     sampling = Sampling(max_new_tokens, temperature, top_p)
     note = describe(run, loaded, load_in, sampling)
     if system and system.strip() and run.system_policy == "drop":
         warn("--system: the run was trained with data.system_policy 'drop', so the system message is not sent")
+    show_thought = lambda thought: typer.secho(f"(thought) {thought}", err=True, dim=True)  # noqa: E731
     if prompt is not None:
         typer.secho(note, err=True, dim=True)
-        echo(one_shot(run, loaded, system, prompt, sampling))
+        echo(one_shot(run, loaded, system, prompt, sampling, on_thought=show_thought))
         return
     echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves")
-    interactive(run, loaded, system, sampling, echo, write=lambda piece: typer.echo(piece, nl=False))
+    interactive(run, loaded, system, sampling, echo, write=lambda piece: typer.echo(piece, nl=False),
+                on_thought=show_thought)
 
 
 @command()
@@ -190,6 +204,7 @@ def evaluate_command(
                                          "for every model).")] = 1,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the loss or reward table to this "
                                                      "JSON file.")] = None,
+    enable_thinking: ThinkingOpt = None,
 ) -> None:
     """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), the mean reward of
     their answers (--reward-function/--reward-model), lm-eval tasks, or the Gemma 2 report's benchmark table. For a
@@ -255,8 +270,9 @@ def evaluate_command(
         family = checkpoint_family(run.base_model)[0]
         functions, reward_model_tokenizer = reward_scorers(request, family, run.system_policy)  # before models load
     loaded = load(run, load_in_value(load_in))
+    loaded.thinking = thinking_value(enable_thinking, run, loaded.family)
     rows = SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                          system_policy=run.system_policy) if dataset else None
+                          system_policy=run.system_policy, enable_thinking=loaded.thinking) if dataset else None
     if request.scores_rewards:
         from ..after.inference import Sampling
         from ..after.reward_eval import load_scoring_model, reward_table
@@ -270,7 +286,7 @@ def evaluate_command(
         from ..config.schema import PreferenceDataSection
 
         pairs = PreferenceDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                      system_policy=run.system_policy)
+                                      system_policy=run.system_policy, enable_thinking=loaded.thinking)
         table = preference_table(loaded, pairs, others=others, echo=echo,
                                  model_label=model or "model")
     elif dataset:

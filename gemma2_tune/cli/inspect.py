@@ -63,6 +63,7 @@ def preview(
     supervised tokens)."""
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
                                          "data.dataset": ("--dataset", dataset)}, schema_for(recipe, set_)).config
+    from ..data.gemma4 import writes_empty_thought
     from ..data.preview import preview as rows_preview
     from ..data.preview import preview_preferences, preview_prompts
     from ..data.template import use_run_template
@@ -70,13 +71,15 @@ def preview(
 
     family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
+    empty_thought = writes_empty_thought(family, cfg.base_model)
+    use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields,
+                     empty_thought=empty_thought)
     if cfg.data_kind == "prompts":
-        shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length)
+        shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length, empty_thought=empty_thought)
     elif cfg.data_kind == "preference pairs":
-        shown = preview_preferences(cfg.data, tokenizer, family, n, cfg.preference_kind)
+        shown = preview_preferences(cfg.data, tokenizer, family, n, cfg.preference_kind, empty_thought=empty_thought)
     else:
-        shown = rows_preview(cfg.data, tokenizer, family, n)
+        shown = rows_preview(cfg.data, tokenizer, family, n, empty_thought=empty_thought)
     for heading, text in shown:
         if heading == "summary":
             echo(text)

@@ -108,6 +108,8 @@ def distill_problems(cfg: "DistillConfig") -> tuple[list[str], list[str]]:
     is the student's (one tokenizer and vocabulary), a kernel that keeps its numerics, and not smaller than
     the student (warned). Decided from names and local config.json files, without torch."""
     errors, warnings = run_problems(cfg)
+    if cfg.data.enable_thinking:  # the trainer renders prompts through the template with its defaults
+        errors.append(f"data.enable_thinking: not yet for `{cfg.method}` (its prompts are rendered with thinking off)")
     t = cfg.teacher
     problem = generating_model_problem(t.name_or_path, "teacher.name_or_path")
     teacher_errors, teacher_warnings = ([problem], []) if problem else \

@@ -254,6 +254,8 @@ def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:
     the reward model's family rules, a generation batch of whole groups, room for a prompt. Decided from names
     and files, without torch (a function's name is looked up when the run prepares, before anything is written)."""
     errors, warnings = run_problems(cfg)
+    if cfg.data.enable_thinking:  # the trainer renders prompts through the template with its defaults
+        errors.append(f"data.enable_thinking: not yet for `{cfg.method}` (its prompts are rendered with thinking off)")
     r, t, cfg_rm = cfg.rl, cfg.training, cfg.reward_model
     if not r.reward_functions and not cfg_rm.name_or_path:
         errors.append("rl: no reward: give rl.reward_functions (--reward-function path.py:name) and/or "

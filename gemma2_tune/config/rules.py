@@ -205,6 +205,8 @@ def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
     errors, warnings = ([problem], []) if problem else model_problems(m.name_or_path, m.attn_implementation, m.dtype)
     family = family_of_checkpoint(m.name_or_path) or GEMMA2  # module names are the same in both families
 
+    if cfg.data.enable_thinking and family_of_checkpoint(m.name_or_path) and family.turn_format != "gemma4":
+        errors.append(f"data.enable_thinking: {family.display} has no thinking mode (Gemma 4 has)")
     if q.load_in_4bit and not lora.enabled:
         errors.append(
             "quantization.load_in_4bit with lora.enabled=false: 4-bit weights can't be trained directly; "

@@ -108,6 +108,12 @@ class DataSection(Section):
         "`images`/`audio`/`video`, messages with `tool_calls`): bad rows naming the field, or `ignore` the field "
         "and train on the text (counted in run.json).",
     )
+    enable_thinking: bool = Field(
+        False,
+        description="Gemma 4: render rows with thinking on, as the -it template does with enable_thinking=True "
+        "(<|think|> first in the system turn; a message's `reasoning`/`reasoning_content` in the thought channel). "
+        "Rows with reasoning need it; Gemma 2 and Gemma 3 have no thinking mode.",
+    )
     on_bad_rows: Literal["skip", "error"] = Field(
         "skip", description="Rows that can't become valid Gemma turns: `skip` (counted, reported) or fail the run."
     )
@@ -120,7 +126,7 @@ class DataSection(Section):
 
     def describe(self) -> str:
         """How rows become training text, in a few words (model card, dry run)."""
-        return f"system messages '{self.system_policy}'"
+        return f"system messages '{self.system_policy}'" + (", thinking on" if self.enable_thinking else "")
 
 
 class SftDataSection(DataSection):
@@ -142,7 +148,7 @@ class SftDataSection(DataSection):
     def describe(self) -> str:
         """How rows become training text, in a few words (model card, dry run)."""
         return (f"loss on {self.train_on.replace('_', ' ')}, system messages '{self.system_policy}', packing "
-                f"{'on' if self.packing else 'off'}")
+                f"{'on' if self.packing else 'off'}" + (", thinking on" if self.enable_thinking else ""))
 
 
 class PreferenceDataSection(DataSection):

@@ -156,9 +156,10 @@ def resolve_preference_alias(data: PreferenceDataSection) -> PreferenceDataSecti
 
 
 def load_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family, kind: Kind,
-                     max_length: int | None = None) -> PreferenceData:
+                     max_length: int | None = None, *, empty_thought: bool = False) -> PreferenceData:
     """Read data.dataset and build pairs (`kind='paired'`, DPO and reward) or unpaired examples (`'unpaired'`,
     KTO; pairs count as two). `max_length` overrides data.max_length (tokens per side, prompt included).
+    `empty_thought`: the checkpoint's size writes Gemma 4's empty thought block before each answer.
 
     Raises UserError for an unreadable source, when no row is usable, or when bad rows exist and
     data.on_bad_rows is 'error' (exit 2).
@@ -166,7 +167,7 @@ def load_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family
     rows, source = load_rows(resolve_preference_alias(data))
     source.name = data.dataset
     build = build_pairs if kind == "paired" else build_unpaired
-    items, report = build(rows, tokenizer, data, family, max_length=max_length)
+    items, report = build(rows, tokenizer, data, family, max_length=max_length, empty_thought=empty_thought)
     return PreferenceData(kind, items, report, source, family.key, data.system_policy)
 
 
@@ -323,8 +324,16 @@ def _turns(messages: list[Any], part: str, cfg: PreferenceDataSection, family: F
            *, open_end: bool = False) -> tuple[list[dict], list[Turn]]:
     """Messages -> (role/content messages, normalised turns), checked as sft checks a row; errors name `part`."""
     try:
+        # a side is read as role/content only: what else a Gemma 4 message carries would be lost, so it is refused
+        extra = next((f"message {i} has '{k}'" for i, m in enumerate(messages) if isinstance(m, dict)
+                      for k in ("tool_calls", "reasoning", "reasoning_content", "thinking") if m.get(k)), None)
+        tool = any(isinstance(m, dict) and str(m.get("role")).lower() == "tool" for m in messages)
+        if family.turn_format == "gemma4" and (extra or tool):
+            raise BadRow(f"{extra or 'a tool message'}: preference pairs carry text turns only (no reasoning or "
+                         "tools yet)")
         msgs = row_to_messages({"conversations": messages}, cfg.unsupported_fields, notes)
-        return msgs, normalise(msgs, cfg.system_policy, allow_open_end=open_end, family=family, notes=notes)
+        return msgs, normalise(msgs, cfg.system_policy, allow_open_end=open_end, family=family, notes=notes,
+                               thinking=cfg.enable_thinking)
     except BadRow as exc:
         raise BadRow(f"{part}: {exc}") from None
 
@@ -397,12 +406,12 @@ def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int, overlong: 
     return cut, True
 
 
-def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn],
-            notes: Counter) -> tuple[list[int], list[list[int]]]:
+def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn], notes: Counter,
+            options: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
     """Prompt ids and each answer's ids, split where the prompt's ids and every sequence's ids part (TRL's DPO rule:
-    the minimum over the answers)."""
-    prompt_ids = _ids(tokenizer, render(prompt, add_generation_prompt=True).text)
-    sequences = [_ids(tokenizer, render([*prompt, answer]).text) for answer in answers]
+    the minimum over the answers). `options`: render's family, thinking and empty_thought."""
+    prompt_ids = _ids(tokenizer, render(prompt, add_generation_prompt=True, **options).text)
+    sequences = [_ids(tokenizer, render([*prompt, answer], **options).text) for answer in answers]
     n = min(_prefix(prompt_ids, s) for s in sequences)
     if n < len(prompt_ids):
         notes[BOUNDARY_MERGED] += 1
@@ -427,13 +436,15 @@ def _read_pair(data: dict, cfg: PreferenceDataSection, family: Family, notes: Co
 
 
 def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection, family: Family,
-                max_length: int | None = None) -> tuple[list[PreferencePair], DataReport]:
+                max_length: int | None = None, *,
+                empty_thought: bool = False) -> tuple[list[PreferencePair], DataReport]:
     """Rows -> preference pairs and a report (rows read/kept/bad/truncated/dropped; tokens: both sequences of
     each pair in total_tokens, both answers in supervised_tokens). Unpaired rows are bad rows here.
 
     Raises UserError when no pair is usable, or when bad rows exist and data.on_bad_rows is 'error'.
     """
     limit = max_length or cfg.max_length
+    options = {"family": family, "thinking": cfg.enable_thinking, "empty_thought": empty_thought}
     report, notes, pairs = DataReport(rows_read=len(rows)), Counter(), []
     for row in rows:
         row_notes: Counter = Counter()
@@ -442,7 +453,7 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection,
                 raise BadRow("unpaired row (prompt/completion/label): DPO and reward models need chosen and rejected")
             prompt, chosen, rejected, p_turns, c_turn, r_turn, schema = _read_pair(
                 row.data, cfg, family, row_notes)
-            prompt_ids, answers = _encode(tokenizer, p_turns, [c_turn, r_turn], row_notes)
+            prompt_ids, answers = _encode(tokenizer, p_turns, [c_turn, r_turn], row_notes, options)
             (chosen_ids, rejected_ids), truncated = _fit(prompt_ids, answers, limit, cfg.overlong)
         except _Dropped as exc:
             report.rows_dropped_overlong += 1
@@ -464,13 +475,15 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection,
 
 
 def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection, family: Family,
-                   max_length: int | None = None) -> tuple[list[UnpairedExample], DataReport]:
+                   max_length: int | None = None, *,
+                   empty_thought: bool = False) -> tuple[list[UnpairedExample], DataReport]:
     """Rows -> KTO examples and a report. Unpaired rows give one example; pairs give two (chosen: label true,
     rejected: false), both kept or both left out. rows_kept counts rows; the examples' labels are in the items.
 
     Raises UserError when no row is usable, or when bad rows exist and data.on_bad_rows is 'error'.
     """
     limit = max_length or cfg.max_length
+    options = {"family": family, "thinking": cfg.enable_thinking, "empty_thought": empty_thought}
     report, notes, examples = DataReport(rows_read=len(rows)), Counter(), []
     for row in rows:
         row_notes: Counter = Counter()
@@ -493,7 +506,7 @@ def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSecti
             built = []
             for completion, turn, label in answers:
                 # KTO's rule: each example's answer starts where its own prompt and sequence ids part.
-                prompt_ids, (completion_ids,) = _encode(tokenizer, p_turns, [turn], row_notes)
+                prompt_ids, (completion_ids,) = _encode(tokenizer, p_turns, [turn], row_notes, options)
                 (completion_ids,), truncated = _fit(prompt_ids, [completion_ids], limit, cfg.overlong)
                 built.append(UnpairedExample(row.where, prompt, completion, label, prompt_ids, completion_ids,
                                              truncated))

@@ -7,25 +7,26 @@ from typing import Any, Iterator
 from ..config.schema import DataSection, PreferenceDataSection, SftDataSection
 from ..families import Family
 from .examples import TurnTokenizer, build_examples, mark_supervised
-from .sources import load_rows, row_to_messages
-from .turns import BadRow, normalise
+from .sources import load_rows, row_turns
+from .turns import BadRow
 
 
-def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int) -> Iterator[tuple[str, str]]:
+def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int, *,
+            empty_thought: bool = False) -> Iterator[tuple[str, str]]:
     """Yields (heading, text) for the first `n` trainable rows, then ("summary", the data report).
+    `empty_thought`: the checkpoint's size writes Gemma 4's empty thought block.
 
     Raises UserError for an unreadable source (and for no usable rows at all, as training would).
     """
     rows, source = load_rows(data)
-    _, report = build_examples(rows, tokenizer, data, family)
-    encoder = TurnTokenizer(tokenizer)
+    _, report = build_examples(rows, tokenizer, data, family, empty_thought=empty_thought)
+    encoder = TurnTokenizer(tokenizer, family, data.enable_thinking, empty_thought)
     shown = 0
     for row in rows:
         if shown >= n:
             break
         try:
-            encoded = encoder.encode(normalise(row_to_messages(row.data, data.unsupported_fields), data.system_policy,
-                                               family=family), data.train_on)
+            encoded = encoder.encode(row_turns(row.data, data, family), data.train_on)
         except BadRow:
             continue
         shown += 1
@@ -37,13 +38,13 @@ def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int) -> Ite
 
 
 def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int,
-                    max_completion_length: int) -> Iterator[tuple[str, str]]:
+                    max_completion_length: int, *, empty_thought: bool = False) -> Iterator[tuple[str, str]]:
     """For a distill config: yields (heading, text) for the first `n` prompts as the student will see them
     (the run's chat template, generation prompt included), then ("summary", the prompt report)."""
     from .prompts import build_prompts
 
     rows, source = load_rows(data)
-    prompts, report = build_prompts(rows, tokenizer, data, family, max_completion_length)
+    prompts, report = build_prompts(rows, tokenizer, data, family, max_completion_length, empty_thought=empty_thought)
     for i, prompt in enumerate(prompts[:n]):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         length = len(tokenizer(text, add_special_tokens=False).input_ids)
@@ -54,13 +55,13 @@ def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int,
 
 
 def preview_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family, n: int,
-                        kind: str = "paired") -> Iterator[tuple[str, str]]:
+                        kind: str = "paired", *, empty_thought: bool = False) -> Iterator[tuple[str, str]]:
     """For a dpo, reward (`kind='paired'`) or kto (`'unpaired'`) config: yields (heading, text) for the first `n`
     pairs or examples as trained (the prompt, then each answer's supervised tokens between ⟦ ⟧), then
     ("summary", the data report). Raises UserError as training would (unreadable source, nothing usable)."""
     from .preferences import describe_pair, load_preferences
 
-    loaded = load_preferences(data, tokenizer, family, kind)
+    loaded = load_preferences(data, tokenizer, family, kind, empty_thought=empty_thought)
     for item in loaded.items[:n]:
         if kind == "paired":
             counts = f"prompt {len(item.prompt_ids)} tokens; chosen {len(item.chosen_ids)}, rejected " \

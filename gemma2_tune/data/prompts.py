@@ -17,8 +17,8 @@ from typing import Any, Sequence
 from ..config.schema import DataSection
 from ..families import Family
 from .examples import DataReport
-from .sources import Row, row_to_messages
-from .turns import ROLE_NAMES, BadRow, normalise, render
+from .sources import Row, row_to_messages, row_turns
+from .turns import ROLE_NAMES, BadRow, render
 
 REFERENCE_SET_ASIDE = "reference answer set aside (on-policy: the student writes its own)"
 
@@ -37,19 +37,28 @@ def prompt_only(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family: Family,
-                  max_completion_length: int) -> tuple[list[list[dict[str, str]]], DataReport]:
+                  max_completion_length: int, *,
+                  empty_thought: bool = False) -> tuple[list[list[dict[str, str]]], DataReport]:
     """Rows -> prompts (normalised messages ending with a user turn; system text already handled by the
     policy) and a report. A prompt longer than data.max_length - max_completion_length tokens is dropped
-    (cutting a prompt changes what it asks). Raises UserError when no prompt is usable, or when bad rows exist
-    and data.on_bad_rows is 'error'."""
+    (cutting a prompt changes what it asks). `empty_thought`: the checkpoint's size writes Gemma 4's empty
+    thought block in the generation prompt. Raises UserError when no prompt is usable, or when bad rows exist
+    and data.on_bad_rows is 'error'.
+
+    A prompt is role/content messages: a Gemma 4 row with tools or tool calls is a bad row (on-policy prompts
+    carry text turns only)."""
     report = DataReport(rows_read=len(rows))
     prompts, notes = [], Counter()
     budget = data.max_length - max_completion_length
     for row in rows:
         row_notes: Counter = Counter()
         try:
-            messages = row_to_messages(prompt_only(row.data), data.unsupported_fields, row_notes)
-            turns = normalise(messages, data.system_policy, allow_open_end=True, family=family, notes=row_notes)
+            row_data = prompt_only(row.data)
+            messages = row_to_messages(row_data, data.unsupported_fields, family=family)
+            if isinstance(row_data, dict) and (row_data.get("tools") or any(
+                    isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)):
+                raise BadRow("tools or tool calls in a prompt: on-policy prompts carry text turns only")
+            turns = row_turns(row_data, data, family, allow_open_end=True, notes=row_notes)
             if turns[-1].role == "model":
                 turns = turns[:-1]
                 row_notes[REFERENCE_SET_ASIDE] += 1
@@ -59,7 +68,9 @@ def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family
         except BadRow as exc:
             report.bad(row.where, exc)
             continue
-        length = len(tokenizer(render(turns, add_generation_prompt=True).text, add_special_tokens=False).input_ids)
+        text = render(turns, add_generation_prompt=True, family=family, thinking=data.enable_thinking,
+                      empty_thought=empty_thought).text
+        length = len(tokenizer(text, add_special_tokens=False).input_ids)
         if length > budget:
             report.rows_dropped_overlong += 1
             report.dropped(row.where, f"prompt of {length} tokens > data.max_length {data.max_length} - "

@@ -1,6 +1,12 @@
-"""Gemma's turn format (Gemma 2 and Gemma 3 alike) and the supervision mask. Pure functions; no torch.
+"""Conversations as turns made of parts, rendered in the family's turn format, and the supervision mask. Pure
+functions; no torch.
+
+Gemma 2 and Gemma 3 (`Family.turn_format` "gemma"), here:
 
     <bos><start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n{text}<end_of_turn>\n...
+
+Gemma 4 ("gemma4": a native system role, a thought channel, tool calls and responses) in gemma4.py; `normalise`
+and `render` hand a Gemma 4 family's conversations to it.
 
 The format is rendered here, never by a checkpoint's own chat template (base checkpoints and local
 conversions may have none, or another). Content is trimmed, as Gemma's official templates do.
@@ -14,9 +20,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence, Union
 
 from ..families import GEMMA2, Family
+from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
 
 IGNORE_INDEX = -100  # label of a token that is not learned (PyTorch cross-entropy's ignore_index)
 BOS = "<bos>"
@@ -42,6 +49,12 @@ SystemPolicy = Literal["fold", "drop", "error"]
 EMPTY_SYSTEM = "empty system message dropped"
 # OpenAI-style content parts that carry text (chat completions' "text"; the Responses API's input/output_text).
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
+def end_of_turn(family: Family) -> str:
+    """The token that ends a model turn (the model learns to write it, generation stops at it): <end_of_turn>
+    (Gemma 2/3) or <turn|> (Gemma 4)."""
+    return GEMMA4_TURN_END if family.turn_format == "gemma4" else END
 
 
 class BadRow(ValueError):
@@ -82,22 +95,92 @@ def _unencodable(text: str) -> int | None:
 
 
 @dataclass(frozen=True)
-class Turn:
-    """One turn of Gemma's format: 'user' or 'model', text trimmed (system text already folded in)."""
+class Text:
+    """Text in a turn, as rendered (already trimmed the way the family's template trims it)."""
 
-    role: Literal["user", "model"]
     text: str
 
 
+@dataclass(frozen=True)
+class Reasoning:
+    """A model's thought, written in Gemma 4's thought channel before what it answers (verbatim: not trimmed)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model makes: a function name and its arguments (a JSON object; None: no arguments)."""
+
+    name: str
+    arguments: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ToolResponse:
+    """What a tool returned to the model (from the environment: never supervised), as text."""
+
+    name: str
+    response: str
+
+
+@dataclass(frozen=True)
+class ToolDeclaration:
+    """A tool the model may call, declared in the system turn: an OpenAI-style function (name, description,
+    parameters as JSON Schema)."""
+
+    function: Mapping[str, Any]
+
+
+# What a turn is made of. Images and audio become parts of their own when media are trained.
+Part = Union[Text, Reasoning, ToolCall, ToolResponse, ToolDeclaration]
+
+
+@dataclass(frozen=True, init=False)
+class Turn:
+    """One turn: a role ('user', 'model'; Gemma 4 also 'system') and its parts in the order they are rendered.
+
+    Gemma 2/3 turns are one Text part (system text already folded in); `Turn("user", "hi")` is
+    `Turn("user", (Text("hi"),))`. A Gemma 4 model turn holds everything the model writes and reads until its
+    `<turn|>`: reasoning, tool calls, the tool responses it reads, text.
+    """
+
+    role: Literal["system", "user", "model"]
+    parts: tuple[Part, ...]
+
+    def __init__(self, role: str, parts: str | Sequence[Part]):
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "parts", (Text(parts),) if isinstance(parts, str) else tuple(parts))
+
+    @property
+    def text(self) -> str:
+        """The turn's text parts, joined."""
+        return "".join(p.text for p in self.parts if isinstance(p, Text))
+
+
 def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_open_end: bool = False,
-              family: Family = GEMMA2, notes: Counter | None = None) -> list[Turn]:
+              family: Family = GEMMA2, notes: Counter | None = None, tools: Any = None, thinking: bool = False,
+              preserve_thinking: bool = False) -> list[Turn]:
     """Role/content messages -> alternating user/model turns ending with the model's.
 
     `allow_open_end` accepts a conversation ending with a user turn (a prompt for generation); `family`
-    decides how system text is folded. Content is a string or a list of text parts (`content_text`). An empty system message carries nothing to fold: it is dropped
-    and counted in `notes` ("empty system message dropped"). Raises BadRow saying why a conversation
-    can't be rendered. `chat_template` (template.py) is this function written in Jinja.
+    decides the format and how system text is folded. Content is a string or a list of text parts
+    (`content_text`). An empty system message carries nothing to fold: it is dropped and counted in `notes`
+    ("empty system message dropped"). Raises BadRow saying why a conversation can't be rendered.
+    `chat_template` (template.py) is this function written in Jinja.
+
+    A Gemma 4 family (gemma4.normalise) also reads `tools`, reasoning, tool calls and tool messages; `thinking`
+    (enable_thinking) and `preserve_thinking` are its template's switches. Gemma 2/3 refuse `tools` and thinking.
     """
+    if family.turn_format == "gemma4":
+        from .gemma4 import normalise as normalise_gemma4
+
+        return normalise_gemma4(messages, system_policy, tools=tools, allow_open_end=allow_open_end,
+                                thinking=thinking, preserve_thinking=preserve_thinking, notes=notes)
+    if tools:
+        raise BadRow("tool definitions (tools), which Gemma's turn format cannot express")
+    if thinking:
+        raise BadRow(f"thinking (enable_thinking): {family.display} has no thinking mode")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRow("no messages")
     system_texts: list[str] = []
@@ -159,9 +242,22 @@ class Rendered:
     supervised: tuple[tuple[int, int], ...]
 
 
-def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> Rendered:
+def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, family: Family = GEMMA2,
+           thinking: bool = False, empty_thought: bool = False) -> Rendered:
     """Turns -> `<bos><start_of_turn>role\ntext<end_of_turn>\n...`, plus `<start_of_turn>model\n` when
-    `add_generation_prompt` (a prompt for the model's next turn)."""
+    `add_generation_prompt` (a prompt for the model's next turn).
+
+    A Gemma 4 family's turns are rendered by gemma4.render (`thinking`: enable_thinking; `empty_thought`: the
+    checkpoint size writes an empty thought block when thinking is off, `writes_empty_thought`). Raises
+    ValueError for turns that only Gemma 4 has (a system turn, non-text parts) rendered in Gemma 2/3's format.
+    """
+    if family.turn_format == "gemma4":
+        from .gemma4 import render as render_gemma4
+
+        return render_gemma4(turns, add_generation_prompt=add_generation_prompt, thinking=thinking,
+                             empty_thought=empty_thought)
+    if any(t.role == "system" or any(not isinstance(p, Text) for p in t.parts) for t in turns):
+        raise ValueError(f"Gemma 4 turns (system turn, reasoning or tools) rendered in {family.display}'s format")
     parts = [BOS]
     spans = []
     pos = len(BOS)

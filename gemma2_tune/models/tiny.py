@@ -18,8 +18,24 @@ from ..families import GEMMA2, Family
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # Gemma's order
 
 
-def training_corpus() -> list[str]:
-    """Text of the shipped chats, rendered the way training will see it."""
+def gemma4_special_tokens() -> list[str]:
+    """Gemma 4's special tokens at their published ids (families/gemma4_format.py): index = id, for every id
+    below the turn markers' (106); the ids between are reserved placeholders (<unused...>). The media tokens (ids
+    255999-258884) do not fit a tiny vocabulary and are left out."""
+    from ..families.gemma4_format import SPECIAL_TOKEN_IDS
+
+    by_id = {i: t for t, i in SPECIAL_TOKEN_IDS.items()}
+    last = max(i for i in by_id if i < 1000)
+    return [by_id.get(i, f"<unused{i}>") for i in range(last + 1)]
+
+
+def special_tokens(family: Family) -> list[str]:
+    """The tiny tokenizer's special tokens, in id order: Gemma 2/3's six, or Gemma 4's at their published ids."""
+    return gemma4_special_tokens() if family.turn_format == "gemma4" else SPECIAL_TOKENS
+
+
+def training_corpus(family: Family = GEMMA2) -> list[str]:
+    """Text of the shipped chats, rendered the way training will see it (in `family`'s turn format)."""
     from ..config.schema import DataSection
     from ..data.sources import load_rows, row_to_messages
     from ..data.turns import normalise, render
@@ -28,28 +44,31 @@ def training_corpus() -> list[str]:
     texts = []
     for row in rows:
         try:
-            texts.append(render(normalise(row_to_messages(row.data), "fold")).text)
+            texts.append(render(normalise(row_to_messages(row.data, family=family), "fold", family=family),
+                                family=family).text)
         except ValueError:
             continue
     return texts
 
 
 def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
-    """A fast byte-level BPE tokenizer with Gemma's special tokens and `family`'s chat template, adding <bos> to
-    what it encodes (add_special_tokens=True, the default) as Gemma's tokenizers do."""
+    """A fast byte-level BPE tokenizer with the family's special tokens (`special_tokens`: each one token, Gemma 4's
+    at their published ids) and its chat template, adding <bos> to what it encodes (add_special_tokens=True, the
+    default) as Gemma's tokenizers do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = special_tokens(family)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    tok.train_from_iterator(training_corpus(family), trainer=trainer)
     # Every real Gemma tokenizer adds <bos> itself (tokenizer.json's post-processor), and code that forgets
     # add_special_tokens=False gets two; the tiny ones do the same, so tests see what real runs would.
     bos = tok.token_to_id("<bos>")
@@ -63,7 +82,7 @@ def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=[t for t in specials if t not in ("<pad>", "<eos>", "<bos>", "<unk>")],
         chat_template=chat_template(family),
         padding_side="right",
     )
@@ -78,11 +97,13 @@ def build_tiny(family: Family, path: Path) -> Path:
     from ..files import COMPLETE, staged_dir
 
     tokenizer = build_tokenizer(family=family)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    from .serving import stop_ids
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>")}
     config = getattr(transformers, family.config_class)(
         vocab_size=len(tokenizer),
         pad_token_id=ids["<pad>"],
-        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+        eos_token_id=stop_ids(tokenizer),
         bos_token_id=ids["<bos>"],
         **family.tiny_config,
     )

@@ -34,7 +34,8 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from ..config.dpo import DpoConfig, sft_start
 from ..data.preferences import load_preferences, trl_rows
-from ..data.template import use_run_template
+from ..data.gemma4 import writes_empty_thought
+from ..data.template import template_record, use_run_template
 from ..errors import UserError
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
@@ -111,7 +112,8 @@ def read_preferences(cfg, tokenizer, family, kind: str):
     """The training items and the held-out ones (data.eval_fraction of the source, or data.eval_dataset /
     data.eval_split read and checked the same way). Returns (PreferenceData, items, eval PreferenceData or None,
     eval items). Raises UserError (the held-out source's problems name data.eval_dataset)."""
-    data = load_preferences(cfg.data, tokenizer, family, kind)
+    empty_thought = writes_empty_thought(family, cfg.base_model)
+    data = load_preferences(cfg.data, tokenizer, family, kind, empty_thought=empty_thought)
     items, eval_items = held_out(data.items, cfg.data.eval_fraction, cfg.training.seed)
     eval_data = None
     other = cfg.data.eval_dataset or (cfg.data.eval_split and cfg.data.dataset)
@@ -119,7 +121,7 @@ def read_preferences(cfg, tokenizer, family, kind: str):
         eval_cfg = cfg.data.model_copy(update={"dataset": other, "split": cfg.data.eval_split or cfg.data.split,
                                                "max_rows": None})
         try:
-            eval_data = load_preferences(eval_cfg, tokenizer, family, kind)
+            eval_data = load_preferences(eval_cfg, tokenizer, family, kind, empty_thought=empty_thought)
         except UserError as exc:
             key = "data.eval_dataset" if cfg.data.eval_dataset else "data.eval_split"
             raise UserError(f"{key}: {exc.message}") from None
@@ -165,8 +167,9 @@ class Runner(lifecycle.Runner):
         family, _ = checkpoint_family(cfg.base_model, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
         tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code)
+        self.empty_thought = writes_empty_thought(family, cfg.base_model)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields)
+                                                   cfg.data.unsupported_fields, empty_thought=self.empty_thought)
         self.family, self.tokenizer = family, tokenizer
         d = cfg.data
         return dpo_args(cfg, out, launch, evaluate=bool(d.eval_dataset or d.eval_split or d.eval_fraction))
@@ -196,8 +199,7 @@ class Runner(lifecycle.Runner):
                  "DPOTrainer", "reference": self.reference_kind(), "dropout": "off in policy and reference (TRL)"},
             loss_implementation=f"trl {'KTOTrainer' if cfg.dpo.unpaired else 'DPOTrainer'} (chunked log-probabilities "
                                 "of soft-capped logits)",
-            chat_template={"generated_for": self.family.key, "system_policy": cfg.data.system_policy,
-                           "replaced_base_template": self.base_chat_template is not None})
+            chat_template=template_record(self.family, cfg, self.base_chat_template, self.empty_thought))
 
     def reference_kind(self) -> str:
         """The reference in words (run.json, log)."""

@@ -24,7 +24,8 @@ from trl import RewardTrainer
 
 from ..config.reward import RewardConfig
 from ..data.preferences import trl_rows
-from ..data.template import use_run_template
+from ..data.gemma4 import writes_empty_thought
+from ..data.template import template_record, use_run_template
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
@@ -93,8 +94,9 @@ class Runner(lifecycle.Runner):
         family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
         tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        self.empty_thought = writes_empty_thought(family, m.name_or_path)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields)
+                                                   cfg.data.unsupported_fields, empty_thought=self.empty_thought)
         self.family, self.tokenizer = family, tokenizer
         d = cfg.data
         return reward_args(cfg, out, launch, evaluate=bool(d.eval_dataset or d.eval_split or d.eval_fraction))
@@ -118,8 +120,7 @@ class Runner(lifecycle.Runner):
                     "center_rewards_coefficient": cfg.reward.center_rewards_coefficient,
                     "final_softcap_applies": False},
             loss_implementation="trl RewardTrainer (-log sigmoid(r(chosen) - r(rejected)))",
-            chat_template={"generated_for": self.family.key, "system_policy": cfg.data.system_policy,
-                           "replaced_base_template": self.base_chat_template is not None})
+            chat_template=template_record(self.family, cfg, self.base_chat_template, self.empty_thought))
 
     def build(self, run: RunLifecycle, args):
         from datasets import Dataset

@@ -33,12 +33,14 @@ from transformers import PrinterCallback, TrainerCallback
 from ..config.rl import RlConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..data.template import use_run_template
-from ..data.turns import END
+from ..data.gemma4 import writes_empty_thought
+from ..data.template import template_record, use_run_template
+from ..data.turns import end_of_turn
 from ..errors import UserError
 from ..models.checks import check_kernel_request
 from ..models.loading import checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
+from ..models.serving import stop_ids
 from ..rewards import (RewardModelScorer, load_reward_function, load_reward_model, reward_model_tokenizer,
                        try_reward_functions)
 from . import lifecycle
@@ -225,8 +227,9 @@ class Runner(lifecycle.Runner):
         family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
         tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        self.empty_thought = writes_empty_thought(family, m.name_or_path)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields)
+                                                   cfg.data.unsupported_fields, empty_thought=self.empty_thought)
         tokenizer.padding_side = "left"  # generation pads prompts on the left
         self.family, self.tokenizer = family, tokenizer
         self.functions = [load_reward_function(f, f"rl.reward_functions[{i}]") for i, f in enumerate(r.reward_functions)]
@@ -245,15 +248,17 @@ class Runner(lifecycle.Runner):
         from .data import split_rows
 
         rows, held_out = split_rows(rows, cfg)
-        self.prompts, report = build_prompts(rows, tokenizer, cfg.data, family, r.max_completion_length)
-        self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family,
-                                          r.max_completion_length)[0] if held_out else None
+        self.prompts, report = build_prompts(rows, tokenizer, cfg.data, family, r.max_completion_length,
+                                          empty_thought=self.empty_thought)
+        self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family, r.max_completion_length,
+                                          empty_thought=self.empty_thought)[0] if held_out else None
         self.data_report = report
         try_reward_functions(self.functions, self.prompts[0], tokenizer)
         for line in report.summary_lines()[:1] + report.summary_lines()[2:]:
             run.say(line)
         run.say(f"prompts: {len(self.prompts)} ({report.total_tokens:,} tokens); groups of {r.num_generations} "
-                f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at {END}")
+                f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at "
+                f"{end_of_turn(family)}")
         return dict(
             dataset={"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
                      "fingerprint": source.fingerprint, "split": cfg.data.split},
@@ -271,8 +276,7 @@ class Runner(lifecycle.Runner):
                 "on_policy": r.num_iterations == 1},
             loss_implementation=(f"trl {'RLOOTrainer' if r.algorithm == 'rloo' else 'GRPOTrainer'} "
                                  f"({r.algorithm}; log-probabilities from TRL's fused LM head, soft-capped)"),
-            chat_template={"generated_for": family.key, "system_policy": cfg.data.system_policy,
-                           "replaced_base_template": self.base_chat_template is not None})
+            chat_template=template_record(family, cfg, self.base_chat_template, self.empty_thought))
 
     def _load_policy(self, run: RunLifecycle):
         """The policy through the one loading path; a run's adapter on it, trainable, when starting from one.
@@ -311,8 +315,7 @@ class Runner(lifecycle.Runner):
         policy, report, peft = self._load_policy(run)
         # generation stops at <end_of_turn> (a base checkpoint's generation config may know only <eos>); TRL
         # takes its stop tokens, and what counts as truncated, from here
-        end_of_turn = self.tokenizer.convert_tokens_to_ids(END)
-        policy.generation_config.eos_token_id = [self.tokenizer.eos_token_id, end_of_turn]
+        policy.generation_config.eos_token_id = stop_ids(self.tokenizer)
         rewards: list[Any] = list(self.functions)
         scorer = None
         if self.reward_tokenizer is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config.sft import SftConfig
+from ..data.template import template_record
 from ..families import Shape
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model
@@ -53,8 +54,7 @@ class Runner(lifecycle.Runner):
         self.tokenizer, self.data_report, self.base_chat_template = data.tokenizer, data.report, data.base_chat_template
         return data_record(cfg, data) | {
             "loss_implementation": self.loss, "micro_batch": self.micro.to_dict(),
-            "chat_template": {"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
-                              "replaced_base_template": data.base_chat_template is not None}}
+            "chat_template": template_record(data.family, cfg, data.base_chat_template, data.empty_thought)}
 
     def build(self, run: RunLifecycle, args):
         """The model through the one loading path, SFTTrainer (LoRA applied by TRL, placement checked), then
