@@ -11,6 +11,7 @@ into the first user turn, the module names LoRA can target, and the shape of its
     base.py     what a family is (Family, Shape, AttentionKernel): the fields every check reads
     gemma2.py   Gemma 2 (2B, 9B, 27B)
     gemma3.py   Gemma 3 text (270M, 1B)
+    gemma4_format.py  Gemma 4's turn format as data: markers, special-token ids, stop tokens, tool syntax
 
 This package is pure data and standard library: `validate` reads it without torch.
 """
