@@ -33,8 +33,8 @@ GEMMA3_TEXT = Family(
     key="gemma3",
     display="Gemma 3 text",
     model_types=("gemma3_text",),
-    # the 4B, 12B and 27B names are GEMMA3's (image + text)
-    name_pattern=r"gemma-?3(?![0-9a-z])(?!-(?:4|12|27)b(?![0-9a-z]))",
+    # the 4B, 12B and 27B names are GEMMA3's (image + text), as is builtin:tiny-gemma3-vision
+    name_pattern=r"gemma-?3(?![0-9a-z])(?!-(?:(?:4|12|27)b(?![0-9a-z])|vision))",
     size_pattern=r"(?<![0-9.])(270m|1b)(?![a-z0-9])",
     attention_softcap=None,
     final_softcap=None,
@@ -82,7 +82,7 @@ GEMMA3 = Family(
     key="gemma3-vision",
     display="Gemma 3 (image + text)",
     model_types=("gemma3",),
-    name_pattern=r"gemma-?3-(?:4|12|27)b(?![0-9a-z])",
+    name_pattern=r"gemma-?3-(?:(?:4|12|27)b(?![0-9a-z])|vision)",
     size_pattern=r"(?<![0-9.])(4b|12b|27b)(?![a-z0-9])",
     attention_softcap=None,
     final_softcap=None,
@@ -112,5 +112,6 @@ GEMMA3 = Family(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8, vision_use_head=False),
         mm_tokens_per_image=4,
+        initializer_range=0.15,  # the composite model initialises every part with its own config's range
     ),
 )

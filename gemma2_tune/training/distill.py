@@ -25,7 +25,7 @@ from ..data.sources import load_rows
 from ..data.template import use_run_template
 from ..data.turns import END
 from ..errors import UserError
-from ..models.checks import check_kernel_request, vocabulary_digest
+from ..models.checks import check_kernel_request, text_config, vocabulary_digest
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
 from . import lifecycle
@@ -68,9 +68,10 @@ def check_teacher(cfg: DistillConfig, student_family, student_config, student_to
     if family is not student_family:
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' is {family.display}, the student is "
                         f"{student_family.display}: distillation needs one tokenizer and vocabulary")
-    if config.vocab_size != student_config.vocab_size:
-        raise UserError(f"teacher.name_or_path: vocabulary of {config.vocab_size:,} entries, the student's has "
-                        f"{student_config.vocab_size:,}: the divergence compares distributions over one vocabulary")
+    vocab, student_vocab = text_config(config).vocab_size, text_config(student_config).vocab_size
+    if vocab != student_vocab:
+        raise UserError(f"teacher.name_or_path: vocabulary of {vocab:,} entries, the student's has "
+                        f"{student_vocab:,}: the divergence compares distributions over one vocabulary")
     teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code)
     if vocabulary_digest(teacher_tokenizer) != vocabulary_digest(student_tokenizer):
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' has another tokenizer than the student "
@@ -203,7 +204,7 @@ def build_trainer(cfg: DistillConfig, student, teacher, tokenizer, prompts: list
     trainer = GemmaDistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
         eval_dataset=Dataset.from_dict({"prompt": eval_prompts}) if eval_prompts else None,
-        processing_class=tokenizer, peft_config=lora_config(cfg))
+        processing_class=tokenizer, peft_config=lora_config(cfg, student))
     trainer.remove_callback(PrinterCallback)
     keep_adapters_in_fp32(trainer, cfg, launch)
     return trainer

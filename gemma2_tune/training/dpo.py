@@ -225,7 +225,7 @@ class Runner(lifecycle.Runner):
             model=policy, ref_model=reference, args=args, processing_class=self.tokenizer,
             train_dataset=Dataset.from_list(trl_rows(self.items, name)),
             eval_dataset=Dataset.from_list(trl_rows(self.eval_items, name)) if self.eval_items else None,
-            peft_config=None if started_from_adapter else lora_config(cfg))
+            peft_config=None if started_from_adapter else lora_config(cfg, policy))
         trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
         keep_adapters_in_fp32(trainer, cfg, launch)
         inspect_adapters(trainer.model, cfg, report)

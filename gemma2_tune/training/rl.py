@@ -36,7 +36,7 @@ from ..data.sources import load_rows
 from ..data.template import use_run_template
 from ..data.turns import END
 from ..errors import UserError
-from ..models.checks import check_kernel_request
+from ..models.checks import check_kernel_request, softcaps
 from ..models.loading import checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
 from ..rewards import (RewardModelScorer, load_reward_function, load_reward_model, reward_model_tokenizer,
@@ -177,7 +177,7 @@ def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], famil
         raise UserError(f"model.name_or_path: the log-probabilities of the RL loss differ by {gap:.3g} nats (more "
                         f"than {cfg.model.dtype} rounding explains at logits up to {largest:.1f}: {tolerance:.3g}) from "
                         f"{plain_forward(family)} (the model's config says final_logit_softcapping="
-                        f"{getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
+                        f"{softcaps(trainer.model.config)[1]}): "
                         "the loss would not be about the distribution completions are sampled from")
     return gap, tolerance, largest
 
@@ -283,7 +283,7 @@ class Runner(lifecycle.Runner):
         rank = run.state.local_process_index
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, self.launch, rank)))
         if not cfg.rl.initial_adapter:
-            return model, report, lora_config(cfg)
+            return model, report, lora_config(cfg, model)
         from peft import PeftModel
 
         try:
