@@ -124,7 +124,7 @@ GEMMA4 = Family(
 
 GEMMA4_UNIFIED = Family(
     key="gemma4-unified",
-    display="Gemma 4 12B (encoder-free image + audio)",
+    display="Gemma 4 (encoder-free)",
     model_types=("gemma4_unified",),
     name_pattern=r"gemma-?4-12b(?![0-9a-z])",
     size_pattern=r"(?<![0-9.a-z])(12b)(?![a-z0-9])",
