@@ -121,3 +121,45 @@ def test_full_fine_tuning_with_sdpa_leaves_the_towers_untouched(tmp_path, base_d
     assert all(torch.equal(after[k], base[k]) for k in base if k.startswith(TOWERS))
     assert not torch.equal(after[UP_PROJ], base[UP_PROJ])
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_the_decoder_exports_to_gguf_and_passes_parity(tmp_path):
+    """llama.cpp's converter takes Gemma3ForConditionalGeneration's decoder (the image tower's projector file is
+    the images step's): a tiny image + text model with Gemma 3's published 5 : 1 layers and a SentencePiece
+    tokenizer exports as `gemma3` with its metadata checked and the f16 parity bound passed."""
+    pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
+    import shutil
+
+    import transformers
+    from test_export import build_spm_gemma2
+
+    from gemma2_tune.after.export import read_metadata
+    from gemma2_tune.families import GEMMA3_TEXT
+
+    text = build_spm_gemma2(tmp_path / "text", GEMMA3_TEXT, num_hidden_layers=6,
+                            layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(text)
+    unk = tokenizer.unk_token_id  # no image token in this vocabulary: no image is given
+    config = transformers.Gemma3Config(text_config=json.loads((text / "config.json").read_text()),
+                                       vision_config=GEMMA3.tiny_config["vision_config"], mm_tokens_per_image=4,
+                                       image_token_index=unk, boi_token_index=unk, eoi_token_index=unk)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(text).model.state_dict())
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    folder = tmp_path / "tiny-gemma3-vision-spm"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for name in ("tokenizer.model", "complete.json"):  # llama.cpp reads the SentencePiece model; no Gemma terms
+        shutil.copy(text / name, folder / name)
+    out = tmp_path / "out" / "mm.gguf"
+    r = runner.invoke(app, ["export", str(folder), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(out)
+    assert meta["general.architecture"] == "gemma3" and meta["gemma3.block_count"] == 6
+    report = json.loads((out.parent / "mm.export.json").read_text())
+    assert report["family"] == "gemma3-vision" and report["parity"]["passed"], report["parity"]
+    assert all(p["prompt_ids_equal"] and p["greedy_equal"] for p in report["parity"]["prompts"])
+    assert all(c["passed"] for c in report["checks"]), report["checks"]
