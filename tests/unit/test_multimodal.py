@@ -234,3 +234,14 @@ def test_packed_rows_equal_rows_alone(tiny, kernel):
                        attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False).logits
     assert worst <= 1e-4, worst
     assert (leaked - packed).abs().max().item() > 1e-3  # negative control: a 2-D all-ones mask lets rows mix
+
+
+def test_merge_models_refuses_image_text_checkpoints_before_reading_weights(tune_home, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma2_tune.cli import app
+
+    r = CliRunner().invoke(app, ["merge-models", "builtin:tiny-gemma3-vision", "builtin:tiny-gemma3-vision",
+                                 "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "transformers 4's tensor names" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "out").exists()
