@@ -241,7 +241,10 @@ def test_merge_models_refuses_image_text_checkpoints_before_reading_weights(tune
 
     from gemma2_tune.cli import app
 
-    r = CliRunner().invoke(app, ["merge-models", "builtin:tiny-gemma3-vision", "builtin:tiny-gemma3-vision",
-                                 "-o", str(tmp_path / "out")])
+    from gemma2_tune.models.builtin import builtin_path
+
+    copy = tmp_path / "copy"
+    shutil.copytree(builtin_path("builtin:tiny-gemma3-vision"), copy)
+    r = CliRunner().invoke(app, ["merge-models", "builtin:tiny-gemma3-vision", str(copy), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "transformers 4's tensor names" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "out").exists()
