@@ -204,7 +204,7 @@ def _resolve_input(given: str, key: str) -> MergeInput:
     family, hf_config = checkpoint_family(config_source)
     if not adapter and sequence_classifier(getattr(hf_config, "architectures", None)):
         head = "sequence-classification"  # a merged reward model, or one from the hub
-    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source)
+    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source, family=family)
     if dtype is None:
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         dtype = str(saved).replace("torch.", "") if saved is not None else None

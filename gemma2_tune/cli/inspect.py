@@ -68,7 +68,7 @@ def preview(
     from ..models.loading import checkpoint_family, load_tokenizer
 
     family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, family)
     use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
     if cfg.data_kind == "prompts":
         shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length)

@@ -71,7 +71,7 @@ def prepare_data(cfg: RunConfig, family: Family, echo: Echo, state=None) -> Trai
     import contextlib
 
     m = cfg.model
-    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
     base_template = use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
     rows, source = load_rows(cfg.data)
     for line in source.lines():  # a folder's files: what is read, and the hidden copies that are not

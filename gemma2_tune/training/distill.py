@@ -72,7 +72,7 @@ def check_teacher(cfg: DistillConfig, student_family, student_config, student_to
     if vocab != student_vocab:
         raise UserError(f"teacher.name_or_path: vocabulary of {vocab:,} entries, the student's has "
                         f"{student_vocab:,}: the divergence compares distributions over one vocabulary")
-    teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code)
+    teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code, family)
     if vocabulary_digest(teacher_tokenizer) != vocabulary_digest(student_tokenizer):
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' has another tokenizer than the student "
                         f"'{cfg.model.name_or_path}' (same vocabulary size, different tokens): token ids would not "
@@ -106,7 +106,7 @@ class Runner(lifecycle.Runner):
         self.launch = launch
         family, student_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
         check_teacher(cfg, family, student_config, tokenizer)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
                                                    cfg.data.unsupported_fields)

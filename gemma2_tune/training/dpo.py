@@ -164,7 +164,7 @@ class Runner(lifecycle.Runner):
         self.launch = launch
         family, _ = checkpoint_family(cfg.base_model, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code, family)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
                                                    cfg.data.unsupported_fields)
         self.family, self.tokenizer = family, tokenizer

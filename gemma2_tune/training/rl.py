@@ -224,7 +224,7 @@ class Runner(lifecycle.Runner):
                 raise UserError(f"rl.use_vllm: {problem}; leave it false to generate with transformers")
         family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
                                                    cfg.data.unsupported_fields)
         tokenizer.padding_side = "left"  # generation pads prompts on the left

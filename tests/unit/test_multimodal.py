@@ -248,3 +248,19 @@ def test_merge_models_refuses_image_text_checkpoints_before_reading_weights(tune
     r = CliRunner().invoke(app, ["merge-models", "builtin:tiny-gemma3-vision", str(copy), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "transformers 4's tensor names" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_sft_on_gemma4_is_refused_before_anything_is_written(tune_home, tmp_path):
+    """Even from a folder whose name says nothing: the family comes from its config.json."""
+    from typer.testing import CliRunner
+
+    from gemma2_tune.cli import app
+    from gemma2_tune.models.builtin import builtin_path
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(builtin_path("builtin:tiny-gemma4"), folder)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["sft", "--recipe", "quickstart-cpu", "--model", str(folder), "-o", str(out),
+                                 "--max-steps", "1"])
+    assert r.exit_code == 2 and "own turn format" in r.output and "Traceback" not in r.output, r.output
+    assert not (out / "run.json").exists()
