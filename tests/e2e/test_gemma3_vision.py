@@ -120,7 +120,9 @@ def test_full_fine_tuning_with_sdpa_leaves_the_towers_untouched(tmp_path, base_d
     assert m["model"]["trainable_params"] == m["model"]["total_params"] - towers  # the decoder trains
     assert all(torch.equal(after[k], base[k]) for k in base if k.startswith(TOWERS))
     assert not torch.equal(after[UP_PROJ], base[UP_PROJ])
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert saved["use_cache"] is saved["text_config"]["use_cache"] is True  # training turned both off
 
 
 @pytest.mark.slow

@@ -264,3 +264,24 @@ def test_sft_on_gemma4_is_refused_before_anything_is_written(tune_home, tmp_path
                                  "--max-steps", "1"])
     assert r.exit_code == 2 and "own turn format" in r.output and "Traceback" not in r.output, r.output
     assert not (out / "run.json").exists()
+
+
+@pytest.mark.slow  # a minute of torch.compile on 2 CPU cores
+def test_flex_attention_equals_eager_on_gemma3_image_text(tune_home):
+    """flex_attention is allowed for Gemma 3's image + text models: packed rows, fp32, forward on this CPU (it has no
+    CPU backward; training with it is CUDA's). Gemma 4 refuses it (families/gemma4.py says why)."""
+    from gemma2_tune.models.builtin import builtin_path
+
+    path = builtin_path("builtin:tiny-gemma3-vision")
+    eager, flex = (AutoModelForCausalLM.from_pretrained(path, attn_implementation=k, dtype=torch.float32).eval()
+                   for k in ("eager", "flex_attention"))
+    text = eager.config.get_text_config()
+    g = torch.Generator().manual_seed(1)
+    examples = [Example(ids, [IGNORE_INDEX] + ids[1:]) for ids in
+                ([2] + torch.randint(30, text.vocab_size, (n - 1,), generator=g).tolist()
+                 for n in [3 * text.sliding_window, 2 * text.sliding_window + 5, 9, 40])]
+    batch = BlockCollator(pad_token_id=0)([vars(b) for b in pack(examples, capacity=128)])
+    with torch.no_grad():
+        a, b = (m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+                for m in (eager, flex))
+    assert flex.config._attn_implementation == "flex_attention" and (a - b).abs().max().item() <= 1e-5
