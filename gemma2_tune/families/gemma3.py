@@ -105,7 +105,9 @@ GEMMA3 = Family(
     system_note=_SYSTEM_NOTE,
     fp16_note=_FP16_NOTE,
     config_class="Gemma3Config",
-    liger_patch=None,  # Liger's Gemma 3 patch also replaces the image encoder's norms: not checked here
+    # Liger's Gemma3ForConditionalGeneration patch (it also fuses the SigLIP tower's LayerNorms); the probe check
+    # (training/kernels.py) compares logits and gradients with the plain model before the first step
+    liger_patch="apply_liger_kernel_to_gemma3",
     tiny_config=dict(
         text_config=GEMMA3_TEXT.tiny_config,
         # a SigLIP encoder at toy size: 32 x 32 pixels in 8-pixel patches, 16 patches pooled to 4 image tokens
