@@ -23,7 +23,8 @@ def stop_token_ids(tokenizer: Any) -> tuple[list[int], int | None] | None:
 
 def serving_config(folder: Path, eos_ids: list[int], pad_id: int | None) -> None:
     """Rewrite `folder`'s generation_config.json (eos_token_id = `eos_ids`, pad_token_id; created when missing)
-    and config.json (use_cache true, also in its text_config). Nothing happens to a folder without config.json (an adapter)."""
+    and config.json (use_cache true, also in its text_config). Nothing happens to a folder without config.json (an
+    adapter)."""
     config_path, generation_path = folder / "config.json", folder / "generation_config.json"
     if not config_path.is_file():
         return

@@ -285,3 +285,29 @@ def test_flex_attention_equals_eager_on_gemma3_image_text(tune_home):
         a, b = (m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
                 for m in (eager, flex))
     assert flex.config._attn_implementation == "flex_attention" and (a - b).abs().max().item() <= 1e-5
+
+
+def test_gemma4_merge_keeps_its_class_and_towers(tune_home, tmp_path):
+    """What `merge` does to a run (LoRA folded in with PEFT, the folder saved, reloaded as a server would) on the tiny
+    Gemma 4: the checkpoint's class, the towers' tensors byte-equal to the base's, the adapter in the decoder. (The
+    command itself refuses Gemma 4 until its turn format is rendered: its self-check renders chats.)"""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    from gemma2_tune.models.builtin import builtin_path
+
+    base_dir = builtin_path("builtin:tiny-gemma4")
+    model, _ = load_model(LoadRequest("builtin:tiny-gemma4", dtype="float32"))
+    wrapped = get_peft_model(model, lora_config(tiny_run_config("builtin:tiny-gemma4"), model))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    wrapped.merge_and_unload().save_pretrained(tmp_path / "merged")
+    base, merged = load_file(str(base_dir / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    towers = [k for k in base if k.startswith(("model.vision_tower.", "model.embed_vision."))]
+    assert towers and all(torch.equal(base[k], merged[k]) for k in towers) and base.keys() == merged.keys()
+    assert not torch.equal(base["model.language_model.layers.0.self_attn.q_proj.weight"],
+                           merged["model.language_model.layers.0.self_attn.q_proj.weight"])
+    reloaded, report = load_model(LoadRequest(str(tmp_path / "merged"), dtype="float32"))
+    assert type(reloaded).__name__ == "Gemma4ForConditionalGeneration" and report.final_softcap == 30.0
