@@ -141,6 +141,7 @@ GEMMA4_UNIFIED = Family(
                       global_kv_heads=1, k_eq_v=True),
     },
     towers=("model.embed_vision", "model.embed_audio"),
+    gguf_architecture="gemma4",  # llama.cpp converts Gemma4UnifiedForConditionalGeneration's decoder as gemma4
     system_fold="join_trimmed",
     system_note=GEMMA4.system_note,
     turn_format="gemma4",
