@@ -184,7 +184,15 @@ def _check_target(target: str) -> None:
         raise UserError(f"export {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
     run = read_run(str(path), None, key="export")
     run.require_generating("export")  # llama.cpp runs language models; a reward model's score head is not one
-    checkpoint_family(run.base_model)  # UserError for multimodal Gemma 3, Gemma 1, other architectures
+    from ..models.loading import turn_format_problem
+
+    family, _ = checkpoint_family(run.base_model)  # UserError for Gemma 1, other architectures
+    problem = turn_format_problem(family)  # before any merge: the GGUF's template and parity prompts are turns
+    if problem:
+        raise UserError(f"export {target}: {problem}")
+    if family.turn_format != "gemma":  # the Modelfile and the parity prompts are written in Gemma 2/3's turns
+        raise UserError(f"export {target}: {family.display} is not exported yet (its Ollama template and the parity "
+                        "check's prompts are not written in its turn format); serve it with `gemma2-tune serve`")
 
 
 def _saved_config(folder: Path) -> dict:
@@ -390,6 +398,7 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
     Gemma terms where the weights carry them."""
     arch = metadata.get("general.architecture")
     tokens = metadata.get("tokenizer.ggml.tokens") or []
+    config = config.get("text_config") or config  # an image + text checkpoint: the GGUF holds its decoder
     checks = []
 
     def check(name: str, expected: Any, found: Any, passed: bool | None = None) -> None:
@@ -397,7 +406,7 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
         checks.append({"check": name, "expected": expected, "found": found if not isinstance(found, str)
                        or len(found) < 200 else found[:200] + "...", "passed": bool(ok)})
 
-    check("architecture", family.key, arch)
+    check("architecture", family.gguf_arch, arch)
     check("chat template (ours)", "the run's generated template", "equal" if metadata.get("tokenizer.chat_template")
           == template else "different", metadata.get("tokenizer.chat_template") == template)
     bos = metadata.get("tokenizer.ggml.bos_token_id")

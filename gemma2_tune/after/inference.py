@@ -170,7 +170,8 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
     from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 
     family, _ = checkpoint_family(run.base_model)
-    tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model)
+    tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model,
+                               family=family)
     unsupported = run.config.data.unsupported_fields if run.config else "bad_row"
     empty_thought = writes_empty_thought(family, run.base_model)
     # what generation renders, whatever was saved

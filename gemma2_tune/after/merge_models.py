@@ -204,7 +204,7 @@ def _resolve_input(given: str, key: str) -> MergeInput:
     family, hf_config = checkpoint_family(config_source)
     if not adapter and sequence_classifier(getattr(hf_config, "architectures", None)):
         head = "sequence-classification"  # a merged reward model, or one from the hub
-    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source)
+    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source, family=family)
     if dtype is None:
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         dtype = str(saved).replace("torch.", "") if saved is not None else None
@@ -217,6 +217,13 @@ def check_compatible(inputs: list[MergeInput]) -> None:
     """One family, one head (causal LMs, or reward models: weight-averaged reward models, Ramé et al. 2024,
     arXiv:2401.12187), identical shapes, one vocabulary. Raises UserError listing every difference."""
     first, problems = inputs[0], []
+    towers = [i for i in inputs if i.family.towers]
+    if towers:
+        raise UserError(f"merge-models: {towers[0].key} {towers[0].given} is a {towers[0].family.display} checkpoint "
+                        "(image + text), which merge-models does not merge: mergekit reads Gemma 3's image tower under "
+                        "transformers 4's tensor names (vision_tower.vision_model.*), which transformers 5 no longer "
+                        "writes, and has no Gemma 4 architecture (nothing was read beyond configs and tokenizers). "
+                        "`gemma2-tune merge` folds one run's adapter into its base with the towers kept")
     heads = {"causal-lm": "a causal LM", "sequence-classification": "a reward model (sequence classifier)"}
     for other in inputs[1:]:
         if other.head != first.head:

@@ -70,7 +70,7 @@ def preview(
     from ..models.loading import checkpoint_family, load_tokenizer
 
     family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, family)
     empty_thought = writes_empty_thought(family, cfg.base_model)
     use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields,
                      empty_thought=empty_thought)
@@ -131,9 +131,11 @@ def list_models() -> None:
     for family in FAMILIES:
         sizes = ", ".join(f"{size} ({shape.total_params / 1e9:.2f}B)" for size, shape in family.shapes.items())
         caps = (f"soft-caps {family.attention_softcap}/{family.final_softcap}" if family.attention_softcap
-                else "no soft-caps")
+                else f"final soft-cap {family.final_softcap}" if family.final_softcap else "no soft-caps")
         kernels = ", ".join(k for k, v in family.kernels.items() if v.allowed)
-        echo(f"{family.display} (model_type {', '.join(family.model_types)}): {sizes}; {caps}; kernels {kernels}")
+        towers = f"; towers {', '.join(t.rsplit('.', 1)[-1] for t in family.towers)} (frozen)" if family.towers else ""
+        echo(f"{family.display} (model_type {', '.join(family.model_types)}): {sizes}; {caps}; kernels {kernels}"
+             + towers)
     echo("")
     for name, builtin in BUILTINS.items():
         echo(f"{PREFIX + name:24s} {builtin.description}")

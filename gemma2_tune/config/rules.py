@@ -29,6 +29,7 @@ def checkpoint_size(family: Family, name_or_path: str) -> str | None:
     """The published size of a checkpoint: from a local config.json's shape, else from its name."""
     try:
         data = json.loads((Path(name_or_path).expanduser() / "config.json").read_text())
+        data = data.get("text_config") or data  # a multimodal checkpoint: its decoder's shape
         return family.size_of_shape(data["hidden_size"], data["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return family.size_from_name(name_or_path)
@@ -176,8 +177,6 @@ def _model_problems(name: str, kernel: str, dtype: str) -> tuple[list[str], list
                             f"({kernel_summary(kernel)}); '{name}' doesn't say which it is: checked when its config loads")
         return errors, warnings
     size = checkpoint_size(family, name)
-    if size in family.multimodal_sizes:
-        errors.append(f"model.name_or_path: '{name}' ({size.upper()}) is {family.multimodal_sizes[size]}")
     problem = family.kernel_problem(kernel)
     if problem:
         errors.append(problem)

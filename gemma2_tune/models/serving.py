@@ -38,13 +38,15 @@ def stop_token_ids(tokenizer: Any) -> tuple[list[int], int | None] | None:
 
 def serving_config(folder: Path, eos_ids: list[int], pad_id: int | None) -> None:
     """Rewrite `folder`'s generation_config.json (eos_token_id = `eos_ids`, pad_token_id; created when missing)
-    and config.json (use_cache true). Nothing happens to a folder without config.json (an adapter)."""
+    and config.json (use_cache true, also in its text_config). Nothing happens to a folder without config.json (an
+    adapter)."""
     config_path, generation_path = folder / "config.json", folder / "generation_config.json"
     if not config_path.is_file():
         return
     config = json.loads(config_path.read_text())
-    if config.get("use_cache") is not True:
-        config["use_cache"] = True
+    decoder = config.get("text_config") or config  # an image + text checkpoint's decoder has its own use_cache
+    if config.get("use_cache") is not True or decoder.get("use_cache") is not True:
+        config["use_cache"] = decoder["use_cache"] = True
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
     generation.update(eos_token_id=eos_ids, pad_token_id=pad_id)

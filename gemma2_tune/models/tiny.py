@@ -1,11 +1,12 @@
-"""Tiny random models of each family (`builtin:tiny-gemma2`, `builtin:tiny-gemma3`): the CPU quickstart
-and the tests.
+"""Tiny random models of each family (`builtin:tiny-gemma2`, `builtin:tiny-gemma3`, `builtin:tiny-gemma3-vision`,
+`builtin:tiny-gemma4`): the CPU quickstart and the tests.
 
 Each is the family's real architecture at toy size (its `Family.tiny_config`: Gemma 2's alternating
-sliding/global layers and soft-caps 50/30; Gemma 3's local:global pattern and QK-norm) with a byte-level
-BPE tokenizer trained here on the shipped chats and carrying Gemma's special tokens. It is saved as an
-ordinary checkpoint folder and then loaded through the same code path as google/gemma-*: nothing
-downstream knows it is tiny. It has random weights and learns only what a few steps teach it.
+sliding/global layers and soft-caps 50/30; Gemma 3's local:global pattern and QK-norm; Gemma 3's and Gemma 4's
+image + text classes with toy towers, Gemma 4's wider global layers, KV-shared layers, per-layer embeddings and
+final soft-cap 30) with a byte-level BPE tokenizer trained here on the shipped chats and carrying Gemma's special
+tokens. It is saved as an ordinary checkpoint folder and then loaded through the same code path as google/gemma-*:
+nothing downstream knows it is tiny. It has random weights and learns only what a few steps teach it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from pathlib import Path
 from ..families import GEMMA2, Family
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # Gemma's order
+# The placeholder tokens of a multimodal family's images (and audio), by the config key that holds their id, as
+# the published tokenizers spell them (Gemma3Config, Gemma4Config). The tiny tokenizers carry them after
+# SPECIAL_TOKENS: their published ids (255,999 and up) lie far beyond a tiny vocabulary.
+TOWER_TOKENS = {
+    "gemma3-vision": {"boi_token_index": "<start_of_image>", "eoi_token_index": "<end_of_image>",
+                      "image_token_index": "<image_soft_token>"},
+    "gemma4": {"boi_token_id": "<|image>", "eoi_token_id": "<image|>", "image_token_id": "<|image|>",
+               "boa_token_id": "<|audio>", "eoa_token_index": "<audio|>", "audio_token_id": "<|audio|>",
+               "video_token_id": "<|video|>"},
+}
 
 
 def gemma4_special_tokens() -> list[str]:
@@ -59,6 +70,7 @@ def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
     from transformers import PreTrainedTokenizerFast
 
     specials = special_tokens(family)
+    specials += [t for t in TOWER_TOKENS.get(family.key, {}).values() if t not in specials]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -89,26 +101,32 @@ def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
 
 
 def build_tiny(family: Family, path: Path) -> Path:
-    """Build tokenizer + random `family` model into `path` atomically (a half-built folder is never used)."""
+    """Build tokenizer + random `family` model into `path` atomically (a half-built folder is never used). A
+    multimodal family's model is its image + text class (Gemma3ForConditionalGeneration, ...), towers included."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from ..files import COMPLETE, staged_dir
 
     tokenizer = build_tokenizer(family=family)
     from .serving import stop_ids
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>")}
-    config = getattr(transformers, family.config_class)(
-        vocab_size=len(tokenizer),
-        pad_token_id=ids["<pad>"],
-        eos_token_id=stop_ids(tokenizer),
-        bos_token_id=ids["<bos>"],
-        **family.tiny_config,
-    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>", *TOWER_TOKENS.get(family.key, {}).values())}
+    decoder = dict(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=stop_ids(tokenizer),
+                   bos_token_id=ids["<bos>"])
+    tiny = dict(family.tiny_config)
+    composite = "text_config" in tiny
+    if composite:  # the vocabulary and token ids are the decoder's; the towers' placeholders the composite's
+        tiny["text_config"] = tiny["text_config"] | decoder
+        tiny |= {key: ids[token] for key, token in TOWER_TOKENS.get(family.key, {}).items()}
+        config = getattr(transformers, family.config_class)(**tiny)
+    else:
+        config = getattr(transformers, family.config_class)(**decoder, **tiny)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_config(config)
+    model.generation_config.eos_token_id = decoder["eos_token_id"]
+    model.generation_config.pad_token_id, model.generation_config.bos_token_id = ids["<pad>"], ids["<bos>"]
     # an earlier interrupted build (no marker) is replaced; another process's finished one is kept
     with staged_dir(path, is_stale=lambda p: not (p / COMPLETE).is_file()) as tmp:
         model.save_pretrained(tmp)

@@ -74,7 +74,7 @@ def prepare_data(cfg: RunConfig, family: Family, echo: Echo, state=None) -> Trai
     import contextlib
 
     m = cfg.model
-    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
     empty_thought = writes_empty_thought(family, m.name_or_path)
     base_template = use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields,
                                      empty_thought=empty_thought)

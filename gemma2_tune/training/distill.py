@@ -26,7 +26,7 @@ from ..data.gemma4 import writes_empty_thought
 from ..data.template import template_record, use_run_template
 from ..data.turns import end_of_turn
 from ..errors import UserError
-from ..models.checks import check_kernel_request, vocabulary_digest
+from ..models.checks import check_kernel_request, text_config, vocabulary_digest
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
 from ..models.serving import stop_ids
@@ -71,10 +71,11 @@ def check_teacher(cfg: DistillConfig, student_family, student_config, student_to
     if family is not student_family:
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' is {family.display}, the student is "
                         f"{student_family.display}: distillation needs one tokenizer and vocabulary")
-    if config.vocab_size != student_config.vocab_size:
-        raise UserError(f"teacher.name_or_path: vocabulary of {config.vocab_size:,} entries, the student's has "
-                        f"{student_config.vocab_size:,}: the divergence compares distributions over one vocabulary")
-    teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code)
+    vocab, student_vocab = text_config(config).vocab_size, text_config(student_config).vocab_size
+    if vocab != student_vocab:
+        raise UserError(f"teacher.name_or_path: vocabulary of {vocab:,} entries, the student's has "
+                        f"{student_vocab:,}: the divergence compares distributions over one vocabulary")
+    teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code, family)
     if vocabulary_digest(teacher_tokenizer) != vocabulary_digest(student_tokenizer):
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' has another tokenizer than the student "
                         f"'{cfg.model.name_or_path}' (same vocabulary size, different tokens): token ids would not "
@@ -108,7 +109,7 @@ class Runner(lifecycle.Runner):
         self.launch = launch
         family, student_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
         check_teacher(cfg, family, student_config, tokenizer)
         self.empty_thought = writes_empty_thought(family, m.name_or_path)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
@@ -207,7 +208,7 @@ def build_trainer(cfg: DistillConfig, student, teacher, tokenizer, prompts: list
     trainer = GemmaDistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
         eval_dataset=Dataset.from_dict({"prompt": eval_prompts}) if eval_prompts else None,
-        processing_class=tokenizer, peft_config=lora_config(cfg))
+        processing_class=tokenizer, peft_config=lora_config(cfg, student))
     trainer.remove_callback(PrinterCallback)
     keep_adapters_in_fp32(trainer, cfg, launch)
     return trainer

@@ -166,7 +166,7 @@ class Runner(lifecycle.Runner):
         self.launch = launch
         family, _ = checkpoint_family(cfg.base_model, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code, family)
         self.empty_thought = writes_empty_thought(family, cfg.base_model)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
                                                    cfg.data.unsupported_fields, empty_thought=self.empty_thought)
@@ -227,7 +227,7 @@ class Runner(lifecycle.Runner):
             model=policy, ref_model=reference, args=args, processing_class=self.tokenizer,
             train_dataset=Dataset.from_list(trl_rows(self.items, name)),
             eval_dataset=Dataset.from_list(trl_rows(self.eval_items, name)) if self.eval_items else None,
-            peft_config=None if started_from_adapter else lora_config(cfg))
+            peft_config=None if started_from_adapter else lora_config(cfg, policy))
         trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
         keep_adapters_in_fp32(trainer, cfg, launch)
         inspect_adapters(trainer.model, cfg, report)

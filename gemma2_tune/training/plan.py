@@ -3,10 +3,14 @@
 Every term is a formula over the model's shape and the resolved config, in bytes, per process:
 
   weights      4-bit linears 0.5 B/param + quantization constants (double quant: ~0.016 B/param), other
-               weights (embeddings, norms) in model.dtype; bf16/fp32 weights at 2/4 B/param; / N under ZeRO-3
-  trainable    LoRA: fp32 weight + grad + Adam m, v = 16 B/param. Full fine-tuning: bf16 weight (counted above)
-               + bf16 grad + Adam m, v in bf16 = +6 B/param; under ZeRO-3 DeepSpeed keeps fp32 master + m + v
-               and bf16 grads: +14 B/param, / N (zero3_offload: optimizer states and master in CPU memory)
+               weights (embeddings, norms) in model.dtype; bf16/fp32 weights at 2/4 B/param; / N under ZeRO-3.
+               What 4-bit leaves in model.dtype has its own lines: Gemma 4's per-layer embeddings (an
+               embedding table), its experts (3-D weights bitsandbytes does not quantize) and the image/audio
+               towers (left unquantized, frozen)
+  trainable    LoRA: fp32 weight + grad + Adam m, v = 16 B/param. Full fine-tuning (the towers stay frozen): bf16
+               weight (counted above) + bf16 grad + Adam m, v in bf16 = +6 B/param; under ZeRO-3 DeepSpeed keeps
+               fp32 master + m + v and bf16 grads: +14 B/param, / N (zero3_offload: optimizer states and master in
+               CPU memory)
   activations  gradient checkpointing keeps each layer's input (B*T*H*2 B) and recomputes one layer at a time:
                eager attention's length-squared scores (B*heads*T*T, ~14 B per element over its copies) plus
                the projections and MLP (~(4H + 4I)*B*T*2 B); without checkpointing every layer's are kept
@@ -89,18 +93,34 @@ class Plan:
 
 
 def lora_params(shape: Shape, cfg: RunConfig) -> int:
-    """LoRA parameters: r x (in + out) per targeted module per layer."""
+    """LoRA parameters: r x (in + out) per targeted module each layer has (the decoder's only)."""
     if not cfg.lora.enabled:
         return 0
-    return shape.layers * sum(cfg.lora.r * sum(shape.projection_shape(m)) for m in cfg.lora.target_modules)
+    return shape.lora_params(cfg.lora.r, list(cfg.lora.target_modules))
+
+
+def weight_terms(shape: Shape, cfg: RunConfig, quantized: bool | None = None, n: int = 1) -> dict[str, float]:
+    """Bytes of `shape`'s weights, / `n` (sharded): "weights" (the decoder; with `quantized`, default
+    quantization.load_in_4bit, its linear layers in 4-bit NF4 with cfg.quantization's settings: half a byte per
+    weight plus its block scales, an fp32 absmax per 64 weights or with double quantization an 8-bit one plus an
+    fp32 per 256 of those; embeddings and norms in model.dtype), then what stays in model.dtype either way, each
+    on its own line where the model has it: per-layer embeddings, experts, towers."""
+    dtype = DTYPE_BYTES[cfg.model.dtype]
+    special = {"weights: per-layer embeddings": shape.per_layer_embedding_params,
+               "weights: experts (not 4-bit)": shape.expert_params,
+               "weights: towers (frozen)": shape.tower_params}
+    rest = shape.other_params - sum(special.values())
+    if cfg.quantization.load_in_4bit if quantized is None else quantized:
+        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
+        decoder = shape.linear_params * per_param + rest * dtype
+    else:
+        decoder = (shape.linear_params + rest) * dtype
+    return {"weights": decoder / n} | {name: count * dtype / n for name, count in special.items() if count}
 
 
 def nf4_weight_bytes(shape: Shape, cfg: RunConfig) -> float:
-    """Bytes of `shape`'s weights loaded in 4-bit NF4 with cfg.quantization's settings: half a byte per linear
-    weight plus its block scales (an fp32 absmax per 64 weights, or with double quantization an 8-bit one plus an
-    fp32 per 256 of those), every other weight (embeddings, norms) in model.dtype."""
-    per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
-    return shape.linear_params * per_param + shape.other_params * DTYPE_BYTES[cfg.model.dtype]
+    """Bytes of `shape`'s weights loaded in 4-bit NF4 with cfg.quantization's settings (`weight_terms`, summed)."""
+    return sum(weight_terms(shape, cfg, quantized=True).values())
 
 
 def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool = False, offload: bool = False,
@@ -117,11 +137,9 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool 
     n = num_processes if shards else 1
     terms: dict[str, float] = {}
 
-    if cfg.quantization.load_in_4bit:
-        terms["weights"] = nf4_weight_bytes(shape, cfg) / n
-    else:
-        terms["weights"] = shape.total_params * DTYPE_BYTES[cfg.model.dtype] / n
-    trainable = lora_params(shape, cfg) if cfg.lora.enabled else shape.total_params
+    terms.update(weight_terms(shape, cfg, n=n))
+    # full fine-tuning trains the decoder: the towers stay frozen
+    trainable = lora_params(shape, cfg) if cfg.lora.enabled else shape.total_params - shape.tower_params
     if cfg.lora.enabled:
         terms["trainable: weights, grads, Adam"] = trainable * 16 / n
     elif shards:
@@ -141,15 +159,17 @@ def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool 
 def activation_bytes(shape: Shape, cfg: RunConfig, b: int, t: int) -> float:
     """Bytes of the trained model's activations for `b` sequences of `t` tokens (with gradients): gradient
     checkpointing keeps each layer's input and recomputes one layer at a time; without it every layer's are kept."""
-    h, i, heads = shape.hidden, shape.intermediate, shape.heads
+    # a mixture of experts runs experts_per_token experts beside the dense MLP
+    h, i, heads = shape.hidden, shape.intermediate + shape.experts_per_token * shape.expert_intermediate, shape.heads
     # eager keeps several copies of the (B, heads, T, T) scores: bf16 scores, soft-cap tanh, masked, fp32 softmax,
     # bf16 probs, and their gradients; 14 B per element is what tests/unit/test_plan.py measures on CPU. Fused
     # kernels (sdpa, flash-attn: Gemma 3 only) never hold them.
     scores = b * heads * t * t * 14 if cfg.model.attn_implementation == "eager" else 0
     layer_work = scores + (4 * h + 4 * i) * b * t * 2
+    per_layer_inputs = b * t * shape.layers * shape.per_layer_dim * 2  # Gemma 4's PLE inputs, kept for every layer
     if cfg.training.gradient_checkpointing:
-        return shape.layers * b * t * h * 2 + layer_work
-    return shape.layers * layer_work
+        return shape.layers * b * t * h * 2 + layer_work + per_layer_inputs
+    return shape.layers * layer_work + per_layer_inputs
 
 
 def forward_bytes(shape: Shape, attn_implementation: str, b: int, t: int) -> float:
@@ -343,8 +363,9 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
     mode = f"{launch.sharding} over {num_processes}" + (" with CPU offload" if offload else "") if shards else (
         f"{num_processes} process{'es' if num_processes > 1 else ''}, one full copy each")
     lines = [
-        f"model: {cfg.model.name_or_path} ({where}): {plan.total_params / 1e9:.2f}B parameters, "
-        f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab:,}",
+        f"model: {cfg.model.name_or_path} ({where}): {plan.total_params / 1e9:.2f}B parameters"
+        + (f" ({shape.tower_params / 1e9:.2f}B in image/audio towers, frozen)" if shape.tower_params else "")
+        + f", {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab:,}",
     ] + [f"{key}: {m.name_or_path} ({w}): {s.total_params / 1e9:.2f}B parameters, {m.load_in}, frozen"
          for key, (m, s, w) in frozen.items()] + [
         f"run: {'4-bit QLoRA' if cfg.quantization.load_in_4bit else cfg.model.dtype + (' LoRA' if cfg.lora.enabled else ' full fine-tuning')}, "

@@ -93,7 +93,7 @@ class Runner(lifecycle.Runner):
         self.launch = launch
         family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
         self.empty_thought = writes_empty_thought(family, m.name_or_path)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
                                                    cfg.data.unsupported_fields, empty_thought=self.empty_thought)

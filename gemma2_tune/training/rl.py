@@ -37,7 +37,7 @@ from ..data.gemma4 import writes_empty_thought
 from ..data.template import template_record, use_run_template
 from ..data.turns import end_of_turn
 from ..errors import UserError
-from ..models.checks import check_kernel_request
+from ..models.checks import check_kernel_request, softcaps
 from ..models.loading import checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
 from ..models.serving import stop_ids
@@ -179,7 +179,7 @@ def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], famil
         raise UserError(f"model.name_or_path: the log-probabilities of the RL loss differ by {gap:.3g} nats (more "
                         f"than {cfg.model.dtype} rounding explains at logits up to {largest:.1f}: {tolerance:.3g}) from "
                         f"{plain_forward(family)} (the model's config says final_logit_softcapping="
-                        f"{getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
+                        f"{softcaps(trainer.model.config)[1]}): "
                         "the loss would not be about the distribution completions are sampled from")
     return gap, tolerance, largest
 
@@ -226,7 +226,7 @@ class Runner(lifecycle.Runner):
                 raise UserError(f"rl.use_vllm: {problem}; leave it false to generate with transformers")
         family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
+        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
         self.empty_thought = writes_empty_thought(family, m.name_or_path)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
                                                    cfg.data.unsupported_fields, empty_thought=self.empty_thought)
@@ -287,7 +287,7 @@ class Runner(lifecycle.Runner):
         rank = run.state.local_process_index
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, self.launch, rank)))
         if not cfg.rl.initial_adapter:
-            return model, report, lora_config(cfg)
+            return model, report, lora_config(cfg, model)
         from peft import PeftModel
 
         try:
