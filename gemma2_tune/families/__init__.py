@@ -13,7 +13,9 @@ encoders: frozen, never adapted), and the shape of its tiny test model.
 
     base.py     what a family is (Family, Shape, AttentionKernel): the fields every check reads
     gemma2.py   Gemma 2 (2B, 9B, 27B)
-    gemma3.py   Gemma 3 text (270M, 1B)
+    gemma3.py   Gemma 3 text (270M, 1B) and Gemma 3 image + text (4B, 12B, 27B)
+    gemma4.py   Gemma 4 (E2B, E4B, 26B-A4B, 31B; 12B unified)
+    towers.py   parameter counts of the vision and audio towers, from their configs
     gemma4_format.py  Gemma 4's turn format as data: markers, special-token ids, stop tokens, tool syntax
 
 This package is pure data and standard library: `validate` reads it without torch.

@@ -9,6 +9,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transformers import PrinterCallback
 from trl import SFTTrainer
 
@@ -123,9 +125,12 @@ class SupervisedLossTrainer(SFTTrainer):
         def grab(module, args, output):  # noqa: ARG001
             captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
+        # One position's logits, asked for by index: an int `logits_to_keep` also makes Gemma 4's KV-shared layers
+        # drop every other position before they run, which would leave the decoder's hidden states one long.
+        last = torch.tensor([labels.shape[-1] - 1], device=labels.device)
         handle = base.get_decoder().register_forward_hook(grab)
         try:
-            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=last)
         finally:
             handle.remove()
         total, n = supervised_loss_sum(captured["hidden"], labels, base.get_output_embeddings().weight,

@@ -163,14 +163,16 @@ def test_flash_attention_is_refused_for_gemma4_before_loading(tune_home):
         load_model(LoadRequest("builtin:tiny-gemma4", attn_implementation="flash_attention_2"))
 
 
-def test_gemma4_text_is_refused_until_its_turn_format_is_rendered(tune_home):
-    """The renderer writes Gemma 2/3's turns: Gemma 4 text is refused wherever it would be tokenized (training
-    data, preview, chat, eval, merge's check prompts, export), before any weights load."""
-    with pytest.raises(UserError, match="own turn format"):
-        load_tokenizer("builtin:tiny-gemma4")
-    with pytest.raises(UserError, match="own turn format"):
-        load_tokenizer("google/gemma-4-E4B-it")  # by its name, before anything downloads
+def test_a_tokenizer_must_hold_its_familys_turn_markers_as_single_tokens(tune_home):
+    """Gemma 4's tokenizer is checked for <|turn>/<turn|>, Gemma 2/3's for <start_of_turn>/<end_of_turn>: a Gemma 2
+    tokenizer given as a Gemma 4's is refused, naming the marker it splits."""
+    from gemma2_tune.families import GEMMA4
+    from gemma2_tune.models.builtin import builtin_path
+
+    assert load_tokenizer("builtin:tiny-gemma4").convert_tokens_to_ids("<turn|>") == 106
     load_tokenizer("builtin:tiny-gemma3-vision")  # Gemma 3's image + text models use Gemma 3's turns
+    with pytest.raises(UserError, match=r"splits <\|turn>"):
+        load_tokenizer(str(builtin_path("builtin:tiny-gemma2")), family=GEMMA4)
 
 
 def test_kv_shared_training_forward_equals_the_cached_forward(tune_home):
@@ -248,22 +250,6 @@ def test_merge_models_refuses_image_text_checkpoints_before_reading_weights(tune
     r = CliRunner().invoke(app, ["merge-models", "builtin:tiny-gemma3-vision", str(copy), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and "transformers 4's tensor names" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "out").exists()
-
-
-def test_sft_on_gemma4_is_refused_before_anything_is_written(tune_home, tmp_path):
-    """Even from a folder whose name says nothing: the family comes from its config.json."""
-    from typer.testing import CliRunner
-
-    from gemma2_tune.cli import app
-    from gemma2_tune.models.builtin import builtin_path
-
-    folder = tmp_path / "my-model"
-    shutil.copytree(builtin_path("builtin:tiny-gemma4"), folder)
-    out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["sft", "--recipe", "quickstart-cpu", "--model", str(folder), "-o", str(out),
-                                 "--max-steps", "1"])
-    assert r.exit_code == 2 and "own turn format" in r.output and "Traceback" not in r.output, r.output
-    assert not (out / "run.json").exists()
 
 
 @pytest.mark.slow  # a minute of torch.compile on 2 CPU cores
