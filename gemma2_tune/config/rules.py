@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from pydantic import BaseModel
 
+from ..files import list_checkpoints
+
 from ..families import (
     FAMILIES,
     GEMMA2,
@@ -85,7 +87,7 @@ def saved_weights(path: Path) -> str | None:
 def unfinished_run(name: str) -> str | None:
     """Why the local folder `name` can't be used as a model yet: a run folder (run.json) that holds no trained
     weights (its run was interrupted, failed or is running: no adapter or model files at its top), with how to go
-    on (resume it, or use its last checkpoint-N); None for anything else."""
+    on (resume it, or use its last complete checkpoint-N: one with its completion marker); None for anything else."""
     path = Path(name).expanduser()
     if not (path / "run.json").is_file():
         return None
@@ -95,12 +97,12 @@ def unfinished_run(name: str) -> str | None:
         record = json.loads((path / "run.json").read_text())
     except (OSError, ValueError):
         record = {}
-    checkpoints = sorted(path.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1])
-                         if c.name.split("-")[-1].isdigit() else -1)
+    # a checkpoint without its completion marker was being written when the run stopped: never suggested
+    complete = [c for c in list_checkpoints(path) if c.complete]
     method = record.get("method") or "sft"
     return (f"{name} is a run that holds no trained weights (run.json: status {record.get('status', '?')}, step "
             f"{record.get('global_step') or 0}): resume it (gemma2-tune {method} -o {name} --resume)"
-            + (f" or use its last checkpoint, {checkpoints[-1]}" if checkpoints else ""))
+            + (f" or use its last complete checkpoint, {complete[-1].path}" if complete else ""))
 
 
 def sequence_classifier(architectures: list[str] | None) -> bool:

@@ -185,7 +185,8 @@ def test_eval_compare_names_and_json_path_are_checked_before_any_model_loads(arg
 
 def test_reward_model_settings_refused_from_their_files(tmp_path):
     """rl's reward model: the kernel its base's family refuses (sdpa drops Gemma 2's soft-caps; it failed after the
-    policy loaded), a bare name that is no folder, a run with no weights yet, and rewards that all weigh 0."""
+    policy loaded), a bare name that is no folder, a run with no weights yet (the checkpoint it suggests is the
+    newest complete one, not one half-written when the run stopped), and rewards that all weigh 0."""
     from gemma2_tune.config.layering import resolve
     from gemma2_tune.config.rl import RlConfig
     from gemma2_tune.errors import ConfigError
@@ -194,6 +195,8 @@ def test_reward_model_settings_refused_from_their_files(tmp_path):
     (run / "config.yaml").write_text("model:\n  name_or_path: builtin:tiny-gemma2\n")
     unfinished = tmp_path / "rm-unfinished"
     (unfinished / "checkpoint-11").mkdir(parents=True)
+    (unfinished / "checkpoint-11" / "complete.json").write_text("{}")
+    (unfinished / "checkpoint-12").mkdir()  # half-written when the run stopped: no completion marker
     (unfinished / "run.json").write_text(json.dumps({"method": "reward", "status": "interrupted", "global_step": 11}))
     common = ["model.name_or_path=builtin:tiny-gemma2", "rl.reward_functions=[]"]
     resolve(None, [*common, f"reward_model.name_or_path={run}"], schema=RlConfig)  # fine as it is
@@ -203,7 +206,7 @@ def test_reward_model_settings_refused_from_their_files(tmp_path):
             (["reward_model.name_or_path=rm_typo"], "reward_model.name_or_path: rm_typo: no such folder"),
             ([f"reward_model.name_or_path={unfinished}"],
              f"holds no trained weights (run.json: status interrupted, step 11): resume it (gemma2-tune reward -o "
-             f"{unfinished} --resume) or use its last checkpoint, {unfinished / 'checkpoint-11'}"),
+             f"{unfinished} --resume) or use its last complete checkpoint, {unfinished / 'checkpoint-11'}"),
             ([f"reward_model.name_or_path={run}", "reward_model.weight=0"], "every reward's weight is 0")):
         with pytest.raises(ConfigError) as caught:
             resolve(None, [*common, *extra], schema=RlConfig)
