@@ -114,7 +114,7 @@ def test_dpo_from_an_sft_run_prefers_the_concise_style(sft_two_styles, tmp_path)
     m = json.loads((out / "run.json").read_text())
     assert m["command"] == "dpo" and m["status"] == "completed" and m["global_step"] == 12
     d = m["dpo"]
-    assert "sft adapter" in d["reference"] and str(sft_two_styles) in d["reference"]
+    assert f"the starting policy: a frozen copy of the adapter of {sft_two_styles}" in d["reference"]
     # the reference is the sft policy: at step 1 the policy (the same adapter) equals it, so the loss is ln 2
     assert abs(d["history"][0]["loss"] - math.log(2)) <= 1e-5 and d["history"][0]["rewards/margins"] == 0.0
     assert d["eval"]["rewards/accuracies"] >= 0.9 and d["eval"]["rewards/margins"] > 0, d["eval"]
