@@ -94,9 +94,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float = 600) -> str:
-    """Run `python -m gemma2_tune ARGS` from the repository root, send SIGTERM once its output shows `marker`
-    (e.g. "step 4/"), and check it ended as an interrupted run does (exit 143). Returns its output."""
+def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float = 600, sig: int | None = None) -> str:
+    """Run `python -m gemma2_tune ARGS` from the repository root, send SIGTERM (or `sig`: SIGINT is Ctrl-C) once its
+    output shows `marker` (e.g. "step 4/"), and check it ended as an interrupted run does (exit 143). Returns its
+    output."""
     import signal
     import subprocess
     import sys
@@ -109,7 +110,7 @@ def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float =
         while marker not in log_path.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig or signal.SIGTERM)
         assert proc.wait(timeout=300) == 143, log_path.read_text()[-2000:]
     return log_path.read_text()
 

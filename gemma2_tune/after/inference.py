@@ -97,21 +97,28 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
         if model is None:
             raise UserError("give --model (a Gemma 2 or Gemma 3 text checkpoint) and/or --adapter (a gemma2-tune "
                             "run folder)")
+        path = Path(model).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():  # a full fine-tune's run folder, a merge: its config
+            cfg = saved_config(path)
+            return TrainedRun(path, model, saved_policy(path, cfg) or "fold", False, cfg)
         return TrainedRun(Path(model), model, "fold", False, None)
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise UserError(f"{key} {adapter}: no such folder")
-    from ..config.rules import saved_weights, unfinished_run
+    from ..config.runs import adapter_run, saved_weights, unfinished_run
 
     cfg = saved_config(path)
     policy = saved_policy(path, cfg) or "fold"
     weights = saved_weights(path)
     if weights == "adapter":
-        saved = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        trained = cfg.base_model if cfg else saved
+        try:  # the one reader of a run's base (through the runs it continued: a dpo run's sft run)
+            start = adapter_run(str(path))
+        except ValueError as exc:
+            if not model:
+                raise UserError(f"{key} {exc}; pass --model") from None
+            start = None
+        trained = start.base if start else None
         base = model or trained
-        if not base:
-            raise UserError(f"{key} {adapter}: the adapter does not name its base model; pass --model")
         if model and trained:
             from ..families import family_of_checkpoint
 

@@ -192,7 +192,8 @@ def _resolve_input(given: str, key: str) -> MergeInput:
     elif path.exists():
         raise UserError(f"{key} {given}: a file; give a model or run folder, or a hub id")
     else:
-        from ..config.rules import local_path_problem, missing_folder
+        from ..config.rules import local_path_problem
+        from ..config.runs import missing_folder
 
         missing = missing_folder(given, bare_names=True)
         if missing:

@@ -262,17 +262,30 @@ def evaluate_command(
 
     others = compare_loaders(compare or [], run, load_in_value(load_in), warn,
                              taken={"base", "fine-tuned", model or "model"})
+    from ..models.loading import checkpoint_family
+
+    family = checkpoint_family(run.base_model)[0]
+    thinking = thinking_value(enable_thinking, run, family)
+    rows = read = None
+    if dataset:  # read before any model loads: an empty or unreadable source is said in seconds
+        from ..config.schema import PreferenceDataSection
+        from ..data.sources import load_rows
+
+        rows = (PreferenceDataSection if scores_pairs else SftDataSection)(
+            dataset=dataset, max_length=max_length, max_rows=max_rows, system_policy=run.system_policy,
+            enable_thinking=thinking)
+        read = load_rows(rows)
     if request.scores_rewards:
         from ..after.reward_eval import reward_scorers
+        from ..data.prompts import row_columns
+        from ..rewards import column_problems
 
-        from ..models.loading import checkpoint_family
-
-        family = checkpoint_family(run.base_model)[0]
         functions, reward_model_tokenizer = reward_scorers(request, family, run.system_policy)  # before models load
+        problems = column_problems(functions, [row_columns(row.data) for row in read[0]])
+        if problems:
+            raise UserError("\n".join(problems))
     loaded = load(run, load_in_value(load_in))
-    loaded.thinking = thinking_value(enable_thinking, run, loaded.family)
-    rows = SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                          system_policy=run.system_policy, enable_thinking=loaded.thinking) if dataset else None
+    loaded.thinking = thinking
     if request.scores_rewards:
         from ..after.inference import Sampling
         from ..after.reward_eval import load_scoring_model, reward_table
@@ -280,19 +293,16 @@ def evaluate_command(
         scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
         table = reward_table(loaded, rows, run.system_policy, functions, scoring, Sampling(max_new_tokens, temperature),
                              samples, compare_base=True, others=others, echo=echo,
-                             model_label=model or "model")
+                             model_label=model or "model", read=read)
     elif scores_pairs:
         from ..after.preference_eval import preference_table
-        from ..config.schema import PreferenceDataSection
 
-        pairs = PreferenceDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                      system_policy=run.system_policy, enable_thinking=loaded.thinking)
-        table = preference_table(loaded, pairs, others=others, echo=echo,
+        table = preference_table(loaded, rows, others=others, echo=echo,
                                  model_label=model or "model")
     elif dataset:
         from ..after.evaluate import evaluate
 
-        table = evaluate(loaded, rows, compare_base=True, echo=echo, others=others)
+        table = evaluate(loaded, rows, compare_base=True, echo=echo, others=others, read=read)
     if json_path is not None and dataset:
         from ..files import write_text_atomic
 

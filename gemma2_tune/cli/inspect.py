@@ -60,22 +60,48 @@ def preview(
 ) -> None:
     """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧ (for a distill
     recipe: the prompts as the student will see them; for dpo and reward: each pair's prompt, then both answers'
-    supervised tokens)."""
+    supervised tokens). Without a recipe or --set naming the method, preference pairs in --dataset are shown as
+    `dpo` trains them."""
+    schema = schema_for(recipe, set_)
+    if dataset and schema is not schema_for(recipe, set_, default="dpo"):  # nothing names the method
+        from ..config.schema import DataSection
+        from ..data.preferences import rows_kind
+        from ..data.sources import load_rows
+
+        kind = rows_kind(load_rows(DataSection(dataset=dataset))[0])
+        if kind == "paired":
+            set_ = [*(set_ or []), "method=dpo"]
+            echo(f"{dataset}: preference pairs (chosen/rejected), shown as `dpo` trains them (--set method=reward: as "
+                 "a reward model reads them)")
+        elif kind == "unpaired":
+            set_ = [*(set_ or []), "method=dpo", "dpo.loss_type=kto"]
+            echo(f"{dataset}: unpaired examples (prompt/completion/label), shown as `dpo` trains them with "
+                 "dpo.loss_type=kto (KTO)")
+        schema = schema_for(recipe, set_)
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
-                                         "data.dataset": ("--dataset", dataset)}, schema_for(recipe, set_)).config
+                                         "data.dataset": ("--dataset", dataset)}, schema).config
     from ..data.gemma4 import writes_empty_thought
     from ..data.preview import preview as rows_preview
     from ..data.preview import preview_preferences, preview_prompts
     from ..data.template import use_run_template
     from ..models.loading import checkpoint_family, load_tokenizer
+    from ..rewards import column_problems, load_reward_function
 
-    family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, family)
+    family, _ = checkpoint_family(cfg.base_model, cfg.model.revision, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.base_model, cfg.model.revision, cfg.model.trust_remote_code, family)
     empty_thought = writes_empty_thought(family, cfg.base_model)
     use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields,
                      empty_thought=empty_thought)
     if cfg.data_kind == "prompts":
-        shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length, empty_thought=empty_thought)
+        functions = [load_reward_function(f, f"rl.reward_functions[{i}]") for i, f in enumerate(cfg.reward_functions())]
+        if functions:  # what their parameters ask of the rows: said before the prompts
+            from ..data.prompts import row_columns
+            from ..data.sources import load_rows
+
+            for problem in column_problems(functions, [row_columns(row.data) for row in load_rows(cfg.data)[0]]):
+                warn(problem)
+        shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length, cfg.completion_writer,
+                                columns_used=bool(functions), empty_thought=empty_thought)
     elif cfg.data_kind == "preference pairs":
         shown = preview_preferences(cfg.data, tokenizer, family, n, cfg.preference_kind, empty_thought=empty_thought)
     else:

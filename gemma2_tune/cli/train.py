@@ -138,6 +138,7 @@ def training_command(method: Method) -> None:
     parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=CONTROL_DEFAULTS.get(name),
                                      annotation=annotation) for name, annotation in CONTROLS.items()]
     run.__signature__ = inspect.Signature(parameters)  # what typer reads the options from
+    run.__annotations__ = {p.name: p.annotation for p in parameters}  # what `command` escapes the help texts of
     run.__name__ = run.__qualname__ = method.name
     command(method.name, help=method.summary)(run)
 

@@ -8,6 +8,7 @@
     rl.py         the `rl` schema (RlConfig: + rl: algorithm, group, KL, clipping, rewards) and its rules
     rules.py      rules every method shares, reading the model's family
     methods.py    which method (so which schema) a recipe, a saved config or a command is written for
+    runs.py       a run folder -> its base model + adapter, following the runs it continued (the one reader)
     layering.py   resolve(recipe, sets, flags, schema) -> Resolved, every problem at once
     requests.py   the options of the after-training commands (merge-models, eval, ...), checked the same way
     recipes.py    bundled recipes, finding and reading recipe files

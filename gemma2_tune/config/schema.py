@@ -12,9 +12,9 @@ answer without importing torch. Rules between fields live in `rules.py`; facts a
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..families import GEMMA2
 
@@ -24,6 +24,9 @@ LOSS_TOKEN_CHUNK = 1024
 LOSS_VOCAB_CHUNK = 8192
 
 Dtype = Literal["bfloat16", "float16", "float32"]
+
+if TYPE_CHECKING:
+    from .runs import AdapterRun
 
 
 class Section(BaseModel):
@@ -264,6 +267,12 @@ class RunConfig(Section):
     # What the data rows become for this method: "conversations" (sft), "prompts" (distill, rl), "preference
     # pairs" (dpo, reward). Read by the dry run, the data summary and `plan`.
     data_kind: ClassVar[str] = "conversations"
+    # For a method that writes completions to prompts: who writes them, and what is done with them (the preview).
+    completion_writer: ClassVar[tuple[str, str]] = ("the student", "scored against the teacher")
+
+    def reward_functions(self) -> list[Any]:
+        """The Python reward functions the run calls (rl's), each with path, name and weight; none by default."""
+        return []
 
     # The run may fold accumulated micro-batches into one forward (training/batching.py; `plan` shows the
     # micro-batch it will use).
@@ -288,11 +297,56 @@ class RunConfig(Section):
     # sequence: reward models). Read by the model card and by the commands that load a run (chat, merge).
     head: ClassVar[str] = "causal-lm"
 
+    # Whether model.name_or_path may be a run folder with a LoRA adapter (the previous stage's run, taken as it is:
+    # its adapter is trained further on its base): dpo, reward and rl. Other methods refuse one (rules).
+    continues_runs: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _continuing_a_run(cls, data: Any) -> Any:
+        """model.name_or_path naming a folder with a LoRA adapter, for a method that continues runs: the raw
+        settings as `continue_run` gives them (unreadable folders are left to the rules, which name them)."""
+        if not cls.continues_runs or not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        name = data["model"].get("name_or_path")
+        if not isinstance(name, str):
+            return data
+        from .runs import adapter_run
+
+        try:
+            start = adapter_run(name)
+        except ValueError:
+            return data
+        return cls.continue_run(data, start) if start else data
+
+    @classmethod
+    def continue_run(cls, data: dict[str, Any], start: "AdapterRun") -> dict[str, Any]:
+        """The raw settings of a run that trains `start`'s adapter further: lora.r, lora.alpha and
+        lora.target_modules not given are the adapter's (given ones must equal them: rules.start_problems)."""
+        from .runs import with_adapter_lora
+
+        return with_adapter_lora(data, start)
+
+    @property
+    def start(self) -> "AdapterRun | None":
+        """The run this one continues (runs.adapter_run: the folder with the adapter trained further, and its
+        base), for a method that continues runs; None otherwise, or when the folder can't be read (the rules
+        say why)."""
+        if not self.continues_runs:
+            return None
+        from .runs import adapter_run
+
+        try:
+            return adapter_run(self.model.name_or_path)
+        except ValueError:
+            return None
+
     @property
     def base_model(self) -> str:
-        """The base checkpoint under the trained weights (what a run's adapter is applied to): model.name_or_path,
-        unless a method starts from another run's folder and says its base."""
-        return self.model.name_or_path
+        """The base checkpoint under the trained weights (what the run's adapter is applied to): the base of the run
+        it continues (`start`), else model.name_or_path."""
+        start = self.start
+        return start.base if start else self.model.name_or_path
 
     def frozen_models(self) -> list[FrozenModel]:
         """Models loaded beside the trained one (their weights count in `plan`, they are inputs the output folder

@@ -84,7 +84,8 @@ class PreferencePair:
     prompt: role/content messages ending with a user message (system messages kept: the run's chat template
     applies data.system_policy to them as training did); chosen, rejected: one assistant message each.
     prompt_ids: the prompt through `<start_of_turn>model\\n`; chosen_ids, rejected_ids: the answer's tokens
-    through `<end_of_turn>` and `\\n`, cut to data.max_length - len(prompt_ids) when `truncated`.
+    through `<end_of_turn>` and `\\n`, each cut to data.max_length - len(prompt_ids) when it is longer (`cut`:
+    (chosen cut, rejected cut); `truncated`: either).
     """
 
     where: str
@@ -94,7 +95,12 @@ class PreferencePair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    truncated: bool = False
+    cut: tuple[bool, bool] = (False, False)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether either answer was cut at data.max_length."""
+        return any(self.cut)
 
 
 @dataclass
@@ -292,6 +298,18 @@ def _unpaired_messages(data: dict) -> tuple[list[Any], list[Any], bool]:
     return prompt_msgs, prompt_msgs + _answer_messages(_side(data["completion"], "completion")), label
 
 
+def rows_kind(rows: Sequence[Row]) -> str | None:
+    """What the first readable row of `rows` is, by its keys: 'paired' (chosen/rejected), 'unpaired' (KTO's
+    prompt/completion/label) or None (a chat, or no readable row). Reads no further than that row."""
+    for row in rows:
+        if isinstance(row.data, dict):
+            try:
+                return _row_kind(row.data)
+            except BadRow:
+                return None
+    return None
+
+
 def _row_kind(data: Any) -> str:
     """'paired' or 'unpaired'; raises BadRow for a row in neither schema."""
     if isinstance(data, BadRow):
@@ -388,11 +406,13 @@ class _Dropped(BadRow):
     """A pair left out for its length (counted as dropped, not bad)."""
 
 
-def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int, overlong: str) -> tuple[list[list[int]], bool]:
-    """Answers cut to fit `limit` tokens beside the prompt (keep_start), or _Dropped saying why."""
+def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int,
+         overlong: str) -> tuple[list[list[int]], tuple[bool, ...]]:
+    """Answers cut to fit `limit` tokens beside the prompt (keep_start), and which of them were cut; or _Dropped
+    saying why."""
     longest = len(prompt_ids) + max(len(a) for a in answers)
     if longest <= limit:
-        return answers, False
+        return answers, (False,) * len(answers)
     if len(prompt_ids) >= limit:
         raise _Dropped(f"prompt of {len(prompt_ids)} tokens leaves no room for an answer in data.max_length "
                        f"{limit}")
@@ -403,7 +423,7 @@ def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int, overlong: 
     if len(cut) == 2 and cut[0] == cut[1]:
         raise _Dropped(f"chosen and rejected are the same in their first {room} tokens (all data.max_length "
                        f"{limit} leaves beside the prompt)")
-    return cut, True
+    return cut, tuple(len(a) > room for a in answers)
 
 
 def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn], notes: Counter,
@@ -454,7 +474,7 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection,
             prompt, chosen, rejected, p_turns, c_turn, r_turn, schema = _read_pair(
                 row.data, cfg, family, row_notes)
             prompt_ids, answers = _encode(tokenizer, p_turns, [c_turn, r_turn], row_notes, options)
-            (chosen_ids, rejected_ids), truncated = _fit(prompt_ids, answers, limit, cfg.overlong)
+            (chosen_ids, rejected_ids), cut = _fit(prompt_ids, answers, limit, cfg.overlong)
         except _Dropped as exc:
             report.rows_dropped_overlong += 1
             report.dropped(row.where, exc)
@@ -464,9 +484,8 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection,
             continue
         row_notes[SCHEMA_NOTES[schema]] += 1
         notes.update(row_notes)
-        pairs.append(PreferencePair(row.where, prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids,
-                                    truncated))
-        report.rows_truncated += truncated
+        pairs.append(PreferencePair(row.where, prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids, cut))
+        report.rows_truncated += any(cut)
         report.total_tokens += 2 * len(prompt_ids) + len(chosen_ids) + len(rejected_ids)
         report.supervised_tokens += len(chosen_ids) + len(rejected_ids)
     report.rows_kept, report.notes = len(pairs), dict(notes)
@@ -507,9 +526,8 @@ def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSecti
             for completion, turn, label in answers:
                 # KTO's rule: each example's answer starts where its own prompt and sequence ids part.
                 prompt_ids, (completion_ids,) = _encode(tokenizer, p_turns, [turn], row_notes, options)
-                (completion_ids,), truncated = _fit(prompt_ids, [completion_ids], limit, cfg.overlong)
-                built.append(UnpairedExample(row.where, prompt, completion, label, prompt_ids, completion_ids,
-                                             truncated))
+                (completion_ids,), (cut,) = _fit(prompt_ids, [completion_ids], limit, cfg.overlong)
+                built.append(UnpairedExample(row.where, prompt, completion, label, prompt_ids, completion_ids, cut))
         except _Dropped as exc:
             report.rows_dropped_overlong += 1
             report.dropped(row.where, exc)
@@ -570,9 +588,9 @@ def describe_pair(item: PreferencePair | UnpairedExample, tokenizer: Any,
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     yield decode(item.prompt_ids)
     if isinstance(item, PreferencePair):
-        sides = [("chosen", item.chosen_ids), ("rejected", item.rejected_ids)]
+        sides = [("chosen", item.chosen_ids, item.cut[0]), ("rejected", item.rejected_ids, item.cut[1])]
     else:
-        sides = [("desirable" if item.label else "undesirable", item.completion_ids)]
-    for name, ids in sides:
-        cut = " (cut at data.max_length)" if item.truncated else ""
+        sides = [("desirable" if item.label else "undesirable", item.completion_ids, item.truncated)]
+    for name, ids, was_cut in sides:  # only the side that was cut says so
+        cut = " (cut at data.max_length)" if was_cut else ""
         yield f"{name}, {len(ids)} tokens{cut}: {open_mark}{decode(ids)}{close_mark}"

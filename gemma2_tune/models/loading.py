@@ -159,9 +159,10 @@ class LoadRequest:
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device_map: Any = None) -> LoadRequest:
-        """The model a training run's config describes."""
+        """The model a training run's config describes: its base (cfg.base_model: the base of a run it continues,
+        whose adapter the runner puts on it)."""
         q = cfg.quantization
-        return cls(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype,
+        return cls(cfg.base_model, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype,
                    cfg.model.attn_implementation, "4bit" if q.load_in_4bit else None, q.quant_type,
                    q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True, head=cfg.head)
 

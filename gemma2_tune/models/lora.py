@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 
 if TYPE_CHECKING:
+    from ..config.runs import AdapterRun
     from ..config.schema import RunConfig
     from .checks import ModelReport
 
@@ -56,6 +57,38 @@ def lora_modules_outside_decoder(model) -> list[str]:
     prefix = decoder_prefix(model)
     return [name for name, module in base_model(model).named_modules()
             if hasattr(module, "lora_A") and len(module.lora_A) and not name.startswith(f"{prefix}.")]
+
+
+def continue_adapter(model, start: AdapterRun, *, trainable: bool, merge: bool = False,
+                     key: str = "model.name_or_path"):
+    """`model` (start.base, loaded through the one loading path) with the adapter of the run it continues:
+    trainable (LoRA: the adapter trained further, as PEFT's "default" adapter), frozen, or merged into the weights
+    (`merge`: full fine-tuning, a reference). On a sequence classifier (a reward model) the adapter is a SEQ_CLS
+    adapter: a causal LM's adapter (a reward model started from an sft run) gets the classifier's score head as
+    a module trained whole and saved with it (PEFT's modules_to_save), as a new reward run's adapter has. Raises
+    UserError naming `key` when the adapter does not fit the model."""
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    try:
+        if type(model).__name__.endswith("ForSequenceClassification") and not start.reward_model:
+            config = LoraConfig.from_pretrained(start.folder)
+            config.task_type, config.modules_to_save = "SEQ_CLS", ["score"]
+            config.inference_mode = not trainable or merge
+            # PEFT loads a SEQ_CLS adapter with its score head: the causal adapter has none, so the head the
+            # classifier was loaded with (new) is loaded beside the adapter's LoRA weights
+            weights = load_peft_weights(start.folder) | {
+                f"base_model.model.score.{name}": p.detach().clone() for name, p in model.score.named_parameters()}
+            model = get_peft_model(model, config)
+            loaded = set_peft_model_state_dict(model, weights)
+            if loaded.unexpected_keys:
+                raise ValueError(f"weights the model has no place for: {', '.join(loaded.unexpected_keys[:3])}")
+        else:
+            model = PeftModel.from_pretrained(model, start.folder, is_trainable=trainable and not merge)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise UserError(f"{key}: the adapter of {start.folder} does not fit its base '{start.base}': "
+                        f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+    return model.merge_and_unload() if merge else model
 
 
 def base_model(model):

@@ -15,7 +15,7 @@
     compiling.py    training.torch_compile: regional compilation, checked against eager on a probe batch
     kernels.py      training.use_liger_kernel: Liger's kernels, checked against the plain model on a probe batch
     ema.py          training.ema_decay: the moving average of the trainable weights
-    callbacks.py    loss lines, checkpoint markers, SIGTERM, peak memory
+    callbacks.py    loss lines, checkpoint markers, SIGTERM and Ctrl-C, peak memory
     progress.py     live progress bar on a terminal
     checkpoints.py  complete checkpoints and choosing one to resume from
     launch.py       accelerate launches and their shared rules

@@ -123,8 +123,8 @@ class Runner(lifecycle.Runner):
         cfg, tokenizer, family = self.cfg, self.tokenizer, self.family
         rows, source = load_rows(cfg.data)
         rows, held_out = split_rows(rows, cfg)
-        self.prompts, report = build_prompts(rows, tokenizer, cfg.data, family, cfg.distill.max_completion_length,
-                                          empty_thought=self.empty_thought)
+        self.prompts, report, _ = build_prompts(rows, tokenizer, cfg.data, family, cfg.distill.max_completion_length,
+                                                empty_thought=self.empty_thought)
         self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family, cfg.distill.max_completion_length,
                                           empty_thought=self.empty_thought)[0] if held_out else None
         self.data_report = report
@@ -194,7 +194,7 @@ class Runner(lifecycle.Runner):
 def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
                 resume_from: str | None = None) -> dict[str, Any]:
     """Distill as `cfg` says through the run lifecycle; returns the run's manifest (also output.dir/run.json).
-    Raises UserError (teacher/student mismatch, prompts, launch, output folder), Interrupted (SIGTERM)."""
+    Raises UserError (teacher/student mismatch, prompts, launch, output folder), Interrupted (SIGTERM or Ctrl-C)."""
     return lifecycle.train(Runner(cfg), echo, recipe, resume, resume_from)
 
 

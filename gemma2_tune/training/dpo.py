@@ -10,9 +10,10 @@ re-tokenization is skipped.
 
 The reference is the starting policy:
   LoRA, new adapter            the model with its adapter disabled (TRL; no second copy in memory)
-  LoRA, from an sft run        base + the sft adapter, trained further; the reference is a frozen copy of that
-                               adapter (TRL's `ref` adapter): the sft policy, not the raw base. The result is one
-                               adapter on the raw base, so chat/merge/serve read it as they read the sft run.
+  LoRA, from a run (sft, dpo,  base + the run's adapter, trained further; the reference is a frozen copy of that
+  rl: --model RUN)             adapter (TRL's `ref` adapter): the starting policy, not the raw base. The result is
+                               one adapter on the raw base, so chat/merge/serve and the next stage read it as
+                               they read the run it continued.
   full fine-tuning             a second copy of the starting model (an sft adapter merged into it), loaded
                                through the one loading path, frozen (declared in the schema's frozen_models)
 What it leaves out: no on-policy sampling (the pairs are fixed), no reference sync (TR-DPO), no precomputed
@@ -32,14 +33,14 @@ from typing import Any
 from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from ..config.dpo import DpoConfig, sft_start
+from ..config.dpo import DpoConfig
 from ..data.preferences import load_preferences, trl_rows
 from ..data.gemma4 import writes_empty_thought
 from ..data.template import template_record, use_run_template
 from ..errors import UserError
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
-from ..models.lora import inspect_adapters, lora_config
+from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from . import lifecycle
 from .launch import Launch
 from .lifecycle import RunLifecycle
@@ -130,22 +131,14 @@ def read_preferences(cfg, tokenizer, family, kind: str):
 
 
 def load_policy(cfg: DpoConfig, device: Any, *, training: bool = True):
-    """The starting policy through the one loading path: the base (cfg.base_model), with an sft run's adapter
-    applied (trainable, for LoRA) or merged into the weights (full fine-tuning). Returns (model, report).
-    `training=False` gives the frozen reference (full fine-tuning). Raises UserError."""
-    start = sft_start(cfg.model.name_or_path)
+    """The starting policy through the one loading path: the base (cfg.base_model), with the adapter of the run it
+    continues (cfg.start) applied (trainable, for LoRA) or merged into the weights (full fine-tuning). Returns
+    (model, report). `training=False` gives the frozen reference (full fine-tuning). Raises UserError."""
+    start = cfg.start
     request = dataclasses.replace(LoadRequest.for_run(cfg, device), name_or_path=cfg.base_model, training=training)
     model, report = load_model(request)
     if start is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, start.adapter, is_trainable=cfg.lora.enabled and training)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"model.name_or_path: the adapter in {start.folder} does not fit its base "
-                            f"'{start.base}': {str(exc).splitlines()[0][:300]}") from None
-        if not cfg.lora.enabled:
-            model = model.merge_and_unload()
+        model = continue_adapter(model, start, trainable=cfg.lora.enabled and training, merge=not cfg.lora.enabled)
         report.name_or_path = f"{start.base} + adapter {start.folder}"
     if not training:
         model.requires_grad_(False)
@@ -154,7 +147,7 @@ def load_policy(cfg: DpoConfig, device: Any, *, training: bool = True):
 
 
 class Runner(lifecycle.Runner):
-    """dpo's pieces: family and tokenizer from the base (an sft run's base when starting from one); pairs (or
+    """dpo's pieces: family and tokenizer from the base (the base of the run it continues, if any); pairs (or
     KTO examples) checked before anything is written; the policy and its reference; TRL's DPOTrainer or
     KTOTrainer; rewards, margins and accuracy in run.json."""
 
@@ -196,18 +189,10 @@ class Runner(lifecycle.Runner):
                                           "eval": eval_data.summary() if eval_data else None},
             dpo={"loss_type": list(cfg.dpo.loss_type), "loss_weights": cfg.dpo.loss_weights, "beta": cfg.dpo.beta,
                  "label_smoothing": cfg.dpo.label_smoothing, "trainer": "KTOTrainer" if cfg.dpo.unpaired else
-                 "DPOTrainer", "reference": self.reference_kind(), "dropout": "off in policy and reference (TRL)"},
+                 "DPOTrainer", "reference": cfg.reference, "dropout": "off in policy and reference (TRL)"},
             loss_implementation=f"trl {'KTOTrainer' if cfg.dpo.unpaired else 'DPOTrainer'} (chunked log-probabilities "
                                 "of soft-capped logits)",
             chat_template=template_record(self.family, cfg, self.base_chat_template, self.empty_thought))
-
-    def reference_kind(self) -> str:
-        """The reference in words (run.json, log)."""
-        start = sft_start(self.cfg.model.name_or_path)
-        if self.cfg.lora.enabled:
-            return (f"frozen copy of the sft adapter in {start.folder} (TRL's `ref` adapter) on {start.base}" if start
-                    else "the policy with its LoRA adapter disabled")
-        return f"a second copy of {self.cfg.model.name_or_path} ({self.cfg.model.dtype}), frozen"
 
     def build(self, run: RunLifecycle, args):
         """Policy (+ reference) through the one loading path; the trainer (LoRA applied by TRL to a new adapter)."""

@@ -238,10 +238,16 @@ def check_launch(cfg: RunConfig, name: str, num_processes: int | None) -> tuple[
 
 def run_launch(command: str, path: Path, launch: Launch, config_yaml: str, extra: list[str], echo=print) -> int:
     """Start accelerate running `command` on the resolved config (one file every rank reads); returns its
-    exit code."""
+    exit code. Ctrl-C reaches every rank from the terminal, and they stop with a checkpoint: this process waits
+    for them (subprocess.run would kill the launcher a quarter of a second after it)."""
     with tempfile.TemporaryDirectory(prefix="gemma2-tune-launch-") as tmp:
         resolved = Path(tmp) / "resolved-config.yaml"
         resolved.write_text(config_yaml)
         cmd = accelerate_command(command, path, launch.num_processes, resolved, extra)
         echo("launching: " + shlex.join(cmd))
-        return subprocess.run(cmd, check=False).returncode
+        proc = subprocess.Popen(cmd)
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                echo("Ctrl-C: the processes finish their step, save a checkpoint and stop; waiting for them")

@@ -56,11 +56,14 @@ def model_shape(name_or_path: str) -> tuple[Shape, str]:
 
     path = builtin_folder(name_or_path) if is_builtin(name_or_path) else Path(name_or_path).expanduser()
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        from ..config.rl import adapter_base
+        from ..config.runs import adapter_run
 
-        base = adapter_base(path)  # a LoRA run (a reward run beside an RL policy): its base's shape
-        if base and base != name_or_path:
-            return model_shape(base)
+        try:  # a LoRA run (a reward run beside an RL policy): its base's shape
+            start = adapter_run(name_or_path)
+        except ValueError:
+            start = None
+        if start and start.base != name_or_path:
+            return model_shape(start.base)
     family = family_of_name(name_or_path)
     size = family.size_from_name(name_or_path) if family else None
     if is_builtin(name_or_path) and not (path / "config.json").is_file() and not (family and size in family.shapes):

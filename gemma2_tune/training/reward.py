@@ -28,7 +28,7 @@ from ..data.gemma4 import writes_empty_thought
 from ..data.template import template_record, use_run_template
 from ..models.checks import check_kernel_request
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
-from ..models.lora import inspect_adapters, lora_config
+from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from . import lifecycle
 from .dpo import read_preferences
 from .launch import Launch
@@ -91,10 +91,10 @@ class Runner(lifecycle.Runner):
     def prepare(self, launch: Launch, out: Path):
         cfg, m = self.cfg, self.cfg.model
         self.launch = launch
-        family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
+        family, _ = checkpoint_family(cfg.base_model, m.revision, m.trust_remote_code)
         check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
-        self.empty_thought = writes_empty_thought(family, m.name_or_path)
+        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code, family)
+        self.empty_thought = writes_empty_thought(family, cfg.base_model)
         self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
                                                    cfg.data.unsupported_fields, empty_thought=self.empty_thought)
         self.family, self.tokenizer = family, tokenizer
@@ -129,11 +129,15 @@ class Runner(lifecycle.Runner):
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, run.state.local_process_index)))
         # the score is read at the last token that is not padding: the model must know the tokenizer's pad id
         model.config.pad_token_id = self.tokenizer.pad_token_id
+        start = cfg.start
+        if start is not None:  # the run it continues: its adapter trained further (LoRA) or merged in (full)
+            model = continue_adapter(model, start, trainable=cfg.lora.enabled, merge=not cfg.lora.enabled)
+            report.name_or_path = f"{start.base} + adapter {start.folder}"
         trainer = GemmaRewardTrainer(
             model=model, args=args, processing_class=self.tokenizer,
             train_dataset=Dataset.from_list(trl_rows(self.items, "reward")),
             eval_dataset=Dataset.from_list(trl_rows(self.eval_items, "reward")) if self.eval_items else None,
-            peft_config=reward_lora_config(cfg))
+            peft_config=None if hasattr(model, "peft_config") else reward_lora_config(cfg))
         trainer.remove_callback(PrinterCallback)
         keep_adapters_in_fp32(trainer, cfg, launch)
         inspect_adapters(trainer.model, cfg, report)

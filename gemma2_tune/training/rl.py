@@ -39,10 +39,10 @@ from ..data.turns import end_of_turn
 from ..errors import UserError
 from ..models.checks import check_kernel_request, softcaps
 from ..models.loading import checkpoint_family, load_model, load_tokenizer
-from ..models.lora import inspect_adapters, lora_config
+from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from ..models.serving import stop_ids
-from ..rewards import (RewardModelScorer, load_reward_function, load_reward_model, reward_model_tokenizer,
-                       try_reward_functions)
+from ..rewards import (ROW, RewardModelScorer, column_problems, columns_line, load_reward_function, load_reward_model,
+                       reward_model_tokenizer, try_reward_functions)
 from . import lifecycle
 from .generation import CountingGeneration, run_total
 from .launch import Launch
@@ -241,20 +241,30 @@ class Runner(lifecycle.Runner):
         return rl_args(cfg, out, launch, weights)
 
     def load_data(self, run: RunLifecycle) -> dict[str, Any]:
-        """Prompts (each row up to its last user turn), held-out prompts by data.eval_fraction; every reward
-        function tried on a dummy batch. Nothing is written yet."""
+        """Prompts (each row up to its last user turn) and their row columns, held-out prompts by
+        data.eval_fraction; every reward function's parameters checked against the columns, then the function
+        tried on a dummy batch. Nothing is written yet."""
         cfg, tokenizer, family, r = self.cfg, self.tokenizer, self.family, self.cfg.rl
         rows, source = load_rows(cfg.data)
         from .data import split_rows
 
         rows, held_out = split_rows(rows, cfg)
-        self.prompts, report = build_prompts(rows, tokenizer, cfg.data, family, r.max_completion_length,
-                                          empty_thought=self.empty_thought)
-        self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family, r.max_completion_length,
-                                          empty_thought=self.empty_thought)[0] if held_out else None
+        self.prompts, report, columns = build_prompts(rows, tokenizer, cfg.data, family, r.max_completion_length,
+                                                      empty_thought=self.empty_thought)
+        self.eval_prompts, _, eval_columns = build_prompts(
+            held_out, tokenizer, cfg.data, family, r.max_completion_length,
+            empty_thought=self.empty_thought) if held_out else (None, None, [])
         self.data_report = report
-        try_reward_functions(self.functions, self.prompts[0], tokenizer)
+        problems = column_problems(self.functions, columns + eval_columns)
+        if problems:
+            raise UserError("\n".join(problems))
+        for fn in self.functions:  # what TRL's ROW column indexes: the training prompts, then the held-out ones
+            fn.rows = columns + eval_columns
+        try_reward_functions(self.functions, self.prompts[0], tokenizer, columns[0])
         for line in report.summary_lines()[:1] + report.summary_lines()[2:]:
+            run.say(line)
+        line = columns_line(self.functions, columns)
+        if line:
             run.say(line)
         run.say(f"prompts: {len(self.prompts)} ({report.total_tokens:,} tokens); groups of {r.num_generations} "
                 f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at "
@@ -270,6 +280,7 @@ class Runner(lifecycle.Runner):
                 "top_p": r.top_p, "top_k": r.top_k, "max_completion_length": r.max_completion_length,
                 "mask_truncated_completions": r.mask_truncated_completions,
                 "reward_functions": [f.model_dump() for f in r.reward_functions],
+                "reward_function_columns": sorted({name for row in columns for name in row}),
                 "reward_model": cfg.reward_model.name_or_path,
                 "reward_model_template": self.reward_template,
                 "initial_adapter": r.initial_adapter, "generation": "vllm" if r.use_vllm else "transformers",
@@ -286,16 +297,11 @@ class Runner(lifecycle.Runner):
         cfg = self.cfg
         rank = run.state.local_process_index
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, self.launch, rank)))
-        if not cfg.rl.initial_adapter:
+        start = cfg.start
+        if start is None:
             return model, report, lora_config(cfg, model)
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(Path(cfg.rl.initial_adapter).expanduser()),
-                                              is_trainable=True)
-        except Exception as exc:  # noqa: BLE001 - an adapter for another base, a damaged file
-            raise UserError(f"rl.initial_adapter: {cfg.rl.initial_adapter}: cannot load its adapter onto "
-                            f"{cfg.model.name_or_path} ({type(exc).__name__}: {str(exc)[:200]})") from None
+        model = continue_adapter(model, start, trainable=True, key="rl.initial_adapter")
+        report.name_or_path = f"{start.base} + adapter {start.folder}"
         return model, report, None
 
     def _load_reward_model(self, run: RunLifecycle):
@@ -329,8 +335,9 @@ class Runner(lifecycle.Runner):
         try:
             trainer = trainer_class(
                 model=policy, reward_funcs=rewards, args=args,
-                train_dataset=Dataset.from_dict({"prompt": self.prompts}),
-                eval_dataset=Dataset.from_dict({"prompt": self.eval_prompts}) if self.eval_prompts else None,
+                train_dataset=Dataset.from_dict({"prompt": self.prompts, ROW: list(range(len(self.prompts)))}),
+                eval_dataset=Dataset.from_dict({"prompt": self.eval_prompts, ROW: list(range(
+                    len(self.prompts), len(self.prompts) + len(self.eval_prompts)))}) if self.eval_prompts else None,
                 processing_class=self.tokenizer, peft_config=peft)
         except ValueError as exc:  # TRL's own checks of its arguments (e.g. a batch of partial groups)
             raise UserError(f"rl: TRL refused the settings: {exc}") from None
@@ -358,11 +365,9 @@ class Runner(lifecycle.Runner):
                     "prompt + completion rendered with "
                     + ("its own chat template" if self.reward_template == "own" else "the run's chat template")
                     + (" (prompt, answer, <end_of_turn>: defined for an empty answer too)" if scorer.ours else ""))
-        reference = ("the starting adapter (a frozen copy)" if r.initial_adapter else
-                     "the base (adapters disabled)" if cfg.lora.enabled else "a frozen copy of the starting model")
-        run.say(f"rl: {r.algorithm} with groups of {r.num_generations}, KL coefficient {r.beta} to {reference}; "
-                f"launch {launch.describe()}")
-        run.record["rl"]["reference"] = reference if r.beta else None
+        run.say(f"rl: {r.algorithm} with groups of {r.num_generations}, KL coefficient {r.beta}"
+                + (f" to {cfg.reference}" if r.beta else " (no reference)") + f"; launch {launch.describe()}")
+        run.record["rl"]["reference"] = cfg.reference if r.beta else None
         return trainer
 
     def record_training(self, run: RunLifecycle, trainer, runtime_s: float | None) -> None:

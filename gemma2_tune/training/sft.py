@@ -88,7 +88,7 @@ class Runner(lifecycle.Runner):
 def run_sft(cfg: SftConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
             resume_from: str | None = None) -> dict[str, Any]:
     """Train as `cfg` says through the run lifecycle; returns the run's manifest (also output.dir/run.json).
-    Raises UserError (anything the user can fix), Interrupted (SIGTERM, checkpoint saved)."""
+    Raises UserError (anything the user can fix), Interrupted (SIGTERM or Ctrl-C, checkpoint saved)."""
     return lifecycle.train(Runner(cfg), echo, recipe, resume, resume_from)
 
 

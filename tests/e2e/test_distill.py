@@ -223,7 +223,7 @@ def test_prompts_render_as_serving_renders_them(tokenizer):
         try:
             data = DataSection(dataset="x", system_policy=policy)
             use_run_template(tokenizer, family, policy)
-            (prompt,), report = build_prompts([Row("r", row)], tokenizer, data, family, 16)
+            (prompt,), report, _ = build_prompts([Row("r", row)], tokenizer, data, family, 16)
             assert prompt[-1] == {"role": "user", "content": " More? "}
             expected = render(normalise(row["messages"][:4], policy, allow_open_end=True, family=family),
                               add_generation_prompt=True).text
@@ -246,7 +246,7 @@ def test_prompt_only_rows_are_read_as_their_conversation(tokenizer):
                                  {"role": "user", "content": "More?"}]}),
             Row("c", {"prompt": "Q", "completion": "A"}), Row("d", {"completion": "A"}), Row("e", ["not", "a row"]),
             Row("f", {"prompt": 42})]
-    prompts, report = build_prompts(rows, tokenizer, DataSection(dataset="x"), GEMMA2, 16)
+    prompts, report, _ = build_prompts(rows, tokenizer, DataSection(dataset="x"), GEMMA2, 16)
     assert prompts == [[{"role": "user", "content": "Say hello"}],
                        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
                         {"role": "user", "content": "More?"}],
