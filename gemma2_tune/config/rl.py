@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ..errors import ConfigError
+from ..families import Shape
+from .memory import DTYPE_BYTES, nf4_weight_bytes
 from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, reward_model_kind, run_problems,
                     start_problems)
 from .runs import AdapterRun, adapter_folder, adapter_run, missing_folder, unfinished_run
@@ -204,6 +206,43 @@ class RlConfig(RunConfig):
             return f"the starting policy: a frozen copy of the adapter of {start.folder} (TRL's `ref` adapter)"
         return ("the starting model, its LoRA adapter disabled (no second copy in memory)" if self.lora.enabled else
                 "a frozen copy of the starting model")
+
+    def memory_terms(self, policy: Shape, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Shape]) -> dict[str, float]:
+        """What online RL adds to the policy's memory: the KV cache while it generates the step's completions
+        (per_device_train_batch_size x gradient_accumulation_steps of them at once: prompts x the group size, in
+        model.dtype), the reference (LoRA: the policy with adapters switched, no extra weights; full fine-tuning with a
+        KL term: a frozen copy, sharded by ZeRO-3) and its forward without gradients, the reward model's weights
+        (4-bit, 8-bit with per-row scales, or model.dtype) and one layer's forward, and TRL's fused log-prob head
+        (fp32 tiles of 4096 positions x the vocabulary chunk, x3 with temporaries, + fp32 hidden states)."""
+        dtype = DTYPE_BYTES[self.model.dtype]
+        r = self.rl
+        completions = b * self.training.gradient_accumulation_steps
+        terms: dict[str, float] = {
+            f"generation KV cache ({completions} completions: {completions // r.num_generations} prompts x group "
+            f"{r.num_generations})": completions * t * policy.layers * 2 * policy.kv_heads * policy.head_dim * dtype,
+        }
+        scores = b * policy.heads * t * t * 6 if self.model.attn_implementation == "eager" else 0
+        forward = scores + (4 * policy.hidden + 4 * policy.intermediate) * b * t * 2
+        if r.beta:
+            if not self.lora.enabled:
+                terms["reference weights (frozen copy)"] = policy.total_params * dtype / n
+            terms["reference forward (no gradients)"] = forward
+        reward = frozen.get("reward_model")
+        if reward is not None:
+            load_in = self.reward_model.load_in
+            if load_in == "4bit":
+                weights = nf4_weight_bytes(reward, self)
+            elif load_in == "8bit":
+                weights = reward.linear_params * (1 + 4 / reward.hidden) + reward.other_params * dtype
+            else:
+                weights = reward.total_params * dtype / n
+            terms["reward model weights"] = weights
+            terms["reward model forward (no gradients)"] = (b * reward.heads * t * t * 6 if
+                                                            self.reward_model.attn_implementation == "eager" else 0) + (
+                4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
+        terms["loss"] = min(b * t, 4096) * min(policy.vocab, 32768) * 4 * 3 + b * t * policy.hidden * 8
+        return terms
 
 
 def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | None:

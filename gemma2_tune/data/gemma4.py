@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 from ..families import Family
 from ..families import gemma4_format as g4
-from .turns import (ROLE_NAMES, BadRow, Reasoning, Rendered, SystemPolicy, Text, ToolCall, ToolDeclaration,
+from .parts import (ROLE_NAMES, BadRow, Reasoning, Rendered, SystemPolicy, Text, ToolCall, ToolDeclaration,
                     ToolResponse, Turn, _unencodable)
 
 ROLES = {**ROLE_NAMES, "tool": "tool"}

@@ -19,11 +19,15 @@ lines; Gemma 3's template takes one first system message verbatim plus a blank l
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Sequence
 
 from ..families import GEMMA2, Family
 from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
+from .gemma4 import normalise as normalise_gemma4
+from .gemma4 import render as render_gemma4
+# The parts of a turn are parts.py's; importers of the format read them here too.
+from .parts import (ROLE_NAMES, BadRow, Part, Reasoning, Rendered, SystemPolicy, Text, ToolCall,  # noqa: F401
+                    ToolDeclaration, ToolResponse, Turn, _unencodable)
 
 IGNORE_INDEX = -100  # label of a token that is not learned (PyTorch cross-entropy's ignore_index)
 BOS = "<bos>"
@@ -35,17 +39,6 @@ END = "<end_of_turn>"
 CONTROL_MARKERS = (START, END, "<|im_start|>", "<|im_end|>", BOS, "<eos>", "<pad>", "<unk>", "<mask>",
                    "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<unused")
 
-ROLE_NAMES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "model",
-    "model": "model",
-    "gpt": "model",
-    "bot": "model",
-}
-
-SystemPolicy = Literal["fold", "drop", "error"]
 EMPTY_SYSTEM = "empty system message dropped"
 # OpenAI-style content parts that carry text (chat completions' "text"; the Responses API's input/output_text).
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
@@ -55,10 +48,6 @@ def end_of_turn(family: Family) -> str:
     """The token that ends a model turn (the model learns to write it, generation stops at it): <end_of_turn>
     (Gemma 2/3) or <turn|> (Gemma 4)."""
     return GEMMA4_TURN_END if family.turn_format == "gemma4" else END
-
-
-class BadRow(ValueError):
-    """A row that can't become a valid Gemma conversation; the message says why."""
 
 
 def content_text(content: Any, where: str) -> str:
@@ -84,80 +73,6 @@ def content_text(content: Any, where: str) -> str:
     return " ".join(texts)
 
 
-def _unencodable(text: str) -> int | None:
-    """Index of the first character UTF-8 cannot encode (a lone UTF-16 surrogate: half of an emoji, left by a
-    cut or mis-encoded file), or None."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as exc:
-        return exc.start
-
-
-@dataclass(frozen=True)
-class Text:
-    """Text in a turn, as rendered (already trimmed the way the family's template trims it)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Reasoning:
-    """A model's thought, written in Gemma 4's thought channel before what it answers (verbatim: not trimmed)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A call the model makes: a function name and its arguments (a JSON object; None: no arguments)."""
-
-    name: str
-    arguments: Mapping[str, Any] | None
-
-
-@dataclass(frozen=True)
-class ToolResponse:
-    """What a tool returned to the model (from the environment: never supervised), as text."""
-
-    name: str
-    response: str
-
-
-@dataclass(frozen=True)
-class ToolDeclaration:
-    """A tool the model may call, declared in the system turn: an OpenAI-style function (name, description,
-    parameters as JSON Schema)."""
-
-    function: Mapping[str, Any]
-
-
-# What a turn is made of. Images and audio become parts of their own when media are trained.
-Part = Union[Text, Reasoning, ToolCall, ToolResponse, ToolDeclaration]
-
-
-@dataclass(frozen=True, init=False)
-class Turn:
-    """One turn: a role ('user', 'model'; Gemma 4 also 'system') and its parts in the order they are rendered.
-
-    Gemma 2/3 turns are one Text part (system text already folded in); `Turn("user", "hi")` is
-    `Turn("user", (Text("hi"),))`. A Gemma 4 model turn holds everything the model writes and reads until its
-    `<turn|>`: reasoning, tool calls, the tool responses it reads, text.
-    """
-
-    role: Literal["system", "user", "model"]
-    parts: tuple[Part, ...]
-
-    def __init__(self, role: str, parts: str | Sequence[Part]):
-        object.__setattr__(self, "role", role)
-        object.__setattr__(self, "parts", (Text(parts),) if isinstance(parts, str) else tuple(parts))
-
-    @property
-    def text(self) -> str:
-        """The turn's text parts, joined."""
-        return "".join(p.text for p in self.parts if isinstance(p, Text))
-
-
 def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_open_end: bool = False,
               family: Family = GEMMA2, notes: Counter | None = None, tools: Any = None, thinking: bool = False,
               preserve_thinking: bool = False) -> list[Turn]:
@@ -173,8 +88,6 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
     (enable_thinking) and `preserve_thinking` are its template's switches. Gemma 2/3 refuse `tools` and thinking.
     """
     if family.turn_format == "gemma4":
-        from .gemma4 import normalise as normalise_gemma4
-
         return normalise_gemma4(messages, system_policy, tools=tools, allow_open_end=allow_open_end,
                                 thinking=thinking, preserve_thinking=preserve_thinking, notes=notes)
     if tools:
@@ -233,15 +146,6 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
     return turns
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """A conversation as text, and the character spans [start, end) that are learned: each model turn's
-    text and its <end_of_turn>."""
-
-    text: str
-    supervised: tuple[tuple[int, int], ...]
-
-
 def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, family: Family = GEMMA2,
            thinking: bool = False, empty_thought: bool = False) -> Rendered:
     """Turns -> `<bos><start_of_turn>role\ntext<end_of_turn>\n...`, plus `<start_of_turn>model\n` when
@@ -252,8 +156,6 @@ def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, family
     ValueError for turns that only Gemma 4 has (a system turn, non-text parts) rendered in Gemma 2/3's format.
     """
     if family.turn_format == "gemma4":
-        from .gemma4 import render as render_gemma4
-
         return render_gemma4(turns, add_generation_prompt=add_generation_prompt, thinking=thinking,
                              empty_thought=empty_thought)
     if any(t.role == "system" or any(not isinstance(p, Text) for p in t.parts) for t in turns):
