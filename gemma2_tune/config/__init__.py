@@ -6,6 +6,7 @@
     dpo.py        the `dpo` schema (DpoConfig: + dpo; preference pairs, KTO's unpaired examples)
     reward.py     the `reward` schema (RewardConfig: + reward; a one-score head on preference pairs)
     rl.py         the `rl` schema (RlConfig: + rl: algorithm, group, KL, clipping, rewards) and its rules
+    rewards.py    reward functions and reward models as a run or `eval` names them (rl, eval, rewards.py read it)
     rules.py      rules every method shares, reading the model's family
     methods.py    which method (so which schema) a recipe, a saved config or a command is written for
     memory.py     the memory model: bytes per process of a run, term by term (plan, the micro-batch choice)

@@ -16,45 +16,17 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from ..errors import ConfigError
 from ..families import Shape
 from .memory import DTYPE_BYTES, nf4_weight_bytes
-from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, reward_model_kind, run_problems,
+from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, run_problems,
                     start_problems)
-from .runs import AdapterRun, adapter_folder, adapter_run, missing_folder, unfinished_run
+from .rewards import RewardFunction, RewardModelSection, reward_model_path_problem, reward_run
+from .runs import AdapterRun, adapter_run
 from .schema import FrozenModel, OutputSection, RunConfig, Section, TrainingSection
 
 # TRL 1.16's GRPOTrainer loss types (GRPOConfig.loss_type), and RLOO (RLOOTrainer: leave-one-out baseline).
 GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
 ALGORITHMS = GRPO_LOSSES + ("rloo",)
-
-
-class RewardFunction(Section):
-    """A Python reward function, TRL's signature: `f(prompts, completions, **columns) -> list[float]`, one
-    reward per completion (prompts and completions are message lists: completion[0]['content'] is the text)."""
-
-    path: str = Field(description="A .py file defining the function (relative to the working directory).")
-    name: str = Field(description="The function's name in that file.")
-    weight: float = Field(1.0, description="Its weight in the summed reward.")
-
-    @property
-    def label(self) -> str:
-        """`path:name`, as messages name it."""
-        return f"{self.path}:{self.name}"
-
-
-class RewardModelSection(Section):
-    """A reward model: any sequence-classification checkpoint with one output (a `gemma2-tune reward` run, or
-    a hub id), frozen, in eval mode, scoring prompt + completion rendered with its own chat template (ours when
-    it has none)."""
-
-    name_or_path: str | None = Field(None, description="Hub id or local folder of the reward model (null: none).")
-    load_in: Literal["4bit", "8bit", "full"] = Field(
-        "full", description="Its precision: 4-bit NF4 (quantization.* settings), 8-bit, or `full` (model.dtype).")
-    weight: float = Field(1.0, description="Its weight in the summed reward.")
-    attn_implementation: Literal["eager", "sdpa"] = Field(
-        "eager", description="Its attention kernel (eager keeps Gemma 2's soft-caps).")
-    trust_remote_code: bool = Field(False, description="Passed to transformers when loading it.")
 
 
 class RlSection(Section):
@@ -243,46 +215,6 @@ class RlConfig(RunConfig):
                 4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
         terms["loss"] = min(b * t, 4096) * min(policy.vocab, 32768) * 4 * 3 + b * t * policy.hidden * 8
         return terms
-
-
-def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | None:
-    """--reward-function PATH.py:NAME[=WEIGHT] items -> rl.reward_functions entries (None: not given). Raises
-    ConfigError naming the item that is not of that form."""
-    if not items:
-        return None
-    specs = []
-    for item in items:
-        target, _, weight = item.partition("=")
-        path, sep, name = target.rpartition(":")
-        if not sep or not path or not name:
-            raise ConfigError([f"--reward-function {item}: expected PATH.py:NAME (optionally =WEIGHT)"])
-        try:
-            specs.append({"path": path, "name": name, "weight": float(weight) if weight else 1.0})
-        except ValueError:
-            raise ConfigError([f"--reward-function {item}: the weight after '=' must be a number"]) from None
-    return specs
-
-
-def reward_model_path_problem(name: str, key: str) -> str | None:
-    """Why `name` can't be a reward model, from its files alone (naming `key`): no such folder (a local path, or a
-    bare name, which is no hub id), a run that holds no trained weights yet, a LoRA adapter of a causal LM. None:
-    it may be one (whether it is a one-output sequence classifier is checked when its config loads)."""
-    missing = missing_folder(name, bare_names=True)
-    if missing:
-        return f"{key}: {name}: {missing}"
-    unfinished = unfinished_run(name)
-    if unfinished:
-        return f"{key}: {unfinished}"
-    if adapter_folder(name) and not reward_run(name):
-        return (f"{key}: {name} is a LoRA adapter of a causal LM, not a reward model (a `gemma2-tune reward` run or "
-                "a one-output sequence classifier)")
-    return None
-
-
-def reward_run(name: str) -> bool:
-    """A local `gemma2-tune reward` run (or any PEFT SEQ_CLS adapter): adapter_config.json with task_type SEQ_CLS
-    and no whole model beside it."""
-    return adapter_folder(name) and reward_model_kind(name) is not None
 
 
 def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:

@@ -27,7 +27,8 @@ from ..config.distill import DistillConfig
 from ..config.dpo import DpoConfig
 from ..config.reward import RewardConfig
 from ..config.schema import RunConfig
-from ..config.rl import RlConfig, reward_function_specs
+from ..config.rewards import reward_function_specs
+from ..config.rl import RlConfig
 from ..config.sft import SftConfig
 
 

@@ -42,7 +42,8 @@ def test_a_reward_model_reads_the_templates_rendering_and_an_empty_answer_is_def
 
 def test_a_reward_run_is_a_reward_model_and_a_causal_lm_adapter_is_not(tmp_path):
     from gemma2_tune.config.layering import resolve
-    from gemma2_tune.config.rl import RlConfig, reward_run
+    from gemma2_tune.config.rewards import reward_run
+    from gemma2_tune.config.rl import RlConfig
     from gemma2_tune.errors import ConfigError
 
     common = ["model.name_or_path=builtin:tiny-gemma2", "rl.reward_functions=[]"]
@@ -302,7 +303,7 @@ def test_an_interrupted_run_in_the_output_folder_suggests_resuming_it(tmp_path):
 
 def reward_function(tmp_path, code: str, name: str):
     """`name` from a reward module holding `code`, loaded as rl loads it."""
-    from gemma2_tune.config.rl import RewardFunction
+    from gemma2_tune.config.rewards import RewardFunction
     from gemma2_tune.rewards import load_reward_function
 
     path = tmp_path / f"{name}_rewards.py"
