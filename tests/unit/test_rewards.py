@@ -4,6 +4,8 @@ reward models, and eval's reward options checked before any model loads."""
 import json
 import re
 
+import sys
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -138,12 +140,22 @@ def test_a_reward_model_is_refused_wherever_a_model_must_generate(tmp_path):
     ["eval", "--adapter", "{run}", "--dataset", "concise-held-out", "--max-new-tokens", "5"],
 ])
 def test_chat_serve_export_and_eval_refuse_a_reward_model_before_loading_it(args, tmp_path, monkeypatch):
+    import importlib
+    import pkgutil
+
+    import gemma2_tune.after
     import gemma2_tune.after.inference as inference
     import gemma2_tune.models.loading as loading
 
+    # every module that bound a loader by name gets the failing one (imported first, so none binds it for good)
+    for info in pkgutil.walk_packages(gemma2_tune.after.__path__, "gemma2_tune.after."):
+        importlib.import_module(info.name)
     run, merged = reward_model_folders(tmp_path)
-    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    loaders = (inference.load, loading.load_model)
+    for module in [m for name, m in sys.modules.items() if name.startswith("gemma2_tune.")]:
+        for attr, value in list(vars(module).items()):
+            if any(value is loader for loader in loaders):
+                monkeypatch.setattr(module, attr, lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, [a.format(run=run, merged=merged) for a in args])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
