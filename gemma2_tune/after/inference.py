@@ -229,12 +229,13 @@ class Sampling:
 
 
 def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, family: Family, *,
-               thinking: bool = False, empty_thought: bool = False):
+               thinking: bool = False, empty_thought: bool = False, tools: Any = None):
     """The conversation so far + the model's turn header, exactly as in training: (1, length) ids. `thinking`,
-    `empty_thought`: Gemma 4's switches (turns.render). Raises BadRow when the conversation can't be rendered."""
+    `empty_thought`, `tools` (OpenAI-style declarations): Gemma 4's (turns.render). Raises BadRow when the
+    conversation can't be rendered."""
     options = {"family": family, "thinking": thinking}
-    text = render(normalise(messages, system_policy, allow_open_end=True, **options), add_generation_prompt=True,
-                  empty_thought=empty_thought, **options).text
+    turns = normalise(messages, system_policy, allow_open_end=True, **options, **({"tools": tools} if tools else {}))
+    text = render(turns, add_generation_prompt=True, empty_thought=empty_thought, **options).text
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
 

@@ -38,6 +38,7 @@ class ModelFolder:
     family: Any
     source: str
     merge_report: dict | None = None
+    enable_thinking: bool = False  # Gemma 4: the run rendered its rows with thinking on (data.enable_thinking)
 
 
 def pid_alive(pid: int) -> bool:
@@ -95,7 +96,7 @@ def model_folder(target: str, *, command: str, name: str | None = None, dtype: s
     label = name or (path.parent.name + "-ema" if path.name == "ema" else path.name)
     if not run.is_adapter:
         family, _ = checkpoint_family(str(path))
-        yield ModelFolder(path, label, run.system_policy, family, str(path))
+        yield ModelFolder(path, label, run.system_policy, family, str(path), enable_thinking=run.enable_thinking)
         return
     remove_stale_folders(Path(tempfile.gettempdir()), echo)
     work = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
@@ -105,6 +106,7 @@ def model_folder(target: str, *, command: str, name: str | None = None, dtype: s
              "exit)")
         report = merge(str(path), str(work / "merged"), dtype=dtype, echo=lambda line: echo(f"  {line}"))
         family, _ = checkpoint_family(str(work / "merged"))
-        yield ModelFolder(work / "merged", label, run.system_policy, family, str(path), report)
+        yield ModelFolder(work / "merged", label, run.system_policy, family, str(path), report,
+                          enable_thinking=run.enable_thinking)
     finally:
         shutil.rmtree(work, ignore_errors=True)

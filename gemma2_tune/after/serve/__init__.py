@@ -8,6 +8,9 @@ it right for a tuned Gemma, and safe under hostile input:
   into its base by `merge` (self-checked) into a temporary folder, removed at exit (and at the next start if
   the server was killed); both load with eager attention, and the loaded model is checked (kernel in use,
   soft-caps) as training checks it;
+- Gemma 4: a request may declare `tools`, send the model's tool calls back with the tools' answers, and set
+  `chat_template_kwargs.enable_thinking` (default: as the run trained); the reply's thought, text and tool calls
+  come apart as OpenAI's `reasoning_content`, `content` and `tool_calls`, never mixed into the text;
 - the conversation: rendered by the training renderer with the run's system policy and tokenized by the
   folder's tokenizer (what the folder's chat template renders, by construction); a request can change neither
   the template nor the stop tokens nor any other generation setting outside the documented, bounded fields;
@@ -25,6 +28,7 @@ The package, by what each module decides:
 - `engines.py`: how generation runs (sequential or continuous batching), and the one place serve reaches below
   transformers' documented API;
 - `routes.py`: the HTTP surface (OpenAI's endpoints and error shape, body limits, the API key, streaming);
+- `replies.py`: a Gemma 4 reply as OpenAI's message (its thought as `reasoning_content`, its text, its tool calls);
 - `run.py`: `serve` itself: load, check, listen, stop.
 """
 

@@ -8,8 +8,10 @@ text pieces out, and a cancel that stops the work the request still holds.
   temperature / top_p / greedy; stop strings, logit bias, penalties and seeds are not available (the server
   refuses them in this mode). Gemma 2's attention soft-cap is kept by `softcapped_paged_attention`.
 
-Both stop at the folder's stop tokens (`<end_of_turn>`); a request cannot change them. The text a request gets is
-`generated_text` of its tokens, the same as `chat` shows for the same tokens (`TextPieces`).
+Both stop at the folder's stop tokens (`<end_of_turn>`; Gemma 4: <turn|>, <|tool_response>); a request cannot
+change them. The text a request gets is `generated_text` of its tokens, the same as `chat` shows for the same tokens
+(`TextPieces`); a Gemma 4 engine (`raw`) sends the text with its special tokens, which replies.py splits into the
+thought, the text and the tool calls.
 
 This is the one module that uses transformers below its documented `generate`/`from_pretrained` surface
 (continuous batching's manager and config, the paged attention registry): `internals_problem` checks every such
@@ -78,8 +80,8 @@ class SequentialEngine:
 
     name = "sequential"
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, raw: bool = False):
+        self.model, self.tokenizer, self.raw = model, tokenizer, raw
         self.jobs: queue_module.Queue = queue_module.Queue()
         # One thread runs every generate call: torch.compile's CUDA graphs keep thread-local state.
         threading.Thread(target=self._work, name="gemma2-tune-generate", daemon=True).start()
@@ -112,7 +114,7 @@ class SequentialEngine:
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        streamer = GenerateStreamer(TextPieces(self.tokenizer), loop, queue)
+        streamer = GenerateStreamer(TextPieces(self.tokenizer, self.raw), loop, queue)
         config = self.generation_config(settings)
         model, tokenizer = self.model, self.tokenizer
 
@@ -142,13 +144,14 @@ class TextPieces:
     """Generated token ids in, text pieces out; the pieces of one generation join to exactly
     `generated_text(tokenizer, ids)`. Each piece is emitted as soon as its characters are complete (tokenizers'
     DecodeStream, O(1) per token); bytes a token left incomplete (a multi-byte character cut by the token limit)
-    come out at `finish` as U+FFFD, as `tokenizer.decode` writes them."""
+    come out at `finish` as U+FFFD, as `tokenizer.decode` writes them. `raw`: special tokens written out (each
+    whole within one piece), for a format whose replies carry structure in them (Gemma 4)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, raw: bool = False):
         from tokenizers.decoders import DecodeStream
 
-        self.tokenizer = tokenizer
-        self.stream = DecodeStream(skip_special_tokens=True)
+        self.tokenizer, self.raw = tokenizer, raw
+        self.stream = DecodeStream(skip_special_tokens=not raw)
         self.ids: list[int] = []
         self.sent = ""
         self.total_tokens = 0
@@ -168,7 +171,8 @@ class TextPieces:
         """What the decoded whole still has beyond the pieces sent (None: nothing)."""
         from ...models.serving import generated_text
 
-        whole = generated_text(self.tokenizer, self.ids)
+        whole = (self.tokenizer.decode(self.ids, skip_special_tokens=False) if self.raw
+                 else generated_text(self.tokenizer, self.ids))
         rest = whole[len(self.sent):] if whole.startswith(self.sent) else ""
         self.sent += rest
         return rest or None
@@ -230,11 +234,11 @@ class BatchingEngine:
     CPU_CONTEXTS = 4  # on a CPU the cache holds this many full contexts (more requests when they are shorter)
     CPU_BATCH_TOKENS = 512  # and a forward pass takes at most this many tokens
 
-    def __init__(self, model, tokenizer, context: int | None = None):
+    def __init__(self, model, tokenizer, context: int | None = None, raw: bool = False):
         from transformers import ContinuousBatchingConfig
 
         register_softcapped_paged_attention()
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.raw = model, tokenizer, raw
         self.vocab = model.config.get_text_config().vocab_size
         self.eos = generation_stop_ids(model.generation_config)
         config = copy.deepcopy(model.generation_config)
@@ -256,7 +260,7 @@ class BatchingEngine:
             raise RuntimeError(f"the batching loop stopped: {self.cb.background_thread_status.fatal_error}")
         queue: asyncio.Queue = asyncio.Queue()
         request_id = f"req-{uuid.uuid4().hex}"
-        streamer = BatchStreamer(TextPieces(self.tokenizer), queue, lambda: self.cb.cancel_request(request_id))
+        streamer = BatchStreamer(TextPieces(self.tokenizer, self.raw), queue, lambda: self.cb.cancel_request(request_id))
 
         def on_output(output) -> None:  # called on the event loop
             try:
@@ -363,6 +367,17 @@ def load_for_serving(folder, *, dtype: str = "auto", device: str = "auto"):
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise UserError(f"serve: could not load {folder}: {str(exc).splitlines()[0][:300]}") from None
     return model.eval()
+
+
+def batching_problem(model) -> str | None:
+    """Why transformers' continuous batching cannot run `model` (None: it can). Its paged cache sizes every layer
+    from the text config's one `head_dim`; Gemma 4's differ per layer (sliding and full attention), and the
+    config refuses the global read: every request would fail inside the batching loop."""
+    try:
+        model.config.get_text_config().head_dim
+    except Exception as exc:  # noqa: BLE001 - transformers' per-layer attribute guard (an AttributeError subclass?)
+        return f"its config has no single head_dim ({str(exc).split('.')[0][:120]})"
+    return None
 
 
 def internals_problem(continuous_batching: bool = True) -> str | None:

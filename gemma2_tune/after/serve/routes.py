@@ -1,6 +1,7 @@
 """The HTTP surface: OpenAI's /v1/chat/completions (streamed or whole), /v1/models and /health, errors in
 OpenAI's shape (never a traceback), a body limit enforced while reading (413 before parsing), an optional API key
-compared in constant time, and a client that leaves stops its generation.
+compared in constant time, and a client that leaves stops its generation. A Gemma 4 reply comes as OpenAI's
+message: `reasoning_content` (its thought), `content`, `tool_calls` (finish_reason "tool_calls"): replies.py.
 
 (no `from __future__ import annotations`: FastAPI reads annotations at runtime)
 """
@@ -12,6 +13,7 @@ import time
 import uuid
 
 from .engines import Settings, generation_stop_ids
+from .replies import ReplySplitter, read_calls, special_strings
 from .schema import Checked, Served, check_request, default_max_request_bytes
 
 
@@ -68,6 +70,18 @@ class Completions:
         self.served, self.engine, self.limit = served, engine, limit
         self.batching = getattr(engine, "name", "") == "continuous batching"
         self.eos = set(generation_stop_ids(engine.model.generation_config))
+        self.special = special_strings(served.tokenizer) if served.gemma4 else []
+
+    def splitter(self) -> ReplySplitter | None:
+        """A Gemma 4 reply's splitter (None: Gemma 2/3 replies are text)."""
+        return ReplySplitter(self.special) if self.served.gemma4 else None
+
+    def calls(self, splitter: ReplySplitter | None, checked: Checked) -> tuple[list[dict], str]:
+        """The reply's tool calls as OpenAI's, and the text of those that could not be read."""
+        if splitter is None or not splitter.calls:
+            return [], ""
+        calls, unread = read_calls(self.served.tokenizer, splitter.calls, checked.tools)
+        return calls, splitter.plain(unread)
 
     def finish_reason(self, generation, settings: Settings) -> str:
         hit_limit = generation.tokens >= settings.max_new_tokens and generation.last_token not in self.eos
@@ -127,14 +141,15 @@ class Completions:
                 yield self.failure_event(f"{type(exc).__name__}: {str(exc)[:300]}")
                 return
             yield self.chunk(cid, {"role": "assistant", "content": ""})
+            splitter = self.splitter()
             while True:
                 item = await generation.queue.get()
                 pieces = [item]
                 while not generation.queue.empty() and isinstance(pieces[-1], str):
                     pieces.append(generation.queue.get_nowait())
                 text = "".join(p for p in pieces if isinstance(p, str))
-                if text:
-                    yield self.chunk(cid, {"content": text})
+                for delta in (splitter.feed(text) if splitter else [{"content": text}] if text else []):
+                    yield self.chunk(cid, delta)
                 end = pieces[-1]
                 if end is None:
                     ended = True
@@ -143,8 +158,17 @@ class Completions:
                     ended = True
                     yield self.failure_event(end.message)
                     return
-            yield self.chunk(cid, {}, self.finish_reason(generation, checked.settings),
-                             {"usage": self.usage(checked, generation)})
+            reason = self.finish_reason(generation, checked.settings)
+            if splitter is not None:
+                for delta in splitter.finish():
+                    yield self.chunk(cid, delta)
+                calls, unread = self.calls(splitter, checked)
+                if unread:
+                    yield self.chunk(cid, {"content": unread})
+                if calls:
+                    reason = "tool_calls"
+                    yield self.chunk(cid, {"tool_calls": [{"index": k} | c for k, c in enumerate(calls)]})
+            yield self.chunk(cid, {}, reason, {"usage": self.usage(checked, generation)})
             yield "data: [DONE]\n\n"
         finally:
             if generation is not None and not ended:
@@ -181,10 +205,21 @@ class Completions:
                 generation.cancel()  # the client left: stop generating for it
             gone.cancel()
         message = {"role": "assistant", "content": "".join(pieces)}
+        reason = self.finish_reason(generation, checked.settings)
+        splitter = self.splitter()
+        if splitter is not None:  # the same splitting as a stream's, so both say the same
+            splitter.feed(message["content"])
+            splitter.finish()
+            calls, unread = self.calls(splitter, checked)
+            message = {"role": "assistant", "content": splitter.content + unread}
+            if splitter.reasoning:
+                message["reasoning_content"] = splitter.reasoning
+            if calls:
+                message["tool_calls"], reason = calls, "tool_calls"
         return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()),
                              "model": self.served.name,
                              "choices": [{"index": 0, "message": message, "logprobs": None,
-                                          "finish_reason": self.finish_reason(generation, checked.settings)}],
+                                          "finish_reason": reason}],
                              "usage": self.usage(checked, generation)})
 
     async def __call__(self, request):

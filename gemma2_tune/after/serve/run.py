@@ -50,7 +50,9 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
         raise UserError("serve needs transformers' serving extras: pip install 'gemma2-tune[serve]'") from None
     from ...models.checks import check_loaded
     from ...models.loading import load_tokenizer
-    from .engines import BatchingEngine, SequentialEngine, internals_problem, load_for_serving
+    from ...data.gemma4 import writes_empty_thought
+    from .engines import (BatchingEngine, SequentialEngine, batching_problem, generation_stop_ids, internals_problem,
+                          load_for_serving)
     from .routes import build_app
 
     moved = internals_problem(continuous_batching)
@@ -68,25 +70,35 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
     if port_problem:
         raise UserError(f"serve: cannot listen on {host}:{port}: {port_problem} (nothing was loaded)")
     with model_folder(target, command="serve", name=name, dtype=dtype, echo=echo) as found:
-        served = Served(found.folder, found.name, found.system_policy, found.family, found.source)
+        served = Served(found.folder, found.name, found.system_policy, found.family, found.source,
+                        thinking=found.enable_thinking,
+                        empty_thought=writes_empty_thought(found.family, str(found.folder)))
         model = load_for_serving(served.folder, dtype=dtype or "auto", device=device)
         for warning in check_loaded(model, served.family, "eager", str(model.dtype).replace("torch.", "")):
             echo(f"warning: {warning}")
         served.tokenizer = load_tokenizer(str(served.folder))
-        served.context = getattr(model.config, "max_position_embeddings", None)
+        served.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # the decoder's
         served.vocab_size = model.config.get_text_config().vocab_size
         served.max_token_chars = longest_token_chars(served.tokenizer)
         folder = model.generation_config
         served.sampling = (bool(folder.do_sample), folder.temperature or 1.0, folder.top_p or 1.0)
-        engine = (BatchingEngine(model, served.tokenizer, served.context) if continuous_batching
-                  else SequentialEngine(model, served.tokenizer))
+        unbatchable = batching_problem(model) if continuous_batching else None
+        if unbatchable:
+            echo(f"continuous batching: transformers' cannot run this model ({unbatchable}); serving one request "
+                 "at a time")
+        engine = (BatchingEngine(model, served.tokenizer, served.context, raw=served.gemma4)
+                  if continuous_batching and not unbatchable else SequentialEngine(model, served.tokenizer, raw=served.gemma4))
         app = build_app(served, engine, api_key, max_request_bytes)
         limit = max_request_bytes or default_max_request_bytes(served.context)
+        stops = generation_stop_ids(model.generation_config)
         where = f"http://{host}:{port}/v1"
         echo(f"serving '{served.name}' ({served.source}) at {where}: eager attention, soft-caps "
              f"{getattr(model.config, 'attn_logit_softcapping', None)}/"
              f"{getattr(model.config, 'final_logit_softcapping', None)}, system policy '{served.system_policy}', "
-             f"stops at <end_of_turn>, {engine.name}, bodies up to {limit} bytes"
+             f"stops at {', '.join(served.tokenizer.convert_ids_to_tokens(stops))}, "
+             + (f"thinking {'on' if served.thinking else 'off'} unless a request sets chat_template_kwargs."
+                "enable_thinking, tools and tool calls in Gemma 4's syntax, " if served.gemma4 else "")
+             + f"{engine.name}, bodies up to {limit} bytes"
              + ("; API key required" if api_key else ""))
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model")

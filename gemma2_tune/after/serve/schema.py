@@ -28,6 +28,13 @@ class Served:
     vocab_size: int | None = None  # logit_bias ids must be below it
     max_token_chars: int = 64  # the longest token's text: a prompt longer than context * this can't fit
     sampling: tuple = (False, 1.0, 1.0)  # the folder's generation config: (do_sample, temperature, top_p)
+    thinking: bool = False  # Gemma 4: a request's default enable_thinking (the run's data.enable_thinking)
+    empty_thought: bool = False  # Gemma 4 12B/26B-A4B/31B: the generation prompt writes the empty thought block
+
+    @property
+    def gemma4(self) -> bool:
+        """Gemma 4's turn format: tools, tool calls and thinking are part of it."""
+        return getattr(self.family, "turn_format", None) == "gemma4"
 
 
 TEXT_PARTS = ("text", "input_text", "output_text")
@@ -49,6 +56,7 @@ def joined_text_parts(message: Any) -> Any:
 # ---- the request schema ----------------------------------------------------------------------------------------
 
 # Fields a request may not send, and why. Each would let a client change what was trained or what is served.
+# Gemma 4's format has tools and thinking: `refused` takes those out of this list for it (GEMMA4_ACCEPTS).
 REFUSED = {
     "chat_template_kwargs": "the conversation is rendered by the training renderer; a request cannot change or "
                             "parameterise the chat template",
@@ -68,6 +76,19 @@ REFUSED = {
     "reasoning_effort": "this model has no reasoning settings",
     "web_search_options": "this server has no web search",
 }
+GEMMA4_ACCEPTS = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs")
+GEMMA4_REFUSES = {
+    "functions": "deprecated by OpenAI: declare them in 'tools'",
+    "function_call": "deprecated by OpenAI: use 'tool_choice'",
+    "reasoning_effort": "Gemma 4 thinks or does not: chat_template_kwargs {\"enable_thinking\": true|false}",
+}
+
+
+def refused(served: "Served") -> dict[str, str]:
+    """The fields `served` refuses, with why (REFUSED; for Gemma 4 less what its format carries)."""
+    if not served.gemma4:
+        return REFUSED
+    return {k: v for k, v in REFUSED.items() if k not in GEMMA4_ACCEPTS} | GEMMA4_REFUSES
 MAX_STOP_CHARS = 200  # transformers' stop-string matcher builds tables per string; longer stops are not useful
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
 
@@ -82,6 +103,12 @@ class StreamOptions(_Strict):
 
 class ResponseFormat(_Strict):
     type: Literal["text"]
+
+
+class TemplateKwargs(_Strict):
+    """Gemma 4's one template switch a request may set (the official template's `enable_thinking`)."""
+
+    enable_thinking: Optional[bool] = None
 
 
 class ChatRequest(_Strict):
@@ -107,6 +134,11 @@ class ChatRequest(_Strict):
     user: Optional[str] = Field(None, max_length=256)  # OpenAI's abuse-tracking id: accepted, not used
     metadata: Optional[dict[str, str]] = None  # accepted, not used
     store: Optional[Literal[False]] = None
+    # Gemma 4 only (refused before the schema for Gemma 2/3): checked by the training renderer
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Literal["auto", "none"]] = None  # the format cannot force a call
+    parallel_tool_calls: Optional[Literal[True]] = None  # nor keep the model to one
+    chat_template_kwargs: Optional[TemplateKwargs] = None
 
 
 @dataclass
@@ -117,6 +149,8 @@ class Checked:
     settings: Settings
     stream: bool
     prompt_tokens: int
+    thinking: bool = False  # Gemma 4: rendered with enable_thinking
+    tools: Optional[list[dict[str, Any]]] = None  # Gemma 4: the tools declared in the prompt
 
 
 Problem = tuple[int, str, Optional[str], Optional[str]]  # (status, message, param, code)
@@ -134,14 +168,16 @@ def schema_problem(exc: ValidationError) -> Problem:
     return 400, f"'{where}': {error['msg']}, got {value}", param, None
 
 
-def message_problem(messages: list[dict[str, Any]]) -> Problem | None:
-    """What a conversation contains that the turn format can't carry, checked before rendering."""
+def message_problem(messages: list[dict[str, Any]], gemma4: bool = False) -> Problem | None:
+    """What a conversation contains that the turn format can't carry, checked before rendering (Gemma 4 carries
+    tool calls: its renderer checks them)."""
     for i, m in enumerate(messages):
         if "role" not in m:
             return 400, f"messages[{i}]: each message needs a 'role' and 'content'", "messages", None
-        for key in ("tool_calls", "function_call", "tool_call_id"):
+        for key in ("function_call",) if gemma4 else ("tool_calls", "function_call", "tool_call_id"):
             if m.get(key):
-                return (400, f"messages[{i}].{key}: Gemma's turn format has no tool calls", "messages", None)
+                return (400, f"messages[{i}].{key}: " + ("deprecated by OpenAI: use 'tool_calls'" if gemma4 else
+                        "Gemma 2 and 3's turn format has no tool calls"), "messages", None)
         if not all(_utf8(value) for value in _strings(m)):
             return 400, f"messages[{i}]: the text is not valid Unicode (a lone surrogate?)", "messages", None
     return None
@@ -174,17 +210,20 @@ BATCHING_REFUSES = ("stop", "logit_bias", "frequency_penalty", "seed")  # not pe
 def check_request(body: Any, served: Served, batching: bool = False) -> Checked | Problem:
     """Every check a chat-completions body passes before generation, in order: a JSON object; no refused field
     (REFUSED); the schema (ChatRequest); the model name; messages the training renderer can render with the
-    run's system policy, ending with a user turn; with continuous batching, no field it can't honour per
-    request; then (once the tokenizer is loaded) prompt + max_tokens within the context. Returns Checked, or
-    the Problem (status, message, param, code)."""
+    run's system policy, ending with a user turn (Gemma 4: or tool responses) with the request's tools and
+    thinking; with continuous batching, no field it can't honour per request; then (once the tokenizer is loaded)
+    prompt + max_tokens within the context. Returns Checked, or the Problem (status, message, param, code)."""
+    from ...data.parts import ToolResponse
     from ...data.turns import BadRow, normalise
+    from .replies import openai_tool_messages
 
     if not isinstance(body, dict):
         return 400, "the request body must be a JSON object", None, None
-    for key, why in REFUSED.items():
+    not_accepted = refused(served)
+    for key, why in not_accepted.items():
         if key in body and body[key] not in (None, [], {}) and not (key == "tool_choice" and body[key] == "none"):
             return 400, f"'{key}' is not accepted: {why}", key, None
-    for key in REFUSED:
+    for key in not_accepted:
         body.pop(key, None)  # what is left is empty or "none": nothing to honour
     if isinstance(body.get("messages"), list):
         body["messages"] = [joined_text_parts(m) for m in body["messages"]]
@@ -195,9 +234,17 @@ def check_request(body: Any, served: Served, batching: bool = False) -> Checked 
     if request.model is not None and request.model not in (served.name, str(served.folder), served.source):
         return (404, f"model '{request.model}' is not served here; this server serves '{served.name}'", "model",
                 "model_not_found")
-    problem = message_problem(request.messages)
+    problem = message_problem(request.messages, served.gemma4)
     if problem is not None:
         return problem
+    messages = request.messages
+    if served.gemma4:
+        messages = openai_tool_messages(messages)
+        if isinstance(messages, str):
+            return 400, messages, "messages", None
+    kwargs = request.chat_template_kwargs
+    thinking = served.thinking if kwargs is None or kwargs.enable_thinking is None else kwargs.enable_thinking
+    tools = None if request.tool_choice == "none" else request.tools  # "none": the model is not shown them
     stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops) or not all(map(_utf8, stops)):
         return (400, f"'stop' must be a non-empty string or a list of at most 4, each 1-{MAX_STOP_CHARS} characters",
@@ -218,21 +265,26 @@ def check_request(body: Any, served: Served, batching: bool = False) -> Checked 
     if served.context is not None and chars > served.context * served.max_token_chars:
         return (400, f"the prompt is {chars} characters, more than this model's context of {served.context} tokens "
                 "can hold", "messages", "context_length_exceeded")
+    options = {"tools": tools, "thinking": thinking} if served.gemma4 else {}
     try:
-        turns = normalise(request.messages, served.system_policy, allow_open_end=True, family=served.family)
+        turns = normalise(messages, served.system_policy, allow_open_end=True, family=served.family, **options)
     except BadRow as exc:
         return 400, f"the conversation can't be rendered in Gemma's format: {exc}", "messages", None
-    if turns[-1].role != "user":
-        return 400, "the conversation must end with a user message (the model answers it)", "messages", None
+    ends_with_responses = served.gemma4 and turns[-1].role == "model" and isinstance(turns[-1].parts[-1], ToolResponse)
+    if turns[-1].role != "user" and not ends_with_responses:
+        return 400, ("the conversation must end with a user message (the model answers it)"
+                     + (" or tool messages answering its calls" if served.gemma4 else "")), "messages", None
 
     ids: list[int] = []
     wanted = request.max_completion_tokens or request.max_tokens
     key = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     limit = wanted or DEFAULT_MAX_TOKENS
-    if served.tokenizer is not None and served.context is not None:
+    if served.tokenizer is not None:
         from ..inference import prompt_ids
 
-        ids = prompt_ids(request.messages, served.tokenizer, served.system_policy, served.family)[0].tolist()
+        ids = prompt_ids(messages, served.tokenizer, served.system_policy, served.family, thinking=thinking,
+                         empty_thought=served.empty_thought, tools=tools)[0].tolist()
+    if ids and served.context is not None:
         left = served.context - len(ids)
         if left < 1:
             return (400, f"the prompt is {len(ids)} tokens; this model's context is {served.context} tokens",
@@ -247,7 +299,7 @@ def check_request(body: Any, served: Served, batching: bool = False) -> Checked 
     settings = Settings(max_new_tokens=limit, do_sample=do_sample, temperature=temperature,
                         top_p=top_p if request.top_p is None else request.top_p, seed=request.seed, stop=stops,
                         logit_bias=bias, frequency_penalty=request.frequency_penalty)
-    return Checked(ids, settings, bool(request.stream), len(ids))
+    return Checked(ids, settings, bool(request.stream), len(ids), thinking, tools)
 
 
 def request_problem(body: Any, served: Served, batching: bool = False) -> Problem | None:
