@@ -23,6 +23,7 @@ from ..families import Family, family_of_model_type, unsupported_message
 from .builtin import builtin_path, is_builtin
 from .checks import ModelReport, check_kernel_request, check_loaded, keep_4bit_layout_trainable, softcaps
 from .quantization import Bits, bnb_config, torch_dtype
+from .tokenizer_files import attach_sentencepiece
 
 if TYPE_CHECKING:
     from ..config.schema import RunConfig
@@ -71,7 +72,8 @@ def checkpoint_family(name: str, revision: str | None = None, trust_remote_code:
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """A fast Gemma tokenizer, checked (turn markers are single tokens), with the chat template it carries
-    (callers give it the run's: data/template.py `use_run_template`). Raises UserError."""
+    (callers give it the run's: data/template.py `use_run_template`) and its SentencePiece model recorded, when
+    it has one (save it with tokenizer_files.save_tokenizer). Raises UserError."""
     from transformers import AutoTokenizer
 
     location = model_location(name_or_path)
@@ -82,6 +84,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     except Exception as exc:  # noqa: BLE001 - missing, offline, gated: one clear message
         raise UserError(_loading_hint("tokenizer", name_or_path, exc)) from None
     check_tokenizer(tokenizer, name_or_path)
+    attach_sentencepiece(tokenizer, location, revision)  # saved with every folder we write (tokenizer_files.py)
     return tokenizer
 
 
