@@ -1,0 +1,170 @@
+"""What `export` checks before it writes, without llama.cpp: the parity bound of a GGUF (after/gguf_parity.py) on
+synthetic logits (what it measures, that a healthy quantized file is never refused for near-ties, that a broken
+one is), and the metadata every GGUF must carry (our template, the soft-caps, the layer pattern llama.cpp runs).
+
+The end-to-end cases (tiny models through llama.cpp: a Gemma 2 run, a damaged tensor) are in
+tests/e2e/test_export.py; the real Gemma 3 270M's in tests/real/test_real_weights.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gemma2_tune.after import gguf_parity as gp
+
+POSITIONS, VOCAB = 142, 64
+
+
+def near_tie_logits(seed: int = 0) -> list[np.ndarray]:
+    """Logits of a small model: at every position the two best tokens within 0.02 of each other (a 270M run's
+    top-1 flips under any rounding at such positions)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (POSITIONS, VOCAB)).astype(np.float32)
+    best = logits.argmax(-1)
+    second = np.where(best == 0, 1, 0)
+    logits[np.arange(POSITIONS), second] = logits[np.arange(POSITIONS), best] - rng.uniform(0, 0.02, POSITIONS)
+    return [logits[:70], logits[70:]]
+
+
+def perturbed(reference: list[np.ndarray], scale: float, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [r + rng.normal(0, scale, r.shape).astype(np.float32) for r in reference]
+
+
+def reference_and_runs(file_logits, unquantized_logits, unquantized_greedy=None):
+    ids, continuations = [[2, 4, 5], [2, 4, 6]], [[7, 8], [9]]
+    reference = gp.Reference(["a", "b"], ids, continuations, near_tie_logits(), ["", ""], 5, model=None)
+    run = gp.GgufRun(ids, continuations, file_logits, ["", ""], True, 2)
+    unquantized = gp.GgufRun(ids, unquantized_greedy or continuations, unquantized_logits, ["", ""], True, 2)
+    return reference, run, unquantized
+
+
+def decided(file_logits, simulated_logits, unquantized_logits, unquantized_greedy=None) -> tuple[dict, dict]:
+    reference, run, unquantized = reference_and_runs(file_logits, unquantized_logits, unquantized_greedy)
+    floors = {"unquantized_gguf": gp.compare(unquantized_logits, reference.logits),
+              "simulated_quantization": gp.compare(simulated_logits, reference.logits)}
+    metrics = gp.compare(file_logits, reference.logits)
+    return metrics, gp.decide("q8_0", reference, run, metrics, floors, unquantized, "bf16")
+
+
+def test_compare_measures_kl_divergence_logit_differences_and_top1():
+    reference = near_tie_logits()
+    same = gp.compare(reference, reference)
+    assert same["mean_kl_divergence"] == pytest.approx(0, abs=1e-12) and same["max_abs_logit_diff"] == 0
+    assert same["top1_agreement"] == 1 and same["positions"] == POSITIONS
+    shifted = gp.compare([r + 3.0 for r in reference], reference)  # softmax ignores a constant shift
+    assert shifted["mean_kl_divergence"] == pytest.approx(0, abs=1e-9) and shifted["top1_agreement"] == 1
+    assert shifted["max_abs_logit_diff"] == pytest.approx(3.0) and shifted["mean_abs_logit_diff"] == pytest.approx(3.0)
+    two = [np.log(np.array([[0.5, 0.5]])), np.log(np.array([[0.9, 0.1]]))]
+    one = [np.log(np.array([[0.9, 0.1]])), np.log(np.array([[0.9, 0.1]]))]
+    expected = (0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)) / 2  # KL(reference || got), nats per position
+    assert gp.compare(one, two)["mean_kl_divergence"] == pytest.approx(expected)
+
+
+def test_a_healthy_quantized_file_with_near_ties_passes():
+    """The class of the 270M q8_0 refusal: top-1 agreement well under 95% from near-ties alone, while the file
+    moves the logits by what its quantization (simulated) and llama.cpp's own rounding (the unquantized GGUF) do."""
+    reference = near_tie_logits()
+    metrics, verdict = decided(perturbed(reference, 0.02, 1), perturbed(reference, 0.02, 2),
+                               perturbed(reference, 0.004, 3))
+    assert metrics["top1_agreement"] < 0.9  # a fixed 95% top-1 bound refused this
+    assert verdict["passed"], verdict["failure"]
+    bound = verdict["bound"]
+    assert bound["floor_factor"] == gp.FLOOR_FACTOR and "derived" in bound and "q8_0" in bound["rule"]
+    assert metrics["mean_kl_divergence"] <= bound["mean_kl_divergence"]
+    assert metrics["max_abs_logit_diff"] <= bound["max_abs_logit_diff"]
+
+
+@pytest.mark.parametrize("scale", [0.2, 1.0])
+def test_a_file_far_beyond_its_floors_is_refused(scale):
+    reference = near_tie_logits()
+    metrics, verdict = decided(perturbed(reference, scale, 1), perturbed(reference, 0.02, 2),
+                               perturbed(reference, 0.004, 3))
+    assert not verdict["passed"]
+    assert "mean KL divergence" in verdict["failure"] and "exceeds its bound" in verdict["failure"]
+
+
+def test_non_finite_logits_are_refused():
+    reference = near_tie_logits()
+    broken = perturbed(reference, 0.02, 1)
+    broken[1][5, :] = np.nan
+    _, verdict = decided(broken, perturbed(reference, 0.02, 2), perturbed(reference, 0.004, 3))
+    assert not verdict["passed"] and "exceeds its bound" in verdict["failure"]
+
+
+def test_an_unquantized_gguf_that_already_differs_refuses_the_quantized_file():
+    """The floor is llama.cpp's rounding only when the unquantized file computes the trained function: its greedy
+    continuations must equal transformers' (the f16 bound), else a wrong graph would widen its own bound."""
+    reference = near_tie_logits()
+    _, verdict = decided(perturbed(reference, 0.02, 1), perturbed(reference, 0.02, 2),
+                         perturbed(reference, 0.004, 3), unquantized_greedy=[[7, 1], [9]])
+    assert not verdict["passed"]
+    assert "the unquantized bf16 GGUF the quantizer read: greedy continuations differ on prompt(s) [0]" in verdict["failure"]
+
+
+def test_exact_types_need_equal_greedy_continuations():
+    reference, run, _ = reference_and_runs(near_tie_logits(), near_tie_logits())
+    metrics = gp.compare(run.logits, reference.logits)
+    assert gp.decide("f16", reference, run, metrics, None, None, None)["passed"]
+    run.continuations = [[7, 8], [3]]
+    verdict = gp.decide("f16", reference, run, metrics, None, None, None)
+    assert not verdict["passed"] and "f16: greedy continuations differ on prompt(s) [1] (first at token 0)" in verdict["failure"]
+    run.ids = [[2, 2, 4, 5], [2, 4, 6]]
+    assert "prompt ids differ from transformers' on prompt(s) [0]" in gp.decide("f16", reference, run, metrics, None,
+                                                                                None, None)["failure"]
+
+
+# --- what the GGUF must carry (export.check_metadata) --------------------------------------------------------
+
+TINY_GEMMA2 = {"hidden_size": 64, "num_attention_heads": 4, "head_dim": 16, "num_hidden_layers": 4,
+               "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"] * 2}
+
+
+def gemma2_metadata(template: str) -> dict:
+    return {"general.architecture": "gemma2", "tokenizer.chat_template": template,
+            "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.add_bos_token": True,
+            "gemma2.attn_logit_softcapping": 50.0, "gemma2.final_logit_softcapping": 30.0,
+            "gemma2.attention.sliding_window": 32}
+
+
+def failed_checks(metadata: dict) -> list[str]:
+    from gemma2_tune.after.export import check_metadata
+    from gemma2_tune.data.template import chat_template
+    from gemma2_tune.families import GEMMA2
+
+    checks = check_metadata(metadata, chat_template(GEMMA2, "fold"), TINY_GEMMA2, GEMMA2, terms=False)
+    return [c["check"] for c in checks if not c["passed"]]
+
+
+def test_a_gguf_carrying_what_it_must_passes():
+    from gemma2_tune.data.template import chat_template
+    from gemma2_tune.families import GEMMA2
+
+    assert failed_checks(gemma2_metadata(chat_template(GEMMA2, "fold"))) == []
+
+
+@pytest.mark.parametrize("broken, failed", [
+    ({"tokenizer.chat_template": None}, "chat template (ours)"),  # our template missing: llama.cpp would guess one
+    ({"tokenizer.chat_template": "{{ messages }}"}, "chat template (ours)"),
+    ({"gemma2.final_logit_softcapping": None}, "final_logit_softcapping"),  # a soft-cap dropped
+    ({"gemma2.final_logit_softcapping": 0.0}, "final_logit_softcapping"),  # llama.cpp skips a 0 cap
+    ({"gemma2.attn_logit_softcapping": None}, "attn_logit_softcapping"),
+    ({"gemma2.attention.sliding_window_pattern": [True, True, True, False]},  # the layer pattern wrong
+     "sliding/global layers llama.cpp applies"),
+    ({"tokenizer.ggml.add_bos_token": False}, "one <bos> (add_bos_token)"),
+], ids=["template-missing", "template-other", "final-cap-dropped", "final-cap-zero", "attention-cap-dropped",
+        "layer-pattern", "no-bos"])
+def test_a_gguf_missing_what_it_must_carry_fails_its_check(broken, failed):
+    from gemma2_tune.data.template import chat_template
+    from gemma2_tune.families import GEMMA2
+
+    metadata = gemma2_metadata(chat_template(GEMMA2, "fold"))
+    for key, value in broken.items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    assert failed_checks(metadata) == [failed]
