@@ -380,7 +380,7 @@ def test_a_damaged_tensor_in_a_quantized_file_is_refused(spm_gemma2, tmp_path, m
     monkeypatch.setattr(export_module, "_convert", convert_then_damage)
     r = _invoke([str(spm_gemma2), "-o", str(tmp_path / f"x-{quant}.gguf"), "--quant", quant])
     assert damaged and r.exit_code == 2, r.output
-    assert "parity self-check failed" in r.output and "mean KL divergence" in r.output
+    assert "parity self-check failed" in r.output and f"against the {quant} reference, mean KL divergence" in r.output
     assert "exceeds its bound" in r.output and "nothing was written" in r.output
     assert list(tmp_path.iterdir()) == []
 
@@ -443,12 +443,15 @@ def test_a_gemma2_lora_run_exports_with_relative_paths_and_passes_parity(spm_run
     parity, bound = q8["parity"], q8["parity"]["bound"]
     assert q8["converter"]["quantizer"] == "llama_model_quantize" and q8["converter"]["outtype"] == "bf16"
     assert parity["passed"] and all(p["prompt_ids_equal"] for p in parity["prompts"]), parity
-    assert parity["floors"]["unquantized_gguf"]["greedy_equal"] == len(parity["prompts"])
-    assert parity["floors"]["simulated_quantization"]["tensor_types"]["q8_0"] >= 4 * 7  # every weight matrix
+    quantized, floors = parity["quantized"], parity["quantized"]["floors"]
+    assert floors["unquantized_gguf"]["greedy_equal"] == len(parity["prompts"])
+    assert quantized["tensor_types"] == {"q8_0": 4 * 7 + 1}  # every weight matrix and the embedding
     for key in ("mean_kl_divergence", "max_abs_logit_diff"):
-        floors = parity["floors"]["unquantized_gguf"][key] + parity["floors"]["simulated_quantization"][key]
-        assert 0 < parity[key] <= bound[key] == pytest.approx(4 * floors + bound["slack"][key]), (key, parity)
-    assert "mean KL divergence" in r.output and "(bound " in r.output
+        measured = quantized["file_vs_quantized_reference"][key]
+        expected = 4 * (floors["unquantized_gguf"][key] + floors["input_rounding"][key]) + bound["slack"][key]
+        assert 0 < measured <= bound[key] == pytest.approx(expected), (key, parity)
+        assert 0 < parity[key] and 0 < quantized["weight_rounding"][key]  # the file and q8_0 against the reference
+    assert "against the q8_0 reference: mean KL divergence" in r.output and "(bound " in r.output
 
 
 @pytest.mark.slow
@@ -463,9 +466,11 @@ def test_a_gemma2_checkpoint_and_merge_export(spm_runs, tmp_path):
         parity = json.loads(out.with_name(out.name.replace(".gguf", ".export.json")).read_text())["parity"]
         assert parity["passed"] and all(p["prompt_ids_equal"] for p in parity["prompts"]), parity
         if quant == "q4_k_m":
+            quantized = parity["quantized"]
             assert "q4_k_m" in parity["bound"]["rule"] and parity["bound"]["floor_factor"] == 4
-            assert parity["mean_kl_divergence"] <= parity["bound"]["mean_kl_divergence"]
-            assert parity["floors"]["unquantized_gguf"]["greedy_equal"] == len(parity["prompts"])
+            for key in ("mean_kl_divergence", "max_abs_logit_diff"):
+                assert quantized["file_vs_quantized_reference"][key] <= parity["bound"][key]
+            assert quantized["floors"]["unquantized_gguf"]["greedy_equal"] == len(parity["prompts"])
 
 
 @pytest.mark.slow
