@@ -2,14 +2,14 @@
 
     UserError     a problem with the user's input (file, key, row, model): exit 2
     ConfigError   one or more configuration problems, each naming its key: exit 2
-    Interrupted   training stopped by SIGTERM after saving a checkpoint (resumable): exit 143
+    Interrupted   training stopped by SIGTERM or Ctrl-C (SIGINT) after saving a checkpoint (resumable): exit 143
     Diverged      training stopped at a non-finite loss or gradient (the weights stay finite): exit 3
 """
 
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request, checkpoint saved, resumable
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request (SIGTERM or Ctrl-C), checkpoint saved, resumable
 EXIT_DIVERGED = 3  # the run went wrong numerically: nothing trained after the divergence was kept
 
 
@@ -38,7 +38,7 @@ class ConfigError(UserError):
 
 
 class Interrupted(Outcome):
-    """Training stopped by SIGTERM after saving a checkpoint; `--resume` continues it."""
+    """Training stopped by SIGTERM or Ctrl-C after saving a checkpoint; `--resume` continues it."""
 
     exit_code = EXIT_INTERRUPTED
 

@@ -11,6 +11,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,6 +19,34 @@ from .errors import UserError
 
 
 COMPLETE = "complete.json"  # marker written last into a folder (a builtin model, a checkpoint) once it is whole
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint-N folder of a run, its step N, and whether every rank finished writing it (its COMPLETE
+    marker is there; training/checkpoints.py writes it and checks what it lists)."""
+
+    path: Path
+    step: int
+    complete: bool
+
+
+def checkpoint_step(name: str) -> int | None:
+    """N of a folder named checkpoint-N (as the trainer names them); None for any other name."""
+    m = _CHECKPOINT.match(name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(out: Path) -> list[Checkpoint]:
+    """Every checkpoint-N folder in the run folder `out`, oldest first (none when `out` is no folder)."""
+    found = []
+    if out.is_dir():
+        for p in out.iterdir():
+            step = checkpoint_step(p.name)
+            if step is not None and p.is_dir():
+                found.append(Checkpoint(p, step, (p / COMPLETE).is_file()))
+    return sorted(found, key=lambda c: c.step)
 
 
 def home() -> Path:

@@ -53,6 +53,27 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def gemma4():
+    """A family with Gemma 4's turn format (its other facts are Gemma 3 text's): the turn format's tests."""
+    import dataclasses
+
+    from gemma2_tune.families import GEMMA3_TEXT
+
+    return dataclasses.replace(GEMMA3_TEXT, key="gemma4", display="Gemma 4", model_types=("gemma4",),
+                               name_pattern=r"gemma-?4",
+                               size_pattern=r"(?<![0-9.])(e2b|e4b|12b|26b-a4b|31b)(?![a-z0-9])",
+                               turn_format="gemma4", empty_thought_sizes=("12b", "26b-a4b", "31b"))
+
+
+@pytest.fixture(scope="session")
+def gemma4_tokenizer(gemma4):
+    """The tiny tokenizer with Gemma 4's special tokens at their published ids and the generated template."""
+    from gemma2_tune.models.tiny import build_tokenizer
+
+    return build_tokenizer(family=gemma4)
+
+
+@pytest.fixture(scope="session")
 def answer_ok_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A QLoRA run of the tiny Gemma 2 taught to answer every question with 'ok' and stop (40 steps, unpacked,
     a quarter of QUESTIONS held out for its eval loss), built once per test session. Tests only read it:
@@ -85,9 +106,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float = 600) -> str:
-    """Run `python -m gemma2_tune ARGS` from the repository root, send SIGTERM once its output shows `marker`
-    (e.g. "step 4/"), and check it ended as an interrupted run does (exit 143). Returns its output."""
+def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float = 600, sig: int | None = None) -> str:
+    """Run `python -m gemma2_tune ARGS` from the repository root, send SIGTERM (or `sig`: SIGINT is Ctrl-C) once its
+    output shows `marker` (e.g. "step 4/"), and check it ended as an interrupted run does (exit 143). Returns its
+    output."""
     import signal
     import subprocess
     import sys
@@ -100,7 +122,7 @@ def sigterm_after(args: list[str], marker: str, log_path: Path, timeout: float =
         while marker not in log_path.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig or signal.SIGTERM)
         assert proc.wait(timeout=300) == 143, log_path.read_text()[-2000:]
     return log_path.read_text()
 

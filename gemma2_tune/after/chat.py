@@ -12,29 +12,36 @@ Echo = Callable[[str], None]
 
 
 def describe(run: TrainedRun, loaded: Loaded, load_in: str, sampling: Sampling) -> str:
-    """One line saying what is talking: model (+ adapter), precision, kernel, system policy, sampling."""
+    """One line saying what is talking: model (+ adapter), precision, kernel, system policy (Gemma 4: thinking),
+    sampling."""
     caps = " (soft-capping on)" if loaded.report.attention_softcap else ""
     precision = loaded.report.load_dtype + (f", {load_in}" if load_in in ("8bit", "4bit") else "")
+    thinking = f"thinking {'on' if loaded.thinking else 'off'}, " if loaded.family.turn_format == "gemma4" else ""
     return (f"{run.base_model}{' + ' + str(run.path) if run.is_adapter else ''}, {precision}, "
-            f"{loaded.report.attn_implementation} attention{caps}, system policy '{run.system_policy}', "
+            f"{loaded.report.attn_implementation} attention{caps}, system policy '{run.system_policy}', {thinking}"
             + ("greedy" if sampling.temperature == 0 else f"temperature {sampling.temperature}, top_p {sampling.top_p}"))
 
 
-def one_shot(run: TrainedRun, loaded: Loaded, system: str | None, prompt: str, sampling: Sampling) -> str:
-    """The model's answer to one prompt (and an optional system message). Raises UserError when the
-    conversation can't be rendered the way training renders (e.g. a control marker in the prompt)."""
+def one_shot(run: TrainedRun, loaded: Loaded, system: str | None, prompt: str, sampling: Sampling,
+             on_thought: Echo | None = None) -> str:
+    """The model's answer to one prompt (and an optional system message); a Gemma 4 model's thought goes to
+    `on_thought`. Raises UserError when the conversation can't be rendered the way training renders (e.g. a
+    control marker in the prompt)."""
     history = [{"role": "system", "content": system}] if system else []
     try:
-        return reply(loaded, history + [{"role": "user", "content": prompt}], run.system_policy, sampling)
+        return reply(loaded, history + [{"role": "user", "content": prompt}], run.system_policy, sampling,
+                     on_thought=on_thought)
     except BadRow as exc:
         raise UserError(f"cannot send this conversation: {exc}") from None
 
 
 def interactive(run: TrainedRun, loaded: Loaded, system: str | None, sampling: Sampling, echo: Echo,
-                write: Callable[[str], None], read: Callable[[str], str] = input) -> None:
+                write: Callable[[str], None], read: Callable[[str], str] = input,
+                on_thought: Echo | None = None) -> None:
     """you> / model> turns until /exit or end of input; /reset clears the history (the system message stays).
-    `write` prints without a newline (streamed pieces). A line that can't be rendered the way training
-    renders is refused with its reason; the session and its history go on."""
+    `write` prints without a newline (streamed pieces; a thinking Gemma 4 model's answer comes whole after its
+    thought, given to `on_thought`). A line that can't be rendered the way training renders is refused with its
+    reason; the session and its history go on."""
     start = [{"role": "system", "content": system}] if system else []
     try:
         check(run, loaded, start + [{"role": "user", "content": "?"}])
@@ -62,7 +69,9 @@ def interactive(run: TrainedRun, loaded: Loaded, system: str | None, sampling: S
             continue
         history = attempt
         write("model> ")
-        answer = reply(loaded, history, run.system_policy, sampling, on_text=write)
+        answer = reply(loaded, history, run.system_policy, sampling, on_text=write, on_thought=on_thought)
+        if loaded.thinking:
+            write(answer)
         echo("")
         history.append({"role": "assistant", "content": answer or "…"})
 
@@ -71,4 +80,4 @@ def check(run: TrainedRun, loaded: Loaded, messages: list[dict]) -> None:
     """Raises BadRow when `messages` can't be rendered as training renders them."""
     from ..data.turns import normalise
 
-    normalise(messages, run.system_policy, allow_open_end=True, family=loaded.family)
+    normalise(messages, run.system_policy, allow_open_end=True, family=loaded.family, thinking=loaded.thinking)

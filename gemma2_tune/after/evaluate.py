@@ -34,13 +34,15 @@ def supervised_loss(model, examples) -> dict[str, Any]:
 
 
 def evaluate(loaded: Loaded, data: SftDataSection, compare_base: bool, echo=print,
-             others: list[tuple[str, Callable[[], Loaded]]] = ()) -> dict[str, Any]:
+             others: list[tuple[str, Callable[[], Loaded]]] = (), read: tuple[list, Any] | None = None
+             ) -> dict[str, Any]:
     """Held-out loss of the loaded model (and of its base, adapter off, when `compare_base`), and of each of
     `others` ((name, loader): loaded one at a time, scored on the same tokens; the caller checks they share the
-    family and vocabulary), printed as one table. Raises UserError when the data has no usable rows."""
+    family and vocabulary), printed as one table. `read`: load_rows(data) when the caller read it already.
+    Raises UserError when the data has no usable rows."""
     model = loaded.model
-    rows, source = load_rows(data)
-    examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family)
+    rows, source = read or load_rows(data)
+    examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family, empty_thought=loaded.empty_thought)
     for line in source.lines() + report.summary_lines():
         echo(line)
     results = {}
@@ -67,7 +69,7 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str, warn: Calla
     not be one of them). Returns (name, loader) pairs. Raises UserError."""
     from pathlib import Path
 
-    from ..config.rules import missing_folder
+    from ..config.runs import missing_folder
     from ..models.checks import vocabulary_digest
     from ..models.loading import checkpoint_family, load_tokenizer
     from .inference import load, read_run

@@ -77,8 +77,9 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     describe another file); all of it only after every check passed. Raises UserError (nothing written): an
     unknown `to` or `quant`, an output that is not a .gguf path, lies under a file or where nothing may be
     written, or exists (any of the three files) without `overwrite`, a target that is not a Gemma 2 / Gemma 3
-    text model folder or run (multimodal Gemma refused), a Gemma 2 without a SentencePiece model, the export
-    extra missing, the converter failing, a metadata check or a parity bound failing.
+    model folder or run (an image + text Gemma 3 exports its decoder; Gemma 4 is refused), a Gemma 2 without a
+    SentencePiece model, the export extra missing, the converter failing, a metadata check or a parity bound
+    failing.
     """
     if to != "gguf":
         raise UserError(f"--to {to}: the only export format is gguf (llama.cpp, Ollama)")
@@ -178,9 +179,10 @@ def missing_packages() -> list[str]:
 
 
 def _check_target(target: str) -> Path | None:
-    """Refuse, before any merge or conversion, what is not a Gemma model folder or run, or is a reward model, or
-    is a Gemma 2 without a SentencePiece model. Returns the tokenizer's SentencePiece model (None: it has none)."""
-    from ..models.loading import checkpoint_family
+    """Refuse, before any merge or conversion, what is not a Gemma model folder or run, is a reward model, is of
+    a family not exported yet, or is a Gemma 2 without a SentencePiece model. Returns the tokenizer's
+    SentencePiece model (None: it has none)."""
+    from ..models.loading import checkpoint_family, turn_format_problem
     from .inference import read_run
 
     path = Path(target).expanduser()
@@ -189,7 +191,13 @@ def _check_target(target: str) -> Path | None:
         raise UserError(f"export {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
     run = read_run(str(path), None, key="export")
     run.require_generating("export")  # llama.cpp runs language models; a reward model's score head is not one
-    family, _ = checkpoint_family(run.base_model)  # UserError for multimodal Gemma 3, Gemma 1, other architectures
+    family, _ = checkpoint_family(run.base_model)  # UserError for Gemma 1, other architectures
+    problem = turn_format_problem(family)  # before any merge: the GGUF's template and parity prompts are turns
+    if problem:
+        raise UserError(f"export {target}: {problem}")
+    if family.turn_format != "gemma":  # the Modelfile and the parity prompts are written in Gemma 2/3's turns
+        raise UserError(f"export {target}: {family.display} is not exported yet (its Ollama template and the parity "
+                        "check's prompts are not written in its turn format); serve it with `gemma2-tune serve`")
     sentencepiece = _sentencepiece(path, run)
     if sentencepiece is None and family.key == "gemma2":
         base = f" nor its base {run.base_model}" if run.is_adapter else ""
@@ -421,6 +429,7 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
     Gemma terms where the weights carry them."""
     arch = metadata.get("general.architecture")
     tokens = metadata.get("tokenizer.ggml.tokens") or []
+    config = config.get("text_config") or config  # an image + text checkpoint: the GGUF holds its decoder
     checks = []
 
     def check(name: str, expected: Any, found: Any, passed: bool | None = None) -> None:
@@ -428,7 +437,7 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
         checks.append({"check": name, "expected": expected, "found": found if not isinstance(found, str)
                        or len(found) < 200 else found[:200] + "...", "passed": bool(ok)})
 
-    check("architecture", family.key, arch)
+    check("architecture", family.gguf_arch, arch)
     check("chat template (ours)", "the run's generated template", "equal" if metadata.get("tokenizer.chat_template")
           == template else "different", metadata.get("tokenizer.chat_template") == template)
     bos = metadata.get("tokenizer.ggml.bos_token_id")

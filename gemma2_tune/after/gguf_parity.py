@@ -56,7 +56,7 @@ BOUNDED = ("mean_kl_divergence", "max_abs_logit_diff")
 # llama.cpp's arithmetic and its input rounding add up: KL divergence is quadratic in small logit changes, so two
 # error sources of the floors' size give at most 2x their sum when aligned (|logit difference| adds linearly: also
 # at most 2x); 4 leaves 2x for the input rounding landing differently in the two engines (measured file / floors:
-# 0.8-1.0 on the 270M, q8_0 and q4_k_m). A damaged tensor or a wrong graph moves the logits by far more
+# 0.81-1.01 on the 270M, q8_0 and q4_k_m). A damaged tensor or a wrong graph moves the logits by far more
 # (tests/e2e/test_export.py).
 FLOOR_FACTOR = 4.0
 SLACK = {"mean_kl_divergence": 1e-6, "max_abs_logit_diff": 1e-3}  # float32 summation order alone: ~1e-5 logits
@@ -209,14 +209,14 @@ def quantized_reference(reference: Reference, gguf_file: Path) -> tuple[list[np.
     types = {t.name: t.tensor_type for t in reader.tensors}
     arch = reader.fields["general.architecture"].contents()
     names = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch],
-                                     reference.model.config.num_hidden_layers)
+                                     reference.model.config.get_text_config().num_hidden_layers)
     counts: Counter = Counter()
     rounded: dict[int, str] = {}  # id(weight) -> its ggml type's name (a tied output head shares the embedding's)
     with torch.no_grad():
         for name, param in reference.model.named_parameters():
             if param.ndim != 2:  # norms: float32 in every llama.cpp type
                 continue
-            qtype = types.get(names.get_name(name, try_suffixes=(".weight", ".bias")) or "")
+            qtype = types.get(file_tensor_name(names, name) or "")
             if qtype is None:
                 counts["not in the file"] += 1
                 continue
@@ -235,6 +235,16 @@ def quantized_reference(reference: Reference, gguf_file: Path) -> tuple[list[np.
         for hook in hooks:
             hook.remove()
     return weights_rounded, inputs_rounded, dict(counts)
+
+
+def file_tensor_name(names, parameter: str) -> str | None:
+    """The GGUF tensor llama.cpp's converter writes for transformers' `parameter` (`names`: gguf's tensor name map
+    of the architecture), None for a parameter it does not write. An image + text checkpoint's decoder weights
+    (model.language_model.*) are named as a text model's (model.*), as the converter names them; its image tower
+    goes to another file."""
+    if parameter.startswith("model.language_model."):
+        parameter = "model." + parameter[len("model.language_model."):]
+    return names.get_name(parameter, try_suffixes=(".weight", ".bias"))
 
 
 # --- compare -------------------------------------------------------------------------------------------------
@@ -338,6 +348,9 @@ def decide(quant: str, reference: Reference, run: GgufRun, quantized: dict | Non
                          f"token for token; against the {quant} reference, mean KL divergence and max |logit "
                          f"difference| within {FLOOR_FACTOR:g} x the floors"}
         bound |= quantized_bound(quantized["floors"])
+        if not set(quantized["tensor_types"]) - {"not in the file"}:  # else the quantized reference is the reference
+            problems.append("no weight matrix of the model was found among the file's tensors: its quantized "
+                            "reference cannot be computed")
         measured = quantized["file_vs_quantized_reference"]
         over = [f"{NAMES[key]} {measured[key]:.4g} exceeds its bound {bound[key]:.4g}" for key in BOUNDED
                 if not measured[key] <= bound[key]]  # NaN (a tensor decoding to non-finite values) fails too

@@ -15,9 +15,10 @@ from typing import Any, Callable, Literal
 import yaml
 
 from ..config.schema import RunConfig
-from ..training.methods import saved_schema
+from ..config.methods import saved_schema
+from ..data.gemma4 import split_answer, writes_empty_thought
 from ..data.template import use_run_template
-from ..data.turns import END, normalise, render
+from ..data.turns import normalise, render
 from ..errors import UserError
 from ..families import Family
 
@@ -59,6 +60,11 @@ class TrainedRun:
             raise UserError(reward_model_refusal(key, str(self.path), kind))
 
     @property
+    def enable_thinking(self) -> bool:
+        """Gemma 4: the run rendered its rows with thinking on (data.enable_thinking); chat and eval's default."""
+        return bool(self.config and self.config.data.enable_thinking)
+
+    @property
     def dtype(self) -> str:
         """The precision the run trained in; for a model folder (a merge, a full fine-tune), its config.json's;
         else bfloat16."""
@@ -80,6 +86,8 @@ class Loaded:
     tokenizer: Any
     family: Family
     report: Any
+    empty_thought: bool = False  # Gemma 4 12B/26B-A4B/31B: the generation prompt writes an empty thought block
+    thinking: bool = False  # Gemma 4: conversations rendered with thinking on (enable_thinking)
 
 
 def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> TrainedRun:
@@ -89,21 +97,28 @@ def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> 
         if model is None:
             raise UserError("give --model (a Gemma 2 or Gemma 3 text checkpoint) and/or --adapter (a gemma2-tune "
                             "run folder)")
+        path = Path(model).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():  # a full fine-tune's run folder, a merge: its config
+            cfg = saved_config(path)
+            return TrainedRun(path, model, saved_policy(path, cfg) or "fold", False, cfg)
         return TrainedRun(Path(model), model, "fold", False, None)
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise UserError(f"{key} {adapter}: no such folder")
-    from ..config.rules import saved_weights, unfinished_run
+    from ..config.runs import adapter_run, saved_weights, unfinished_run
 
     cfg = saved_config(path)
     policy = saved_policy(path, cfg) or "fold"
     weights = saved_weights(path)
     if weights == "adapter":
-        saved = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        trained = cfg.base_model if cfg else saved
+        try:  # the one reader of a run's base (through the runs it continued: a dpo run's sft run)
+            start = adapter_run(str(path))
+        except ValueError as exc:
+            if not model:
+                raise UserError(f"{key} {exc}; pass --model") from None
+            start = None
+        trained = start.base if start else None
         base = model or trained
-        if not base:
-            raise UserError(f"{key} {adapter}: the adapter does not name its base model; pass --model")
         if model and trained:
             from ..families import family_of_checkpoint
 
@@ -162,9 +177,12 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
     from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 
     family, _ = checkpoint_family(run.base_model)
-    tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model)
+    tokenizer = load_tokenizer(str(run.path) if (run.path / "tokenizer.json").is_file() else run.base_model,
+                               family=family)
     unsupported = run.config.data.unsupported_fields if run.config else "bad_row"
-    use_run_template(tokenizer, family, run.system_policy, unsupported)  # what generation renders, whatever was saved
+    empty_thought = writes_empty_thought(family, run.base_model)
+    # what generation renders, whatever was saved
+    use_run_template(tokenizer, family, run.system_policy, unsupported, empty_thought=empty_thought)
     trained_dtype = run.dtype
     if load_in == "as-trained" and run.config is not None:
         request = dataclasses.replace(LoadRequest.for_run(run.config), name_or_path=run.base_model, training=False,
@@ -185,12 +203,13 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
             raise UserError(f"--adapter {run.path}: does not fit base model '{run.base_model}' (trained on "
                             f"'{trained_on}'): {str(exc).splitlines()[0][:300]}") from None
     model.eval()
-    return Loaded(model, tokenizer, family, report)
+    return Loaded(model, tokenizer, family, report, empty_thought, run.enable_thinking)
 
 
 @dataclass
 class Sampling:
-    """Generation settings: greedy when temperature is 0; generation stops at <end_of_turn> or <eos>."""
+    """Generation settings: greedy when temperature is 0; generation stops at the end of a turn or <eos>
+    (models.serving.stop_ids)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
@@ -198,10 +217,9 @@ class Sampling:
 
     def generate_kwargs(self, tokenizer) -> dict[str, Any]:
         """Keyword arguments for model.generate: limits, stop tokens, sampling or greedy."""
-        stop = [tokenizer.convert_tokens_to_ids(END)]
-        if tokenizer.eos_token_id is not None:
-            stop.append(tokenizer.eos_token_id)
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "eos_token_id": stop,
+        from ..models.serving import stop_ids
+
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "eos_token_id": stop_ids(tokenizer),
                                   "pad_token_id": tokenizer.pad_token_id}
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
@@ -210,27 +228,40 @@ class Sampling:
         return kwargs
 
 
-def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, family: Family):
-    """The conversation so far + the model's turn header, exactly as in training: (1, length) ids.
-    Raises BadRow when the conversation can't be rendered."""
-    text = render(normalise(messages, system_policy, allow_open_end=True, family=family),
-                  add_generation_prompt=True).text
+def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, family: Family, *,
+               thinking: bool = False, empty_thought: bool = False):
+    """The conversation so far + the model's turn header, exactly as in training: (1, length) ids. `thinking`,
+    `empty_thought`: Gemma 4's switches (turns.render). Raises BadRow when the conversation can't be rendered."""
+    options = {"family": family, "thinking": thinking}
+    text = render(normalise(messages, system_policy, allow_open_end=True, **options), add_generation_prompt=True,
+                  empty_thought=empty_thought, **options).text
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
 
 def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sampling: Sampling,
-          on_text: Callable[[str], None] | None = None) -> str:
-    """Generate the model's next turn; streams pieces to `on_text` when given. Stops at <end_of_turn>."""
+          on_text: Callable[[str], None] | None = None, on_thought: Callable[[str], None] | None = None) -> str:
+    """Generate the model's next turn; streams pieces to `on_text` when given. Stops at the end of its turn.
+    A Gemma 4 model thinking (`loaded.thinking`) writes its thought first: it goes to `on_thought` (when given),
+    and the answer is returned (not streamed)."""
     import threading
 
     from transformers import TextIteratorStreamer
 
+    from ..models.serving import generated_text
+
     model, tokenizer = loaded.model, loaded.tokenizer
-    ids = prompt_ids(messages, tokenizer, system_policy, loaded.family).to(model.device)
+    ids = prompt_ids(messages, tokenizer, system_policy, loaded.family, thinking=loaded.thinking,
+                     empty_thought=loaded.empty_thought).to(model.device)
     kwargs = sampling.generate_kwargs(tokenizer) | {"input_ids": ids, "use_cache": True}
+    if loaded.thinking:  # the thought is cut out of the text with its markers, so the text keeps them
+        out = model.generate(**kwargs)
+        thought, answer = split_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False))
+        if thought is not None and on_thought is not None:
+            on_thought(thought)
+        return answer.strip()
     if on_text is None:
         out = model.generate(**kwargs)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return generated_text(tokenizer, out[0, ids.shape[1]:]).strip()
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     worker = threading.Thread(target=model.generate, kwargs=kwargs | {"streamer": streamer})
     worker.start()
@@ -240,3 +271,10 @@ def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sa
         on_text(piece)
     worker.join()
     return "".join(pieces).strip()
+
+
+def thinking_for(given: bool | None, run: TrainedRun, family) -> bool:
+    """--enable-thinking, else the run's data.enable_thinking. Raises UserError for a family without thinking."""
+    if given and family.turn_format != "gemma4":
+        raise UserError(f"--enable-thinking: {family.display} has no thinking mode (Gemma 4 has)")
+    return run.enable_thinking if given is None else given

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.turns import END
 from ..errors import UserError
 from ..files import clean_stale_staging, staged_dir, writable_problem
 from ..models.loading import LoadRequest, load_model
+from ..models.serving import stop_ids
 from ..models.tokenizer_files import save_tokenizer
 from . import selfcheck
 from .inference import load, read_run
@@ -61,9 +61,8 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
     floor = selfcheck.compare(selfcheck.logits(peft_model, prompts), reference)  # what `dtype` alone does to it
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True  # training turned it off; serving wants it
-    end = tokenizer.convert_tokens_to_ids(END)
     if getattr(merged, "generation_config", None) is not None:  # a reward model (one score per sequence) does not generate
-        merged.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
+        merged.generation_config.eos_token_id = stop_ids(tokenizer)
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
     head = run.head
 

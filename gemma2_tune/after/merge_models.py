@@ -192,7 +192,8 @@ def _resolve_input(given: str, key: str) -> MergeInput:
     elif path.exists():
         raise UserError(f"{key} {given}: a file; give a model or run folder, or a hub id")
     else:
-        from ..config.rules import local_path_problem, missing_folder
+        from ..config.rules import local_path_problem
+        from ..config.runs import missing_folder
 
         missing = missing_folder(given, bare_names=True)
         if missing:
@@ -204,7 +205,7 @@ def _resolve_input(given: str, key: str) -> MergeInput:
     family, hf_config = checkpoint_family(config_source)
     if not adapter and sequence_classifier(getattr(hf_config, "architectures", None)):
         head = "sequence-classification"  # a merged reward model, or one from the hub
-    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source)
+    tokenizer = load_tokenizer(str(path) if (path / "tokenizer.json").is_file() else config_source, family=family)
     if dtype is None:
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         dtype = str(saved).replace("torch.", "") if saved is not None else None
@@ -217,6 +218,13 @@ def check_compatible(inputs: list[MergeInput]) -> None:
     """One family, one head (causal LMs, or reward models: weight-averaged reward models, Ramé et al. 2024,
     arXiv:2401.12187), identical shapes, one vocabulary. Raises UserError listing every difference."""
     first, problems = inputs[0], []
+    towers = [i for i in inputs if i.family.towers]
+    if towers:
+        raise UserError(f"merge-models: {towers[0].key} {towers[0].given} is a {towers[0].family.display} checkpoint "
+                        "(image + text), which merge-models does not merge: mergekit reads Gemma 3's image tower under "
+                        "transformers 4's tensor names (vision_tower.vision_model.*), which transformers 5 no longer "
+                        "writes, and has no Gemma 4 architecture (nothing was read beyond configs and tokenizers). "
+                        "`gemma2-tune merge` folds one run's adapter into its base with the towers kept")
     heads = {"causal-lm": "a causal LM", "sequence-classification": "a reward model (sequence classifier)"}
     for other in inputs[1:]:
         if other.head != first.head:
@@ -338,8 +346,8 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
     from transformers import GenerationConfig
 
     from ..data.template import use_run_template
-    from ..data.turns import END
     from ..models.loading import load_tokenizer
+    from ..models.serving import stop_ids
     from ..models.tokenizer_files import save_tokenizer
 
     family = first.family
@@ -359,9 +367,8 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
     save_tokenizer(tokenizer, folder)
     if first.head != "causal-lm":  # a reward model scores and does not generate
         return tokenizer
-    end = tokenizer.convert_tokens_to_ids(END)
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=[tokenizer.eos_token_id, end])
+                                  eos_token_id=stop_ids(tokenizer))
     generation.save_pretrained(str(folder))
     return tokenizer
 

@@ -54,7 +54,7 @@ def preference_table(loaded: Loaded, data: PreferenceDataSection, others: list[t
     finite."""
     from ..errors import UserError
 
-    prefs = load_preferences(data, loaded.tokenizer, loaded.family, "paired")
+    prefs = load_preferences(data, loaded.tokenizer, loaded.family, "paired", empty_thought=loaded.empty_thought)
     for line in prefs.source.lines() + prefs.report.summary_lines():
         echo(line)
     pairs = prefs.items

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..config.schema import DataSection
+from ..data.gemma4 import split_answer
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..rewards import CheckedReward, RewardModelScorer, call_reward_function
+from ..rewards import CheckedReward, RewardModelScorer, call_reward_function, columns_line
 from .inference import Loaded, Sampling, prompt_ids
 
 Echo = Callable[[str], None]
@@ -33,39 +34,49 @@ def answers(loaded: Loaded, prompts: list[list[dict[str, str]]], policy: str, sa
     torch.manual_seed(SEED)
     asked, texts, truncated = [], [], 0
     for prompt in prompts:
-        ids = prompt_ids(prompt, tokenizer, policy, loaded.family).to(model.device)
+        ids = prompt_ids(prompt, tokenizer, policy, loaded.family, thinking=loaded.thinking,
+                         empty_thought=loaded.empty_thought).to(model.device)
         for _ in range(samples):
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                                      **kwargs)[0, ids.shape[1]:].tolist()
             truncated += not out or out[-1] not in stops
             asked.append(prompt)
-            texts.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+            if loaded.thinking:  # the answer is what follows the model's thought
+                texts.append(split_answer(tokenizer.decode(out, skip_special_tokens=False))[1].strip())
+            else:
+                texts.append(tokenizer.decode(out, skip_special_tokens=True).strip())
     return asked, texts, truncated
 
 
 def reward_table(loaded: Loaded, data: DataSection, policy: str, functions: list[CheckedReward],
                  reward_model: RewardModelScorer | None, sampling: Sampling, samples: int, compare_base: bool,
                  others: list[tuple[str, Callable[[], Loaded]]] = (), echo: Echo = print,
-                 model_label: str = "model") -> dict[str, Any]:
+                 model_label: str = "model", read: tuple[list, Any] | None = None) -> dict[str, Any]:
     """Mean rewards of the loaded model's answers (and its base's, adapter off, when `compare_base` and it has
     one; and each of `others`, (name, loader), loaded one at a time), printed as one table (`model_label`: the
     row of a model without an adapter). `reward_model`: the scorer rl trains with, or None. Returns {"dataset",
     "prompts", "answers_per_prompt", "results": {name: {reward: mean, ..., "truncated": n, "answers": n,
-    "first_answer": text}}}. Raises UserError: no usable prompts, a reward function that fails."""
-    rows, source = load_rows(data)
-    prompts, report = build_prompts(rows, loaded.tokenizer, data, loaded.family, sampling.max_new_tokens)
-    for line in source.lines() + report.summary_lines()[:1]:
-        echo(line)
+    "first_answer": text}}}. Each function also gets each prompt's row columns (as `rl` passes them); `read`:
+    load_rows(data) when the caller read it already. Raises UserError: no usable prompts, a reward function that
+    fails."""
+    rows, source = read or load_rows(data)
+    prompts, report, columns = build_prompts(rows, loaded.tokenizer, data, loaded.family, sampling.max_new_tokens,
+                                             empty_thought=loaded.empty_thought)
+    for line in source.lines() + report.summary_lines()[:1] + [columns_line(functions, columns)]:
+        if line:
+            echo(line)
     mode = "greedy" if sampling.temperature == 0 else f"{samples} at temperature {sampling.temperature}"
     echo(f"answers: {len(prompts)} prompts, {mode}, up to {sampling.max_new_tokens} tokens")
     labels = [f.spec.name for f in functions] + (["reward model"] if reward_model else [])
+
+    asked_columns = [row for row in columns for _ in range(samples)]  # as `answers` asks: each prompt `samples` times
 
     def score(model_loaded: Loaded) -> dict[str, Any]:
         asked, texts, truncated = answers(model_loaded, prompts, policy, sampling, samples)
         means = {}
         for fn in functions:
-            values = call_reward_function(fn, asked, texts, model_loaded.tokenizer)
+            values = call_reward_function(fn, asked, texts, model_loaded.tokenizer, asked_columns)
             means[fn.spec.name] = sum(values) / len(values)
         if reward_model:
             values = reward_model.scores(asked, texts)
@@ -97,7 +108,7 @@ def reward_scorers(request, family, policy: str) -> tuple[list[CheckedReward], A
     """eval's --reward-function items imported and --reward-model's tokenizer checked, before any model loads:
     (functions, the reward model's tokenizer: its own chat template, else the run's, for `family` and system
     `policy`; or None). Raises UserError naming the option."""
-    from ..config.rl import RewardFunction, reward_function_specs
+    from ..config.rewards import RewardFunction, reward_function_specs
     from ..errors import UserError
     from ..rewards import load_reward_function, reward_model_tokenizer
 

@@ -1,10 +1,11 @@
 """The `gemma2-tune` command line: one small module per command group, each command parsing its options and
 delegating.
 
-    app.py      the Typer app, the shared options, `handled` (exit codes from one place)
-    train.py    sft, distill: one command per training method (training/methods.py)
-    after.py    chat, eval, merge, merge-models, serve
-    inspect.py  validate, preview, plan, models, recipes, config, build-model
+    app.py        the Typer app, the shared options, `handled` (exit codes from one place)
+    train.py      sft, distill, dpo, reward, rl: generated, one per entry of the registry (training/methods.py)
+    after.py      chat, eval, merge, merge-models, serve, export
+    inspect.py    validate, preview, plan, models, recipes, config, build-model
+    reference.py  the CLI reference page, generated from the app
 
 Heavy imports (torch, transformers, trl) happen inside the commands that need them, so `--help`,
 `validate`, `recipes`, `config` and `sft --dry-run` answer at once.

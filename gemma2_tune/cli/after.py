@@ -3,20 +3,19 @@ delegate to gemma2_tune/after/."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..config.requests import (DEFAULT_EVAL_LENGTH, EvalRequest, ExportRequest, MergeModelsRequest, MergeRequest,
+from ..config.requests import (EvalRequest, ExportRequest, MergeModelsRequest, MergeRequest,
                                ServeRequest, check)
-from ..config.schema import SftDataSection
 from ..errors import UserError
 from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, warn
 
-# files that make a folder a run's or a model's: an existing file beside them is not replaced by eval --json
-MODEL_FOLDER_MARKERS = ("run.json", "config.yaml", "adapter_config.json", "config.json", "merge.json")
+ThinkingOpt = Annotated[Optional[bool], typer.Option(
+    "--enable-thinking/--no-enable-thinking", help="Gemma 4: render with thinking on (<|think|> in the system turn; "
+    "the model writes its thought first). Default: as the run trained (data.enable_thinking), else off.")]
 
 
 @command()
@@ -29,24 +28,28 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    enable_thinking: ThinkingOpt = None,
 ) -> None:
     """Talk to a fine-tuned model (base from the run unless --model). Interactive with history, or one-shot."""
     from ..after.chat import describe, interactive, one_shot
-    from ..after.inference import Sampling, load, read_run
+    from ..after.inference import Sampling, load, read_run, thinking_for
 
     run = read_run(adapter, model)
     run.require_generating("--adapter" if adapter else "--model")
     loaded = load(run, load_in_value(load_in))
+    loaded.thinking = thinking_for(enable_thinking, run, loaded.family)
     sampling = Sampling(max_new_tokens, temperature, top_p)
     note = describe(run, loaded, load_in, sampling)
     if system and system.strip() and run.system_policy == "drop":
         warn("--system: the run was trained with data.system_policy 'drop', so the system message is not sent")
+    show_thought = lambda thought: typer.secho(f"(thought) {thought}", err=True, dim=True)  # noqa: E731
     if prompt is not None:
         typer.secho(note, err=True, dim=True)
-        echo(one_shot(run, loaded, system, prompt, sampling))
+        echo(one_shot(run, loaded, system, prompt, sampling, on_thought=show_thought))
         return
     echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves")
-    interactive(run, loaded, system, sampling, echo, write=lambda piece: typer.echo(piece, nl=False))
+    interactive(run, loaded, system, sampling, echo, write=lambda piece: typer.echo(piece, nl=False),
+                on_thought=show_thought)
 
 
 @command()
@@ -190,6 +193,7 @@ def evaluate_command(
                                          "for every model).")] = 1,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the loss or reward table to this "
                                                      "JSON file.")] = None,
+    enable_thinking: ThinkingOpt = None,
 ) -> None:
     """Loss/perplexity on model-turn tokens (base vs fine-tuned, and any --compare models), the mean reward of
     their answers (--reward-function/--reward-model), lm-eval tasks, or the Gemma 2 report's benchmark table. For a
@@ -200,99 +204,9 @@ def evaluate_command(
         "--compare": ("compare", compare or []), "--include-path": ("include_path", include_path),
         "--reward-function": ("reward_functions", reward_function or []), "--reward-model": ("reward_model", reward_model),
         "--max-new-tokens": ("max_new_tokens", max_new_tokens), "--temperature": ("temperature", temperature),
-        "--samples": ("samples", samples), "--json": ("json_path", str(json_path) if json_path else None)}, "eval")
-    if suite is not None:
-        from ..after.harness import SUITES
+        "--samples": ("samples", samples), "--json": ("json_path", str(json_path) if json_path else None),
+        "--enable-thinking": ("enable_thinking", enable_thinking)}, "eval")
+    from ..after.eval import run_eval
+    from ..after.inference import read_run
 
-        if suite not in SUITES:
-            raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
-    if include_path is not None and not Path(include_path).expanduser().is_dir():
-        raise UserError(f"--include-path {include_path}: no such folder")
-    if json_path is not None:
-        from ..files import writable_problem
-
-        target = json_path.expanduser()
-        problem = writable_problem(target.resolve().parent)
-        if problem:
-            raise UserError(f"--json {json_path}: {problem}")
-        if target.is_dir():
-            raise UserError(f"--json {json_path}: a folder; give a file name (e.g. {json_path}/eval.json)")
-        if target.exists() and any((target.parent / f).is_file() for f in MODEL_FOLDER_MARKERS):
-            raise UserError(f"--json {json_path}: a file of the run or model folder {target.parent}; it is not "
-                            "overwritten: give a new file name")
-    from ..after.inference import load, read_run
-
-    run = read_run(adapter, model)
-    scores_pairs = run.head != "causal-lm"  # a reward model: its pairwise accuracy on --dataset's pairs
-    if scores_pairs:
-        generation = {"--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--samples": "samples"}
-        given = [o for o, v in (("--tasks", tasks), ("--suite", suite), ("--reward-function", reward_function),
-                                ("--reward-model", reward_model), ("--limit", limit), ("--include-path", include_path))
-                 if v] + [o for o, f in generation.items()
-                          if getattr(request, f) != EvalRequest.model_fields[f].default]
-        if given or not dataset:
-            raise UserError(f"{', '.join(given) or 'eval'}: {run.path} is a reward model (one score per answer): "
-                            "eval scores it on preference pairs: give --dataset (pairs: chosen/rejected) and "
-                            "optionally --compare other reward models, --max-rows, --max-length")
-    if max_length is None:  # the length the run trained and scored its held-out rows at
-        max_length = run.config.data.max_length if run.config else DEFAULT_EVAL_LENGTH
-        if dataset:
-            source = "the run's data.max_length" if run.config else "the default"
-            echo(f"rows up to {max_length} tokens ({source}; --max-length to change)")
-    if suite:
-        from ..after.harness import check_suite_data
-
-        check_suite_data(suite, include_path)  # before the model: missing data fails in seconds
-    from ..after.evaluate import compare_loaders
-
-    others = compare_loaders(compare or [], run, load_in_value(load_in), warn,
-                             taken={"base", "fine-tuned", model or "model"})
-    if request.scores_rewards:
-        from ..after.reward_eval import reward_scorers
-
-        from ..models.loading import checkpoint_family
-
-        family = checkpoint_family(run.base_model)[0]
-        functions, reward_model_tokenizer = reward_scorers(request, family, run.system_policy)  # before models load
-    loaded = load(run, load_in_value(load_in))
-    rows = SftDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                          system_policy=run.system_policy) if dataset else None
-    if request.scores_rewards:
-        from ..after.inference import Sampling
-        from ..after.reward_eval import load_scoring_model, reward_table
-
-        scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
-        table = reward_table(loaded, rows, run.system_policy, functions, scoring, Sampling(max_new_tokens, temperature),
-                             samples, compare_base=True, others=others, echo=echo,
-                             model_label=model or "model")
-    elif scores_pairs:
-        from ..after.preference_eval import preference_table
-        from ..config.schema import PreferenceDataSection
-
-        pairs = PreferenceDataSection(dataset=dataset, max_length=max_length, max_rows=max_rows,
-                                      system_policy=run.system_policy)
-        table = preference_table(loaded, pairs, others=others, echo=echo,
-                                 model_label=model or "model")
-    elif dataset:
-        from ..after.evaluate import evaluate
-
-        table = evaluate(loaded, rows, compare_base=True, echo=echo, others=others)
-    if json_path is not None and dataset:
-        from ..files import write_text_atomic
-
-        json_path.expanduser().parent.mkdir(parents=True, exist_ok=True)
-        table = {"dataset": table.get("dataset"), "max_length": max_length, "max_rows": max_rows} | table
-        write_text_atomic(json_path.expanduser(), json.dumps(table, indent=2) + "\n")
-        echo(f"written: {json_path}")
-    if tasks:
-        from ..after.harness import run_tasks
-
-        run_tasks(loaded.model, loaded.tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], include_path,
-                  limit, echo=echo)
-    if suite:
-        from ..after.harness import run_suite
-
-        config = loaded.model.config
-        size = loaded.family.size_of_shape(config.hidden_size, config.num_hidden_layers) \
-            if loaded.family.key == "gemma2" else None
-        run_suite(loaded.model, loaded.tokenizer, suite, size, include_path, limit, echo=echo)
+    run_eval(request, read_run(adapter, model), load_in_value(load_in), model or "model", echo, warn)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import typing
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -82,9 +84,34 @@ def handled(fn: Callable) -> Callable:
     return run
 
 
+# Rich reads "[word...]" in help texts as a markup tag and drops it ("pip install 'gemma2-tune[export]'" showed as
+# 'gemma2-tune'): a "[" that opens one is escaped. Idempotent: an escaped "[" stays as it is.
+_MARKUP_TAG = re.compile(r"(?<!\\)\[(?=[a-zA-Z#/@])")
+
+
+def escape_markup(text: str | None) -> str | None:
+    """`text` with every "[" that Rich would read as the start of a markup tag escaped (shown as typed)."""
+    return _MARKUP_TAG.sub(r"\\[", text) if text else text
+
+
 def command(*args, **kwargs) -> Callable:
-    """@app.command with outcome handling."""
-    return lambda fn: app.command(*args, **kwargs)(handled(fn))
+    """@app.command with outcome handling; its help, docstring and options' help shown as typed (escape_markup)."""
+
+    def register(fn: Callable) -> Callable:
+        wrapped = handled(fn)
+        wrapped.__doc__ = escape_markup(fn.__doc__)
+        if kwargs.get("help"):
+            kwargs["help"] = escape_markup(kwargs["help"])
+        # the annotations evaluated once (a string annotation would give Typer new, unescaped option objects)
+        hints = typing.get_type_hints(fn, include_extras=True)
+        for annotation in hints.values():
+            for info in getattr(annotation, "__metadata__", ()):
+                if isinstance(info, typer.models.ParameterInfo):  # shared options: escaped once, idempotent
+                    info.help = escape_markup(info.help)
+        fn.__annotations__ = wrapped.__annotations__ = hints
+        return app.command(*args, **kwargs)(wrapped)
+
+    return register
 
 
 def _version(value: bool) -> None:

@@ -11,7 +11,8 @@ import typer
 from ..config.layering import resolve
 from ..config.recipes import bundled_recipes, recipe_summary
 from ..errors import ConfigError, UserError
-from ..training.methods import METHODS, schema_for
+from ..config.methods import schema_for
+from ..training.methods import METHODS
 from .app import ModelOpt, DatasetOpt, RecipeOpt, SetOpt, app, command, echo, resolved_config, warn
 
 @command()
@@ -59,23 +60,52 @@ def preview(
 ) -> None:
     """Show rows as they will be trained: Gemma turns with the supervised tokens between ⟦ ⟧ (for a distill
     recipe: the prompts as the student will see them; for dpo and reward: each pair's prompt, then both answers'
-    supervised tokens)."""
+    supervised tokens). Without a recipe or --set naming the method, preference pairs in --dataset are shown as
+    `dpo` trains them."""
+    schema = schema_for(recipe, set_)
+    if dataset and schema is not schema_for(recipe, set_, default="dpo"):  # nothing names the method
+        from ..config.schema import DataSection
+        from ..data.preferences import rows_kind
+        from ..data.sources import load_rows
+
+        kind = rows_kind(load_rows(DataSection(dataset=dataset))[0])
+        if kind == "paired":
+            set_ = [*(set_ or []), "method=dpo"]
+            echo(f"{dataset}: preference pairs (chosen/rejected), shown as `dpo` trains them (--set method=reward: as "
+                 "a reward model reads them)")
+        elif kind == "unpaired":
+            set_ = [*(set_ or []), "method=dpo", "dpo.loss_type=kto"]
+            echo(f"{dataset}: unpaired examples (prompt/completion/label), shown as `dpo` trains them with "
+                 "dpo.loss_type=kto (KTO)")
+        schema = schema_for(recipe, set_)
     cfg = resolved_config(recipe, set_, {"model.name_or_path": ("--model", model),
-                                         "data.dataset": ("--dataset", dataset)}, schema_for(recipe, set_)).config
+                                         "data.dataset": ("--dataset", dataset)}, schema).config
+    from ..data.gemma4 import writes_empty_thought
     from ..data.preview import preview as rows_preview
     from ..data.preview import preview_preferences, preview_prompts
     from ..data.template import use_run_template
     from ..models.loading import checkpoint_family, load_tokenizer
+    from ..rewards import column_problems, load_reward_function
 
-    family, _ = checkpoint_family(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
-    use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
+    family, _ = checkpoint_family(cfg.base_model, cfg.model.revision, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.base_model, cfg.model.revision, cfg.model.trust_remote_code, family)
+    empty_thought = writes_empty_thought(family, cfg.base_model)
+    use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields,
+                     empty_thought=empty_thought)
     if cfg.data_kind == "prompts":
-        shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length)
+        functions = [load_reward_function(f, f"rl.reward_functions[{i}]") for i, f in enumerate(cfg.reward_functions())]
+        if functions:  # what their parameters ask of the rows: said before the prompts
+            from ..data.prompts import row_columns
+            from ..data.sources import load_rows
+
+            for problem in column_problems(functions, [row_columns(row.data) for row in load_rows(cfg.data)[0]]):
+                warn(problem)
+        shown = preview_prompts(cfg.data, tokenizer, family, n, cfg.generation_length, cfg.completion_writer,
+                                columns_used=bool(functions), empty_thought=empty_thought)
     elif cfg.data_kind == "preference pairs":
-        shown = preview_preferences(cfg.data, tokenizer, family, n, cfg.preference_kind)
+        shown = preview_preferences(cfg.data, tokenizer, family, n, cfg.preference_kind, empty_thought=empty_thought)
     else:
-        shown = rows_preview(cfg.data, tokenizer, family, n)
+        shown = rows_preview(cfg.data, tokenizer, family, n, empty_thought=empty_thought)
     for heading, text in shown:
         if heading == "summary":
             echo(text)
@@ -127,9 +157,11 @@ def list_models() -> None:
     for family in FAMILIES:
         sizes = ", ".join(f"{size} ({shape.total_params / 1e9:.2f}B)" for size, shape in family.shapes.items())
         caps = (f"soft-caps {family.attention_softcap}/{family.final_softcap}" if family.attention_softcap
-                else "no soft-caps")
+                else f"final soft-cap {family.final_softcap}" if family.final_softcap else "no soft-caps")
         kernels = ", ".join(k for k, v in family.kernels.items() if v.allowed)
-        echo(f"{family.display} (model_type {', '.join(family.model_types)}): {sizes}; {caps}; kernels {kernels}")
+        towers = f"; towers {', '.join(t.rsplit('.', 1)[-1] for t in family.towers)} (frozen)" if family.towers else ""
+        echo(f"{family.display} (model_type {', '.join(family.model_types)}): {sizes}; {caps}; kernels {kernels}"
+             + towers)
     echo("")
     for name, builtin in BUILTINS.items():
         echo(f"{PREFIX + name:24s} {builtin.description}")

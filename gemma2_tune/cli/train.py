@@ -1,29 +1,25 @@
-"""The training commands, one per method of the registry (training/methods.py): each parses its flags and
-hands the resolved config to `start_training`, which is the same for every method (checks, dry run,
-`--launch`, or training through the method's runner)."""
+"""The training commands, generated: one per method of the registry (training/methods.py), each with the
+options every training command shares (declared once, here) and the flags its registry entry adds. Each parses
+its flags and hands the resolved config to `start_training`, which is the same for every method (checks, dry
+run, `--launch`, or training through the method's runner)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..config.layering import Resolved, config_to_yaml
-from ..config.rl import reward_function_specs
 from ..errors import UserError
-from ..training.methods import METHODS, check_command
+from ..config.methods import check_command
+from ..training.methods import METHODS, Flag, Method
 from .app import (
     AllowDataChangeOpt,
-    DatasetOpt,
     DryRunOpt,
     LaunchOpt,
-    LearningRateOpt,
-    MaxStepsOpt,
-    ModelOpt,
     NumProcessesOpt,
-    OutputDirOpt,
-    OverwriteOpt,
     RecipeLabelOpt,
     RecipeOpt,
     ResumeFromOpt,
@@ -35,17 +31,43 @@ from .app import (
     resolved_config,
 )
 
+# The config keys every training command can set by a flag; a method's own flag of the same name replaces one.
+SHARED_FLAGS = (
+    Flag("model.name_or_path", ("--model", "-m"), str, "model.name_or_path: hub id or local folder."),
+    Flag("data.dataset", ("--dataset", "-d"), str, "data.dataset: alias, hub id or local file/folder."),
+    Flag("output.dir", ("--output-dir", "-o"), str, "output.dir"),
+    Flag("training.max_steps", ("--max-steps",), int, "training.max_steps"),
+    Flag("training.learning_rate", ("--learning-rate",), float, "training.learning_rate"),
+    Flag("output.overwrite", ("--overwrite",), bool, "Replace a previous run in the output dir."),
+)
+# The options that steer the command rather than set a key, in the order --help shows them (after the flags).
+CONTROLS = {"resume": ResumeOpt, "resume_from": ResumeFromOpt, "allow_data_change": AllowDataChangeOpt,
+            "launch": LaunchOpt, "num_processes": NumProcessesOpt, "dry_run": DryRunOpt,
+            "recipe_label": RecipeLabelOpt}
+CONTROL_DEFAULTS = {"resume": False, "allow_data_change": False, "dry_run": False}
 
-def training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) -> dict[str, tuple[str, Any]]:
-    """The config keys the flags every training command shares set: {key: (flag, value)} (None: not given)."""
-    return {
-        "model.name_or_path": ("--model", model),
-        "data.dataset": ("--dataset", dataset),
-        "output.dir": ("--output-dir", output_dir),
-        "training.max_steps": ("--max-steps", max_steps),
-        "training.learning_rate": ("--learning-rate", learning_rate),
-        "output.overwrite": ("--overwrite", overwrite),
-    }
+
+def method_flags(method: Method) -> list[Flag]:
+    """The shared flags (a method's flag of the same name in its place), then the method's own."""
+    own = {flag.names[0]: flag for flag in method.flags}
+    shared = [own.pop(flag.names[0], flag) for flag in SHARED_FLAGS]
+    return shared + list(own.values())
+
+
+def flag_values(flags: list[Flag], values: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """{config key: (flag, value)} of the parsed options (None: not given), each converted by its flag."""
+    found = {}
+    for flag in flags:
+        value = values.get(flag.parameter)
+        if value is not None and flag.convert is not None:
+            value = flag.convert(value)
+        found[flag.key] = (flag.names[0], value)
+    return found
+
+
+def _option(flag: Flag) -> Any:
+    """A flag as typer's annotation: Optional[kind] with its names and help; a bool flag is an on switch."""
+    return Annotated[Optional[flag.kind], typer.Option(*flag.names, help=flag.help)]
 
 
 def resolve_for(method: str, recipe: str | None, sets: list[str] | None,
@@ -100,147 +122,26 @@ def start_training(method: str, resolved: Resolved, *, launch: str | None, num_p
                         resume_from=resume_from, allow_data_change=allow_data_change)
 
 
-@command(help=METHODS["sft"].summary)
-def sft(
-    recipe: RecipeOpt = None,
-    set_: SetOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputDirOpt = None,
-    max_steps: MaxStepsOpt = None,
-    learning_rate: LearningRateOpt = None,
-    max_length: Annotated[Optional[int], typer.Option(help="data.max_length")] = None,
-    overwrite: OverwriteOpt = None,
-    resume: ResumeOpt = False,
-    resume_from: ResumeFromOpt = None,
-    allow_data_change: AllowDataChangeOpt = False,
-    launch: LaunchOpt = None,
-    num_processes: NumProcessesOpt = None,
-    dry_run: DryRunOpt = False,
-    recipe_label: RecipeLabelOpt = None,
-) -> None:
-    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
-        "data.max_length": ("--max-length", max_length)}
-    start_training("sft", resolve_for("sft", recipe, set_, flags), launch=launch, num_processes=num_processes,
-                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
-                   allow_data_change=allow_data_change)
+def training_command(method: Method) -> None:
+    """Register `gemma2-tune METHOD` on the app: --recipe and --set, the method's flags, then the controls."""
+    flags = method_flags(method)
+
+    def run(**values: Any) -> None:
+        controls = {name: values[name] for name in CONTROLS}
+        resolved = resolve_for(method.name, values["recipe"], values["set_"], flag_values(flags, values))
+        start_training(method.name, resolved, **controls)
+
+    parameters = [inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RecipeOpt),
+                  inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SetOpt)]
+    parameters += [inspect.Parameter(flag.parameter, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=_option(flag)) for flag in flags]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=CONTROL_DEFAULTS.get(name),
+                                     annotation=annotation) for name, annotation in CONTROLS.items()]
+    run.__signature__ = inspect.Signature(parameters)  # what typer reads the options from
+    run.__annotations__ = {p.name: p.annotation for p in parameters}  # what `command` escapes the help texts of
+    run.__name__ = run.__qualname__ = method.name
+    command(method.name, help=method.summary)(run)
 
 
-@command(help=METHODS["distill"].summary)
-def distill(
-    recipe: RecipeOpt = None,
-    set_: SetOpt = None,
-    model: ModelOpt = None,
-    teacher: Annotated[Optional[str], typer.Option("--teacher", "-t", help="teacher.name_or_path: hub id or local "
-                                                   "folder of a larger model of the same family.")] = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputDirOpt = None,
-    max_steps: MaxStepsOpt = None,
-    learning_rate: LearningRateOpt = None,
-    overwrite: OverwriteOpt = None,
-    resume: ResumeOpt = False,
-    resume_from: ResumeFromOpt = None,
-    allow_data_change: AllowDataChangeOpt = False,
-    launch: LaunchOpt = None,
-    num_processes: NumProcessesOpt = None,
-    dry_run: DryRunOpt = False,
-    recipe_label: RecipeLabelOpt = None,
-) -> None:
-    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
-        "teacher.name_or_path": ("--teacher", teacher)}
-    start_training("distill", resolve_for("distill", recipe, set_, flags), launch=launch,
-                   num_processes=num_processes, resume=resume, resume_from=resume_from, dry_run=dry_run,
-                   recipe_label=recipe_label, allow_data_change=allow_data_change)
-
-
-@command(help=METHODS["dpo"].summary)
-def dpo(
-    recipe: RecipeOpt = None,
-    set_: SetOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputDirOpt = None,
-    max_steps: MaxStepsOpt = None,
-    learning_rate: LearningRateOpt = None,
-    loss_type: Annotated[Optional[str], typer.Option("--loss-type", help="dpo.loss_type: sigmoid (DPO), ipo, hinge, "
-                                                     "robust, apo_zero, kto, ... (comma-separated to combine)")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="dpo.beta: the pull towards the reference.")] = None,
-    overwrite: OverwriteOpt = None,
-    resume: ResumeOpt = False,
-    resume_from: ResumeFromOpt = None,
-    allow_data_change: AllowDataChangeOpt = False,
-    launch: LaunchOpt = None,
-    num_processes: NumProcessesOpt = None,
-    dry_run: DryRunOpt = False,
-    recipe_label: RecipeLabelOpt = None,
-) -> None:
-    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
-        "dpo.loss_type": ("--loss-type", [t.strip() for t in loss_type.split(",")] if loss_type else None),
-        "dpo.beta": ("--beta", beta)}
-    start_training("dpo", resolve_for("dpo", recipe, set_, flags), launch=launch, num_processes=num_processes,
-                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
-                   allow_data_change=allow_data_change)
-
-
-@command(help=METHODS["reward"].summary)
-def reward(
-    recipe: RecipeOpt = None,
-    set_: SetOpt = None,
-    model: ModelOpt = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputDirOpt = None,
-    max_steps: MaxStepsOpt = None,
-    learning_rate: LearningRateOpt = None,
-    overwrite: OverwriteOpt = None,
-    resume: ResumeOpt = False,
-    resume_from: ResumeFromOpt = None,
-    allow_data_change: AllowDataChangeOpt = False,
-    launch: LaunchOpt = None,
-    num_processes: NumProcessesOpt = None,
-    dry_run: DryRunOpt = False,
-    recipe_label: RecipeLabelOpt = None,
-) -> None:
-    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite)
-    start_training("reward", resolve_for("reward", recipe, set_, flags), launch=launch, num_processes=num_processes,
-                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
-                   allow_data_change=allow_data_change)
-
-
-@command(help=METHODS["rl"].summary)
-def rl(
-    recipe: RecipeOpt = None,
-    set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model.name_or_path: the starting policy: a "
-                                                 "hub id, a model folder, or a gemma2-tune LoRA run folder (its base "
-                                                 "+ adapter: the starting policy and the reference).")] = None,
-    reward_function: Annotated[Optional[list[str]], typer.Option(
-        "--reward-function", help="rl.reward_functions: PATH.py:NAME[=WEIGHT], TRL's signature f(prompts, "
-        "completions, **kwargs) -> list[float]; repeatable.")] = None,
-    reward_model: Annotated[Optional[str], typer.Option(
-        "--reward-model", help="reward_model.name_or_path: a sequence-classification folder (one output) or hub "
-        "id.")] = None,
-    algorithm: Annotated[Optional[str], typer.Option(
-        "--algorithm", help="rl.algorithm: grpo, dapo, dr_grpo, bnpo, cispo, sapo or rloo.")] = None,
-    num_generations: Annotated[Optional[int], typer.Option(
-        "--num-generations", help="rl.num_generations: the group size.")] = None,
-    dataset: DatasetOpt = None,
-    output_dir: OutputDirOpt = None,
-    max_steps: MaxStepsOpt = None,
-    learning_rate: LearningRateOpt = None,
-    overwrite: OverwriteOpt = None,
-    resume: ResumeOpt = False,
-    resume_from: ResumeFromOpt = None,
-    allow_data_change: AllowDataChangeOpt = False,
-    launch: LaunchOpt = None,
-    num_processes: NumProcessesOpt = None,
-    dry_run: DryRunOpt = False,
-    recipe_label: RecipeLabelOpt = None,
-) -> None:
-    flags = training_flags(model, dataset, output_dir, max_steps, learning_rate, overwrite) | {
-        "rl.reward_functions": ("--reward-function", reward_function_specs(reward_function)),
-        "reward_model.name_or_path": ("--reward-model", reward_model),
-        "rl.algorithm": ("--algorithm", algorithm),
-        "rl.num_generations": ("--num-generations", num_generations)}
-    start_training("rl", resolve_for("rl", recipe, set_, flags), launch=launch, num_processes=num_processes,
-                   resume=resume, resume_from=resume_from, dry_run=dry_run, recipe_label=recipe_label,
-                   allow_data_change=allow_data_change)
+for _method in METHODS.values():
+    training_command(_method)

@@ -4,21 +4,22 @@ unpaired data).
 data.* gives the preference pairs (data/preferences.py reads them); `dpo` is this method's own section. sft's
 packing, loss and kernel keys are unknown keys here: a pair is scored whole, unpacked, by TRL's log-probabilities
 (the final soft-cap applied). The reference is the starting policy: with LoRA the model with its adapter
-disabled (or, when starting from an sft run's adapter, a frozen copy of that adapter); with full fine-tuning a
-second copy loaded through the one loading path (declared in `frozen_models`).
+disabled (or, when continuing a run given as model.name_or_path, e.g. an sft run, a frozen copy of its adapter);
+with full fine-tuning a second copy loaded through the one loading path (declared in `frozen_models`).
 
 Light module (pydantic, json): `validate` and `--dry-run` read it.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import ClassVar, Literal, NamedTuple
+import math
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from .rules import generating_model_problem, run_problems, saved_weights
+from ..families import Shape
+from .memory import DTYPE_BYTES, activation_bytes, forward_bytes
+from .rules import continued_run_problems, generating_model_problem
 from .schema import FrozenModel, OutputSection, PreferenceDataSection, RunConfig, Section
 
 # TRL 1.16 DPOConfig.loss_type's values (trl/trainer/dpo_config.py), combinable with dpo.loss_weights.
@@ -81,39 +82,6 @@ class DpoSection(Section):
         return f"{' + '.join(parts)}, beta {self.beta:g}"
 
 
-class SftStart(NamedTuple):
-    """A training run folder given as model.name_or_path (the usual order: sft, then preferences): its base model
-    and, for a LoRA run, its adapter (`adapter` is the folder; None for a full fine-tune, which is a model folder).
-    `lora`: the adapter's adapter_config.json (r, lora_alpha, target_modules, ...)."""
-
-    folder: str
-    base: str
-    adapter: str | None
-    lora: dict | None
-
-
-def sft_start(name_or_path: str) -> SftStart | None:
-    """What model.name_or_path holds when it is a gemma2-tune run folder with a LoRA adapter: its base (the run's
-    config.yaml model.name_or_path, else adapter_config.json's base_model_name_or_path) and the adapter; None for
-    anything else (hub ids, model folders, a full fine-tune's run folder: that loads as a model). Reads two small
-    files, no torch. Raises ValueError when the adapter does not name its base."""
-    path = Path(name_or_path).expanduser()
-    adapter_config = path / "adapter_config.json"
-    if saved_weights(path) != "adapter":
-        return None
-    lora = json.loads(adapter_config.read_text())
-    base = None
-    if (path / "config.yaml").is_file():
-        import yaml
-
-        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        base = (saved.get("model") or {}).get("name_or_path")
-    base = base or lora.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"model.name_or_path: the adapter in {path} does not name its base model")
-    return SftStart(str(path), str(base), str(path), lora)
-
-
 class DpoConfig(RunConfig):
     """The `dpo` schema: a training run (the policy = model/quantization/lora) plus the preference loss. data.*
     gives the pairs (or unpaired examples for KTO); model.name_or_path may be an sft run folder (its adapter is
@@ -125,6 +93,7 @@ class DpoConfig(RunConfig):
     output: OutputSection = Field(default_factory=lambda: OutputSection(dir="runs/gemma2-dpo"))
 
     data_kind: ClassVar[str] = "preference pairs"
+    continues_runs: ClassVar[bool] = True
 
     def problems(self) -> tuple[list[str], list[str]]:
         """dpo_problems."""
@@ -132,19 +101,23 @@ class DpoConfig(RunConfig):
 
     def frozen_models(self) -> list[FrozenModel]:
         """Full fine-tuning: the reference, a second copy of the starting model in model.dtype. With LoRA none:
-        the reference is the model with its adapter disabled (or a frozen copy of the sft adapter)."""
+        the reference is the model with its adapter disabled (or a frozen copy of the adapter it continues)."""
         if self.lora.enabled:
             return []
         return [FrozenModel("reference", self.base_model, "full", self.model.attn_implementation)]
 
     @property
-    def base_model(self) -> str:
-        """The base checkpoint under the trained weights: an sft run folder's base when training starts from one."""
-        try:
-            start = sft_start(self.model.name_or_path)
-        except (OSError, ValueError):
-            start = None
-        return start.base if start else self.model.name_or_path
+    def reference(self) -> str:
+        """The frozen reference in words (the dry run's plan, the log, run.json): the starting policy, however it
+        is held."""
+        start = self.start
+        if start and self.lora.enabled:
+            return (f"the starting policy: a frozen copy of the adapter of {start.folder} (TRL's `ref` adapter; the "
+                    f"policy trains that adapter further, on {start.base})")
+        if self.lora.enabled:
+            return "the starting model, its LoRA adapter disabled (no second copy in memory)"
+        what = f"{start.base} with the adapter of {start.folder} merged in" if start else self.model.name_or_path
+        return f"a second copy of the starting model ({what}, {self.model.dtype}), frozen"
 
     @property
     def preference_kind(self) -> str:
@@ -166,37 +139,41 @@ class DpoConfig(RunConfig):
 
     def method_lines(self) -> list[str]:
         """The loss and the reference."""
-        start = None
-        try:
-            start = sft_start(self.model.name_or_path)
-        except (OSError, ValueError):
-            pass
-        if start and self.lora.enabled:
-            reference = f"the sft policy {start.folder} (base {start.base} + its adapter, kept frozen as `ref`)"
-        elif self.lora.enabled:
-            reference = "the starting model, its LoRA adapter disabled (no second copy in memory)"
-        else:
-            reference = f"a second copy of {self.model.name_or_path} ({self.model.dtype}), frozen"
         trainer = "KTOTrainer" if self.dpo.unpaired else "DPOTrainer"
         return [f"dpo:          {self.dpo.describe()} (TRL {trainer}, log-probabilities of soft-capped logits, "
-                f"dropout off in both models); reference: {reference}"]
+                f"dropout off in both models); reference: {self.reference}"]
+
+    def memory_terms(self, shape: Shape, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Shape]) -> dict[str, float]:
+        """A preference run's extra memory: chosen and rejected run as one batch of 2B sequences, so the policy's
+        activations count twice (the shared term counts B); the reference's forward on the same 2B sequences (no
+        gradients; with LoRA it is the policy with its adapter disabled, so no weights); with full fine-tuning the
+        reference's weights in model.dtype (/ N under ZeRO-3). KTO (an unpaired loss) adds a forward of both models on
+        the B mismatched KL sequences. Loss: TRL's chunked log-probabilities, fp32 tiles (x3 with temporaries)."""
+        sequences = b if self.dpo.unpaired else 2 * b
+        terms = {"activations, rejected sides" if not self.dpo.unpaired else
+                 "KL sequences (policy forward, no gradients)":
+                 activation_bytes(shape, self, b, t) if not self.dpo.unpaired else forward_bytes(
+                     shape, self.model.attn_implementation, b, t)}
+        reference = frozen.get("reference")
+        if reference is not None:
+            terms["reference weights"] = reference.total_params * DTYPE_BYTES[self.model.dtype] / n
+        ref_sequences = sequences * (2 if self.dpo.unpaired else 1)
+        terms["reference forward (no gradients)"] = forward_bytes(reference or shape, self.model.attn_implementation,
+                                                                  ref_sequences, t)
+        terms["loss"] = min(sequences * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + sequences * t * shape.hidden * 8
+        return terms
 
 
 def dpo_problems(cfg: DpoConfig) -> tuple[list[str], list[str]]:
-    """A preference run's rules: the policy's (run_problems, on the base when starting from an sft run), then the
-    loss: every dpo.loss_type known to TRL 1.16 (ORPO/SimPO refused with the reason), KTO's losses alone, weights
-    one per loss, EXO's label smoothing, KTO's batch of at least 2 (its KL estimate pairs each prompt with another
-    example's answer in the batch); a starting sft adapter's LoRA shape equal to lora.*."""
+    """A preference run's rules: the policy's (continued_run_problems: on the base of a run it continues, whose
+    adapter's shape lora.* must equal), then the loss: every dpo.loss_type known to TRL 1.16 (ORPO/SimPO refused
+    with the reason), KTO's losses alone, weights one per loss, EXO's label smoothing, KTO's batch of at least 2
+    (its KL estimate pairs each prompt with another example's answer in the batch)."""
     problem = generating_model_problem(cfg.model.name_or_path, "model.name_or_path")
     if problem:  # a reward run is an adapter too: not a starting policy
         return [problem], []
-    try:
-        start = sft_start(cfg.model.name_or_path)
-    except (OSError, ValueError) as exc:
-        return [str(exc)], []
-    checked = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": start.base})}) if start \
-        else cfg
-    errors, warnings = run_problems(checked)
+    errors, warnings = continued_run_problems(cfg)
     d = cfg.dpo
     for t in d.loss_type:
         if t in REFUSED_LOSSES:
@@ -211,6 +188,14 @@ def dpo_problems(cfg: DpoConfig) -> tuple[list[str], list[str]]:
                       "KTOTrainer) and cannot be combined with other losses")
     if d.loss_weights is not None and len(d.loss_weights) != len(d.loss_type):
         errors.append(f"dpo.loss_weights: {len(d.loss_weights)} weights for {len(d.loss_type)} losses in dpo.loss_type")
+    if d.loss_weights is not None and not d.unpaired:
+        negative = [f"{w:g} for '{t}'" for t, w in zip(d.loss_type, d.loss_weights) if not 0 <= w < math.inf]
+        if negative:
+            errors.append(f"dpo.loss_weights: {', '.join(negative)}: a negative weight trains that loss's opposite "
+                          "(towards the rejected answers); weights are each loss's share: finite, >= 0")
+        elif d.loss_weights and not any(d.loss_weights):
+            errors.append("dpo.loss_weights: every weight is 0: the loss is 0, no gradient reaches the policy and "
+                          "the adapter stays as it started")
     if d.unpaired and d.loss_weights is not None:
         errors.append("dpo.loss_weights: KTO has one loss; weigh its examples with dpo.desirable_weight and "
                       "dpo.undesirable_weight")
@@ -221,13 +206,4 @@ def dpo_problems(cfg: DpoConfig) -> tuple[list[str], list[str]]:
                       "another example's answer in the same batch; with 1 it equals the reward itself)")
     if cfg.data.eval_dataset and (cfg.data.eval_fraction or cfg.data.eval_split):
         errors.append("data.eval_dataset with data.eval_fraction/eval_split: choose one source of held-out pairs")
-    if start:
-        lora = start.lora or {}
-        if cfg.lora.enabled:
-            saved = (lora.get("r"), lora.get("lora_alpha"), sorted(lora.get("target_modules") or []))
-            wanted = (cfg.lora.r, cfg.lora.alpha, sorted(cfg.lora.target_modules))
-            if saved != wanted:
-                errors.append(f"lora.r/alpha/target_modules are {wanted[0]}/{wanted[1]}/{wanted[2]} but the sft adapter "
-                              f"in {start.folder} has {saved[0]}/{saved[1]}/{saved[2]}: a LoRA preference run trains "
-                              "that adapter further; set lora.* to its values")
     return errors, warnings

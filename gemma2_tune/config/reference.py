@@ -1,4 +1,6 @@
-"""The config reference, generated from the methods' schemas (README section and `gemma2-tune config`)."""
+"""The config reference, generated from the methods' schemas: the docs page (docs/reference/config.md, between
+its markers) and `gemma2-tune config`. Also the one way a generated section of a Markdown page is written and
+checked (`replace_section`, `markdown_text`), which the CLI reference and the benchmark page use too."""
 
 from __future__ import annotations
 
@@ -53,16 +55,16 @@ def _which(methods: list[str], every: list[str]) -> str:
 
 
 def markdown(schemas: list[type[BaseModel]] | None = None) -> str:
-    """Every key of the methods' schemas (default: all) as a Markdown table, between the README's markers; a key
-    only some methods have says which."""
+    """Every key of the methods' schemas (default: all) as a Markdown table, between the config reference's
+    markers; a key only some methods have says which."""
     schemas = schemas or method_schemas()
     every = [_method(s) for s in schemas]
     method = RunConfig.model_fields["method"]
     names = " \\| ".join(f"`{m}`" for m in every)
     lines = [BEGIN, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |",
-             f'| `method` | {names} | `"sft"` | {method.description} |']
+             f'| `method` | {names} | `"sft"` | {markdown_text(method.description or "")} |']
     for section, name, field, methods in keys(schemas):
-        desc = (field.description or "").replace("|", "\\|")
+        desc = markdown_text(field.description or "")
         lines.append(f"| `{section}.{name}` | {_type_name(field.annotation)} | {_default(field)} | "
                      f"{_which(methods, every)}{desc} |")
     lines += ["", END]
@@ -87,19 +89,41 @@ def plain(schemas: list[type[BaseModel]] | None = None) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path) -> bool:
-    """Replace the generated section of README.md; True when it changed."""
+def markdown_text(text: str) -> str:
+    """Plain text (a help string, a field's description) made safe for a Markdown table cell: outside code spans,
+    `|` is escaped and `<`, `>`, `&` are written as entities, so `<end_of_turn>` shows instead of vanishing as an
+    unknown HTML tag (inside a code span both show as written). Newlines become spaces."""
+    parts = " ".join(text.split()).split("`")
+    for i in range(0, len(parts), 2):  # even parts are outside code spans
+        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return "`".join(parts)
+
+
+def replace_section(text: str, begin: str, end: str, body: str) -> str:
+    """`text` with everything from the line `begin` to the line `end` (both kept) replaced by `body`, which
+    starts with `begin` and ends with `end`. Raises ValueError naming the marker when one is missing."""
+    for marker in (begin, end):
+        if marker not in text:
+            raise ValueError(f"marker not found: {marker}")
+    start, stop = text.index(begin), text.index(end) + len(end)
+    return text[:start] + body + text[stop:]
+
+
+def update_page(path, begin: str = BEGIN, end: str = END, body: str | None = None) -> bool:
+    """Rewrite the generated section of a Markdown page (default: the config reference); True when it
+    changed."""
     from pathlib import Path
 
     path = Path(path)
     text = path.read_text()
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    new = text[:start] + markdown() + text[end:]
-    path.write_text(new)
+    new = replace_section(text, begin, end, markdown() if body is None else body)
+    if new != text:
+        path.write_text(new)
     return new != text
 
 
 if __name__ == "__main__":
     import sys
 
-    print("updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")
+    page = sys.argv[1] if len(sys.argv) > 1 else "docs/reference/config.md"
+    print(f"{page}: {'updated' if update_page(page) else 'up to date'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
+
 from pydantic import BaseModel
 
 from ..families import (
@@ -22,6 +23,7 @@ from ..families import (
     supported_summary,
     unsupported_message,
 )
+from .runs import AdapterRun, adapter_folder, adapter_run, missing_folder, saved_weights, unfinished_run
 from .schema import RunConfig
 
 
@@ -29,6 +31,7 @@ def checkpoint_size(family: Family, name_or_path: str) -> str | None:
     """The published size of a checkpoint: from a local config.json's shape, else from its name."""
     try:
         data = json.loads((Path(name_or_path).expanduser() / "config.json").read_text())
+        data = data.get("text_config") or data  # a multimodal checkpoint: its decoder's shape
         return family.size_of_shape(data["hidden_size"], data["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return family.size_from_name(name_or_path)
@@ -39,68 +42,19 @@ def local_path_problem(name: str, key: str = "model") -> str | None:
     (which needs merging into its base before it can be a base or a teacher)."""
     if not name.strip():
         return f"{key}.name_or_path: empty"
-    path = Path(name).expanduser()
     missing = missing_folder(name)
     if missing:
         return f"{key}.name_or_path: {name}: {missing}"
     unfinished = unfinished_run(name)
     if unfinished:
         return f"{key}.name_or_path: {unfinished}"
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    if adapter_folder(name) and not (Path(name).expanduser() / "adapter_model.safetensors").is_file():
+        return f"{key}.name_or_path: {name}: adapter_config.json without adapter_model.safetensors (no weights)"
+    if adapter_folder(name):
         return (f"{key}.name_or_path: '{name}' is a LoRA adapter (adapter_config.json, no config.json), not a whole "
-                f"model: merge it first (gemma2-tune merge --adapter {name} --output merged/NAME) and use that folder")
+                f"model: merge it first (gemma2-tune merge --adapter {name} --output merged/NAME) and use that folder "
+                f"(dpo, reward and rl take such a run as it is: --model {name})")
     return None
-
-
-def missing_folder(name: str, bare_names: bool = False) -> str | None:
-    """Why `name`, meant as a local model folder, is none: "a file, not a model folder", or "no such folder" when
-    it reads as a path (starts with / ./ ../ ~, has more than one slash, or its first part is a folder here) or,
-    with `bare_names`, has no slash at all (no hub id: those are org/name). None: it exists, or may be a hub id
-    or a builtin:NAME model."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return "a file, not a model folder"
-    if path.exists() or ":" in name:
-        return None
-    slashes = name.count("/")
-    if name.startswith(("/", "./", "../", "~")) or slashes > 1:
-        return "no such folder"
-    if slashes == 1 and path.parent.is_dir():
-        return f"no such folder ({path.parent}/ is a folder here, so this is a path, not a hub id)"
-    if slashes == 0 and bare_names:
-        return "no such folder (a hub id has the form org/name)"
-    return None
-
-
-def saved_weights(path: Path) -> str | None:
-    """What trained weights the folder `path` holds at its top: "adapter" (adapter_config.json +
-    adapter_model.safetensors), "model" (config.json + *.safetensors: a full fine-tune, a merge) or None."""
-    if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
-        return "adapter"
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return "model"
-    return None
-
-
-def unfinished_run(name: str) -> str | None:
-    """Why the local folder `name` can't be used as a model yet: a run folder (run.json) that holds no trained
-    weights (its run was interrupted, failed or is running: no adapter or model files at its top), with how to go
-    on (resume it, or use its last checkpoint-N); None for anything else."""
-    path = Path(name).expanduser()
-    if not (path / "run.json").is_file():
-        return None
-    if saved_weights(path):
-        return None
-    try:
-        record = json.loads((path / "run.json").read_text())
-    except (OSError, ValueError):
-        record = {}
-    checkpoints = sorted(path.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1])
-                         if c.name.split("-")[-1].isdigit() else -1)
-    method = record.get("method") or "sft"
-    return (f"{name} is a run that holds no trained weights (run.json: status {record.get('status', '?')}, step "
-            f"{record.get('global_step') or 0}): resume it (gemma2-tune {method} -o {name} --resume)"
-            + (f" or use its last checkpoint, {checkpoints[-1]}" if checkpoints else ""))
 
 
 def sequence_classifier(architectures: list[str] | None) -> bool:
@@ -176,8 +130,6 @@ def _model_problems(name: str, kernel: str, dtype: str) -> tuple[list[str], list
                             f"({kernel_summary(kernel)}); '{name}' doesn't say which it is: checked when its config loads")
         return errors, warnings
     size = checkpoint_size(family, name)
-    if size in family.multimodal_sizes:
-        errors.append(f"model.name_or_path: '{name}' ({size.upper()}) is {family.multimodal_sizes[size]}")
     problem = family.kernel_problem(kernel)
     if problem:
         errors.append(problem)
@@ -205,6 +157,8 @@ def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
     errors, warnings = ([problem], []) if problem else model_problems(m.name_or_path, m.attn_implementation, m.dtype)
     family = family_of_checkpoint(m.name_or_path) or GEMMA2  # module names are the same in both families
 
+    if cfg.data.enable_thinking and family_of_checkpoint(m.name_or_path) and family.turn_format != "gemma4":
+        errors.append(f"data.enable_thinking: {family.display} has no thinking mode (Gemma 4 has)")
     if q.load_in_4bit and not lora.enabled:
         errors.append(
             "quantization.load_in_4bit with lora.enabled=false: 4-bit weights can't be trained directly; "
@@ -249,6 +203,35 @@ def lora_target_problems(targets: list[str], family: Family) -> list[str]:
         problems.append(f"lora.target_modules: '{name}' is not a module of {family.display} (its projections: "
                         f"{', '.join(family.lora_modules)})" + (f"; did you mean '{hint[0]}'?" if hint else ""))
     return problems
+
+
+def start_problems(cfg: RunConfig, start: AdapterRun, key: str = "model.name_or_path") -> list[str]:
+    """A run that continues `start` needs its adapter's weights (`key` names the folder), and with LoRA trains that
+    adapter further: lora.r/alpha/target_modules must be the adapter's (they are taken from it when not given;
+    full fine-tuning merges the adapter into the weights)."""
+    if saved_weights(Path(start.folder).expanduser()) != "adapter":
+        return [f"{key}: {start.folder}: adapter_config.json without adapter_model.safetensors (no weights)"]
+    wanted = (cfg.lora.r, cfg.lora.alpha, sorted(cfg.lora.target_modules))
+    if not cfg.lora.enabled or start.shape == wanted:
+        return []
+    saved = start.shape
+    return [f"lora.r/alpha/target_modules are {wanted[0]}/{wanted[1]}/{wanted[2]} but the adapter of {start.folder} "
+            f"has {saved[0]}/{saved[1]}/{saved[2]}: a run started from it trains that adapter further; leave them "
+            "unset (they are taken from it) or set them to its values"]
+
+
+def continued_run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """run_problems for a method whose model.name_or_path may be a run with a LoRA adapter (cfg.continues_runs):
+    the rules on the base of the run it continues, and its adapter (start_problems)."""
+    try:
+        start = adapter_run(cfg.model.name_or_path)
+    except ValueError as exc:
+        return [f"model.name_or_path: {exc}"], []
+    if start is None:
+        return run_problems(cfg)
+    errors, warnings = run_problems(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"name_or_path": start.base})}))
+    return errors + start_problems(cfg, start), warnings
 
 
 def config_problems(config: BaseModel) -> tuple[list[str], list[str]]:

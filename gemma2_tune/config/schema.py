@@ -12,9 +12,9 @@ answer without importing torch. Rules between fields live in `rules.py`; facts a
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..families import GEMMA2
 
@@ -24,6 +24,9 @@ LOSS_TOKEN_CHUNK = 1024
 LOSS_VOCAB_CHUNK = 8192
 
 Dtype = Literal["bfloat16", "float16", "float32"]
+
+if TYPE_CHECKING:
+    from .runs import AdapterRun
 
 
 class Section(BaseModel):
@@ -108,6 +111,12 @@ class DataSection(Section):
         "`images`/`audio`/`video`, messages with `tool_calls`): bad rows naming the field, or `ignore` the field "
         "and train on the text (counted in run.json).",
     )
+    enable_thinking: bool = Field(
+        False,
+        description="Gemma 4: render rows with thinking on, as the -it template does with enable_thinking=True "
+        "(<|think|> first in the system turn; a message's `reasoning`/`reasoning_content` in the thought channel). "
+        "Rows with reasoning need it; Gemma 2 and Gemma 3 have no thinking mode.",
+    )
     on_bad_rows: Literal["skip", "error"] = Field(
         "skip", description="Rows that can't become valid Gemma turns: `skip` (counted, reported) or fail the run."
     )
@@ -120,7 +129,7 @@ class DataSection(Section):
 
     def describe(self) -> str:
         """How rows become training text, in a few words (model card, dry run)."""
-        return f"system messages '{self.system_policy}'"
+        return f"system messages '{self.system_policy}'" + (", thinking on" if self.enable_thinking else "")
 
 
 class SftDataSection(DataSection):
@@ -142,7 +151,7 @@ class SftDataSection(DataSection):
     def describe(self) -> str:
         """How rows become training text, in a few words (model card, dry run)."""
         return (f"loss on {self.train_on.replace('_', ' ')}, system messages '{self.system_policy}', packing "
-                f"{'on' if self.packing else 'off'}")
+                f"{'on' if self.packing else 'off'}" + (", thinking on" if self.enable_thinking else ""))
 
 
 class PreferenceDataSection(DataSection):
@@ -258,11 +267,34 @@ class RunConfig(Section):
     # What the data rows become for this method: "conversations" (sft), "prompts" (distill, rl), "preference
     # pairs" (dpo, reward). Read by the dry run, the data summary and `plan`.
     data_kind: ClassVar[str] = "conversations"
+    # For a method that writes completions to prompts: who writes them, and what is done with them (the preview).
+    completion_writer: ClassVar[tuple[str, str]] = ("the student", "scored against the teacher")
+
+    def reward_functions(self) -> list[Any]:
+        """The Python reward functions the run calls (rl's), each with path, name and weight; none by default."""
+        return []
+
+    # The run may fold accumulated micro-batches into one forward (training/batching.py; `plan` shows the
+    # micro-batch it will use).
+    folds_accumulation: ClassVar[bool] = False
 
     def problems(self) -> tuple[list[str], list[str]]:
         """The method's rules between fields: (errors, warnings), each naming its key(s). Overridden by every
         method (most start from `rules.run_problems`)."""
         return [], []
+
+    def memory_terms(self, shape: Any, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Any]) -> dict[str, float]:
+        """The bytes per process the method adds to the shared terms of config/memory.estimate (its loss at least,
+        the models it runs beside the trained one): {term: bytes}. `shape`: the trained model's (families.Shape);
+        `b` items per forward of `t` tokens; `n` processes sharding the parameters (1 without sharding); `frozen`:
+        the shapes of the models it loads beside the trained one, by config key. Every method defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no memory terms")
+
+    def launch_problems(self, launch: Any) -> list[str]:
+        """The method's own keys against how its processes are started (training/launch.py's Launch: read its
+        capabilities, never its mode); the shared rules are training/launch.launch_problems'. None by default."""
+        return []
 
     @property
     def preference_kind(self) -> str:
@@ -273,11 +305,56 @@ class RunConfig(Section):
     # sequence: reward models). Read by the model card and by the commands that load a run (chat, merge).
     head: ClassVar[str] = "causal-lm"
 
+    # Whether model.name_or_path may be a run folder with a LoRA adapter (the previous stage's run, taken as it is:
+    # its adapter is trained further on its base): dpo, reward and rl. Other methods refuse one (rules).
+    continues_runs: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _continuing_a_run(cls, data: Any) -> Any:
+        """model.name_or_path naming a folder with a LoRA adapter, for a method that continues runs: the raw
+        settings as `continue_run` gives them (unreadable folders are left to the rules, which name them)."""
+        if not cls.continues_runs or not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        name = data["model"].get("name_or_path")
+        if not isinstance(name, str):
+            return data
+        from .runs import adapter_run
+
+        try:
+            start = adapter_run(name)
+        except ValueError:
+            return data
+        return cls.continue_run(data, start) if start else data
+
+    @classmethod
+    def continue_run(cls, data: dict[str, Any], start: "AdapterRun") -> dict[str, Any]:
+        """The raw settings of a run that trains `start`'s adapter further: lora.r, lora.alpha and
+        lora.target_modules not given are the adapter's (given ones must equal them: rules.start_problems)."""
+        from .runs import with_adapter_lora
+
+        return with_adapter_lora(data, start)
+
+    @property
+    def start(self) -> "AdapterRun | None":
+        """The run this one continues (runs.adapter_run: the folder with the adapter trained further, and its
+        base), for a method that continues runs; None otherwise, or when the folder can't be read (the rules
+        say why)."""
+        if not self.continues_runs:
+            return None
+        from .runs import adapter_run
+
+        try:
+            return adapter_run(self.model.name_or_path)
+        except ValueError:
+            return None
+
     @property
     def base_model(self) -> str:
-        """The base checkpoint under the trained weights (what a run's adapter is applied to): model.name_or_path,
-        unless a method starts from another run's folder and says its base."""
-        return self.model.name_or_path
+        """The base checkpoint under the trained weights (what the run's adapter is applied to): the base of the run
+        it continues (`start`), else model.name_or_path."""
+        start = self.start
+        return start.base if start else self.model.name_or_path
 
     def frozen_models(self) -> list[FrozenModel]:
         """Models loaded beside the trained one (their weights count in `plan`, they are inputs the output folder

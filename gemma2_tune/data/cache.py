@@ -33,16 +33,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(data: DataSection, source_fingerprint: str, tokenizer: Any, split_seed: int | None = None,
-              family: str = "gemma2") -> str:
+              family: str = "gemma2", empty_thought: bool = False) -> str:
     """A 24-hex-digit key over everything that changes the blocks.
 
     `split_seed`: the seed that drew a held-out fraction out of these rows (it changes which rows remain);
-    `family`: the model family, whose rule for folding system text changes the rendered rows.
+    `family`: the model family, whose rule for folding system text changes the rendered rows; `empty_thought`:
+    Gemma 4 rows start their answers with an empty thought block (the checkpoint's size decides).
     """
-    parts = {"format": FORMAT_VERSION, "data": data.model_dump(mode="json"), "source": source_fingerprint,
+    # keys of runs from before a setting existed stay as they were while it is off
+    dumped = data.model_dump(mode="json", exclude=None if data.enable_thinking else {"enable_thinking"})
+    parts = {"format": FORMAT_VERSION, "data": dumped, "source": source_fingerprint,
              "tokenizer": tokenizer_fingerprint(tokenizer), "split_seed": split_seed}
     if family != "gemma2":  # keys of Gemma 2 runs stay as they were
         parts["family"] = family
+    if empty_thought:
+        parts["empty_thought"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 

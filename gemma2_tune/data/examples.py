@@ -15,8 +15,8 @@ from typing import Any, Sequence
 from ..config.schema import SftDataSection
 from ..errors import UserError
 from ..families import GEMMA2, Family
-from .sources import Row, row_to_messages
-from .turns import IGNORE_INDEX, BadRow, Turn, normalise, render, supervision_mask
+from .sources import Row, row_turns
+from .turns import IGNORE_INDEX, BadRow, Turn, render, supervision_mask
 
 SHOWN_LOCATIONS = 5
 
@@ -113,18 +113,20 @@ class Overlong(BadRow):
 
 
 class TurnTokenizer:
-    """Renders turns in Gemma's format and tokenizes the whole string once, with offsets.
+    """Renders turns in the family's format and tokenizes the whole string once, with offsets.
 
     Tokenizing the full rendered text (not pieces) gives exactly the ids the model sees at inference;
-    the character offsets then map the supervised spans onto tokens.
+    the character offsets then map the supervised spans onto tokens. `thinking` and `empty_thought`: Gemma 4's
+    switches (turns.render).
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, family: Family = GEMMA2, thinking: bool = False, empty_thought: bool = False):
         self.tokenizer = tokenizer
+        self.render_options = {"family": family, "thinking": thinking, "empty_thought": empty_thought}
 
     def encode(self, turns: Sequence[Turn], train_on: str = "model_turns") -> Encoded:
         """Render `turns`, tokenize the text in one piece, mark the supervised tokens."""
-        rendered = render(turns)
+        rendered = render(turns, **self.render_options)
         enc = self.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         mask = [True] * len(offsets) if train_on == "all" else supervision_mask(offsets, rendered.supervised)
@@ -148,16 +150,17 @@ def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: SftDataSec
     return example
 
 
-def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection,
-                   family: Family = GEMMA2) -> tuple[list[Example], DataReport]:
+def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection, family: Family = GEMMA2, *,
+                   empty_thought: bool = False) -> tuple[list[Example], DataReport]:
     """Rows -> examples (Gemma turns, ids, labels) and a report of every row left out and why, and of kept rows
-    that repeat an earlier one exactly (kept, and warned about).
+    that repeat an earlier one exactly (kept, and warned about). `empty_thought`: the checkpoint's size writes
+    Gemma 4's empty thought block (gemma4.writes_empty_thought).
 
     Raises UserError when no row is usable, or when bad rows exist and data.on_bad_rows is 'error'.
     """
     import sys
 
-    encoder = TurnTokenizer(tokenizer)
+    encoder = TurnTokenizer(tokenizer, family, cfg.enable_thinking, empty_thought)
     report = DataReport(rows_read=len(rows))
     examples: list[Example] = []
     notes: Counter = Counter()
@@ -169,8 +172,7 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection,
     for row in rows:
         row_notes: Counter = Counter()
         try:
-            turns = normalise(row_to_messages(row.data, cfg.unsupported_fields, row_notes), cfg.system_policy,
-                              family=family, notes=row_notes)
+            turns = row_turns(row.data, cfg, family, notes=row_notes)
         except BadRow as exc:
             report.bad(row.where, exc)
             continue

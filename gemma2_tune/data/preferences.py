@@ -36,13 +36,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
-from ..config.schema import PreferenceDataSection
+from ..config.schema import PreferenceDataSection, RunConfig
+from ..errors import UserError
 from ..families import Family
 from .examples import DataReport
 from .sources import PACKAGE_DIR, UNEXPRESSIBLE_ROW_FIELDS, Row, Source, load_rows, parse_marked_text, row_to_messages
@@ -84,7 +86,8 @@ class PreferencePair:
     prompt: role/content messages ending with a user message (system messages kept: the run's chat template
     applies data.system_policy to them as training did); chosen, rejected: one assistant message each.
     prompt_ids: the prompt through `<start_of_turn>model\\n`; chosen_ids, rejected_ids: the answer's tokens
-    through `<end_of_turn>` and `\\n`, cut to data.max_length - len(prompt_ids) when `truncated`.
+    through `<end_of_turn>` and `\\n`, each cut to data.max_length - len(prompt_ids) when it is longer (`cut`:
+    (chosen cut, rejected cut); `truncated`: either).
     """
 
     where: str
@@ -94,7 +97,12 @@ class PreferencePair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    truncated: bool = False
+    cut: tuple[bool, bool] = (False, False)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether either answer was cut at data.max_length."""
+        return any(self.cut)
 
 
 @dataclass
@@ -156,9 +164,10 @@ def resolve_preference_alias(data: PreferenceDataSection) -> PreferenceDataSecti
 
 
 def load_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family, kind: Kind,
-                     max_length: int | None = None) -> PreferenceData:
+                     max_length: int | None = None, *, empty_thought: bool = False) -> PreferenceData:
     """Read data.dataset and build pairs (`kind='paired'`, DPO and reward) or unpaired examples (`'unpaired'`,
     KTO; pairs count as two). `max_length` overrides data.max_length (tokens per side, prompt included).
+    `empty_thought`: the checkpoint's size writes Gemma 4's empty thought block before each answer.
 
     Raises UserError for an unreadable source, when no row is usable, or when bad rows exist and
     data.on_bad_rows is 'error' (exit 2).
@@ -166,7 +175,7 @@ def load_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family
     rows, source = load_rows(resolve_preference_alias(data))
     source.name = data.dataset
     build = build_pairs if kind == "paired" else build_unpaired
-    items, report = build(rows, tokenizer, data, family, max_length=max_length)
+    items, report = build(rows, tokenizer, data, family, max_length=max_length, empty_thought=empty_thought)
     return PreferenceData(kind, items, report, source, family.key, data.system_policy)
 
 
@@ -291,6 +300,18 @@ def _unpaired_messages(data: dict) -> tuple[list[Any], list[Any], bool]:
     return prompt_msgs, prompt_msgs + _answer_messages(_side(data["completion"], "completion")), label
 
 
+def rows_kind(rows: Sequence[Row]) -> str | None:
+    """What the first readable row of `rows` is, by its keys: 'paired' (chosen/rejected), 'unpaired' (KTO's
+    prompt/completion/label) or None (a chat, or no readable row). Reads no further than that row."""
+    for row in rows:
+        if isinstance(row.data, dict):
+            try:
+                return _row_kind(row.data)
+            except BadRow:
+                return None
+    return None
+
+
 def _row_kind(data: Any) -> str:
     """'paired' or 'unpaired'; raises BadRow for a row in neither schema."""
     if isinstance(data, BadRow):
@@ -323,8 +344,16 @@ def _turns(messages: list[Any], part: str, cfg: PreferenceDataSection, family: F
            *, open_end: bool = False) -> tuple[list[dict], list[Turn]]:
     """Messages -> (role/content messages, normalised turns), checked as sft checks a row; errors name `part`."""
     try:
+        # a side is read as role/content only: what else a Gemma 4 message carries would be lost, so it is refused
+        extra = next((f"message {i} has '{k}'" for i, m in enumerate(messages) if isinstance(m, dict)
+                      for k in ("tool_calls", "reasoning", "reasoning_content", "thinking") if m.get(k)), None)
+        tool = any(isinstance(m, dict) and str(m.get("role")).lower() == "tool" for m in messages)
+        if family.turn_format == "gemma4" and (extra or tool):
+            raise BadRow(f"{extra or 'a tool message'}: preference pairs carry text turns only (no reasoning or "
+                         "tools yet)")
         msgs = row_to_messages({"conversations": messages}, cfg.unsupported_fields, notes)
-        return msgs, normalise(msgs, cfg.system_policy, allow_open_end=open_end, family=family, notes=notes)
+        return msgs, normalise(msgs, cfg.system_policy, allow_open_end=open_end, family=family, notes=notes,
+                               thinking=cfg.enable_thinking)
     except BadRow as exc:
         raise BadRow(f"{part}: {exc}") from None
 
@@ -379,11 +408,13 @@ class _Dropped(BadRow):
     """A pair left out for its length (counted as dropped, not bad)."""
 
 
-def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int, overlong: str) -> tuple[list[list[int]], bool]:
-    """Answers cut to fit `limit` tokens beside the prompt (keep_start), or _Dropped saying why."""
+def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int,
+         overlong: str) -> tuple[list[list[int]], tuple[bool, ...]]:
+    """Answers cut to fit `limit` tokens beside the prompt (keep_start), and which of them were cut; or _Dropped
+    saying why."""
     longest = len(prompt_ids) + max(len(a) for a in answers)
     if longest <= limit:
-        return answers, False
+        return answers, (False,) * len(answers)
     if len(prompt_ids) >= limit:
         raise _Dropped(f"prompt of {len(prompt_ids)} tokens leaves no room for an answer in data.max_length "
                        f"{limit}")
@@ -394,15 +425,15 @@ def _fit(prompt_ids: list[int], answers: list[list[int]], limit: int, overlong: 
     if len(cut) == 2 and cut[0] == cut[1]:
         raise _Dropped(f"chosen and rejected are the same in their first {room} tokens (all data.max_length "
                        f"{limit} leaves beside the prompt)")
-    return cut, True
+    return cut, tuple(len(a) > room for a in answers)
 
 
-def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn],
-            notes: Counter) -> tuple[list[int], list[list[int]]]:
+def _encode(tokenizer: Any, prompt: list[Turn], answers: list[Turn], notes: Counter,
+            options: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
     """Prompt ids and each answer's ids, split where the prompt's ids and every sequence's ids part (TRL's DPO rule:
-    the minimum over the answers)."""
-    prompt_ids = _ids(tokenizer, render(prompt, add_generation_prompt=True).text)
-    sequences = [_ids(tokenizer, render([*prompt, answer]).text) for answer in answers]
+    the minimum over the answers). `options`: render's family, thinking and empty_thought."""
+    prompt_ids = _ids(tokenizer, render(prompt, add_generation_prompt=True, **options).text)
+    sequences = [_ids(tokenizer, render([*prompt, answer], **options).text) for answer in answers]
     n = min(_prefix(prompt_ids, s) for s in sequences)
     if n < len(prompt_ids):
         notes[BOUNDARY_MERGED] += 1
@@ -427,13 +458,15 @@ def _read_pair(data: dict, cfg: PreferenceDataSection, family: Family, notes: Co
 
 
 def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection, family: Family,
-                max_length: int | None = None) -> tuple[list[PreferencePair], DataReport]:
+                max_length: int | None = None, *,
+                empty_thought: bool = False) -> tuple[list[PreferencePair], DataReport]:
     """Rows -> preference pairs and a report (rows read/kept/bad/truncated/dropped; tokens: both sequences of
     each pair in total_tokens, both answers in supervised_tokens). Unpaired rows are bad rows here.
 
     Raises UserError when no pair is usable, or when bad rows exist and data.on_bad_rows is 'error'.
     """
     limit = max_length or cfg.max_length
+    options = {"family": family, "thinking": cfg.enable_thinking, "empty_thought": empty_thought}
     report, notes, pairs = DataReport(rows_read=len(rows)), Counter(), []
     for row in rows:
         row_notes: Counter = Counter()
@@ -442,8 +475,8 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection,
                 raise BadRow("unpaired row (prompt/completion/label): DPO and reward models need chosen and rejected")
             prompt, chosen, rejected, p_turns, c_turn, r_turn, schema = _read_pair(
                 row.data, cfg, family, row_notes)
-            prompt_ids, answers = _encode(tokenizer, p_turns, [c_turn, r_turn], row_notes)
-            (chosen_ids, rejected_ids), truncated = _fit(prompt_ids, answers, limit, cfg.overlong)
+            prompt_ids, answers = _encode(tokenizer, p_turns, [c_turn, r_turn], row_notes, options)
+            (chosen_ids, rejected_ids), cut = _fit(prompt_ids, answers, limit, cfg.overlong)
         except _Dropped as exc:
             report.rows_dropped_overlong += 1
             report.dropped(row.where, exc)
@@ -453,9 +486,8 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection,
             continue
         row_notes[SCHEMA_NOTES[schema]] += 1
         notes.update(row_notes)
-        pairs.append(PreferencePair(row.where, prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids,
-                                    truncated))
-        report.rows_truncated += truncated
+        pairs.append(PreferencePair(row.where, prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids, cut))
+        report.rows_truncated += any(cut)
         report.total_tokens += 2 * len(prompt_ids) + len(chosen_ids) + len(rejected_ids)
         report.supervised_tokens += len(chosen_ids) + len(rejected_ids)
     report.rows_kept, report.notes = len(pairs), dict(notes)
@@ -464,13 +496,15 @@ def build_pairs(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection,
 
 
 def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSection, family: Family,
-                   max_length: int | None = None) -> tuple[list[UnpairedExample], DataReport]:
+                   max_length: int | None = None, *,
+                   empty_thought: bool = False) -> tuple[list[UnpairedExample], DataReport]:
     """Rows -> KTO examples and a report. Unpaired rows give one example; pairs give two (chosen: label true,
     rejected: false), both kept or both left out. rows_kept counts rows; the examples' labels are in the items.
 
     Raises UserError when no row is usable, or when bad rows exist and data.on_bad_rows is 'error'.
     """
     limit = max_length or cfg.max_length
+    options = {"family": family, "thinking": cfg.enable_thinking, "empty_thought": empty_thought}
     report, notes, examples = DataReport(rows_read=len(rows)), Counter(), []
     for row in rows:
         row_notes: Counter = Counter()
@@ -493,10 +527,9 @@ def build_unpaired(rows: Sequence[Row], tokenizer: Any, cfg: PreferenceDataSecti
             built = []
             for completion, turn, label in answers:
                 # KTO's rule: each example's answer starts where its own prompt and sequence ids part.
-                prompt_ids, (completion_ids,) = _encode(tokenizer, p_turns, [turn], row_notes)
-                (completion_ids,), truncated = _fit(prompt_ids, [completion_ids], limit, cfg.overlong)
-                built.append(UnpairedExample(row.where, prompt, completion, label, prompt_ids, completion_ids,
-                                             truncated))
+                prompt_ids, (completion_ids,) = _encode(tokenizer, p_turns, [turn], row_notes, options)
+                (completion_ids,), (cut,) = _fit(prompt_ids, [completion_ids], limit, cfg.overlong)
+                built.append(UnpairedExample(row.where, prompt, completion, label, prompt_ids, completion_ids, cut))
         except _Dropped as exc:
             report.rows_dropped_overlong += 1
             report.dropped(row.where, exc)
@@ -557,9 +590,41 @@ def describe_pair(item: PreferencePair | UnpairedExample, tokenizer: Any,
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     yield decode(item.prompt_ids)
     if isinstance(item, PreferencePair):
-        sides = [("chosen", item.chosen_ids), ("rejected", item.rejected_ids)]
+        sides = [("chosen", item.chosen_ids, item.cut[0]), ("rejected", item.rejected_ids, item.cut[1])]
     else:
-        sides = [("desirable" if item.label else "undesirable", item.completion_ids)]
-    for name, ids in sides:
-        cut = " (cut at data.max_length)" if item.truncated else ""
+        sides = [("desirable" if item.label else "undesirable", item.completion_ids, item.truncated)]
+    for name, ids, was_cut in sides:  # only the side that was cut says so
+        cut = " (cut at data.max_length)" if was_cut else ""
         yield f"{name}, {len(ids)} tokens{cut}: {open_mark}{decode(ids)}{close_mark}"
+
+
+def held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) items: a seeded `fraction` held out (at least one item when fraction > 0)."""
+    if not fraction:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n = max(1, round(len(items) * fraction))
+    chosen = set(order[:n])
+    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
+
+
+def read_preference_splits(cfg: RunConfig, tokenizer: Any, family: Family, kind: str, empty_thought: bool = False):
+    """A run's preference data split: the training items and the held-out ones (data.eval_fraction of the source, or data.eval_dataset /
+    data.eval_split read and checked the same way). Returns (PreferenceData, items, eval PreferenceData or None,
+    eval items). `kind`: 'paired' or 'unpaired'; `empty_thought`: Gemma 4's empty thought block (the run's).
+    Raises UserError (the held-out source's problems name data.eval_dataset)."""
+    data = load_preferences(cfg.data, tokenizer, family, kind, empty_thought=empty_thought)
+    items, eval_items = held_out(data.items, cfg.data.eval_fraction, cfg.training.seed)
+    eval_data = None
+    other = cfg.data.eval_dataset or (cfg.data.eval_split and cfg.data.dataset)
+    if other:
+        eval_cfg = cfg.data.model_copy(update={"dataset": other, "split": cfg.data.eval_split or cfg.data.split,
+                                               "max_rows": None})
+        try:
+            eval_data = load_preferences(eval_cfg, tokenizer, family, kind, empty_thought=empty_thought)
+        except UserError as exc:
+            key = "data.eval_dataset" if cfg.data.eval_dataset else "data.eval_split"
+            raise UserError(f"{key}: {exc.message}") from None
+        eval_items = eval_data.items
+    return data, items, eval_data, eval_items

@@ -7,25 +7,26 @@ from typing import Any, Iterator
 from ..config.schema import DataSection, PreferenceDataSection, SftDataSection
 from ..families import Family
 from .examples import TurnTokenizer, build_examples, mark_supervised
-from .sources import load_rows, row_to_messages
-from .turns import BadRow, normalise
+from .sources import load_rows, row_turns
+from .turns import BadRow
 
 
-def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int) -> Iterator[tuple[str, str]]:
+def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int, *,
+            empty_thought: bool = False) -> Iterator[tuple[str, str]]:
     """Yields (heading, text) for the first `n` trainable rows, then ("summary", the data report).
+    `empty_thought`: the checkpoint's size writes Gemma 4's empty thought block.
 
     Raises UserError for an unreadable source (and for no usable rows at all, as training would).
     """
     rows, source = load_rows(data)
-    _, report = build_examples(rows, tokenizer, data, family)
-    encoder = TurnTokenizer(tokenizer)
+    _, report = build_examples(rows, tokenizer, data, family, empty_thought=empty_thought)
+    encoder = TurnTokenizer(tokenizer, family, data.enable_thinking, empty_thought)
     shown = 0
     for row in rows:
         if shown >= n:
             break
         try:
-            encoded = encoder.encode(normalise(row_to_messages(row.data, data.unsupported_fields), data.system_policy,
-                                               family=family), data.train_on)
+            encoded = encoder.encode(row_turns(row.data, data, family), data.train_on)
         except BadRow:
             continue
         shown += 1
@@ -36,37 +37,48 @@ def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int) -> Ite
     yield "summary", f"── {source.name}: " + "\n".join(source.lines() + report.summary_lines())
 
 
-def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int,
-                    max_completion_length: int) -> Iterator[tuple[str, str]]:
-    """For a distill config: yields (heading, text) for the first `n` prompts as the student will see them
-    (the run's chat template, generation prompt included), then ("summary", the prompt report)."""
-    from .prompts import build_prompts
+def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int, max_completion_length: int,
+                    writer: tuple[str, str] = ("the student", "scored against the teacher"),
+                    columns_used: bool = False, *, empty_thought: bool = False) -> Iterator[tuple[str, str]]:
+    """For a distill or rl config: yields (heading, text) for the first `n` prompts as the model will see them
+    (the run's chat template, generation prompt included; `writer`: who writes the completion and what is done
+    with it), then ("summary", the prompt report). `columns_used` (rl with reward functions): each prompt's row
+    columns too, which the functions get as keyword arguments. `empty_thought`: Gemma 4's empty thought block."""
+    from .prompts import build_prompts, describe_columns
 
     rows, source = load_rows(data)
-    prompts, report = build_prompts(rows, tokenizer, data, family, max_completion_length)
+    prompts, report, columns = build_prompts(rows, tokenizer, data, family, max_completion_length,
+                                             empty_thought=empty_thought)
+    who, scored = writer
     for i, prompt in enumerate(prompts[:n]):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         length = len(tokenizer(text, add_special_tokens=False).input_ids)
-        yield (f"── prompt {i + 1}: {length} tokens; the student writes up to {max_completion_length} more",
-               text + "⟦ the student's completion, scored against the teacher ⟧")
+        shown = "; ".join(f"{k}={v!r:.80}" for k, v in columns[i].items()) or "none"
+        yield (f"── prompt {i + 1}: {length} tokens; {who} writes up to {max_completion_length} more",
+               text + f"⟦ {who}'s completion, {scored} ⟧"
+               + (f"\ncolumns for the reward functions: {shown}" if columns_used else ""))
     lines = report.summary_lines()
-    yield "summary", f"── {source.name}: " + "\n".join(lines[:1] + lines[2:])
+    extra = [f"reward functions get each prompt's row columns as keyword arguments: {describe_columns(columns)}"] \
+        if columns_used else []
+    yield "summary", f"── {source.name}: " + "\n".join(lines[:1] + lines[2:] + extra)
 
 
 def preview_preferences(data: PreferenceDataSection, tokenizer: Any, family: Family, n: int,
-                        kind: str = "paired") -> Iterator[tuple[str, str]]:
+                        kind: str = "paired", *, empty_thought: bool = False) -> Iterator[tuple[str, str]]:
     """For a dpo, reward (`kind='paired'`) or kto (`'unpaired'`) config: yields (heading, text) for the first `n`
     pairs or examples as trained (the prompt, then each answer's supervised tokens between ⟦ ⟧), then
     ("summary", the data report). Raises UserError as training would (unreadable source, nothing usable)."""
     from .preferences import describe_pair, load_preferences
 
-    loaded = load_preferences(data, tokenizer, family, kind)
+    loaded = load_preferences(data, tokenizer, family, kind, empty_thought=empty_thought)
     for item in loaded.items[:n]:
         if kind == "paired":
             counts = f"prompt {len(item.prompt_ids)} tokens; chosen {len(item.chosen_ids)}, rejected " \
                      f"{len(item.rejected_ids)} supervised"
+            sides = " and ".join(side for side, was_cut in zip(("chosen", "rejected"), item.cut) if was_cut)
         else:
             counts = f"prompt {len(item.prompt_ids)} tokens; {len(item.completion_ids)} supervised"
-        cut = " (cut at data.max_length)" if item.truncated else ""
+            sides = "answer" if item.truncated else ""
+        cut = f" ({sides} cut at data.max_length)" if sides else ""
         yield f"── {item.where}: {counts}{cut}", "\n".join(describe_pair(item, tokenizer))
     yield "summary", f"── {loaded.source.name}: " + "\n".join(loaded.report.summary_lines())

@@ -7,6 +7,9 @@ format cannot express); a row with no user turn to answer is a bad row. A prompt
 (role and content), cut after the last user turn: the trainer renders it with the run's chat template,
 which is the training renderer, so system text folds exactly as it does at serving time. A prompt-only row
 (TRL's format: {"prompt": "text"}, one user turn, or {"prompt": [messages]}) is read as that conversation.
+
+A row's other keys are its columns (a GSM8K-style `answer`, an id): `rl` and `eval` pass each prompt's columns to
+reward functions as keyword arguments, as TRL's GRPOTrainer passes a dataset's extra columns.
 """
 
 from __future__ import annotations
@@ -17,10 +20,27 @@ from typing import Any, Sequence
 from ..config.schema import DataSection
 from ..families import Family
 from .examples import DataReport
-from .sources import Row, row_to_messages
-from .turns import ROLE_NAMES, BadRow, normalise, render
+from .sources import Row, row_to_messages, row_turns
+from .turns import ROLE_NAMES, BadRow, render
 
 REFERENCE_SET_ASIDE = "reference answer set aside (on-policy: the student writes its own)"
+# Keys a row's conversation is read from, and TRL's own "completion" (GRPOTrainer passes every dataset column but
+# "prompt", "completion" and "completion_ids" to reward functions): not columns.
+CONVERSATION_KEYS = ("messages", "conversations", "prompt", "completion", "completion_ids", "text")
+
+
+def row_columns(data: Any) -> dict[str, Any]:
+    """A raw row's columns: its keys other than those its conversation is read from (CONVERSATION_KEYS), as they
+    are (a GSM8K row's `answer`, an id, ...)."""
+    return {k: v for k, v in data.items() if k not in CONVERSATION_KEYS} if isinstance(data, dict) else {}
+
+
+def describe_columns(columns: list[dict[str, Any]]) -> str:
+    """'answer (16 of 16 prompts), id (12 of 16 prompts)' for the prompts' row `columns`; 'none (...)' when no row
+    has a column beside its conversation."""
+    counts = Counter(name for row in columns for name in row)
+    return (", ".join(f"{name} ({n} of {len(columns)} prompts)" for name, n in counts.items())
+            or "none (no row has a key beside its conversation)")
 
 
 def prompt_only(data: dict[str, Any]) -> dict[str, Any]:
@@ -37,19 +57,28 @@ def prompt_only(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family: Family,
-                  max_completion_length: int) -> tuple[list[list[dict[str, str]]], DataReport]:
+                  max_completion_length: int, *, empty_thought: bool = False
+                  ) -> tuple[list[list[dict[str, str]]], DataReport, list[dict[str, Any]]]:
     """Rows -> prompts (normalised messages ending with a user turn; system text already handled by the
-    policy) and a report. A prompt longer than data.max_length - max_completion_length tokens is dropped
-    (cutting a prompt changes what it asks). Raises UserError when no prompt is usable, or when bad rows exist
-    and data.on_bad_rows is 'error'."""
+    policy), a report, and each prompt's row columns (row_columns; aligned with the prompts). A prompt longer
+    than data.max_length - max_completion_length tokens is dropped (cutting a prompt changes what it asks).
+    `empty_thought`: the checkpoint's size writes Gemma 4's empty thought block in the generation prompt. Raises
+    UserError when no prompt is usable, or when bad rows exist and data.on_bad_rows is 'error'.
+
+    A prompt is role/content messages: a Gemma 4 row with tools or tool calls is a bad row (on-policy prompts
+    carry text turns only)."""
     report = DataReport(rows_read=len(rows))
-    prompts, notes = [], Counter()
+    prompts, columns, notes = [], [], Counter()
     budget = data.max_length - max_completion_length
     for row in rows:
         row_notes: Counter = Counter()
         try:
-            messages = row_to_messages(prompt_only(row.data), data.unsupported_fields, row_notes)
-            turns = normalise(messages, data.system_policy, allow_open_end=True, family=family, notes=row_notes)
+            row_data = prompt_only(row.data)
+            messages = row_to_messages(row_data, data.unsupported_fields, family=family)
+            if isinstance(row_data, dict) and (row_data.get("tools") or any(
+                    isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)):
+                raise BadRow("tools or tool calls in a prompt: on-policy prompts carry text turns only")
+            turns = row_turns(row_data, data, family, allow_open_end=True, notes=row_notes)
             if turns[-1].role == "model":
                 turns = turns[:-1]
                 row_notes[REFERENCE_SET_ASIDE] += 1
@@ -59,15 +88,18 @@ def build_prompts(rows: Sequence[Row], tokenizer: Any, data: DataSection, family
         except BadRow as exc:
             report.bad(row.where, exc)
             continue
-        length = len(tokenizer(render(turns, add_generation_prompt=True).text, add_special_tokens=False).input_ids)
+        text = render(turns, add_generation_prompt=True, family=family, thinking=data.enable_thinking,
+                      empty_thought=empty_thought).text
+        length = len(tokenizer(text, add_special_tokens=False).input_ids)
         if length > budget:
             report.rows_dropped_overlong += 1
             report.dropped(row.where, f"prompt of {length} tokens > data.max_length {data.max_length} - "
                                       f"the {max_completion_length} tokens kept for the completion")
             continue
         prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[: last_user + 1]])
+        columns.append(row_columns(row.data))
         notes.update(row_notes)
         report.total_tokens += length
     report.rows_kept, report.notes = len(prompts), dict(notes)
     report.check_usable(data.on_bad_rows, "prompts")
-    return prompts, report
+    return prompts, report, columns

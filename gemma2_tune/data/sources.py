@@ -26,7 +26,8 @@ from typing import Any, Iterator
 
 from ..config.schema import DataSection
 from ..errors import UserError
-from .turns import BadRow
+from ..families import GEMMA2, Family
+from .turns import BadRow, Turn, normalise
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -354,31 +355,59 @@ def _as_messages(value: Any, field: str) -> list[Any]:
     return value
 
 
-def row_to_messages(data: Any, unsupported: str = "bad_row", notes: Counter | None = None) -> list[Any]:
+# What Gemma 4's turn format reads that Gemma 2/3's cannot: tool definitions (the row's `tools`) and tool calls.
+# What it does not read: OpenAI's legacy function fields (its template reads `tools` and `tool_calls`), and media,
+# which gemma2-tune does not train yet.
+GEMMA4_EXPRESSIBLE = ("tools", "tool_calls")
+GEMMA4_UNREAD = {"functions": "(OpenAI's legacy function definitions), which Gemma 4's template does not read (write "
+                              "definitions as 'tools')",
+                 "function_call": "(OpenAI's legacy function call), which Gemma 4's template does not read (write "
+                                  "calls as 'tool_calls')"}
+
+
+def row_to_messages(data: Any, unsupported: str = "bad_row", notes: Counter | None = None, *,
+                    family: Family = GEMMA2) -> list[Any]:
     """One raw row in any supported schema -> role/content messages (not yet validated).
 
-    Fields Gemma's turn format cannot express (tool definitions, media, tool calls) make the row bad,
-    naming the field, unless `unsupported` is 'ignore' (then they are counted in `notes`). Raises BadRow.
+    Fields the family's turn format cannot express (Gemma 2/3: tool definitions, media, tool calls; Gemma 4: media,
+    OpenAI's legacy `functions`/`function_call`) make the row bad, naming the field, unless `unsupported` is
+    'ignore' (then they are counted in `notes`). A Gemma 4 row's `tools` are read by `row_turns`. Raises BadRow.
     """
     if isinstance(data, BadRow):
         raise data
     if not isinstance(data, dict):
         raise BadRow("row is not an object")
+    gemma4 = family.turn_format == "gemma4"
     for field, what in UNEXPRESSIBLE_ROW_FIELDS.items():
-        if data.get(field):
-            _unexpressible(f"row has '{field}' ({what})", field, unsupported, notes)
+        if data.get(field) and not (gemma4 and field in GEMMA4_EXPRESSIBLE):
+            _unexpressible(f"row has '{field}' ({what})", field, unsupported, notes, gemma4)
     messages = _row_messages(data, notes)
     for i, message in enumerate(messages):
         for field, what in UNEXPRESSIBLE_MESSAGE_FIELDS.items():
-            if isinstance(message, dict) and message.get(field):
-                _unexpressible(f"message {i} has '{field}' ({what})", field, unsupported, notes)
+            if isinstance(message, dict) and message.get(field) and not (gemma4 and field in GEMMA4_EXPRESSIBLE):
+                _unexpressible(f"message {i} has '{field}' ({what})", field, unsupported, notes, gemma4)
     return messages
 
 
-def _unexpressible(what: str, field: str, unsupported: str, notes: Counter | None) -> None:
+def row_turns(data: Any, cfg: DataSection, family: Family, *, allow_open_end: bool = False,
+              notes: Counter | None = None) -> list[Turn]:
+    """One raw row -> the family's turns, as training renders them: its messages (`row_to_messages`), its `tools`
+    (Gemma 4), the data section's system policy and thinking. Raises BadRow saying why the row can't be trained."""
+    messages = row_to_messages(data, cfg.unsupported_fields, notes, family=family)
+    tools = data.get("tools") if family.turn_format == "gemma4" else None
+    return normalise(messages, cfg.system_policy, allow_open_end=allow_open_end, family=family, notes=notes,
+                     tools=tools, thinking=cfg.enable_thinking)
+
+
+def _unexpressible(what: str, field: str, unsupported: str, notes: Counter | None, gemma4: bool = False) -> None:
     if unsupported != "ignore":
-        raise BadRow(f"{what}, which Gemma's turn format cannot express; data.unsupported_fields=ignore trains on "
-                     "the text without it")
+        if gemma4 and field in GEMMA4_UNREAD:
+            what = f"{what.split(' (')[0]} {GEMMA4_UNREAD[field]}"
+        elif gemma4:
+            what += ", which gemma2-tune does not train on Gemma 4 yet (text, reasoning and tools only)"
+        else:
+            what += ", which Gemma's turn format cannot express"
+        raise BadRow(f"{what}; data.unsupported_fields=ignore trains on the text without it")
     if notes is not None:
         notes[f"'{field}' ignored (data.unsupported_fields=ignore)"] += 1
 

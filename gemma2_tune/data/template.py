@@ -20,11 +20,19 @@ def _literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold", unsupported: str = "bad_row") -> str:
+def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold", unsupported: str = "bad_row", *,
+                  empty_thought: bool = False) -> str:
     """The Jinja chat template equivalent to `render(normalise(row_to_messages({"messages": messages},
     unsupported), system_policy, family=family, allow_open_end=True), add_generation_prompt=...)`: it raises
     (raise_exception) where those raise, including on `tools` and on messages with tool calls when
-    `unsupported` is 'bad_row' (the format cannot express them), and ignores them when it is 'ignore'."""
+    `unsupported` is 'bad_row' (the format cannot express them), and ignores them when it is 'ignore'.
+
+    A Gemma 4 family's template is template_gemma4.chat_template (tools, reasoning and enable_thinking read as the
+    official template reads them; `empty_thought`: the checkpoint's size writes an empty thought block)."""
+    if family.turn_format == "gemma4":
+        from .template_gemma4 import chat_template as gemma4_template
+
+        return gemma4_template(system_policy, unsupported, empty_thought=empty_thought)
     roles = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in ROLE_NAMES.items()) + "}"
     markers = "[" + ", ".join(_literal(m) for m in CONTROL_MARKERS) + "]"
     part_types = "[" + ", ".join(_literal(t) for t in TEXT_PART_TYPES) + "]"
@@ -131,10 +139,21 @@ def is_generated(template: str | None) -> bool:
     return bool(template) and "gemma2-tune: " in template[:200] and "generated, do not edit" in template[:200]
 
 
-def use_run_template(tokenizer, family: Family, system_policy: SystemPolicy, unsupported: str = "bad_row") -> str | None:
+def use_run_template(tokenizer, family: Family, system_policy: SystemPolicy, unsupported: str = "bad_row", *,
+                     empty_thought: bool = False) -> str | None:
     """Give `tokenizer` the run's generated template. Returns the template it carried before when that one
     differs (a base or -it checkpoint's own, to keep beside the run as chat_template.base.jinja), else None."""
-    ours = chat_template(family, system_policy, unsupported)
+    ours = chat_template(family, system_policy, unsupported, empty_thought=empty_thought)
     before = getattr(tokenizer, "chat_template", None)
     tokenizer.chat_template = ours
     return before if before and before != ours else None
+
+
+def template_record(family: Family, cfg, base_template: str | None, empty_thought: bool = False) -> dict:
+    """What run.json says about the chat template saved with a run (`cfg`: its RunConfig): the family and system
+    policy it was generated for, whether it replaced the checkpoint's own; Gemma 4 adds its two switches."""
+    record = {"generated_for": family.key, "system_policy": cfg.data.system_policy,
+              "replaced_base_template": base_template is not None}
+    if family.turn_format == "gemma4":
+        record.update(enable_thinking=cfg.data.enable_thinking, empty_thought=empty_thought)
+    return record

@@ -1,6 +1,12 @@
-"""Gemma's turn format (Gemma 2 and Gemma 3 alike) and the supervision mask. Pure functions; no torch.
+"""Conversations as turns made of parts, rendered in the family's turn format, and the supervision mask. Pure
+functions; no torch.
+
+Gemma 2 and Gemma 3 (`Family.turn_format` "gemma"), here:
 
     <bos><start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n{text}<end_of_turn>\n...
+
+Gemma 4 ("gemma4": a native system role, a thought channel, tool calls and responses) in gemma4.py; `normalise`
+and `render` hand a Gemma 4 family's conversations to it.
 
 The format is rendered here, never by a checkpoint's own chat template (base checkpoints and local
 conversions may have none, or another). Content is trimmed, as Gemma's official templates do.
@@ -13,10 +19,15 @@ lines; Gemma 3's template takes one first system message verbatim plus a blank l
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 from ..families import GEMMA2, Family
+from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
+from .gemma4 import normalise as normalise_gemma4
+from .gemma4 import render as render_gemma4
+# The parts of a turn are parts.py's; importers of the format read them here too.
+from .parts import (ROLE_NAMES, BadRow, Part, Reasoning, Rendered, SystemPolicy, Text, ToolCall,  # noqa: F401
+                    ToolDeclaration, ToolResponse, Turn, _unencodable)
 
 IGNORE_INDEX = -100  # label of a token that is not learned (PyTorch cross-entropy's ignore_index)
 BOS = "<bos>"
@@ -28,24 +39,15 @@ END = "<end_of_turn>"
 CONTROL_MARKERS = (START, END, "<|im_start|>", "<|im_end|>", BOS, "<eos>", "<pad>", "<unk>", "<mask>",
                    "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<unused")
 
-ROLE_NAMES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "model",
-    "model": "model",
-    "gpt": "model",
-    "bot": "model",
-}
-
-SystemPolicy = Literal["fold", "drop", "error"]
 EMPTY_SYSTEM = "empty system message dropped"
 # OpenAI-style content parts that carry text (chat completions' "text"; the Responses API's input/output_text).
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
-class BadRow(ValueError):
-    """A row that can't become a valid Gemma conversation; the message says why."""
+def end_of_turn(family: Family) -> str:
+    """The token that ends a model turn (the model learns to write it, generation stops at it): <end_of_turn>
+    (Gemma 2/3) or <turn|> (Gemma 4)."""
+    return GEMMA4_TURN_END if family.turn_format == "gemma4" else END
 
 
 def content_text(content: Any, where: str) -> str:
@@ -71,33 +73,27 @@ def content_text(content: Any, where: str) -> str:
     return " ".join(texts)
 
 
-def _unencodable(text: str) -> int | None:
-    """Index of the first character UTF-8 cannot encode (a lone UTF-16 surrogate: half of an emoji, left by a
-    cut or mis-encoded file), or None."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as exc:
-        return exc.start
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One turn of Gemma's format: 'user' or 'model', text trimmed (system text already folded in)."""
-
-    role: Literal["user", "model"]
-    text: str
-
-
 def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_open_end: bool = False,
-              family: Family = GEMMA2, notes: Counter | None = None) -> list[Turn]:
+              family: Family = GEMMA2, notes: Counter | None = None, tools: Any = None, thinking: bool = False,
+              preserve_thinking: bool = False) -> list[Turn]:
     """Role/content messages -> alternating user/model turns ending with the model's.
 
     `allow_open_end` accepts a conversation ending with a user turn (a prompt for generation); `family`
-    decides how system text is folded. Content is a string or a list of text parts (`content_text`). An empty system message carries nothing to fold: it is dropped
-    and counted in `notes` ("empty system message dropped"). Raises BadRow saying why a conversation
-    can't be rendered. `chat_template` (template.py) is this function written in Jinja.
+    decides the format and how system text is folded. Content is a string or a list of text parts
+    (`content_text`). An empty system message carries nothing to fold: it is dropped and counted in `notes`
+    ("empty system message dropped"). Raises BadRow saying why a conversation can't be rendered.
+    `chat_template` (template.py) is this function written in Jinja.
+
+    A Gemma 4 family (gemma4.normalise) also reads `tools`, reasoning, tool calls and tool messages; `thinking`
+    (enable_thinking) and `preserve_thinking` are its template's switches. Gemma 2/3 refuse `tools` and thinking.
     """
+    if family.turn_format == "gemma4":
+        return normalise_gemma4(messages, system_policy, tools=tools, allow_open_end=allow_open_end,
+                                thinking=thinking, preserve_thinking=preserve_thinking, notes=notes)
+    if tools:
+        raise BadRow("tool definitions (tools), which Gemma's turn format cannot express")
+    if thinking:
+        raise BadRow(f"thinking (enable_thinking): {family.display} has no thinking mode")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRow("no messages")
     system_texts: list[str] = []
@@ -150,18 +146,20 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
     return turns
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """A conversation as text, and the character spans [start, end) that are learned: each model turn's
-    text and its <end_of_turn>."""
-
-    text: str
-    supervised: tuple[tuple[int, int], ...]
-
-
-def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> Rendered:
+def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, family: Family = GEMMA2,
+           thinking: bool = False, empty_thought: bool = False) -> Rendered:
     """Turns -> `<bos><start_of_turn>role\ntext<end_of_turn>\n...`, plus `<start_of_turn>model\n` when
-    `add_generation_prompt` (a prompt for the model's next turn)."""
+    `add_generation_prompt` (a prompt for the model's next turn).
+
+    A Gemma 4 family's turns are rendered by gemma4.render (`thinking`: enable_thinking; `empty_thought`: the
+    checkpoint size writes an empty thought block when thinking is off, `writes_empty_thought`). Raises
+    ValueError for turns that only Gemma 4 has (a system turn, non-text parts) rendered in Gemma 2/3's format.
+    """
+    if family.turn_format == "gemma4":
+        return render_gemma4(turns, add_generation_prompt=add_generation_prompt, thinking=thinking,
+                             empty_thought=empty_thought)
+    if any(t.role == "system" or any(not isinstance(p, Text) for p in t.parts) for t in turns):
+        raise ValueError(f"Gemma 4 turns (system turn, reasoning or tools) rendered in {family.display}'s format")
     parts = [BOS]
     spans = []
     pos = len(BOS)

@@ -2,11 +2,21 @@
 
 A family says which `model_type` it covers, its soft-caps, which attention kernels keep its numerics,
 its layer pattern, its published shapes (with the URL each came from), how system text is folded
-into the first user turn, the module names LoRA can target, and the shape of its tiny test model.
+into the first user turn, the module names LoRA can target, the towers beside the decoder (image and audio
+encoders: frozen, never adapted), and the shape of its tiny test model.
 
     family_of_model_type("gemma2")          -> GEMMA2       (from a checkpoint's config.json)
     family_of_name("google/gemma-3-1b-it")  -> GEMMA3_TEXT  (from a name, before anything loads)
+    family_of_name("google/gemma-3-27b-it") -> GEMMA3       (image + text)
+    family_of_name("google/gemma-4-E4B-it") -> GEMMA4
     family_of_checkpoint(name_or_path)      -> local config.json first, then the name; None if unknown
+
+    base.py     what a family is (Family, Shape, AttentionKernel): the fields every check reads
+    gemma2.py   Gemma 2 (2B, 9B, 27B)
+    gemma3.py   Gemma 3 text (270M, 1B) and Gemma 3 image + text (4B, 12B, 27B)
+    gemma4.py   Gemma 4 (E2B, E4B, 26B-A4B, 31B; 12B unified)
+    towers.py   parameter counts of the vision and audio towers, from their configs
+    gemma4_format.py  Gemma 4's turn format as data: markers, special-token ids, stop tokens, tool syntax
 
 This package is pure data and standard library: `validate` reads it without torch.
 """
@@ -19,15 +29,14 @@ from pathlib import Path
 
 from .base import AttentionKernel, Family, Shape
 from .gemma2 import GEMMA2
-from .gemma3 import GEMMA3_TEXT
+from .gemma3 import GEMMA3, GEMMA3_TEXT
+from .gemma4 import GEMMA4, GEMMA4_UNIFIED
 
-FAMILIES: tuple[Family, ...] = (GEMMA2, GEMMA3_TEXT)
+FAMILIES: tuple[Family, ...] = (GEMMA2, GEMMA3_TEXT, GEMMA3, GEMMA4, GEMMA4_UNIFIED)
 
 # model_types that look close but are not supported, and why (named in the error message).
 REFUSED_MODEL_TYPES = {
-    "gemma3": "a multimodal Gemma 3 (4B, 12B, 27B: image + text); only the text-only Gemma 3 models "
-              "(gemma-3-270m, gemma-3-1b and their -it versions) are supported",
-    "gemma": "Gemma 1 (no sliding-window layers, another vocabulary); Gemma 2 and Gemma 3 text models are supported",
+    "gemma": "Gemma 1 (no sliding-window layers, another vocabulary); Gemma 2, 3 and 4 models are supported",
     "gemma3n": "Gemma 3n (per-layer embeddings, audio/vision); not supported",
 }
 
@@ -36,10 +45,11 @@ REFUSED_NAMES = {
     r"gemma-?3n": REFUSED_MODEL_TYPES["gemma3n"],
     r"(?<![a-z])gemma-?(?:1\.1-)?(?:2|7)b(?![a-z0-9])|codegemma": REFUSED_MODEL_TYPES["gemma"],
     r"recurrentgemma": "RecurrentGemma (Griffin recurrent layers); not supported",
-    r"paligemma|shieldgemma-2|medgemma-4b": "a multimodal Gemma; not supported",
+    r"paligemma|shieldgemma-2": "PaliGemma / ShieldGemma 2 (other multimodal architectures); not supported",
 }
 
-__all__ = ["AttentionKernel", "FAMILIES", "Family", "GEMMA2", "GEMMA3_TEXT", "REFUSED_MODEL_TYPES", "Shape",
+__all__ = ["AttentionKernel", "FAMILIES", "Family", "GEMMA2", "GEMMA3", "GEMMA3_TEXT", "GEMMA4", "GEMMA4_UNIFIED",
+           "REFUSED_MODEL_TYPES", "Shape",
            "family_of_checkpoint", "family_of_model_type", "family_of_name", "supported_summary",
            "refused_name", "unsupported_message"]
 
@@ -78,7 +88,7 @@ def refused_name(name: str) -> str | None:
 
 
 def supported_summary() -> str:
-    """'Gemma 2 (gemma2: 2b, 9b, 27b), Gemma 3 text (gemma3_text: 270m, 1b)': for messages and the README."""
+    """'Gemma 2 (gemma2: 2b, 9b, 27b), Gemma 3 text (gemma3_text: 270m, 1b), ...': for messages and the README."""
     return ", ".join(f"{f.display} ({'/'.join(f.model_types)}: {', '.join(f.shapes)})" for f in FAMILIES)
 
 

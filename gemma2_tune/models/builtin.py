@@ -1,7 +1,9 @@
 """Builtin models: names that resolve to a local checkpoint folder built on first use (no hub access).
 
-    builtin:tiny-gemma2    a tiny random Gemma 2 (quickstart, tests): seconds to build
-    builtin:tiny-gemma3    a tiny random Gemma 3 text model (tests)
+    builtin:tiny-gemma2          a tiny random Gemma 2 (quickstart, tests): seconds to build
+    builtin:tiny-gemma3          a tiny random Gemma 3 text model (tests)
+    builtin:tiny-gemma3-vision   a tiny random Gemma 3 image + text model (Gemma3ForConditionalGeneration)
+    builtin:tiny-gemma4          a tiny random Gemma 4 (Gemma4ForConditionalGeneration)
     builtin:gemma-3-270m   the real Gemma 3 270M (base), from GGUF packages on the Python package registry
 
 Each is built into $GEMMA2_TUNE_HOME/<name>-v<version>/ atomically (a half-built folder is never used)
@@ -31,10 +33,10 @@ class Builtin:
 
 def _tiny(key: str) -> Callable[[Path], Path]:
     def build(path: Path) -> Path:
-        from ..families import GEMMA2, GEMMA3_TEXT
+        from ..families import FAMILIES
         from .tiny import build_tiny
 
-        return build_tiny({"gemma2": GEMMA2, "gemma3": GEMMA3_TEXT}[key], path)
+        return build_tiny(next(f for f in FAMILIES if f.key == key), path)
 
     return build
 
@@ -50,6 +52,11 @@ BUILTINS = {
     "tiny-gemma2": Builtin("tiny random Gemma 2 (4 layers, hidden 64; sliding/global, soft-caps 50/30)", 2, _tiny("gemma2")),
     "tiny-gemma3": Builtin("tiny random Gemma 3 text model (4 layers, hidden 64; 3 sliding : 1 global, QK-norm)", 2,
                            _tiny("gemma3")),
+    "tiny-gemma3-vision": Builtin("tiny random Gemma 3 image + text model (the text model above with a 2-layer SigLIP "
+                                  "tower and projector; Gemma3ForConditionalGeneration)", 1, _tiny("gemma3-vision")),
+    "tiny-gemma4": Builtin("tiny random Gemma 4 (6 layers, hidden 64; 2 sliding : 1 global with head_dim 32 vs 16, "
+                           "the last 2 layers KV-shared, per-layer embeddings, final soft-cap 30; a 2-layer image "
+                           "tower; Gemma4ForConditionalGeneration)", 1, _tiny("gemma4")),
     "gemma-3-270m": Builtin("Gemma 3 270M base, real weights (GGUF Q4_K_M from the package registry, dequantized)",
                             2, _gemma3_270m),
 }

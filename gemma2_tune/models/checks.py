@@ -51,23 +51,41 @@ def check_kernel_request(family: Family, kernel: str, training: bool = False) ->
                         f"(needs >= {wanted}); use eager")
 
 
+def text_config(config):
+    """The decoder's configuration: `text_config` of an image + text checkpoint's config, else the config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def softcaps(config) -> tuple[float | None, float | None]:
-    """(attention, final) soft-caps a loaded model's config carries; None where off."""
-    return getattr(config, "attn_logit_softcapping", None), getattr(config, "final_logit_softcapping", None)
+    """(attention, final) soft-caps a loaded model's config carries (its decoder's); None where off."""
+    decoder = text_config(config)
+    return getattr(decoder, "attn_logit_softcapping", None), getattr(decoder, "final_logit_softcapping", None)
 
 
 def check_loaded(model, family: Family, kernel: str, dtype: str) -> list[str]:
     """What is actually in use, checked against what was asked and the family's facts.
 
-    Returns warnings; raises UserError when the kernel in use is not the one asked for, when it would
-    drop a soft-cap the checkpoint sets, or when float16 meets a size that is unstable in it.
+    Returns warnings; raises UserError when the kernel in use is not the one asked for, when the checkpoint
+    lacks the final soft-cap its family has (Gemma4TextConfig, for one, defaults it to None: logits would be
+    uncapped in training and in every answer), when a kernel would drop a soft-cap the checkpoint sets, when
+    an image + text checkpoint loaded without its towers, or when float16 meets a size that is unstable in it.
     """
     config = model.config
     in_use = config._attn_implementation
     if in_use != kernel:
         raise UserError(f"model.attn_implementation: asked for {kernel} but the model runs {in_use}")
+    missing = missing_towers(model, family)
+    if missing:
+        raise UserError(f"model.name_or_path: {type(model).__name__} loaded without {', '.join(missing)}: an image + "
+                        f"text {family.display} checkpoint must load with its own class, towers included")
     found = []
     attn_cap, final_cap = softcaps(config)
+    if family.final_softcap is not None and final_cap is None:
+        raise UserError(f"model.name_or_path: this {family.display} checkpoint's config.json has no "
+                        f"final_logit_softcapping, but {family.display} caps its logits at {family.final_softcap} "
+                        "(every published config sets it): without it every logit is uncapped in training and "
+                        f"generation; set \"final_logit_softcapping\": {family.final_softcap} in its config.json"
+                        + (" (in text_config)" if text_config(config) is not config else ""))
     expected = (family.attention_softcap, family.final_softcap)
     if (attn_cap, final_cap) != expected:
         if expected == (None, None):
@@ -81,11 +99,43 @@ def check_loaded(model, family: Family, kernel: str, dtype: str) -> list[str]:
     if attn_cap is not None and not family.kernels[kernel].applies_softcap:
         raise UserError(f"model.attn_implementation: {kernel} would drop this checkpoint's attention soft-cap "
                         f"({attn_cap}); use eager")
-    size = family.size_of_shape(config.hidden_size, config.num_hidden_layers)
+    decoder = text_config(config)
+    size = family.size_of_shape(decoder.hidden_size, decoder.num_hidden_layers)
     if dtype == "float16" and size in family.fp16_refused_sizes:
         raise UserError(f"model.dtype: float16 is unstable for {family.display} {size.upper()} (this checkpoint has "
                         f"{size.upper()}'s shape); use bfloat16")
     return found
+
+
+def tower_parameters(model, family: Family):
+    """(name, parameter) of every parameter in `family`'s towers (image/audio encoders and their projectors) of a
+    loaded model, under any PEFT wrapper."""
+    prefixes = tuple(f"{tower}." for tower in family.towers)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [(name, p) for name, p in base.named_parameters() if name.startswith(prefixes)]
+
+
+def missing_towers(model, family: Family) -> list[str]:
+    """The towers an image + text checkpoint's config describes (vision_config, audio_config) that the loaded
+    model lacks (a class that dropped them); [] for text-only configs and classes that have them."""
+    config = model.config
+    described = [key for key in ("vision_config", "audio_config") if getattr(config, key, None) is not None]
+    if not family.towers or not described:
+        return []
+    names = {name.split(".")[1] for name, _ in model.named_parameters() if name.count(".") > 1}
+    kinds = {"vision_config": ("vision_tower", "embed_vision"), "audio_config": ("audio_tower", "embed_audio")}
+    return [key.replace("_config", " tower") for key in described
+            if not any(module in names for module in kinds[key])]
+
+
+def freeze_towers(model, family: Family) -> int:
+    """Freeze the towers (requires_grad off: no gradient, out of the optimizer, which takes trainable parameters
+    only); training adapts the decoder. Returns how many parameters were frozen."""
+    frozen = 0
+    for _, p in tower_parameters(model, family):
+        p.requires_grad_(False)
+        frozen += p.numel()
+    return frozen
 
 
 def keep_4bit_layout_trainable(model) -> int:

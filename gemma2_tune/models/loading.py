@@ -7,7 +7,13 @@ then the after-load checks.
 
 Before any weights load, the checkpoint's config.json says its family (unsupported ones are refused
 with a message) and the kernel is checked against it. After loading, the kernel actually in use, the
-soft-caps and the dtype are checked (models/checks.py).
+soft-caps, the towers and the dtype are checked (models/checks.py).
+
+An image + text checkpoint (Gemma 3 4B/12B/27B, Gemma 4) loads with its own class (AutoModelForCausalLM maps
+model_type gemma3 to Gemma3ForConditionalGeneration, gemma4 to Gemma4ForConditionalGeneration, ...), so runs,
+checkpoints and merged folders keep its towers and still take images. 4-bit loading leaves the towers
+unquantized (they are frozen and small next to the decoder: 0.2-0.6B parameters; quantizing an image encoder
+changes what the decoder sees, for no memory that matters); training freezes them.
 """
 
 from __future__ import annotations
@@ -19,9 +25,19 @@ from typing import TYPE_CHECKING, Any
 
 from ..data.turns import BOS, END, START
 from ..errors import UserError
-from ..families import Family, family_of_model_type, unsupported_message
+from ..families import Family, family_of_checkpoint, family_of_model_type, unsupported_message
+from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
+from ..families.gemma4_format import TURN_START as GEMMA4_TURN_START
 from .builtin import builtin_path, is_builtin
-from .checks import ModelReport, check_kernel_request, check_loaded, keep_4bit_layout_trainable, softcaps
+from .checks import (
+    ModelReport,
+    check_kernel_request,
+    check_loaded,
+    freeze_towers,
+    keep_4bit_layout_trainable,
+    softcaps,
+    text_config,
+)
 from .quantization import Bits, bnb_config, torch_dtype
 from .tokenizer_files import attach_sentencepiece
 
@@ -70,12 +86,33 @@ def checkpoint_family(name: str, revision: str | None = None, trust_remote_code:
     return family, config
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+# The turn formats the renderer (data/turns.py, data/gemma4.py) and the templates generated from it write, and the
+# markers a tokenizer of each must hold as single tokens.
+TURN_MARKERS = {"gemma": (START, END), "gemma4": (GEMMA4_TURN_START, GEMMA4_TURN_END)}
+
+
+def turn_format_problem(family: Family) -> str | None:
+    """Why text can't be rendered for `family` (None: it can): a family whose turn format the renderer does not
+    write is refused wherever text is tokenized, before any weights load."""
+    if family.turn_format in TURN_MARKERS:
+        return None
+    return (f"{family.display} has its own turn format ({family.turn_format}), which this version's renderer does "
+            "not write: training, chatting or exporting in another format would teach and expect the wrong one")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   family: Family | None = None):
     """A fast Gemma tokenizer, checked (turn markers are single tokens), with the chat template it carries
     (callers give it the run's: data/template.py `use_run_template`) and its SentencePiece model recorded, when
-    it has one (save it with tokenizer_files.save_tokenizer). Raises UserError."""
+    it has one (save it with tokenizer_files.save_tokenizer). `family`: the model's, when the caller knows it (else
+    what the folder's config.json or the name says). Raises UserError, also for a family whose turn format the
+    renderer does not write (`turn_format_problem`)."""
     from transformers import AutoTokenizer
 
+    family = family or family_of_checkpoint(name_or_path)
+    problem = turn_format_problem(family) if family is not None else None
+    if problem:
+        raise UserError(f"model.name_or_path: '{name_or_path}': {problem}")
     location = model_location(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
@@ -83,16 +120,18 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
         raise
     except Exception as exc:  # noqa: BLE001 - missing, offline, gated: one clear message
         raise UserError(_loading_hint("tokenizer", name_or_path, exc)) from None
-    check_tokenizer(tokenizer, name_or_path)
+    check_tokenizer(tokenizer, name_or_path, family)
     attach_sentencepiece(tokenizer, location, revision)  # saved with every folder we write (tokenizer_files.py)
     return tokenizer
 
 
-def check_tokenizer(tokenizer: Any, name: str) -> None:
-    """A fast tokenizer in which Gemma's turn markers and <bos> are single tokens. Raises UserError."""
+def check_tokenizer(tokenizer: Any, name: str, family: Family | None = None) -> None:
+    """A fast tokenizer in which the family's turn markers (Gemma 2/3's without a family) and <bos> are single
+    tokens. Raises UserError."""
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{name}: a fast tokenizer (tokenizer.json) is needed to map supervised spans to tokens")
-    for marker in (START, END, tokenizer.bos_token or BOS):
+    markers = TURN_MARKERS.get(family.turn_format if family is not None else "gemma", TURN_MARKERS["gemma"])
+    for marker in (*markers, tokenizer.bos_token or BOS):
         ids = tokenizer.encode(marker, add_special_tokens=False)
         if len(ids) != 1:
             raise UserError(
@@ -123,19 +162,23 @@ class LoadRequest:
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device_map: Any = None) -> LoadRequest:
-        """The model a training run's config describes."""
+        """The model a training run's config describes: its base (cfg.base_model: the base of a run it continues,
+        whose adapter the runner puts on it)."""
         q = cfg.quantization
-        return cls(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype,
+        return cls(cfg.base_model, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype,
                    cfg.model.attn_implementation, "4bit" if q.load_in_4bit else None, q.quant_type,
                    q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True, head=cfg.head)
 
-    def bnb(self):
+    def bnb(self, family: Family | None = None):
         """The BitsAndBytesConfig this request asks for (None: unquantized). A score head stays unquantized: it is
-        trained whole (PEFT's modules_to_save) and is one row of weights."""
+        trained whole (PEFT's modules_to_save) and is one row of weights. `family`'s towers stay unquantized too
+        (with lm_head, which transformers skips by default and a skip list would otherwise replace)."""
         config = bnb_config(self.quantization, self.dtype, self.quant_type, self.double_quant, self.compute_dtype,
                             self.quant_storage)
         if config is not None and self.head == "sequence-classification":
             config.llm_int8_skip_modules = ["score"]
+        elif config is not None and family is not None and family.towers:
+            config.llm_int8_skip_modules = ["lm_head", *family.towers]
         return config
 
 
@@ -169,9 +212,13 @@ def load_model(request: LoadRequest):
     if request.head == "causal-lm" and sequence_classifier(architectures):  # a reward model: its head is not an LM's
         raise UserError(reward_model_refusal("model.name_or_path", request.name_or_path,
                                              f"a sequence classifier ({architectures[0]})"))
+    if request.head == "sequence-classification" and family.towers:
+        raise UserError(f"model.name_or_path: '{request.name_or_path}' is an image + text {family.display} "
+                        "checkpoint: reward models (a score head on the decoder) are trained on text-only Gemma "
+                        "checkpoints here")
     check_kernel_request(family, request.attn_implementation, request.training)
     location = model_location(request.name_or_path)
-    quant = request.bnb()
+    quant = request.bnb(family)
     device_map = request.device_map
     if device_map == "auto":
         device_map = {"": 0} if torch.cuda.is_available() and not request.training else None
@@ -195,9 +242,12 @@ def load_model(request: LoadRequest):
             )
     except Exception as exc:  # noqa: BLE001
         raise UserError(_loading_hint("weights", request.name_or_path, exc)) from None
+    decoder = text_config(model.config)
     if request.training:
-        model.config.use_cache = False  # training; the cache also breaks per-row masking of packed rows
+        # training; the cache also breaks per-row masking of packed rows
+        model.config.use_cache = decoder.use_cache = False
         keep_4bit_layout_trainable(model)
+        freeze_towers(model, family)  # the decoder trains; for full fine-tuning too
     else:
         model.eval()
     found = check_loaded(model, family, request.attn_implementation, request.dtype)
@@ -209,9 +259,9 @@ def load_model(request: LoadRequest):
         attn_implementation=model.config._attn_implementation,
         attention_softcap=attn_cap,
         final_softcap=final_cap,
-        layer_types=list(getattr(model.config, "layer_types", []) or []),
-        hidden_size=model.config.hidden_size,
-        num_layers=model.config.num_hidden_layers,
+        layer_types=list(getattr(decoder, "layer_types", []) or []),
+        hidden_size=decoder.hidden_size,
+        num_layers=decoder.num_hidden_layers,
         load_dtype=request.dtype,
         quantization=quant.to_dict() if quant is not None else None,
         warnings=found,

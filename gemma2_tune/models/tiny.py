@@ -1,11 +1,12 @@
-"""Tiny random models of each family (`builtin:tiny-gemma2`, `builtin:tiny-gemma3`): the CPU quickstart
-and the tests.
+"""Tiny random models of each family (`builtin:tiny-gemma2`, `builtin:tiny-gemma3`, `builtin:tiny-gemma3-vision`,
+`builtin:tiny-gemma4`): the CPU quickstart and the tests.
 
 Each is the family's real architecture at toy size (its `Family.tiny_config`: Gemma 2's alternating
-sliding/global layers and soft-caps 50/30; Gemma 3's local:global pattern and QK-norm) with a byte-level
-BPE tokenizer trained here on the shipped chats and carrying Gemma's special tokens. It is saved as an
-ordinary checkpoint folder and then loaded through the same code path as google/gemma-*: nothing
-downstream knows it is tiny. It has random weights and learns only what a few steps teach it.
+sliding/global layers and soft-caps 50/30; Gemma 3's local:global pattern and QK-norm; Gemma 3's and Gemma 4's
+image + text classes with toy towers, Gemma 4's wider global layers, KV-shared layers, per-layer embeddings and
+final soft-cap 30) with a byte-level BPE tokenizer trained here on the shipped chats and carrying Gemma's special
+tokens. It is saved as an ordinary checkpoint folder and then loaded through the same code path as google/gemma-*:
+nothing downstream knows it is tiny. It has random weights and learns only what a few steps teach it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,36 @@ from pathlib import Path
 from ..families import GEMMA2, Family
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # Gemma's order
+# The placeholder tokens of a multimodal family's images (and audio), by the config key that holds their id, as
+# the published tokenizers spell them (Gemma3Config, Gemma4Config). The tiny tokenizers carry them after
+# SPECIAL_TOKENS: their published ids (255,999 and up) lie far beyond a tiny vocabulary.
+TOWER_TOKENS = {
+    "gemma3-vision": {"boi_token_index": "<start_of_image>", "eoi_token_index": "<end_of_image>",
+                      "image_token_index": "<image_soft_token>"},
+    "gemma4": {"boi_token_id": "<|image>", "eoi_token_id": "<image|>", "image_token_id": "<|image|>",
+               "boa_token_id": "<|audio>", "eoa_token_index": "<audio|>", "audio_token_id": "<|audio|>",
+               "video_token_id": "<|video|>"},
+}
 
 
-def training_corpus() -> list[str]:
-    """Text of the shipped chats, rendered the way training will see it."""
+def gemma4_special_tokens() -> list[str]:
+    """Gemma 4's special tokens at their published ids (families/gemma4_format.py): index = id, for every id
+    below the turn markers' (106); the ids between are reserved placeholders (<unused...>). The media tokens (ids
+    255999-258884) do not fit a tiny vocabulary and are left out."""
+    from ..families.gemma4_format import SPECIAL_TOKEN_IDS
+
+    by_id = {i: t for t, i in SPECIAL_TOKEN_IDS.items()}
+    last = max(i for i in by_id if i < 1000)
+    return [by_id.get(i, f"<unused{i}>") for i in range(last + 1)]
+
+
+def special_tokens(family: Family) -> list[str]:
+    """The tiny tokenizer's special tokens, in id order: Gemma 2/3's six, or Gemma 4's at their published ids."""
+    return gemma4_special_tokens() if family.turn_format == "gemma4" else SPECIAL_TOKENS
+
+
+def training_corpus(family: Family = GEMMA2) -> list[str]:
+    """Text of the shipped chats, rendered the way training will see it (in `family`'s turn format)."""
     from ..config.schema import DataSection
     from ..data.sources import load_rows, row_to_messages
     from ..data.turns import normalise, render
@@ -28,28 +55,32 @@ def training_corpus() -> list[str]:
     texts = []
     for row in rows:
         try:
-            texts.append(render(normalise(row_to_messages(row.data), "fold")).text)
+            texts.append(render(normalise(row_to_messages(row.data, family=family), "fold", family=family),
+                                family=family).text)
         except ValueError:
             continue
     return texts
 
 
 def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
-    """A fast byte-level BPE tokenizer with Gemma's special tokens and `family`'s chat template, adding <bos> to
-    what it encodes (add_special_tokens=True, the default) as Gemma's tokenizers do."""
+    """A fast byte-level BPE tokenizer with the family's special tokens (`special_tokens`: each one token, Gemma 4's
+    at their published ids) and its chat template, adding <bos> to what it encodes (add_special_tokens=True, the
+    default) as Gemma's tokenizers do."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = special_tokens(family)
+    specials += [t for t in TOWER_TOKENS.get(family.key, {}).values() if t not in specials]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    tok.train_from_iterator(training_corpus(family), trainer=trainer)
     # Every real Gemma tokenizer adds <bos> itself (tokenizer.json's post-processor), and code that forgets
     # add_special_tokens=False gets two; the tiny ones do the same, so tests see what real runs would.
     bos = tok.token_to_id("<bos>")
@@ -63,31 +94,39 @@ def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=[t for t in specials if t not in ("<pad>", "<eos>", "<bos>", "<unk>")],
         chat_template=chat_template(family),
         padding_side="right",
     )
 
 
 def build_tiny(family: Family, path: Path) -> Path:
-    """Build tokenizer + random `family` model into `path` atomically (a half-built folder is never used)."""
+    """Build tokenizer + random `family` model into `path` atomically (a half-built folder is never used). A
+    multimodal family's model is its image + text class (Gemma3ForConditionalGeneration, ...), towers included."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from ..files import COMPLETE, staged_dir
 
     tokenizer = build_tokenizer(family=family)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = getattr(transformers, family.config_class)(
-        vocab_size=len(tokenizer),
-        pad_token_id=ids["<pad>"],
-        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
-        bos_token_id=ids["<bos>"],
-        **family.tiny_config,
-    )
+    from .serving import stop_ids
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>", *TOWER_TOKENS.get(family.key, {}).values())}
+    decoder = dict(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], eos_token_id=stop_ids(tokenizer),
+                   bos_token_id=ids["<bos>"])
+    tiny = dict(family.tiny_config)
+    composite = "text_config" in tiny
+    if composite:  # the vocabulary and token ids are the decoder's; the towers' placeholders the composite's
+        tiny["text_config"] = tiny["text_config"] | decoder
+        tiny |= {key: ids[token] for key, token in TOWER_TOKENS.get(family.key, {}).items()}
+        config = getattr(transformers, family.config_class)(**tiny)
+    else:
+        config = getattr(transformers, family.config_class)(**decoder, **tiny)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_config(config)
+    model.generation_config.eos_token_id = decoder["eos_token_id"]
+    model.generation_config.pad_token_id, model.generation_config.bos_token_id = ids["<pad>"], ids["<bos>"]
     # an earlier interrupted build (no marker) is replaced; another process's finished one is kept
     with staged_dir(path, is_stale=lambda p: not (p / COMPLETE).is_file()) as tmp:
         model.save_pretrained(tmp)

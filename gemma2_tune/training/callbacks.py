@@ -1,4 +1,4 @@
-"""Trainer callbacks of a run: readable loss lines, complete-checkpoint markers, SIGTERM, peak memory.
+"""Trainer callbacks of a run: readable loss lines, complete-checkpoint markers, SIGTERM and Ctrl-C, peak memory.
 (The live progress bar is in progress.py.)"""
 
 from __future__ import annotations
@@ -156,30 +156,52 @@ class PeakMemory(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM (how clusters preempt): finish the current step, save a checkpoint, stop.
+    """SIGTERM (how clusters preempt) or SIGINT (Ctrl-C): finish the current step, save a checkpoint, stop.
 
-    Ranks agree on the flag at every step end so they all save the same step.
+    Ranks agree on the flag at every step end so they all save the same step. In a single process a second Ctrl-C,
+    a second or more after the first, stops at once without a checkpoint (KeyboardInterrupt, as without this
+    handler); in a launch of several processes it does not: the launcher forwards the terminal's SIGINT to every
+    rank, which would read as a second press. `signal_name` says which signal stopped the run.
     """
 
-    def __init__(self, state):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
+    def __init__(self, state, say: Echo | None = None):
         self.dist = state
+        self.say = say
         self.requested = False
         self.stopped = False
+        self.signal_name: str | None = None
+        self.first_sigint: float | None = None
 
     def installed(self):
         import contextlib
 
         @contextlib.contextmanager
         def handler():
-            previous = signal.signal(signal.SIGTERM, self._on_signal)
+            previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
             try:
                 yield
             finally:
-                signal.signal(signal.SIGTERM, previous)
+                for s, handler_before in previous.items():
+                    signal.signal(s, handler_before)
 
         return handler()
 
     def _on_signal(self, signum, frame):  # noqa: ARG002
+        import time
+
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self.first_sigint is not None and self.dist.num_processes == 1 and now - self.first_sigint >= 1.0:
+                raise KeyboardInterrupt
+            if self.first_sigint is None:
+                self.first_sigint = now
+                if self.say is not None:
+                    self.say("Ctrl-C: stopping after this step with a checkpoint (resumable); Ctrl-C again to stop "
+                             "at once without one")
+        self.signal_name = self.signal_name or self.NAMES[signum]
         self.requested = True
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002

@@ -46,7 +46,7 @@ def model_card(cfg: RunConfig, record: dict[str, Any], out: Path) -> str:
     m, d, t = record.get("model", {}), record.get("data", {}), record.get("training", {})
     speed = record.get("throughput", {})
     adapter = cfg.lora.enabled
-    base = cfg.model.name_or_path
+    base = cfg.base_model
     quant = "4-bit NF4 QLoRA" if cfg.quantization.load_in_4bit else ("LoRA" if adapter else "full fine-tuning")
     auto = "SequenceClassification" if cfg.head == "sequence-classification" else "CausalLM"
     load = (f'''```python

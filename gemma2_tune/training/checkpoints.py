@@ -10,39 +10,16 @@ or a full disk, a file missing, an unreadable trainer state) is named and skippe
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config.schema import RunConfig
 from ..errors import UserError
 from ..files import COMPLETE as MARKER
-from ..files import write_text_atomic
+from ..files import Checkpoint, checkpoint_step, list_checkpoints, write_text_atomic
 
-_STEP = re.compile(r"^checkpoint-(\d+)$")
 # Keys that may differ between the run that saved a checkpoint and the run that resumes from it.
 RESUMABLE_DIFFERENCES = {"output.dir", "output.overwrite"}
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint-N folder, its step, and whether every rank finished writing it (complete.json)."""
-
-    path: Path
-    step: int
-    complete: bool
-
-
-def list_checkpoints(out: Path) -> list[Checkpoint]:
-    """Every checkpoint-N folder in `out`, oldest first."""
-    found = []
-    if out.is_dir():
-        for p in out.iterdir():
-            m = _STEP.match(p.name)
-            if m and p.is_dir():
-                found.append(Checkpoint(p, int(m.group(1)), (p / MARKER).is_file()))
-    return sorted(found, key=lambda c: c.step)
 
 
 def mark_complete(path: Path, step: int, cfg: RunConfig, data_fingerprint: str | None = None) -> None:
@@ -112,10 +89,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """'key: checkpoint X, now Y' for every key that differs (output.* may differ; a checkpoint from before
-    `method:` was recorded has the method its sections imply)."""
-    from .methods import method_of_mapping
+    `method:` was recorded has the method its sections imply; a key added since it was written counts at its
+    default)"""
+    from ..config.methods import method_of_mapping
 
     saved = {"method": method_of_mapping(saved), **saved} if isinstance(saved, dict) else saved
+    try:  # keys added since the checkpoint was written count at their defaults
+        saved = type(cfg).model_validate(saved).model_dump(mode="json")
+    except ValueError:  # a config this version no longer reads: compare what was written
+        pass
     a, b = _flatten(saved), _flatten(cfg.model_dump(mode="json"))
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
             for k in sorted(set(a) | set(b)) if k not in RESUMABLE_DIFFERENCES and a.get(k) != b.get(k)]
@@ -123,8 +105,8 @@ def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
 def check_checkpoint(path: Path, cfg: RunConfig) -> Checkpoint:
     """A checkpoint this config can resume from, or a UserError saying why not."""
-    m = _STEP.match(path.name)
-    if not path.is_dir() or not m:
+    step = checkpoint_step(path.name)
+    if not path.is_dir() or step is None:
         raise UserError(f"--resume-from {path}: not a checkpoint folder (expected .../checkpoint-<step>/)")
     try:
         marker = json.loads((path / MARKER).read_text())
@@ -138,7 +120,7 @@ def check_checkpoint(path: Path, cfg: RunConfig) -> Checkpoint:
     broken = damage(path)
     if broken:
         raise UserError(f"--resume-from {path}: the checkpoint cannot be loaded: {broken}; pick an earlier one")
-    return Checkpoint(path, int(m.group(1)), True)
+    return Checkpoint(path, step, True)
 
 
 def newest_complete(out: Path, cfg: RunConfig) -> tuple[Checkpoint, list[tuple[Checkpoint, str]]]:

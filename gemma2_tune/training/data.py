@@ -13,9 +13,8 @@ from ..data import cache
 from ..data.examples import build_examples
 from ..data.packing import pack, unpacked
 from ..data.sources import load_rows
-from ..data.template import use_run_template
 from ..families import Family
-from ..models.loading import load_tokenizer
+from .setup import run_tokenizer
 
 Echo = Callable[[str], None]
 
@@ -34,6 +33,8 @@ class TrainingData:
     eval_blocks: list | None = None
     eval_report: Any = None
     base_chat_template: str | None = None  # the checkpoint's own template, replaced by the run's
+    empty_thought: bool = False  # Gemma 4 12B/26B-A4B/31B: rows carry the empty thought block (data/gemma4.py)
+
 
 
 def split_rows(rows: list, cfg: RunConfig) -> tuple[list, list]:
@@ -49,12 +50,12 @@ def split_rows(rows: list, cfg: RunConfig) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _blocks(rows: list, tokenizer, family: Family, cfg: RunConfig, key: str, main: bool):
+def _blocks(rows: list, tokenizer, family: Family, cfg: RunConfig, key: str, main: bool, empty_thought: bool):
     """Tokenized, masked, packed rows from the cache, or built and cached; -> (blocks, report, hit)."""
     cached = cache.load(key)
     if cached is not None:
         return cached[0], cached[1], True
-    examples, report = build_examples(rows, tokenizer, cfg.data, family)
+    examples, report = build_examples(rows, tokenizer, cfg.data, family, empty_thought=empty_thought)
     blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else unpacked(examples)
     if main:
         cache.save(key, blocks, report)
@@ -70,34 +71,39 @@ def prepare_data(cfg: RunConfig, family: Family, echo: Echo, state=None) -> Trai
     """
     import contextlib
 
-    m = cfg.model
-    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-    base_template = use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields)
+    run = run_tokenizer(cfg, family)
+    tokenizer, empty_thought, base_template = run.tokenizer, run.empty_thought, run.base_chat_template
     rows, source = load_rows(cfg.data)
     for line in source.lines():  # a folder's files: what is read, and the hidden copies that are not
         echo(line)
     rows, held_out = split_rows(rows, cfg)
     seed = cfg.training.seed if cfg.data.eval_fraction else None
-    key = cache.cache_key(cfg.data, source.fingerprint, tokenizer, seed, family.key)
+    key = cache.cache_key(cfg.data, source.fingerprint, tokenizer, seed, family.key, empty_thought)
     eval_key = key
     if cfg.data.eval_split:
         held_out, held_source = load_rows(cfg.data.model_copy(update={"split": cfg.data.eval_split}))
-        eval_key = cache.cache_key(cfg.data, held_source.fingerprint, tokenizer, family=family.key)
+        eval_key = cache.cache_key(cfg.data, held_source.fingerprint, tokenizer, family=family.key,
+                                   empty_thought=empty_thought)
     main = state is None or state.is_main_process
     with state.main_process_first() if state is not None else contextlib.nullcontext():
-        blocks, report, hit = _blocks(rows, tokenizer, family, cfg, key + "-train", main)
+        blocks, report, hit = _blocks(rows, tokenizer, family, cfg, key + "-train", main, empty_thought)
         eval_blocks, eval_report = None, None
         if held_out:
-            eval_blocks, eval_report, _ = _blocks(held_out, tokenizer, family, cfg, eval_key + "-eval", main)
+            eval_blocks, eval_report, _ = _blocks(held_out, tokenizer, family, cfg, eval_key + "-eval", main,
+                                                  empty_thought)
     for line in report.summary_lines():
         echo(line)
     if eval_report is not None:
         echo(f"held out for evaluation: {eval_report.rows_kept} rows, {eval_report.supervised_tokens} supervised tokens")
     echo(f"tokenized data: {'from cache' if hit else 'tokenized and cached'} ({key}); {len(blocks)} "
          + (f"blocks of <= {cfg.data.max_length} tokens" if cfg.data.packing else "rows, unpacked"))
-    echo(f"chat template: generated for {family.display}, system policy '{cfg.data.system_policy}'"
+    gemma4 = (f", thinking {'on' if cfg.data.enable_thinking else 'off'}"
+              + (", answers after an empty thought block (as this size's -it template)" if empty_thought else "")
+              if family.turn_format == "gemma4" else "")
+    echo(f"chat template: generated for {family.display}, system policy '{cfg.data.system_policy}'{gemma4}"
          + ("; it replaces the checkpoint's own template (kept as chat_template.base.jinja)" if base_template else ""))
-    return TrainingData(tokenizer, family, blocks, report, source, key, hit, eval_blocks, eval_report, base_template)
+    return TrainingData(tokenizer, family, blocks, report, source, key, hit, eval_blocks, eval_report, base_template,
+                        empty_thought)
 
 
 def blocks_dataset(blocks):

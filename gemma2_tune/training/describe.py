@@ -20,7 +20,8 @@ def run_lines(cfg: RunConfig) -> list[str]:
     """model, quantization, adapters, data, training, output: one line each; then the method's own lines
     (its schema's `method_lines`: kernels for sft, the teacher and divergence for distill)."""
     q, lora, t = cfg.quantization, cfg.lora, cfg.training
-    family = family_of_checkpoint(cfg.model.name_or_path)
+    family = family_of_checkpoint(cfg.base_model)
+    start = cfg.start
     quant = (
         f"4-bit {q.quant_type}{' + double quantization' if q.double_quant else ''}, compute {cfg.compute_dtype}, "
         f"storage {cfg.quant_storage}" if q.load_in_4bit else f"none (weights in {cfg.model.dtype})"
@@ -33,7 +34,8 @@ def run_lines(cfg: RunConfig) -> list[str]:
     data = f"{describe_source(cfg.data)}; {cfg.data_line()}"
     items = count(cfg.rows_per_optimizer_step, cfg.item_unit)
     return [
-        f"model:        {cfg.model.name_or_path} ({family.display if family else 'family read from its config'}, "
+        f"model:        {start.describe() if start else cfg.model.name_or_path} "
+        f"({family.display if family else 'family read from its config'}, "
         f"{cfg.model.dtype}, attention {cfg.model.attn_implementation})",
         f"quantization: {quant}",
         f"adapters:     {adapt}",

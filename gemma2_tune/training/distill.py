@@ -22,12 +22,13 @@ from trl import DistillationConfig, DistillationTrainer
 from ..config.distill import DistillConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..data.template import use_run_template
-from ..data.turns import END
+from ..data.template import template_record
+from ..data.turns import end_of_turn
 from ..errors import UserError
-from ..models.checks import check_kernel_request, vocabulary_digest
+from ..models.checks import check_kernel_request, text_config, vocabulary_digest
 from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
 from ..models.lora import inspect_adapters, lora_config
+from ..models.serving import stop_ids
 from . import lifecycle
 from .data import split_rows
 from .generation import CountingGeneration, run_total
@@ -42,8 +43,9 @@ class GemmaDistillationTrainer(CountingGeneration, DistillationTrainer):
     """TRL's DistillationTrainer, counting what on-policy generation costs (training/generation.py)."""
 
 
-def distill_args(cfg: DistillConfig, out: Path, launch: Launch, end_of_turn: int, eos: int) -> DistillationConfig:
-    """TRL's DistillationConfig from the resolved config (built before any model loads, as for sft)."""
+def distill_args(cfg: DistillConfig, out: Path, launch: Launch, *stop: int) -> DistillationConfig:
+    """TRL's DistillationConfig from the resolved config (built before any model loads, as for sft); `stop`: the
+    token ids generation stops at (models.serving.stop_ids)."""
     d = cfg.distill
     return DistillationConfig(
         **common_args(DistillationConfig, cfg, out, launch, evaluate=bool(cfg.data.eval_fraction)),
@@ -52,8 +54,8 @@ def distill_args(cfg: DistillConfig, out: Path, launch: Launch, end_of_turn: int
         max_completion_length=d.max_completion_length,
         top_p=d.top_p,
         top_k=d.top_k,
-        # generation stops at <end_of_turn> (a base checkpoint's generation config may know only <eos>)
-        generation_kwargs={"eos_token_id": [eos, end_of_turn]},
+        # generation stops at the end of a turn (a base checkpoint's generation config may know only <eos>)
+        generation_kwargs={"eos_token_id": list(stop)},
     )
 
 
@@ -68,10 +70,11 @@ def check_teacher(cfg: DistillConfig, student_family, student_config, student_to
     if family is not student_family:
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' is {family.display}, the student is "
                         f"{student_family.display}: distillation needs one tokenizer and vocabulary")
-    if config.vocab_size != student_config.vocab_size:
-        raise UserError(f"teacher.name_or_path: vocabulary of {config.vocab_size:,} entries, the student's has "
-                        f"{student_config.vocab_size:,}: the divergence compares distributions over one vocabulary")
-    teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code)
+    vocab, student_vocab = text_config(config).vocab_size, text_config(student_config).vocab_size
+    if vocab != student_vocab:
+        raise UserError(f"teacher.name_or_path: vocabulary of {vocab:,} entries, the student's has "
+                        f"{student_vocab:,}: the divergence compares distributions over one vocabulary")
+    teacher_tokenizer = load_tokenizer(t.name_or_path, t.revision, t.trust_remote_code, family)
     if vocabulary_digest(teacher_tokenizer) != vocabulary_digest(student_tokenizer):
         raise UserError(f"teacher.name_or_path: '{t.name_or_path}' has another tokenizer than the student "
                         f"'{cfg.model.name_or_path}' (same vocabulary size, different tokens): token ids would not "
@@ -101,26 +104,21 @@ class Runner(lifecycle.Runner):
     def prepare(self, launch: Launch, out: Path) -> DistillationConfig:
         """Student and teacher checked from configs and tokenizers; the run's template on the tokenizer;
         returns DistillationConfig (generation stops at <end_of_turn>)."""
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, student_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-        check_teacher(cfg, family, student_config, tokenizer)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields)
-        tokenizer.padding_side = "left"  # generation pads prompts on the left
-        self.family, self.tokenizer = family, tokenizer
-        return distill_args(cfg, out, launch, tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id)
+        student_config = self.set_up_base(padding_side="left")  # generation pads prompts on the left
+        check_teacher(cfg, self.family, student_config, self.tokenizer)
+        return distill_args(cfg, out, launch, *stop_ids(self.tokenizer))
 
     def load_data(self, run: RunLifecycle) -> dict[str, Any]:
         """Prompts (each row up to its last user turn), held-out prompts by data.eval_fraction."""
         cfg, tokenizer, family = self.cfg, self.tokenizer, self.family
         rows, source = load_rows(cfg.data)
         rows, held_out = split_rows(rows, cfg)
-        self.prompts, report = build_prompts(rows, tokenizer, cfg.data, family, cfg.distill.max_completion_length)
-        self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family,
-                                          cfg.distill.max_completion_length)[0] if held_out else None
+        self.prompts, report, _ = build_prompts(rows, tokenizer, cfg.data, family, cfg.distill.max_completion_length,
+                                                empty_thought=self.empty_thought)
+        self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family, cfg.distill.max_completion_length,
+                                          empty_thought=self.empty_thought)[0] if held_out else None
         self.data_report = report
         for line in report.summary_lines()[:1] + report.summary_lines()[2:]:
             run.say(line)
@@ -130,7 +128,7 @@ class Runner(lifecycle.Runner):
                             f"per_device_train_batch_size {cfg.training.per_device_train_batch_size} x "
                             f"{self.launch.num_processes} process(es)): give more prompts or a smaller batch")
         run.say(f"prompts: {len(self.prompts)} ({report.total_tokens:,} tokens); completions generated by the "
-                f"student, up to {cfg.distill.max_completion_length} tokens, stopping at {END}")
+                f"student, up to {cfg.distill.max_completion_length} tokens, stopping at {end_of_turn(family)}")
         d = cfg.distill
         return dict(
             dataset={"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
@@ -141,8 +139,7 @@ class Runner(lifecycle.Runner):
                      "max_completion_length": d.max_completion_length, "top_p": d.top_p, "top_k": d.top_k,
                      "on_policy_fraction": 1.0},
             loss_implementation="trl DistillationTrainer (chunked generalized JSD on soft-capped logits)",
-            chat_template={"generated_for": family.key, "system_policy": cfg.data.system_policy,
-                           "replaced_base_template": self.base_chat_template is not None})
+            chat_template=template_record(family, cfg, self.base_chat_template, self.empty_thought))
 
     def build(self, run: RunLifecycle, args) -> "GemmaDistillationTrainer":
         """Student and teacher through the one loading path; the trainer (LoRA applied to the student)."""
@@ -189,7 +186,7 @@ class Runner(lifecycle.Runner):
 def run_distill(cfg: DistillConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
                 resume_from: str | None = None) -> dict[str, Any]:
     """Distill as `cfg` says through the run lifecycle; returns the run's manifest (also output.dir/run.json).
-    Raises UserError (teacher/student mismatch, prompts, launch, output folder), Interrupted (SIGTERM)."""
+    Raises UserError (teacher/student mismatch, prompts, launch, output folder), Interrupted (SIGTERM or Ctrl-C)."""
     return lifecycle.train(Runner(cfg), echo, recipe, resume, resume_from)
 
 
@@ -203,7 +200,7 @@ def build_trainer(cfg: DistillConfig, student, teacher, tokenizer, prompts: list
     trainer = GemmaDistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
         eval_dataset=Dataset.from_dict({"prompt": eval_prompts}) if eval_prompts else None,
-        processing_class=tokenizer, peft_config=lora_config(cfg))
+        processing_class=tokenizer, peft_config=lora_config(cfg, student))
     trainer.remove_callback(PrinterCallback)
     keep_adapters_in_fp32(trainer, cfg, launch)
     return trainer

@@ -10,9 +10,10 @@ re-tokenization is skipped.
 
 The reference is the starting policy:
   LoRA, new adapter            the model with its adapter disabled (TRL; no second copy in memory)
-  LoRA, from an sft run        base + the sft adapter, trained further; the reference is a frozen copy of that
-                               adapter (TRL's `ref` adapter): the sft policy, not the raw base. The result is one
-                               adapter on the raw base, so chat/merge/serve read it as they read the sft run.
+  LoRA, from a run (sft, dpo,  base + the run's adapter, trained further; the reference is a frozen copy of that
+  rl: --model RUN)             adapter (TRL's `ref` adapter): the starting policy, not the raw base. The result is
+                               one adapter on the raw base, so chat/merge/serve and the next stage read it as
+                               they read the run it continued.
   full fine-tuning             a second copy of the starting model (an sft adapter merged into it), loaded
                                through the one loading path, frozen (declared in the schema's frozen_models)
 What it leaves out: no on-policy sampling (the pairs are fixed), no reference sync (TR-DPO), no precomputed
@@ -32,13 +33,11 @@ from typing import Any
 from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from ..config.dpo import DpoConfig, sft_start
-from ..data.preferences import load_preferences, trl_rows
-from ..data.template import use_run_template
-from ..errors import UserError
-from ..models.checks import check_kernel_request
-from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
-from ..models.lora import inspect_adapters, lora_config
+from ..config.dpo import DpoConfig
+from ..data.preferences import read_preference_splits, trl_rows
+from ..data.template import template_record
+from ..models.loading import LoadRequest, load_model
+from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from . import lifecycle
 from .launch import Launch
 from .lifecycle import RunLifecycle
@@ -96,54 +95,15 @@ def dpo_args(cfg: DpoConfig, out: Path, launch: Launch, evaluate: bool) -> DPOCo
                      max_length=cfg.data.max_length, truncation_mode="keep_start")
 
 
-def held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training, held-out) items: a seeded `fraction` held out (at least one item when fraction > 0)."""
-    if not fraction:
-        return items, []
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n = max(1, round(len(items) * fraction))
-    chosen = set(order[:n])
-    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
-
-
-def read_preferences(cfg, tokenizer, family, kind: str):
-    """The training items and the held-out ones (data.eval_fraction of the source, or data.eval_dataset /
-    data.eval_split read and checked the same way). Returns (PreferenceData, items, eval PreferenceData or None,
-    eval items). Raises UserError (the held-out source's problems name data.eval_dataset)."""
-    data = load_preferences(cfg.data, tokenizer, family, kind)
-    items, eval_items = held_out(data.items, cfg.data.eval_fraction, cfg.training.seed)
-    eval_data = None
-    other = cfg.data.eval_dataset or (cfg.data.eval_split and cfg.data.dataset)
-    if other:
-        eval_cfg = cfg.data.model_copy(update={"dataset": other, "split": cfg.data.eval_split or cfg.data.split,
-                                               "max_rows": None})
-        try:
-            eval_data = load_preferences(eval_cfg, tokenizer, family, kind)
-        except UserError as exc:
-            key = "data.eval_dataset" if cfg.data.eval_dataset else "data.eval_split"
-            raise UserError(f"{key}: {exc.message}") from None
-        eval_items = eval_data.items
-    return data, items, eval_data, eval_items
-
-
 def load_policy(cfg: DpoConfig, device: Any, *, training: bool = True):
-    """The starting policy through the one loading path: the base (cfg.base_model), with an sft run's adapter
-    applied (trainable, for LoRA) or merged into the weights (full fine-tuning). Returns (model, report).
-    `training=False` gives the frozen reference (full fine-tuning). Raises UserError."""
-    start = sft_start(cfg.model.name_or_path)
+    """The starting policy through the one loading path: the base (cfg.base_model), with the adapter of the run it
+    continues (cfg.start) applied (trainable, for LoRA) or merged into the weights (full fine-tuning). Returns
+    (model, report). `training=False` gives the frozen reference (full fine-tuning). Raises UserError."""
+    start = cfg.start
     request = dataclasses.replace(LoadRequest.for_run(cfg, device), name_or_path=cfg.base_model, training=training)
     model, report = load_model(request)
     if start is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, start.adapter, is_trainable=cfg.lora.enabled and training)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"model.name_or_path: the adapter in {start.folder} does not fit its base "
-                            f"'{start.base}': {str(exc).splitlines()[0][:300]}") from None
-        if not cfg.lora.enabled:
-            model = model.merge_and_unload()
+        model = continue_adapter(model, start, trainable=cfg.lora.enabled and training, merge=not cfg.lora.enabled)
         report.name_or_path = f"{start.base} + adapter {start.folder}"
     if not training:
         model.requires_grad_(False)
@@ -152,7 +112,7 @@ def load_policy(cfg: DpoConfig, device: Any, *, training: bool = True):
 
 
 class Runner(lifecycle.Runner):
-    """dpo's pieces: family and tokenizer from the base (an sft run's base when starting from one); pairs (or
+    """dpo's pieces: family and tokenizer from the base (the base of the run it continues, if any); pairs (or
     KTO examples) checked before anything is written; the policy and its reference; TRL's DPOTrainer or
     KTOTrainer; rewards, margins and accuracy in run.json."""
 
@@ -160,14 +120,9 @@ class Runner(lifecycle.Runner):
 
     def prepare(self, launch: Launch, out: Path):
         """Family, kernel and tokenizer of the base; the run's template; returns DPOConfig (or KTOConfig)."""
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, _ = checkpoint_family(cfg.base_model, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields)
-        self.family, self.tokenizer = family, tokenizer
+        self.set_up_base()
         d = cfg.data
         return dpo_args(cfg, out, launch, evaluate=bool(d.eval_dataset or d.eval_split or d.eval_fraction))
 
@@ -175,7 +130,7 @@ class Runner(lifecycle.Runner):
         """Pairs (or unpaired examples) and the held-out ones, read and checked; the run.json fields."""
         cfg = self.cfg
         kind = "unpaired" if cfg.dpo.unpaired else "paired"
-        data, items, eval_data, eval_items = read_preferences(cfg, self.tokenizer, self.family, kind)
+        data, items, eval_data, eval_items = read_preference_splits(cfg, self.tokenizer, self.family, kind, self.empty_thought)
         if cfg.dpo.unpaired:  # TRL samples KTO in order (its KL pairs are per batch): the order is drawn here
             random.Random(cfg.training.seed).shuffle(items)
         self.items, self.eval_items, self.data_report = items, eval_items, data.report
@@ -193,19 +148,10 @@ class Runner(lifecycle.Runner):
                                           "eval": eval_data.summary() if eval_data else None},
             dpo={"loss_type": list(cfg.dpo.loss_type), "loss_weights": cfg.dpo.loss_weights, "beta": cfg.dpo.beta,
                  "label_smoothing": cfg.dpo.label_smoothing, "trainer": "KTOTrainer" if cfg.dpo.unpaired else
-                 "DPOTrainer", "reference": self.reference_kind(), "dropout": "off in policy and reference (TRL)"},
+                 "DPOTrainer", "reference": cfg.reference, "dropout": "off in policy and reference (TRL)"},
             loss_implementation=f"trl {'KTOTrainer' if cfg.dpo.unpaired else 'DPOTrainer'} (chunked log-probabilities "
                                 "of soft-capped logits)",
-            chat_template={"generated_for": self.family.key, "system_policy": cfg.data.system_policy,
-                           "replaced_base_template": self.base_chat_template is not None})
-
-    def reference_kind(self) -> str:
-        """The reference in words (run.json, log)."""
-        start = sft_start(self.cfg.model.name_or_path)
-        if self.cfg.lora.enabled:
-            return (f"frozen copy of the sft adapter in {start.folder} (TRL's `ref` adapter) on {start.base}" if start
-                    else "the policy with its LoRA adapter disabled")
-        return f"a second copy of {self.cfg.model.name_or_path} ({self.cfg.model.dtype}), frozen"
+            chat_template=template_record(self.family, cfg, self.base_chat_template, self.empty_thought))
 
     def build(self, run: RunLifecycle, args):
         """Policy (+ reference) through the one loading path; the trainer (LoRA applied by TRL to a new adapter)."""
@@ -225,7 +171,7 @@ class Runner(lifecycle.Runner):
             model=policy, ref_model=reference, args=args, processing_class=self.tokenizer,
             train_dataset=Dataset.from_list(trl_rows(self.items, name)),
             eval_dataset=Dataset.from_list(trl_rows(self.eval_items, name)) if self.eval_items else None,
-            peft_config=None if started_from_adapter else lora_config(cfg))
+            peft_config=None if started_from_adapter else lora_config(cfg, policy))
         trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
         keep_adapters_in_fp32(trainer, cfg, launch)
         inspect_adapters(trainer.model, cfg, report)

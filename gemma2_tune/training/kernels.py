@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..families import Family
-from ..models.checks import installed_version
+from ..models.checks import installed_version, softcaps
 from ..models.lora import base_model
 
 LIGER_DISTRIBUTION = "liger-kernel"
@@ -222,7 +222,7 @@ def use_liger_loss(trainer, dtype: str) -> dict[str, Any]:
     """Give `trainer` (a SupervisedLossTrainer) Liger's fused loss after its probe check against the tiled loss,
     with the model's lm_head weight and final soft-cap. Returns run.json's record; raises UserError."""
     model = base_model(trainer.model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = softcaps(model.config)[1]
     fused = liger_loss(softcap)
     record = check_fused_loss(fused, model.get_output_embeddings().weight, softcap, dtype,
                               "training.loss=supervised_liger")

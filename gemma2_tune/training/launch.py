@@ -156,9 +156,7 @@ def current_launch(env: dict[str, str] | None = None) -> Launch:
 
 def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
     """Contradictions between a resolved config and how the processes are started (empty: none): the shared
-    rules, then the method's own (its registry entry's `launch_problems`)."""
-    from .methods import method_for
-
+    rules, then the method's own (its schema's `launch_problems`)."""
     where = f"accelerate config {launch.config_file}" if launch.config_file else "the accelerate launch"
     problems = []
     wanted = PRECISION_OF_DTYPE[cfg.model.dtype]
@@ -190,25 +188,7 @@ def launch_problems(cfg: RunConfig, launch: Launch) -> list[str]:
                 f"{where}: deepspeed_config.zero3_save_16bit_model must be true for full fine-tuning under "
                 f"{sharding}, or the saved model is not a consolidated checkpoint"
             )
-    return problems + method_for(cfg).launch_problems(cfg, launch)
-
-
-def sft_launch_problems(cfg, launch: Launch) -> list[str]:
-    """sft's own keys against the launch: compiled layers, Liger's kernels and the fused loss read whole
-    weights, which a sharded launch does not have."""
-    if launch.reads_whole_weights:
-        return []
-    sharding, problems = launch.sharding, []
-    if cfg.training.torch_compile != "off":
-        problems.append(f"training.torch_compile is set but gemma2-tune compiles layers only without {sharding} "
-                        "(its parameter gathering hooks break the compiled graphs); set training.torch_compile=off")
-    if cfg.training.use_liger_kernel:
-        problems.append(f"training.use_liger_kernel is set but gemma2-tune checks Liger's kernels against the plain "
-                        f"model's gradients, which {sharding} partitions; set training.use_liger_kernel=false")
-    if cfg.training.loss == "supervised_liger":
-        problems.append(f"training.loss is supervised_liger but {sharding} partitions the lm_head weight it reads "
-                        f"(TRL's own loss runs under {sharding}); set training.loss=trl")
-    return problems
+    return problems + cfg.launch_problems(launch)
 
 
 def machine_slots() -> tuple[int, str]:
@@ -258,10 +238,16 @@ def check_launch(cfg: RunConfig, name: str, num_processes: int | None) -> tuple[
 
 def run_launch(command: str, path: Path, launch: Launch, config_yaml: str, extra: list[str], echo=print) -> int:
     """Start accelerate running `command` on the resolved config (one file every rank reads); returns its
-    exit code."""
+    exit code. Ctrl-C reaches every rank from the terminal, and they stop with a checkpoint: this process waits
+    for them (subprocess.run would kill the launcher a quarter of a second after it)."""
     with tempfile.TemporaryDirectory(prefix="gemma2-tune-launch-") as tmp:
         resolved = Path(tmp) / "resolved-config.yaml"
         resolved.write_text(config_yaml)
         cmd = accelerate_command(command, path, launch.num_processes, resolved, extra)
         echo("launching: " + shlex.join(cmd))
-        return subprocess.run(cmd, check=False).returncode
+        proc = subprocess.Popen(cmd)
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                echo("Ctrl-C: the processes finish their step, save a checkpoint and stop; waiting for them")

@@ -12,10 +12,10 @@
         with run.attempt():                   # failed / interrupted / completed; every attempt kept
             trainer = runner.build(run, args) # models through the one loading path, checked; the TRL trainer
             runner.before_training(run, checkpoint)
-            stop = run.attach(trainer)        # callbacks: memory, step, checkpoints, SIGTERM, lines/progress bar
+            stop = run.attach(trainer)        # callbacks: memory, step, checkpoints, SIGTERM/SIGINT, lines/progress bar
             trainer.train(...)
             runner.record_training(run, trainer, runtime)
-            run.finish_training(...)          # throughput, loss curve; Interrupted after SIGTERM
+            run.finish_training(...)          # throughput, loss curve; Interrupted after SIGTERM or Ctrl-C
             runner.after_training(run, trainer)
             run.save(trainer, tokenizer)      # weights, tokenizer, loss.png, README.md (model card)
 
@@ -226,6 +226,11 @@ class RunLifecycle:
             try:
                 with disk_errors(self.out):
                     yield self
+            except KeyboardInterrupt:  # Ctrl-C before training (loading) or pressed twice: stopped, not failed
+                if self.record["status"] == "running":
+                    self.record.update(status="interrupted", error="KeyboardInterrupt: stopped by Ctrl-C at step "
+                                       f"{self.record.get('global_step') or 0} without a checkpoint")
+                raise
             except BaseException as exc:
                 if self.record["status"] == "running":
                     self.record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -243,9 +248,9 @@ class RunLifecycle:
 
     def attach(self, trainer) -> StopOnSignal:
         """The run's callbacks on `trainer`: peak memory, the step reached (a run failing mid-training records
-        how far it got), the last step logged, complete-checkpoint markers, SIGTERM, and the loss lines (above
-        a live progress bar on a terminal). Returns the SIGTERM handler (`with stop.installed(): train`)."""
-        stop = StopOnSignal(self.state)
+        how far it got), the last step logged, complete-checkpoint markers, SIGTERM and Ctrl-C, and the loss lines
+        (above a live progress bar on a terminal). Returns the signal handler (`with stop.installed(): train`)."""
+        stop = StopOnSignal(self.state, self.say)
         decay = self.cfg.training.ema_decay
         self.ema = ExponentialMovingAverage(decay, self.checkpoint.path if self.checkpoint else None) if decay else None
         finish = self.finish_checkpoint  # the callback calls it on the main process
@@ -283,8 +288,9 @@ class RunLifecycle:
         return Diverged(f"training diverged at step {exc.step} ({exc.what}); nothing after step "
                         f"{exc.step - 1} was kept; {where}")
 
-    def finish_training(self, trainer, data_report, runtime_s: float | None, stopped: bool) -> None:
-        """Losses and throughput into the record; raises Interrupted when SIGTERM stopped training."""
+    def finish_training(self, trainer, data_report, runtime_s: float | None, stopped: str | None) -> None:
+        """Losses and throughput into the record; raises Interrupted when a signal stopped training (`stopped`: its
+        name, StopOnSignal.signal_name)."""
         step = trainer.state.global_step
         self.record.update(global_step=step, training=loss_summary(trainer.state.log_history) | {
             "train_runtime_s": runtime_s})
@@ -300,8 +306,8 @@ class RunLifecycle:
                             f"in {self.out}")
         if stopped:
             saved = self.out / f"checkpoint-{step}"
-            self.record.update(status="interrupted", checkpoint=str(saved))
-            raise Interrupted(f"stopped by SIGTERM at step {step}; checkpoint saved in {saved}; continue with: "
+            self.record.update(status="interrupted", checkpoint=str(saved), stopped_by=stopped)
+            raise Interrupted(f"stopped by {stopped} at step {step}; checkpoint saved in {saved}; continue with: "
                               f"gemma2-tune {self.command} ... --output-dir {self.out} --resume")
 
     def save(self, trainer, tokenizer, base_chat_template: str | None = None) -> None:
@@ -371,6 +377,18 @@ class Runner:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
+    def set_up_base(self, padding_side: str | None = None):
+        """The shared first step of `prepare` (training/setup.py): the base's family (kernel checked) and its
+        tokenizer with the run's template. Sets family, tokenizer, empty_thought, base_chat_template; returns
+        the base's transformers config. Raises UserError."""
+        from .setup import base_model, run_tokenizer
+
+        base = base_model(self.cfg)
+        run = run_tokenizer(self.cfg, base.family, padding_side)
+        self.family, self.tokenizer = base.family, run.tokenizer
+        self.empty_thought, self.base_chat_template = run.empty_thought, run.base_chat_template
+        return base.config
+
     def prepare(self, launch: Launch, out: Path) -> Any:
         """Checks from configs and tokenizers (no weights), then the trainer's arguments, created before any
         process state. Raises UserError."""
@@ -388,7 +406,7 @@ class Runner:
         """Lines said before the first step."""
 
     def record_training(self, run: "RunLifecycle", trainer, runtime_s: float | None) -> None:
-        """Method totals into run.record once training returns (also after SIGTERM, before Interrupted)."""
+        """Method totals into run.record once training returns (also after SIGTERM or Ctrl-C, before Interrupted)."""
 
     def after_training(self, run: "RunLifecycle", trainer) -> None:
         """After a completed training loop, before saving (a final evaluation)."""
@@ -404,7 +422,7 @@ def train(runner: Runner, echo: Echo = print, recipe: Path | str | None = None, 
 
     Raises UserError for anything the user can fix (launch, output folder, data, models, a resume on changed
     data without `allow_data_change`, a full or read-only disk), found before training where possible;
-    Interrupted (exit 143) after a SIGTERM once a checkpoint is saved; Diverged (exit 3) at a NaN/inf loss or
+    Interrupted (exit 143) after a SIGTERM or Ctrl-C once a checkpoint is saved; Diverged (exit 3) at a NaN/inf loss or
     gradient, before the update (run.json `failed` with the step and the last complete checkpoint).
     """
     from transformers import set_seed
@@ -435,7 +453,7 @@ def train(runner: Runner, echo: Echo = print, recipe: Path | str | None = None, 
                 raise run.diverged(exc) from None
             runtime = result.metrics.get("train_runtime")
             runner.record_training(run, trainer, runtime)
-            run.finish_training(trainer, runner.data_report, runtime, stop.stopped)
+            run.finish_training(trainer, runner.data_report, runtime, stop.signal_name if stop.stopped else None)
             runner.after_training(run, trainer)
             run.save(trainer, runner.tokenizer, runner.base_chat_template)
         for line in runner.final_lines(run, trainer, runtime) + run.summary_lines():

@@ -86,6 +86,9 @@ def check_inputs_outside(cfg) -> None:
     """The output folder must not be (or hold) an input of the run: the base model, the models the method loads
     beside it (a teacher, ...), the data. Raises UserError before anything is written or deleted."""
     inputs = {"model.name_or_path": cfg.model.name_or_path, "data.dataset": cfg.data.dataset}
+    start = cfg.start  # a run it continues: that run's folder and the base under its adapter
+    if start is not None:
+        inputs |= {"the run it continues": start.folder, "its base": start.base}
     inputs |= {f"{m.key}.name_or_path": m.name_or_path for m in cfg.frozen_models()}
     inside = inputs_inside(Path(cfg.output.dir), inputs)
     if inside:

@@ -1,38 +1,17 @@
-"""`gemma2-tune plan`: per-GPU memory and tokens per step, estimated before launch.
-
-Every term is a formula over the model's shape and the resolved config, in bytes, per process:
-
-  weights      4-bit linears 0.5 B/param + quantization constants (double quant: ~0.016 B/param), other
-               weights (embeddings, norms) in model.dtype; bf16/fp32 weights at 2/4 B/param; / N under ZeRO-3
-  trainable    LoRA: fp32 weight + grad + Adam m, v = 16 B/param. Full fine-tuning: bf16 weight (counted above)
-               + bf16 grad + Adam m, v in bf16 = +6 B/param; under ZeRO-3 DeepSpeed keeps fp32 master + m + v
-               and bf16 grads: +14 B/param, / N (zero3_offload: optimizer states and master in CPU memory)
-  activations  gradient checkpointing keeps each layer's input (B*T*H*2 B) and recomputes one layer at a time:
-               eager attention's length-squared scores (B*heads*T*T, ~14 B per element over its copies) plus
-               the projections and MLP (~(4H + 4I)*B*T*2 B); without checkpointing every layer's are kept
-  loss         supervised_chunked: one tile (1024 x 8192 fp32, x3 with temporaries) + fp32 hidden at
-               supervised positions; supervised_liger: Liger's chunk (~2 x positions x hidden logits, model
-               dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown
-               beside it, what full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
-  overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
-
-Shapes come from the model families' published configurations (gemma2_tune/families). tests/unit/test_plan.py
-checks the parameter counts against the published models and the activation and loss terms against peak
-memory measured on tiny models on this CPU.
+"""`gemma2-tune plan`: per-GPU memory and tokens per step, estimated before launch, with advice when a run does not
+fit. The memory model itself (every term, its formula and source) is config/memory.py; a model's shape comes from
+its local config.json, a builtin, or the families' published shapes (no download).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.schema import LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK, RunConfig
+from ..config.memory import GIB, estimate
+from ..config.schema import RunConfig
 from ..errors import UserError
 from ..families import Shape
-
-GIB = 2**30
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1}
 
 
 GPUS = {  # usable memory in GiB as reported by the driver, and bf16 support
@@ -52,11 +31,14 @@ def model_shape(name_or_path: str) -> tuple[Shape, str]:
 
     path = builtin_folder(name_or_path) if is_builtin(name_or_path) else Path(name_or_path).expanduser()
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        from ..config.rl import adapter_base
+        from ..config.runs import adapter_run
 
-        base = adapter_base(path)  # a LoRA run (a reward run beside an RL policy): its base's shape
-        if base and base != name_or_path:
-            return model_shape(base)
+        try:  # a LoRA run (a reward run beside an RL policy): its base's shape
+            start = adapter_run(name_or_path)
+        except ValueError:
+            start = None
+        if start and start.base != name_or_path:
+            return model_shape(start.base)
     family = family_of_name(name_or_path)
     size = family.size_from_name(name_or_path) if family else None
     if is_builtin(name_or_path) and not (path / "config.json").is_file() and not (family and size in family.shapes):
@@ -70,200 +52,6 @@ def model_shape(name_or_path: str) -> tuple[Shape, str]:
     names = "; ".join(f"{f.display}: {', '.join(f.shapes)}" for f in FAMILIES)
     raise UserError(f"model.name_or_path: cannot tell the shape of '{name_or_path}' without downloading; "
                     f"pass a local checkpoint folder or a name with a published size ({names})")
-
-
-@dataclass
-class Plan:
-    """A memory estimate per process, in bytes, term by term."""
-
-    terms: dict[str, float]  # bytes per process
-    full_logits_bytes: float
-    tokens_per_step: int
-    trainable_params: int
-    total_params: int
-
-    @property
-    def total(self) -> float:
-        """Sum of the terms, bytes."""
-        return sum(self.terms.values())
-
-
-def lora_params(shape: Shape, cfg: RunConfig) -> int:
-    """LoRA parameters: r x (in + out) per targeted module per layer."""
-    if not cfg.lora.enabled:
-        return 0
-    return shape.layers * sum(cfg.lora.r * sum(shape.projection_shape(m)) for m in cfg.lora.target_modules)
-
-
-def nf4_weight_bytes(shape: Shape, cfg: RunConfig) -> float:
-    """Bytes of `shape`'s weights loaded in 4-bit NF4 with cfg.quantization's settings: half a byte per linear
-    weight plus its block scales (an fp32 absmax per 64 weights, or with double quantization an 8-bit one plus an
-    fp32 per 256 of those), every other weight (embeddings, norms) in model.dtype."""
-    per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
-    return shape.linear_params * per_param + shape.other_params * DTYPE_BYTES[cfg.model.dtype]
-
-
-def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool = False, offload: bool = False,
-             batch: int | None = None, length: int | None = None, frozen: dict[str, Shape] | None = None) -> Plan:
-    """Per-process memory of training `shape` as `cfg` says. `shards`: parameters sharded over the
-    `num_processes` (ZeRO-3); `batch`: items per forward (the micro-batch, default the config's per-device batch;
-    tokens per optimizer step stay the config's batch x accumulation), `length`: tokens per item (default
-    data.max_length). `frozen`: the shapes of the models the method loads beside the trained one, by config key
-    (cfg.frozen_models(); the teacher). The method's own terms (its loss at least) come from its registry entry."""
-    from .methods import method_for
-
-    b = batch or cfg.training.per_device_train_batch_size
-    t = length or cfg.data.max_length
-    n = num_processes if shards else 1
-    terms: dict[str, float] = {}
-
-    if cfg.quantization.load_in_4bit:
-        terms["weights"] = nf4_weight_bytes(shape, cfg) / n
-    else:
-        terms["weights"] = shape.total_params * DTYPE_BYTES[cfg.model.dtype] / n
-    trainable = lora_params(shape, cfg) if cfg.lora.enabled else shape.total_params
-    if cfg.lora.enabled:
-        terms["trainable: weights, grads, Adam"] = trainable * 16 / n
-    elif shards:
-        terms["trainable: grads, Adam, fp32 master"] = trainable * (2 if offload else 14) / n
-    else:
-        terms["trainable: grads, Adam"] = trainable * 6
-
-    terms["activations"] = activation_bytes(shape, cfg, b, t)
-    terms.update(method_for(cfg).plan_terms(shape, cfg, b, t, n, shards, frozen or {}))
-    base = sum(terms.values())
-    terms["overhead"] = GIB + 0.10 * base
-    full_logits = b * t * shape.vocab * (2 + 4 + 4)
-    per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps * num_processes
-    return Plan(terms, full_logits, per_step * t, trainable, shape.total_params)
-
-
-def activation_bytes(shape: Shape, cfg: RunConfig, b: int, t: int) -> float:
-    """Bytes of the trained model's activations for `b` sequences of `t` tokens (with gradients): gradient
-    checkpointing keeps each layer's input and recomputes one layer at a time; without it every layer's are kept."""
-    h, i, heads = shape.hidden, shape.intermediate, shape.heads
-    # eager keeps several copies of the (B, heads, T, T) scores: bf16 scores, soft-cap tanh, masked, fp32 softmax,
-    # bf16 probs, and their gradients; 14 B per element is what tests/unit/test_plan.py measures on CPU. Fused
-    # kernels (sdpa, flash-attn: Gemma 3 only) never hold them.
-    scores = b * heads * t * t * 14 if cfg.model.attn_implementation == "eager" else 0
-    layer_work = scores + (4 * h + 4 * i) * b * t * 2
-    if cfg.training.gradient_checkpointing:
-        return shape.layers * b * t * h * 2 + layer_work
-    return shape.layers * layer_work
-
-
-def forward_bytes(shape: Shape, attn_implementation: str, b: int, t: int) -> float:
-    """Bytes of one layer's forward without gradients (a frozen model's forward: nothing kept between layers)."""
-    scores = b * shape.heads * t * t * 6 if attn_implementation == "eager" else 0
-    return scores + (4 * shape.hidden + 4 * shape.intermediate) * b * t * 2
-
-
-def dpo_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: dict[str, Shape]) -> dict[str, float]:
-    """A preference run's extra memory: chosen and rejected run as one batch of 2B sequences, so the policy's
-    activations count twice (the shared term counts B); the reference's forward on the same 2B sequences (no
-    gradients; with LoRA it is the policy with its adapter disabled, so no weights); with full fine-tuning the
-    reference's weights in model.dtype (/ N under ZeRO-3). KTO (an unpaired loss) adds a forward of both models on
-    the B mismatched KL sequences. Loss: TRL's chunked log-probabilities, fp32 tiles (x3 with temporaries)."""
-    sequences = b if cfg.dpo.unpaired else 2 * b
-    terms = {"activations, rejected sides" if not cfg.dpo.unpaired else
-             "KL sequences (policy forward, no gradients)":
-             activation_bytes(shape, cfg, b, t) if not cfg.dpo.unpaired else forward_bytes(
-                 shape, cfg.model.attn_implementation, b, t)}
-    reference = frozen.get("reference")
-    if reference is not None:
-        terms["reference weights"] = reference.total_params * DTYPE_BYTES[cfg.model.dtype] / n
-    ref_sequences = sequences * (2 if cfg.dpo.unpaired else 1)
-    terms["reference forward (no gradients)"] = forward_bytes(reference or shape, cfg.model.attn_implementation,
-                                                              ref_sequences, t)
-    terms["loss"] = min(sequences * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + sequences * t * shape.hidden * 8
-    return terms
-
-
-def reward_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool,
-                 frozen: dict[str, Shape]) -> dict[str, float]:
-    """A reward model's extra memory: chosen and rejected are scored as one batch of 2B sequences, so the
-    activations count twice (the shared term counts B). No logits over the vocabulary: the score head reads one
-    hidden state per sequence (its fp32 copy and gradient: 2B x hidden x 8 B)."""
-    return {"activations, rejected sides": activation_bytes(shape, cfg, b, t),
-            "loss": 2 * b * shape.hidden * 8}
-
-
-def sft_terms(shape: Shape, cfg, b: int, t: int, n: int, shards: bool, frozen: dict[str, Shape]) -> dict[str, float]:
-    """sft's loss: supervised_chunked: one fp32 tile (x3 with temporaries) + fp32 hidden states at the
-    supervised positions (every position, as an upper bound); supervised_liger: Liger's chunk; TRL's loss
-    (asked for, or under sharding): its fused tiles."""
-    h, dtype = shape.hidden, DTYPE_BYTES[cfg.model.dtype]
-    supervised = b * t  # upper bound: every position supervised
-    if cfg.training.loss == "supervised_chunked" and not shards:
-        return {"loss": min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
-                + supervised * h * 8}
-    if cfg.training.loss == "supervised_liger" and not shards:
-        # Liger sizes its chunk of rows so that rows x vocab ~ positions x hidden (rounded up to a power of 2:
-        # up to 2x), logits in the model's dtype and their fp32 gradient; plus the gradient of the hidden states
-        return {"loss": 2 * supervised * h * (dtype + 4) + supervised * h * 8}
-    return {"loss": min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * h * 8}
-
-
-def distill_terms(student: Shape, cfg, b: int, t: int, n: int, shards: bool,
-                  frozen: dict[str, Shape]) -> dict[str, float]:
-    """A distillation teacher's memory: weights (4-bit as the student's 4-bit settings, 8-bit with per-row
-    scales, or full precision sharded), one layer's forward at a time (no gradients), the student's KV cache
-    while it generates (batch x accumulation prompts at once, in model.dtype), and TRL's chunked divergence
-    (fp32 tiles of both models' logits, x3 with temporaries, + both hidden states)."""
-    teacher = frozen.get("teacher") or student
-    dtype = DTYPE_BYTES[cfg.model.dtype]
-    load_in = cfg.teacher.load_in
-    if load_in == "4bit":
-        weights = nf4_weight_bytes(teacher, cfg)
-    elif load_in == "8bit":
-        weights = teacher.linear_params * (1 + 4 / teacher.hidden) + teacher.other_params * dtype
-    else:
-        weights = teacher.total_params * dtype / n
-    scores = b * teacher.heads * t * t * 6 if cfg.teacher.attn_implementation == "eager" else 0
-    forward = scores + (4 * teacher.hidden + 4 * teacher.intermediate) * b * t * 2
-    generation_batch = b * cfg.training.gradient_accumulation_steps  # prompts generated for at once
-    kv_cache = generation_batch * t * student.layers * 2 * student.kv_heads * student.head_dim * dtype
-    loss = 2 * min(b * t, 4096) * min(student.vocab, 32768) * 4 * 3 + b * t * (student.hidden + teacher.hidden) * 8
-    return {"teacher weights": weights, "teacher forward (no gradients)": forward, "generation KV cache": kv_cache,
-            "loss": loss}
-
-
-def rl_terms(policy: Shape, cfg, b: int, t: int, n: int, shards: bool,
-             frozen: dict[str, Shape]) -> dict[str, float]:
-    """What online RL adds to the policy's memory: the KV cache while it generates the step's completions
-    (per_device_train_batch_size x gradient_accumulation_steps of them at once: prompts x the group size, in
-    model.dtype), the reference (LoRA: the policy with adapters switched, no extra weights; full fine-tuning with a
-    KL term: a frozen copy, sharded by ZeRO-3) and its forward without gradients, the reward model's weights
-    (4-bit, 8-bit with per-row scales, or model.dtype) and one layer's forward, and TRL's fused log-prob head
-    (fp32 tiles of 4096 positions x the vocabulary chunk, x3 with temporaries, + fp32 hidden states)."""
-    dtype = DTYPE_BYTES[cfg.model.dtype]
-    r = cfg.rl
-    completions = b * cfg.training.gradient_accumulation_steps
-    terms: dict[str, float] = {
-        f"generation KV cache ({completions} completions: {completions // r.num_generations} prompts x group "
-        f"{r.num_generations})": completions * t * policy.layers * 2 * policy.kv_heads * policy.head_dim * dtype,
-    }
-    scores = b * policy.heads * t * t * 6 if cfg.model.attn_implementation == "eager" else 0
-    forward = scores + (4 * policy.hidden + 4 * policy.intermediate) * b * t * 2
-    if r.beta:
-        if not cfg.lora.enabled:
-            terms["reference weights (frozen copy)"] = policy.total_params * dtype / n
-        terms["reference forward (no gradients)"] = forward
-    reward = frozen.get("reward_model")
-    if reward is not None:
-        load_in = cfg.reward_model.load_in
-        if load_in == "4bit":
-            weights = nf4_weight_bytes(reward, cfg)
-        elif load_in == "8bit":
-            weights = reward.linear_params * (1 + 4 / reward.hidden) + reward.other_params * dtype
-        else:
-            weights = reward.total_params * dtype / n
-        terms["reward model weights"] = weights
-        terms["reward model forward (no gradients)"] = (b * reward.heads * t * t * 6 if
-                                                        cfg.reward_model.attn_implementation == "eager" else 0) + (
-            4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
-    terms["loss"] = min(b * t, 4096) * min(policy.vocab, 32768) * 4 * 3 + b * t * policy.hidden * 8
-    return terms
 
 
 def fits_length(shape: Shape, cfg: RunConfig, budget: float, **kw) -> int | None:
@@ -332,20 +120,20 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
         if problems:
             raise UserError(f"--launch {launch_name}: this run would be refused at launch:\n  - "
                             + "\n  - ".join(problems))
-    from .methods import method_for
 
     shape, where = model_shape(cfg.base_model)
     frozen = {m.key: (m, *model_shape(m.name_or_path)) for m in cfg.frozen_models()}
     frozen_shapes = {key: found[1] for key, found in frozen.items()}
     # a method that folds accumulation into the micro-batch does it as `micro_batch` decides on the run's GPU
-    micro = micro_batch(cfg, shape, launch, budget) if method_for(cfg).folds_accumulation else None
+    micro = micro_batch(cfg, shape, launch, budget) if cfg.folds_accumulation else None
     batch = micro.per_device if micro else None  # what each forward will hold; the advice below keeps it
     plan = estimate(shape, cfg, num_processes, shards, offload, frozen=frozen_shapes, batch=batch)
     mode = f"{launch.sharding} over {num_processes}" + (" with CPU offload" if offload else "") if shards else (
         f"{num_processes} process{'es' if num_processes > 1 else ''}, one full copy each")
     lines = [
-        f"model: {cfg.model.name_or_path} ({where}): {plan.total_params / 1e9:.2f}B parameters, "
-        f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab:,}",
+        f"model: {cfg.model.name_or_path} ({where}): {plan.total_params / 1e9:.2f}B parameters"
+        + (f" ({shape.tower_params / 1e9:.2f}B in image/audio towers, frozen)" if shape.tower_params else "")
+        + f", {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab:,}",
     ] + [f"{key}: {m.name_or_path} ({w}): {s.total_params / 1e9:.2f}B parameters, {m.load_in}, frozen"
          for key, (m, s, w) in frozen.items()] + [
         f"run: {'4-bit QLoRA' if cfg.quantization.load_in_4bit else cfg.model.dtype + (' LoRA' if cfg.lora.enabled else ' full fine-tuning')}, "

@@ -23,13 +23,11 @@ from trl import RewardConfig as TrlRewardConfig
 from trl import RewardTrainer
 
 from ..config.reward import RewardConfig
-from ..data.preferences import trl_rows
-from ..data.template import use_run_template
-from ..models.checks import check_kernel_request
-from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
-from ..models.lora import inspect_adapters, lora_config
+from ..data.preferences import read_preference_splits, trl_rows
+from ..data.template import template_record
+from ..models.loading import LoadRequest, load_model
+from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from . import lifecycle
-from .dpo import read_preferences
 from .launch import Launch
 from .lifecycle import RunLifecycle
 from .trainer import common_args, device_map, keep_adapters_in_fp32
@@ -88,20 +86,15 @@ class Runner(lifecycle.Runner):
     cfg: RewardConfig
 
     def prepare(self, launch: Launch, out: Path):
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields)
-        self.family, self.tokenizer = family, tokenizer
+        self.set_up_base()
         d = cfg.data
         return reward_args(cfg, out, launch, evaluate=bool(d.eval_dataset or d.eval_split or d.eval_fraction))
 
     def load_data(self, run: RunLifecycle) -> dict[str, Any]:
         cfg = self.cfg
-        data, items, eval_data, eval_items = read_preferences(cfg, self.tokenizer, self.family, "paired")
+        data, items, eval_data, eval_items = read_preference_splits(cfg, self.tokenizer, self.family, "paired", self.empty_thought)
         self.items, self.eval_items, self.data_report = items, eval_items, data.report
         for line in data.report.summary_lines():
             run.say(line)
@@ -118,8 +111,7 @@ class Runner(lifecycle.Runner):
                     "center_rewards_coefficient": cfg.reward.center_rewards_coefficient,
                     "final_softcap_applies": False},
             loss_implementation="trl RewardTrainer (-log sigmoid(r(chosen) - r(rejected)))",
-            chat_template={"generated_for": self.family.key, "system_policy": cfg.data.system_policy,
-                           "replaced_base_template": self.base_chat_template is not None})
+            chat_template=template_record(self.family, cfg, self.base_chat_template, self.empty_thought))
 
     def build(self, run: RunLifecycle, args):
         from datasets import Dataset
@@ -128,11 +120,15 @@ class Runner(lifecycle.Runner):
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, run.state.local_process_index)))
         # the score is read at the last token that is not padding: the model must know the tokenizer's pad id
         model.config.pad_token_id = self.tokenizer.pad_token_id
+        start = cfg.start
+        if start is not None:  # the run it continues: its adapter trained further (LoRA) or merged in (full)
+            model = continue_adapter(model, start, trainable=cfg.lora.enabled, merge=not cfg.lora.enabled)
+            report.name_or_path = f"{start.base} + adapter {start.folder}"
         trainer = GemmaRewardTrainer(
             model=model, args=args, processing_class=self.tokenizer,
             train_dataset=Dataset.from_list(trl_rows(self.items, "reward")),
             eval_dataset=Dataset.from_list(trl_rows(self.eval_items, "reward")) if self.eval_items else None,
-            peft_config=reward_lora_config(cfg))
+            peft_config=None if hasattr(model, "peft_config") else reward_lora_config(cfg))
         trainer.remove_callback(PrinterCallback)
         keep_adapters_in_fp32(trainer, cfg, launch)
         inspect_adapters(trainer.model, cfg, report)

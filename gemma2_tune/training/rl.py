@@ -33,14 +33,15 @@ from transformers import PrinterCallback, TrainerCallback
 from ..config.rl import RlConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..data.template import use_run_template
-from ..data.turns import END
+from ..data.template import template_record
+from ..data.turns import end_of_turn
 from ..errors import UserError
-from ..models.checks import check_kernel_request
-from ..models.loading import checkpoint_family, load_model, load_tokenizer
-from ..models.lora import inspect_adapters, lora_config
-from ..rewards import (RewardModelScorer, load_reward_function, load_reward_model, reward_model_tokenizer,
-                       try_reward_functions)
+from ..models.checks import softcaps
+from ..models.loading import load_model
+from ..models.lora import continue_adapter, inspect_adapters, lora_config
+from ..models.serving import stop_ids
+from ..rewards import (ROW, RewardModelScorer, column_problems, columns_line, load_reward_function, load_reward_model,
+                       reward_model_tokenizer, try_reward_functions)
 from . import lifecycle
 from .generation import CountingGeneration, run_total
 from .launch import Launch
@@ -177,7 +178,7 @@ def check_logprob_parity(trainer, tokenizer, prompt: list[dict[str, str]], famil
         raise UserError(f"model.name_or_path: the log-probabilities of the RL loss differ by {gap:.3g} nats (more "
                         f"than {cfg.model.dtype} rounding explains at logits up to {largest:.1f}: {tolerance:.3g}) from "
                         f"{plain_forward(family)} (the model's config says final_logit_softcapping="
-                        f"{getattr(trainer.model.config, 'final_logit_softcapping', None)}): "
+                        f"{softcaps(trainer.model.config)[1]}): "
                         "the loss would not be about the distribution completions are sampled from")
     return gap, tolerance, largest
 
@@ -216,19 +217,14 @@ class Runner(lifecycle.Runner):
     def prepare(self, launch: Launch, out: Path):
         """Policy and rewards checked from configs, files and tokenizers; the run's template on the tokenizer;
         returns GRPOConfig/RLOOConfig. Raises UserError."""
-        cfg, m, r = self.cfg, self.cfg.model, self.cfg.rl
+        cfg, r = self.cfg, self.cfg.rl
         self.launch = launch
         if r.use_vllm:
             problem = vllm_problem()
             if problem:
                 raise UserError(f"rl.use_vllm: {problem}; leave it false to generate with transformers")
-        family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields)
-        tokenizer.padding_side = "left"  # generation pads prompts on the left
-        self.family, self.tokenizer = family, tokenizer
+        self.set_up_base(padding_side="left")  # generation pads prompts on the left
+        family = self.family
         self.functions = [load_reward_function(f, f"rl.reward_functions[{i}]") for i, f in enumerate(r.reward_functions)]
         rm = cfg.reward_model
         self.reward_tokenizer, self.reward_template = reward_model_tokenizer(
@@ -238,22 +234,34 @@ class Runner(lifecycle.Runner):
         return rl_args(cfg, out, launch, weights)
 
     def load_data(self, run: RunLifecycle) -> dict[str, Any]:
-        """Prompts (each row up to its last user turn), held-out prompts by data.eval_fraction; every reward
-        function tried on a dummy batch. Nothing is written yet."""
+        """Prompts (each row up to its last user turn) and their row columns, held-out prompts by
+        data.eval_fraction; every reward function's parameters checked against the columns, then the function
+        tried on a dummy batch. Nothing is written yet."""
         cfg, tokenizer, family, r = self.cfg, self.tokenizer, self.family, self.cfg.rl
         rows, source = load_rows(cfg.data)
         from .data import split_rows
 
         rows, held_out = split_rows(rows, cfg)
-        self.prompts, report = build_prompts(rows, tokenizer, cfg.data, family, r.max_completion_length)
-        self.eval_prompts = build_prompts(held_out, tokenizer, cfg.data, family,
-                                          r.max_completion_length)[0] if held_out else None
+        self.prompts, report, columns = build_prompts(rows, tokenizer, cfg.data, family, r.max_completion_length,
+                                                      empty_thought=self.empty_thought)
+        self.eval_prompts, _, eval_columns = build_prompts(
+            held_out, tokenizer, cfg.data, family, r.max_completion_length,
+            empty_thought=self.empty_thought) if held_out else (None, None, [])
         self.data_report = report
-        try_reward_functions(self.functions, self.prompts[0], tokenizer)
+        problems = column_problems(self.functions, columns + eval_columns)
+        if problems:
+            raise UserError("\n".join(problems))
+        for fn in self.functions:  # what TRL's ROW column indexes: the training prompts, then the held-out ones
+            fn.rows = columns + eval_columns
+        try_reward_functions(self.functions, self.prompts[0], tokenizer, columns[0])
         for line in report.summary_lines()[:1] + report.summary_lines()[2:]:
             run.say(line)
+        line = columns_line(self.functions, columns)
+        if line:
+            run.say(line)
         run.say(f"prompts: {len(self.prompts)} ({report.total_tokens:,} tokens); groups of {r.num_generations} "
-                f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at {END}")
+                f"completions written by the policy, up to {r.max_completion_length} tokens, stopping at "
+                f"{end_of_turn(family)}")
         return dict(
             dataset={"name": source.name, "kind": source.kind, "resolved": source.resolved, "files": source.files,
                      "fingerprint": source.fingerprint, "split": cfg.data.split},
@@ -265,14 +273,14 @@ class Runner(lifecycle.Runner):
                 "top_p": r.top_p, "top_k": r.top_k, "max_completion_length": r.max_completion_length,
                 "mask_truncated_completions": r.mask_truncated_completions,
                 "reward_functions": [f.model_dump() for f in r.reward_functions],
+                "reward_function_columns": sorted({name for row in columns for name in row}),
                 "reward_model": cfg.reward_model.name_or_path,
                 "reward_model_template": self.reward_template,
                 "initial_adapter": r.initial_adapter, "generation": "vllm" if r.use_vllm else "transformers",
                 "on_policy": r.num_iterations == 1},
             loss_implementation=(f"trl {'RLOOTrainer' if r.algorithm == 'rloo' else 'GRPOTrainer'} "
                                  f"({r.algorithm}; log-probabilities from TRL's fused LM head, soft-capped)"),
-            chat_template={"generated_for": family.key, "system_policy": cfg.data.system_policy,
-                           "replaced_base_template": self.base_chat_template is not None})
+            chat_template=template_record(family, cfg, self.base_chat_template, self.empty_thought))
 
     def _load_policy(self, run: RunLifecycle):
         """The policy through the one loading path; a run's adapter on it, trainable, when starting from one.
@@ -282,16 +290,11 @@ class Runner(lifecycle.Runner):
         cfg = self.cfg
         rank = run.state.local_process_index
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, self.launch, rank)))
-        if not cfg.rl.initial_adapter:
-            return model, report, lora_config(cfg)
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(Path(cfg.rl.initial_adapter).expanduser()),
-                                              is_trainable=True)
-        except Exception as exc:  # noqa: BLE001 - an adapter for another base, a damaged file
-            raise UserError(f"rl.initial_adapter: {cfg.rl.initial_adapter}: cannot load its adapter onto "
-                            f"{cfg.model.name_or_path} ({type(exc).__name__}: {str(exc)[:200]})") from None
+        start = cfg.start
+        if start is None:
+            return model, report, lora_config(cfg, model)
+        model = continue_adapter(model, start, trainable=True, key="rl.initial_adapter")
+        report.name_or_path = f"{start.base} + adapter {start.folder}"
         return model, report, None
 
     def _load_reward_model(self, run: RunLifecycle):
@@ -311,8 +314,7 @@ class Runner(lifecycle.Runner):
         policy, report, peft = self._load_policy(run)
         # generation stops at <end_of_turn> (a base checkpoint's generation config may know only <eos>); TRL
         # takes its stop tokens, and what counts as truncated, from here
-        end_of_turn = self.tokenizer.convert_tokens_to_ids(END)
-        policy.generation_config.eos_token_id = [self.tokenizer.eos_token_id, end_of_turn]
+        policy.generation_config.eos_token_id = stop_ids(self.tokenizer)
         rewards: list[Any] = list(self.functions)
         scorer = None
         if self.reward_tokenizer is not None:
@@ -326,8 +328,9 @@ class Runner(lifecycle.Runner):
         try:
             trainer = trainer_class(
                 model=policy, reward_funcs=rewards, args=args,
-                train_dataset=Dataset.from_dict({"prompt": self.prompts}),
-                eval_dataset=Dataset.from_dict({"prompt": self.eval_prompts}) if self.eval_prompts else None,
+                train_dataset=Dataset.from_dict({"prompt": self.prompts, ROW: list(range(len(self.prompts)))}),
+                eval_dataset=Dataset.from_dict({"prompt": self.eval_prompts, ROW: list(range(
+                    len(self.prompts), len(self.prompts) + len(self.eval_prompts)))}) if self.eval_prompts else None,
                 processing_class=self.tokenizer, peft_config=peft)
         except ValueError as exc:  # TRL's own checks of its arguments (e.g. a batch of partial groups)
             raise UserError(f"rl: TRL refused the settings: {exc}") from None
@@ -355,11 +358,9 @@ class Runner(lifecycle.Runner):
                     "prompt + completion rendered with "
                     + ("its own chat template" if self.reward_template == "own" else "the run's chat template")
                     + (" (prompt, answer, <end_of_turn>: defined for an empty answer too)" if scorer.ours else ""))
-        reference = ("the starting adapter (a frozen copy)" if r.initial_adapter else
-                     "the base (adapters disabled)" if cfg.lora.enabled else "a frozen copy of the starting model")
-        run.say(f"rl: {r.algorithm} with groups of {r.num_generations}, KL coefficient {r.beta} to {reference}; "
-                f"launch {launch.describe()}")
-        run.record["rl"]["reference"] = reference if r.beta else None
+        run.say(f"rl: {r.algorithm} with groups of {r.num_generations}, KL coefficient {r.beta}"
+                + (f" to {cfg.reference}" if r.beta else " (no reference)") + f"; launch {launch.describe()}")
+        run.record["rl"]["reference"] = cfg.reference if r.beta else None
         return trainer
 
     def record_training(self, run: RunLifecycle, trainer, runtime_s: float | None) -> None:

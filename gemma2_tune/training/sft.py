@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config.sft import SftConfig
+from ..data.template import template_record
 from ..families import Shape
-from ..models.checks import check_kernel_request
-from ..models.loading import LoadRequest, checkpoint_family, load_model
+from ..models.loading import LoadRequest, load_model
 from ..models.lora import inspect_adapters
 from .batching import MicroBatch, gpu_memory, micro_batch
+from .setup import base_model
 from .compiling import compile_layers
 from .data import TrainingData, blocks_dataset, prepare_data
 from . import lifecycle
@@ -37,10 +38,10 @@ class Runner(lifecycle.Runner):
     def prepare(self, launch: Launch, out: Path):
         """Family and kernel from the checkpoint's config (no weights), the loss and kernel settings, the
         micro-batch; returns SFTConfig."""
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only
-        check_kernel_request(family, m.attn_implementation, training=True)
+        base = base_model(cfg)  # config only; its tokenizer is read with the data (training/data.py)
+        family, hf_config = base.family, base.config
         self.family, self.loss = family, effective_loss(cfg, launch)
         check_kernel_settings(cfg, family, self.loss)
         self.micro = micro_batch(cfg, Shape.from_config(hf_config.to_dict()), launch, gpu_memory())
@@ -53,8 +54,7 @@ class Runner(lifecycle.Runner):
         self.tokenizer, self.data_report, self.base_chat_template = data.tokenizer, data.report, data.base_chat_template
         return data_record(cfg, data) | {
             "loss_implementation": self.loss, "micro_batch": self.micro.to_dict(),
-            "chat_template": {"generated_for": data.family.key, "system_policy": cfg.data.system_policy,
-                              "replaced_base_template": data.base_chat_template is not None}}
+            "chat_template": template_record(data.family, cfg, data.base_chat_template, data.empty_thought)}
 
     def build(self, run: RunLifecycle, args):
         """The model through the one loading path, SFTTrainer (LoRA applied by TRL, placement checked), then
@@ -88,7 +88,7 @@ class Runner(lifecycle.Runner):
 def run_sft(cfg: SftConfig, echo: Echo = print, recipe: Path | str | None = None, resume: bool = False,
             resume_from: str | None = None) -> dict[str, Any]:
     """Train as `cfg` says through the run lifecycle; returns the run's manifest (also output.dir/run.json).
-    Raises UserError (anything the user can fix), Interrupted (SIGTERM, checkpoint saved)."""
+    Raises UserError (anything the user can fix), Interrupted (SIGTERM or Ctrl-C, checkpoint saved)."""
     return lifecycle.train(Runner(cfg), echo, recipe, resume, resume_from)
 
 

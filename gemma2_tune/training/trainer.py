@@ -9,11 +9,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transformers import PrinterCallback
 from trl import SFTTrainer
 
 from ..config.schema import RunConfig
 from ..data.packing import BlockCollator
+from ..models.checks import softcaps
 from ..models.lora import base_model, lora_config
 from .batching import MicroBatch
 from .launch import Launch
@@ -122,13 +125,16 @@ class SupervisedLossTrainer(SFTTrainer):
         def grab(module, args, output):  # noqa: ARG001
             captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
+        # One position's logits, asked for by index: an int `logits_to_keep` also makes Gemma 4's KV-shared layers
+        # drop every other position before they run, which would leave the decoder's hidden states one long.
+        last = torch.tensor([labels.shape[-1] - 1], device=labels.device)
         handle = base.get_decoder().register_forward_hook(grab)
         try:
-            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=last)
         finally:
             handle.remove()
         total, n = supervised_loss_sum(captured["hidden"], labels, base.get_output_embeddings().weight,
-                                       getattr(base.config, "final_logit_softcapping", None), fused=self.fused_loss)
+                                       softcaps(base.config)[1], fused=self.fused_loss)
         self.supervised_seen += n
         # Same normalisation as TRL's loss: a sum over the accumulated batch's supervised tokens.
         loss = total / (num_items_in_batch if num_items_in_batch is not None else max(n, 1))
@@ -143,7 +149,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Lau
     supervised = effective_loss(cfg, launch) in ("supervised_chunked", "supervised_liger")
     trainer_class = SupervisedLossTrainer if supervised else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                            processing_class=tokenizer, peft_config=lora_config(cfg),
+                            processing_class=tokenizer, peft_config=lora_config(cfg, model),
                             data_collator=BlockCollator(tokenizer.pad_token_id))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
     keep_adapters_in_fp32(trainer, cfg, launch)

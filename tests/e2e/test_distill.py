@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, two_process_run, write_jsonl
+from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -155,20 +155,6 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_
     assert m["distill"]["tokens_generated"] == ref["distill"]["tokens_generated"]  # totals over both attempts
 
 
-@pytest.mark.parametrize("launch", ["ddp", "zero3"])
-def test_two_processes(teacher, prompts, tmp_path, launch):
-    out = tmp_path / launch
-    args = ["distill", "--model", "builtin:tiny-gemma2", "--teacher", str(teacher), "--dataset", str(prompts),
-            "--max-steps", "3", "--set", "training.logging_steps=1", "--set", "teacher.load_in=full",
-            "--set", "distill.max_completion_length=6", "--set", "training.per_device_train_batch_size=2",
-            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"]
-    if launch == "ddp":
-        args += ["--set", "quantization.load_in_4bit=false"]
-    m = two_process_run(args, launch, out, steps=3, timeout=600)
-    assert m["launch"]["zero_stage"] == (3 if launch == "zero3" else None)
-    assert (out / "adapter_model.safetensors").is_file()
-
-
 def test_bad_inputs_end_with_a_message_before_any_weights_load(teacher, prompts, tmp_path, tiny_model_dir):
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -223,7 +209,7 @@ def test_prompts_render_as_serving_renders_them(tokenizer):
         try:
             data = DataSection(dataset="x", system_policy=policy)
             use_run_template(tokenizer, family, policy)
-            (prompt,), report = build_prompts([Row("r", row)], tokenizer, data, family, 16)
+            (prompt,), report, _ = build_prompts([Row("r", row)], tokenizer, data, family, 16)
             assert prompt[-1] == {"role": "user", "content": " More? "}
             expected = render(normalise(row["messages"][:4], policy, allow_open_end=True, family=family),
                               add_generation_prompt=True).text
@@ -246,7 +232,7 @@ def test_prompt_only_rows_are_read_as_their_conversation(tokenizer):
                                  {"role": "user", "content": "More?"}]}),
             Row("c", {"prompt": "Q", "completion": "A"}), Row("d", {"completion": "A"}), Row("e", ["not", "a row"]),
             Row("f", {"prompt": 42})]
-    prompts, report = build_prompts(rows, tokenizer, DataSection(dataset="x"), GEMMA2, 16)
+    prompts, report, _ = build_prompts(rows, tokenizer, DataSection(dataset="x"), GEMMA2, 16)
     assert prompts == [[{"role": "user", "content": "Say hello"}],
                        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
                         {"role": "user", "content": "More?"}],

@@ -207,15 +207,17 @@ def test_target_that_is_not_a_gemma_model_or_run(tmp_path):
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.export.json").exists()
 
 
-def test_multimodal_gemma_is_refused(tmp_path):
-    mm = tmp_path / "gemma3-4b"
+def test_gemma4_is_refused_until_its_turn_format_is_rendered(tmp_path):
+    """The GGUF carries our template and parity renders prompts: Gemma 4's turns first (Gemma 3's image + text
+    models export their decoder: tests/e2e/test_gemma3_vision.py)."""
+    mm = tmp_path / "gemma4-e4b"
     mm.mkdir()
-    (mm / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-                                                "text_config": {"model_type": "gemma3_text"}, "vision_config": {}}))
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
+                                                "text_config": {"model_type": "gemma4_text"}, "vision_config": {}}))
     (mm / "model.safetensors").write_bytes(b"")
     before = set(tmp_path.iterdir())
     r = _invoke([str(mm), "-o", str(tmp_path / "m.gguf")])
-    assert r.exit_code == 2 and "gemma3" in r.output.lower() and "Traceback" not in r.output, r.output
+    assert r.exit_code == 2 and "turn format" in r.output and "Gemma 4" in r.output and "Traceback" not in r.output, r.output
     _nothing_written(tmp_path, before)
 
 
@@ -242,6 +244,17 @@ def test_output_under_a_file_is_refused_before_any_work(tiny_model_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"] and (tmp_path / "notes").read_text() == "a file"
 
 
+def test_a_gemma2_folder_without_a_sentencepiece_model_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    import gemma2_tune.after.export as export_module
+
+    monkeypatch.setattr(export_module, "missing_packages", lambda: [])
+    r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2, r.output
+    assert "SentencePiece model (tokenizer.model)" in r.output and "converting" not in r.output
+    assert "Traceback" not in r.output and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # its run trains
 def test_gemma2_without_a_sentencepiece_model_is_refused_before_merging(answer_ok_run, tmp_path, monkeypatch):
     """llama.cpp's Gemma 2 converter reads the vocabulary from tokenizer.model only: a run of builtin:tiny-gemma2
     (byte-level BPE, no SentencePiece model) is refused by name, before its adapter is merged."""

@@ -92,8 +92,9 @@ def test_the_merged_model_works_with_a_plain_transformers_pipeline(pirate_run, t
 def test_the_exported_gguf_answers_in_llama_cpp_as_trained(pirate_run, tmp_path):
     """The pirate run -> GGUF f16 (+ Modelfile), q8_0 and q4_k_m through llama.cpp's converter and quantizer; parity
     bounds hold (a quantized file against the quantized model, within floors measured on the same positions: a
-    fixed 95% top-1 bound once refused a healthy q8_0 of such a run); llama.cpp (llama-cpp-python's chat completion, which renders with the
-    GGUF's own template) answers the held-out questions in the taught style and stops at <end_of_turn>."""
+    fixed 95% top-1 bound once refused a healthy q8_0 of such a run); llama.cpp (llama-cpp-python's chat
+    completion, which renders with the GGUF's own template) answers the held-out questions in the taught style and
+    stops at <end_of_turn>."""
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
     from llama_cpp import Llama
 

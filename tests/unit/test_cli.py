@@ -130,3 +130,61 @@ def test_validate_and_help_do_not_import_torch():
     r = run(sys.executable, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_no_bracketed_text_of_a_help_is_lost():
+    """Rich reads "[word]" as markup: `--help` showed "pip install 'gemma2-tune'" for "'gemma2-tune[export]'" and
+    "-> list" for "-> list[float]". Every command's help, docstring and options' help is shown as typed."""
+    import inspect
+    import re
+    import typing
+
+    from typer.main import get_command
+
+    bracketed = re.compile(r"\[[a-zA-Z#/@][^\[\]]*\]")
+    commands = get_command(app).commands
+    checked = 0
+    for name, command in commands.items():
+        callback = inspect.unwrap(command.callback)
+        texts = [callback.__doc__ or "", command.help or ""]
+        for annotation in typing.get_type_hints(callback, include_extras=True).values():
+            texts += [getattr(info, "help", None) or "" for info in getattr(annotation, "__metadata__", ())]
+        wanted = {m for text in texts for m in bracketed.findall(text.replace("\\[", "["))}
+        if not wanted:
+            continue
+        r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "2000"})
+        shown = " ".join(r.output.split())
+        assert r.exit_code == 0 and all(w in shown for w in wanted), (name, [w for w in wanted if w not in shown])
+        checked += len(wanted)
+    r = runner.invoke(app, ["--help"], env={"COLUMNS": "2000"})
+    assert "'gemma2-tune[export]'" in r.output
+    assert checked >= 2  # export's install hint, rl's list[float] at least
+
+
+def test_preview_of_a_pairs_file_shows_them_as_dpo_trains_them(tmp_path):
+    """Was: every row refused ("a preference pair, not a chat") unless --set method=dpo was given."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Hi?", "chosen": "Hello, friend.", "rejected": "Sure thing."}] * 3)
+    r = invoke("preview", *TINY, "--dataset", str(pairs), "-n", "1")
+    assert r.exit_code == 0, r.output
+    assert f"{pairs}: preference pairs (chosen/rejected), shown as `dpo` trains them" in r.output
+    assert "chosen, " in r.output and "rejected, " in r.output and "3 read, 3 kept" in r.output
+    r = invoke("preview", *TINY, "--dataset", "quickstart", "-n", "1")  # chats: as sft trains them, as before
+    assert r.exit_code == 0 and "shown as `dpo`" not in r.output
+
+
+def test_eval_on_an_empty_dataset_says_so_before_loading_a_model(tmp_path, monkeypatch):
+    import gemma2_tune.after.inference as inference
+
+    monkeypatch.setattr(inference, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model loaded")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = invoke("eval", *TINY, "--dataset", str(empty))
+    assert r.exit_code == 2 and f"data.dataset: '{empty}' has no rows" in r.output, r.output
+
+
+def test_the_eval_suites_the_request_knows_are_the_harness_suites():
+    from gemma2_tune.after.harness import SUITES
+    from gemma2_tune.config.requests import EVAL_SUITES
+
+    assert tuple(SUITES) == EVAL_SUITES

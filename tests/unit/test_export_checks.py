@@ -117,6 +117,26 @@ def test_an_unquantized_gguf_that_already_differs_refuses_the_quantized_file():
     assert "the unquantized bf16 GGUF the quantizer read: greedy continuations differ on prompt(s) [0]" in verdict["failure"]
 
 
+def test_a_file_whose_tensors_name_no_weight_of_the_model_is_refused():
+    """The quantized reference is the reference with each weight rounded to its tensor's type in the file: with no
+    weight found there it would be the float reference, and the bound would not be the quantized model's."""
+    reference, run, unquantized = reference_and_runs(near_tie_logits(), near_tie_logits())
+    measured = gp.Quantized(unquantized, near_tie_logits(), near_tie_logits(), {"not in the file": 29})
+    verdict = gp.decide("q8_0", reference, run, gp.quantized_figures(reference, run, measured), unquantized, "bf16")
+    assert not verdict["passed"] and "no weight matrix of the model was found" in verdict["failure"]
+
+
+def test_decoder_weights_of_an_image_and_text_checkpoint_map_to_the_files_tensors():
+    """llama.cpp's converter writes a Gemma 3 image + text checkpoint's decoder (model.language_model.*) under a
+    text model's tensor names; its image tower is not in the file."""
+    gguf = pytest.importorskip("gguf")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, 6)
+    for prefix in ("model.", "model.language_model."):
+        assert gp.file_tensor_name(names, prefix + "layers.5.mlp.down_proj.weight") == "blk.5.ffn_down.weight"
+        assert gp.file_tensor_name(names, prefix + "embed_tokens.weight") == "token_embd.weight"
+    assert gp.file_tensor_name(names, "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight") is None
+
+
 def test_exact_types_need_equal_greedy_continuations():
     reference, run, _ = reference_and_runs(near_tie_logits(), near_tie_logits())
     assert gp.decide("f16", reference, run, None, None, None)["passed"]

@@ -102,6 +102,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     adapter = tmp_path / "a-lora-run"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="is a LoRA adapter .* merge it first"):
         load_model(LoadRequest(str(adapter)))
     with pytest.raises(ConfigError, match="is a LoRA adapter"):  # validate says so too

@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from gemma2_tune.cli import app
 from gemma2_tune.families import GEMMA2
-from gemma2_tune.training.plan import GIB, estimate, lora_params, model_shape
+from gemma2_tune.config.memory import GIB, estimate, lora_params
+from gemma2_tune.training.plan import model_shape
 from gemma2_tune.config.layering import resolve
 
 runner = CliRunner()
@@ -128,3 +129,36 @@ def test_plan_counts_both_models_of_a_distillation():
                             "zero3", "--num-processes", "8"])
     sharded = next(float(x.split()[-2]) for x in r.output.splitlines() if x.strip().startswith("teacher weights"))
     assert sharded == pytest.approx(27.23e9 * 2 / 8 / 2**30, rel=0.02)  # bf16 teacher split over 8
+
+
+def test_plan_counts_per_layer_embeddings_experts_and_towers_in_16_bit():
+    """What 4-bit leaves in bf16 is counted at 2 B/param, each on its own line: Gemma 4's per-layer embedding table,
+    the experts of 26B-A4B (3-D weights bitsandbytes does not quantize), the frozen image/audio towers."""
+    from gemma2_tune.families import GEMMA3, GEMMA4
+
+    e4b, moe, g27 = GEMMA4.shapes["e4b"], GEMMA4.shapes["26b-a4b"], GEMMA3.shapes["27b"]
+    plan = estimate(e4b, resolve("gemma-4-e4b-qlora").config)
+    assert plan.terms["weights: per-layer embeddings"] == 262144 * 42 * 256 * 2
+    assert plan.terms["weights: towers (frozen)"] == e4b.tower_params * 2 and e4b.tower_params > 4e8
+    assert "weights: experts (not 4-bit)" not in plan.terms
+    plan = estimate(moe, resolve("gemma-4-26b-a4b-qlora").config)
+    assert plan.terms["weights: experts (not 4-bit)"] == 30 * 128 * 3 * 2816 * 704 * 2 > 40 * GIB
+    assert plan.terms["weights"] < 3 * GIB  # the rest of 26B-A4B in 4-bit
+    # LoRA on q/k/v/o only where a layer has them: 26B-A4B's global layers (every 6th) use keys as values
+    per_sliding = 16 * ((2816 + 16 * 256) + 2 * (2816 + 8 * 256) + (16 * 256 + 2816))
+    per_global = 16 * ((2816 + 16 * 512) + (2816 + 2 * 512) + (16 * 512 + 2816))
+    assert plan.trainable_params == 25 * per_sliding + 5 * per_global
+    # full fine-tuning trains the decoder; the towers stay frozen
+    full = resolve("gemma-3-27b-qlora", ["quantization.load_in_4bit=false", "lora.enabled=false"]).config
+    assert estimate(g27, full).trainable_params == g27.total_params - g27.tower_params
+
+
+def test_plan_command_on_gemma4_recipes():
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-4-e4b-qlora", "--gpu", "l4-24gb"])
+    assert r.exit_code == 0 and "verdict: fits" in r.output, r.output
+    assert "7.94B parameters (0.48B in image/audio towers, frozen), 42 layers" in r.output
+    assert "weights: per-layer embeddings" in r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-4-26b-a4b-qlora", "--gpu", "a100-40gb"])
+    assert r.exit_code == 1 and "weights: experts (not 4-bit)" in r.output
+    r = runner.invoke(app, ["plan", "--recipe", "gemma-4-26b-a4b-qlora", "--gpu", "h100-80gb"])
+    assert r.exit_code == 0, r.output

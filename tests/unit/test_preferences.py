@@ -211,6 +211,11 @@ def test_length_rules(tok):
     assert pairs[0].truncated and len(pairs[0].prompt_ids) + len(pairs[0].chosen_ids) == 40
     whole, _ = build_pairs(rows[:1], tok, PreferenceDataSection(dataset="x.jsonl"), GEMMA2)
     assert pairs[0].rejected_ids == whole[0].rejected_ids  # the short side is not cut
+    assert pairs[0].cut == (True, False)  # and only the cut side says so (preview labels it alone)
+    from gemma2_tune.data.preferences import describe_pair
+
+    chosen, rejected = list(describe_pair(pairs[0], tok))[1:]
+    assert "(cut at data.max_length)" in chosen and "cut" not in rejected.split(":")[0]
     assert report.rows_truncated == 1 and report.rows_dropped_overlong == 2
     assert "the same in their first" in report.dropped_rows[0] and "leaves no room" in report.dropped_rows[1]
     pairs, report = build_pairs(rows, tok, cut.model_copy(update={"overlong": "drop"}), GEMMA2)

@@ -1,11 +1,11 @@
+"""The README: short, the two commands after cloning (which CI runs), links that lead somewhere. The config
+reference, the recipes and the command examples are checked on the docs pages (test_docs.py)."""
+
+import re
+
 from conftest import ROOT
-from gemma2_tune.config.reference import markdown
 
 README = (ROOT / "README.md").read_text()
-
-
-def test_config_reference_in_readme_matches_the_schema():
-    assert markdown() in README, "README config reference is stale: regenerate with `make docs`"
 
 
 def test_readme_two_commands_and_ci_agree():
@@ -14,6 +14,11 @@ def test_readme_two_commands_and_ci_agree():
     assert "gemma2-tune sft --recipe recipes/quickstart-cpu.yaml" in (ROOT / "Makefile").read_text()
 
 
-def test_every_bundled_recipe_command_is_in_the_readme_or_recipe_header():
-    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
-        assert f"recipes/{recipe.name}" in README, recipe.name
+def test_readme_is_short():
+    assert len(README.splitlines()) <= 200
+
+
+def test_readme_links_lead_to_pages():
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert local and [link for link in local if not (ROOT / link).exists()] == []

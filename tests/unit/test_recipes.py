@@ -1,7 +1,7 @@
 import pytest
 
 from gemma2_tune.config.layering import resolve
-from gemma2_tune.training.methods import METHODS, schema_for
+from gemma2_tune.config.methods import schema_for
 from gemma2_tune.config.recipes import bundled_recipes, find_recipe
 
 RECIPES = bundled_recipes()
@@ -24,6 +24,7 @@ def test_every_bundled_recipe_validates_and_starts_with_its_command(path):
     head = path.read_text().splitlines()[:4]
     assert head[0].startswith("# ")
     command = resolved.config.method  # the command that runs it is its method's
+    assert f"method: {command}" in path.read_text().splitlines(), "every recipe says its method"
     assert any(line.startswith("# Run: ") and f"gemma2_tune {command}" in line.replace("gemma2-tune", "gemma2_tune")
                and path.name in line for line in head)
 

@@ -2,6 +2,9 @@
 reward models, and eval's reward options checked before any model loads."""
 
 import json
+import re
+
+import sys
 
 import pytest
 import torch
@@ -41,7 +44,8 @@ def test_a_reward_model_reads_the_templates_rendering_and_an_empty_answer_is_def
 
 def test_a_reward_run_is_a_reward_model_and_a_causal_lm_adapter_is_not(tmp_path):
     from gemma2_tune.config.layering import resolve
-    from gemma2_tune.config.rl import RlConfig, reward_run
+    from gemma2_tune.config.rewards import reward_run
+    from gemma2_tune.config.rl import RlConfig
     from gemma2_tune.errors import ConfigError
 
     common = ["model.name_or_path=builtin:tiny-gemma2", "rl.reward_functions=[]"]
@@ -136,12 +140,22 @@ def test_a_reward_model_is_refused_wherever_a_model_must_generate(tmp_path):
     ["eval", "--adapter", "{run}", "--dataset", "concise-held-out", "--max-new-tokens", "5"],
 ])
 def test_chat_serve_export_and_eval_refuse_a_reward_model_before_loading_it(args, tmp_path, monkeypatch):
+    import importlib
+    import pkgutil
+
+    import gemma2_tune.after
     import gemma2_tune.after.inference as inference
     import gemma2_tune.models.loading as loading
 
+    # every module that bound a loader by name gets the failing one (imported first, so none binds it for good)
+    for info in pkgutil.walk_packages(gemma2_tune.after.__path__, "gemma2_tune.after."):
+        importlib.import_module(info.name)
     run, merged = reward_model_folders(tmp_path)
-    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    loaders = (inference.load, loading.load_model)
+    for module in [m for name, m in sys.modules.items() if name.startswith("gemma2_tune.")]:
+        for attr, value in list(vars(module).items()):
+            if any(value is loader for loader in loaders):
+                monkeypatch.setattr(module, attr, lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, [a.format(run=run, merged=merged) for a in args])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
@@ -185,7 +199,8 @@ def test_eval_compare_names_and_json_path_are_checked_before_any_model_loads(arg
 
 def test_reward_model_settings_refused_from_their_files(tmp_path):
     """rl's reward model: the kernel its base's family refuses (sdpa drops Gemma 2's soft-caps; it failed after the
-    policy loaded), a bare name that is no folder, a run with no weights yet, and rewards that all weigh 0."""
+    policy loaded), a bare name that is no folder, a run with no weights yet (the checkpoint it suggests is the
+    newest complete one, not one half-written when the run stopped), and rewards that all weigh 0."""
     from gemma2_tune.config.layering import resolve
     from gemma2_tune.config.rl import RlConfig
     from gemma2_tune.errors import ConfigError
@@ -194,6 +209,8 @@ def test_reward_model_settings_refused_from_their_files(tmp_path):
     (run / "config.yaml").write_text("model:\n  name_or_path: builtin:tiny-gemma2\n")
     unfinished = tmp_path / "rm-unfinished"
     (unfinished / "checkpoint-11").mkdir(parents=True)
+    (unfinished / "checkpoint-11" / "complete.json").write_text("{}")
+    (unfinished / "checkpoint-12").mkdir()  # half-written when the run stopped: no completion marker
     (unfinished / "run.json").write_text(json.dumps({"method": "reward", "status": "interrupted", "global_step": 11}))
     common = ["model.name_or_path=builtin:tiny-gemma2", "rl.reward_functions=[]"]
     resolve(None, [*common, f"reward_model.name_or_path={run}"], schema=RlConfig)  # fine as it is
@@ -203,7 +220,7 @@ def test_reward_model_settings_refused_from_their_files(tmp_path):
             (["reward_model.name_or_path=rm_typo"], "reward_model.name_or_path: rm_typo: no such folder"),
             ([f"reward_model.name_or_path={unfinished}"],
              f"holds no trained weights (run.json: status interrupted, step 11): resume it (gemma2-tune reward -o "
-             f"{unfinished} --resume) or use its last checkpoint, {unfinished / 'checkpoint-11'}"),
+             f"{unfinished} --resume) or use its last complete checkpoint, {unfinished / 'checkpoint-11'}"),
             ([f"reward_model.name_or_path={run}", "reward_model.weight=0"], "every reward's weight is 0")):
         with pytest.raises(ConfigError) as caught:
             resolve(None, [*common, *extra], schema=RlConfig)
@@ -246,7 +263,7 @@ def test_a_reward_models_self_check_speaks_of_scores():
 def test_names_meant_as_local_folders_that_are_none(tmp_path, monkeypatch):
     """A missing local path was looked up on the hub (an offline or 'Repo id must be in the form' error naming
     model.name_or_path); a data file given as a model was read as a config."""
-    from gemma2_tune.config.rules import missing_folder
+    from gemma2_tune.config.runs import missing_folder
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -294,3 +311,80 @@ def test_an_interrupted_run_in_the_output_folder_suggests_resuming_it(tmp_path):
     (out / "run.json").write_text(json.dumps({"status": "completed", "global_step": 3, "started_at": "t"}))
     with pytest.raises(UserError, match=r"\(status completed, started t\); pass --overwrite to replace it"):
         check_output_dir(out, overwrite=False)
+
+
+def reward_function(tmp_path, code: str, name: str):
+    """`name` from a reward module holding `code`, loaded as rl loads it."""
+    from gemma2_tune.config.rewards import RewardFunction
+    from gemma2_tune.rewards import load_reward_function
+
+    path = tmp_path / f"{name}_rewards.py"
+    path.write_text(code)
+    return load_reward_function(RewardFunction(path=str(path), name=name), "rl.reward_functions[0]")
+
+
+COLUMNS = '''
+import asyncio
+def exact(completions, answer, **kwargs):
+    return [float(c[0]["content"] == a) for c, a in zip(completions, answer)]
+def positional(completions, answer):
+    return [float(c[0]["content"] == a) for c, a in zip(completions, answer)]
+async def judged(completions, answer, **kwargs):
+    await asyncio.sleep(0)
+    return [float(c[0]["content"] == a) for c, a in zip(completions, answer)]
+'''
+
+
+def test_reward_functions_get_each_prompts_row_columns_as_trl_passes_them(tmp_path, tokenizer):
+    """A GSM8K-style `answer` column reaches kwargs["answer"] (and a parameter named so), one value per completion,
+    in rl (TRL's ROW column, as the dataset carries it) and in eval (call_reward_function); a function without
+    **kwargs gets the arguments it declares; an `async def` function is awaited (TRL 1.16 runs those too)."""
+    from gemma2_tune.data.prompts import row_columns
+    from gemma2_tune.rewards import ROW, AsyncCheckedReward, call_reward_function, column_problems
+    from trl.trainer.utils import is_async_callable
+
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}], "answer": "4", "id": 7},
+            {"prompt": "3+3?", "answer": "6"}]
+    columns = [row_columns(r) for r in rows]
+    assert columns == [{"answer": "4", "id": 7}, {"answer": "6"}]
+    completions = [[{"role": "assistant", "content": t}] for t in ("4", "5", "6", "6")]
+    for name in ("exact", "positional", "judged"):
+        fn = reward_function(tmp_path, COLUMNS, name)
+        assert column_problems([fn], columns) == []
+        fn.rows = columns
+        kwargs = {ROW: [0, 0, 1, 1], "trainer_state": None, "completion_ids": [[1]] * 4}
+        if name == "judged":  # what TRL's _calculate_rewards sees, and awaits on its event loop
+            assert isinstance(fn, AsyncCheckedReward) and is_async_callable(fn)
+            import asyncio
+
+            assert asyncio.run(fn(prompts=[[]] * 4, completions=completions, **kwargs)) == [1.0, 0.0, 1.0, 1.0]
+        else:
+            assert not is_async_callable(fn)
+            assert fn(prompts=[[]] * 4, completions=completions, **kwargs) == [1.0, 0.0, 1.0, 1.0]
+        asked = [columns[0], columns[0], columns[1], columns[1]]
+        assert call_reward_function(fn, [[]] * 4, ["4", "5", "6", "6"], tokenizer, asked) == [1.0, 0.0, 1.0, 1.0]
+    fn = reward_function(tmp_path, COLUMNS, "exact")
+    assert column_problems([fn], [{"id": 1}, {}]) == [
+        f"reward function {fn.spec.label}: its parameter 'answer' is no column of any prompt row (the rows' columns: "
+        "id); besides them a reward function gets prompts, completions, completion_ids, trainer_state, log_extra, "
+        "log_metric"]
+    assert column_problems([], [{"trainer_state": 1}])[0].startswith("data: column 'trainer_state' has the name of")
+
+
+def test_reward_values_must_be_one_plain_number_per_completion():
+    import numpy as np
+
+    from gemma2_tune.errors import UserError
+    from gemma2_tune.rewards import checked_rewards
+
+    two = [[{"role": "assistant", "content": "a"}]] * 2
+    assert checked_rewards("f", [1, 0.5], two) == [1.0, 0.5]
+    assert checked_rewards("f", (True, False), two) == [1.0, 0.0]
+    assert checked_rewards("f", np.array([0.25, 2.0]), two) == [0.25, 2.0]
+    assert checked_rewards("f", [np.float32(1.5), np.int64(-2)], two) == [1.5, -2.0]
+    for out, says in (({0: 1.0, 1: 1.0}, "returned dict"), (["1.0", "2"], "returned '1.0' (str)"),
+                      ([None, 1.0], "returned None (NoneType)"), ([1e39, 0.0], "returned 1e+39"),
+                      ([-2e15, 0.0], "returned -2e+15"), ([float("nan"), 0.0], "rewards must be finite"),
+                      ("11", "returned str"), ([1.0], "returned 1 rewards for 2 completions")):
+        with pytest.raises(UserError, match=r"^reward function f: .*" + re.escape(says)):
+            checked_rewards("f", out, two)

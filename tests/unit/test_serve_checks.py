@@ -111,7 +111,7 @@ class StandIn:
     name = "sequential"
 
     def __init__(self, pieces, fail=None):
-        from gemma2_tune.after.serve_engines import Failed, Generation
+        from gemma2_tune.after.serve.engines import Failed, Generation
 
         self.pieces, self.fail, self.Failed, self.Generation = pieces, fail, Failed, Generation
         self.cancelled = 0
@@ -224,7 +224,7 @@ def test_continuous_batching_keeps_gemma2s_attention_soft_cap(tiny_model_dir):
     from transformers.integrations.eager_paged import eager_paged_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from gemma2_tune.after.serve_engines import register_softcapped_paged_attention, softcapped_paged_attention
+    from gemma2_tune.after.serve.engines import register_softcapped_paged_attention, softcapped_paged_attention
 
     generator = torch.Generator().manual_seed(0)
     prompts = [[2] + torch.randint(5, 200, (n,), generator=generator).tolist() for n in (5, 17, 40, 90)]
@@ -239,3 +239,43 @@ def test_continuous_batching_keeps_gemma2s_attention_soft_cap(tiny_model_dir):
         assert batched(capped_model(tiny_model_dir, 0.5), prompts, 24) == alone
     finally:
         del ALL_ATTENTION_FUNCTIONS["paged|eager"]  # back to transformers' own for the rest of the session
+
+
+def test_the_installed_transformers_has_what_continuous_batching_uses():
+    """Fails naming the transformers release and what moved, when a new release changes the internals serve uses."""
+    from gemma2_tune.after.serve.engines import internals_problem
+
+    assert internals_problem() is None, internals_problem()
+    assert internals_problem(continuous_batching=False) is None
+
+
+def test_a_release_that_moved_the_batching_api_is_named_before_anything_loads(monkeypatch):
+    import transformers
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+
+    from gemma2_tune.after.serve.engines import internals_problem
+
+    monkeypatch.delattr(ContinuousBatchingManager, "cancel_request")
+    problem = internals_problem()
+    assert problem and f"transformers {transformers.__version__}" in problem
+    assert "ContinuousBatchingManager.cancel_request" in problem and "--no-continuous-batching" in problem
+    assert internals_problem(continuous_batching=False) is None  # sequential serving needs none of it
+
+
+def test_streamed_text_is_the_decoded_text_even_when_the_limit_cuts_a_character(tokenizer):
+    """serve's pieces join to exactly what chat shows for the same tokens: a character whose bytes the token
+    limit cut is U+FFFD in both (it was dropped by the stream)."""
+    from gemma2_tune.after.serve.engines import TextPieces
+    from gemma2_tune.models.serving import generated_text
+
+    ids = tokenizer("Rain falls 🌧️ on Paris ✓", add_special_tokens=False).input_ids
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    for cut in range(1, len(ids) + 1):
+        generated = ids[:cut] + ([end] if cut == len(ids) else [])
+        text = TextPieces(tokenizer)
+        pieces = [p for p in (text.step(t) for t in generated) if p]
+        pieces += [p for p in [text.finish()] if p]
+        assert "".join(pieces) == generated_text(tokenizer, generated), cut
+        assert text.total_tokens == len(generated) and text.last_token == generated[-1]
+    cut_inside = next(c for c in range(1, len(ids)) if "\ufffd" in generated_text(tokenizer, ids[:c]))
+    assert "\ufffd" in generated_text(tokenizer, ids[:cut_inside])  # the case the test is about exists

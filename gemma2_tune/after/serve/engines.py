@@ -1,22 +1,28 @@
 """The two ways `serve` runs generation, behind one interface: a request's prompt ids and settings in, a queue of
 text pieces out, and a cancel that stops the work the request still holds.
 
-- `SequentialEngine`: transformers' `model.generate` on one inference thread (transformers' serving
-  `InferenceThread` and `DirectStreamer`), one request at a time. Every OpenAI parameter the server accepts
-  is honoured (stop strings, logit bias, frequency penalty, a per-request seed).
+- `SequentialEngine`: `model.generate` on one inference thread, one request at a time. Every OpenAI parameter the
+  server accepts is honoured (stop strings, logit bias, frequency penalty, a per-request seed).
 - `BatchingEngine`: transformers' continuous batching (`model.init_continuous_batching`, paged KV cache):
   concurrent requests share the forward passes. Per request: the prompt, `max_tokens`, the stop tokens and
   temperature / top_p / greedy; stop strings, logit bias, penalties and seeds are not available (the server
   refuses them in this mode). Gemma 2's attention soft-cap is kept by `softcapped_paged_attention`.
 
-Both stop at the folder's stop tokens (`<end_of_turn>`); a request cannot change them.
+Both stop at the folder's stop tokens (`<end_of_turn>`); a request cannot change them. The text a request gets is
+`generated_text` of its tokens, the same as `chat` shows for the same tokens (`TextPieces`).
+
+This is the one module that uses transformers below its documented `generate`/`from_pretrained` surface
+(continuous batching's manager and config, the paged attention registry): `internals_problem` checks every such
+name and signature at start, so a release that moved them is named instead of failing mid-request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import functools
+import inspect
+import queue as queue_module
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,10 +79,16 @@ class SequentialEngine:
     name = "sequential"
 
     def __init__(self, model, tokenizer):
-        from transformers.cli.serving.utils import InferenceThread
-
         self.model, self.tokenizer = model, tokenizer
-        self.thread = InferenceThread()
+        self.jobs: queue_module.Queue = queue_module.Queue()
+        # One thread runs every generate call: torch.compile's CUDA graphs keep thread-local state.
+        threading.Thread(target=self._work, name="gemma2-tune-generate", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            job()
+            del job  # the closure holds the request's tensors: drop them before waiting for the next one
 
     def generation_config(self, settings: Settings):
         """The folder's generation config with the request's settings: stop tokens are the folder's, always."""
@@ -97,11 +109,10 @@ class SequentialEngine:
     def start(self, ids: list[int], settings: Settings) -> Generation:
         """Queue `ids` (the rendered prompt) for generation; must be called on the event loop."""
         import torch
-        from transformers.cli.serving.utils import _GenerationCancelled
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        streamer = _counting_direct_streamer()(self.tokenizer._tokenizer, loop, queue)
+        streamer = GenerateStreamer(TextPieces(self.tokenizer), loop, queue)
         config = self.generation_config(settings)
         model, tokenizer = self.model, self.tokenizer
 
@@ -111,34 +122,101 @@ class SequentialEngine:
                     torch.manual_seed(settings.seed)  # on the inference thread, just before this request samples
                 model.generate(input_ids=torch.tensor([ids], device=model.device), generation_config=config,
                                streamer=streamer, tokenizer=tokenizer)
-            except _GenerationCancelled:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except Cancelled:
+                streamer.end()
             except Exception as exc:  # noqa: BLE001 - reported to this request's client; the thread serves on
                 loop.call_soon_threadsafe(queue.put_nowait, Failed(f"{type(exc).__name__}: {str(exc)[:300]}"))
 
-        self.thread.submit(run)
+        self.jobs.put(run)
         return Generation(queue, streamer.cancel, streamer)
 
     def stop(self) -> None:
         pass  # the inference thread is a daemon
 
 
-@functools.cache  # transformers' serving classes are imported only when serve runs (extras)
-def _counting_direct_streamer():
-    from transformers.cli.serving.utils import DirectStreamer
+class Cancelled(Exception):
+    """Raised inside `GenerateStreamer.put` to stop `model.generate` for a cancelled request."""
 
-    class Counting(DirectStreamer):
-        """transformers' streamer, also remembering the last generated token (stop token or not)."""
 
-        last_token: int | None = None
+class TextPieces:
+    """Generated token ids in, text pieces out; the pieces of one generation join to exactly
+    `generated_text(tokenizer, ids)`. Each piece is emitted as soon as its characters are complete (tokenizers'
+    DecodeStream, O(1) per token); bytes a token left incomplete (a multi-byte character cut by the token limit)
+    come out at `finish` as U+FFFD, as `tokenizer.decode` writes them."""
 
-        def put(self, value) -> None:
-            first = self._first
-            super().put(value)
-            if not first and value.numel():
-                self.last_token = int(value.reshape(-1)[-1])
+    def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
 
-    return Counting
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.sent = ""
+        self.total_tokens = 0
+        self.last_token: int | None = None
+
+    def step(self, token: int) -> str | None:
+        """The text `token` completes (None: nothing yet)."""
+        self.ids.append(token)
+        self.total_tokens += 1
+        self.last_token = token
+        piece = self.stream.step(self.tokenizer._tokenizer, token)
+        if piece:
+            self.sent += piece
+        return piece or None
+
+    def finish(self) -> str | None:
+        """What the decoded whole still has beyond the pieces sent (None: nothing)."""
+        from ...models.serving import generated_text
+
+        whole = generated_text(self.tokenizer, self.ids)
+        rest = whole[len(self.sent):] if whole.startswith(self.sent) else ""
+        self.sent += rest
+        return rest or None
+
+
+class GenerateStreamer:
+    """`model.generate`'s streamer protocol (`put` after each step, `end` once) feeding one request's queue from
+    the inference thread. The first `put` is the prompt (skipped). `cancel` makes the next `put` raise."""
+
+    def __init__(self, text: TextPieces, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.text, self.loop, self.queue = text, loop, queue
+        self.prompt_seen = False
+        self.cancelled = threading.Event()
+        self.ended = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.text.total_tokens
+
+    @property
+    def last_token(self) -> int | None:
+        return self.text.last_token
+
+    def _send(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def put(self, value) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled()
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            piece = self.text.step(int(token))
+            if piece:
+                self._send(piece)
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        rest = self.text.finish()
+        if rest:
+            self._send(rest)
+        self._send(None)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 class BatchingEngine:
@@ -176,12 +254,11 @@ class BatchingEngine:
         """Add `ids` to the running batch; must be called on the event loop."""
         if self.cb.background_thread_status.fatal_error is not None:
             raise RuntimeError(f"the batching loop stopped: {self.cb.background_thread_status.fatal_error}")
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         request_id = f"req-{uuid.uuid4().hex}"
-        streamer = _counting_cb_streamer()(self.cb, request_id, self.tokenizer._tokenizer, loop, queue)
+        streamer = BatchStreamer(TextPieces(self.tokenizer), queue, lambda: self.cb.cancel_request(request_id))
 
-        def on_output(output) -> None:
+        def on_output(output) -> None:  # called on the event loop
             try:
                 streamer.put(output)
                 if output.error is not None:
@@ -205,21 +282,34 @@ class BatchingEngine:
         self.cb.stop(block=True, timeout=5)
 
 
-@functools.cache
-def _counting_cb_streamer():
-    from transformers.cli.serving.utils import CBStreamer
+class BatchStreamer:
+    """One continuous-batching request's outputs (each carries every token generated so far) into its queue."""
 
-    class Counting(CBStreamer):
-        """transformers' streamer, also remembering the last generated token."""
+    def __init__(self, text: TextPieces, queue: asyncio.Queue, cancel):
+        self.text, self.queue, self.cancel = text, queue, cancel
+        self.seen = 0
 
-        last_token: int | None = None
+    @property
+    def total_tokens(self) -> int:
+        return self.text.total_tokens
 
-        def put(self, output) -> None:
-            super().put(output)
-            if output.generated_tokens:
-                self.last_token = int(output.generated_tokens[-1])
+    @property
+    def last_token(self) -> int | None:
+        return self.text.last_token
 
-    return Counting
+    def put(self, output) -> None:
+        new = output.generated_tokens[self.seen:]
+        self.seen = len(output.generated_tokens)
+        for token in new:
+            piece = self.text.step(int(token))
+            if piece:
+                self.queue.put_nowait(piece)
+
+    def end(self) -> None:
+        rest = self.text.finish()
+        if rest:
+            self.queue.put_nowait(rest)
+        self.queue.put_nowait(None)
 
 
 def softcapped_paged_attention(module, query, key, value, attention_mask, scaling: float, softcap=None,
@@ -251,3 +341,67 @@ def register_softcapped_paged_attention() -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     ALL_ATTENTION_FUNCTIONS["paged|eager"] = softcapped_paged_attention
+
+
+def load_for_serving(folder, *, dtype: str = "auto", device: str = "auto"):
+    """The served folder's model, with its own class (config.json's `architectures`: a Gemma2ForCausalLM, or a
+    multimodal checkpoint's conditional-generation class with its towers), eager attention (the soft-caps),
+    `dtype` ('auto': the weights' own), placed by `device` (a device_map: 'auto', 'cpu', 'cuda:0'), in eval mode.
+    Raises UserError naming the folder when transformers cannot load it."""
+    import transformers
+
+    from ...errors import UserError
+    from ...models.quantization import torch_dtype
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        model_class = model_class or transformers.AutoModelForCausalLM
+        model = model_class.from_pretrained(str(folder), dtype=dtype if dtype == "auto" else torch_dtype(dtype),
+                                            attn_implementation="eager", device_map=device)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(f"serve: could not load {folder}: {str(exc).splitlines()[0][:300]}") from None
+    return model.eval()
+
+
+def internals_problem(continuous_batching: bool = True) -> str | None:
+    """What `serve` needs of transformers below its documented surface and the installed release lacks (None:
+    everything is there). Checked at start, so a release that moved these names is reported by name and version
+    instead of failing mid-request. Sequential serving needs only `generate`'s streamer protocol (documented);
+    continuous batching needs its config's fields, the manager's request API, and the paged attention registry."""
+    import transformers
+
+    if not continuous_batching:
+        return None
+    missing: list[str] = []
+    try:
+        from transformers import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching import ContinuousBatchingManager
+        from transformers.integrations.eager_paged import eager_paged_attention_forward, repeat_kv  # noqa: F401
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: F401
+    except ImportError as exc:
+        missing.append(f"import: {exc}")
+    else:
+        fields = set(inspect.signature(ContinuousBatchingConfig).parameters)
+        missing += [f"ContinuousBatchingConfig.{name}" for name in
+                    ("per_request_processors", "auto_switch_to_flash", "num_blocks", "page_size", "max_batch_tokens")
+                    if name not in fields]
+        # the sampling settings go through add_request's **logit_processor_kwargs
+        for method, needs in {"add_request": ("input_ids", "request_id", "max_new_tokens", "streaming",
+                                              "eos_token_id", "**"),
+                              "register_result_handler": ("request_id", "callback"),
+                              "cancel_request": ("request_id",), "start": (), "stop": ("block", "timeout")}.items():
+            function = getattr(ContinuousBatchingManager, method, None)
+            if function is None:
+                missing.append(f"ContinuousBatchingManager.{method}")
+                continue
+            parameters = inspect.signature(function).parameters
+            names = set(parameters) | {"**" for p in parameters.values() if p.kind == p.VAR_KEYWORD}
+            missing += [f"ContinuousBatchingManager.{method}({name})" for name in needs if name not in names]
+        if not hasattr(transformers.GenerationMixin, "init_continuous_batching"):
+            missing.append("GenerationMixin.init_continuous_batching")
+    if not missing:
+        return None
+    return (f"transformers {transformers.__version__} moved what continuous batching uses ({', '.join(missing)}); "
+            "serve with --no-continuous-batching, or install the tested transformers (see the lock)")
