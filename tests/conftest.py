@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Gemma 2 (built once per session, locally) and its tokenizer. Nothing downloads."""
+"""Shared fixtures: a tiny Gemma 2 (built once per session, locally) and its tokenizer, the same with a SentencePiece
+tokenizer. Nothing downloads."""
 
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ def tiny_model_dir(tune_home) -> Path:
     from gemma2_tune.models.builtin import builtin_path
 
     return builtin_path("builtin:tiny-gemma2")
+
+
+@pytest.fixture(scope="session")
+def spm_gemma2_dir(tune_home) -> Path:
+    """A tiny random Gemma 2 whose tokenizer is SentencePiece like every published Gemma's (tokenizer.model and
+    tokenizer.json; models/tiny.py build_tiny_sentencepiece), built once per session. Needs sentencepiece."""
+    pytest.importorskip("sentencepiece", reason="needs sentencepiece (the dev or export extra)")
+    from gemma2_tune.families import GEMMA2
+    from gemma2_tune.models.tiny import build_tiny_sentencepiece
+
+    return build_tiny_sentencepiece(GEMMA2, tune_home / "tiny-gemma2-spm")
 
 
 @pytest.fixture(scope="session")

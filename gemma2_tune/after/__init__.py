@@ -13,5 +13,7 @@
     preference_eval.py  `eval` of a reward model: pairwise accuracy on held-out pairs
     serve/              `serve`: the OpenAI-compatible server (schema, engines, routes, run)
     export.py           `export`: one GGUF for llama.cpp, parity-checked against transformers
+    gguf_parity.py      export's parity: the GGUF in llama.cpp vs transformers, bounded by measured floors
+    ggml_quant.py       llama.cpp's quantized arithmetic in transformers (weights and product inputs rounded)
     ollama.py           the Ollama Modelfile: the training renderer as a Go text/template
 """

@@ -3,19 +3,15 @@
     run / ema/ / merged folder / merge-models output
       -> model folder (an adapter is merged into its base first, self-checked: `merge` through serve's path)
       -> llama.cpp's own converter (convert_hf_to_gguf.py, from the llama-cpp-python source distribution of the
-         installed version) writes f32/f16/bf16/q8_0; other types go through llama.cpp's quantizer
-         (llama_model_quantize, through llama-cpp-python)
+         installed version) writes f32/f16/bf16; every quantized type (q8_0, k-quants, legacy quants) is made from
+         its output, in the weights' own precision, by llama.cpp's quantizer (llama_model_quantize, through
+         llama-cpp-python)
       -> read back with `gguf`: our chat template (the run's family and system policy), <end_of_turn> ending
          generation, one <bos>, soft-caps and sliding window, the Gemma terms where the weights carry them
-      -> parity with transformers on fixed prompts rendered by our template (below)
+      -> parity with transformers on fixed prompts rendered by our template (after/gguf_parity.py: prompt ids
+         equal; f32/f16/bf16 greedy continuations equal; a quantized file's KL divergence and max |logit
+         difference| within floors measured on the same positions)
       -> only then: FILE.gguf, FILE.export.json (the report) and, with --ollama, FILE.Modelfile
-
-Parity (`PARITY_PROMPTS`, each rendered by our renderer, which the GGUF's template reproduces): the prompt ids
-llama.cpp tokenizes (as its servers do: the template's leading <bos> removed, BOS added by the GGUF's
-add_bos_token) equal transformers'; the reference is the exported folder in float32 with eager attention.
-Bounded: f32/f16/bf16 greedy continuations equal token for token (32 tokens, or to <end_of_turn>/<eos>);
-q8_0: top-1 tokens agree at >= 95% of positions (teacher-forced over prompt + reference continuation); lower
-bits: reported, not bounded. A failed bound writes nothing final.
 
 Needs `pip install 'gemma2-tune[export]'` (llama-cpp-python, which compiles llama.cpp on install; gguf;
 sentencepiece).
@@ -36,28 +32,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..data.template import chat_template
-from ..data.turns import BOS, END, normalise, render
+from ..data.turns import BOS, END
 from ..errors import UserError
 from ..families import Family
+from ..files import writable_problem
+from .gguf_parity import PARITY_PROMPTS, check_parity
 
-# llama.cpp's converter writes these itself; every other type is quantized from its output by llama.cpp.
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
-# llama.cpp's llama_ftype values (include/llama.h) of the k-quants and legacy quants that need no importance
-# matrix; the i-quants (iq*) need one and are not offered.
-QUANTIZER_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
+# llama.cpp's converter writes the unquantized types; every other type is quantized from its output by llama.cpp's
+# quantizer (as llama.cpp's own workflow does: convert, then llama-quantize), whose input is then the floor of the
+# parity bound (after/gguf_parity.py).
+CONVERTER_TYPES = ("f32", "f16", "bf16")
+# llama.cpp's llama_ftype values (include/llama.h) of q8_0, the k-quants and the legacy quants that need no
+# importance matrix; the i-quants (iq*) need one and are not offered.
+QUANTIZER_TYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
                    "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
 QUANT_TYPES = CONVERTER_TYPES + tuple(QUANTIZER_TYPES)
-EXACT_TYPES = ("f32", "f16", "bf16")  # greedy continuations must equal transformers'
-TOP1_BOUND = {"q8_0": 0.95}  # top-1 agreement bound; types in neither tuple are reported, not bounded
-GREEDY_TOKENS = 32
-
-PARITY_PROMPTS = [
-    [{"role": "user", "content": "Who are you?"}],
-    [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": "Write about the sea."}],
-    [{"role": "user", "content": "What is 12 times 12?"}, {"role": "assistant", "content": "144."},
-     {"role": "user", "content": "And 13 times 13?"}],
-    [{"role": "user", "content": "Grüße aus Köln — 東京 😀: translate the first two words."}],
-]
 
 GEMMA_TERMS = {"license": "gemma", "license_name": "Gemma Terms of Use",
                "license_link": "https://ai.google.dev/gemma/terms"}
@@ -82,31 +71,40 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
            ollama: bool = False, echo: Callable[[str], None] = print) -> Exported:
     """Export `target` (a run folder, its ema/, a merged or merge-models folder) to one GGUF file `output`.
 
-    `quant`: one of QUANT_TYPES. Writes `output` (bytes: about 2 per parameter in f16, ~1.06 in q8_0), beside it
-    `<stem>.export.json` (the checks and parity numbers) and, with `ollama`, `<stem>.Modelfile`; all of them only
-    after every check passed. Raises UserError (nothing written): an unknown `to` or `quant`, an output that is
-    not a .gguf path or exists without `overwrite`, a target that is not a Gemma 2 / Gemma 3 text model folder or
-    run (multimodal Gemma refused), the export extra missing, the converter failing, a metadata check or a
-    parity bound failing.
+    `quant`: one of QUANT_TYPES. `output` may be relative (to the working directory). Writes `output` (bytes: about
+    2 per parameter in f16, ~1.06 in q8_0), beside it `<stem>.export.json` (the checks and parity numbers) and,
+    with `ollama`, `<stem>.Modelfile` (without it, a Modelfile there from an earlier export is removed: it would
+    describe another file); all of it only after every check passed. Raises UserError (nothing written): an
+    unknown `to` or `quant`, an output that is not a .gguf path, lies under a file or where nothing may be
+    written, or exists (any of the three files) without `overwrite`, a target that is not a Gemma 2 / Gemma 3
+    model folder or run (an image + text Gemma 3 exports its decoder; Gemma 4 is refused), a Gemma 2 without a
+    SentencePiece model, the export extra missing, the converter failing, a metadata check or a parity bound
+    failing.
     """
     if to != "gguf":
         raise UserError(f"--to {to}: the only export format is gguf (llama.cpp, Ollama)")
     quant = quant.lower()
     if quant not in QUANT_TYPES:
         raise UserError(f"--quant {quant}: not a llama.cpp type offered here; use one of {', '.join(QUANT_TYPES)}")
-    out = Path(output).expanduser()
+    # absolute: the converter runs in a work folder beside the output, so a relative path would name another file
+    out = Path(output).expanduser().absolute()
     if out.suffix != ".gguf":
         raise UserError(f"--output {output}: give a file name ending in .gguf")
-    outputs = [out, _beside(out, ".export.json")] + ([_beside(out, ".Modelfile")] if ollama else [])
+    # the export is these three files, replaced together: a Modelfile left beside a new GGUF would give it the old
+    # one's template and parameters at `ollama create` (FROM ./FILE.gguf), so without --ollama it is removed
+    outputs = [out, _beside(out, ".export.json"), _beside(out, ".Modelfile")]
     if out.is_dir():
         raise UserError(f"--output {output}: is a folder; give a file name ending in .gguf")
+    problem = writable_problem(out.parent)
+    if problem:
+        raise UserError(f"--output {output}: cannot write there ({problem}); nothing was written")
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace (nothing was written)")
-    _check_target(target)
     missing = missing_packages()
     if missing:
         raise UserError(f"export needs the package(s) {', '.join(missing)}: {EXTRA_HINT}; nothing was written")
+    sentencepiece = _check_target(target)
 
     from .materialize import model_folder
 
@@ -120,7 +118,7 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None) as tmp:
             work = Path(tmp)
             gguf_file = work / out.name
-            converted = _convert(folder, template, quant, work, gguf_file, terms, echo)
+            converted = _convert(folder, template, quant, work, gguf_file, terms, sentencepiece, echo)
             metadata = read_metadata(gguf_file)
             checks = check_metadata(metadata, template, _saved_config(folder), served.family, terms)
             failed = [c for c in checks if not c["passed"]]
@@ -129,7 +127,11 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                                 + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
                                 + f"; nothing was written to {out}")
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
-            parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo)
+            unquantized = converted.pop("unquantized", None)
+            parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo,
+                                  Path(unquantized) if unquantized else None, converted["outtype"])
+            if unquantized:
+                Path(unquantized).unlink()  # before the move: the output's folder holds one model file at a time
             result = {
                 "source": str(served.source), "family": served.family.key, "system_policy": policy,
                 "unsupported_fields": unsupported, "quant": quant, "converter": converted,
@@ -140,8 +142,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             }
             (work / "export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             if not parity["passed"]:
-                raise UserError(f"parity self-check failed ({parity['bound']}): {parity['failure']}; nothing was "
-                                f"written to {out}")
+                raise UserError(f"parity self-check failed ({parity['bound']['rule']}): {parity['failure']}; "
+                                f"nothing was written to {out}")
             if ollama:
                 from .inference import Sampling
                 from .ollama import modelfile
@@ -156,8 +158,11 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             shutil.move(work / "export.json", outputs[1])
             if ollama:
                 shutil.move(work / "Modelfile", outputs[2])
+            elif outputs[2].exists():
+                outputs[2].unlink()
+                echo(f"removed {outputs[2]}: it described the GGUF this export replaces (--ollama writes a new one)")
             shutil.move(gguf_file, out)
-    _print_result(result, outputs, echo)
+    _print_result(result, outputs if ollama else outputs[:2], echo)
     return Exported(out, outputs[1], outputs[2] if ollama else None, result)
 
 
@@ -173,9 +178,11 @@ def missing_packages() -> list[str]:
     return [name for name, module in modules.items() if importlib.util.find_spec(module) is None]
 
 
-def _check_target(target: str) -> None:
-    """Refuse, before any merge or conversion, what is not a Gemma model folder or run, or is a reward model."""
-    from ..models.loading import checkpoint_family
+def _check_target(target: str) -> Path | None:
+    """Refuse, before any merge or conversion, what is not a Gemma model folder or run, is a reward model, is of
+    a family not exported yet, or is a Gemma 2 without a SentencePiece model. Returns the tokenizer's
+    SentencePiece model (None: it has none)."""
+    from ..models.loading import checkpoint_family, turn_format_problem
     from .inference import read_run
 
     path = Path(target).expanduser()
@@ -184,8 +191,6 @@ def _check_target(target: str) -> None:
         raise UserError(f"export {target}: {what} (give a run folder, its ema/ folder, or a merged folder)")
     run = read_run(str(path), None, key="export")
     run.require_generating("export")  # llama.cpp runs language models; a reward model's score head is not one
-    from ..models.loading import turn_format_problem
-
     family, _ = checkpoint_family(run.base_model)  # UserError for Gemma 1, other architectures
     problem = turn_format_problem(family)  # before any merge: the GGUF's template and parity prompts are turns
     if problem:
@@ -193,6 +198,26 @@ def _check_target(target: str) -> None:
     if family.turn_format != "gemma":  # the Modelfile and the parity prompts are written in Gemma 2/3's turns
         raise UserError(f"export {target}: {family.display} is not exported yet (its Ollama template and the parity "
                         "check's prompts are not written in its turn format); serve it with `gemma2-tune serve`")
+    sentencepiece = _sentencepiece(path, run)
+    if sentencepiece is None and family.key == "gemma2":
+        base = f" nor its base {run.base_model}" if run.is_adapter else ""
+        raise UserError(f"export {target}: llama.cpp's Gemma 2 converter reads the vocabulary from the tokenizer's "
+                        f"SentencePiece model (tokenizer.model), and neither {target}{base} has one (a byte-level "
+                        "BPE tokenizer, as builtin:tiny-gemma2's, cannot be converted; for a folder written without "
+                        "it, copy its base's tokenizer.model into it); nothing was written")
+    return sentencepiece
+
+
+def _sentencepiece(path: Path, run) -> Path | None:
+    """The SentencePiece model of the folder's tokenizer: its own tokenizer.model (carried by every folder
+    gemma2-tune writes), else the one its tokenizer recorded, else (an adapter) its base's."""
+    from ..models.loading import load_tokenizer
+    from ..models.tokenizer_files import sentencepiece_model
+
+    found = sentencepiece_model(load_tokenizer(str(path))) if (path / "tokenizer.json").is_file() else None
+    if found is None and run.is_adapter:
+        found = sentencepiece_model(load_tokenizer(run.base_model))
+    return found
 
 
 def _saved_config(folder: Path) -> dict:
@@ -294,15 +319,20 @@ def converter_dir() -> Path:
     return tree
 
 
-def _staged_model(folder: Path, template: str, work: Path) -> Path:
+def _staged_model(folder: Path, template: str, work: Path, sentencepiece: Path | None) -> Path:
     """The folder as the converter should read it: links to its files, with `template` as the only chat template
-    (the converter takes the template it finds beside the tokenizer)."""
+    (the converter takes the template it finds beside the tokenizer) and the tokenizer's SentencePiece model (a
+    folder written before gemma2-tune carried it has none of its own)."""
+    from ..models.tokenizer_files import SENTENCEPIECE_MODEL
+
     staged = work / "model"
     staged.mkdir()
     carriers = {"chat_template.jinja", "chat_template.json", "tokenizer_config.json"}
     for item in folder.iterdir():
         if item.name not in carriers:
             (staged / item.name).symlink_to(item.resolve())
+    if sentencepiece is not None and not (staged / SENTENCEPIECE_MODEL).exists():
+        (staged / SENTENCEPIECE_MODEL).symlink_to(sentencepiece.resolve())
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     config.pop("chat_template", None)
@@ -320,15 +350,16 @@ def _staged_model(folder: Path, template: str, work: Path) -> Path:
     return staged
 
 
-def _convert(folder: Path, template: str, quant: str, work: Path, gguf_file: Path, terms: bool, echo) -> dict:
+def _convert(folder: Path, template: str, quant: str, work: Path, gguf_file: Path, terms: bool,
+             sentencepiece: Path | None, echo) -> dict:
     """Run llama.cpp's converter (and quantizer) into `gguf_file`. Returns what ran. Raises UserError."""
     tree = converter_dir()
-    staged = _staged_model(folder, template, work)
+    staged = _staged_model(folder, template, work, sentencepiece)
     direct = quant in CONVERTER_TYPES
     saved_dtype = _saved_config(folder).get("dtype") or _saved_config(folder).get("torch_dtype")
     # quantizer input: the weights' own precision, so quantizing rounds once
     outtype = quant if direct else {"bfloat16": "bf16", "float16": "f16"}.get(saved_dtype, "f32")
-    target = gguf_file if direct else work / f"intermediate.{outtype}.gguf"
+    target = gguf_file if direct else work / f"unquantized.{outtype}.gguf"
     metadata = {"general.name": gguf_file.name[: -len(".gguf")]}
     if terms:
         metadata |= {"general.license": GEMMA_TERMS["license"], "general.license.name": GEMMA_TERMS["license_name"],
@@ -359,8 +390,8 @@ def _convert(folder: Path, template: str, quant: str, work: Path, gguf_file: Pat
         code = llama_cpp.llama_model_quantize(str(target).encode(), str(gguf_file).encode(), ctypes.byref(params))
         if code != 0 or not gguf_file.is_file():
             raise UserError(f"llama.cpp's quantizer failed ({quant}, code {code})")
-        target.unlink()
-        ran |= {"quantizer": "llama_model_quantize", "quantize_seconds": round(time.time() - started, 1)}
+        ran |= {"quantizer": "llama_model_quantize", "quantize_seconds": round(time.time() - started, 1),
+                "unquantized": str(target)}  # read by parity, removed with the work folder
     return ran
 
 
@@ -466,116 +497,6 @@ def llama_layer_pattern(metadata: dict, arch: str | None, layers: int | None) ->
     if not isinstance(pattern, int) or not layers:
         return None
     return "".join("s" if pattern == 0 or il % pattern < pattern - 1 else "g" for il in range(layers))
-
-
-# --- parity with transformers -------------------------------------------------------------------------------
-
-def check_parity(gguf_file: Path, folder: Path, family: Family, policy: str, template: str, quant: str,
-                 echo) -> dict:
-    """Load the GGUF in llama.cpp and the folder in transformers (float32, eager) and compare on PARITY_PROMPTS.
-
-    Per prompt: prompt ids (bounded: equal, every type), the greedy continuation of each (up to GREEDY_TOKENS,
-    stopping at <end_of_turn>/<eos>), top-1 agreement and max |logit difference| teacher-forced over prompt +
-    reference continuation (fp32 logits, after the final soft-cap). Also that llama.cpp ends generation at
-    <end_of_turn>. Returns the report with `passed`, `bound` and `failure` (None or why)."""
-    import numpy as np
-    import torch
-    from llama_cpp import Llama, llama_vocab_is_eog
-
-    from ..models.loading import LoadRequest, load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(str(folder))
-    tokenizer.chat_template = template
-    model, _ = load_model(LoadRequest(str(folder), dtype="float32", attn_implementation="eager"))
-    model.eval()
-    end_id = tokenizer.convert_tokens_to_ids(END)
-    stop = {end_id, tokenizer.eos_token_id}
-    texts, problems = [], []
-    for messages in PARITY_PROMPTS:
-        text = render(normalise(messages, policy, allow_open_end=True, family=family), add_generation_prompt=True).text
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if rendered != text:  # the GGUF's template must reproduce the training renderer
-            problems.append(f"the GGUF's chat template renders prompt {len(texts)} differently from our renderer")
-        texts.append(text)
-    reference_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    n_ctx = max(len(ids) for ids in reference_ids) + GREEDY_TOKENS + 8
-    llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                verbose=False, n_threads=os.cpu_count() or 1, seed=0)
-    try:
-        vocab = llm._model.vocab
-        end_is_eog = bool(llama_vocab_is_eog(vocab, end_id))
-        add_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
-        n_vocab = min(llm.n_vocab(), len(tokenizer))
-        prompts = []
-        for text, ref_ids in zip(texts, reference_ids):
-            # what llama.cpp's servers send: the template's text without its <bos>, BOS added per the GGUF
-            ids = llm.tokenize(text[len(BOS):].encode(), add_bos=add_bos, special=True)
-            with torch.no_grad():
-                generated = model.generate(input_ids=torch.tensor([ref_ids]), max_new_tokens=GREEDY_TOKENS,
-                                           do_sample=False, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
-                                           use_cache=True)
-            ref_new = generated[0, len(ref_ids):].tolist()
-            llm.reset()
-            llm.eval(ids)
-            new = []
-            while len(new) < GREEDY_TOKENS:
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1, :n_vocab]))
-                new.append(token)
-                if llama_vocab_is_eog(vocab, token):
-                    break
-                llm.eval([token])
-            sequence = ref_ids + ref_new
-            llm.reset()
-            llm.eval(sequence)
-            ours = np.asarray(llm.scores[: len(sequence), :n_vocab], dtype=np.float32)
-            with torch.no_grad():
-                theirs = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0, :, :n_vocab].float().numpy()
-            agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-            prompts.append({
-                "prompt_tokens": len(ref_ids), "prompt_ids_equal": ids == ref_ids,
-                "double_bos": len(ids) > 1 and ids[1] == ids[0] == llm.token_bos(),
-                "greedy_tokens": len(ref_new), "greedy_equal": new == ref_new,
-                "first_difference": next((i for i, (a, b) in enumerate(zip(new, ref_new)) if a != b),
-                                         None if len(new) == len(ref_new) else min(len(new), len(ref_new))),
-                "llama_cpp_answer": llm.detokenize(new, special=False).decode("utf-8", "replace"),
-                "transformers_answer": tokenizer.decode(ref_new, skip_special_tokens=True),
-                "stopped_at_end_of_turn": bool(new) and new[-1] == end_id,
-                "positions": len(sequence), "top1_agree": agree,
-                "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
-            })
-    finally:
-        llm.close()  # its destructor raises at interpreter shutdown otherwise
-    positions = sum(p["positions"] for p in prompts)
-    top1 = sum(p["top1_agree"] for p in prompts) / positions
-    report = {
-        "reference": "transformers, the exported folder in float32, eager attention",
-        "prompts": prompts, "top1_agreement": top1, "positions": positions,
-        "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in prompts),
-        "greedy_equal": sum(p["greedy_equal"] for p in prompts), "end_of_turn_ends_generation": end_is_eog,
-    }
-    if not end_is_eog:
-        problems.append("llama.cpp does not end generation at <end_of_turn>")
-    bad_ids = [i for i, p in enumerate(prompts) if not p["prompt_ids_equal"]]
-    if bad_ids:
-        problems.append(f"prompt ids differ from transformers' on prompt(s) {bad_ids}")
-    if quant in EXACT_TYPES:
-        bound = f"{quant}: prompt ids equal, greedy continuations equal token for token"
-        diverged = [i for i, p in enumerate(prompts) if not p["greedy_equal"]]
-        if diverged:
-            problems.append(f"greedy continuations differ on prompt(s) {diverged} (first at token "
-                            f"{prompts[diverged[0]]['first_difference']})")
-    elif quant in TOP1_BOUND:
-        bound = f"{quant}: prompt ids equal, top-1 agreement >= {TOP1_BOUND[quant]:.0%}"
-        if top1 < TOP1_BOUND[quant]:
-            problems.append(f"top-1 tokens agree at {top1:.1%} of {positions} positions (needs "
-                            f"{TOP1_BOUND[quant]:.0%})")
-    else:
-        bound = f"{quant}: prompt ids equal; agreement reported, not bounded"
-    report |= {"bound": bound, "passed": not problems, "failure": "; ".join(problems) or None}
-    echo(f"parity ({bound}): prompt ids equal on {len(prompts) - len(bad_ids)}/{len(prompts)} prompts, greedy "
-         f"continuations equal on {report['greedy_equal']}/{len(prompts)}, top-1 agreement {top1:.1%} of {positions} "
-         f"positions, max |logit difference| {report['max_abs_logit_diff']:.4f}")
-    return report
 
 
 def _print_result(result: dict, outputs: list[Path], echo) -> None:

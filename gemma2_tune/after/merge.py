@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..files import clean_stale_staging, staged_dir, writable_problem
 from ..models.loading import LoadRequest, load_model
 from ..models.serving import stop_ids
+from ..models.tokenizer_files import save_tokenizer
 from . import selfcheck
 from .inference import load, read_run
 
@@ -67,7 +68,7 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
 
     with staged_dir(out, echo=echo) as tmp:  # nothing reaches `out` unless the bounded check passes
         merged.save_pretrained(tmp, max_shard_size="5GB")
-        tokenizer.save_pretrained(tmp)  # with the run's generated chat template
+        save_tokenizer(tokenizer, tmp)  # with the run's generated chat template and its SentencePiece model
         got = _reloaded_logits(tmp, prompts, run.attn_implementation, dtype, head)
         check = selfcheck.verdict(selfcheck.compare(got, reference), floor, dtype)
         check = {"against": f"unquantized base + adapter, computed in float32 (merged in {dtype})"} | check

@@ -348,6 +348,7 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
     from ..data.template import use_run_template
     from ..models.loading import load_tokenizer
     from ..models.serving import stop_ids
+    from ..models.tokenizer_files import save_tokenizer
 
     family = first.family
     config_path = folder / "config.json"
@@ -363,7 +364,7 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
         first.config._name_or_path or first.location)
     tokenizer = load_tokenizer(source)
     use_run_template(tokenizer, family, policy, "bad_row")
-    tokenizer.save_pretrained(str(folder))
+    save_tokenizer(tokenizer, folder)
     if first.head != "causal-lm":  # a reward model scores and does not generate
         return tokenizer
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,

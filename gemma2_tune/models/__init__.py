@@ -1,6 +1,7 @@
 """Models: the one loading path and what it checks, quantization, LoRA, and the builtin models.
 
     loading.py       load_model(LoadRequest) for training, chat, merge, eval; tokenizer; family of a checkpoint
+    tokenizer_files.py  the tokenizer's SentencePiece model (tokenizer.model), saved with every folder we write
     checks.py        before loading (kernel vs family) and after (kernel in use, soft-caps, dtype); ModelReport
     quantization.py  the one bitsandbytes config builder
     lora.py          the PEFT config, where adapters landed, parameter counts

