@@ -159,6 +159,10 @@ def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
 
     if cfg.data.enable_thinking and family_of_checkpoint(m.name_or_path) and family.turn_format != "gemma4":
         errors.append(f"data.enable_thinking: {family.display} has no thinking mode (Gemma 4 has)")
+    known = family_of_checkpoint(m.name_or_path)
+    if known is not None and known.liger_patch is None and getattr(cfg.training, "use_liger_kernel", False):
+        errors.append(f"training.use_liger_kernel: Liger has no kernels for {known.display} (no "
+                      "liger_kernel.transformers patch for it); leave it off")
     if q.load_in_4bit and not lora.enabled:
         errors.append(
             "quantization.load_in_4bit with lora.enabled=false: 4-bit weights can't be trained directly; "

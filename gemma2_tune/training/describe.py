@@ -32,6 +32,8 @@ def run_lines(cfg: RunConfig) -> list[str]:
     )
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.num_train_epochs:g} epoch(s)"
     data = f"{describe_source(cfg.data)}; {cfg.data_line()}"
+    if family is not None and family.turn_format == "gemma4":  # the methods' lines say "Gemma turns"
+        data = data.replace("Gemma turns", "Gemma 4 turns (<|turn>role ... <turn|>)")
     items = count(cfg.rows_per_optimizer_step, cfg.item_unit)
     return [
         f"model:        {start.describe() if start else cfg.model.name_or_path} "
