@@ -15,9 +15,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..families import Family, Shape, family_of_checkpoint
+from ..families import Shape
 from .memory import activation_bytes
-from .rules import continued_run_problems
+from .rules import continued_run_problems, reward_base_problem
 from .schema import OutputSection, PreferenceDataSection, RunConfig, Section
 
 
@@ -30,18 +30,6 @@ class RewardSection(Section):
         description="Add this x mean((r(chosen) + r(rejected))^2) to the loss, pulling scores towards zero mean "
         "(Eisenstein et al. 2023; e.g. 0.01). null: off.",
     )
-
-
-def scoreless_family(name_or_path: str) -> Family | None:
-    """The checkpoint's family when transformers has no sequence-classification class for its model type (Gemma 4:
-    AutoModelForSequenceClassification cannot build a reward model from it), else None. Reads transformers' auto
-    mapping of names only (no torch)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
-    family = family_of_checkpoint(name_or_path)
-    if family is None or any(t in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES for t in family.model_types):
-        return None
-    return family
 
 
 class RewardConfig(RunConfig):
@@ -60,11 +48,9 @@ class RewardConfig(RunConfig):
         """The shared rules of a training run (on the base of a run it continues: continued_run_problems), and one
         source of held-out pairs."""
         errors, warnings = continued_run_problems(self)
-        headless = scoreless_family(self.base_model)
-        if headless:
-            errors.append(f"model.name_or_path: {headless.display} has no sequence-classification class in "
-                          "transformers (no score head to train); train the reward model on a Gemma 2 or Gemma 3 "
-                          "checkpoint")
+        problem = reward_base_problem(self.base_model)
+        if problem:
+            errors.append(f"model.name_or_path: {problem}")
         if self.data.eval_dataset and (self.data.eval_fraction or self.data.eval_split):
             errors.append("data.eval_dataset with data.eval_fraction/eval_split: choose one source of held-out pairs")
         return errors, warnings

@@ -87,6 +87,17 @@ def reward_model_refusal(key: str, name: str, kind: str) -> str:
             "by `rl --reward-model` and `eval --reward-model`")
 
 
+def reward_base_problem(name: str, family: Family | None = None) -> str | None:
+    """Why a reward model (a score head on the decoder) cannot be trained on checkpoint `name` (None: it can): an
+    image + text checkpoint (its family has towers: Gemma 3 4B-27B, Gemma 4), whose class has no score head here.
+    `family`: the checkpoint's, when already read (else from its config.json or name)."""
+    family = family or family_of_checkpoint(name)
+    if family is None or not family.towers:
+        return None
+    return (f"'{name}' is an image + text {family.display} checkpoint: reward models (a score head on the decoder) "
+            "are trained on text-only Gemma checkpoints here (Gemma 2, Gemma 3 270M/1B)")
+
+
 def generating_model_problem(name: str, key: str) -> str | None:
     """reward_model_refusal when the local folder `name` holds a reward model (reward_model_kind), else None."""
     kind = reward_model_kind(name)

@@ -205,17 +205,16 @@ def load_model(request: LoadRequest):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ..config.rules import reward_model_refusal, sequence_classifier
+    from ..config.rules import reward_base_problem, reward_model_refusal, sequence_classifier
 
     family, config = checkpoint_family(request.name_or_path, request.revision, request.trust_remote_code)
     architectures = getattr(config, "architectures", None)
     if request.head == "causal-lm" and sequence_classifier(architectures):  # a reward model: its head is not an LM's
         raise UserError(reward_model_refusal("model.name_or_path", request.name_or_path,
                                              f"a sequence classifier ({architectures[0]})"))
-    if request.head == "sequence-classification" and family.towers:
-        raise UserError(f"model.name_or_path: '{request.name_or_path}' is an image + text {family.display} "
-                        "checkpoint: reward models (a score head on the decoder) are trained on text-only Gemma "
-                        "checkpoints here")
+    headless = reward_base_problem(request.name_or_path, family) if request.head == "sequence-classification" else None
+    if headless:
+        raise UserError(f"model.name_or_path: {headless}")
     check_kernel_request(family, request.attn_implementation, request.training)
     location = model_location(request.name_or_path)
     quant = request.bnb(family)

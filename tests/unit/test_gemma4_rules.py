@@ -27,11 +27,12 @@ def test_liger_stays_allowed_in_validate_for_gemma2(tmp_path):
     assert "use_liger_kernel: Liger has no kernels" not in r.output, r.output
 
 
-def test_a_reward_model_on_gemma4_is_refused_and_on_gemma3_image_text_accepted(tmp_path):
-    r = validate(tmp_path, "method: reward\nmodel:\n  name_or_path: builtin:tiny-gemma4\n")
-    assert r.exit_code == 2 and "model.name_or_path: Gemma 4 has no sequence-classification class" in r.output, r.output
-    r = validate(tmp_path, "method: reward\nmodel:\n  name_or_path: builtin:tiny-gemma3-vision\n")
-    assert "no sequence-classification class" not in r.output, r.output
+@pytest.mark.parametrize("model", ["builtin:tiny-gemma4", "builtin:tiny-gemma3-vision", "google/gemma-4-31B-it"])
+def test_a_reward_model_on_an_image_text_checkpoint_is_refused_before_loading(tmp_path, model):
+    r = validate(tmp_path, f"method: reward\nmodel:\n  name_or_path: {model}\n")
+    assert r.exit_code == 2 and "is an image + text" in r.output and "model.name_or_path" in r.output, r.output
+    r = validate(tmp_path, "method: reward\nmodel:\n  name_or_path: builtin:tiny-gemma2\n")
+    assert "is an image + text" not in r.output, r.output
 
 
 def test_the_summary_names_gemma4_turns(tmp_path):
