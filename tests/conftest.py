@@ -166,3 +166,41 @@ def two_process_run(args: list[str], launch: str, out: Path, steps: int, timeout
     m = json.loads((out / "run.json").read_text())
     assert m["status"] == "completed" and m["global_step"] == steps and m["launch"]["num_processes"] == 2
     return m
+
+
+def serve_process(target, log_path: Path, *extra: str, startup_s: float = 240):
+    """`gemma2-tune serve TARGET` in a child process on a free port, once /health answers: a context manager
+    yielding (process, port, log path); the server is stopped (SIGTERM) on leaving."""
+    import contextlib
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    @contextlib.contextmanager
+    def running():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with log_path.open("w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "serve", str(target), "--port", str(port),
+                                     *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env=os.environ | {"PYTHONUNBUFFERED": "1"})
+            try:
+                deadline = time.time() + startup_s
+                while True:
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                            break
+                    except OSError:
+                        assert proc.poll() is None, log_path.read_text()
+                        assert time.time() < deadline, "server did not come up:\n" + log_path.read_text()
+                        time.sleep(0.5)
+                yield proc, port, log_path
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+
+    return running()

@@ -3,17 +3,13 @@ gemma2-tune 0.1.0 at commit 9a39031, config.yaml without `method:`) still load i
 and resume."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT
+from conftest import ROOT, serve_process
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -65,31 +61,10 @@ def test_it_resumes(old_run):
 
 
 def test_serve_answers_from_it(old_run, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "serve", str(old_run), "--port", str(port)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(1)
+    with serve_process(old_run, tmp_path / "serve.log") as (_, port, _):
         body = json.dumps({"model": old_run.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
         assert answer["choices"][0]["message"]["role"] == "assistant"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()

@@ -120,52 +120,28 @@ def test_serve_answers_as_trained_with_thinking_and_tools_in_gemma4s_format(ok_r
     said at start, served one request at a time): the OpenAI client gets the trained answer; with tools declared
     and thinking turned on by the request, the thought comes as reasoning_content and the text as content, equal to
     what the model writes from the training renderer's prompt, no marker in either, streamed and whole alike."""
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     openai = pytest.importorskip("openai")
-    from conftest import ROOT
-    from test_serve import free_port
+    from conftest import serve_process
 
     out, _ = ok_run
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gemma2_tune", "serve", str(out), "--port", str(port)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.time() + 240
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                        break
-                except OSError:
-                    assert proc.poll() is None, log_path.read_text()
-                    assert time.time() < deadline, log_path.read_text()
-                    time.sleep(0.5)
-            started = log_path.read_text()
-            assert "thinking off unless a request sets" in started and "serving one request at a time" in started
-            assert "stops at <eos>, <turn|>, <|tool_response>" in started, started
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120, max_retries=0)
-            ask = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "How is the weather?"}]
-            plain = client.chat.completions.create(model=out.name, messages=ask, max_tokens=20).choices[0]
-            assert plain.message.content == "ok" and plain.finish_reason == "stop"
-            assert not getattr(plain.message, "reasoning_content", None)
+    with serve_process(out, tmp_path / "serve.log") as (_, port, log_path):
+        started = log_path.read_text()
+        assert "thinking off unless a request sets" in started and "serving one request at a time" in started
+        assert "stops at <eos>, <turn|>, <|tool_response>" in started, started
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=120, max_retries=0)
+        ask = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "How is the weather?"}]
+        plain = client.chat.completions.create(model=out.name, messages=ask, max_tokens=20).choices[0]
+        assert plain.message.content == "ok" and plain.finish_reason == "stop"
+        assert not getattr(plain.message, "reasoning_content", None)
 
-            thought, rest = generated_directly(out, ask, True, WEATHER, 24)
-            asked = {"model": out.name, "messages": ask, "tools": WEATHER, "max_tokens": 24,
-                     "extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}
-            whole = client.chat.completions.create(**asked).choices[0].message
-            deltas = [c.choices[0].delta for c in client.chat.completions.create(**asked, stream=True) if c.choices]
-            streamed = ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
-                        "".join(d.content or "" for d in deltas))
-            assert (getattr(whole, "reasoning_content", None) or "", whole.content or "") == streamed
-            assert streamed == (thought or "", rest.strip()) and not whole.tool_calls  # as chat splits it
-            for text in streamed:
-                assert "<|channel>" not in text and "<channel|>" not in text and "<turn|>" not in text
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        thought, rest = generated_directly(out, ask, True, WEATHER, 24)
+        asked = {"model": out.name, "messages": ask, "tools": WEATHER, "max_tokens": 24,
+                 "extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}
+        whole = client.chat.completions.create(**asked).choices[0].message
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(**asked, stream=True) if c.choices]
+        streamed = ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
+                    "".join(d.content or "" for d in deltas))
+        assert (getattr(whole, "reasoning_content", None) or "", whole.content or "") == streamed
+        assert streamed == (thought or "", rest.strip()) and not whole.tool_calls  # as chat splits it
+        for text in streamed:
+            assert "<|channel>" not in text and "<channel|>" not in text and "<turn|>" not in text
