@@ -47,6 +47,7 @@ def test_bench_loss_kernels_quick_runs_ours_and_trls(tmp_path):
     assert set(result["ratio_over_supervised_chunked"]) == {"trl-fused-as-on-cpu", "trl-fused-supervised-only"}
 
 
+@pytest.mark.bench  # 95 s on CI's 2 cores: in `make test-all` and the device check's CPU smoke, not `make test`
 def test_bench_gpu_smoke_runs_each_kind_of_side_on_a_cpu(tmp_path):
     """bench_gpu.py's plumbing on a CPU (tiny shape, 2 steps): a smoke test, not a measurement. One side of each
     kind that runs without CUDA: TRL's reference recipe and TRL at its best (its own trainer settings), our
