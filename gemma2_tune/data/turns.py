@@ -19,8 +19,9 @@ lines; Gemma 3's template takes one first system message verbatim plus a blank l
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence, Union
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 from ..families import GEMMA2, Family
 from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
@@ -49,6 +50,9 @@ SystemPolicy = Literal["fold", "drop", "error"]
 EMPTY_SYSTEM = "empty system message dropped"
 # OpenAI-style content parts that carry text (chat completions' "text"; the Responses API's input/output_text).
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
+# Content parts that carry an image: OpenAI's chat completions ("image_url") and Responses API ("input_image"),
+# Hugging Face's processors ("image"). data/images.py reads where each points.
+IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 
 
 def end_of_turn(family: Family) -> str:
@@ -82,6 +86,43 @@ def content_text(content: Any, where: str) -> str:
             raise BadRow(f"{where} content part {k} ({kind}) has no 'text' string")
         texts.append(part["text"])
     return " ".join(texts)
+
+
+def image_refusal(family: Family, images: ReadImage | None) -> str:
+    """Why an image part is refused: the family reads no images, or this command reads none."""
+    if family.images is None:
+        return (f"{family.display} takes text only (image + text checkpoints such as Gemma 3 4B/12B/27B and Gemma 4 "
+                "read images)")
+    return ("this command reads text only (images are trained by sft, evaluated by eval, and taken by chat --image "
+            "and serve)")
+
+
+def content_parts(content: Any, where: str, family: Family, images: ReadImage | None) -> list[Text | Image] | None:
+    """A content list holding at least one image part -> its parts in order, as the official Gemma 3 template
+    writes them: each text part trimmed, images read by `images`, nothing between them (empty texts left out).
+    None for anything else (a string, text parts only: `content_text`) and for a family that reads no images
+    (`content_text` refuses the part, as a text model's template does). Raises BadRow for an image part when
+    `images` is None (`image_refusal`), for an unreadable image, and for a part that is neither text nor image."""
+    if family.images is None or not isinstance(content, list) or not any(
+            isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in content):
+        return None
+    parts: list[Text | Image] = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        at = f"{where} content part {k}"
+        if kind in IMAGE_PART_TYPES:
+            if images is None:
+                raise BadRow(f"{at} is an image; {image_refusal(family, images)}")
+            parts.append(images(part, at))
+        elif kind in TEXT_PART_TYPES:
+            if not isinstance(part.get("text"), str):
+                raise BadRow(f"{at} ({kind}) has no 'text' string")
+            if part["text"].strip():
+                parts.append(Text(part["text"].strip()))
+        else:
+            raise BadRow(f"{at} is " + (f"of type {kind!r}" if kind is not None else "not a typed part")
+                         + f"; parts are text ({', '.join(TEXT_PART_TYPES)}) or images ({', '.join(IMAGE_PART_TYPES)})")
+    return parts
 
 
 def _unencodable(text: str) -> int | None:
@@ -132,8 +173,30 @@ class ToolDeclaration:
     function: Mapping[str, Any]
 
 
-# What a turn is made of. Images and audio become parts of their own when media are trained.
-Part = Union[Text, Reasoning, ToolCall, ToolResponse, ToolDeclaration]
+@dataclass(frozen=True)
+class Image:
+    """An image in a user turn, read and checked (data/images.py): the SHA-256 of its bytes (64 hex digits), its
+    size in pixels, and where its bytes are: a local file (`path`, absolute; re-read and re-checked against the
+    digest when its pixels are needed) or inline (`data`, from a data: URL). Rendered as the family's image
+    placeholder, which the checkpoint's processor expands into the image's soft tokens."""
+
+    digest: str
+    width: int
+    height: int
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    def describe(self) -> str:
+        """'photo.png, 640x480 px' (a data: URL: 'inline image, ...')."""
+        return f"{Path(self.path).name if self.path else 'inline image'}, {self.width}x{self.height} px"
+
+
+# Reads an image content part into an Image; `where` names the part in errors. Raises BadRow (missing, unreadable,
+# oversized, remote). data/images.py's ImageReader is one.
+ReadImage = Callable[[Mapping[str, Any], str], Image]
+
+# What a turn is made of. Audio becomes a part of its own when it is trained.
+Part = Union[Text, Image, Reasoning, ToolCall, ToolResponse, ToolDeclaration]
 
 
 @dataclass(frozen=True, init=False)
@@ -160,7 +223,7 @@ class Turn:
 
 def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_open_end: bool = False,
               family: Family = GEMMA2, notes: Counter | None = None, tools: Any = None, thinking: bool = False,
-              preserve_thinking: bool = False) -> list[Turn]:
+              preserve_thinking: bool = False, images: ReadImage | None = None) -> list[Turn]:
     """Role/content messages -> alternating user/model turns ending with the model's.
 
     `allow_open_end` accepts a conversation ending with a user turn (a prompt for generation); `family`
@@ -171,12 +234,16 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
 
     A Gemma 4 family (gemma4.normalise) also reads `tools`, reasoning, tool calls and tool messages; `thinking`
     (enable_thinking) and `preserve_thinking` are its template's switches. Gemma 2/3 refuse `tools` and thinking.
+
+    `images` reads the image parts of user messages (`content_parts`) into Image parts, for a family that takes
+    images; without it, or for a text family, an image part is a BadRow saying why.
     """
     if family.turn_format == "gemma4":
         from .gemma4 import normalise as normalise_gemma4
 
         return normalise_gemma4(messages, system_policy, tools=tools, allow_open_end=allow_open_end,
-                                thinking=thinking, preserve_thinking=preserve_thinking, notes=notes)
+                                thinking=thinking, preserve_thinking=preserve_thinking, notes=notes, images=images,
+                                family=family)
     if tools:
         raise BadRow("tool definitions (tools), which Gemma's turn format cannot express")
     if thinking:
@@ -193,6 +260,10 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
         role = ROLE_NAMES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
             raise BadRow(f"message {i} has unknown role {raw_role!r}")
+        parts = content_parts(content, f"message {i} ({raw_role})", family, images)
+        if parts is not None:
+            turns.append(_image_turn(parts, i, raw_role, role, turns))
+            continue
         content = content_text(content, f"message {i} ({raw_role})")
         bad_char = _unencodable(content)
         if bad_char is not None:
@@ -221,7 +292,10 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
         turns.append(Turn(role, text))
 
     if system_texts and system_policy == "fold" and turns:
-        turns[0] = Turn(turns[0].role, "\n\n".join(system_texts + [turns[0].text]))
+        if any(isinstance(p, Image) for p in turns[0].parts):  # the official template: system text, a blank line
+            turns[0] = Turn(turns[0].role, (Text("\n\n".join(system_texts) + "\n\n"),) + turns[0].parts)
+        else:
+            turns[0] = Turn(turns[0].role, "\n\n".join(system_texts + [turns[0].text]))
     if not turns:
         raise BadRow("no user or model messages")
     for i, turn in enumerate(turns):
@@ -231,6 +305,26 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
     if turns[-1].role != "model" and not allow_open_end:
         raise BadRow("the last turn is not the model's (nothing to learn)")
     return turns
+
+
+def _image_turn(parts: list[Text | Image], i: int, raw_role: Any, role: str, turns: list[Turn]) -> Turn:
+    """A user turn holding images (Gemma 2/3 format): its texts checked as every text is. Raises BadRow for images
+    in a system or model message (the model writes text; Gemma 3's template reads a system message's text only)."""
+    where = f"message {i} ({raw_role})"
+    if role != "user":
+        raise BadRow(f"{where} has an image; only user messages carry images (the model writes text, and a system "
+                     "message is text)")
+    for part in parts:
+        if isinstance(part, Text):
+            bad_char = _unencodable(part.text)
+            if bad_char is not None:
+                raise BadRow(f"{where} has a lone UTF-16 surrogate (U+{ord(part.text[bad_char]):04X}) at character "
+                             f"{bad_char} of a text part: half of a character such as an emoji, which no tokenizer can "
+                             "encode; the file was cut or mis-encoded there")
+            marker = next((m for m in CONTROL_MARKERS if m in part.text), None)
+            if marker:
+                raise BadRow(f"{where} contains the control marker {marker}")
+    return Turn(role, parts)
 
 
 @dataclass(frozen=True)
@@ -256,14 +350,16 @@ def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, family
 
         return render_gemma4(turns, add_generation_prompt=add_generation_prompt, thinking=thinking,
                              empty_thought=empty_thought)
-    if any(t.role == "system" or any(not isinstance(p, Text) for p in t.parts) for t in turns):
+    if any(t.role == "system" or any(not isinstance(p, (Text, Image)) for p in t.parts) for t in turns):
         raise ValueError(f"Gemma 4 turns (system turn, reasoning or tools) rendered in {family.display}'s format")
+    if family.images is None and any(isinstance(p, Image) for t in turns for p in t.parts):
+        raise ValueError(f"an image rendered for {family.display}, which takes text only")
     parts = [BOS]
     spans = []
     pos = len(BOS)
     for turn in turns:
         header = f"{START}{turn.role}\n"
-        body = f"{turn.text}{END}"
+        body = "".join(p.text if isinstance(p, Text) else family.images.placeholder for p in turn.parts) + END
         parts += [header, body, "\n"]
         start = pos + len(header)
         if turn.role == "model":
