@@ -158,8 +158,10 @@ class TurnTokenizer:
         ids = list(enc["input_ids"])
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         mask = [True] * len(offsets) if train_on == "all" else supervision_mask(offsets, rendered.supervised)
-        if found:
-            mask = [keep and not self.images.is_image_token(i) for keep, i in zip(mask, ids)]
+        if found:  # every token of an image's expansion (its markers, soft tokens, Gemma 3's blank lines): not learned
+            inside = [any(a <= start < b or a < end <= b for a, b in spans) for start, end in offsets]
+            mask = [keep and not self.images.is_image_token(i) and not within
+                    for keep, i, within in zip(mask, ids, inside)]
         return Encoded(rendered.text, ids, offsets, mask, tuple(found), tuple(spans), tuple(features["soft_tokens"]))
 
 
@@ -263,16 +265,42 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, cfg: SftDataSection, fam
     return examples, report
 
 
+def image_mark(encoded: Encoded, k: int, tokens: int) -> str:
+    """How preview shows image `k` of a row: one placeholder with its tokens (never learned), e.g.
+    '⟨image 1: red.png, 40x30 px, 262 tokens⟩'."""
+    return f"⟨image {k + 1}: {encoded.images[k].describe()}, {tokens} tokens⟩"
+
+
 def mark_supervised(encoded: Encoded, limit: int, open_mark: str = "⟦", close_mark: str = "⟧") -> str:
-    """The rendered text with each supervised run of tokens wrapped in marks (first `limit` tokens)."""
+    """The rendered text with each supervised run of tokens wrapped in marks (first `limit` tokens); the tokens of
+    each image's expansion (its markers and soft tokens, never supervised) shown as one placeholder (`image_mark`)."""
     pieces, prev_end, inside = [], 0, False
-    for (start, end), keep in list(zip(encoded.offsets, encoded.mask))[:limit]:
+    tokens = list(zip(encoded.offsets, encoded.mask))[:limit]
+    image_at = {}  # index of an image's first token -> (image, its tokens within the limit)
+    for k, (a, b) in enumerate(encoded.image_spans):
+        members = [i for i, ((start, _), _) in enumerate(tokens) if a <= start < b]
+        if members:
+            image_at[members[0]] = (k, len(members))
+    i = 0
+    while i < len(tokens):
+        (start, end), keep = tokens[i]
+        if i in image_at:
+            k, n = image_at[i]
+            pieces.append(encoded.text[prev_end:start])
+            if inside:
+                pieces.append(close_mark)
+                inside = False
+            pieces.append(image_mark(encoded, k, n))
+            prev_end = tokens[i + n - 1][0][1]
+            i += n
+            continue
         if keep != inside:
             pieces.append(encoded.text[prev_end:start])
             pieces.append(open_mark if keep else close_mark)
             prev_end, inside = start, keep
         pieces.append(encoded.text[prev_end:end])
         prev_end = end
+        i += 1
     if inside:
         pieces.append(close_mark)
     if limit < len(encoded.ids):

@@ -314,16 +314,20 @@ def _image_turn(parts: list[Text | Image], i: int, raw_role: Any, role: str, tur
     if role != "user":
         raise BadRow(f"{where} has an image; only user messages carry images (the model writes text, and a system "
                      "message is text)")
-    for part in parts:
+    run = ""  # texts between images are written one after the other: checked together
+    for part in parts + [None]:
         if isinstance(part, Text):
-            bad_char = _unencodable(part.text)
-            if bad_char is not None:
-                raise BadRow(f"{where} has a lone UTF-16 surrogate (U+{ord(part.text[bad_char]):04X}) at character "
-                             f"{bad_char} of a text part: half of a character such as an emoji, which no tokenizer can "
-                             "encode; the file was cut or mis-encoded there")
-            marker = next((m for m in CONTROL_MARKERS if m in part.text), None)
-            if marker:
-                raise BadRow(f"{where} contains the control marker {marker}")
+            run += part.text
+            continue
+        bad_char = _unencodable(run)
+        if bad_char is not None:
+            raise BadRow(f"{where} has a lone UTF-16 surrogate (U+{ord(run[bad_char]):04X}) in its text: half of a "
+                         "character such as an emoji, which no tokenizer can encode; the file was cut or mis-encoded "
+                         "there")
+        marker = next((m for m in CONTROL_MARKERS if m in run), None)
+        if marker:
+            raise BadRow(f"{where} contains the control marker {marker}")
+        run = ""
     return Turn(role, parts)
 
 
