@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..families import GEMMA2, Family
 from .images import BadImage, ImageProcessing, ImageReader, images_of
 from .sources import Row, row_turns
-from .turns import IGNORE_INDEX, BadRow, Image, Turn, render, supervision_mask
+from .turns import IGNORE_INDEX, BadRow, Image, Rendered, Turn, render, supervision_mask
 
 SHOWN_LOCATIONS = 5
 
@@ -163,6 +163,28 @@ class TurnTokenizer:
             mask = [keep and not self.images.is_image_token(i) and not within
                     for keep, i, within in zip(mask, ids, inside)]
         return Encoded(rendered.text, ids, offsets, mask, tuple(found), tuple(spans), tuple(features["soft_tokens"]))
+
+
+    def model_inputs(self, rendered: Rendered, turns: Sequence[Turn]) -> dict[str, Any]:
+        """A rendered prompt (with its turns' images) as one forward's inputs, torch tensors: input_ids (1, length);
+        with an image processor the token types of its image mask (1, length), always, and with images their
+        pixel values (and Gemma 4's image_position_ids). Raises BadImage as `encode` does."""
+        import torch
+
+        found = images_of(turns)
+        features: dict = {}
+        if found:
+            if self.images is None:
+                raise BadImage("images, but the checkpoint has no image processor")
+            rendered, _, features = self.images.expand(rendered, found)
+        ids = torch.tensor([self.tokenizer(rendered.text, add_special_tokens=False)["input_ids"]])
+        inputs: dict[str, Any] = {"input_ids": ids}
+        if self.images is not None:
+            inputs[self.images.token_type_key] = (ids == self.images.ids["soft"]).long()
+        for key in ("pixel_values", "image_position_ids"):
+            if key in features:
+                inputs[key] = features[key]
+        return inputs
 
 
 def build_example(turns: Sequence[Turn], encoder: TurnTokenizer, cfg: SftDataSection) -> Example:

@@ -102,8 +102,10 @@ class ImageReader:
             self._check_size(len(data), where, "the data: URL's image")
             return data, None
         if kind not in (None, "file"):
-            raise BadRow(f"{where} is a remote image ({source[:60]}); images are read from local files or data: URLs "
-                         "only (nothing is fetched): download it and give its path")
+            raise BadRow(f"{where} is a remote image ({source[:60]}); " + (
+                "images are read from local files or data: URLs only (nothing is fetched): download it and give its "
+                "path" if self.allow_paths else "this server takes images as data: URLs only (base64) and fetches "
+                "nothing: send the image's bytes"))
         if not self.allow_paths:
             raise BadRow(f"{where} is a file path; this server takes images as data: URLs only (base64), never "
                          "paths on its own disk")

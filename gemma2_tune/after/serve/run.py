@@ -8,7 +8,7 @@ from typing import Callable
 
 from ...errors import UserError
 from ..materialize import model_folder
-from .schema import Served, default_max_request_bytes
+from .schema import MAX_IMAGE_MB, Served, default_max_request_bytes
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -49,7 +49,7 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
     except ImportError:
         raise UserError("serve needs transformers' serving extras: pip install 'gemma2-tune[serve]'") from None
     from ...models.checks import check_loaded
-    from ...models.loading import load_tokenizer
+    from ...models.loading import load_image_processing, load_tokenizer
     from .engines import BatchingEngine, SequentialEngine, internals_problem, load_for_serving
     from .routes import build_app
 
@@ -73,6 +73,7 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
         for warning in check_loaded(model, served.family, "eager", str(model.dtype).replace("torch.", "")):
             echo(f"warning: {warning}")
         served.tokenizer = load_tokenizer(str(served.folder))
+        served.images = load_image_processing(str(served.folder), served.family, served.tokenizer)
         served.context = getattr(model.config, "max_position_embeddings", None)
         served.vocab_size = model.config.get_text_config().vocab_size
         served.max_token_chars = longest_token_chars(served.tokenizer)
@@ -81,13 +82,18 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
         engine = (BatchingEngine(model, served.tokenizer, served.context) if continuous_batching
                   else SequentialEngine(model, served.tokenizer))
         app = build_app(served, engine, api_key, max_request_bytes)
-        limit = max_request_bytes or default_max_request_bytes(served.context)
+        limit = max_request_bytes or default_max_request_bytes(served.context, served.images is not None)
         where = f"http://{host}:{port}/v1"
         echo(f"serving '{served.name}' ({served.source}) at {where}: eager attention, soft-caps "
              f"{getattr(model.config, 'attn_logit_softcapping', None)}/"
              f"{getattr(model.config, 'final_logit_softcapping', None)}, system policy '{served.system_policy}', "
              f"stops at <end_of_turn>, {engine.name}, bodies up to {limit} bytes"
              + ("; API key required" if api_key else ""))
+        if served.images is not None:
+            echo(f"images: image_url parts as data: URLs (base64, up to {MAX_IMAGE_MB:g} MiB each; no paths, no "
+                 f"remote URLs), {served.images.describe()}"
+                 + ("; not with continuous batching (serve --no-continuous-batching takes them)"
+                    if continuous_batching else ""))
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model")
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
