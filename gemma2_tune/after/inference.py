@@ -220,7 +220,8 @@ def run_images(run: TrainedRun, family: Family, tokenizer):
         folder = Path(source)
         if source == run.base_model or (folder / "processor_config.json").is_file() or (
                 folder / "preprocessor_config.json").is_file():
-            found = load_image_processing(source, family, tokenizer, pan_and_scan=pan_and_scan)
+            found = load_image_processing(source, family, tokenizer, pan_and_scan=pan_and_scan,
+                                          config_from=None if (folder / "config.json").is_file() else run.base_model)
             if found is not None:
                 return found
     return None

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from ..config.schema import DataSection
 from ..errors import UserError
 from ..families import GEMMA2, Family
-from .turns import BadRow, ReadImage, Turn, normalise
+from .turns import AUDIO_NOT_TRAINED, BadRow, ReadImage, Turn, normalise
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -482,8 +482,10 @@ def _unexpressible(what: str, field: str, unsupported: str, notes: Counter | Non
                      "--image and serve take them)")
         elif gemma4 and field in GEMMA4_UNREAD:
             what = f"{what.split(' (')[0]} {GEMMA4_UNREAD[field]}"
+        elif field in ("audio", "audios"):
+            what += f", {AUDIO_NOT_TRAINED}"
         elif gemma4:
-            what += ", which gemma2-tune does not train on Gemma 4 yet (text, reasoning and tools only)"
+            what += ", which gemma2-tune does not train on Gemma 4 yet (text, reasoning, tools and images only)"
         else:
             what += ", which Gemma's turn format cannot express"
         raise BadRow(f"{what}; data.unsupported_fields=ignore trains on the text without it")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ..families import GEMMA2, Family
 from .sources import UNEXPRESSIBLE_MESSAGE_FIELDS
-from .turns import BOS, CONTROL_MARKERS, END, IMAGE_PART_TYPES, ROLE_NAMES, START, TEXT_PART_TYPES, SystemPolicy
+from .turns import (AUDIO_NOT_TRAINED, AUDIO_PART_TYPES, BOS, CONTROL_MARKERS, END, IMAGE_PART_TYPES, ROLE_NAMES,
+                    START, TEXT_PART_TYPES, SystemPolicy)
 
 
 def _literal(text: str) -> str:
@@ -139,6 +140,10 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
     )
 
 
+def _literal_list(items) -> str:
+    return "[" + ", ".join(_literal(i) for i in items) + "]"
+
+
 def _image_macros(family: Family) -> dict[str, str]:
     """The template's pieces for image parts (turns.content_parts and _image_turn in Jinja), for a family that reads
     images: a user message whose content holds an image part renders each text part trimmed and each image as the
@@ -168,6 +173,8 @@ def _image_macros(family: Family) -> dict[str, str]:
         "{%- for part in content -%}"
         "{%- set kind = part['type'] if part is mapping and 'type' in part else none -%}"
         "{%- if kind not in image_types -%}"
+        f"{{%- if kind in {_literal_list(AUDIO_PART_TYPES)} -%}}{{{{ raise_exception(where ~ ' content part ' ~ "
+        f"loop.index0 ~ ' is audio (' ~ kind ~ '), ' ~ {_literal(AUDIO_NOT_TRAINED)}) }}}}{{%- endif -%}}"
         "{%- if kind is none or kind not in text_types -%}{{ raise_exception(where ~ ' content part ' ~ loop.index0"
         " ~ ' is ' ~ (('of type \\'' ~ kind ~ '\\'') if kind is not none else 'not a typed part') ~ '; parts are text ("
         + ", ".join(TEXT_PART_TYPES) + ") or images (" + ", ".join(IMAGE_PART_TYPES) + ")') }}{%- endif -%}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..families import gemma4_format as g4
 from .gemma4 import ALIASED_REASONING, NAME_CHARS, ROLES
-from .turns import IMAGE_PART_TYPES, SystemPolicy
+from .turns import AUDIO_NOT_TRAINED, AUDIO_PART_TYPES, IMAGE_PART_TYPES, SystemPolicy
 
 
 def _literal(text: str) -> str:
@@ -45,6 +45,8 @@ def chat_template(system_policy: SystemPolicy = "fold", unsupported: str = "bad_
         f"{{%- set images_on = {'true' if images else 'false'} -%}}"
         f"{{%- set image_types = {_list(IMAGE_PART_TYPES)} -%}}"
         f"{{%- set IMAGE = {_literal(g4.IMAGE)} -%}}"
+        f"{{%- set audio_types = {_list(AUDIO_PART_TYPES)} -%}}"
+        f"{{%- set AUDIO_NOT_TRAINED = {_literal(AUDIO_NOT_TRAINED)} -%}}"
         f"{{%- set roles = {roles} -%}}"
         f"{{%- set markers = {_list(g4.CONTROL_MARKERS)} -%}}"
         f"{{%- set standard_keys = {_list(g4.PARAMETER_KEYS)} -%}}"
@@ -306,6 +308,9 @@ BODY = r"""
   {%- for part in content -%}
     {%- set kind = part.get('type') if part is mapping else none -%}
     {%- if kind not in image_types -%}
+      {%- if kind in audio_types -%}
+        {{- raise_exception(where ~ ' content part ' ~ loop.index0 ~ ' is audio (' ~ kind ~ '), ' ~ AUDIO_NOT_TRAINED) -}}
+      {%- endif -%}
       {%- if kind != 'text' -%}
         {{- raise_exception(where ~ ' content part ' ~ loop.index0 ~ ' is ' ~ (("of type '" ~ kind ~ "'") if kind is
             not none else 'not a typed part') ~ '; parts are text (text, input_text, output_text) or images ('

@@ -53,6 +53,12 @@ TEXT_PART_TYPES = ("text", "input_text", "output_text")
 # Content parts that carry an image: OpenAI's chat completions ("image_url") and Responses API ("input_image"),
 # Hugging Face's processors ("image"). data/images.py reads where each points.
 IMAGE_PART_TYPES = ("image_url", "image", "input_image")
+AUDIO_PART_TYPES = ("input_audio", "audio")
+# Why audio is refused: Gemma 4 E2B/E4B load with their audio tower (kept, frozen), but no audio row is made into
+# features here: the feature extractor's mel frames and the audio soft tokens are not built, and no tiny checkpoint
+# with an audio tower checks them.
+AUDIO_NOT_TRAINED = ("which is not trained: Gemma 4 E2B/E4B keep their audio tower (frozen), but gemma2-tune does "
+                     "not turn audio into the audio tower's input features")
 
 
 def end_of_turn(family: Family) -> str:
@@ -119,6 +125,8 @@ def content_parts(content: Any, where: str, family: Family, images: ReadImage | 
                 raise BadRow(f"{at} ({kind}) has no 'text' string")
             if part["text"].strip():
                 parts.append(Text(part["text"].strip()))
+        elif kind in AUDIO_PART_TYPES:
+            raise BadRow(f"{at} is audio ({kind}), {AUDIO_NOT_TRAINED}")
         else:
             raise BadRow(f"{at} is " + (f"of type {kind!r}" if kind is not None else "not a typed part")
                          + f"; parts are text ({', '.join(TEXT_PART_TYPES)}) or images ({', '.join(IMAGE_PART_TYPES)})")

@@ -125,7 +125,8 @@ GEMMA4 = Family(
         # positions per axis, the longest side the tiny processor writes (70 soft tokens x 4 patches / 2 rows)
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=2, head_dim=16, patch_size=8, pooling_kernel_size=2,
-                           position_embedding_size=140),
+                           position_embedding_size=140,
+                           initializer_range=0.15),  # at 0.02 (the default) a toy tower maps all colours alike
         audio_config=None,  # audio is not trained (images are the next step); the E2B/E4B towers load and stay frozen
         initializer_range=0.15,  # the composite model initialises every part with its own config's range
     ),

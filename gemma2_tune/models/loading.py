@@ -137,7 +137,7 @@ def check_tokenizer(tokenizer: Any, name: str, family: Family | None = None) -> 
 
 
 def load_image_processing(name_or_path: str, family: Family, tokenizer, *, pan_and_scan: bool = False,
-                          revision: str | None = None):
+                          revision: str | None = None, config_from: str | None = None):
     """The checkpoint's image processor and its image tokens (data/images.py ImageProcessing), or None when the
     family takes no images or the checkpoint ships no image processor (processor_config.json or
     preprocessor_config.json). Its image processor is transformers' Pillow one (no torchvision); Gemma 3's soft
@@ -145,7 +145,8 @@ def load_image_processing(name_or_path: str, family: Family, tokenizer, *, pan_a
 
     Raises UserError when the tokenizer lacks an image marker as a single token, or its soft token's id is not the
     one config.json's image token id says (the model would put image features elsewhere), or pan-and-scan is asked
-    of a processor that has none."""
+    of a processor that has none. `config_from`: where config.json is when `name_or_path` has none (a LoRA run
+    folder: its base)."""
     from ..data.images import PAN_AND_SCAN_DEFAULTS, ImageProcessing
 
     if family.images is None:
@@ -158,7 +159,7 @@ def load_image_processing(name_or_path: str, family: Family, tokenizer, *, pan_a
         image_processor = AutoImageProcessor.from_pretrained(location, revision=revision)
     except OSError:  # no processor files: a checkpoint that can only be trained on text
         return None
-    config = AutoConfig.from_pretrained(location, revision=revision)
+    config = AutoConfig.from_pretrained(model_location(config_from) if config_from else location, revision=revision)
     ids = {}
     for role, token in (("begin", facts.begin), ("soft", facts.soft_token), ("end", facts.end)):
         found = tokenizer.encode(token, add_special_tokens=False)
@@ -180,7 +181,7 @@ def load_image_processing(name_or_path: str, family: Family, tokenizer, *, pan_a
             saved = json.loads((Path(location) / "processor_config.json").read_text())
         except (OSError, ValueError):
             saved = {}
-        seq_length = saved.get("image_seq_length") or getattr(config, "mm_tokens_per_image", 256)
+        seq_length = saved.get("image_seq_length") or getattr(config, "mm_tokens_per_image", None) or 256
         options["do_pan_and_scan"] = pan_and_scan
         if pan_and_scan:
             options |= {k: getattr(image_processor, k, None) or v for k, v in PAN_AND_SCAN_DEFAULTS.items()}

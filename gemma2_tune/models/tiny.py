@@ -169,6 +169,13 @@ def build_tiny(family: Family, path: Path) -> Path:
         config = getattr(transformers, family.config_class)(**decoder, **tiny)
     torch.manual_seed(0)
     model = (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_config(config)
+    if family.images is not None:
+        # transformers starts Gemma 3's projection at zero (a checkpoint brings its trained one): the tiny decoder would
+        # see every image as zeros. Random, as a trained projector is not zero.
+        projector = model.get_submodule(family.images.projector)
+        for param in projector.parameters():
+            if param.dim() > 1 and not param.detach().abs().sum():
+                torch.nn.init.normal_(param, std=tiny["initializer_range"])
     model.generation_config.eos_token_id = decoder["eos_token_id"]
     model.generation_config.pad_token_id, model.generation_config.bos_token_id = ids["<pad>"], ids["<bos>"]
     # an earlier interrupted build (no marker) is replaced; another process's finished one is kept
