@@ -163,6 +163,10 @@ def build_tiny(family: Family, path: Path) -> Path:
     composite = "text_config" in tiny
     if composite:  # the vocabulary and token ids are the decoder's; the towers' placeholders the composite's
         tiny["text_config"] = tiny["text_config"] | decoder
+        if tiny["text_config"].get("hidden_size_per_layer_input"):
+            # Gemma 4's per-layer embeddings cover the vocabulary, as in the published configs (262,144 both);
+            # Gemma4TextConfig's default would give the tiny model a 262,144-row table
+            tiny["text_config"]["vocab_size_per_layer_input"] = decoder["vocab_size"]
         tiny |= {key: ids[token] for key, token in TOWER_TOKENS.get(family.key, {}).items()}
         config = getattr(transformers, family.config_class)(**tiny)
     else:
