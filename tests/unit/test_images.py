@@ -7,6 +7,7 @@ the cache keyed on image bytes, serve's and plan's image checks."""
 import base64
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -523,3 +524,27 @@ def test_plan_names_the_processor_resolution_and_image_tokens_per_row():
     g4 = image_lines("google/gemma-4-E4B-it", None, 4096)
     assert "up to 280 soft tokens per image" in g4[0] and "holds at most 14 images" in g4[0]
     assert image_lines("google/gemma-2-9b", None, 1024) == []
+
+
+@pytest.mark.parametrize("first, second", [("builtin:tiny-gemma4", "copy"),
+                                           ("builtin:tiny-gemma2", "builtin:tiny-gemma3-vision")])
+def test_merge_models_refuses_image_text_models_with_the_reason_before_reading_weights(tune_home, tmp_path, first,
+                                                                                       second):
+    """merge-models has no way to keep the towers (mergekit has no Gemma 4 architecture and reads Gemma 3's tower
+    under transformers 4's names): any image + text input is refused, naming it, and `merge` pointed to."""
+    from typer.testing import CliRunner
+
+    from gemma2_tune.cli import app
+    from gemma2_tune.models.builtin import builtin_path
+
+    if second == "copy":
+        second = str(tmp_path / "copy")
+        shutil.copytree(builtin_path(first), second)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["merge-models", first, second, "-o", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    flat = " ".join(r.output.split())
+    named = first if first.endswith("gemma4") else second
+    assert f"{named} is a" in flat and "(image + text), which merge-models does not merge" in flat, flat
+    assert "has no Gemma 4 architecture" in flat and "`gemma2-tune merge` folds one run's adapter" in flat
+    assert not out.exists()
