@@ -39,6 +39,7 @@ from ..data.template import chat_template
 from ..data.turns import BOS, END, normalise, render
 from ..errors import UserError
 from ..families import Family
+from .projector import NOT_CHECKED, PROJECTOR_TYPES, check_projector, processor_settings, write_projector
 
 # llama.cpp's converter writes these itself; every other type is quantized from its output by llama.cpp.
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -83,8 +84,9 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     """Export `target` (a run folder, its ema/, a merged or merge-models folder) to one GGUF file `output`.
 
     `quant`: one of QUANT_TYPES. Writes `output` (bytes: about 2 per parameter in f16, ~1.06 in q8_0), beside it
-    `<stem>.export.json` (the checks and parity numbers) and, with `ollama`, `<stem>.Modelfile`; all of them only
-    after every check passed. Raises UserError (nothing written): an unknown `to` or `quant`, an output that is
+    `<stem>.export.json` (the checks and parity numbers), with `ollama`, `<stem>.Modelfile` and, for a Gemma 3 image
+    + text model with its image processor, `<stem>.mmproj.gguf` (llama.cpp's projector file, after/projector.py);
+    all of them only after every check passed. Raises UserError (nothing written): an unknown `to` or `quant`, an output that is
     not a .gguf path or exists without `overwrite`, a target that is not a Gemma 2 / Gemma 3 text model folder or
     run (multimodal Gemma refused), the export extra missing, the converter failing, a metadata check or a
     parity bound failing.
@@ -103,7 +105,10 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace (nothing was written)")
-    _check_target(target)
+    family = _check_target(target)
+    projector_file = _beside(out, ".mmproj.gguf") if family.key in PROJECTOR_TYPES else None
+    if projector_file and projector_file.exists() and not overwrite:
+        raise UserError(f"{projector_file} already exists; pass --overwrite to replace (nothing was written)")
     missing = missing_packages()
     if missing:
         raise UserError(f"export needs the package(s) {', '.join(missing)}: {EXTRA_HINT}; nothing was written")
@@ -129,6 +134,7 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                                 + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
                                 + f"; nothing was written to {out}")
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
+            projector = _projector(folder, served.family, quant, work, projector_file, echo) if projector_file else None
             parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo)
             result = {
                 "source": str(served.source), "family": served.family.key, "system_policy": policy,
@@ -137,7 +143,7 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                          "metadata": _summary(metadata)},
                 "checks": checks, "parity": parity, "gemma_terms": GEMMA_NOTICE if terms else None,
                 "seconds": round(time.time() - started, 1),
-            }
+            } | ({"projector": projector} if projector_file else {})
             (work / "export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             if not parity["passed"]:
                 raise UserError(f"parity self-check failed ({parity['bound']}): {parity['failure']}; nothing was "
@@ -156,8 +162,12 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             shutil.move(work / "export.json", outputs[1])
             if ollama:
                 shutil.move(work / "Modelfile", outputs[2])
+            if projector and projector["written"]:
+                shutil.move(work / projector_file.name, projector_file)
             shutil.move(gguf_file, out)
     _print_result(result, outputs, echo)
+    if projector_file:
+        _print_projector(result["projector"], projector_file, echo)
     return Exported(out, outputs[1], outputs[2] if ollama else None, result)
 
 
@@ -173,8 +183,9 @@ def missing_packages() -> list[str]:
     return [name for name, module in modules.items() if importlib.util.find_spec(module) is None]
 
 
-def _check_target(target: str) -> None:
-    """Refuse, before any merge or conversion, what is not a Gemma model folder or run, or is a reward model."""
+def _check_target(target: str) -> Family:
+    """Refuse, before any merge or conversion, what is not a Gemma model folder or run, or is a reward model.
+    Returns the checkpoint's family."""
     from ..models.loading import checkpoint_family
     from .inference import read_run
 
@@ -193,6 +204,36 @@ def _check_target(target: str) -> None:
     if family.turn_format != "gemma":  # the Modelfile and the parity prompts are written in Gemma 2/3's turns
         raise UserError(f"export {target}: {family.display} is not exported yet (its Ollama template and the parity "
                         "check's prompts are not written in its turn format); serve it with `gemma2-tune serve`")
+    return family
+
+
+def _projector(folder: Path, family: Family, quant: str, work: Path, projector_file: Path, echo) -> dict:
+    """The image tower's projector file (mmproj) written into `work` and checked, or why it was not written.
+    Raises UserError when the converter fails or a check fails."""
+    processor = processor_settings(folder)
+    if processor is None:
+        return {"written": False, "file": None, "not_checked": NOT_CHECKED,
+                "why": f"{folder} has no image processor (preprocessor_config.json or processor_config.json), whose "
+                       "resolution and soft tokens per image the projector file must carry"}
+    ran = write_projector(converter_dir(), folder, work, work / projector_file.name, quant, echo)
+    checks = check_projector(read_metadata(work / projector_file.name), _saved_config(folder), processor, family)
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        raise UserError("the projector file does not carry what it must: "
+                        + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
+                        + f"; nothing was written to {projector_file}")
+    echo(f"projector metadata checked: {', '.join(c['check'] for c in checks)}")
+    return {"written": True, "file": projector_file.name, "bytes": (work / projector_file.name).stat().st_size,
+            "tensors": _tensor_count(work / projector_file.name), "converter": ran, "checks": checks,
+            "not_checked": NOT_CHECKED}
+
+
+def _print_projector(projector: dict, projector_file: Path, echo) -> None:
+    if projector["written"]:
+        echo(f"  projector: {projector_file} ({projector['bytes'] / 2**20:.1f} MiB; llama.cpp: --mmproj {projector_file})")
+    else:
+        echo(f"  projector: not written: {projector['why']}")
+    echo(f"  not checked: {projector['not_checked']}")
 
 
 def _saved_config(folder: Path) -> dict:

@@ -158,3 +158,63 @@ def test_gemma4_qlora_keeps_lora_out_of_the_towers_and_merge_keeps_towers_and_pr
                             "--max-new-tokens", "20"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == adapter_answer
+
+
+@pytest.mark.export  # slow: the module's mark (two conversions)
+def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_not_check(tmp_path, tune_home):
+    """An image + text Gemma 3 folder with its image processor exports its decoder (parity on text prompts) and
+    llama.cpp's projector file (mmproj) beside it, whose metadata matches the folder's tower and processor; the
+    report and the output say that no image went through llama.cpp. A processor at another resolution than the
+    tower's is refused, nothing written."""
+    pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
+    import shutil
+
+    import transformers
+    from test_export import build_spm_gemma2
+
+    from gemma2_tune.after.export import read_metadata
+    from gemma2_tune.families import GEMMA3_TEXT
+    from gemma2_tune.models.tiny import TINY_IMAGE_PROCESSORS
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    text = build_spm_gemma2(tmp_path / "text", GEMMA3_TEXT, num_hidden_layers=6,  # Gemma 3's 5 local : 1 global
+                            layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(text)
+    unk = tokenizer.unk_token_id  # no image markers in this vocabulary: export converts, it shows no image
+    config = transformers.Gemma3Config(text_config=json.loads((text / "config.json").read_text()),
+                                       vision_config=GEMMA3.tiny_config["vision_config"], mm_tokens_per_image=4,
+                                       image_token_index=unk, boi_token_index=unk, eoi_token_index=unk)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(text).model.state_dict())
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    folder = tmp_path / "vision"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    shutil.copy(text / "tokenizer.model", folder / "tokenizer.model")
+    settings = json.loads(Gemma3ImageProcessorPil(**TINY_IMAGE_PROCESSORS["Gemma3Processor"]).to_json_string())
+    processor = {"image_processor": settings, "image_seq_length": 4, "processor_class": "Gemma3Processor"}
+    (folder / "processor_config.json").write_text(json.dumps(processor))
+
+    out = tmp_path / "out" / "mm.gguf"
+    r = runner.invoke(app, ["export", str(folder), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    projector = out.parent / "mm.mmproj.gguf"
+    assert f"projector: {projector}" in r.output and "not checked: image prompts through llama.cpp" in r.output
+    meta = read_metadata(projector)
+    assert meta["general.architecture"] == "clip" and meta["clip.projector_type"] == "gemma3"
+    assert meta["clip.vision.image_size"] == 32 and meta["clip.vision.projection_dim"] == config.text_config.hidden_size
+    report = json.loads((out.parent / "mm.export.json").read_text())
+    assert report["parity"]["passed"] and report["projector"]["written"], report
+    assert report["projector"]["file"] == projector.name and report["projector"]["tensors"] > 0
+    assert all(c["passed"] for c in report["projector"]["checks"]) and len(report["projector"]["checks"]) == 11
+    assert "no image was run through llama.cpp" in report["projector"]["not_checked"]
+    text_only = read_metadata(out)
+    assert not any(k.startswith("clip.") for k in text_only)  # the decoder's file carries no tower
+
+    processor["image_processor"]["size"] = {"height": 64, "width": 64}
+    (folder / "processor_config.json").write_text(json.dumps(processor))
+    other = tmp_path / "other" / "mm.gguf"
+    r = runner.invoke(app, ["export", str(folder), "-o", str(other)])
+    assert r.exit_code == 2 and "image size (processor): 32 (expected 64)" in r.output, r.output
+    assert not other.parent.exists() or not any(other.parent.iterdir())
