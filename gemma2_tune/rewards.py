@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config.rl import RewardFunction, reward_model_path_problem, reward_run
+from .config.rewards import RewardFunction, reward_model_path_problem, reward_run
 from .config.runs import adapter_run
 from .config.rules import sequence_classifier
 from .errors import UserError

@@ -6,7 +6,8 @@
     chat.py             one-shot answers and the interactive session
     merge.py            LoRA folded into bf16 weights, self-checked before it reaches the target folder
     merge_models.py     `merge-models`: mergekit (linear, SLERP, TIES, DARE, task arithmetic), LITI; WARP
-    evaluate.py         `eval`: held-out loss on model-turn tokens, base vs fine-tuned; dispatch of its modes
+    eval.py             `eval`: the mode a request asks for, each mode one function (loss, rewards, pairs, tasks)
+    evaluate.py         `eval`'s held-out loss on model-turn tokens, base vs fine-tuned and --compare models
     harness.py          `eval --tasks`: lm-evaluation-harness tasks
     reward_eval.py      `eval --reward-function / --reward-model`: mean reward of each model's answers
     preference_eval.py  `eval` of a reward model: pairwise accuracy on held-out pairs

@@ -313,3 +313,10 @@ def reply(loaded: Loaded, messages: list[dict[str, Any]], system_policy: str, sa
         on_text(piece)
     worker.join()
     return "".join(pieces).strip()
+
+
+def thinking_for(given: bool | None, run: TrainedRun, family) -> bool:
+    """--enable-thinking, else the run's data.enable_thinking. Raises UserError for a family without thinking."""
+    if given and family.turn_format != "gemma4":
+        raise UserError(f"--enable-thinking: {family.display} has no thinking mode (Gemma 4 has)")
+    return run.enable_thinking if given is None else given

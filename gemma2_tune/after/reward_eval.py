@@ -108,7 +108,7 @@ def reward_scorers(request, family, policy: str) -> tuple[list[CheckedReward], A
     """eval's --reward-function items imported and --reward-model's tokenizer checked, before any model loads:
     (functions, the reward model's tokenizer: its own chat template, else the run's, for `family` and system
     `policy`; or None). Raises UserError naming the option."""
-    from ..config.rl import RewardFunction, reward_function_specs
+    from ..config.rewards import RewardFunction, reward_function_specs
     from ..errors import UserError
     from ..rewards import load_reward_function, reward_model_tokenizer
 

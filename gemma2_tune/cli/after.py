@@ -3,30 +3,19 @@ delegate to gemma2_tune/after/."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..config.requests import (DEFAULT_EVAL_LENGTH, EvalRequest, ExportRequest, MergeModelsRequest, MergeRequest,
+from ..config.requests import (EvalRequest, ExportRequest, MergeModelsRequest, MergeRequest,
                                ServeRequest, check)
-from ..config.schema import SftDataSection
 from ..errors import UserError
 from .app import AdapterOpt, LoadInOpt, ModelOpt, command, echo, load_in_value, warn
 
-# files that make a folder a run's or a model's: an existing file beside them is not replaced by eval --json
-MODEL_FOLDER_MARKERS = ("run.json", "config.yaml", "adapter_config.json", "config.json", "merge.json")
 ThinkingOpt = Annotated[Optional[bool], typer.Option(
     "--enable-thinking/--no-enable-thinking", help="Gemma 4: render with thinking on (<|think|> in the system turn; "
     "the model writes its thought first). Default: as the run trained (data.enable_thinking), else off.")]
-
-
-def thinking_value(given: bool | None, run, family) -> bool:
-    """--enable-thinking, else the run's data.enable_thinking. Raises UserError for a family without thinking."""
-    if given and family.turn_format != "gemma4":
-        raise UserError(f"--enable-thinking: {family.display} has no thinking mode (Gemma 4 has)")
-    return run.enable_thinking if given is None else given
 
 
 @command()
@@ -46,12 +35,12 @@ def chat(
 ) -> None:
     """Talk to a fine-tuned model (base from the run unless --model). Interactive with history, or one-shot."""
     from ..after.chat import describe, interactive, one_shot
-    from ..after.inference import Sampling, load, read_run
+    from ..after.inference import Sampling, load, read_run, thinking_for
 
     run = read_run(adapter, model)
     run.require_generating("--adapter" if adapter else "--model")
     loaded = load(run, load_in_value(load_in))
-    loaded.thinking = thinking_value(enable_thinking, run, loaded.family)
+    loaded.thinking = thinking_for(enable_thinking, run, loaded.family)
     sampling = Sampling(max_new_tokens, temperature, top_p)
     note = describe(run, loaded, load_in, sampling)
     if system and system.strip() and run.system_policy == "drop":
@@ -219,110 +208,9 @@ def evaluate_command(
         "--compare": ("compare", compare or []), "--include-path": ("include_path", include_path),
         "--reward-function": ("reward_functions", reward_function or []), "--reward-model": ("reward_model", reward_model),
         "--max-new-tokens": ("max_new_tokens", max_new_tokens), "--temperature": ("temperature", temperature),
-        "--samples": ("samples", samples), "--json": ("json_path", str(json_path) if json_path else None)}, "eval")
-    if suite is not None:
-        from ..after.harness import SUITES
+        "--samples": ("samples", samples), "--json": ("json_path", str(json_path) if json_path else None),
+        "--enable-thinking": ("enable_thinking", enable_thinking)}, "eval")
+    from ..after.eval import run_eval
+    from ..after.inference import read_run
 
-        if suite not in SUITES:
-            raise UserError(f"--suite {suite}: unknown; available: {', '.join(SUITES)}")
-    if include_path is not None and not Path(include_path).expanduser().is_dir():
-        raise UserError(f"--include-path {include_path}: no such folder")
-    if json_path is not None:
-        from ..files import writable_problem
-
-        target = json_path.expanduser()
-        problem = writable_problem(target.resolve().parent)
-        if problem:
-            raise UserError(f"--json {json_path}: {problem}")
-        if target.is_dir():
-            raise UserError(f"--json {json_path}: a folder; give a file name (e.g. {json_path}/eval.json)")
-        if target.exists() and any((target.parent / f).is_file() for f in MODEL_FOLDER_MARKERS):
-            raise UserError(f"--json {json_path}: a file of the run or model folder {target.parent}; it is not "
-                            "overwritten: give a new file name")
-    from ..after.inference import load, read_run
-
-    run = read_run(adapter, model)
-    scores_pairs = run.head != "causal-lm"  # a reward model: its pairwise accuracy on --dataset's pairs
-    if scores_pairs:
-        generation = {"--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--samples": "samples"}
-        given = [o for o, v in (("--tasks", tasks), ("--suite", suite), ("--reward-function", reward_function),
-                                ("--reward-model", reward_model), ("--limit", limit), ("--include-path", include_path))
-                 if v] + [o for o, f in generation.items()
-                          if getattr(request, f) != EvalRequest.model_fields[f].default]
-        if given or not dataset:
-            raise UserError(f"{', '.join(given) or 'eval'}: {run.path} is a reward model (one score per answer): "
-                            "eval scores it on preference pairs: give --dataset (pairs: chosen/rejected) and "
-                            "optionally --compare other reward models, --max-rows, --max-length")
-    if max_length is None:  # the length the run trained and scored its held-out rows at
-        max_length = run.config.data.max_length if run.config else DEFAULT_EVAL_LENGTH
-        if dataset:
-            source = "the run's data.max_length" if run.config else "the default"
-            echo(f"rows up to {max_length} tokens ({source}; --max-length to change)")
-    if suite:
-        from ..after.harness import check_suite_data
-
-        check_suite_data(suite, include_path)  # before the model: missing data fails in seconds
-    from ..after.evaluate import compare_loaders
-
-    others = compare_loaders(compare or [], run, load_in_value(load_in), warn,
-                             taken={"base", "fine-tuned", model or "model"})
-    from ..models.loading import checkpoint_family
-
-    family = checkpoint_family(run.base_model)[0]
-    thinking = thinking_value(enable_thinking, run, family)
-    rows = read = None
-    if dataset:  # read before any model loads: an empty or unreadable source is said in seconds
-        from ..config.schema import PreferenceDataSection
-        from ..data.sources import load_rows
-
-        rows = (PreferenceDataSection if scores_pairs else SftDataSection)(
-            dataset=dataset, max_length=max_length, max_rows=max_rows, system_policy=run.system_policy,
-            enable_thinking=thinking)
-        read = load_rows(rows)
-    if request.scores_rewards:
-        from ..after.reward_eval import reward_scorers
-        from ..data.prompts import row_columns
-        from ..rewards import column_problems
-
-        functions, reward_model_tokenizer = reward_scorers(request, family, run.system_policy)  # before models load
-        problems = column_problems(functions, [row_columns(row.data) for row in read[0]])
-        if problems:
-            raise UserError("\n".join(problems))
-    loaded = load(run, load_in_value(load_in))
-    loaded.thinking = thinking
-    if request.scores_rewards:
-        from ..after.inference import Sampling
-        from ..after.reward_eval import load_scoring_model, reward_table
-
-        scoring = load_scoring_model(request.reward_model, reward_model_tokenizer, loaded)
-        table = reward_table(loaded, rows, run.system_policy, functions, scoring, Sampling(max_new_tokens, temperature),
-                             samples, compare_base=True, others=others, echo=echo,
-                             model_label=model or "model", read=read)
-    elif scores_pairs:
-        from ..after.preference_eval import preference_table
-
-        table = preference_table(loaded, rows, others=others, echo=echo,
-                                 model_label=model or "model")
-    elif dataset:
-        from ..after.evaluate import evaluate
-
-        table = evaluate(loaded, rows, compare_base=True, echo=echo, others=others, read=read)
-    if json_path is not None and dataset:
-        from ..files import write_text_atomic
-
-        json_path.expanduser().parent.mkdir(parents=True, exist_ok=True)
-        table = {"dataset": table.get("dataset"), "max_length": max_length, "max_rows": max_rows} | table
-        write_text_atomic(json_path.expanduser(), json.dumps(table, indent=2) + "\n")
-        echo(f"written: {json_path}")
-    if tasks:
-        from ..after.harness import run_tasks
-
-        run_tasks(loaded.model, loaded.tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], include_path,
-                  limit, echo=echo)
-    if suite:
-        from ..after.harness import run_suite
-
-        config = loaded.model.config
-        size = loaded.family.size_of_shape(config.hidden_size, config.num_hidden_layers) \
-            if loaded.family.key == "gemma2" else None
-        run_suite(loaded.model, loaded.tokenizer, suite, size, include_path, limit, echo=echo)
+    run_eval(request, read_run(adapter, model), load_in_value(load_in), model or "model", echo, warn)

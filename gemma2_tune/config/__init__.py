@@ -6,15 +6,17 @@
     dpo.py        the `dpo` schema (DpoConfig: + dpo; preference pairs, KTO's unpaired examples)
     reward.py     the `reward` schema (RewardConfig: + reward; a one-score head on preference pairs)
     rl.py         the `rl` schema (RlConfig: + rl: algorithm, group, KL, clipping, rewards) and its rules
+    rewards.py    reward functions and reward models as a run or `eval` names them (rl, eval, rewards.py read it)
     rules.py      rules every method shares, reading the model's family
     methods.py    which method (so which schema) a recipe, a saved config or a command is written for
+    memory.py     the memory model: bytes per process of a run, term by term (plan, the micro-batch choice)
     runs.py       a run folder -> its base model + adapter, following the runs it continued (the one reader)
     layering.py   resolve(recipe, sets, flags, schema) -> Resolved, every problem at once
     requests.py   the options of the after-training commands (merge-models, eval, ...), checked the same way
     recipes.py    bundled recipes, finding and reading recipe files
     reference.py  the config reference (README table, `gemma2-tune config`)
 
-The registry of methods (schema, runner, plan terms, command flags) is gemma2_tune/training/methods.py.
+The registry of methods (schema, runner, command flags) is gemma2_tune/training/methods.py.
 """
 
 # Every method's schema is imported here, sft first: schema.method_schemas() lists them in this order.

@@ -11,7 +11,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..families import family_of_checkpoint
+from ..families import Shape, family_of_checkpoint
+from .memory import DTYPE_BYTES, nf4_weight_bytes
 from .rules import MIN_PROMPT_TOKENS, checkpoint_size, generating_model_problem, model_problems, run_problems
 from .schema import FrozenModel, OutputSection, RunConfig, Section
 
@@ -101,6 +102,29 @@ class DistillConfig(RunConfig):
             f"distill:      on-policy: the student writes up to {d.max_completion_length} tokens per prompt "
             f"(temperature {d.temperature}, top_p {d.top_p}); {d.divergence} to the teacher on those tokens",
         ]
+
+    def memory_terms(self, student: Shape, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Shape]) -> dict[str, float]:
+        """A distillation teacher's memory: weights (4-bit as the student's 4-bit settings, 8-bit with per-row
+        scales, or full precision sharded), one layer's forward at a time (no gradients), the student's KV cache
+        while it generates (batch x accumulation prompts at once, in model.dtype), and TRL's chunked divergence
+        (fp32 tiles of both models' logits, x3 with temporaries, + both hidden states)."""
+        teacher = frozen.get("teacher") or student
+        dtype = DTYPE_BYTES[self.model.dtype]
+        load_in = self.teacher.load_in
+        if load_in == "4bit":
+            weights = nf4_weight_bytes(teacher, self)
+        elif load_in == "8bit":
+            weights = teacher.linear_params * (1 + 4 / teacher.hidden) + teacher.other_params * dtype
+        else:
+            weights = teacher.total_params * dtype / n
+        scores = b * teacher.heads * t * t * 6 if self.teacher.attn_implementation == "eager" else 0
+        forward = scores + (4 * teacher.hidden + 4 * teacher.intermediate) * b * t * 2
+        generation_batch = b * self.training.gradient_accumulation_steps  # prompts generated for at once
+        kv_cache = generation_batch * t * student.layers * 2 * student.kv_heads * student.head_dim * dtype
+        loss = 2 * min(b * t, 4096) * min(student.vocab, 32768) * 4 * 3 + b * t * (student.hidden + teacher.hidden) * 8
+        return {"teacher weights": weights, "teacher forward (no gradients)": forward, "generation KV cache": kv_cache,
+                "loss": loss}
 
 
 def distill_problems(cfg: "DistillConfig") -> tuple[list[str], list[str]]:

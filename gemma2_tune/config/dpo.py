@@ -17,6 +17,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from ..families import Shape
+from .memory import DTYPE_BYTES, activation_bytes, forward_bytes
 from .rules import continued_run_problems, generating_model_problem
 from .schema import FrozenModel, OutputSection, PreferenceDataSection, RunConfig, Section
 
@@ -140,6 +142,27 @@ class DpoConfig(RunConfig):
         trainer = "KTOTrainer" if self.dpo.unpaired else "DPOTrainer"
         return [f"dpo:          {self.dpo.describe()} (TRL {trainer}, log-probabilities of soft-capped logits, "
                 f"dropout off in both models); reference: {self.reference}"]
+
+    def memory_terms(self, shape: Shape, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Shape]) -> dict[str, float]:
+        """A preference run's extra memory: chosen and rejected run as one batch of 2B sequences, so the policy's
+        activations count twice (the shared term counts B); the reference's forward on the same 2B sequences (no
+        gradients; with LoRA it is the policy with its adapter disabled, so no weights); with full fine-tuning the
+        reference's weights in model.dtype (/ N under ZeRO-3). KTO (an unpaired loss) adds a forward of both models on
+        the B mismatched KL sequences. Loss: TRL's chunked log-probabilities, fp32 tiles (x3 with temporaries)."""
+        sequences = b if self.dpo.unpaired else 2 * b
+        terms = {"activations, rejected sides" if not self.dpo.unpaired else
+                 "KL sequences (policy forward, no gradients)":
+                 activation_bytes(shape, self, b, t) if not self.dpo.unpaired else forward_bytes(
+                     shape, self.model.attn_implementation, b, t)}
+        reference = frozen.get("reference")
+        if reference is not None:
+            terms["reference weights"] = reference.total_params * DTYPE_BYTES[self.model.dtype] / n
+        ref_sequences = sequences * (2 if self.dpo.unpaired else 1)
+        terms["reference forward (no gradients)"] = forward_bytes(reference or shape, self.model.attn_implementation,
+                                                                  ref_sequences, t)
+        terms["loss"] = min(sequences * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + sequences * t * shape.hidden * 8
+        return terms
 
 
 def dpo_problems(cfg: DpoConfig) -> tuple[list[str], list[str]]:

@@ -8,11 +8,13 @@ at once, each naming its flag, exit 2. Light (pydantic only): the checks run bef
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
+from ..files import writable_problem
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 MERGE_METHODS = ("linear", "slerp", "ties", "dare_ties", "task_arithmetic")  # mergekit's names
@@ -65,8 +67,16 @@ class ExportRequest(Request):
 DEFAULT_EVAL_LENGTH = 1024  # eval --max-length for a model without a run config (a hub id, a merged folder)
 
 
+# `eval --suite` names (after/harness.py SUITES holds each one's tasks and settings; a test keeps them equal).
+EVAL_SUITES = ("gemma2-report",)
+# Files that make a folder a run or a model folder: `eval --json` never writes over one of them.
+MODEL_FOLDER_MARKERS = ("run.json", "config.yaml", "adapter_config.json", "config.json", "merge.json")
+
+
 class EvalRequest(Request):
-    """`eval`: held-out loss, rewards of generated answers, lm-eval tasks, or the report's suite."""
+    """`eval`: held-out loss, rewards of generated answers, lm-eval tasks, or the report's suite; for a reward
+    model, pairwise accuracy on preference pairs. Every rule between the options is here (`problems`, and
+    `reward_model_problem` once the run is known); after/eval.py runs the mode the request asks for."""
 
     dataset: str | None = None
     tasks: str | None = None
@@ -82,11 +92,17 @@ class EvalRequest(Request):
     temperature: float = Field(0.0, ge=0)
     samples: int = Field(1, gt=0)
     json_path: str | None = None
+    enable_thinking: bool | None = None  # None: the run's data.enable_thinking
 
     @property
     def scores_rewards(self) -> bool:
         """Answers are generated and rewarded (instead of the held-out loss)."""
         return bool(self.reward_functions or self.reward_model)
+
+    @property
+    def task_names(self) -> list[str]:
+        """--tasks as a list of lm-eval task names."""
+        return [t.strip() for t in (self.tasks or "").split(",") if t.strip()]
 
     def problems(self) -> list[str]:
         found = []
@@ -100,11 +116,46 @@ class EvalRequest(Request):
             found.append(f"--samples {self.samples}: greedy answers are all the same; give --temperature > 0")
         if self.suite and self.tasks:
             found.append("--suite and --tasks: choose one (the suite names its own tasks)")
+        if self.suite is not None and self.suite not in EVAL_SUITES:
+            found.append(f"--suite {self.suite}: unknown; available: {', '.join(EVAL_SUITES)}")
         if self.compare and not self.dataset:
             found.append("--compare scores models on held-out chats: give --dataset too")
         if self.limit is not None and self.limit < 1:
             found.append(f"--limit {self.limit}: must be at least 1 (leave it out to score every example)")
+        if self.include_path is not None and not Path(self.include_path).expanduser().is_dir():
+            found.append(f"--include-path {self.include_path}: no such folder")
+        found += self._json_problems()
         return found
+
+    def _json_problems(self) -> list[str]:
+        """--json must name a new or replaceable file in a writable folder, never a run's or model's own file."""
+        if self.json_path is None:
+            return []
+        target = Path(self.json_path).expanduser()
+        problem = writable_problem(target.resolve().parent)
+        if problem:
+            return [f"--json {self.json_path}: {problem}"]
+        if target.is_dir():
+            return [f"--json {self.json_path}: a folder; give a file name (e.g. {self.json_path}/eval.json)"]
+        if target.exists() and any((target.parent / f).is_file() for f in MODEL_FOLDER_MARKERS):
+            return [f"--json {self.json_path}: a file of the run or model folder {target.parent}; it is not "
+                    "overwritten: give a new file name"]
+        return []
+
+    def reward_model_problem(self, path: Any) -> str | None:
+        """What a reward model (one score per answer, at `path`) cannot be asked: it is scored on preference pairs
+        only (--dataset), optionally beside other reward models; None when the request fits."""
+        defaults = {name: EvalRequest.model_fields[name].default for name in ("max_new_tokens", "temperature", "samples")}
+        given = [flag for flag, value in (("--tasks", self.tasks), ("--suite", self.suite),
+                                          ("--reward-function", self.reward_functions),
+                                          ("--reward-model", self.reward_model), ("--limit", self.limit),
+                                          ("--include-path", self.include_path)) if value]
+        given += [f"--{name.replace('_', '-')}" for name, default in defaults.items() if getattr(self, name) != default]
+        if given or not self.dataset:
+            return (f"{', '.join(given) or 'eval'}: {path} is a reward model (one score per answer): eval scores it "
+                    "on preference pairs: give --dataset (pairs: chosen/rejected) and optionally --compare other "
+                    "reward models, --max-rows, --max-length")
+        return None
 
 
 class MergeModelsRequest(Request):

@@ -15,6 +15,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from ..families import Shape
+from .memory import activation_bytes
 from .rules import continued_run_problems
 from .schema import OutputSection, PreferenceDataSection, RunConfig, Section
 
@@ -74,3 +76,11 @@ class RewardConfig(RunConfig):
                    if self.lora.enabled else "its adapter merged into the weights, all of them trained")
             lines.append(f"start:        {start.describe()}: {how}")
         return lines
+
+    def memory_terms(self, shape: Shape, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Shape]) -> dict[str, float]:
+        """A reward model's extra memory: chosen and rejected are scored as one batch of 2B sequences, so the
+        activations count twice (the shared term counts B). No logits over the vocabulary: the score head reads one
+        hidden state per sequence (its fp32 copy and gradient: 2B x hidden x 8 B)."""
+        return {"activations, rejected sides": activation_bytes(shape, self, b, t),
+                "loss": 2 * b * shape.hidden * 8}

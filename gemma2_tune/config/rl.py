@@ -16,43 +16,17 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from ..errors import ConfigError
-from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, reward_model_kind, run_problems,
+from ..families import Shape
+from .memory import DTYPE_BYTES, nf4_weight_bytes
+from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, run_problems,
                     start_problems)
-from .runs import AdapterRun, adapter_folder, adapter_run, missing_folder, unfinished_run
+from .rewards import RewardFunction, RewardModelSection, reward_model_path_problem, reward_run
+from .runs import AdapterRun, adapter_run
 from .schema import FrozenModel, OutputSection, RunConfig, Section, TrainingSection
 
 # TRL 1.16's GRPOTrainer loss types (GRPOConfig.loss_type), and RLOO (RLOOTrainer: leave-one-out baseline).
 GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
 ALGORITHMS = GRPO_LOSSES + ("rloo",)
-
-
-class RewardFunction(Section):
-    """A Python reward function, TRL's signature: `f(prompts, completions, **columns) -> list[float]`, one
-    reward per completion (prompts and completions are message lists: completion[0]['content'] is the text)."""
-
-    path: str = Field(description="A .py file defining the function (relative to the working directory).")
-    name: str = Field(description="The function's name in that file.")
-    weight: float = Field(1.0, description="Its weight in the summed reward.")
-
-    @property
-    def label(self) -> str:
-        """`path:name`, as messages name it."""
-        return f"{self.path}:{self.name}"
-
-
-class RewardModelSection(Section):
-    """A reward model: any sequence-classification checkpoint with one output (a `gemma2-tune reward` run, or
-    a hub id), frozen, in eval mode, scoring prompt + completion rendered with its own chat template (ours when
-    it has none)."""
-
-    name_or_path: str | None = Field(None, description="Hub id or local folder of the reward model (null: none).")
-    load_in: Literal["4bit", "8bit", "full"] = Field(
-        "full", description="Its precision: 4-bit NF4 (quantization.* settings), 8-bit, or `full` (model.dtype).")
-    weight: float = Field(1.0, description="Its weight in the summed reward.")
-    attn_implementation: Literal["eager", "sdpa"] = Field(
-        "eager", description="Its attention kernel (eager keeps Gemma 2's soft-caps).")
-    trust_remote_code: bool = Field(False, description="Passed to transformers when loading it.")
 
 
 class RlSection(Section):
@@ -205,45 +179,42 @@ class RlConfig(RunConfig):
         return ("the starting model, its LoRA adapter disabled (no second copy in memory)" if self.lora.enabled else
                 "a frozen copy of the starting model")
 
-
-def reward_function_specs(items: list[str] | None) -> list[dict[str, Any]] | None:
-    """--reward-function PATH.py:NAME[=WEIGHT] items -> rl.reward_functions entries (None: not given). Raises
-    ConfigError naming the item that is not of that form."""
-    if not items:
-        return None
-    specs = []
-    for item in items:
-        target, _, weight = item.partition("=")
-        path, sep, name = target.rpartition(":")
-        if not sep or not path or not name:
-            raise ConfigError([f"--reward-function {item}: expected PATH.py:NAME (optionally =WEIGHT)"])
-        try:
-            specs.append({"path": path, "name": name, "weight": float(weight) if weight else 1.0})
-        except ValueError:
-            raise ConfigError([f"--reward-function {item}: the weight after '=' must be a number"]) from None
-    return specs
-
-
-def reward_model_path_problem(name: str, key: str) -> str | None:
-    """Why `name` can't be a reward model, from its files alone (naming `key`): no such folder (a local path, or a
-    bare name, which is no hub id), a run that holds no trained weights yet, a LoRA adapter of a causal LM. None:
-    it may be one (whether it is a one-output sequence classifier is checked when its config loads)."""
-    missing = missing_folder(name, bare_names=True)
-    if missing:
-        return f"{key}: {name}: {missing}"
-    unfinished = unfinished_run(name)
-    if unfinished:
-        return f"{key}: {unfinished}"
-    if adapter_folder(name) and not reward_run(name):
-        return (f"{key}: {name} is a LoRA adapter of a causal LM, not a reward model (a `gemma2-tune reward` run or "
-                "a one-output sequence classifier)")
-    return None
-
-
-def reward_run(name: str) -> bool:
-    """A local `gemma2-tune reward` run (or any PEFT SEQ_CLS adapter): adapter_config.json with task_type SEQ_CLS
-    and no whole model beside it."""
-    return adapter_folder(name) and reward_model_kind(name) is not None
+    def memory_terms(self, policy: Shape, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Shape]) -> dict[str, float]:
+        """What online RL adds to the policy's memory: the KV cache while it generates the step's completions
+        (per_device_train_batch_size x gradient_accumulation_steps of them at once: prompts x the group size, in
+        model.dtype), the reference (LoRA: the policy with adapters switched, no extra weights; full fine-tuning with a
+        KL term: a frozen copy, sharded by ZeRO-3) and its forward without gradients, the reward model's weights
+        (4-bit, 8-bit with per-row scales, or model.dtype) and one layer's forward, and TRL's fused log-prob head
+        (fp32 tiles of 4096 positions x the vocabulary chunk, x3 with temporaries, + fp32 hidden states)."""
+        dtype = DTYPE_BYTES[self.model.dtype]
+        r = self.rl
+        completions = b * self.training.gradient_accumulation_steps
+        terms: dict[str, float] = {
+            f"generation KV cache ({completions} completions: {completions // r.num_generations} prompts x group "
+            f"{r.num_generations})": completions * t * policy.layers * 2 * policy.kv_heads * policy.head_dim * dtype,
+        }
+        scores = b * policy.heads * t * t * 6 if self.model.attn_implementation == "eager" else 0
+        forward = scores + (4 * policy.hidden + 4 * policy.intermediate) * b * t * 2
+        if r.beta:
+            if not self.lora.enabled:
+                terms["reference weights (frozen copy)"] = policy.total_params * dtype / n
+            terms["reference forward (no gradients)"] = forward
+        reward = frozen.get("reward_model")
+        if reward is not None:
+            load_in = self.reward_model.load_in
+            if load_in == "4bit":
+                weights = nf4_weight_bytes(reward, self)
+            elif load_in == "8bit":
+                weights = reward.linear_params * (1 + 4 / reward.hidden) + reward.other_params * dtype
+            else:
+                weights = reward.total_params * dtype / n
+            terms["reward model weights"] = weights
+            terms["reward model forward (no gradients)"] = (b * reward.heads * t * t * 6 if
+                                                            self.reward_model.attn_implementation == "eager" else 0) + (
+                4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
+        terms["loss"] = min(b * t, 4096) * min(policy.vocab, 32768) * 4 * 3 + b * t * policy.hidden * 8
+        return terms
 
 
 def rl_problems(cfg: RlConfig) -> tuple[list[str], list[str]]:

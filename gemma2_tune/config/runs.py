@@ -15,6 +15,7 @@ model.name_or_path, and the base is found by following such names back to a whol
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,31 @@ class AdapterRun:
 
     @property
     def shape(self) -> tuple[Any, Any, list[str]]:
-        """(r, lora_alpha, sorted target_modules): what lora.* must equal to train this adapter further."""
+        """(r, lora_alpha, sorted target module names): what lora.* must equal to train this adapter further."""
         c = self.adapter_config
-        targets = c.get("target_modules") or []
-        return c.get("r"), c.get("lora_alpha"), sorted([targets] if isinstance(targets, str) else targets)
+        return c.get("r"), c.get("lora_alpha"), target_names(c.get("target_modules"))
 
     def describe(self) -> str:
         """'runs/dpo (its adapter on google/gemma-2-2b, started from runs/sft)'."""
         via = f", started from {', '.join(self.started_from)}" if self.started_from else ""
         return f"{self.folder} (its adapter on {self.base}{via})"
+
+
+# The regex models/lora.py:lora_targets writes for a model whose towers have modules of the decoder's names (image +
+# text checkpoints): "<decoder>\.layers\.\d+\.[a-z_]+\.(?:k_proj|o_proj|q_proj|v_proj)"; its group holds the names.
+_DECODER_TARGETS = re.compile(r"\\\.layers\\\.\\d\+\\\.\[a-z_\]\+\\\.\(\?:([A-Za-z0-9_|]+)\)$")
+
+
+def target_names(targets: Any) -> list[str]:
+    """An adapter's target_modules (adapter_config.json) as sorted module names, as lora.target_modules says them:
+    a list as it is; the decoder-only regex this package writes for image + text checkpoints as the names in its
+    group; any other regex as itself (a rule then names it)."""
+    if not targets:
+        return []
+    if isinstance(targets, str):
+        found = _DECODER_TARGETS.search(targets)
+        return sorted(found.group(1).split("|")) if found else [targets]
+    return sorted(targets)
 
 
 def _config_of(path: Path) -> Path:

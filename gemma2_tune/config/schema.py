@@ -301,6 +301,14 @@ class RunConfig(Section):
         method (most start from `rules.run_problems`)."""
         return [], []
 
+    def memory_terms(self, shape: Any, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Any]) -> dict[str, float]:
+        """The bytes per process the method adds to the shared terms of config/memory.estimate (its loss at least,
+        the models it runs beside the trained one): {term: bytes}. `shape`: the trained model's (families.Shape);
+        `b` items per forward of `t` tokens; `n` processes sharding the parameters (1 without sharding); `frozen`:
+        the shapes of the models it loads beside the trained one, by config key. Every method defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no memory terms")
+
     def launch_problems(self, launch: Any) -> list[str]:
         """The method's own keys against how its processes are started (training/launch.py's Launch: read its
         capabilities, never its mode); the shared rules are training/launch.launch_problems'. None by default."""

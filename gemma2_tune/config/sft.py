@@ -6,8 +6,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from ..families import Shape
+from .memory import DTYPE_BYTES
 from .rules import run_problems
-from .schema import RunConfig, SftDataSection, SftTrainingSection
+from .schema import LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK, RunConfig, SftDataSection, SftTrainingSection
 
 
 class SftConfig(RunConfig):
@@ -62,3 +64,19 @@ class SftConfig(RunConfig):
         parts += [f"torch.compile {t.torch_compile} (checked against eager before training)"
                   ] if t.torch_compile != "off" else []
         return [f"kernels:      {'; '.join(parts)}"] if parts else []
+
+    def memory_terms(self, shape: Shape, b: int, t: int, n: int, shards: bool,
+                     frozen: dict[str, Shape]) -> dict[str, float]:
+        """sft's loss: supervised_chunked: one fp32 tile (x3 with temporaries) + fp32 hidden states at the
+        supervised positions (every position, as an upper bound); supervised_liger: Liger's chunk; TRL's loss
+        (asked for, or under sharding): its fused tiles."""
+        h, dtype = shape.hidden, DTYPE_BYTES[self.model.dtype]
+        supervised = b * t  # upper bound: every position supervised
+        if self.training.loss == "supervised_chunked" and not shards:
+            return {"loss": min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
+                    + supervised * h * 8}
+        if self.training.loss == "supervised_liger" and not shards:
+            # Liger sizes its chunk of rows so that rows x vocab ~ positions x hidden (rounded up to a power of 2:
+            # up to 2x), logits in the model's dtype and their fp32 gradient; plus the gradient of the hidden states
+            return {"loss": 2 * supervised * h * (dtype + 4) + supervised * h * 8}
+        return {"loss": min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * h * 8}

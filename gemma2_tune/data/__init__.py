@@ -1,6 +1,7 @@
 """Data: from a user's rows to packed, masked token blocks.
 
     sources.py   where rows come from (aliases, hub, local files) and their schemas -> role/content messages
+    parts.py     what a conversation is made of: turns of parts (text, reasoning, tool calls), rendered text, BadRow
     turns.py     turns made of parts; Gemma 2/3's turn format: normalise (system policy), render, supervision spans
     gemma4.py    Gemma 4's turn format: native system turn, thought channel, native tool syntax, empty thought block
     template.py  the same format as the Jinja chat template saved with every run

@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 from ..families import Family
 from ..families import gemma4_format as g4
-from .turns import (IMAGE_PART_TYPES, ROLE_NAMES, BadRow, Image, ReadImage, Reasoning, Rendered, SystemPolicy, Text,
+from .parts import (IMAGE_PART_TYPES, ROLE_NAMES, BadRow, Image, ReadImage, Reasoning, Rendered, SystemPolicy, Text,
                     ToolCall, ToolDeclaration, ToolResponse, Turn, _unencodable, content_parts)
 
 ROLES = {**ROLE_NAMES, "tool": "tool"}

@@ -36,13 +36,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
-from ..config.schema import PreferenceDataSection
+from ..config.schema import PreferenceDataSection, RunConfig
+from ..errors import UserError
 from ..families import Family
 from .examples import DataReport
 from .sources import PACKAGE_DIR, UNEXPRESSIBLE_ROW_FIELDS, Row, Source, load_rows, parse_marked_text, row_to_messages
@@ -594,3 +596,35 @@ def describe_pair(item: PreferencePair | UnpairedExample, tokenizer: Any,
     for name, ids, was_cut in sides:  # only the side that was cut says so
         cut = " (cut at data.max_length)" if was_cut else ""
         yield f"{name}, {len(ids)} tokens{cut}: {open_mark}{decode(ids)}{close_mark}"
+
+
+def held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) items: a seeded `fraction` held out (at least one item when fraction > 0)."""
+    if not fraction:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n = max(1, round(len(items) * fraction))
+    chosen = set(order[:n])
+    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
+
+
+def read_preference_splits(cfg: RunConfig, tokenizer: Any, family: Family, kind: str, empty_thought: bool = False):
+    """A run's preference data split: the training items and the held-out ones (data.eval_fraction of the source, or data.eval_dataset /
+    data.eval_split read and checked the same way). Returns (PreferenceData, items, eval PreferenceData or None,
+    eval items). `kind`: 'paired' or 'unpaired'; `empty_thought`: Gemma 4's empty thought block (the run's).
+    Raises UserError (the held-out source's problems name data.eval_dataset)."""
+    data = load_preferences(cfg.data, tokenizer, family, kind, empty_thought=empty_thought)
+    items, eval_items = held_out(data.items, cfg.data.eval_fraction, cfg.training.seed)
+    eval_data = None
+    other = cfg.data.eval_dataset or (cfg.data.eval_split and cfg.data.dataset)
+    if other:
+        eval_cfg = cfg.data.model_copy(update={"dataset": other, "split": cfg.data.eval_split or cfg.data.split,
+                                               "max_rows": None})
+        try:
+            eval_data = load_preferences(eval_cfg, tokenizer, family, kind, empty_thought=empty_thought)
+        except UserError as exc:
+            key = "data.eval_dataset" if cfg.data.eval_dataset else "data.eval_split"
+            raise UserError(f"{key}: {exc.message}") from None
+        eval_items = eval_data.items
+    return data, items, eval_data, eval_items

@@ -2,6 +2,7 @@
 
     methods.py      the registry: one entry per method (schema, runner, plan terms, command flags); the top
     lifecycle.py    the one run order: output folder, manifest (attempts, status), resume, save, failures
+    setup.py        every runner's first step: the base's family (kernel checked), its tokenizer with the run's template
     sft.py          `gemma2-tune sft`'s runner: conversations, the supervised loss
     distill.py      `gemma2-tune distill`'s runner: on-policy distillation (TRL's DistillationTrainer)
     dpo.py          `gemma2-tune dpo`'s runner: DPO and TRL's paired losses; KTO on unpaired examples

@@ -14,7 +14,7 @@ from typing import Any
 from ..config.schema import RunConfig
 from ..families import Shape
 from .launch import Launch
-from .plan import GIB, estimate
+from ..config.memory import GIB, estimate
 
 
 # auto folds only into this share of the card: plan's estimate ran up to 5% under measured peaks on an H200

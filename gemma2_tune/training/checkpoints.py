@@ -89,10 +89,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """'key: checkpoint X, now Y' for every key that differs (output.* may differ; a checkpoint from before
-    `method:` was recorded has the method its sections imply)."""
+    `method:` was recorded has the method its sections imply; a key added since it was written counts at its
+    default)"""
     from ..config.methods import method_of_mapping
 
     saved = {"method": method_of_mapping(saved), **saved} if isinstance(saved, dict) else saved
+    try:  # keys added since the checkpoint was written count at their defaults
+        saved = type(cfg).model_validate(saved).model_dump(mode="json")
+    except ValueError:  # a config this version no longer reads: compare what was written
+        pass
     a, b = _flatten(saved), _flatten(cfg.model_dump(mode="json"))
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
             for k in sorted(set(a) | set(b)) if k not in RESUMABLE_DIFFERENCES and a.get(k) != b.get(k)]

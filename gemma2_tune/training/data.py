@@ -11,14 +11,13 @@ from typing import Any, Callable
 from ..config.schema import RunConfig
 from ..data import cache
 from ..data.examples import build_examples
-from ..data.gemma4 import writes_empty_thought
 from ..data.collator import IMAGES_COLUMN, images_column
 from ..data.images import images_fingerprint
 from ..data.packing import IMAGE_ROWS_UNPACKED, pack, unpacked
 from ..data.sources import load_rows
-from ..data.template import use_run_template
 from ..families import Family
-from ..models.loading import load_image_processing, load_tokenizer
+from ..models.loading import load_image_processing
+from .setup import run_tokenizer
 
 Echo = Callable[[str], None]
 
@@ -77,13 +76,11 @@ def prepare_data(cfg: RunConfig, family: Family, echo: Echo, state=None) -> Trai
     """
     import contextlib
 
-    m = cfg.model
-    tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
-    empty_thought = writes_empty_thought(family, m.name_or_path)
-    base_template = use_run_template(tokenizer, family, cfg.data.system_policy, cfg.data.unsupported_fields,
-                                     empty_thought=empty_thought)
-    images = load_image_processing(m.name_or_path, family, tokenizer, pan_and_scan=getattr(cfg.data, "pan_and_scan",
-                                                                                          False), revision=m.revision)
+    run = run_tokenizer(cfg, family)
+    tokenizer, empty_thought, base_template = run.tokenizer, run.empty_thought, run.base_chat_template
+    images = load_image_processing(cfg.base_model, family, tokenizer, pan_and_scan=getattr(cfg.data, "pan_and_scan",
+                                                                                          False),
+                                   revision=cfg.model.revision)
     rows, source = load_rows(cfg.data)
     for line in source.lines():  # a folder's files: what is read, and the hidden copies that are not
         echo(line)

@@ -22,8 +22,7 @@ from trl import DistillationConfig, DistillationTrainer
 from ..config.distill import DistillConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..data.gemma4 import writes_empty_thought
-from ..data.template import template_record, use_run_template
+from ..data.template import template_record
 from ..data.turns import end_of_turn
 from ..errors import UserError
 from ..models.checks import check_kernel_request, text_config, vocabulary_digest
@@ -105,18 +104,11 @@ class Runner(lifecycle.Runner):
     def prepare(self, launch: Launch, out: Path) -> DistillationConfig:
         """Student and teacher checked from configs and tokenizers; the run's template on the tokenizer;
         returns DistillationConfig (generation stops at <end_of_turn>)."""
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, student_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
-        check_teacher(cfg, family, student_config, tokenizer)
-        self.empty_thought = writes_empty_thought(family, m.name_or_path)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields, empty_thought=self.empty_thought)
-        tokenizer.padding_side = "left"  # generation pads prompts on the left
-        self.family, self.tokenizer = family, tokenizer
-        return distill_args(cfg, out, launch, *stop_ids(tokenizer))
+        student_config = self.set_up_base(padding_side="left")  # generation pads prompts on the left
+        check_teacher(cfg, self.family, student_config, self.tokenizer)
+        return distill_args(cfg, out, launch, *stop_ids(self.tokenizer))
 
     def load_data(self, run: RunLifecycle) -> dict[str, Any]:
         """Prompts (each row up to its last user turn), held-out prompts by data.eval_fraction."""

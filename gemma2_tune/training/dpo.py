@@ -34,12 +34,9 @@ from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from ..config.dpo import DpoConfig
-from ..data.preferences import load_preferences, trl_rows
-from ..data.gemma4 import writes_empty_thought
-from ..data.template import template_record, use_run_template
-from ..errors import UserError
-from ..models.checks import check_kernel_request
-from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
+from ..data.preferences import read_preference_splits, trl_rows
+from ..data.template import template_record
+from ..models.loading import LoadRequest, load_model
 from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from . import lifecycle
 from .launch import Launch
@@ -98,38 +95,6 @@ def dpo_args(cfg: DpoConfig, out: Path, launch: Launch, evaluate: bool) -> DPOCo
                      max_length=cfg.data.max_length, truncation_mode="keep_start")
 
 
-def held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training, held-out) items: a seeded `fraction` held out (at least one item when fraction > 0)."""
-    if not fraction:
-        return items, []
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n = max(1, round(len(items) * fraction))
-    chosen = set(order[:n])
-    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
-
-
-def read_preferences(cfg, tokenizer, family, kind: str):
-    """The training items and the held-out ones (data.eval_fraction of the source, or data.eval_dataset /
-    data.eval_split read and checked the same way). Returns (PreferenceData, items, eval PreferenceData or None,
-    eval items). Raises UserError (the held-out source's problems name data.eval_dataset)."""
-    empty_thought = writes_empty_thought(family, cfg.base_model)
-    data = load_preferences(cfg.data, tokenizer, family, kind, empty_thought=empty_thought)
-    items, eval_items = held_out(data.items, cfg.data.eval_fraction, cfg.training.seed)
-    eval_data = None
-    other = cfg.data.eval_dataset or (cfg.data.eval_split and cfg.data.dataset)
-    if other:
-        eval_cfg = cfg.data.model_copy(update={"dataset": other, "split": cfg.data.eval_split or cfg.data.split,
-                                               "max_rows": None})
-        try:
-            eval_data = load_preferences(eval_cfg, tokenizer, family, kind, empty_thought=empty_thought)
-        except UserError as exc:
-            key = "data.eval_dataset" if cfg.data.eval_dataset else "data.eval_split"
-            raise UserError(f"{key}: {exc.message}") from None
-        eval_items = eval_data.items
-    return data, items, eval_data, eval_items
-
-
 def load_policy(cfg: DpoConfig, device: Any, *, training: bool = True):
     """The starting policy through the one loading path: the base (cfg.base_model), with the adapter of the run it
     continues (cfg.start) applied (trainable, for LoRA) or merged into the weights (full fine-tuning). Returns
@@ -155,15 +120,9 @@ class Runner(lifecycle.Runner):
 
     def prepare(self, launch: Launch, out: Path):
         """Family, kernel and tokenizer of the base; the run's template; returns DPOConfig (or KTOConfig)."""
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, _ = checkpoint_family(cfg.base_model, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code, family)
-        self.empty_thought = writes_empty_thought(family, cfg.base_model)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields, empty_thought=self.empty_thought)
-        self.family, self.tokenizer = family, tokenizer
+        self.set_up_base()
         d = cfg.data
         return dpo_args(cfg, out, launch, evaluate=bool(d.eval_dataset or d.eval_split or d.eval_fraction))
 
@@ -171,7 +130,7 @@ class Runner(lifecycle.Runner):
         """Pairs (or unpaired examples) and the held-out ones, read and checked; the run.json fields."""
         cfg = self.cfg
         kind = "unpaired" if cfg.dpo.unpaired else "paired"
-        data, items, eval_data, eval_items = read_preferences(cfg, self.tokenizer, self.family, kind)
+        data, items, eval_data, eval_items = read_preference_splits(cfg, self.tokenizer, self.family, kind, self.empty_thought)
         if cfg.dpo.unpaired:  # TRL samples KTO in order (its KL pairs are per batch): the order is drawn here
             random.Random(cfg.training.seed).shuffle(items)
         self.items, self.eval_items, self.data_report = items, eval_items, data.report

@@ -367,6 +367,18 @@ class Runner:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
+    def set_up_base(self, padding_side: str | None = None):
+        """The shared first step of `prepare` (training/setup.py): the base's family (kernel checked) and its
+        tokenizer with the run's template. Sets family, tokenizer, empty_thought, base_chat_template; returns
+        the base's transformers config. Raises UserError."""
+        from .setup import base_model, run_tokenizer
+
+        base = base_model(self.cfg)
+        run = run_tokenizer(self.cfg, base.family, padding_side)
+        self.family, self.tokenizer = base.family, run.tokenizer
+        self.empty_thought, self.base_chat_template = run.empty_thought, run.base_chat_template
+        return base.config
+
     def prepare(self, launch: Launch, out: Path) -> Any:
         """Checks from configs and tokenizers (no weights), then the trainer's arguments, created before any
         process state. Raises UserError."""

@@ -6,10 +6,10 @@
     METHODS["reward"]   pairs         -> RewardConfig  -> training/reward.py   (RewardTrainer, one-score head)
     METHODS["rl"]       prompts       -> RlConfig      -> training/rl.py       (GRPOTrainer / RLOOTrainer)
 
-An entry names the method's schema (config/<method>.py: its sections, rules, launch rules, the models it loads
-beside the trained one, its dry-run lines), its runner (training/<method>.py: what it loads, the trainer it builds,
-what it records; the run order itself is `lifecycle.train`), its `plan` memory terms, its command's own flags and
-its help. Nothing outside a method's own modules and this registry asks which method is running; nothing below
+An entry names the method's schema (config/<method>.py: its sections, rules, launch rules, memory terms, the
+models it loads beside the trained one, its dry-run lines), its runner (training/<method>.py: what it loads, the
+trainer it builds, what it records; the run order itself is `lifecycle.train`), its command's own flags and its
+help. Nothing outside a method's own modules and this registry asks which method is running; nothing below
 this registry imports it (the modules it names take what they need from the config).
 
 Adding a method: config/<method>.py (schema), training/<method>.py (a `Runner`), one `Method(...)` here (its
@@ -27,9 +27,9 @@ from ..config.distill import DistillConfig
 from ..config.dpo import DpoConfig
 from ..config.reward import RewardConfig
 from ..config.schema import RunConfig
-from ..config.rl import RlConfig, reward_function_specs
+from ..config.rewards import reward_function_specs
+from ..config.rl import RlConfig
 from ..config.sft import SftConfig
-from . import plan
 
 
 @dataclass(frozen=True)
@@ -59,16 +59,14 @@ def comma_list(value: str) -> list[str]:
 @dataclass(frozen=True)
 class Method:
     """A training method. `runner`: the module whose `Runner` class supplies the method's pieces to the run
-    lifecycle (imported only to train: it imports torch and TRL). `plan_terms(shape, cfg, batch, length,
-    shards, frozen) -> {term: bytes}`: the memory the method adds to the shared terms (its loss at least).
-    `flags`: the options only this method's command has (cli/train.py adds the shared ones). What the schema says
-    of the method (its rules, launch rules, whether it folds accumulation) is the schema's."""
+    lifecycle (imported only to train: it imports torch and TRL). `flags`: the options only this method's command
+    has (cli/train.py adds the shared ones). What the schema says of the method (its rules, launch rules, memory
+    terms, whether it folds accumulation) is the schema's."""
 
     name: str
     schema: type[RunConfig]
     summary: str
     runner: str
-    plan_terms: Callable[..., dict[str, float]]
     flags: tuple[Flag, ...] = ()
 
     def run(self, cfg: RunConfig, **kwargs: Any) -> dict[str, Any]:
@@ -81,23 +79,22 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sft", SftConfig, "Supervised fine-tuning (QLoRA by default) on a chat dataset.",
-           "gemma2_tune.training.sft", plan.sft_terms,
+           "gemma2_tune.training.sft",
            flags=(Flag("data.max_length", ("--max-length",), int, "data.max_length"),)),
     Method("distill", DistillConfig, "On-policy distillation: the student writes answers to the prompts and "
-           "learns the teacher's distribution.", "gemma2_tune.training.distill", plan.distill_terms,
+           "learns the teacher's distribution.", "gemma2_tune.training.distill",
            flags=(Flag("teacher.name_or_path", ("--teacher", "-t"), str, "teacher.name_or_path: hub id or local "
                        "folder of a larger model of the same family."),)),
     Method("dpo", DpoConfig, "Preference optimisation on chosen/rejected pairs against a frozen reference: DPO and "
            "TRL's other losses (ipo, hinge, robust, apo_zero, ...), KTO on unpaired examples.",
-           "gemma2_tune.training.dpo", plan.dpo_terms,
+           "gemma2_tune.training.dpo",
            flags=(Flag("dpo.loss_type", ("--loss-type",), str, "dpo.loss_type: sigmoid (DPO), ipo, hinge, robust, "
                        "apo_zero, kto, ... (comma-separated to combine)", comma_list),
                   Flag("dpo.beta", ("--beta",), float, "dpo.beta: the pull towards the reference."))),
     Method("reward", RewardConfig, "A reward model on chosen/rejected pairs: Gemma with a one-score head, "
-           "held-out pairwise accuracy.", "gemma2_tune.training.reward", plan.reward_terms),
+           "held-out pairwise accuracy.", "gemma2_tune.training.reward"),
     Method("rl", RlConfig, "Online reinforcement learning (GRPO loss types or RLOO): the policy writes groups of "
            "answers to the prompts, rewarded by Python functions and/or a reward model.", "gemma2_tune.training.rl",
-           plan.rl_terms,
            flags=(Flag("model.name_or_path", ("--model", "-m"), str, "model.name_or_path: the starting policy: a "
                        "hub id, a model folder, or a gemma2-tune LoRA run folder (its base + adapter: the starting "
                        "policy and the reference)."),

@@ -23,14 +23,11 @@ from trl import RewardConfig as TrlRewardConfig
 from trl import RewardTrainer
 
 from ..config.reward import RewardConfig
-from ..data.preferences import trl_rows
-from ..data.gemma4 import writes_empty_thought
-from ..data.template import template_record, use_run_template
-from ..models.checks import check_kernel_request
-from ..models.loading import LoadRequest, checkpoint_family, load_model, load_tokenizer
+from ..data.preferences import read_preference_splits, trl_rows
+from ..data.template import template_record
+from ..models.loading import LoadRequest, load_model
 from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from . import lifecycle
-from .dpo import read_preferences
 from .launch import Launch
 from .lifecycle import RunLifecycle
 from .trainer import common_args, device_map, keep_adapters_in_fp32
@@ -89,21 +86,15 @@ class Runner(lifecycle.Runner):
     cfg: RewardConfig
 
     def prepare(self, launch: Launch, out: Path):
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, _ = checkpoint_family(cfg.base_model, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(cfg.base_model, m.revision, m.trust_remote_code, family)
-        self.empty_thought = writes_empty_thought(family, cfg.base_model)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields, empty_thought=self.empty_thought)
-        self.family, self.tokenizer = family, tokenizer
+        self.set_up_base()
         d = cfg.data
         return reward_args(cfg, out, launch, evaluate=bool(d.eval_dataset or d.eval_split or d.eval_fraction))
 
     def load_data(self, run: RunLifecycle) -> dict[str, Any]:
         cfg = self.cfg
-        data, items, eval_data, eval_items = read_preferences(cfg, self.tokenizer, self.family, "paired")
+        data, items, eval_data, eval_items = read_preference_splits(cfg, self.tokenizer, self.family, "paired", self.empty_thought)
         self.items, self.eval_items, self.data_report = items, eval_items, data.report
         for line in data.report.summary_lines():
             run.say(line)

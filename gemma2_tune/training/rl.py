@@ -33,12 +33,11 @@ from transformers import PrinterCallback, TrainerCallback
 from ..config.rl import RlConfig
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
-from ..data.gemma4 import writes_empty_thought
-from ..data.template import template_record, use_run_template
+from ..data.template import template_record
 from ..data.turns import end_of_turn
 from ..errors import UserError
-from ..models.checks import check_kernel_request, softcaps
-from ..models.loading import checkpoint_family, load_model, load_tokenizer
+from ..models.checks import softcaps
+from ..models.loading import load_model
 from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from ..models.serving import stop_ids
 from ..rewards import (ROW, RewardModelScorer, column_problems, columns_line, load_reward_function, load_reward_model,
@@ -218,20 +217,14 @@ class Runner(lifecycle.Runner):
     def prepare(self, launch: Launch, out: Path):
         """Policy and rewards checked from configs, files and tokenizers; the run's template on the tokenizer;
         returns GRPOConfig/RLOOConfig. Raises UserError."""
-        cfg, m, r = self.cfg, self.cfg.model, self.cfg.rl
+        cfg, r = self.cfg, self.cfg.rl
         self.launch = launch
         if r.use_vllm:
             problem = vllm_problem()
             if problem:
                 raise UserError(f"rl.use_vllm: {problem}; leave it false to generate with transformers")
-        family, _ = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)
-        check_kernel_request(family, m.attn_implementation, training=True)
-        tokenizer = load_tokenizer(m.name_or_path, m.revision, m.trust_remote_code, family)
-        self.empty_thought = writes_empty_thought(family, m.name_or_path)
-        self.base_chat_template = use_run_template(tokenizer, family, cfg.data.system_policy,
-                                                   cfg.data.unsupported_fields, empty_thought=self.empty_thought)
-        tokenizer.padding_side = "left"  # generation pads prompts on the left
-        self.family, self.tokenizer = family, tokenizer
+        self.set_up_base(padding_side="left")  # generation pads prompts on the left
+        family = self.family
         self.functions = [load_reward_function(f, f"rl.reward_functions[{i}]") for i, f in enumerate(r.reward_functions)]
         rm = cfg.reward_model
         self.reward_tokenizer, self.reward_template = reward_model_tokenizer(

@@ -13,10 +13,10 @@ from typing import Any, Callable
 from ..config.sft import SftConfig
 from ..data.template import template_record
 from ..families import Shape
-from ..models.checks import check_kernel_request
-from ..models.loading import LoadRequest, checkpoint_family, load_model
+from ..models.loading import LoadRequest, load_model
 from ..models.lora import inspect_adapters
 from .batching import MicroBatch, gpu_memory, micro_batch
+from .setup import base_model
 from .compiling import compile_layers
 from .data import TrainingData, blocks_dataset, data_collator, prepare_data
 from . import lifecycle
@@ -38,10 +38,10 @@ class Runner(lifecycle.Runner):
     def prepare(self, launch: Launch, out: Path):
         """Family and kernel from the checkpoint's config (no weights), the loss and kernel settings, the
         micro-batch; returns SFTConfig."""
-        cfg, m = self.cfg, self.cfg.model
+        cfg = self.cfg
         self.launch = launch
-        family, hf_config = checkpoint_family(m.name_or_path, m.revision, m.trust_remote_code)  # config only
-        check_kernel_request(family, m.attn_implementation, training=True)
+        base = base_model(cfg)  # config only; its tokenizer is read with the data (training/data.py)
+        family, hf_config = base.family, base.config
         self.family, self.loss = family, effective_loss(cfg, launch)
         check_kernel_settings(cfg, family, self.loss)
         self.micro = micro_batch(cfg, Shape.from_config(hf_config.to_dict()), launch, gpu_memory())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, two_process_run, write_jsonl
+from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -153,20 +153,6 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_
               *RESUME]
     m, ref = resumed_equals_uninterrupted(common, tmp_path, "step 5/", 12)
     assert m["distill"]["tokens_generated"] == ref["distill"]["tokens_generated"]  # totals over both attempts
-
-
-@pytest.mark.parametrize("launch", ["ddp", "zero3"])
-def test_two_processes(teacher, prompts, tmp_path, launch):
-    out = tmp_path / launch
-    args = ["distill", "--model", "builtin:tiny-gemma2", "--teacher", str(teacher), "--dataset", str(prompts),
-            "--max-steps", "3", "--set", "training.logging_steps=1", "--set", "teacher.load_in=full",
-            "--set", "distill.max_completion_length=6", "--set", "training.per_device_train_batch_size=2",
-            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"]
-    if launch == "ddp":
-        args += ["--set", "quantization.load_in_4bit=false"]
-    m = two_process_run(args, launch, out, steps=3, timeout=600)
-    assert m["launch"]["zero_stage"] == (3 if launch == "zero3" else None)
-    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_bad_inputs_end_with_a_message_before_any_weights_load(teacher, prompts, tmp_path, tiny_model_dir):

@@ -216,7 +216,7 @@ def test_gemma4_is_refused_until_its_turn_format_is_rendered(tmp_path):
     (mm / "model.safetensors").write_bytes(b"")
     before = set(tmp_path.iterdir())
     r = _invoke([str(mm), "-o", str(tmp_path / "m.gguf")])
-    assert r.exit_code == 2 and "own turn format" in r.output and "Traceback" not in r.output, r.output
+    assert r.exit_code == 2 and "turn format" in r.output and "Gemma 4" in r.output and "Traceback" not in r.output, r.output
     _nothing_written(tmp_path, before)
 
 

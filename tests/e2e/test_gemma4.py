@@ -76,3 +76,22 @@ def test_merge_keeps_the_tower_byte_equal_and_answers_as_trained(ok_run, base_di
     r = runner.invoke(app, ["chat", "--model", str(merged), "--prompt", "How is the weather?", "--max-new-tokens", "20"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.slow
+def test_dpo_continues_the_gemma4_run_as_it_is(ok_run, tmp_path):
+    """The run's adapter targets the decoder by a regex (the tower has q/k/v/o of its own): the next stage reads
+    that back as the names lora.target_modules takes, trains the adapter further and keeps it in the decoder."""
+    out, tmp = ok_run
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": "ok"}],
+         "rejected": [{"role": "assistant", "content": "Well, it depends on many things."}]} for q in QUESTIONS])
+    dpo = tmp_path / "dpo"
+    r = runner.invoke(app, ["dpo", "--model", str(out), "--dataset", str(pairs), "-o", str(dpo), "--max-steps", "2",
+                            "--set", "model.dtype=float32", "--set", "quantization.load_in_4bit=false",
+                            "--set", "training.per_device_train_batch_size=2", "--set", "data.max_length=64",
+                            "--set", "training.gradient_accumulation_steps=1", "--set", "training.save_steps=null"])
+    assert r.exit_code == 0, r.output
+    keys = list(load_file(str(dpo / "adapter_model.safetensors")))
+    assert keys and all(".language_model.layers." in k for k in keys)
+    assert json.loads((dpo / "run.json").read_text())["status"] == "completed"

@@ -11,7 +11,7 @@ from gemma2_tune.config.layering import resolve
 from gemma2_tune.families import GEMMA2
 from gemma2_tune.training.batching import micro_batch
 from gemma2_tune.training.launch import Launch
-from gemma2_tune.training.plan import GIB
+from gemma2_tune.config.memory import GIB
 
 GEMMA2_9B = GEMMA2.shapes["9b"]
 

@@ -1,6 +1,6 @@
 """Stages that continue the previous stage's run (sft -> dpo -> dpo/rl -> eval/chat/merge, sft -> reward): one
 reader of "run folder -> base + adapter" (config/runs.py adapter_run), read from the folders' small files only.
-The runs trained end to end are in tests/e2e/test_chain.py."""
+The runs trained end to end are in tests/e2e/test_walkthrough.py."""
 
 import json
 

@@ -181,3 +181,10 @@ def test_eval_on_an_empty_dataset_says_so_before_loading_a_model(tmp_path, monke
     empty.write_text("")
     r = invoke("eval", *TINY, "--dataset", str(empty))
     assert r.exit_code == 2 and f"data.dataset: '{empty}' has no rows" in r.output, r.output
+
+
+def test_the_eval_suites_the_request_knows_are_the_harness_suites():
+    from gemma2_tune.after.harness import SUITES
+    from gemma2_tune.config.requests import EVAL_SUITES
+
+    assert tuple(SUITES) == EVAL_SUITES

@@ -10,6 +10,7 @@ repository path a block names must exist.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -306,3 +307,55 @@ def test_the_site_builds_strict(tmp_path):
                        check=False, env=os.environ | {"NO_MKDOCS_2_WARNING": "1"})  # mkdocs-material's banner about MkDocs 2
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "cli" / "index.html").is_file()
+
+
+def preview_examples(path: Path) -> list[tuple[str, list, list[str], list[str]]]:
+    """(where, the rows, the console command's arguments, the output shown) of every ```json block followed by a
+    ```console block whose command is `gemma2-tune preview ... --dataset FILE`: the rows are FILE's, one JSON value
+    each (a block may pretty-print one row over several lines, or hold one row per line)."""
+    rel = path.relative_to(ROOT)
+    found, shown = [], blocks(path.read_text())
+    for (first, lang, body), (_, next_lang, next_body) in zip(shown, shown[1:]):
+        if lang != "json" or next_lang != "console" or not next_body or not next_body[0].startswith("$ "):
+            continue
+        args = gemma2_tune_args(shlex.split(next_body[0][2:]))
+        if not args or args[0] != "preview":
+            continue
+        text, rows, decoder = "\n".join(body).strip(), [], json.JSONDecoder()
+        while text:
+            row, end = decoder.raw_decode(text)
+            rows.append(row)
+            text = text[end:].strip()
+        found.append((f"{rel}:{first}", rows, args, next_body[1:]))
+    return found
+
+
+def test_the_data_page_holds_gemma4_preview_examples():
+    """The extraction below finds the examples (a page edited so that none match would pass on nothing)."""
+    found = preview_examples(DOCS / "guides" / "data.md")
+    assert len(found) >= 3 and all("builtin:tiny-gemma4" in args for _, _, args, _ in found)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if preview_examples(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_rows_shown_on_a_page_preview_as_shown(page, tmp_path, monkeypatch):
+    """Each row example followed by its `preview` prints exactly what the page shows (the rows written to the file
+    the command names, one per line, in an empty folder), and exits 2 where the page shows an `error:`, else 0."""
+    from typer.testing import CliRunner
+
+    from gemma2_tune.models.builtin import builtin_path
+
+    monkeypatch.chdir(tmp_path)
+    wrong = []
+    for where, rows, args, shown in preview_examples(page):
+        for name in (a for a in args if a.startswith("builtin:")):
+            builtin_path(name)  # built before: building prints the library's progress bars
+        dataset = args[args.index("--dataset") + 1]
+        (tmp_path / dataset).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        result = CliRunner().invoke(app, args)
+        got = [line.rstrip() for line in result.output.strip("\n").splitlines()]
+        want = [line.rstrip() for line in "\n".join(shown).strip("\n").splitlines()]
+        code = 2 if any(line.startswith("error:") for line in want) else 0
+        if got != want or result.exit_code != code:
+            wrong.append(f"{where}: `gemma2-tune {' '.join(args)}` exited {result.exit_code} (shown: {code}), "
+                         "printed:\n" + "\n".join(got))
+    assert wrong == [], "\n\n".join(wrong)

@@ -81,6 +81,28 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     return {m for m in found if not own.startswith(m + ".")}
 
 
+def test_no_import_cycle():
+    """No module reaches itself through imports, lazy ones included: each layer's modules form a hierarchy (the
+    registry of methods at the top of training/, taking what it needs from below)."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: imported_modules(path, set(paths)) for name, path in paths.items()}
+    cycles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(trail[trail.index(nxt):] + [node, nxt]) if nxt in trail else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert cycles == [], "\n".join(cycles)
+
+
 def test_every_module_is_named_in_its_folder_docstring():
     """A package's docstring is its table of contents: every module and subpackage in it is named there."""
     missing = []

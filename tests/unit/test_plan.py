@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from gemma2_tune.cli import app
 from gemma2_tune.families import GEMMA2
-from gemma2_tune.training.plan import GIB, estimate, lora_params, model_shape
+from gemma2_tune.config.memory import GIB, estimate, lora_params
+from gemma2_tune.training.plan import model_shape
 from gemma2_tune.config.layering import resolve
 
 runner = CliRunner()

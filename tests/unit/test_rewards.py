@@ -4,6 +4,8 @@ reward models, and eval's reward options checked before any model loads."""
 import json
 import re
 
+import sys
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -42,7 +44,8 @@ def test_a_reward_model_reads_the_templates_rendering_and_an_empty_answer_is_def
 
 def test_a_reward_run_is_a_reward_model_and_a_causal_lm_adapter_is_not(tmp_path):
     from gemma2_tune.config.layering import resolve
-    from gemma2_tune.config.rl import RlConfig, reward_run
+    from gemma2_tune.config.rewards import reward_run
+    from gemma2_tune.config.rl import RlConfig
     from gemma2_tune.errors import ConfigError
 
     common = ["model.name_or_path=builtin:tiny-gemma2", "rl.reward_functions=[]"]
@@ -137,12 +140,22 @@ def test_a_reward_model_is_refused_wherever_a_model_must_generate(tmp_path):
     ["eval", "--adapter", "{run}", "--dataset", "concise-held-out", "--max-new-tokens", "5"],
 ])
 def test_chat_serve_export_and_eval_refuse_a_reward_model_before_loading_it(args, tmp_path, monkeypatch):
+    import importlib
+    import pkgutil
+
+    import gemma2_tune.after
     import gemma2_tune.after.inference as inference
     import gemma2_tune.models.loading as loading
 
+    # every module that bound a loader by name gets the failing one (imported first, so none binds it for good)
+    for info in pkgutil.walk_packages(gemma2_tune.after.__path__, "gemma2_tune.after."):
+        importlib.import_module(info.name)
     run, merged = reward_model_folders(tmp_path)
-    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    loaders = (inference.load, loading.load_model)
+    for module in [m for name, m in sys.modules.items() if name.startswith("gemma2_tune.")]:
+        for attr, value in list(vars(module).items()):
+            if any(value is loader for loader in loaders):
+                monkeypatch.setattr(module, attr, lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, [a.format(run=run, merged=merged) for a in args])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
@@ -302,7 +315,7 @@ def test_an_interrupted_run_in_the_output_folder_suggests_resuming_it(tmp_path):
 
 def reward_function(tmp_path, code: str, name: str):
     """`name` from a reward module holding `code`, loaded as rl loads it."""
-    from gemma2_tune.config.rl import RewardFunction
+    from gemma2_tune.config.rewards import RewardFunction
     from gemma2_tune.rewards import load_reward_function
 
     path = tmp_path / f"{name}_rewards.py"

@@ -1,7 +1,7 @@
 """The post-training stages chained as a user runs them, on the tiny Gemma 2 (LoRA, fp32, a few steps each):
 sft -> dpo (from the sft run) -> rl twice (from the dpo run, a reward function reading the rows' `answer` column,
 an EMA of each policy) -> merge-models (WARP: SLERP of the EMAs, then LITI towards the dpo policy) -> eval of every
-stage with that reward function. Each stage takes the previous stage's run folder as it is. docs-notes/chain.md
+stage with that reward function. Each stage takes the previous stage's run folder as it is. docs/guides/stages.md
 has the same commands."""
 
 import json
