@@ -13,5 +13,6 @@
     preference_eval.py  `eval` of a reward model: pairwise accuracy on held-out pairs
     serve/              `serve`: the OpenAI-compatible server (schema, engines, routes, run)
     export.py           `export`: one GGUF for llama.cpp, parity-checked against transformers
+    projector.py        `export` of an image + text model: llama.cpp's projector file (mmproj) beside the GGUF
     ollama.py           the Ollama Modelfile: the training renderer as a Go text/template
 """
