@@ -84,12 +84,12 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     """Export `target` (a run folder, its ema/, a merged or merge-models folder) to one GGUF file `output`.
 
     `quant`: one of QUANT_TYPES. Writes `output` (bytes: about 2 per parameter in f16, ~1.06 in q8_0), beside it
-    `<stem>.export.json` (the checks and parity numbers), with `ollama`, `<stem>.Modelfile` and, for a Gemma 3 image
-    + text model with its image processor, `<stem>.mmproj.gguf` (llama.cpp's projector file, after/projector.py);
-    all of them only after every check passed. Raises UserError (nothing written): an unknown `to` or `quant`, an output that is
-    not a .gguf path or exists without `overwrite`, a target that is not a Gemma 2 / Gemma 3 text model folder or
-    run (multimodal Gemma refused), the export extra missing, the converter failing, a metadata check or a
-    parity bound failing.
+    `<stem>.export.json` (the checks and parity numbers), with `ollama`, `<stem>.Modelfile` and, for a Gemma 3
+    image + text model with its image processor, `<stem>.mmproj.gguf` (llama.cpp's projector file,
+    after/projector.py); all of them only after every check passed. Raises UserError (nothing written): an
+    unknown `to` or `quant`, an output that is not a .gguf path or exists without `overwrite`, a target that is
+    not a Gemma 2 / Gemma 3 model folder or run (Gemma 4 refused), the export extra missing, the converter
+    failing, a metadata check or a parity bound failing.
     """
     if to != "gguf":
         raise UserError(f"--to {to}: the only export format is gguf (llama.cpp, Ollama)")
@@ -164,6 +164,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                 shutil.move(work / "Modelfile", outputs[2])
             if projector and projector["written"]:
                 shutil.move(work / projector_file.name, projector_file)
+            elif projector_file and projector_file.exists():  # --overwrite: an older tower's file must not stay
+                projector_file.unlink()
             shutil.move(gguf_file, out)
     _print_result(result, outputs, echo)
     if projector_file:
@@ -230,7 +232,8 @@ def _projector(folder: Path, family: Family, quant: str, work: Path, projector_f
 
 def _print_projector(projector: dict, projector_file: Path, echo) -> None:
     if projector["written"]:
-        echo(f"  projector: {projector_file} ({projector['bytes'] / 2**20:.1f} MiB; llama.cpp: --mmproj {projector_file})")
+        echo(f"  projector: {projector_file} ({projector['bytes'] / 2**20:.1f} MiB; llama.cpp: --mmproj "
+             f"{projector_file})")
     else:
         echo(f"  projector: not written: {projector['why']}")
     echo(f"  not checked: {projector['not_checked']}")

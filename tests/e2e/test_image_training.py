@@ -165,7 +165,7 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
     """An image + text Gemma 3 folder with its image processor exports its decoder (parity on text prompts) and
     llama.cpp's projector file (mmproj) beside it, whose metadata matches the folder's tower and processor; the
     report and the output say that no image went through llama.cpp. A processor at another resolution than the
-    tower's is refused, nothing written."""
+    tower's is refused, the earlier export left as it was."""
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
     import shutil
 
@@ -214,7 +214,7 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
 
     processor["image_processor"]["size"] = {"height": 64, "width": 64}
     (folder / "processor_config.json").write_text(json.dumps(processor))
-    other = tmp_path / "other" / "mm.gguf"
-    r = runner.invoke(app, ["export", str(folder), "-o", str(other)])
+    before = {f.name: f.read_bytes() for f in out.parent.iterdir()}
+    r = runner.invoke(app, ["export", str(folder), "-o", str(out), "--overwrite"])
     assert r.exit_code == 2 and "image size (processor): 32 (expected 64)" in r.output, r.output
-    assert not other.parent.exists() or not any(other.parent.iterdir())
+    assert {f.name: f.read_bytes() for f in out.parent.iterdir()} == before  # the earlier export left whole
