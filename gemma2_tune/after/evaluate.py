@@ -91,8 +91,9 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str, warn: Calla
     from ..models.loading import checkpoint_family, load_tokenizer
     from .inference import load, read_run
 
-    def tokenizer_of(r: TrainedRun):
-        return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model)
+    def tokenizer_of(r: TrainedRun):  # checked for its family's turn markers (Gemma 4's are not Gemma 2/3's)
+        return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model,
+                              family=checkpoint_family(r.base_model)[0])
 
     for i, name in enumerate(names):  # what the names alone say, before any tokenizer loads
         if name in taken:

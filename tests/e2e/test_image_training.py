@@ -137,6 +137,12 @@ def test_gemma4_qlora_keeps_lora_out_of_the_towers_and_merge_keeps_towers_and_pr
     keys = list(load_file(str(out / "adapter_model.safetensors")))
     assert keys and all(".language_model.layers." in k for k in keys)
     assert (out / "processor_config.json").is_file()
+    r = runner.invoke(app, ["eval", "--adapter", str(out), "--dataset", str(held), "--compare", "builtin:tiny-gemma4"])
+    assert r.exit_code == 0, r.output
+    table = {line.split()[0]: float(line.split()[1]) for line in r.output.splitlines()
+             if line.startswith(("base ", "fine-tuned ", "builtin:tiny-gemma4 "))}
+    assert "images: 9 in 9 rows" in r.output, r.output
+    assert table["fine-tuned"] < min(table["base"], table["builtin:tiny-gemma4"]), r.output
 
     image = held_out(held)[0][0]
     # 20 tokens: 12 steps teach the answer's form, not yet its first tokens (blank); the merge must keep them all
