@@ -39,7 +39,8 @@ from ..data.template import chat_template
 from ..data.turns import BOS, END, normalise, render
 from ..errors import UserError
 from ..families import Family
-from .projector import NOT_CHECKED, PROJECTOR_TYPES, check_projector, processor_settings, write_projector
+from .projector import (NOT_CHECKED, PROJECTOR_TYPES, check_image_embeddings, check_projector, processor_settings,
+                        write_projector)
 
 # llama.cpp's converter writes these itself; every other type is quantized from its output by llama.cpp.
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -134,7 +135,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                                 + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
                                 + f"; nothing was written to {out}")
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
-            projector = _projector(folder, served.family, quant, work, projector_file, echo) if projector_file else None
+            projector = (_projector(folder, served.family, quant, work, gguf_file, projector_file, echo)
+                         if projector_file else None)
             parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo)
             result = {
                 "source": str(served.source), "family": served.family.key, "system_policy": policy,
@@ -209,9 +211,11 @@ def _check_target(target: str) -> Family:
     return family
 
 
-def _projector(folder: Path, family: Family, quant: str, work: Path, projector_file: Path, echo) -> dict:
-    """The image tower's projector file (mmproj) written into `work` and checked, or why it was not written.
-    Raises UserError when the converter fails or a check fails."""
+def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: Path, projector_file: Path,
+               echo) -> dict:
+    """The image tower's projector file (mmproj) written into `work` and checked (its metadata, then a drawn image's
+    soft-token embeddings in llama.cpp against transformers'), or why it was not written. Raises UserError when the
+    converter fails or a check fails."""
     processor = processor_settings(folder)
     if processor is None:
         return {"written": False, "file": None, "not_checked": NOT_CHECKED,
@@ -225,9 +229,17 @@ def _projector(folder: Path, family: Family, quant: str, work: Path, projector_f
                         + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
                         + f"; nothing was written to {projector_file}")
     echo(f"projector metadata checked: {', '.join(c['check'] for c in checks)}")
+    config = _saved_config(folder)
+    embeddings = check_image_embeddings(gguf_file, work / projector_file.name, work / "tower", config, processor)
+    if not embeddings["passed"]:
+        raise UserError(f"projector self-check failed: {embeddings['failure']}; nothing was written to "
+                        f"{projector_file}")
+    echo(f"projector parity ({embeddings['bound']}): {embeddings['tokens_llama_cpp']} soft tokens of a "
+         f"{embeddings['image']}, cosine similarity >= {embeddings['min_cosine']:.5f}, max |difference| "
+         f"{embeddings['max_abs_diff']:.4f} (of values up to {embeddings['max_abs_value']:.2f})")
     return {"written": True, "file": projector_file.name, "bytes": (work / projector_file.name).stat().st_size,
             "tensors": _tensor_count(work / projector_file.name), "converter": ran, "checks": checks,
-            "not_checked": NOT_CHECKED}
+            "image_embeddings": embeddings, "not_checked": NOT_CHECKED}
 
 
 def _print_projector(projector: dict, projector_file: Path, echo) -> None:

@@ -169,8 +169,9 @@ def test_gemma4_qlora_keeps_lora_out_of_the_towers_and_merge_keeps_towers_and_pr
 @pytest.mark.export  # slow: the module's mark (two conversions)
 def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_not_check(tmp_path, tune_home):
     """An image + text Gemma 3 folder with its image processor exports its decoder (parity on text prompts) and
-    llama.cpp's projector file (mmproj) beside it, whose metadata matches the folder's tower and processor; the
-    report and the output say that no image went through llama.cpp. A processor at another resolution than the
+    llama.cpp's projector file (mmproj) beside it, whose metadata matches the folder's tower and processor and
+    whose soft-token embeddings of a drawn image equal transformers' (f16 rounding); the report and the output say
+    that no prompt with an image was generated through llama.cpp. A processor at another resolution than the
     tower's is refused, the earlier export left as it was."""
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
     import shutil
@@ -194,6 +195,8 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
     model = transformers.Gemma3ForConditionalGeneration(config)
     model.model.language_model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(text).model.state_dict())
     model.generation_config.eos_token_id = config.text_config.eos_token_id
+    with torch.no_grad():  # transformers starts the projector at zeros: every image would embed as 0
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.15)
     folder = tmp_path / "vision"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -207,6 +210,7 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
     assert r.exit_code == 0, r.output
     projector = out.parent / "mm.mmproj.gguf"
     assert f"projector: {projector}" in r.output and "not checked: image prompts through llama.cpp" in r.output
+    assert "projector parity (cosine similarity >= 0.99): 4 soft tokens of a 32x32 drawn test image" in r.output
     meta = read_metadata(projector)
     assert meta["general.architecture"] == "clip" and meta["clip.projector_type"] == "gemma3"
     assert meta["clip.vision.image_size"] == 32 and meta["clip.vision.projection_dim"] == config.text_config.hidden_size
@@ -214,7 +218,10 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
     assert report["parity"]["passed"] and report["projector"]["written"], report
     assert report["projector"]["file"] == projector.name and report["projector"]["tensors"] > 0
     assert all(c["passed"] for c in report["projector"]["checks"]) and len(report["projector"]["checks"]) == 11
-    assert "no image was run through llama.cpp" in report["projector"]["not_checked"]
+    embeddings = report["projector"]["image_embeddings"]
+    assert embeddings["passed"] and embeddings["tokens_llama_cpp"] == embeddings["tokens_transformers"] == 4
+    assert embeddings["min_cosine"] > 0.999 and 0 < embeddings["max_abs_diff"] < 0.01 * embeddings["max_abs_value"]
+    assert "no prompt holding an image was generated through llama.cpp" in report["projector"]["not_checked"]
     text_only = read_metadata(out)
     assert not any(k.startswith("clip.") for k in text_only)  # the decoder's file carries no tower
 
