@@ -36,6 +36,7 @@ AUDIO_PART_TYPES = ("input_audio", "audio")
 AUDIO_NOT_TRAINED = ("which is not trained: Gemma 4 E2B/E4B keep their audio tower (frozen), but gemma2-tune does "
                      "not turn audio into the audio tower's input features")
 
+
 class BadRow(ValueError):
     """A row that can't become a valid Gemma conversation; the message says why."""
 

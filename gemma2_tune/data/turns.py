@@ -42,6 +42,7 @@ CONTROL_MARKERS = (START, END, "<|im_start|>", "<|im_end|>", BOS, "<eos>", "<pad
 
 EMPTY_SYSTEM = "empty system message dropped"
 
+
 def end_of_turn(family: Family) -> str:
     """The token that ends a model turn (the model learns to write it, generation stops at it): <end_of_turn>
     (Gemma 2/3) or <turn|> (Gemma 4)."""
