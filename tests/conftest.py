@@ -204,3 +204,45 @@ def serve_process(target, log_path: Path, *extra: str, startup_s: float = 240):
                     proc.wait(timeout=60)
 
     return running()
+
+
+# Coloured shapes (images drawn here, no downloads): the task the image tests teach is the shape's colour.
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
+SHAPE_QUESTION = "What colour is the shape?"
+
+
+def draw_shape(path: Path, colour: str, shape: str, rng, size: int = 32) -> Path:
+    """A `size` x `size` PNG: a filled circle, square or triangle of `colour`, of random size and place, on light
+    grey."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(size // 4, size // 2 - 2)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=SHAPE_COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=SHAPE_COLOURS[colour])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=SHAPE_COLOURS[colour])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def shape_rows(folder: Path, n: int, seed: int) -> list[dict]:
+    """`n` chats, colours in turn: an image (a path relative to `folder`, drawn into folder/img/) and the question,
+    answered 'Red.', 'Green.' or 'Blue.'."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour = list(SHAPE_COLOURS)[i % len(SHAPE_COLOURS)]
+        name = f"img/{seed}-{i}.png"
+        draw_shape(folder / name, colour, rng.choice(["circle", "square", "triangle"]), rng)
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": SHAPE_QUESTION}]},
+            {"role": "assistant", "content": colour.capitalize() + "."}]})
+    return rows

@@ -15,5 +15,6 @@
     export.py           `export`: one GGUF for llama.cpp, parity-checked against transformers
     gguf_parity.py      export's parity: the GGUF in llama.cpp vs transformers, bounded by measured floors
     ggml_quant.py       llama.cpp's quantized arithmetic in transformers (weights and product inputs rounded)
+    projector.py        `export` of an image + text model: llama.cpp's projector file (mmproj) beside the GGUF
     ollama.py           the Ollama Modelfile: the training renderer as a Go text/template
 """

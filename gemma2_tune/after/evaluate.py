@@ -17,17 +17,32 @@ from ..errors import UserError
 from .inference import Loaded, TrainedRun
 
 
-def supervised_loss(model, examples) -> dict[str, Any]:
-    """Mean cross-entropy (nats) over the examples' supervised tokens, perplexity, counts; one row at a time."""
+def supervised_loss(model, examples, images=None) -> dict[str, Any]:
+    """Mean cross-entropy (nats) over the examples' supervised tokens, perplexity, counts; one row at a time. An
+    image + text model (`images`: its data/images.py ImageProcessing) gets each row as training batched it: its
+    token types, and its images' pixels (data/collator.py)."""
     import torch
 
+    collate = None
+    if images is not None:
+        from ..data.collator import IMAGES_COLUMN, ImageBlockCollator, images_column
+        from ..data.packing import unpacked
+
+        collate = ImageBlockCollator(0, images=images, dtype=str(model.dtype).replace("torch.", ""))
     total = count = 0.0
     with torch.no_grad():
         for e in examples:
             n = sum(1 for label in e.labels[1:] if label != IGNORE_INDEX)
-            ids = torch.tensor([e.input_ids], device=model.device)
-            labels = torch.tensor([e.labels], device=model.device)
-            total += model(input_ids=ids, labels=labels, use_cache=False).loss.float().item() * n
+            if collate is not None:
+                block = unpacked([e])[0]
+                item = {"input_ids": block.input_ids, "labels": block.labels, "position_ids": block.position_ids}
+                if e.images:
+                    item[IMAGES_COLUMN] = images_column([block])[0]
+                inputs = {k: v.to(model.device) for k, v in collate([item]).items()}
+            else:
+                inputs = {"input_ids": torch.tensor([e.input_ids], device=model.device),
+                          "labels": torch.tensor([e.labels], device=model.device)}
+            total += model(**inputs, use_cache=False).loss.float().item() * n
             count += n
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "supervised_tokens": int(count), "rows": len(examples)}
@@ -42,17 +57,19 @@ def evaluate(loaded: Loaded, data: SftDataSection, compare_base: bool, echo=prin
     Raises UserError when the data has no usable rows."""
     model = loaded.model
     rows, source = read or load_rows(data)
-    examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family, empty_thought=loaded.empty_thought)
+    examples, report = build_examples(rows, loaded.tokenizer, data, loaded.family, empty_thought=loaded.empty_thought,
+                                      images=loaded.images)
     for line in source.lines() + report.summary_lines():
         echo(line)
     results = {}
     if compare_base and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            results["base"] = supervised_loss(model, examples)
-    results["fine-tuned" if hasattr(model, "disable_adapter") else "model"] = supervised_loss(model, examples)
+            results["base"] = supervised_loss(model, examples, loaded.images)
+    results["fine-tuned" if hasattr(model, "disable_adapter") else "model"] = supervised_loss(model, examples,
+                                                                                           loaded.images)
     for name, load_other in others:  # checked by the caller (same family and vocabulary)
         other = load_other()
-        results[name] = supervised_loss(other.model, examples)
+        results[name] = supervised_loss(other.model, examples, other.images)
         del other
     width = max(12, *(len(n) + 2 for n in results))
     echo(f"{'':{width}s}{'loss':>10s}{'perplexity':>14s}{'supervised tokens':>20s}")
@@ -74,8 +91,9 @@ def compare_loaders(names: list[str], run: TrainedRun, load_in: str, warn: Calla
     from ..models.loading import checkpoint_family, load_tokenizer
     from .inference import load, read_run
 
-    def tokenizer_of(r: TrainedRun):
-        return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model)
+    def tokenizer_of(r: TrainedRun):  # checked for its family's turn markers (Gemma 4's are not Gemma 2/3's)
+        return load_tokenizer(str(r.path) if (r.path / "tokenizer.json").is_file() else r.base_model,
+                              family=checkpoint_family(r.base_model)[0])
 
     for i, name in enumerate(names):  # what the names alone say, before any tokenizer loads
         if name in taken:

@@ -37,6 +37,8 @@ from ..errors import UserError
 from ..families import Family
 from ..files import writable_problem
 from .gguf_parity import PARITY_PROMPTS, check_parity
+from .projector import (NOT_CHECKED, PROJECTOR_TYPES, check_image_embeddings, check_projector, processor_settings,
+                        write_projector)
 
 # llama.cpp's converter writes the unquantized types; every other type is quantized from its output by llama.cpp's
 # quantizer (as llama.cpp's own workflow does: convert, then llama-quantize), whose input is then the floor of the
@@ -74,7 +76,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     `quant`: one of QUANT_TYPES. `output` may be relative (to the working directory). Writes `output` (bytes: about
     2 per parameter in f16, ~1.06 in q8_0), beside it `<stem>.export.json` (the checks and parity numbers) and,
     with `ollama`, `<stem>.Modelfile` (without it, a Modelfile there from an earlier export is removed: it would
-    describe another file); all of it only after every check passed. Raises UserError (nothing written): an
+    describe another file) and, for a Gemma 3 image + text model with its image processor, `<stem>.mmproj.gguf`
+    (llama.cpp's projector file, after/projector.py); all of it only after every check passed. Raises UserError (nothing written): an
     unknown `to` or `quant`, an output that is not a .gguf path, lies under a file or where nothing may be
     written, or exists (any of the three files) without `overwrite`, a target that is not a Gemma 2 / Gemma 3
     model folder or run (an image + text Gemma 3 exports its decoder; Gemma 4 is refused), a Gemma 2 without a
@@ -104,7 +107,10 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     missing = missing_packages()
     if missing:
         raise UserError(f"export needs the package(s) {', '.join(missing)}: {EXTRA_HINT}; nothing was written")
-    sentencepiece = _check_target(target)
+    family, sentencepiece = _check_target(target)
+    projector_file = _beside(out, ".mmproj.gguf") if family.key in PROJECTOR_TYPES else None
+    if projector_file and projector_file.exists() and not overwrite:
+        raise UserError(f"{projector_file} already exists; pass --overwrite to replace (nothing was written)")
 
     from .materialize import model_folder
 
@@ -127,6 +133,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                                 + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
                                 + f"; nothing was written to {out}")
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
+            projector = (_projector(folder, served.family, quant, work, gguf_file, projector_file, echo)
+                         if projector_file else None)
             unquantized = converted.pop("unquantized", None)
             parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo,
                                   Path(unquantized) if unquantized else None, converted["outtype"])
@@ -139,7 +147,7 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                          "metadata": _summary(metadata)},
                 "checks": checks, "parity": parity, "gemma_terms": GEMMA_NOTICE if terms else None,
                 "seconds": round(time.time() - started, 1),
-            }
+            } | ({"projector": projector} if projector_file else {})
             (work / "export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             if not parity["passed"]:
                 raise UserError(f"parity self-check failed ({parity['bound']['rule']}): {parity['failure']}; "
@@ -161,8 +169,14 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             elif outputs[2].exists():
                 outputs[2].unlink()
                 echo(f"removed {outputs[2]}: it described the GGUF this export replaces (--ollama writes a new one)")
+            if projector and projector["written"]:
+                shutil.move(work / projector_file.name, projector_file)
+            elif projector_file and projector_file.exists():  # --overwrite: an older tower's file must not stay
+                projector_file.unlink()
             shutil.move(gguf_file, out)
     _print_result(result, outputs if ollama else outputs[:2], echo)
+    if projector_file:
+        _print_projector(result["projector"], projector_file, echo)
     return Exported(out, outputs[1], outputs[2] if ollama else None, result)
 
 
@@ -178,10 +192,10 @@ def missing_packages() -> list[str]:
     return [name for name, module in modules.items() if importlib.util.find_spec(module) is None]
 
 
-def _check_target(target: str) -> Path | None:
+def _check_target(target: str) -> tuple[Family, Path | None]:
     """Refuse, before any merge or conversion, what is not a Gemma model folder or run, is a reward model, is of
-    a family not exported yet, or is a Gemma 2 without a SentencePiece model. Returns the tokenizer's
-    SentencePiece model (None: it has none)."""
+    a family not exported yet, or is a Gemma 2 without a SentencePiece model. Returns the checkpoint's family and
+    the tokenizer's SentencePiece model (None: it has none)."""
     from ..models.loading import checkpoint_family, turn_format_problem
     from .inference import read_run
 
@@ -205,7 +219,7 @@ def _check_target(target: str) -> Path | None:
                         f"SentencePiece model (tokenizer.model), and neither {target}{base} has one (a byte-level "
                         "BPE tokenizer, as builtin:tiny-gemma2's, cannot be converted; for a folder written without "
                         "it, copy its base's tokenizer.model into it); nothing was written")
-    return sentencepiece
+    return family, sentencepiece
 
 
 def _sentencepiece(path: Path, run) -> Path | None:
@@ -218,6 +232,45 @@ def _sentencepiece(path: Path, run) -> Path | None:
     if found is None and run.is_adapter:
         found = sentencepiece_model(load_tokenizer(run.base_model))
     return found
+
+def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: Path, projector_file: Path,
+               echo) -> dict:
+    """The image tower's projector file (mmproj) written into `work` and checked (its metadata, then a drawn image's
+    soft-token embeddings in llama.cpp against transformers'), or why it was not written. Raises UserError when the
+    converter fails or a check fails."""
+    processor = processor_settings(folder)
+    if processor is None:
+        return {"written": False, "file": None, "not_checked": NOT_CHECKED,
+                "why": f"{folder} has no image processor (preprocessor_config.json or processor_config.json), whose "
+                       "resolution and soft tokens per image the projector file must carry"}
+    ran = write_projector(converter_dir(), folder, work, work / projector_file.name, quant, echo)
+    checks = check_projector(read_metadata(work / projector_file.name), _saved_config(folder), processor, family)
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        raise UserError("the projector file does not carry what it must: "
+                        + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
+                        + f"; nothing was written to {projector_file}")
+    echo(f"projector metadata checked: {', '.join(c['check'] for c in checks)}")
+    config = _saved_config(folder)
+    embeddings = check_image_embeddings(gguf_file, work / projector_file.name, work / "tower", config, processor)
+    if not embeddings["passed"]:
+        raise UserError(f"projector self-check failed: {embeddings['failure']}; nothing was written to "
+                        f"{projector_file}")
+    echo(f"projector parity ({embeddings['bound']}): {embeddings['tokens_llama_cpp']} soft tokens of a "
+         f"{embeddings['image']}, cosine similarity >= {embeddings['min_cosine']:.5f}, max |difference| "
+         f"{embeddings['max_abs_diff']:.4f} (of values up to {embeddings['max_abs_value']:.2f})")
+    return {"written": True, "file": projector_file.name, "bytes": (work / projector_file.name).stat().st_size,
+            "tensors": _tensor_count(work / projector_file.name), "converter": ran, "checks": checks,
+            "image_embeddings": embeddings, "not_checked": NOT_CHECKED}
+
+
+def _print_projector(projector: dict, projector_file: Path, echo) -> None:
+    if projector["written"]:
+        echo(f"  projector: {projector_file} ({projector['bytes'] / 2**20:.1f} MiB; llama.cpp: --mmproj "
+             f"{projector_file})")
+    else:
+        echo(f"  projector: not written: {projector['why']}")
+    echo(f"  not checked: {projector['not_checked']}")
 
 
 def _saved_config(folder: Path) -> dict:

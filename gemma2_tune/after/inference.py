@@ -88,6 +88,7 @@ class Loaded:
     report: Any
     empty_thought: bool = False  # Gemma 4 12B/26B-A4B/31B: the generation prompt writes an empty thought block
     thinking: bool = False  # Gemma 4: conversations rendered with thinking on (enable_thinking)
+    images: Any = None  # the image processor the run trained with (data/images.py ImageProcessing); None: text only
 
 
 def read_run(adapter: str | None, model: str | None, key: str = "--adapter") -> TrainedRun:
@@ -203,7 +204,27 @@ def load(run: TrainedRun, load_in: LoadIn = "auto", dtype: str | None = None) ->
             raise UserError(f"--adapter {run.path}: does not fit base model '{run.base_model}' (trained on "
                             f"'{trained_on}'): {str(exc).splitlines()[0][:300]}") from None
     model.eval()
-    return Loaded(model, tokenizer, family, report, empty_thought, run.enable_thinking)
+    return Loaded(model, tokenizer, family, report, empty_thought, run.enable_thinking, run_images(run, family,
+                                                                                                 tokenizer))
+
+
+def run_images(run: TrainedRun, family: Family, tokenizer):
+    """The image processor a run trained with: the one saved beside its weights (processor_config.json), else its
+    base checkpoint's; with the run's data.pan_and_scan. None for a text family or a checkpoint without one."""
+    from ..models.loading import load_image_processing
+
+    if family.images is None:
+        return None
+    pan_and_scan = bool(run.config and getattr(run.config.data, "pan_and_scan", False))
+    for source in (str(run.path), run.base_model):
+        folder = Path(source)
+        if source == run.base_model or (folder / "processor_config.json").is_file() or (
+                folder / "preprocessor_config.json").is_file():
+            found = load_image_processing(source, family, tokenizer, pan_and_scan=pan_and_scan,
+                                          config_from=None if (folder / "config.json").is_file() else run.base_model)
+            if found is not None:
+                return found
+    return None
 
 
 @dataclass
@@ -228,6 +249,24 @@ class Sampling:
         return kwargs
 
 
+def prompt_inputs(messages: list[dict[str, Any]], loaded: Loaded, system_policy: str,
+                  read_image: Callable | None = None) -> dict[str, Any]:
+    """The conversation so far + the model's turn header, exactly as in training, as the model's inputs:
+    input_ids (1, length); for an image + text model its token types (1, length) always, and with images their
+    pixel values (and Gemma 4's image_position_ids), made by the run's image processor. `read_image` reads image
+    parts (data/images.py ImageReader; None: they are refused). Raises BadRow when the conversation can't be
+    rendered or an image can't be read."""
+    from ..data.examples import TurnTokenizer
+
+    family = loaded.family
+    turns = normalise(messages, system_policy, allow_open_end=True, family=family, thinking=loaded.thinking,
+                      images=read_image if loaded.images is not None else None)
+    encoder = TurnTokenizer(loaded.tokenizer, family, loaded.thinking, loaded.empty_thought, loaded.images)
+    rendered = render(turns, add_generation_prompt=True, family=family, thinking=loaded.thinking,
+                      empty_thought=loaded.empty_thought)
+    return encoder.model_inputs(rendered, turns)
+
+
 def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, family: Family, *,
                thinking: bool = False, empty_thought: bool = False, tools: Any = None):
     """The conversation so far + the model's turn header, exactly as in training: (1, length) ids. `thinking`,
@@ -239,11 +278,12 @@ def prompt_ids(messages: list[dict[str, str]], tokenizer, system_policy: str, fa
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
 
-def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sampling: Sampling,
-          on_text: Callable[[str], None] | None = None, on_thought: Callable[[str], None] | None = None) -> str:
+def reply(loaded: Loaded, messages: list[dict[str, Any]], system_policy: str, sampling: Sampling,
+          on_text: Callable[[str], None] | None = None, on_thought: Callable[[str], None] | None = None,
+          read_image: Callable | None = None) -> str:
     """Generate the model's next turn; streams pieces to `on_text` when given. Stops at the end of its turn.
     A Gemma 4 model thinking (`loaded.thinking`) writes its thought first: it goes to `on_thought` (when given),
-    and the answer is returned (not streamed)."""
+    and the answer is returned (not streamed). `read_image` reads the messages' image parts (prompt_inputs)."""
     import threading
 
     from transformers import TextIteratorStreamer
@@ -251,9 +291,11 @@ def reply(loaded: Loaded, messages: list[dict[str, str]], system_policy: str, sa
     from ..models.serving import generated_text
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    ids = prompt_ids(messages, tokenizer, system_policy, loaded.family, thinking=loaded.thinking,
-                     empty_thought=loaded.empty_thought).to(model.device)
-    kwargs = sampling.generate_kwargs(tokenizer) | {"input_ids": ids, "use_cache": True}
+    inputs = prompt_inputs(messages, loaded, system_policy, read_image)
+    inputs = {k: v.to(model.device) if k != "pixel_values" else v.to(model.device, model.dtype)
+              for k, v in inputs.items()}
+    ids = inputs["input_ids"]
+    kwargs = sampling.generate_kwargs(tokenizer) | inputs | {"use_cache": True}
     if loaded.thinking:  # the thought is cut out of the text with its markers, so the text keeps them
         out = model.generate(**kwargs)
         thought, answer = split_answer(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False))

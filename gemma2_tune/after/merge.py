@@ -69,6 +69,8 @@ def merge(adapter: str, output: str, model: str | None = None, dtype: str | None
     with staged_dir(out, echo=echo) as tmp:  # nothing reaches `out` unless the bounded check passes
         merged.save_pretrained(tmp, max_shard_size="5GB")
         save_tokenizer(tokenizer, tmp)  # with the run's generated chat template and its SentencePiece model
+        if loaded.images is not None:  # the image processor the run trained with: chat, serve and export read it
+            loaded.images.save(tmp)
         got = _reloaded_logits(tmp, prompts, run.attn_implementation, dtype, head)
         check = selfcheck.verdict(selfcheck.compare(got, reference), floor, dtype)
         check = {"against": f"unquantized base + adapter, computed in float32 (merged in {dtype})"} | check

@@ -29,6 +29,9 @@ def chat(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     enable_thinking: ThinkingOpt = None,
+    image: Annotated[Optional[list[str]], typer.Option(
+        "--image", help="An image shown with the (first) message: a local path; repeatable, in order. Image + text "
+        "checkpoints (Gemma 3 4B/12B/27B, Gemma 4) only.")] = None,
 ) -> None:
     """Talk to a fine-tuned model (base from the run unless --model). Interactive with history, or one-shot."""
     from ..after.chat import describe, interactive, one_shot
@@ -45,11 +48,12 @@ def chat(
     show_thought = lambda thought: typer.secho(f"(thought) {thought}", err=True, dim=True)  # noqa: E731
     if prompt is not None:
         typer.secho(note, err=True, dim=True)
-        echo(one_shot(run, loaded, system, prompt, sampling, on_thought=show_thought))
+        echo(one_shot(run, loaded, system, prompt, sampling, on_thought=show_thought, images=image or ()))
         return
-    echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves")
+    echo(note + "\n/reset clears the history, /exit (or Ctrl-D) leaves"
+         + (f"\n{len(image)} image(s) go with your first message" if image else ""))
     interactive(run, loaded, system, sampling, echo, write=lambda piece: typer.echo(piece, nl=False),
-                on_thought=show_thought)
+                on_thought=show_thought, images=image or ())
 
 
 @command()

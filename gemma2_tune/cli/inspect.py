@@ -105,7 +105,11 @@ def preview(
     elif cfg.data_kind == "preference pairs":
         shown = preview_preferences(cfg.data, tokenizer, family, n, cfg.preference_kind, empty_thought=empty_thought)
     else:
-        shown = rows_preview(cfg.data, tokenizer, family, n, empty_thought=empty_thought)
+        from ..models.loading import load_image_processing
+
+        images = load_image_processing(cfg.base_model, family, tokenizer, pan_and_scan=cfg.data.pan_and_scan,
+                                       revision=cfg.model.revision)
+        shown = rows_preview(cfg.data, tokenizer, family, n, empty_thought=empty_thought, images=images)
     for heading, text in shown:
         if heading == "summary":
             echo(text)

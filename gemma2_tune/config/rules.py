@@ -174,6 +174,7 @@ def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
     if known is not None and known.liger_patch is None and getattr(cfg.training, "use_liger_kernel", False):
         errors.append(f"training.use_liger_kernel: Liger has no kernels for {known.display} (no "
                       "liger_kernel.transformers patch for it); leave it off")
+    errors += image_problems(cfg, family_of_checkpoint(m.name_or_path))
     if q.load_in_4bit and not lora.enabled:
         errors.append(
             "quantization.load_in_4bit with lora.enabled=false: 4-bit weights can't be trained directly; "
@@ -195,6 +196,21 @@ def run_problems(cfg: RunConfig) -> tuple[list[str], list[str]]:
             errors.append(f"lora.target_modules: duplicates in {lora.target_modules}")
         errors += lora_target_problems(lora.target_modules, family)
     return errors, warnings
+
+
+def image_problems(cfg: RunConfig, family: Family | None) -> list[str]:
+    """The image keys against the checkpoint's family (None: unknown from the name; checked again once its
+    config.json is read, data/images.py): model.train_projector needs a family that takes images, data.pan_and_scan
+    Gemma 3's processor."""
+    errors = []
+    if cfg.model.train_projector and family is not None and family.images is None:
+        errors.append(f"model.train_projector: {family.display} has no image projector (a text checkpoint)")
+    if getattr(cfg.data, "pan_and_scan", False) and family is not None and (
+            family.images is None or family.images.processor_class != "Gemma3Processor"):
+        errors.append(f"data.pan_and_scan: {family.display}'s processor has no pan-and-scan "
+                      + ("(a text checkpoint)" if family.images is None else
+                         "(it resizes each image keeping its aspect ratio instead)") + "; it is Gemma 3's")
+    return errors
 
 
 TIED = ("lm_head", "embed_tokens")

@@ -58,6 +58,12 @@ class ModelSection(Section):
         "Gemma 2 27B (unstable) and warned against elsewhere.",
     )
     trust_remote_code: bool = Field(False, description="Passed to transformers when loading.")
+    train_projector: bool = Field(
+        False,
+        description="Image + text checkpoints: also train the image projector (the layer that maps the image "
+        "encoder's features into the decoder: Gemma 3's multi_modal_projector, Gemma 4's embed_vision), fully "
+        "(with LoRA too: PEFT's modules_to_save). The image encoder itself always stays frozen.",
+    )
 
 
 class QuantizationSection(Section):
@@ -145,7 +151,19 @@ class SftDataSection(DataSection):
     packing: bool = Field(
         True,
         description="Pack rows into blocks of max_length tokens (best-fit), each row masked from the others "
-        "(position ids restart, no cache); a batch item is then a block. False: one row per batch item.",
+        "(position ids restart, no cache); a batch item is then a block. False: one row per batch item. Rows with "
+        "images are never packed (each is a block of its own; the run says how many).",
+    )
+    pan_and_scan: bool = Field(
+        False,
+        description="Gemma 3 image + text: also feed crops of wide or tall images (Gemma3Processor's pan-and-scan: "
+        "up to 4 crops more, 256 image tokens each), as the model's authors did for non-square images; off as in "
+        "their processor's default. Refused for Gemma 4 (its processor keeps each image's aspect ratio instead).",
+    )
+    max_image_mb: float = Field(
+        20.0, gt=0,
+        description="Rows with images: an image file (or data: URL) larger than this many MiB makes its row bad "
+        "(OpenAI's per-image limit); images over Pillow's decompression-bomb limit (89.5 megapixels) always do.",
     )
 
     def describe(self) -> str:

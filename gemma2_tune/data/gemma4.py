@@ -43,8 +43,8 @@ from typing import Any, Mapping, Sequence
 
 from ..families import Family
 from ..families import gemma4_format as g4
-from .parts import (ROLE_NAMES, BadRow, Reasoning, Rendered, SystemPolicy, Text, ToolCall, ToolDeclaration,
-                    ToolResponse, Turn, _unencodable)
+from .parts import (IMAGE_PART_TYPES, ROLE_NAMES, BadRow, Image, ReadImage, Reasoning, Rendered, SystemPolicy, Text,
+                    ToolCall, ToolDeclaration, ToolResponse, Turn, _unencodable, content_parts)
 
 ROLES = {**ROLE_NAMES, "tool": "tool"}
 REASONING_DROPPED = "reasoning before the last user message dropped (Gemma 4's template keeps the last exchange's)"
@@ -291,6 +291,35 @@ def _parts_text(content: list, where: str) -> list[str]:
     return texts
 
 
+def _image_parts(message: Mapping, role: str, where: str, images: ReadImage | None, family: Family | None) -> list | None:
+    """A user message's content holding images -> its parts in order (text parts trimmed, joined without a
+    separator, images between them: the official template's rendering), each run of text checked as one text. None
+    when the content holds no image part. Raises BadRow for images in another role's message, or unreadable."""
+    from ..families import GEMMA4
+
+    family = family or GEMMA4
+    content = message.get("content")
+    if family.images is None or not isinstance(content, list) or not any(
+            isinstance(p, Mapping) and p.get("type") in IMAGE_PART_TYPES for p in content):
+        return None
+    if role != "user":
+        raise BadRow(f"{where} has an image; only user messages carry images here (the model writes text; images in "
+                     "system and tool messages are not trained)")
+    for k, part in enumerate(content):
+        if isinstance(part, Mapping) and part.get("type") in ("input_text", "output_text"):
+            raise BadRow(f"{where} content part {k} is of type '{part['type']}'; Gemma 4's template reads text parts "
+                         "of type 'text'")
+    parts = content_parts(content, where, family, images)
+    run = ""
+    for part in parts + [None]:
+        if isinstance(part, Text):
+            run += part.text
+            continue
+        _check_text(run, where)
+        run = ""
+    return parts
+
+
 def _content(message: Mapping, role: str, where: str) -> Any:
     """A message's content as the official template writes it: system text trimmed (text parts: each trimmed and
     followed by a space); user and model text trimmed (parts: each trimmed, joined without a separator); a tool
@@ -363,12 +392,15 @@ def _reasoning(message: Mapping, role: str, where: str) -> str | None:
 
 def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, tools: Any = None,
               allow_open_end: bool = False, thinking: bool = False, preserve_thinking: bool = False,
-              notes: Counter | None = None) -> list[Turn]:
+              notes: Counter | None = None, images: ReadImage | None = None, family: Family | None = None
+              ) -> list[Turn]:
     """Messages (+ `tools`) -> turns: an optional system turn (its text under system policy 'fold', the tool
     declarations), then user and model turns alternating, user first, ending with the model's (or, with
     `allow_open_end`, a user turn or tool responses: a prompt). Raises BadRow saying why a conversation can't be
     rendered (the module docstring lists the refusals). `thinking`: the template's enable_thinking;
-    `preserve_thinking`: its preserve_thinking. Dropped reasoning is counted in `notes`."""
+    `preserve_thinking`: its preserve_thinking. Dropped reasoning is counted in `notes`. `images` reads the image
+    parts of user messages (turns.content_parts); without it they are refused. `family`: the checkpoint's (Gemma 4
+    by default), for whether it reads images."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadRow("no messages")
     declared = declarations(tools)
@@ -388,7 +420,9 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, tools: An
             raise BadRow(f"{where} has 'tool_calls'; only the model's messages make tool calls")
         reasoning = _reasoning(message, role, where)
         calls = _calls(message, where) if message.get("tool_calls") else []
-        content = _content(message, role, where)
+        content = _image_parts(message, role, where, images, family)
+        if content is None:
+            content = _content(message, role, where)
         if calls and content:
             raise BadRow(f"{where} has both tool calls and text; Gemma 4's template writes the text after the tool "
                          "responses, not where the model wrote it: put it in the assistant message after them")
@@ -417,7 +451,7 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, tools: An
     answered: list = []  # the raw tool calls the tool messages being read answer
     for k, (i, raw, role, content, reasoning, calls, message) in enumerate(rest):
         if role == "user":
-            turns.append(Turn("user", [Text(content)]))
+            turns.append(Turn("user", content if isinstance(content, list) else [Text(content)]))
             continue
         if role == "tool":
             response = ToolResponse(_tool_name(message, answered, i), content)
@@ -521,7 +555,7 @@ def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, thinki
     for k, turn in enumerate(turns):
         emit(f"{g4.TURN_START}{turn.role}\n")
         if turn.role == "user":
-            emit(turn.text)
+            emit("".join(g4.IMAGE if isinstance(p, Image) else p.text for p in turn.parts))
             emit(g4.TURN_END + "\n")
             continue
         last = k == len(turns) - 1

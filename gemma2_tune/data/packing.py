@@ -14,17 +14,19 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .examples import Example
-from .turns import IGNORE_INDEX
+from .turns import IGNORE_INDEX, Image
 
 
 @dataclass
 class Block:
-    """One batch item: rows packed end to end (position ids restart per row), `rows` of them."""
+    """One batch item: rows packed end to end (position ids restart per row), `rows` of them; the images of its
+    image tokens, in order (a row with images is a block of its own: `pack`)."""
 
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
     rows: int
+    images: tuple[Image, ...] = ()
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -59,9 +61,20 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return blocks
 
 
+# Why rows with images are not packed (transformers 5.25, masking_utils.create_causal_mask): with packed rows the
+# mask's functions are called with each token's position in its own row instead of its index in the block, and the
+# image overlay of the sliding-window layers (Gemma 3 and Gemma 4) reads the image blocks by index: a packed row's
+# image tokens would attend bidirectionally to the wrong tokens (tests/unit/test_images.py shows it).
+IMAGE_ROWS_UNPACKED = ("rows with images are blocks of their own, never packed: transformers' sliding-window image "
+                       "mask reads packed rows' image tokens at the wrong places")
+
+
 def pack(examples: Sequence[Example], capacity: int) -> list[Block]:
     """Examples -> blocks of at most `capacity` tokens (best-fit decreasing); each row's first label is
-    IGNORE_INDEX so no row learns to predict its neighbour's start. ValueError when a row exceeds capacity."""
+    IGNORE_INDEX so no row learns to predict its neighbour's start. Rows with images are blocks of their own
+    (IMAGE_ROWS_UNPACKED), after the packed ones. ValueError when a row exceeds capacity."""
+    with_images = [e for e in examples if e.images]
+    examples = [e for e in examples if not e.images]
     out = []
     for members in best_fit_decreasing([len(e.input_ids) for e in examples], capacity):
         ids, labels, positions = [], [], []
@@ -71,12 +84,13 @@ def pack(examples: Sequence[Example], capacity: int) -> list[Block]:
             labels += [IGNORE_INDEX] + e.labels[1:]
             positions += range(len(e.input_ids))
         out.append(Block(ids, labels, positions, len(members)))
-    return out
+    return out + unpacked(with_images)
 
 
 def unpacked(examples: Sequence[Example]) -> list[Block]:
     """One row per block: the same collator and masking rules, without packing."""
-    return [Block(e.input_ids, [IGNORE_INDEX] + e.labels[1:], list(range(len(e.input_ids))), 1) for e in examples]
+    return [Block(e.input_ids, [IGNORE_INDEX] + e.labels[1:], list(range(len(e.input_ids))), 1, e.images)
+            for e in examples]
 
 
 @dataclass

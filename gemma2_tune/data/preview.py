@@ -6,27 +6,30 @@ from typing import Any, Iterator
 
 from ..config.schema import DataSection, PreferenceDataSection, SftDataSection
 from ..families import Family
-from .examples import TurnTokenizer, build_examples, mark_supervised
+from .examples import TurnTokenizer, build_examples, mark_supervised, row_image_reader
 from .sources import load_rows, row_turns
 from .turns import BadRow
 
 
 def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int, *,
-            empty_thought: bool = False) -> Iterator[tuple[str, str]]:
+            empty_thought: bool = False, images: Any = None) -> Iterator[tuple[str, str]]:
     """Yields (heading, text) for the first `n` trainable rows, then ("summary", the data report).
-    `empty_thought`: the checkpoint's size writes Gemma 4's empty thought block.
+    `empty_thought`: the checkpoint's size writes Gemma 4's empty thought block; `images`: the checkpoint's image
+    processor (data/images.py ImageProcessing): each image is shown as one placeholder with its token count, outside
+    the supervised marks.
 
     Raises UserError for an unreadable source (and for no usable rows at all, as training would).
     """
     rows, source = load_rows(data)
-    _, report = build_examples(rows, tokenizer, data, family, empty_thought=empty_thought)
-    encoder = TurnTokenizer(tokenizer, family, data.enable_thinking, empty_thought)
+    _, report = build_examples(rows, tokenizer, data, family, empty_thought=empty_thought, images=images)
+    encoder = TurnTokenizer(tokenizer, family, data.enable_thinking, empty_thought, images)
     shown = 0
     for row in rows:
         if shown >= n:
             break
         try:
-            encoded = encoder.encode(row_turns(row.data, data, family), data.train_on)
+            reader = row_image_reader(row, data) if family.images is not None else None
+            encoded = encoder.encode(row_turns(row.data, data, family, images=reader), data.train_on)
         except BadRow:
             continue
         shown += 1
@@ -34,7 +37,8 @@ def preview(data: SftDataSection, tokenizer: Any, family: Family, n: int, *,
         supervised = sum(encoded.mask[1:kept])
         over = f" (longer than data.max_length: {data.overlong})" if len(encoded.ids) > kept else ""
         yield f"── {row.where}: {kept} tokens, {supervised} supervised{over}", mark_supervised(encoded, data.max_length)
-    yield "summary", f"── {source.name}: " + "\n".join(source.lines() + report.summary_lines())
+    described = [f"images: {images.describe()}"] if images is not None and report.images else []
+    yield "summary", f"── {source.name}: " + "\n".join(source.lines() + report.summary_lines() + described)
 
 
 def preview_prompts(data: DataSection, tokenizer: Any, family: Family, n: int, max_completion_length: int,

@@ -13,6 +13,7 @@ ChatML markers never reach the model: they are parsed into turns and rendered in
 
 from __future__ import annotations
 
+import base64
 import codecs
 import csv
 import hashlib
@@ -27,7 +28,7 @@ from typing import Any, Iterator
 from ..config.schema import DataSection
 from ..errors import UserError
 from ..families import GEMMA2, Family
-from .turns import BadRow, Turn, normalise
+from .turns import AUDIO_NOT_TRAINED, BadRow, ReadImage, Turn, normalise
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -74,6 +75,7 @@ class Row:
 
     where: str  # "chats.jsonl line 12" or "row 12": how the user finds it
     data: Any
+    file: str | None = None  # the local file it was read from (relative image paths are resolved against its folder)
 
 
 @dataclass
@@ -283,6 +285,7 @@ def load_rows(cfg: DataSection) -> tuple[list[Row], Source]:
             for f in files:
                 for row in _read_local_file(f):
                     source.rows_per_file[str(f)] = source.rows_per_file.get(str(f), 0) + 1
+                    row.file = str(f)
                     yield row
 
         stream = stream_files()
@@ -366,22 +369,31 @@ GEMMA4_UNREAD = {"functions": "(OpenAI's legacy function definitions), which Gem
 
 
 def row_to_messages(data: Any, unsupported: str = "bad_row", notes: Counter | None = None, *,
-                    family: Family = GEMMA2) -> list[Any]:
+                    family: Family = GEMMA2, images: bool = False) -> list[Any]:
     """One raw row in any supported schema -> role/content messages (not yet validated).
 
     Fields the family's turn format cannot express (Gemma 2/3: tool definitions, media, tool calls; Gemma 4: media,
     OpenAI's legacy `functions`/`function_call`) make the row bad, naming the field, unless `unsupported` is
-    'ignore' (then they are counted in `notes`). A Gemma 4 row's `tools` are read by `row_turns`. Raises BadRow.
+    'ignore' (then they are counted in `notes`). A Gemma 4 row's `tools` are read by `row_turns`. With `images`
+    (a caller that reads images, for a family that takes them), an `images` (or `image`) column is read: each
+    `<image>` placeholder in a message's text, or image part naming no image, takes the next one
+    (`with_image_column`). Raises BadRow.
     """
     if isinstance(data, BadRow):
         raise data
     if not isinstance(data, dict):
         raise BadRow("row is not an object")
     gemma4 = family.turn_format == "gemma4"
+    read_images = images and family.images is not None
     for field, what in UNEXPRESSIBLE_ROW_FIELDS.items():
+        if field in IMAGE_COLUMNS and read_images:
+            continue
         if data.get(field) and not (gemma4 and field in GEMMA4_EXPRESSIBLE):
-            _unexpressible(f"row has '{field}' ({what})", field, unsupported, notes, gemma4)
+            _unexpressible(f"row has '{field}' ({what})", field, unsupported, notes, gemma4, family)
     messages = _row_messages(data, notes)
+    if read_images:
+        column = next((data[k] for k in IMAGE_COLUMNS if data.get(k) is not None), None)
+        messages = with_image_column(messages, column)
     for i, message in enumerate(messages):
         for field, what in UNEXPRESSIBLE_MESSAGE_FIELDS.items():
             if isinstance(message, dict) and message.get(field) and not (gemma4 and field in GEMMA4_EXPRESSIBLE):
@@ -390,21 +402,90 @@ def row_to_messages(data: Any, unsupported: str = "bad_row", notes: Counter | No
 
 
 def row_turns(data: Any, cfg: DataSection, family: Family, *, allow_open_end: bool = False,
-              notes: Counter | None = None) -> list[Turn]:
+              notes: Counter | None = None, images: ReadImage | None = None) -> list[Turn]:
     """One raw row -> the family's turns, as training renders them: its messages (`row_to_messages`), its `tools`
-    (Gemma 4), the data section's system policy and thinking. Raises BadRow saying why the row can't be trained."""
-    messages = row_to_messages(data, cfg.unsupported_fields, notes, family=family)
+    (Gemma 4), the data section's system policy and thinking; `images` reads its images (data/images.py
+    ImageReader; None: images are refused). Raises BadRow saying why the row can't be trained."""
+    messages = row_to_messages(data, cfg.unsupported_fields, notes, family=family, images=images is not None)
     tools = data.get("tools") if family.turn_format == "gemma4" else None
     return normalise(messages, cfg.system_policy, allow_open_end=allow_open_end, family=family, notes=notes,
-                     tools=tools, thinking=cfg.enable_thinking)
+                     tools=tools, thinking=cfg.enable_thinking, images=images)
 
 
-def _unexpressible(what: str, field: str, unsupported: str, notes: Counter | None, gemma4: bool = False) -> None:
+IMAGE_COLUMNS = ("images", "image")  # LLaVA/ShareGPT-style rows: image paths beside messages with <image> in them
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _column_image(value: Any, k: int) -> dict[str, Any]:
+    """One entry of an `images` column as an image content part: a path or URL string, a {"path": ...} or
+    {"bytes": ...} object (Hugging Face datasets' Image feature), or a PIL image. Raises BadRow."""
+    if isinstance(value, str):
+        return {"type": "image", "image": value}
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        return {"type": "image", "image": "data:image;base64," + base64.b64encode(value["bytes"]).decode()}
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return {"type": "image", "image": value["path"]}
+    if hasattr(value, "save") and hasattr(value, "size"):  # a decoded PIL image (a parquet Image column)
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return {"type": "image", "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}
+    raise BadRow(f"images[{k}] is not an image path, URL or image object")
+
+
+def with_image_column(messages: list[Any], column: Any) -> list[Any]:
+    """Messages with the row's `images` column put in place, in order: each `<image>` in a string content becomes
+    an image part between its text (LLaVA/ShareGPT style), and each image part naming no image (TRL's datasets:
+    {"type": "image"}) takes the next entry. Raises BadRow when the column and the places for images disagree in
+    number, or the column is not a list."""
+    if column is None:
+        return messages
+    if not isinstance(column, (list, tuple)):
+        column = [column]
+    queue = [_column_image(v, k) for k, v in enumerate(column)]
+    places, out = 0, []
+    for message in messages:
+        if not isinstance(message, dict):
+            out.append(message)
+            continue
+        content = message.get("content")
+        if isinstance(content, str) and IMAGE_PLACEHOLDER in content:
+            parts = []
+            for k, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+                if k:
+                    parts.append(queue[places] if places < len(queue) else {"type": "image"})
+                    places += 1
+                if text.strip():
+                    parts.append({"type": "text", "text": text})
+            message = message | {"content": parts}
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image" and not any(
+                        isinstance(part.get(k), str) for k in ("image", "url", "path")):
+                    part = queue[places] if places < len(queue) else part
+                    places += 1
+                parts.append(part)
+            message = message | {"content": parts}
+        out.append(message)
+    if places != len(queue):
+        raise BadRow(f"the row's images column has {len(queue)} image{'s' * (len(queue) != 1)} but its messages have "
+                     f"{places} place{'s' * (places != 1)} for one ({IMAGE_PLACEHOLDER} in the text, or image parts "
+                     "naming no image)")
+    return out
+
+
+def _unexpressible(what: str, field: str, unsupported: str, notes: Counter | None, gemma4: bool = False,
+                   family: Family | None = None) -> None:
     if unsupported != "ignore":
-        if gemma4 and field in GEMMA4_UNREAD:
+        if field in IMAGE_COLUMNS and family is not None and family.images is not None:
+            what += (", which this command does not read (images are trained by sft and evaluated by eval; chat "
+                     "--image and serve take them)")
+        elif gemma4 and field in GEMMA4_UNREAD:
             what = f"{what.split(' (')[0]} {GEMMA4_UNREAD[field]}"
+        elif field in ("audio", "audios"):
+            what += f", {AUDIO_NOT_TRAINED}"
         elif gemma4:
-            what += ", which gemma2-tune does not train on Gemma 4 yet (text, reasoning and tools only)"
+            what += ", which gemma2-tune does not train on Gemma 4 yet (text, reasoning, tools and images only)"
         else:
             what += ", which Gemma's turn format cannot express"
         raise BadRow(f"{what}; data.unsupported_fields=ignore trains on the text without it")

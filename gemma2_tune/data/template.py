@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ..families import GEMMA2, Family
 from .sources import UNEXPRESSIBLE_MESSAGE_FIELDS
-from .turns import BOS, CONTROL_MARKERS, END, ROLE_NAMES, START, TEXT_PART_TYPES, SystemPolicy
+from .turns import (AUDIO_NOT_TRAINED, AUDIO_PART_TYPES, BOS, CONTROL_MARKERS, END, IMAGE_PART_TYPES, ROLE_NAMES,
+                    START, TEXT_PART_TYPES, SystemPolicy)
 
 
 def _literal(text: str) -> str:
@@ -32,7 +33,9 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
     if family.turn_format == "gemma4":
         from .template_gemma4 import chat_template as gemma4_template
 
-        return gemma4_template(system_policy, unsupported, empty_thought=empty_thought)
+        return gemma4_template(system_policy, unsupported, empty_thought=empty_thought,
+                               images=family.images is not None)
+    images = _image_macros(family)
     roles = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in ROLE_NAMES.items()) + "}"
     markers = "[" + ", ".join(_literal(m) for m in CONTROL_MARKERS) + "]"
     part_types = "[" + ", ".join(_literal(t) for t in TEXT_PART_TYPES) + "]"
@@ -80,6 +83,7 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
         "{%- endfor -%}"
         "{%- else -%}{{ raise_exception(where ~ ' content is not text') }}{%- endif -%}"
         "{%- endmacro -%}"
+        + images["macros"] +
         "{%- set ns = namespace(system='', nsys=0, nturns=0, fold=" + ("true" if system_policy == "fold" else "false")
         + ") -%}"
         "{%- if messages is string or messages is not iterable or messages | length == 0 -%}"
@@ -93,6 +97,7 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
         "{%- set key = (raw | string | lower) if raw is not none else '' -%}"
         "{%- if key not in roles -%}{{ raise_exception('message ' ~ i ~ ' has unknown role ' ~ raw) }}{%- endif -%}"
         "{%- set role = roles[key] -%}"
+        + images["pass1"] +
         "{%- set content = content_text(message['content'] if 'content' in message else none,"
         " 'message ' ~ i ~ ' (' ~ raw ~ ')') -%}"
         "{%- set text = content | trim -%}"
@@ -109,6 +114,7 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
         "{%- set ns.nsys = ns.nsys + 1 -%}"
         "{%- else -%}{%- set ns.nturns = ns.nturns + 1 -%}{%- endif -%}"
         "{%- endif -%}"
+        + images["pass1_end"] +
         "{%- endfor -%}"
         "{%- if ns.nturns == 0 -%}{{ raise_exception('no user or model messages') }}{%- endif -%}"
         # pass 2: roles alternate, user first
@@ -125,13 +131,79 @@ def chat_template(family: Family = GEMMA2, system_policy: SystemPolicy = "fold",
         "{%- set ns.nturns = 0 -%}"
         "{%- for message in messages -%}{%- set role = roles[message['role'] | string | lower] -%}"
         "{%- if role != 'system' -%}"
-        "{%- set text = content_text(message['content'], '') | trim -%}"
+        + images["render"] +
         "{%- if ns.nturns == 0 and ns.fold -%}{%- set text = ns.system + text -%}{%- endif -%}"
         f"{{{{ {_literal(START)} ~ role ~ '\\n' ~ text ~ {_literal(END)} ~ '\\n' }}}}"
         "{%- set ns.nturns = ns.nturns + 1 -%}"
         "{%- endif -%}{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{ {_literal(START)} ~ 'model\\n' }}}}{{%- endif -%}}"
     )
+
+
+def _literal_list(items) -> str:
+    return "[" + ", ".join(_literal(i) for i in items) + "]"
+
+
+def _image_macros(family: Family) -> dict[str, str]:
+    """The template's pieces for image parts (turns.content_parts and _image_turn in Jinja), for a family that reads
+    images: a user message whose content holds an image part renders each text part trimmed and each image as the
+    family's placeholder, one after the other (the official Gemma 3 template's rendering); images elsewhere, parts
+    of other types and control markers in the texts between images are refused with training's words. For a text
+    family the content is rendered as text (content_text refuses image parts as a text model's template does)."""
+    text_render = "{%- set text = content_text(message['content'], '') | trim -%}"
+    if family.images is None:
+        return {"macros": "", "pass1": "", "pass1_end": "", "render": text_render}
+    image_types = "[" + ", ".join(_literal(t) for t in IMAGE_PART_TYPES) + "]"
+    macros = (
+        f"{{%- set image_types = {image_types} -%}}"
+        "{%- macro has_image(content) -%}"
+        "{%- if content is sequence and content is not string and content is not mapping -%}"
+        "{%- for part in content -%}{%- if part is mapping and part.get('type') in image_types -%}1{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+        # the parts as rendered: texts trimmed, images as the placeholder
+        "{%- macro image_content(content) -%}"
+        "{%- for part in content -%}"
+        "{%- if part['type'] in image_types -%}" f"{{{{ {_literal(family.images.placeholder)} }}}}"
+        "{%- else -%}{{ part['text'] | trim }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endmacro -%}"
+        # training's checks, in its order: each part's type, the role, the texts between images
+        "{%- macro check_image_content(content, where, role) -%}"
+        "{%- for part in content -%}"
+        "{%- set kind = part['type'] if part is mapping and 'type' in part else none -%}"
+        "{%- if kind not in image_types -%}"
+        f"{{%- if kind in {_literal_list(AUDIO_PART_TYPES)} -%}}{{{{ raise_exception(where ~ ' content part ' ~ "
+        f"loop.index0 ~ ' is audio (' ~ kind ~ '), ' ~ {_literal(AUDIO_NOT_TRAINED)}) }}}}{{%- endif -%}}"
+        "{%- if kind is none or kind not in text_types -%}{{ raise_exception(where ~ ' content part ' ~ loop.index0"
+        " ~ ' is ' ~ (('of type \\'' ~ kind ~ '\\'') if kind is not none else 'not a typed part') ~ '; parts are text ("
+        + ", ".join(TEXT_PART_TYPES) + ") or images (" + ", ".join(IMAGE_PART_TYPES) + ")') }}{%- endif -%}"
+        "{%- if 'text' not in part or part['text'] is not string -%}{{ raise_exception(where ~ ' content part ' ~"
+        " loop.index0 ~ ' (' ~ kind ~ ') has no \\'text\\' string') }}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if role != 'user' -%}{{ raise_exception(where ~ ' has an image; only user messages carry images (the "
+        "model writes text, and a system message is text)') }}{%- endif -%}"
+        "{%- set ns_run = namespace(text='') -%}"
+        "{%- for part in content + [none] -%}"
+        "{%- if part is not none and part['type'] not in image_types -%}"
+        "{%- set ns_run.text = ns_run.text ~ (part['text'] | trim) -%}"
+        "{%- else -%}"
+        "{%- for marker in markers -%}{%- if marker in ns_run.text -%}"
+        "{{ raise_exception(where ~ ' contains the control marker ' ~ marker) }}{%- endif -%}{%- endfor -%}"
+        "{%- set ns_run.text = '' -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endmacro -%}"
+    )
+    pass1 = ("{%- set content_raw = message['content'] if 'content' in message else none -%}"
+             "{%- if has_image(content_raw) -%}"
+             "{{- check_image_content(content_raw, 'message ' ~ i ~ ' (' ~ raw ~ ')', role) -}}"
+             "{%- set ns.nturns = ns.nturns + 1 -%}"
+             "{%- else -%}")
+    render = ("{%- if has_image(message['content']) -%}{%- set text = image_content(message['content']) -%}"
+              "{%- else -%}" + text_render + "{%- endif -%}")
+    return {"macros": macros, "pass1": pass1, "pass1_end": "{%- endif -%}", "render": render}
 
 
 def is_generated(template: str | None) -> bool:

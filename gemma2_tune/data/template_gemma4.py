@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..families import gemma4_format as g4
 from .gemma4 import ALIASED_REASONING, NAME_CHARS, ROLES
-from .turns import SystemPolicy
+from .turns import AUDIO_NOT_TRAINED, AUDIO_PART_TYPES, IMAGE_PART_TYPES, SystemPolicy
 
 
 def _literal(text: str) -> str:
@@ -27,12 +27,14 @@ def _list(items) -> str:
 
 
 def chat_template(system_policy: SystemPolicy = "fold", unsupported: str = "bad_row", *,
-                  empty_thought: bool = False) -> str:
+                  empty_thought: bool = False, images: bool = True) -> str:
     """The Jinja chat template equivalent to `render(normalise(row_to_messages({"messages": messages}, unsupported,
     family=<Gemma 4>), system_policy, tools=tools, thinking=enable_thinking, preserve_thinking=preserve_thinking,
     allow_open_end=True), add_generation_prompt=..., empty_thought=empty_thought)` (gemma4.py): it raises
     (raise_exception) with the same message where those raise. `unsupported` 'bad_row' refuses messages with
-    OpenAI's legacy `function_call`; 'ignore' ignores it."""
+    OpenAI's legacy `function_call`; 'ignore' ignores it. `images`: the checkpoint reads images (a user message's
+    image parts are written <|image|>, where its processor puts the image's soft tokens); False: they are refused
+    as parts of another type."""
     roles = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in ROLES.items()) + "}"
     header = (
         f"{{#- gemma2-tune: Gemma 4 turns, system policy {system_policy}, empty thought block "
@@ -40,6 +42,11 @@ def chat_template(system_policy: SystemPolicy = "fold", unsupported: str = "bad_
         f"{{%- set policy = {_literal(system_policy)} -%}}"
         f"{{%- set refuse_legacy = {'true' if unsupported != 'ignore' else 'false'} -%}}"
         f"{{%- set empty_thought = {'true' if empty_thought else 'false'} -%}}"
+        f"{{%- set images_on = {'true' if images else 'false'} -%}}"
+        f"{{%- set image_types = {_list(IMAGE_PART_TYPES)} -%}}"
+        f"{{%- set IMAGE = {_literal(g4.IMAGE)} -%}}"
+        f"{{%- set audio_types = {_list(AUDIO_PART_TYPES)} -%}}"
+        f"{{%- set AUDIO_NOT_TRAINED = {_literal(AUDIO_NOT_TRAINED)} -%}}"
         f"{{%- set roles = {roles} -%}}"
         f"{{%- set markers = {_list(g4.CONTROL_MARKERS)} -%}}"
         f"{{%- set standard_keys = {_list(g4.PARAMETER_KEYS)} -%}}"
@@ -279,6 +286,52 @@ BODY = r"""
     {%- endif -%}
   {%- endfor -%}
 {%- endmacro -%}
+{#- A user message with image parts (gemma4._image_parts): checked in training's order, then written: texts
+    trimmed, images as <|image|>, one after the other -#}
+{%- macro has_image(content) -%}
+  {%- if images_on and content is sequence and content is not string and content is not mapping -%}
+    {%- for part in content -%}{%- if part is mapping and part.get('type') in image_types -%}1{%- endif -%}{%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
+{%- macro image_content(message, role, where) -%}
+  {%- set content = message['content'] -%}
+  {%- if role != 'user' -%}
+    {{- raise_exception(where ~ " has an image; only user messages carry images here (the model writes text; images "
+        ~ 'in system and tool messages are not trained)') -}}
+  {%- endif -%}
+  {%- for part in content -%}
+    {%- if part is mapping and part.get('type') in ['input_text', 'output_text'] -%}
+      {{- raise_exception(where ~ ' content part ' ~ loop.index0 ~ " is of type '" ~ part['type'] ~ "'; Gemma 4's "
+          ~ "template reads text parts of type 'text'") -}}
+    {%- endif -%}
+  {%- endfor -%}
+  {%- for part in content -%}
+    {%- set kind = part.get('type') if part is mapping else none -%}
+    {%- if kind not in image_types -%}
+      {%- if kind in audio_types -%}
+        {{- raise_exception(where ~ ' content part ' ~ loop.index0 ~ ' is audio (' ~ kind ~ '), ' ~ AUDIO_NOT_TRAINED) -}}
+      {%- endif -%}
+      {%- if kind != 'text' -%}
+        {{- raise_exception(where ~ ' content part ' ~ loop.index0 ~ ' is ' ~ (("of type '" ~ kind ~ "'") if kind is
+            not none else 'not a typed part') ~ '; parts are text (text, input_text, output_text) or images ('
+            ~ image_types | join(', ') ~ ')') -}}
+      {%- endif -%}
+      {%- if part.get('text') is not string -%}
+        {{- raise_exception(where ~ ' content part ' ~ loop.index0 ~ " (text) has no 'text' string") -}}
+      {%- endif -%}
+    {%- endif -%}
+  {%- endfor -%}
+  {%- set ns_run = namespace(text='') -%}
+  {%- for part in content + [none] -%}
+    {%- if part is not none and part.get('type') not in image_types -%}
+      {%- set ns_run.text = ns_run.text ~ (part['text'] | trim) -%}
+    {%- else -%}{{- check_text(ns_run.text, where) -}}{%- set ns_run.text = '' -%}
+    {%- endif -%}
+  {%- endfor -%}
+  {%- for part in content -%}
+    {%- if part.get('type') in image_types -%}{{- IMAGE -}}{%- else -%}{{- part['text'] | trim -}}{%- endif -%}
+  {%- endfor -%}
+{%- endmacro -%}
 {#- A message's text (system, user, model), checked; tool messages' content is checked in check_tool_content -#}
 {%- macro content_text(message, role, where) -%}
   {%- set content = message.get('content') -%}
@@ -402,7 +455,8 @@ BODY = r"""
   {{- check_reasoning(message, role, where) -}}
   {%- set calls = message.get('tool_calls') or [] -%}
   {%- if calls -%}{{- check_calls(calls, where) -}}{%- endif -%}
-  {%- if role == 'tool' -%}{{- check_tool_content(message, where) -}}{%- set text = '' -%}
+  {%- if has_image(message.get('content')) -%}{%- set text = image_content(message, role, where) -%}
+  {%- elif role == 'tool' -%}{{- check_tool_content(message, where) -}}{%- set text = '' -%}
   {%- else -%}{%- set text = content_text(message, role, where) -%}
   {%- endif -%}
   {%- if calls and text -%}

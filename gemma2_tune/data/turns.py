@@ -26,8 +26,9 @@ from ..families.gemma4_format import TURN_END as GEMMA4_TURN_END
 from .gemma4 import normalise as normalise_gemma4
 from .gemma4 import render as render_gemma4
 # The parts of a turn are parts.py's; importers of the format read them here too.
-from .parts import (ROLE_NAMES, BadRow, Part, Reasoning, Rendered, SystemPolicy, Text, ToolCall,  # noqa: F401
-                    ToolDeclaration, ToolResponse, Turn, _unencodable)
+from .parts import (AUDIO_NOT_TRAINED, AUDIO_PART_TYPES, IMAGE_PART_TYPES, ROLE_NAMES,  # noqa: F401
+                    TEXT_PART_TYPES, BadRow, Image, Part, ReadImage, Reasoning, Rendered, SystemPolicy, Text,
+                    ToolCall, ToolDeclaration, ToolResponse, Turn, _unencodable, content_parts, image_refusal)
 
 IGNORE_INDEX = -100  # label of a token that is not learned (PyTorch cross-entropy's ignore_index)
 BOS = "<bos>"
@@ -40,8 +41,6 @@ CONTROL_MARKERS = (START, END, "<|im_start|>", "<|im_end|>", BOS, "<eos>", "<pad
                    "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<unused")
 
 EMPTY_SYSTEM = "empty system message dropped"
-# OpenAI-style content parts that carry text (chat completions' "text"; the Responses API's input/output_text).
-TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
 def end_of_turn(family: Family) -> str:
@@ -75,7 +74,7 @@ def content_text(content: Any, where: str) -> str:
 
 def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_open_end: bool = False,
               family: Family = GEMMA2, notes: Counter | None = None, tools: Any = None, thinking: bool = False,
-              preserve_thinking: bool = False) -> list[Turn]:
+              preserve_thinking: bool = False, images: ReadImage | None = None) -> list[Turn]:
     """Role/content messages -> alternating user/model turns ending with the model's.
 
     `allow_open_end` accepts a conversation ending with a user turn (a prompt for generation); `family`
@@ -86,10 +85,14 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
 
     A Gemma 4 family (gemma4.normalise) also reads `tools`, reasoning, tool calls and tool messages; `thinking`
     (enable_thinking) and `preserve_thinking` are its template's switches. Gemma 2/3 refuse `tools` and thinking.
+
+    `images` reads the image parts of user messages (`content_parts`) into Image parts, for a family that takes
+    images; without it, or for a text family, an image part is a BadRow saying why.
     """
     if family.turn_format == "gemma4":
         return normalise_gemma4(messages, system_policy, tools=tools, allow_open_end=allow_open_end,
-                                thinking=thinking, preserve_thinking=preserve_thinking, notes=notes)
+                                thinking=thinking, preserve_thinking=preserve_thinking, notes=notes, images=images,
+                                family=family)
     if tools:
         raise BadRow("tool definitions (tools), which Gemma's turn format cannot express")
     if thinking:
@@ -106,6 +109,10 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
         role = ROLE_NAMES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
             raise BadRow(f"message {i} has unknown role {raw_role!r}")
+        parts = content_parts(content, f"message {i} ({raw_role})", family, images)
+        if parts is not None:
+            turns.append(_image_turn(parts, i, raw_role, role, turns))
+            continue
         content = content_text(content, f"message {i} ({raw_role})")
         bad_char = _unencodable(content)
         if bad_char is not None:
@@ -134,7 +141,10 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
         turns.append(Turn(role, text))
 
     if system_texts and system_policy == "fold" and turns:
-        turns[0] = Turn(turns[0].role, "\n\n".join(system_texts + [turns[0].text]))
+        if any(isinstance(p, Image) for p in turns[0].parts):  # the official template: system text, a blank line
+            turns[0] = Turn(turns[0].role, (Text("\n\n".join(system_texts) + "\n\n"),) + turns[0].parts)
+        else:
+            turns[0] = Turn(turns[0].role, "\n\n".join(system_texts + [turns[0].text]))
     if not turns:
         raise BadRow("no user or model messages")
     for i, turn in enumerate(turns):
@@ -144,6 +154,30 @@ def normalise(messages: Sequence[Any], system_policy: SystemPolicy, *, allow_ope
     if turns[-1].role != "model" and not allow_open_end:
         raise BadRow("the last turn is not the model's (nothing to learn)")
     return turns
+
+
+def _image_turn(parts: list[Text | Image], i: int, raw_role: Any, role: str, turns: list[Turn]) -> Turn:
+    """A user turn holding images (Gemma 2/3 format): its texts checked as every text is. Raises BadRow for images
+    in a system or model message (the model writes text; Gemma 3's template reads a system message's text only)."""
+    where = f"message {i} ({raw_role})"
+    if role != "user":
+        raise BadRow(f"{where} has an image; only user messages carry images (the model writes text, and a system "
+                     "message is text)")
+    run = ""  # texts between images are written one after the other: checked together
+    for part in parts + [None]:
+        if isinstance(part, Text):
+            run += part.text
+            continue
+        bad_char = _unencodable(run)
+        if bad_char is not None:
+            raise BadRow(f"{where} has a lone UTF-16 surrogate (U+{ord(run[bad_char]):04X}) in its text: half of a "
+                         "character such as an emoji, which no tokenizer can encode; the file was cut or mis-encoded "
+                         "there")
+        marker = next((m for m in CONTROL_MARKERS if m in run), None)
+        if marker:
+            raise BadRow(f"{where} contains the control marker {marker}")
+        run = ""
+    return Turn(role, parts)
 
 
 def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, family: Family = GEMMA2,
@@ -158,14 +192,16 @@ def render(turns: Sequence[Turn], *, add_generation_prompt: bool = False, family
     if family.turn_format == "gemma4":
         return render_gemma4(turns, add_generation_prompt=add_generation_prompt, thinking=thinking,
                              empty_thought=empty_thought)
-    if any(t.role == "system" or any(not isinstance(p, Text) for p in t.parts) for t in turns):
+    if any(t.role == "system" or any(not isinstance(p, (Text, Image)) for p in t.parts) for t in turns):
         raise ValueError(f"Gemma 4 turns (system turn, reasoning or tools) rendered in {family.display}'s format")
+    if family.images is None and any(isinstance(p, Image) for t in turns for p in t.parts):
+        raise ValueError(f"an image rendered for {family.display}, which takes text only")
     parts = [BOS]
     spans = []
     pos = len(BOS)
     for turn in turns:
         header = f"{START}{turn.role}\n"
-        body = f"{turn.text}{END}"
+        body = "".join(p.text if isinstance(p, Text) else family.images.placeholder for p in turn.parts) + END
         parts += [header, body, "\n"]
         start = pos + len(header)
         if turn.role == "model":

@@ -180,6 +180,20 @@ class AttentionKernel:
 
 
 @dataclass(frozen=True)
+class ImageFacts:
+    """How a family's checkpoints take images, as their processors and official templates write them."""
+
+    placeholder: str  # what the official template writes for an image part; the processor expands it
+    begin: str  # the marker before an image's soft tokens
+    soft_token: str  # one per soft token (the image encoder's output vectors are put in their place)
+    end: str  # the marker after them
+    soft_token_config_key: str  # config.json key holding the soft token's id
+    projector: str  # module path of the projector into the decoder (one of `towers`)
+    token_type_key: str  # the forward's input marking image tokens: without it the image mask silently is causal
+    processor_class: str  # transformers' processor of the published checkpoints (its expansion is reproduced)
+
+
+@dataclass(frozen=True)
 class Family:
     """Every fact gemma2-tune relies on about one Gemma generation."""
 
@@ -197,6 +211,11 @@ class Family:
     # Module names (prefixes, in the checkpoint's own class) of the vision/audio towers and their projectors into
     # the decoder: frozen in training, never adapted by LoRA, left unquantized by 4-bit loading, kept by merges.
     towers: tuple[str, ...] = ()
+    # Images (None: this family's checkpoints read no images): the markers its processor writes around an image's
+    # soft tokens and the placeholder the official template writes for an image part, the module projecting image
+    # features into the decoder (trained only on request: model.train_projector), the forward's token-type input
+    # that makes image tokens attend to each other. Families/gemma3.py and gemma4.py give the sources.
+    images: ImageFacts | None = None
     gguf_architecture: str = ""  # llama.cpp's name for the decoder (general.architecture); "" -> key
     system_fold: SystemFold = "join_trimmed"
     system_note: str = ""  # how system text reaches the model, in words

@@ -11,7 +11,7 @@ are frozen in training and kept whole by every command (families/base.py: Family
 
 from __future__ import annotations
 
-from .base import AttentionKernel, Family, Shape
+from .base import AttentionKernel, Family, ImageFacts, Shape
 from .towers import siglip_params
 
 _HUB = "https://huggingface.co/google/gemma-3-{}/blob/main/config.json"
@@ -100,6 +100,11 @@ GEMMA3 = Family(
         "27b": _vision_shape("27b", 5376, 62, 32, 16, 128, 21504),
     },
     towers=("model.vision_tower", "model.multi_modal_projector"),
+    # transformers 5.25's Gemma3Processor: the template's <start_of_image> becomes "\n\n<start_of_image>" + 256
+    # <image_soft_token> + "<end_of_image>\n\n"; token_type_ids 1 on the soft tokens (Gemma3Model builds the
+    # bidirectional image mask from them)
+    images=ImageFacts("<start_of_image>", "<start_of_image>", "<image_soft_token>", "<end_of_image>",
+                      "image_token_index", "model.multi_modal_projector", "token_type_ids", "Gemma3Processor"),
     gguf_architecture="gemma3",  # llama.cpp converts the decoder of Gemma3ForConditionalGeneration as gemma3
     system_fold="first_verbatim",
     system_note=_SYSTEM_NOTE,

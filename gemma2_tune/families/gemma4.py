@@ -27,7 +27,7 @@ the 31B's equals its published safetensors total (31,273,088,876) less its 2,364
 
 from __future__ import annotations
 
-from .base import AttentionKernel, Family, Shape, layer_pattern
+from .base import AttentionKernel, Family, ImageFacts, Shape, layer_pattern
 from .towers import gemma4_audio_params, gemma4_unified_audio_params, gemma4_unified_vision_params, gemma4_vision_params
 
 _HUB = "https://huggingface.co/google/gemma-4-{}/blob/main/config.json"
@@ -93,6 +93,11 @@ GEMMA4 = Family(
                       global_kv_heads=4, k_eq_v=True),
     },
     towers=("model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"),
+    # transformers 5.25's Gemma4Processor: the template's <|image|> becomes <|image> + one <|image|> per soft token
+    # (as many as the image's size gives within max_soft_tokens) + <image|>; mm_token_type_ids 1 on the soft tokens
+    # (Gemma4Model's bidirectional image mask, on sliding layers, when use_bidirectional_attention is "vision")
+    images=ImageFacts("<|image|>", "<|image>", "<|image|>", "<image|>", "image_token_id", "model.embed_vision",
+                      "mm_token_type_ids", "Gemma4Processor"),
     system_fold="join_trimmed",  # unused: Gemma 4 has a native system role (its turn format, data/turns.py)
     system_note="Gemma 4 has a native system role: system text is its own turn",
     turn_format="gemma4",
@@ -112,11 +117,16 @@ GEMMA4 = Family(
             hidden_size_per_layer_input=8,  # per-layer embeddings, vocab x 6 layers x 8
             final_logit_softcapping=30.0,  # as every published config (Gemma4TextConfig's default is None)
             max_position_embeddings=4096, initializer_range=0.15,
+            # image tokens attend to each other on sliding layers (transformers builds that mask only with this;
+            # its comment says the smaller Gemma 4 models leave it unset): set so the tests exercise the mask
+            use_bidirectional_attention="vision",
         ),
-        # Gemma 4's image encoder at toy size: 8-pixel patches, 2 x 2 of them pooled into one image token
+        # Gemma 4's image encoder at toy size: 8-pixel patches, 2 x 2 of them pooled into one image token; 140
+        # positions per axis, the longest side the tiny processor writes (70 soft tokens x 4 patches / 2 rows)
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=2, head_dim=16, patch_size=8, pooling_kernel_size=2,
-                           position_embedding_size=64),
+                           position_embedding_size=140,
+                           initializer_range=0.15),  # at 0.02 (the default) a toy tower maps all colours alike
         audio_config=None,  # audio is not trained (images are the next step); the E2B/E4B towers load and stay frozen
         initializer_range=0.15,  # the composite model initialises every part with its own config's range
     ),

@@ -52,11 +52,14 @@ BUILTINS = {
     "tiny-gemma2": Builtin("tiny random Gemma 2 (4 layers, hidden 64; sliding/global, soft-caps 50/30)", 2, _tiny("gemma2")),
     "tiny-gemma3": Builtin("tiny random Gemma 3 text model (4 layers, hidden 64; 3 sliding : 1 global, QK-norm)", 2,
                            _tiny("gemma3")),
+    # version 2 of the image + text models: their image processors (processor_config.json) and named image tokens
     "tiny-gemma3-vision": Builtin("tiny random Gemma 3 image + text model (the text model above with a 2-layer SigLIP "
-                                  "tower and projector; Gemma3ForConditionalGeneration)", 1, _tiny("gemma3-vision")),
+                                  "tower and projector, 32 x 32 pixel images as 4 soft tokens; "
+                                  "Gemma3ForConditionalGeneration)", 2, _tiny("gemma3-vision")),
     "tiny-gemma4": Builtin("tiny random Gemma 4 (6 layers, hidden 64; 2 sliding : 1 global with head_dim 32 vs 16, "
                            "the last 2 layers KV-shared, per-layer embeddings, final soft-cap 30; a 2-layer image "
-                           "tower; Gemma4ForConditionalGeneration)", 1, _tiny("gemma4")),
+                           "tower, up to 70 soft tokens per image; Gemma4ForConditionalGeneration)", 2,
+                           _tiny("gemma4")),
     "gemma-3-270m": Builtin("Gemma 3 270M base, real weights (GGUF Q4_K_M from the package registry, dequantized)",
                             2, _gemma3_270m),
 }

@@ -128,11 +128,16 @@ def missing_towers(model, family: Family) -> list[str]:
             if not any(module in names for module in kinds[key])]
 
 
-def freeze_towers(model, family: Family) -> int:
+def freeze_towers(model, family: Family, train_projector: bool = False) -> int:
     """Freeze the towers (requires_grad off: no gradient, out of the optimizer, which takes trainable parameters
-    only); training adapts the decoder. Returns how many parameters were frozen."""
+    only); training adapts the decoder. `train_projector` (model.train_projector) leaves the image projector
+    (Family.images.projector) trainable. Returns how many parameters were frozen."""
     frozen = 0
-    for _, p in tower_parameters(model, family):
+    projector = f"{family.images.projector}." if train_projector and family.images else None
+    for name, p in tower_parameters(model, family):
+        if projector and name.startswith(projector):
+            p.requires_grad_(True)
+            continue
         p.requires_grad_(False)
         frozen += p.numel()
     return frozen

@@ -139,6 +139,61 @@ def check_tokenizer(tokenizer: Any, name: str, family: Family | None = None) -> 
             )
 
 
+def load_image_processing(name_or_path: str, family: Family, tokenizer, *, pan_and_scan: bool = False,
+                          revision: str | None = None, config_from: str | None = None):
+    """The checkpoint's image processor and its image tokens (data/images.py ImageProcessing), or None when the
+    family takes no images or the checkpoint ships no image processor (processor_config.json or
+    preprocessor_config.json). Its image processor is transformers' Pillow one (no torchvision); Gemma 3's soft
+    tokens per image come from processor_config.json (else config.json's mm_tokens_per_image).
+
+    Raises UserError when the tokenizer lacks an image marker as a single token, or its soft token's id is not the
+    one config.json's image token id says (the model would put image features elsewhere), or pan-and-scan is asked
+    of a processor that has none. `config_from`: where config.json is when `name_or_path` has none (a LoRA run
+    folder: its base)."""
+    from ..data.images import PAN_AND_SCAN_DEFAULTS, ImageProcessing
+
+    if family.images is None:
+        return None
+    facts = family.images
+    location = model_location(name_or_path)
+    from transformers import AutoConfig, AutoImageProcessor
+
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(location, revision=revision)
+    except OSError:  # no processor files: a checkpoint that can only be trained on text
+        return None
+    config = AutoConfig.from_pretrained(model_location(config_from) if config_from else location, revision=revision)
+    ids = {}
+    for role, token in (("begin", facts.begin), ("soft", facts.soft_token), ("end", facts.end)):
+        found = tokenizer.encode(token, add_special_tokens=False)
+        if len(found) != 1:
+            raise UserError(f"model.name_or_path: '{name_or_path}': the tokenizer splits the image marker {token} into "
+                            f"{len(found)} tokens; it is not this {family.display} checkpoint's tokenizer")
+        ids[role] = found[0]
+    expected = getattr(config, "image_token_id", None)
+    if expected is not None and expected != ids["soft"]:
+        raise UserError(f"model.name_or_path: '{name_or_path}': the tokenizer's {facts.soft_token} is id {ids['soft']} "
+                        f"but config.json's {facts.soft_token_config_key} is {expected}: image features would be put "
+                        "in the wrong places")
+    options: dict[str, Any] = {}
+    seq_length = 0
+    if facts.processor_class == "Gemma3Processor":
+        try:
+            import json
+
+            saved = json.loads((Path(location) / "processor_config.json").read_text())
+        except (OSError, ValueError):
+            saved = {}
+        seq_length = saved.get("image_seq_length") or getattr(config, "mm_tokens_per_image", None) or 256
+        options["do_pan_and_scan"] = pan_and_scan
+        if pan_and_scan:
+            options |= {k: getattr(image_processor, k, None) or v for k, v in PAN_AND_SCAN_DEFAULTS.items()}
+    elif pan_and_scan:
+        raise UserError(f"data.pan_and_scan: {family.display}'s processor has no pan-and-scan (it resizes each image "
+                        "keeping its aspect ratio instead); it is Gemma 3's")
+    return ImageProcessing(family, image_processor, ids, seq_length, pan_and_scan, options)
+
+
 @dataclass(frozen=True)
 class LoadRequest:
     """What to load and how. `training` keeps the model as training needs it (no KV cache, 4-bit layout
@@ -159,6 +214,7 @@ class LoadRequest:
     # "causal-lm": next-token logits; "sequence-classification": one score per sequence (reward models), read at
     # the last non-padding token by a `score` linear layer (new and random when the checkpoint has none)
     head: str = "causal-lm"
+    train_projector: bool = False  # training: the image projector stays trainable (model.train_projector)
 
     @classmethod
     def for_run(cls, cfg: RunConfig, device_map: Any = None) -> LoadRequest:
@@ -167,7 +223,8 @@ class LoadRequest:
         q = cfg.quantization
         return cls(cfg.base_model, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype,
                    cfg.model.attn_implementation, "4bit" if q.load_in_4bit else None, q.quant_type,
-                   q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True, head=cfg.head)
+                   q.double_quant, cfg.compute_dtype, cfg.quant_storage, device_map, training=True, head=cfg.head,
+                   train_projector=cfg.model.train_projector)
 
     def bnb(self, family: Family | None = None):
         """The BitsAndBytesConfig this request asks for (None: unquantized). A score head stays unquantized: it is
@@ -246,7 +303,7 @@ def load_model(request: LoadRequest):
         # training; the cache also breaks per-row masking of packed rows
         model.config.use_cache = decoder.use_cache = False
         keep_4bit_layout_trainable(model)
-        freeze_towers(model, family)  # the decoder trains; for full fine-tuning too
+        freeze_towers(model, family, request.train_projector)  # the decoder trains; for full fine-tuning too
     else:
         model.eval()
     found = check_loaded(model, family, request.attn_implementation, request.dtype)

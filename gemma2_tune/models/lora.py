@@ -28,7 +28,20 @@ def lora_config(cfg: RunConfig, model=None):
         target_modules=lora_targets(model, targets) if model is not None else targets,
         bias=cfg.lora.bias,
         task_type="CAUSAL_LM",
+        # model.train_projector: the image projector trains whole beside the adapters, and is saved with them
+        modules_to_save=[projector_name(model)] if cfg.model.train_projector and model is not None else None,
     )
+
+
+def projector_name(model) -> str:
+    """The image projector's module name as PEFT's modules_to_save matches it (its last component:
+    "multi_modal_projector" for Gemma 3, "embed_vision" for Gemma 4). Raises UserError for a model without one."""
+    from ..families import family_of_model_type
+
+    family = family_of_model_type(getattr(base_model(model).config, "model_type", ""))
+    if family is None or family.images is None:
+        raise UserError("model.train_projector: this checkpoint has no image projector (a text model)")
+    return family.images.projector.rsplit(".", 1)[-1]
 
 
 def decoder_prefix(model) -> str:

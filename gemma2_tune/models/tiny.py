@@ -97,7 +97,51 @@ def build_tokenizer(vocab_size: int = 1024, family: Family = GEMMA2):
         additional_special_tokens=[t for t in specials if t not in ("<pad>", "<eos>", "<bos>", "<unk>")],
         chat_template=chat_template(family),
         padding_side="right",
+        **named_image_tokens(family),
     )
+
+
+def named_image_tokens(family: Family) -> dict[str, str]:
+    """The image markers a multimodal family's published tokenizer names (tokenizer_config.json: boi_token,
+    eoi_token, image_token), which its processor reads; {} for a text family."""
+    if family.images is None:
+        return {}
+    return {"boi_token": family.images.begin, "eoi_token": family.images.end, "image_token": family.images.soft_token}
+
+
+# The tiny processors: the published image processors' settings (google/gemma-3-4b-it preprocessor_config.json:
+# 896 x 896, bilinear, mean = std = 0.5; google/gemma-4-E2B-it processor_config.json: 16-pixel patches pooled
+# 3 x 3, up to 280 soft tokens, pixels in [0, 1]) at the tiny towers' size.
+TINY_IMAGE_PROCESSORS = {
+    "Gemma3Processor": dict(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                            resample=2),
+    "Gemma4Processor": dict(patch_size=8, pooling_kernel_size=2, max_soft_tokens=70),  # 70: the smallest allowed
+}
+
+
+def save_tiny_processor(family: Family, tokenizer, config, folder: Path) -> None:
+    """Write the image processor of a tiny image + text model as the published checkpoints ship it
+    (processor_config.json: the image processor's settings, soft tokens per image, the processor class)."""
+    from transformers import AutoImageProcessor  # noqa: F401 - the Pillow processors register through it
+
+    name = family.images.processor_class
+    if name == "Gemma3Processor":
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        image_processor = Gemma3ImageProcessorPil(**TINY_IMAGE_PROCESSORS[name])
+        Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                        image_seq_length=config.mm_tokens_per_image).save_pretrained(folder)
+        return
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    # Gemma4Processor itself cannot be built without torchvision (its video processor); its file is written as it
+    # writes it: the image processor's settings under "image_processor"
+    image_processor = Gemma4ImageProcessorPil(**TINY_IMAGE_PROCESSORS[name])
+    settings = json.loads(image_processor.to_json_string())
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_processor": settings, "image_seq_length": image_processor.max_soft_tokens,
+         "processor_class": name}, indent=2) + "\n")
 
 
 def build_tiny(family: Family, path: Path) -> Path:
@@ -119,18 +163,31 @@ def build_tiny(family: Family, path: Path) -> Path:
     composite = "text_config" in tiny
     if composite:  # the vocabulary and token ids are the decoder's; the towers' placeholders the composite's
         tiny["text_config"] = tiny["text_config"] | decoder
+        if tiny["text_config"].get("hidden_size_per_layer_input"):
+            # Gemma 4's per-layer embeddings cover the vocabulary, as in the published configs (262,144 both);
+            # Gemma4TextConfig's default would give the tiny model a 262,144-row table
+            tiny["text_config"]["vocab_size_per_layer_input"] = decoder["vocab_size"]
         tiny |= {key: ids[token] for key, token in TOWER_TOKENS.get(family.key, {}).items()}
         config = getattr(transformers, family.config_class)(**tiny)
     else:
         config = getattr(transformers, family.config_class)(**decoder, **tiny)
     torch.manual_seed(0)
     model = (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_config(config)
+    if family.images is not None:
+        # transformers starts Gemma 3's projection at zero (a checkpoint brings its trained one): the tiny decoder would
+        # see every image as zeros. Random, as a trained projector is not zero.
+        projector = model.get_submodule(family.images.projector)
+        for param in projector.parameters():
+            if param.dim() > 1 and not param.detach().abs().sum():
+                torch.nn.init.normal_(param, std=tiny["initializer_range"])
     model.generation_config.eos_token_id = decoder["eos_token_id"]
     model.generation_config.pad_token_id, model.generation_config.bos_token_id = ids["<pad>"], ids["<bos>"]
     # an earlier interrupted build (no marker) is replaced; another process's finished one is kept
     with staged_dir(path, is_stale=lambda p: not (p / COMPLETE).is_file()) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if family.images is not None:
+            save_tiny_processor(family, tokenizer, config, tmp)
         (tmp / COMPLETE).write_text(json.dumps({"builtin": family.tiny_name, "family": family.key}))
     return path
 

@@ -23,5 +23,6 @@
     manifest.py     run.json and the output folder's safety rules
     card.py         loss plot and model card
     plan.py         `gemma2-tune plan`: memory per GPU before launching
+    imageplan.py    plan's lines about images: the processor's resolution, image tokens per row, the tower's peak
     describe.py     a resolved config in a few lines (light: no torch)
 """

@@ -100,6 +100,17 @@ def advice(shape: Shape, cfg: RunConfig, budget: float, launch, micro, frozen: d
     return found
 
 
+def _image_lines(cfg: RunConfig) -> list[str]:
+    """An image + text checkpoint's lines about images (imageplan.py); [] for a text one."""
+    from ..models.builtin import builtin_folder, is_builtin
+    from .imageplan import image_lines
+
+    name = cfg.base_model
+    path = builtin_folder(name) if is_builtin(name) else Path(name).expanduser()
+    return image_lines(name, path if (path / "config.json").is_file() else None, cfg.data.max_length,
+                       getattr(cfg.data, "pan_and_scan", False))
+
+
 def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str | None) -> tuple[list[str], bool]:
     """`gemma2-tune plan`'s lines and whether the run fits. `num_processes`: None takes the launch config's
     (1 without one), as a launch would. Raises UserError for an unknown GPU or model."""
@@ -139,7 +150,7 @@ def report(cfg: RunConfig, gpu: str, num_processes: int | None, launch_name: str
         f"run: {'4-bit QLoRA' if cfg.quantization.load_in_4bit else cfg.model.dtype + (' LoRA' if cfg.lora.enabled else ' full fine-tuning')}, "
         f"{plan.trainable_params / 1e6:,.1f}M trainable; {mode}; batch {cfg.training.per_device_train_batch_size} x "
         f"{cfg.data.max_length} tokens, accumulation {cfg.training.gradient_accumulation_steps}",
-    ] + ([f"on {gpu}: {micro.describe()}"] if micro else []) + [
+    ] + _image_lines(cfg) + ([f"on {gpu}: {micro.describe()}"] if micro else []) + [
         f"tokens per optimizer step: {plan.tokens_per_step:,}" + (
             " (at most: prompts + completions)" if cfg.generation_length else
             " (packed blocks)" if getattr(cfg.data, "packing", False) else " (at most)"),

@@ -18,7 +18,7 @@ from ..models.lora import inspect_adapters
 from .batching import MicroBatch, gpu_memory, micro_batch
 from .setup import base_model
 from .compiling import compile_layers
-from .data import TrainingData, blocks_dataset, prepare_data
+from .data import TrainingData, blocks_dataset, data_collator, prepare_data
 from . import lifecycle
 from .describe import count
 from .kernels import apply_kernel_settings, check_kernel_settings
@@ -62,7 +62,8 @@ class Runner(lifecycle.Runner):
         cfg, data, launch = self.cfg, self.data, self.launch
         model, report = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, run.state.local_process_index)))
         self.eval_set = blocks_dataset(data.eval_blocks) if data.eval_blocks else None
-        trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, self.eval_set)
+        trainer = build_trainer(cfg, model, data.tokenizer, blocks_dataset(data.blocks), args, launch, self.eval_set,
+                                data_collator(data, cfg.model.dtype))
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
         # before compiling: the compiled layers then include Liger's kernels
@@ -78,7 +79,10 @@ class Runner(lifecycle.Runner):
         say_plan(self.cfg, run, self.data, checkpoint, self.micro)
 
     def after_training(self, run: RunLifecycle, trainer) -> None:
-        """The final held-out loss and the eval curve, when rows are held out."""
+        """The final held-out loss and the eval curve, when rows are held out; an image + text checkpoint's image
+        processor beside the weights (chat, serve, merge and export read it there)."""
+        if self.data.images is not None and run.main:
+            self.data.images.save(run.out)
         if self.eval_set is not None:
             run.record["training"]["final_eval_loss"] = trainer.evaluate()["eval_loss"]
             run.record["training"]["eval_history"] = [{"step": e["step"], "eval_loss": e["eval_loss"]}

@@ -143,14 +143,15 @@ class SupervisedLossTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch, eval_set=None):
-    """The trainer for a run: TRL applies LoRA (lora_config), our collator batches packed blocks, the
-    supervised-only loss unless TRL's is asked for or ZeRO-3 runs."""
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, args, launch: Launch, eval_set=None, collator=None):
+    """The trainer for a run: TRL applies LoRA (lora_config), our collator batches packed blocks (`collator`:
+    another, e.g. the image one: data/collator.py), the supervised-only loss unless TRL's is asked for or ZeRO-3
+    runs."""
     supervised = effective_loss(cfg, launch) in ("supervised_chunked", "supervised_liger")
     trainer_class = SupervisedLossTrainer if supervised else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                             processing_class=tokenizer, peft_config=lora_config(cfg, model),
-                            data_collator=BlockCollator(tokenizer.pad_token_id))
+                            data_collator=collator or BlockCollator(tokenizer.pad_token_id))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
     keep_adapters_in_fp32(trainer, cfg, launch)
     return trainer

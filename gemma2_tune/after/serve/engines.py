@@ -9,9 +9,10 @@ text pieces out, and a cancel that stops the work the request still holds.
   refuses them in this mode). Gemma 2's attention soft-cap is kept by `softcapped_paged_attention`.
 
 Both stop at the folder's stop tokens (`<end_of_turn>`; Gemma 4: <turn|>, <|tool_response>); a request cannot
-change them. The text a request gets is `generated_text` of its tokens, the same as `chat` shows for the same tokens
-(`TextPieces`); a Gemma 4 engine (`raw`) sends the text with its special tokens, which replies.py splits into the
-thought, the text and the tool calls.
+change them. Images (an image + text model's pixel values, token types) go through `generate` only: continuous
+batching schedules token ids. The text a request gets is `generated_text` of its tokens, the same as `chat` shows for
+the same tokens (`TextPieces`); a Gemma 4 engine (`raw`) sends the text with its special tokens, which replies.py
+splits into the thought, the text and the tool calls.
 
 This is the one module that uses transformers below its documented `generate`/`from_pretrained` surface
 (continuous batching's manager and config, the paged attention registry): `internals_problem` checks every such
@@ -108,8 +109,9 @@ class SequentialEngine:
             config.stop_strings = settings.stop
         return config
 
-    def start(self, ids: list[int], settings: Settings) -> Generation:
-        """Queue `ids` (the rendered prompt) for generation; must be called on the event loop."""
+    def start(self, ids: list[int], settings: Settings, inputs: dict | None = None) -> Generation:
+        """Queue `ids` (the rendered prompt) for generation; must be called on the event loop. `inputs`: an image
+        + text model's other inputs (token types; with images, pixel values), passed to `generate` as they are."""
         import torch
 
         loop = asyncio.get_running_loop()
@@ -122,8 +124,10 @@ class SequentialEngine:
             try:
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # on the inference thread, just before this request samples
+                extra = {k: v.to(model.device, model.dtype) if k == "pixel_values" else v.to(model.device)
+                         for k, v in (inputs or {}).items()}
                 model.generate(input_ids=torch.tensor([ids], device=model.device), generation_config=config,
-                               streamer=streamer, tokenizer=tokenizer)
+                               streamer=streamer, tokenizer=tokenizer, **extra)
             except Cancelled:
                 streamer.end()
             except Exception as exc:  # noqa: BLE001 - reported to this request's client; the thread serves on
@@ -254,8 +258,12 @@ class BatchingEngine:
         self.cb = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
         self.cb.start()
 
-    def start(self, ids: list[int], settings: Settings) -> Generation:
-        """Add `ids` to the running batch; must be called on the event loop."""
+    def start(self, ids: list[int], settings: Settings, inputs: dict | None = None) -> Generation:
+        """Add `ids` to the running batch; must be called on the event loop. `inputs` may hold only token types
+        (all zero without images: the causal mask batching builds anyway); pixel values are refused (the server's
+        check answers 400 before)."""
+        if any(k.startswith(("pixel", "image")) for k in inputs or {}):
+            raise ValueError("continuous batching takes token ids only, not images")
         if self.cb.background_thread_status.fatal_error is not None:
             raise RuntimeError(f"the batching loop stopped: {self.cb.background_thread_status.fatal_error}")
         queue: asyncio.Queue = asyncio.Queue()

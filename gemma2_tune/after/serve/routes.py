@@ -135,7 +135,7 @@ class Completions:
         try:
             # Generation starts with the response: a client gone before this point has cost nothing.
             try:
-                generation = self.engine.start(checked.ids, checked.settings)
+                generation = self.engine.start(checked.ids, checked.settings, **_inputs(checked))
             except Exception as exc:  # noqa: BLE001 - e.g. the batching loop died: said in the stream
                 ended = True
                 yield self.failure_event(f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -178,7 +178,7 @@ class Completions:
         """One JSON answer; a client that disconnects while waiting stops its generation (499, unread)."""
         from fastapi.responses import JSONResponse, Response
 
-        generation = self.engine.start(checked.ids, checked.settings)
+        generation = self.engine.start(checked.ids, checked.settings, **_inputs(checked))
         # The body is read, so the next ASGI message is the client's disconnect.
         gone = asyncio.ensure_future(request.receive())
         pieces: list[str] = []
@@ -234,6 +234,11 @@ class Completions:
         return await self.whole(request, checked, cid)
 
 
+def _inputs(checked: Checked) -> dict:
+    """The engine's keyword for an image + text model's other inputs (none for a text model)."""
+    return {"inputs": checked.inputs} if checked.inputs else {}
+
+
 def build_app(served: Served, engine, api_key: str | None, max_request_bytes: int | None = None):
     """The FastAPI app: the checks in front of `engine` (engines.py). `max_request_bytes` defaults to
     default_max_request_bytes(served.context)."""
@@ -256,7 +261,8 @@ def build_app(served: Served, engine, api_key: str | None, max_request_bytes: in
     if api_key is not None:
         app.add_middleware(KeyCheck, expected=f"Bearer {api_key}".encode())
 
-    completions = Completions(served, engine, max_request_bytes or default_max_request_bytes(served.context))
+    completions = Completions(served, engine, max_request_bytes or default_max_request_bytes(
+        served.context, served.images is not None))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

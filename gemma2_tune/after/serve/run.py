@@ -8,7 +8,7 @@ from typing import Callable
 
 from ...errors import UserError
 from ..materialize import model_folder
-from .schema import Served, default_max_request_bytes
+from .schema import MAX_IMAGE_MB, Served, default_max_request_bytes
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -49,8 +49,8 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
     except ImportError:
         raise UserError("serve needs transformers' serving extras: pip install 'gemma2-tune[serve]'") from None
     from ...models.checks import check_loaded
-    from ...models.loading import load_tokenizer
     from ...data.gemma4 import writes_empty_thought
+    from ...models.loading import load_image_processing, load_tokenizer
     from .engines import (BatchingEngine, SequentialEngine, batching_problem, generation_stop_ids, internals_problem,
                           load_for_serving)
     from .routes import build_app
@@ -77,6 +77,7 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
         for warning in check_loaded(model, served.family, "eager", str(model.dtype).replace("torch.", "")):
             echo(f"warning: {warning}")
         served.tokenizer = load_tokenizer(str(served.folder))
+        served.images = load_image_processing(str(served.folder), served.family, served.tokenizer)
         served.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # the decoder's
         served.vocab_size = model.config.get_text_config().vocab_size
         served.max_token_chars = longest_token_chars(served.tokenizer)
@@ -89,7 +90,7 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
         engine = (BatchingEngine(model, served.tokenizer, served.context, raw=served.gemma4)
                   if continuous_batching and not unbatchable else SequentialEngine(model, served.tokenizer, raw=served.gemma4))
         app = build_app(served, engine, api_key, max_request_bytes)
-        limit = max_request_bytes or default_max_request_bytes(served.context)
+        limit = max_request_bytes or default_max_request_bytes(served.context, served.images is not None)
         stops = generation_stop_ids(model.generation_config)
         where = f"http://{host}:{port}/v1"
         echo(f"serving '{served.name}' ({served.source}) at {where}: eager attention, soft-caps "
@@ -100,6 +101,11 @@ def serve(target: str, host: str = DEFAULT_HOST, port: int = 8000, api_key: str 
                 "enable_thinking, tools and tool calls in Gemma 4's syntax, " if served.gemma4 else "")
              + f"{engine.name}, bodies up to {limit} bytes"
              + ("; API key required" if api_key else ""))
+        if served.images is not None:
+            echo(f"images: image_url parts as data: URLs (base64, up to {MAX_IMAGE_MB:g} MiB each; no paths, no "
+                 f"remote URLs), {served.images.describe()}"
+                 + ("; not with continuous batching (serve --no-continuous-batching takes them)"
+                    if continuous_batching else ""))
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model")
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))

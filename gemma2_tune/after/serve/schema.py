@@ -5,12 +5,13 @@ what was trained, a conversation the training renderer can render, and a prompt 
 (no `from __future__ import annotations`: pydantic reads annotations at runtime)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ...data.images import ImageReader
 from .engines import Settings
 
 
@@ -30,11 +31,18 @@ class Served:
     sampling: tuple = (False, 1.0, 1.0)  # the folder's generation config: (do_sample, temperature, top_p)
     thinking: bool = False  # Gemma 4: a request's default enable_thinking (the run's data.enable_thinking)
     empty_thought: bool = False  # Gemma 4 12B/26B-A4B/31B: the generation prompt writes the empty thought block
+    images: Any = None  # the folder's image processor (data/images.py ImageProcessing); None: text only
 
     @property
     def gemma4(self) -> bool:
         """Gemma 4's turn format: tools, tool calls and thinking are part of it."""
         return getattr(self.family, "turn_format", None) == "gemma4"
+
+
+# Images in requests: data: URLs only (never a path on the server's disk, never a URL the server would fetch), each
+# at most this many MiB decoded; bodies of an image + text model may be this much larger than a text model's.
+MAX_IMAGE_MB = 10.0
+IMAGE_BODY_BYTES = 16 << 20  # base64 makes 3 bytes 4: about 12 MiB of images per request
 
 
 TEXT_PARTS = ("text", "input_text", "output_text")
@@ -151,6 +159,7 @@ class Checked:
     prompt_tokens: int
     thinking: bool = False  # Gemma 4: rendered with enable_thinking
     tools: Optional[list[dict[str, Any]]] = None  # Gemma 4: the tools declared in the prompt
+    inputs: dict = field(default_factory=dict)  # with images: pixel_values, token types (and image_position_ids)
 
 
 Problem = tuple[int, str, Optional[str], Optional[str]]  # (status, message, param, code)
@@ -261,13 +270,19 @@ def check_request(body: Any, served: Served, batching: bool = False) -> Checked 
             if getattr(request, key) not in (None, 0, "", [], {}):
                 return (400, f"'{key}' is not available with continuous batching, which takes per request only "
                         "max_tokens, temperature and top_p (serve --no-continuous-batching accepts it)", key, None)
-    chars = sum(len(s) for m in request.messages for s in _strings(m.get("content")))
+    has_images = any(_image_parts(m) for m in request.messages)
+    if has_images and batching:
+        return (400, "images are not taken with continuous batching (transformers' batching schedules token ids, "
+                "not pixels); serve --no-continuous-batching takes them", "messages", None)
+    chars = sum(len(s) for m in request.messages for s in _strings(_text_of(m.get("content"))))
     if served.context is not None and chars > served.context * served.max_token_chars:
         return (400, f"the prompt is {chars} characters, more than this model's context of {served.context} tokens "
                 "can hold", "messages", "context_length_exceeded")
     options = {"tools": tools, "thinking": thinking} if served.gemma4 else {}
+    read_image = ImageReader(max_mb=MAX_IMAGE_MB, allow_paths=False) if served.images is not None else None
     try:
-        turns = normalise(messages, served.system_policy, allow_open_end=True, family=served.family, **options)
+        turns = normalise(messages, served.system_policy, allow_open_end=True, family=served.family,
+                          images=read_image, **options)
     except BadRow as exc:
         return 400, f"the conversation can't be rendered in Gemma's format: {exc}", "messages", None
     ends_with_responses = served.gemma4 and turns[-1].role == "model" and isinstance(turns[-1].parts[-1], ToolResponse)
@@ -276,14 +291,28 @@ def check_request(body: Any, served: Served, batching: bool = False) -> Checked 
                      + (" or tool messages answering its calls" if served.gemma4 else "")), "messages", None
 
     ids: list[int] = []
+    inputs: dict = {}
     wanted = request.max_completion_tokens or request.max_tokens
     key = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     limit = wanted or DEFAULT_MAX_TOKENS
     if served.tokenizer is not None:
         from ..inference import prompt_ids
 
-        ids = prompt_ids(messages, served.tokenizer, served.system_policy, served.family, thinking=thinking,
-                         empty_thought=served.empty_thought, tools=tools)[0].tolist()
+        if served.images is not None:  # the image processor's pixels and token types, as training made them
+            from ...data.examples import TurnTokenizer
+            from ...data.turns import render
+
+            rendered = render(turns, add_generation_prompt=True, family=served.family,
+                              **({"thinking": thinking, "empty_thought": served.empty_thought} if served.gemma4 else {}))
+            try:
+                inputs = TurnTokenizer(served.tokenizer, served.family, images=served.images).model_inputs(
+                    rendered, turns)
+            except BadRow as exc:
+                return 400, f"the conversation's images can't be read: {exc}", "messages", None
+            ids = inputs.pop("input_ids")[0].tolist()
+        else:
+            ids = prompt_ids(messages, served.tokenizer, served.system_policy, served.family, thinking=thinking,
+                             empty_thought=served.empty_thought, tools=tools)[0].tolist()
     if ids and served.context is not None:
         left = served.context - len(ids)
         if left < 1:
@@ -299,7 +328,7 @@ def check_request(body: Any, served: Served, batching: bool = False) -> Checked 
     settings = Settings(max_new_tokens=limit, do_sample=do_sample, temperature=temperature,
                         top_p=top_p if request.top_p is None else request.top_p, seed=request.seed, stop=stops,
                         logit_bias=bias, frequency_penalty=request.frequency_penalty)
-    return Checked(ids, settings, bool(request.stream), len(ids), thinking, tools)
+    return Checked(ids, settings, bool(request.stream), len(ids), thinking, tools, inputs)
 
 
 def request_problem(body: Any, served: Served, batching: bool = False) -> Problem | None:
@@ -308,9 +337,28 @@ def request_problem(body: Any, served: Served, batching: bool = False) -> Proble
     return None if isinstance(checked, Checked) else checked
 
 
-def default_max_request_bytes(context: int | None) -> int:
+def default_max_request_bytes(context: int | None, images: bool = False) -> int:
     """The default body limit in bytes: 32 bytes per context token (a token's text as JSON, with room for
-    \\uXXXX escapes of non-Latin text) + 64 KiB for the JSON around the text; 1 MiB without a known context."""
-    return 1 << 20 if context is None else 32 * context + (64 << 10)
+    \\uXXXX escapes of non-Latin text) + 64 KiB for the JSON around the text; 1 MiB without a known context;
+    IMAGE_BODY_BYTES more for a model that takes images (data: URLs)."""
+    return (1 << 20 if context is None else 32 * context + (64 << 10)) + (IMAGE_BODY_BYTES if images else 0)
+
+
+def _image_parts(message: Any) -> list:
+    """The image content parts of a message."""
+    from ...data.turns import IMAGE_PART_TYPES
+
+    content = message.get("content") if isinstance(message, dict) else None
+    return [p for p in content if isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES] \
+        if isinstance(content, list) else []
+
+
+def _text_of(content: Any) -> Any:
+    """A message's content without its image parts (whose data: URLs are not text the model reads)."""
+    from ...data.turns import IMAGE_PART_TYPES
+
+    if isinstance(content, list):
+        return [p for p in content if not (isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES)]
+    return content
 
 
