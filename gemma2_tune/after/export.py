@@ -86,9 +86,10 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     describe another file) and, for a Gemma 3 image + text model with its image processor, `<stem>.mmproj.gguf`
     (llama.cpp's projector file, after/projector.py); all of it only after every check passed. Raises UserError (nothing written): an
     unknown `to` or `quant`, an output that is not a .gguf path, lies under a file or where nothing may be
-    written, or exists (any of the three files) without `overwrite`, a target that is not a Gemma 2 / Gemma 3
-    model folder or run (an image + text Gemma 3 exports its decoder; Gemma 4 is refused), a Gemma 2 without a
-    SentencePiece model, the export extra missing, the converter failing, a metadata check or a parity bound
+    written, or exists (any of the three files) without `overwrite`, a target that is not a Gemma 2 / 3 / 4
+    model folder or run (an image + text model exports its decoder; Gemma 4's 12B is refused, and so is `ollama`
+    for Gemma 4: OLLAMA_GEMMA4), a Gemma 2 without a SentencePiece model, a Gemma 4 whose tokenizer.json is not a
+    BPE with byte fallback, the export extra missing, the converter failing, a metadata check or a parity bound
     failing.
     """
     if to != "gguf":
