@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..data.template import chat_template
-from ..data.turns import BOS, END
+from ..data.turns import BOS, end_of_turn
 from ..errors import UserError
 from ..families import Family
 from ..files import writable_problem
@@ -57,6 +57,13 @@ GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use fo
 
 EXTRA_HINT = "pip install 'gemma2-tune[export]' (llama-cpp-python compiles llama.cpp on install: minutes)"
 LLAMA_CPP_ENV = "GEMMA2_TUNE_LLAMA_CPP"  # a llama.cpp source tree whose converter to use instead
+# Why --ollama is refused for Gemma 4 (after/ollama.py writes Gemma 2/3's turns only).
+OLLAMA_GEMMA4 = ("no Modelfile is written for Gemma 4: Ollama renders a conversation with its Modelfile's Go template "
+                 "over its own message fields (tools, tool calls, thinking), and a Go template reproducing Gemma 4's "
+                 "turns exactly (native system turn, the thought channel, tool declarations/calls/responses with "
+                 "sorted keys and <|\"|> strings, the size-dependent empty thought block) is not written or tested "
+                 "here; export without --ollama and run the GGUF with llama.cpp (llama-server --jinja applies the "
+                 "GGUF's own template, ours)")
 
 
 @dataclass
@@ -79,9 +86,10 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     describe another file) and, for a Gemma 3 image + text model with its image processor, `<stem>.mmproj.gguf`
     (llama.cpp's projector file, after/projector.py); all of it only after every check passed. Raises UserError (nothing written): an
     unknown `to` or `quant`, an output that is not a .gguf path, lies under a file or where nothing may be
-    written, or exists (any of the three files) without `overwrite`, a target that is not a Gemma 2 / Gemma 3
-    model folder or run (an image + text Gemma 3 exports its decoder; Gemma 4 is refused), a Gemma 2 without a
-    SentencePiece model, the export extra missing, the converter failing, a metadata check or a parity bound
+    written, or exists (any of the three files) without `overwrite`, a target that is not a Gemma 2 / 3 / 4
+    model folder or run (an image + text model exports its decoder; Gemma 4's 12B is refused, and so is `ollama`
+    for Gemma 4: OLLAMA_GEMMA4), a Gemma 2 without a SentencePiece model, a Gemma 4 whose tokenizer.json is not a
+    BPE with byte fallback, the export extra missing, the converter failing, a metadata check or a parity bound
     failing.
     """
     if to != "gguf":
@@ -108,6 +116,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     if missing:
         raise UserError(f"export needs the package(s) {', '.join(missing)}: {EXTRA_HINT}; nothing was written")
     family, sentencepiece = _check_target(target)
+    if ollama and family.turn_format == "gemma4":
+        raise UserError(f"export {target} --ollama: {OLLAMA_GEMMA4}; nothing was written")
     projector_file = _beside(out, ".mmproj.gguf") if family.key in PROJECTOR_TYPES else None
     if projector_file and projector_file.exists() and not overwrite:
         raise UserError(f"{projector_file} already exists; pass --overwrite to replace (nothing was written)")
@@ -137,7 +147,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
                          if projector_file else None)
             unquantized = converted.pop("unquantized", None)
             parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo,
-                                  Path(unquantized) if unquantized else None, converted["outtype"])
+                                  Path(unquantized) if unquantized else None, converted["outtype"],
+                                  empty_thought(folder, served.family))
             if unquantized:
                 Path(unquantized).unlink()  # before the move: the output's folder holds one model file at a time
             result = {
@@ -209,9 +220,13 @@ def _check_target(target: str) -> tuple[Family, Path | None]:
     problem = turn_format_problem(family)  # before any merge: the GGUF's template and parity prompts are turns
     if problem:
         raise UserError(f"export {target}: {problem}")
-    if family.turn_format != "gemma":  # the Modelfile and the parity prompts are written in Gemma 2/3's turns
-        raise UserError(f"export {target}: {family.display} is not exported yet (its Ollama template and the parity "
-                        "check's prompts are not written in its turn format); serve it with `gemma2-tune serve`")
+    if family.turn_format == "gemma4" and family.key != "gemma4":
+        raise UserError(f"export {target}: {family.display} is not exported yet (llama.cpp's converter for its "
+                        "decoder is not proven here by a parity check); serve it with `gemma2-tune serve`")
+    if family.turn_format == "gemma4":
+        problem = _llama_bpe_problem(path, run)
+        if problem:
+            raise UserError(f"export {target}: {problem}; nothing was written")
     sentencepiece = _sentencepiece(path, run)
     if sentencepiece is None and family.key == "gemma2":
         base = f" nor its base {run.base_model}" if run.is_adapter else ""
@@ -220,6 +235,24 @@ def _check_target(target: str) -> tuple[Family, Path | None]:
                         "BPE tokenizer, as builtin:tiny-gemma2's, cannot be converted; for a folder written without "
                         "it, copy its base's tokenizer.model into it); nothing was written")
     return family, sentencepiece
+
+
+def _llama_bpe_problem(path: Path, run) -> str | None:
+    """Why llama.cpp's Gemma 4 converter cannot read this folder's tokenizer, or None. It reads tokenizer.json as a
+    Llama-style BPE (gguf-py's LlamaHfVocab: model BPE with byte fallback, a Sequence decoder), as Gemma 4's published
+    tokenizers are; a byte-level BPE (builtin:tiny-gemma4's) fails there with "Cannot find Llama BPE tokenizer"."""
+    where = path if (path / "tokenizer.json").is_file() or not run.is_adapter else Path(run.base_model).expanduser()
+    try:
+        tokenizer = json.loads((where / "tokenizer.json").read_text())
+        model, decoder = tokenizer.get("model") or {}, tokenizer.get("decoder") or {}
+    except (OSError, ValueError, AttributeError):
+        return f"llama.cpp's Gemma 4 converter reads the tokenizer from tokenizer.json, and {where} has none readable"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and decoder.get("type") == "Sequence":
+        return None
+    found = (f"{model.get('type')} model, byte_fallback {model.get('byte_fallback')}, decoder {decoder.get('type')}")
+    return (f"llama.cpp's Gemma 4 converter reads tokenizer.json as a BPE with byte fallback (as Gemma 4's published "
+            f"tokenizers are), and {where / 'tokenizer.json'} is not one ({found}; builtin:tiny-gemma4's byte-level "
+            "BPE cannot be converted)")
 
 
 def _sentencepiece(path: Path, run) -> Path | None:
@@ -284,15 +317,24 @@ def _run_template(folder: Path, served) -> tuple[str, str, str, str | None]:
     from ..models.loading import load_tokenizer
 
     saved = getattr(load_tokenizer(str(folder)), "chat_template", None)
+    empty = empty_thought(folder, served.family)
     policies = [served.system_policy] + [p for p in ("fold", "drop", "error") if p != served.system_policy]
     for policy in policies:
         for unsupported in ("bad_row", "ignore"):
-            if saved == chat_template(served.family, policy, unsupported):
+            if saved == chat_template(served.family, policy, unsupported, empty_thought=empty):
                 return saved, policy, unsupported, None
-    ours = chat_template(served.family, served.system_policy)
+    ours = chat_template(served.family, served.system_policy, empty_thought=empty)
     return (ours, served.system_policy, "bad_row",
             f"the folder's chat template is not one gemma2-tune generated: the GGUF gets ours ({served.family.display} "
             f"turns, system policy {served.system_policy})")
+
+
+def empty_thought(folder: Path, family: Family) -> bool:
+    """Does the exported model's template write Gemma 4's empty thought block (12B, 26B-A4B, 31B; by its shape in
+    config.json, data/gemma4.writes_empty_thought)? False for Gemma 2/3."""
+    from ..data.gemma4 import writes_empty_thought
+
+    return writes_empty_thought(family, str(folder))
 
 
 def _carries_gemma_terms(target: str, folder: Path) -> bool:
@@ -476,10 +518,12 @@ def _summary(metadata: dict) -> dict:
 
 
 def check_metadata(metadata: dict, template: str, config: dict, family: Family, terms: bool) -> list[dict]:
-    """Each fact the GGUF must carry, as {check, expected, found, passed}: our chat template, <end_of_turn> and
-    <bos> as tokens, one <bos> (add_bos_token with a template that writes <bos>: llama.cpp's chat code removes the
+    """Each fact the GGUF must carry, as {check, expected, found, passed}: our chat template, the family's end of
+    turn (<end_of_turn>; Gemma 4: <turn|>, and its stop tokens <eos> <turn|> <|tool_response> as tokens) and <bos>
+    as tokens, one <bos> (add_bos_token with a template that writes <bos>: llama.cpp's chat code removes the
     template's when it adds its own), the family's soft-caps and sliding window from the model's config, the
-    Gemma terms where the weights carry them."""
+    layer pattern and (Gemma 4) the KV-shared layers as llama.cpp will run them, the Gemma terms where the weights
+    carry them."""
     arch = metadata.get("general.architecture")
     tokens = metadata.get("tokenizer.ggml.tokens") or []
     config = config.get("text_config") or config  # an image + text checkpoint: the GGUF holds its decoder
@@ -496,7 +540,12 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     check("<bos> token", BOS, tokens[bos] if isinstance(bos, int) and bos < len(tokens) else None)
     check("one <bos> (add_bos_token)", True, metadata.get("tokenizer.ggml.add_bos_token"))
-    check("<end_of_turn> token", True, END in tokens)
+    end = end_of_turn(family)
+    check(f"{end} token", True, end in tokens)
+    if family.turn_format == "gemma4":
+        from ..families.gemma4_format import STOP_TOKENS
+
+        check("stop tokens (<eos> <turn|> <|tool_response>)", True, all(t in tokens for t in STOP_TOKENS))
     for key, hf_key in (("attn_logit_softcapping", "attn_logit_softcapping"),
                         ("final_logit_softcapping", "final_logit_softcapping"),
                         ("attention.sliding_window", "sliding_window")):
@@ -514,15 +563,23 @@ def check_metadata(metadata: dict, template: str, config: dict, family: Family, 
     # recognises by its layer count: 46, 62), whatever the checkpoint says (src/models/gemma2.cpp, gemma3.cpp); a
     # GGUF has no key for it, so a model with another query_pre_attn_scalar would compute another function there
     layers = config.get("num_hidden_layers")
-    is_27b = layers == {"gemma2": 46, "gemma3": 62}.get(arch)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    llama_scalar = config["hidden_size"] / config["num_attention_heads"] if is_27b else head_dim
-    scalar = config.get("query_pre_attn_scalar", head_dim)
-    check("query scale llama.cpp applies", f"query_pre_attn_scalar {llama_scalar:g}", f"query_pre_attn_scalar {scalar:g}",
-          abs(float(scalar) - float(llama_scalar)) < 1e-6)
+    if family.turn_format != "gemma4":  # Gemma 4 normalises queries and keys (QK-norm) and scales by 1 in both
+        is_27b = layers == {"gemma2": 46, "gemma3": 62}.get(arch)
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        llama_scalar = config["hidden_size"] / config["num_attention_heads"] if is_27b else head_dim
+        scalar = config.get("query_pre_attn_scalar", head_dim)
+        check("query scale llama.cpp applies", f"query_pre_attn_scalar {llama_scalar:g}",
+              f"query_pre_attn_scalar {scalar:g}", abs(float(scalar) - float(llama_scalar)) < 1e-6)
     expected_layers, found_layers = config_layer_pattern(config), llama_layer_pattern(metadata, arch, layers)
     if expected_layers is not None:
         check("sliding/global layers llama.cpp applies", expected_layers, found_layers, expected_layers == found_layers)
+    if config.get("num_kv_shared_layers"):
+        expected_reuse = config_kv_reuse(config)
+        found_reuse = llama_kv_reuse(metadata, arch, found_layers)
+        check("KV-shared layers llama.cpp reuses", expected_reuse, found_reuse, expected_reuse == found_reuse)
+    if config.get("hidden_size_per_layer_input"):
+        check("per-layer embedding width", config["hidden_size_per_layer_input"],
+              metadata.get(f"{arch}.embedding_length_per_layer_input"))
     if terms:
         check("Gemma terms of use", GEMMA_TERMS["license_link"], metadata.get("general.license.link"))
     return checks
@@ -550,6 +607,30 @@ def llama_layer_pattern(metadata: dict, arch: str | None, layers: int | None) ->
     if not isinstance(pattern, int) or not layers:
         return None
     return "".join("s" if pattern == 0 or il % pattern < pattern - 1 else "g" for il in range(layers))
+
+
+def config_kv_reuse(config: dict) -> str:
+    """The KV-shared layers of a Gemma 4 config as transformers runs them: "LAYER<-SOURCE" for each, the source
+    being the last layer before the shared ones of the same kind (sliding or global), comma-separated."""
+    types = config["layer_types"]
+    first = config["num_hidden_layers"] - config["num_kv_shared_layers"]
+    reuse = {il: max((j for j in range(first) if types[j] == types[il]), default=None)
+             for il in range(first, config["num_hidden_layers"])}
+    return ",".join(f"{il}<-{src}" for il, src in reuse.items())
+
+
+def llama_kv_reuse(metadata: dict, arch: str | None, pattern: str | None) -> str | None:
+    """The KV-shared layers as llama.cpp runs them ("LAYER<-SOURCE", `config_kv_reuse`'s form): a shared sliding
+    layer reads the cache of the second-to-last layer before the shared ones, a shared global layer the last one's,
+    whatever their kinds (src/llama-model.cpp, create_memory, Gemma 3n/Gemma 4). A source of another kind than its
+    layer is not in that kind's cache: llama.cpp aborts loading the file (GGML_ASSERT in llama-kv-cache.cpp), so
+    the check must fail before llama.cpp loads it. None when the GGUF does not say."""
+    shared = metadata.get(f"{arch}.attention.shared_kv_layers")
+    layers = metadata.get(f"{arch}.block_count")
+    if not isinstance(shared, int) or not isinstance(layers, int) or pattern is None:
+        return None
+    first = layers - shared
+    return ",".join(f"{il}<-{first - (2 if pattern[il] == 's' else 1)}" for il in range(first, layers))
 
 
 def _print_result(result: dict, outputs: list[Path], echo) -> None:

@@ -3,7 +3,8 @@ computes? Measured, then bounded by floors measured on the same positions, then 
 
 Measured on PARITY_PROMPTS, each rendered by our renderer (which the GGUF's template must reproduce):
 - the reference: the exported folder in transformers, float32, eager attention: its prompt ids, its greedy
-  continuation of each prompt (up to GREEDY_TOKENS, or to <end_of_turn>/<eos>), and its logits teacher-forced over
+  continuation of each prompt (up to GREEDY_TOKENS, or to a stop token: <end_of_turn>/<eos>; Gemma 4's <turn|>/<eos>/
+  <|tool_response>), and its logits teacher-forced over
   prompt + continuation (after the final soft-cap);
 - the file in llama.cpp (llama-cpp-python): the prompt ids it makes (as its servers do: the template's text
   without its <bos>, BOS added as the GGUF says), its own greedy continuation, its logits on the same positions;
@@ -19,7 +20,7 @@ Compared per position over the vocabulary: KL divergence from the reference's ne
 llama.cpp's own measure of a quantization, `llama-perplexity --kl-divergence`), max and mean |logit difference|,
 top-1 agreement.
 
-Bounds (every type): prompt ids equal; llama.cpp ends generation at <end_of_turn>. f32/f16/bf16, and the
+Bounds (every type): prompt ids equal; llama.cpp ends generation at every stop token (the family's end of turn). f32/f16/bf16, and the
 unquantized GGUF behind a quantized one: greedy continuations equal token for token. A quantized file: its mean KL
 divergence and max |logit difference| from the quantized reference each at most FLOOR_FACTOR x (the two floors) +
 SLACK: the file must compute the quantized model, up to llama.cpp's arithmetic. What the quantization itself costs
@@ -40,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..data.turns import BOS, END, normalise, render
+from ..data.turns import BOS, end_of_turn, normalise, render
 from ..families import Family
 
 PARITY_PROMPTS = [
@@ -74,8 +75,9 @@ class Reference:
     continuations: list[list[int]]
     logits: list[np.ndarray]
     answers: list[str]
-    end_id: int
+    end_id: int  # the family's end of turn (<end_of_turn>; Gemma 4: <turn|>)
     model: Any
+    stop: list[int] = field(default_factory=list)  # every id generation stops at (models/serving.stop_ids)
     problems: list[str] = field(default_factory=list)
 
     def sequence(self, i: int) -> list[int]:
@@ -94,21 +96,27 @@ class GgufRun:
     bos: int
 
 
-def measure_reference(folder: Path, family: Family, policy: str, template: str) -> Reference:
-    """Load `folder` in transformers (float32, eager) and measure it on PARITY_PROMPTS."""
+def measure_reference(folder: Path, family: Family, policy: str, template: str,
+                      empty_thought: bool = False) -> Reference:
+    """Load `folder` in transformers (float32, eager) and measure it on PARITY_PROMPTS, rendered in `family`'s turn
+    format (`empty_thought`: Gemma 4's empty thought block after the generation prompt, as the template writes it);
+    generation stops where serving stops (models/serving.stop_ids: <eos> and the end of turn; Gemma 4 also
+    <|tool_response>)."""
     import torch
 
     from ..models.loading import LoadRequest, load_model, load_tokenizer
+    from ..models.serving import stop_ids
 
     tokenizer = load_tokenizer(str(folder))
     tokenizer.chat_template = template
     model, _ = load_model(LoadRequest(str(folder), dtype="float32", attn_implementation="eager"))
     model.eval()
-    end_id = tokenizer.convert_tokens_to_ids(END)
-    stop = sorted({end_id, tokenizer.eos_token_id})
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn(family))
+    stop = stop_ids(tokenizer)
     texts, problems = [], []
     for messages in PARITY_PROMPTS:
-        text = render(normalise(messages, policy, allow_open_end=True, family=family), add_generation_prompt=True).text
+        text = render(normalise(messages, policy, allow_open_end=True, family=family), add_generation_prompt=True,
+                      family=family, empty_thought=empty_thought).text
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if rendered != text:  # the GGUF's template must reproduce the training renderer
             problems.append(f"the GGUF's chat template renders prompt {len(texts)} differently from our renderer")
@@ -121,7 +129,7 @@ def measure_reference(folder: Path, family: Family, policy: str, template: str) 
                                        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         continuations.append(generated[0, len(prompt):].tolist())
     reference = Reference(texts, ids, continuations, [], [tokenizer.decode(c, skip_special_tokens=True)
-                                                         for c in continuations], end_id, model, problems)
+                                                         for c in continuations], end_id, model, stop, problems)
     reference.logits = transformers_logits(model, reference, len(tokenizer))
     return reference
 
@@ -150,7 +158,9 @@ def measure_gguf(path: Path, reference: Reference) -> GgufRun:
         vocab = llm._model.vocab
         add_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
         n_vocab = min(llm.n_vocab(), reference.logits[0].shape[-1])
-        run = GgufRun([], [], [], [], bool(llama_vocab_is_eog(vocab, reference.end_id)), llm.token_bos())
+        # every stop id must end llama.cpp's generation too (Gemma 4: <eos> <turn|> <|tool_response>)
+        ends = all(llama_vocab_is_eog(vocab, i) for i in {reference.end_id, *reference.stop})
+        run = GgufRun([], [], [], [], bool(ends), llm.token_bos())
         for i, text in enumerate(reference.texts):
             run.ids.append(llm.tokenize(text[len(BOS):].encode(), add_bos=add_bos, special=True))
             llm.reset()
@@ -330,7 +340,7 @@ def decide(quant: str, reference: Reference, run: GgufRun, quantized: dict | Non
     type). Returns {bound, passed, failure}."""
     problems = list(reference.problems)
     if not run.end_is_eog:
-        problems.append("llama.cpp does not end generation at <end_of_turn>")
+        problems.append(f"llama.cpp does not end generation at every stop token of the model (ids {sorted(set(reference.stop))})")
     bad_ids = [i for i, (a, b) in enumerate(zip(run.ids, reference.ids)) if a != b]
     if bad_ids:
         problems.append(f"prompt ids differ from transformers' on prompt(s) {bad_ids}")
@@ -364,13 +374,14 @@ def decide(quant: str, reference: Reference, run: GgufRun, quantized: dict | Non
 # --- the check -----------------------------------------------------------------------------------------------
 
 def check_parity(gguf_file: Path, folder: Path, family: Family, policy: str, template: str, quant: str,
-                 echo: Callable[[str], None], unquantized: Path | None = None, outtype: str | None = None) -> dict:
+                 echo: Callable[[str], None], unquantized: Path | None = None, outtype: str | None = None,
+                 empty_thought: bool = False) -> dict:
     """Measure `gguf_file` (type `quant`) against `folder` in transformers and decide (see the module's
     docstring). `unquantized`: for a quantized type, the GGUF the quantizer read (type `outtype`). Returns the
     report: the file's figures against the reference (per prompt and overall); for a quantized type, `quantized`
     (its figures against the quantized reference, the floors); the bound it was held to, `passed`, `failure`
     (None or why)."""
-    reference = measure_reference(folder, family, policy, template)
+    reference = measure_reference(folder, family, policy, template, empty_thought)
     run = measure_gguf(gguf_file, reference)
     metrics = compare(run.logits, reference.logits)
     quantized, unquantized_run = None, None

@@ -196,10 +196,14 @@ def build_tiny_sentencepiece(family: Family, path: Path, **config) -> Path:
     """A tiny random `family` model whose tokenizer is SentencePiece BPE like Gemma's (byte fallback, no dummy
     prefix, digits split, turn markers as user-defined symbols, <pad> <eos> <bos> <unk> = 0 1 2 3, <bos> added to
     what it encodes), trained here on the shipped chats and saved as Gemma's are: tokenizer.model with its fast
-    conversion (tokenizer.json). What llama.cpp's converters need (its Gemma 2 reads tokenizer.model only), so
-    exports are tested on it. Queries are scaled by head_dim as in Gemma 2 2B/9B and Gemma 3 (llama.cpp assumes
-    it). `config`: settings over the family's tiny shape. Needs `sentencepiece`; writes `path` (must not exist)
-    with a build marker saying it is a random tiny model (no Gemma weights, so no Gemma terms)."""
+    conversion (tokenizer.json: BPE with byte fallback, as llama.cpp's Gemma 4 converter requires). What llama.cpp's
+    converters need (its Gemma 2 reads tokenizer.model only; its Gemma 4 reads tokenizer.json as a Llama-style BPE
+    and refuses a byte-level one such as `build_tokenizer`'s), so exports are tested on it. Gemma 4's special
+    tokens sit at their published ids (`special_tokens`), its tower placeholders after them, and its model is the
+    image + text class with the tiny towers, as `build_tiny` builds it. Queries are scaled by head_dim as in Gemma 2
+    2B/9B and Gemma 3 (llama.cpp assumes it). `config`: settings over the family's tiny shape (its decoder's, for
+    an image + text family). Needs `sentencepiece`; writes `path` (must not exist) with a build marker saying it is
+    a random tiny model (no Gemma weights, so no Gemma terms)."""
     import io
 
     import sentencepiece as spm
@@ -208,31 +212,50 @@ def build_tiny_sentencepiece(family: Family, path: Path, **config) -> Path:
 
     from ..data.template import chat_template
     from ..files import COMPLETE
+    from .serving import stop_ids
 
     path.mkdir(parents=True)
     model_proto = io.BytesIO()
+    gemma4 = family.turn_format == "gemma4"
+    # <pad> <eos> <bos> <unk> are SentencePiece's own pieces (ids 0-3); the user-defined symbols follow in order,
+    # so Gemma 4's list from id 4 puts each of its markers at its published id
+    symbols = special_tokens(family)[4:] if gemma4 else ["<start_of_turn>", "<end_of_turn>"]
+    symbols += [t for t in TOWER_TOKENS.get(family.key, {}).values() if t not in symbols]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t.replace("<bos>", "") for t in training_corpus()]), model_writer=model_proto,
-        vocab_size=400, model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
+        sentence_iterator=iter([t.replace("<bos>", "") for t in training_corpus(family)]), model_writer=model_proto,
+        vocab_size=640 if gemma4 else 400, model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2,
+        unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=symbols, add_dummy_prefix=False,
         remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
         allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
     (path / "tokenizer.model").write_bytes(model_proto.getvalue())
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+        | ({"additional_special_tokens": symbols} if gemma4 else {})))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # converted from tokenizer.model
     tokenizer.chat_template = chat_template(family)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<end_of_turn>")}
-    shape = {"query_pre_attn_scalar": family.tiny_config["head_dim"]} | family.tiny_config | config
-    model_config = getattr(transformers, family.config_class)(
-        vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], **shape)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>")}
+    eos = stop_ids(tokenizer)  # <eos> <end_of_turn>, or Gemma 4's three
+    shape = {"query_pre_attn_scalar": family.tiny_config.get("head_dim")} | family.tiny_config
+    decoder = dict(vocab_size=len(tokenizer), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=eos)
+    if "text_config" in shape:  # an image + text family: the decoder's shape and vocabulary, the towers' tokens
+        text = {k: v for k, v in shape["text_config"].items()} | decoder | config
+        if text.get("hidden_size_per_layer_input"):
+            text["vocab_size_per_layer_input"] = decoder["vocab_size"]  # as build_tiny: the table covers the vocabulary
+        shape = {k: v for k, v in shape.items() if k != "query_pre_attn_scalar"} | {"text_config": text}
+        shape |= {key: tokenizer.convert_tokens_to_ids(token) for key, token in TOWER_TOKENS.get(family.key, {}).items()}
+        model_config = getattr(transformers, family.config_class)(**shape)
+        model_class = transformers.AutoModelForImageTextToText
+    else:
+        model_config = getattr(transformers, family.config_class)(**decoder, **(shape | config))
+        model_class = transformers.AutoModelForCausalLM
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(model_config)
-    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
+    model = model_class.from_config(model_config)
+    model.generation_config.eos_token_id = eos
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    if family.images is not None:
+        save_tiny_processor(family, tokenizer, model_config, path)
     (path / COMPLETE).write_text(json.dumps({"builtin": f"builtin:tiny-{family.key}-spm", "family": family.key}))
     return path

@@ -250,3 +250,23 @@ def test_activations_round_as_ggml_cpu_rounds_a_products_input():
     assert torch.equal(round_activations(x, "F16"), x.half().float())
     assert torch.equal(round_activations(x, "BF16"), x.bfloat16().float())
     assert torch.equal(round_activations(x, "F32"), x)
+
+
+def test_kv_sharing_as_transformers_and_llama_cpp_run_it():
+    """transformers feeds a KV-shared layer from the last earlier layer of its kind; llama.cpp from the
+    second-to-last (sliding) or last (global) layer before the shared ones. Equal for the published layout (E2B:
+    35 layers, 4 sliding : 1 global, 20 shared), different for the tiny 2 : 1 shape."""
+    from gemma2_tune.after.export import config_kv_reuse, llama_kv_reuse
+
+    def both(types: list[str], shared: int) -> tuple[str, str | None]:
+        config = {"layer_types": types, "num_hidden_layers": len(types), "num_kv_shared_layers": shared}
+        metadata = {"gemma4.attention.shared_kv_layers": shared, "gemma4.block_count": len(types)}
+        pattern = "".join("s" if t == "sliding_attention" else "g" for t in types)
+        return config_kv_reuse(config), llama_kv_reuse(metadata, "gemma4", pattern)
+
+    s, g = "sliding_attention", "full_attention"
+    published = ([s] * 4 + [g]) * 7
+    expected, found = both(published, 20)
+    assert expected == found and expected.startswith("15<-13,16<-13,17<-13,18<-13,19<-14")
+    assert both([s, s, g] * 2, 2) == ("4<-3,5<-2", "4<-2,5<-3")
+    assert llama_kv_reuse({}, "gemma4", "ssg") is None
