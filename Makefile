@@ -33,10 +33,10 @@ quickstart: install
 	$(BIN)/gemma2-tune sft --recipe recipes/quickstart-cpu.yaml --overwrite
 
 # Everything but the tests marked `real` (the real Gemma 3 270M with its llama.cpp export: 19.5 minutes here, on
-# shared cores) and `bench` (the CPU benchmark scripts end to end, a second memory measurement: ~6 minutes);
-# `make test-all` runs those too.
+# shared cores), `bench` (the CPU benchmark scripts end to end, a second memory measurement: ~6 minutes) and
+# `heavy` (a second, slower angle on what a faster test holds: ~2 minutes); `make test-all` runs those too.
 test: install-export
-	$(BIN)/python -m pytest -q -m "not real and not bench" --durations=15
+	$(BIN)/python -m pytest -q -m "not real and not bench and not heavy" --durations=15
 
 test-all: install-export
 	$(BIN)/python -m pytest -q
@@ -55,7 +55,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt \
 		-e ".[dev,deepspeed,export]"
 	$(LATEST)/bin/python tools/lock.py newer $(LATEST)
-	$(LATEST)/bin/python -m pytest -q -m "not real and not bench" --durations=15
+	$(LATEST)/bin/python -m pytest -q -m "not real and not bench and not heavy" --durations=15
 
 lock:
 	$(PYTHON) tools/lock.py write $(LATEST)

@@ -148,6 +148,7 @@ def test_the_student_works_with_merge_and_eval(distilled, tmp_path):
 RESUME = ["--max-steps", "12", "--set", "training.save_steps=4", "--set", "training.logging_steps=1"]
 
 
+@pytest.mark.heavy  # the lifecycle's resume is held by sft's, dpo's and rl's equality tests too
 def test_resume_after_sigterm_equals_an_uninterrupted_run(teacher, prompts, tmp_path):
     common = ["distill", "--model", "builtin:tiny-gemma2", *FP32, "--teacher", str(teacher), "--dataset", str(prompts),
               *RESUME]

@@ -471,6 +471,7 @@ def test_a_gemma2_lora_run_exports_with_relative_paths_and_passes_parity(spm_run
 
 @pytest.mark.slow
 @pytest.mark.export
+@pytest.mark.heavy  # the LoRA run's export above and test_every_folder_a_run_writes_carries_the_sentencepiece_model
 def test_a_gemma2_checkpoint_and_merge_export(spm_runs, tmp_path):
     """checkpoint-N (an adapter, merged on the way) and a `merge` output in q4_k_m, bounded like q8_0 (it was only
     reported). A full fine-tune's folders are model folders like the merge's (tokenizer.model checked above)."""

@@ -324,6 +324,7 @@ def test_rl_with_a_reward_function_teaches_what_it_pays_for_on_held_out_prompts(
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the reward-function run above learns the same task; this is the reward-model path's angle
 def test_rl_with_a_reward_run_as_the_reward_model_learns_the_same(styled):
     """A `gemma2-tune reward` run trained to prefer 'Hello, friend.' is the only reward: the policy learns to say
     'Hello' (the reward function only measures), and the reward model scores its answers higher than the start's."""

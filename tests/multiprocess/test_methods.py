@@ -23,8 +23,13 @@ def teacher(tiny_model_dir):
     return tiny_model_dir
 
 
+# DDP for each method is the `heavy` angle: ZeRO-3 (sharded parameters, gathered for generation and the reference)
+# is the harder path, and sft's DDP runs in test_multiprocess.py
+TWO_LAUNCHES = [pytest.param("ddp", marks=pytest.mark.heavy), "zero3"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["ddp", "zero3"])
+@pytest.mark.parametrize("launch", TWO_LAUNCHES)
 def test_dpo(tmp_path, launch):
     """DPO with LoRA (reference: the adapter disabled) over 2 CPU processes; under ZeRO-3, full fine-tuning with a
     sharded reference (both models through the one loading path)."""
@@ -41,7 +46,7 @@ def test_dpo(tmp_path, launch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["ddp", "zero3"])
+@pytest.mark.parametrize("launch", TWO_LAUNCHES)
 def test_distill(teacher, prompts, tmp_path, launch):
     out = tmp_path / launch
     args = ["distill", "--model", "builtin:tiny-gemma2", "--teacher", str(teacher), "--dataset", str(prompts),
@@ -56,7 +61,7 @@ def test_distill(teacher, prompts, tmp_path, launch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["ddp", "zero3"])
+@pytest.mark.parametrize("launch", TWO_LAUNCHES)
 def test_rl(prompts, tmp_path, launch):
     """GRPO over 2 CPU processes: DDP with LoRA (reference: the adapter disabled); ZeRO-3 with full fine-tuning
     (a frozen reference copy, sharded; generation gathers the sharded weights). Each rank generates its own
