@@ -34,7 +34,7 @@ quickstart: install
 
 # Everything but the tests marked `real` (the real Gemma 3 270M with its llama.cpp export: 19.5 minutes here, on
 # shared cores), `bench` (the CPU benchmark scripts end to end, a second memory measurement: ~6 minutes) and
-# `heavy` (a second, slower angle on what a faster test holds: ~2 minutes); `make test-all` runs those too.
+# `heavy` (a second, slower angle on what a faster test holds: ~4 minutes); `make test-all` runs those too.
 test: install-export
 	$(BIN)/python -m pytest -q -m "not real and not bench and not heavy" --durations=15
 

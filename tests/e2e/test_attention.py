@@ -44,7 +44,8 @@ def tiny(request, tune_home):
     return builtin_path(f"builtin:{request.param}")
 
 
-@pytest.mark.parametrize("shape", ["packed", "unpacked"])
+# the packed batch holds the unpacked example (3 windows long) and five more: unpacked is the `heavy` angle
+@pytest.mark.parametrize("shape", ["packed", pytest.param("unpacked", marks=pytest.mark.heavy)])
 def test_flex_attention_equals_eager_forward_in_fp32(tiny, shape):
     eager, flex = models(tiny, "flex_attention")
     assert flex.config._attn_implementation == "flex_attention"

@@ -351,6 +351,7 @@ def test_rl_with_a_reward_run_as_the_reward_model_learns_the_same(styled):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # WARP over two RL policies' EMAs also runs in test_walkthrough.py and test_merge_models.py
 def test_warp_over_two_rl_policies_keeps_what_they_learned(styled):
     """WARP on RL policies: two runs (seeds 1 and 2) with an EMA of the policy -> SLERP of the two EMAs -> LITI
     halfway back to the starting policy; eval's reward table scores every stage: each keeps the rewarded style

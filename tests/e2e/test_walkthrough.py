@@ -1,9 +1,11 @@
-"""The post-training stages chained as a user runs them, on the tiny Gemma 2 (LoRA, fp32, a few steps each):
-sft -> dpo (from the sft run) -> rl twice (from the dpo run, a reward function reading the rows' `answer` column,
-an EMA of each policy) -> merge-models (WARP: SLERP of the EMAs, then LITI towards the dpo policy) -> eval of every
-stage with that reward function. Each stage takes the previous stage's run folder as it is. docs/guides/stages.md
-has the same commands."""
+"""The post-training stages chained as a user runs them (LoRA, fp32, a few steps each), on a tiny Gemma 2 and a tiny
+Gemma 3 with SentencePiece tokenizers as the published ones have: sft -> dpo (from the sft run) -> rl twice (from the
+dpo run, a reward function reading the rows' `answer` column, an EMA of each policy) -> merge-models (WARP: SLERP of
+the EMAs, then LITI towards the dpo policy) -> eval of every stage with that reward function -> export of the WARP
+model to GGUF with a relative path, parity-checked. Each stage takes the previous stage's folder as it is.
+docs/guides/stages.md has the same commands."""
 
+import importlib.util
 import json
 import math
 
@@ -38,18 +40,31 @@ def cli(*args: str) -> str:
     return r.output
 
 
+@pytest.fixture(scope="module", params=["gemma2", pytest.param("gemma3", marks=pytest.mark.heavy)])
+def base(request, spm_gemma2_dir, tmp_path_factory):
+    """The chain's base: the session's SentencePiece Gemma 2, or a Gemma 3 text model with the published 5 : 1 layer
+    pattern (llama.cpp's Gemma 3 assumes it)."""
+    if request.param == "gemma2":
+        return spm_gemma2_dir
+    from gemma2_tune.families import GEMMA3_TEXT
+    from gemma2_tune.models.tiny import build_tiny_sentencepiece
+
+    return build_tiny_sentencepiece(GEMMA3_TEXT, tmp_path_factory.mktemp("g3") / "tiny-gemma3-spm", num_hidden_layers=6,
+                                    layer_types=["sliding_attention"] * 5 + ["full_attention"])
+
+
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
+def sft(tmp_path_factory, base):
     """A LoRA sft run on the greetings chats (10 steps), the first stage."""
     sft = tmp_path_factory.mktemp("chain") / "sft"
-    cli("sft", "--model", "builtin:tiny-gemma2", "--dataset", "greetings", "-o", str(sft), "--max-steps", "10",
+    cli("sft", "--model", str(base), "--dataset", "greetings", "-o", str(sft), "--max-steps", "10",
         "--learning-rate", "5e-3", *CPU, "--set", "data.packing=false", "--set", "training.per_device_train_batch_size=8",
         "--set", "training.logging_steps=5")
     return sft
 
 
 @pytest.mark.slow
-def test_sft_dpo_rl_warp_eval_each_stage_from_the_previous_run(sft, tmp_path):
+def test_sft_dpo_rl_warp_eval_export_each_stage_from_the_previous_run(sft, base, tmp_path, monkeypatch):
     reward = tmp_path / "answer_reward.py"
     reward.write_text(REWARD)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
@@ -73,7 +88,7 @@ def test_sft_dpo_rl_warp_eval_each_stage_from_the_previous_run(sft, tmp_path):
         assert "reward functions get each prompt's row columns as keyword arguments: answer (8 of 8 prompts)" in log
         m = json.loads((run / "run.json").read_text())
         assert m["status"] == "completed" and m["global_step"] == 3
-        assert m["model"]["name_or_path"] == f"builtin:tiny-gemma2 + adapter {dpo}"
+        assert m["model"]["name_or_path"] == f"{base} + adapter {dpo}"
         assert m["rl"]["initial_adapter"] == str(dpo) and m["rl"]["reward_function_columns"] == ["answer"]
         assert f"a frozen copy of the adapter of {dpo}" in m["rl"]["reference"]
         assert all(math.isfinite(e["reward"]) for e in m["rl"]["reward_history"])
@@ -94,6 +109,14 @@ def test_sft_dpo_rl_warp_eval_each_stage_from_the_previous_run(sft, tmp_path):
     table = json.loads(scores.read_text())["results"]
     assert set(table) == {"base", "fine-tuned", str(dpo), str(out / "slerp"), str(out / "warp")}, log
     assert all(0.0 <= row["first_word"] <= 1.0 and row["answers"] == len(HELD_OUT) for row in table.values())
+
+    if importlib.util.find_spec("llama_cpp") is not None:  # the export extra (make test installs it)
+        monkeypatch.chdir(out)  # as the docs write it: a relative path into a folder that exists
+        (out / "gguf").mkdir()
+        cli("export", "warp", "-o", "gguf/warp-f16.gguf")
+        report = json.loads((out / "gguf" / "warp-f16.export.json").read_text())
+        assert report["parity"]["passed"] and report["family"] == base.name.split("-")[1], report["parity"]
+        assert sorted(p.name for p in (out / "gguf").iterdir()) == ["warp-f16.export.json", "warp-f16.gguf"]
 
 
 @pytest.mark.slow

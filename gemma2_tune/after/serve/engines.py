@@ -382,7 +382,7 @@ def batching_problem(model) -> str | None:
     from the text config's one `head_dim`; Gemma 4's differ per layer (sliding and full attention), and the
     config refuses the global read: every request would fail inside the batching loop."""
     try:
-        model.config.get_text_config().head_dim
+        _ = model.config.get_text_config().head_dim  # the read that transformers refuses for Gemma 4
     except Exception as exc:  # noqa: BLE001 - transformers' per-layer attribute guard (an AttributeError subclass?)
         return f"its config has no single head_dim ({str(exc).split('.')[0][:120]})"
     return None

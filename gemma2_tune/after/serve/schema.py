@@ -97,6 +97,8 @@ def refused(served: "Served") -> dict[str, str]:
     if not served.gemma4:
         return REFUSED
     return {k: v for k, v in REFUSED.items() if k not in GEMMA4_ACCEPTS} | GEMMA4_REFUSES
+
+
 MAX_STOP_CHARS = 200  # transformers' stop-string matcher builds tables per string; longer stops are not useful
 MAX_LOGIT_BIAS = 300  # OpenAI's own limit on logit_bias entries
 
