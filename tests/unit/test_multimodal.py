@@ -258,9 +258,6 @@ def test_flex_attention_equals_eager_on_gemma3_image_text(tune_home):
     CPU backward; training with it is CUDA's). Gemma 4 refuses it (families/gemma4.py says why)."""
     from gemma2_tune.models.builtin import builtin_path
 
-    # flex_attention's kernel compiled earlier in this process (tests/e2e/test_attention.py) left inductor state
-    # under which torch 2.13's CPU template generated C++ that does not compile for this mask: start clean
-    torch._dynamo.reset()
     path = builtin_path("builtin:tiny-gemma3-vision")
     eager, flex = (AutoModelForCausalLM.from_pretrained(path, attn_implementation=k, dtype=torch.float32).eval()
                    for k in ("eager", "flex_attention"))
