@@ -137,11 +137,7 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             converted = _convert(folder, template, quant, work, gguf_file, terms, sentencepiece, echo)
             metadata = read_metadata(gguf_file)
             checks = check_metadata(metadata, template, _saved_config(folder), served.family, terms)
-            failed = [c for c in checks if not c["passed"]]
-            if failed:
-                raise UserError("the GGUF does not carry what it must: "
-                                + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
-                                + f"; nothing was written to {out}")
+            _require(checks, "the GGUF", out)
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
             projector = (_projector(folder, served.family, quant, work, gguf_file, projector_file, echo)
                          if projector_file else None)
@@ -277,14 +273,10 @@ def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: 
                 "why": f"{folder} has no image processor (preprocessor_config.json or processor_config.json), whose "
                        "resolution and soft tokens per image the projector file must carry"}
     ran = write_projector(converter_dir(), folder, work, work / projector_file.name, quant, echo)
-    checks = check_projector(read_metadata(work / projector_file.name), _saved_config(folder), processor, family)
-    failed = [c for c in checks if not c["passed"]]
-    if failed:
-        raise UserError("the projector file does not carry what it must: "
-                        + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
-                        + f"; nothing was written to {projector_file}")
-    echo(f"projector metadata checked: {', '.join(c['check'] for c in checks)}")
     config = _saved_config(folder)
+    checks = check_projector(read_metadata(work / projector_file.name), config, processor, family)
+    _require(checks, "the projector file", projector_file)
+    echo(f"projector metadata checked: {', '.join(c['check'] for c in checks)}")
     embeddings = check_image_embeddings(gguf_file, work / projector_file.name, work / "tower", config, processor)
     if not embeddings["passed"]:
         raise UserError(f"projector self-check failed: {embeddings['failure']}; nothing was written to "
@@ -295,6 +287,15 @@ def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: 
     return {"written": True, "file": projector_file.name, "bytes": (work / projector_file.name).stat().st_size,
             "tensors": _tensor_count(work / projector_file.name), "converter": ran, "checks": checks,
             "image_embeddings": embeddings, "not_checked": NOT_CHECKED}
+
+
+def _require(checks: list[dict], what: str, target: Path) -> None:
+    """Raise UserError naming every failed {check, expected, found, passed} of `what` (nothing written to `target`)."""
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        raise UserError(f"{what} does not carry what it must: "
+                        + "; ".join(f"{c['check']}: {c['found']} (expected {c['expected']})" for c in failed)
+                        + f"; nothing was written to {target}")
 
 
 def _print_projector(projector: dict, projector_file: Path, echo) -> None:

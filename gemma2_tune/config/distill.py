@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..families import Shape, family_of_checkpoint
-from .memory import DTYPE_BYTES, nf4_weight_bytes
+from .memory import DTYPE_BYTES, frozen_weight_bytes
 from .rules import MIN_PROMPT_TOKENS, checkpoint_size, generating_model_problem, model_problems, run_problems
 from .schema import FrozenModel, OutputSection, RunConfig, Section
 
@@ -111,13 +111,7 @@ class DistillConfig(RunConfig):
         (fp32 tiles of both models' logits, x3 with temporaries, + both hidden states)."""
         teacher = frozen.get("teacher") or student
         dtype = DTYPE_BYTES[self.model.dtype]
-        load_in = self.teacher.load_in
-        if load_in == "4bit":
-            weights = nf4_weight_bytes(teacher, self)
-        elif load_in == "8bit":
-            weights = teacher.linear_params * (1 + 4 / teacher.hidden) + teacher.other_params * dtype
-        else:
-            weights = teacher.total_params * dtype / n
+        weights = frozen_weight_bytes(teacher, self.teacher.load_in, self, n)
         scores = b * teacher.heads * t * t * 6 if self.teacher.attn_implementation == "eager" else 0
         forward = scores + (4 * teacher.hidden + 4 * teacher.intermediate) * b * t * 2
         generation_batch = b * self.training.gradient_accumulation_steps  # prompts generated for at once

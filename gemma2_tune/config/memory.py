@@ -89,6 +89,18 @@ def nf4_weight_bytes(shape: Shape, cfg: RunConfig) -> float:
     return sum(weight_terms(shape, cfg, quantized=True).values())
 
 
+def frozen_weight_bytes(shape: Shape, load_in: str, cfg: RunConfig, n: int) -> float:
+    """Bytes per process of a frozen model's weights (a teacher, a reward model) loaded as `load_in`: '4bit' as
+    cfg's 4-bit settings, '8bit' (one byte per linear weight, fp32 per-row scales, the rest in model.dtype), else
+    full precision in model.dtype sharded over `n` processes."""
+    dtype = DTYPE_BYTES[cfg.model.dtype]
+    if load_in == "4bit":
+        return nf4_weight_bytes(shape, cfg)
+    if load_in == "8bit":
+        return shape.linear_params * (1 + 4 / shape.hidden) + shape.other_params * dtype
+    return shape.total_params * dtype / n
+
+
 def estimate(shape: Shape, cfg: RunConfig, num_processes: int = 1, shards: bool = False, offload: bool = False,
              batch: int | None = None, length: int | None = None, frozen: dict[str, Shape] | None = None) -> Plan:
     """Per-process memory of training `shape` as `cfg` says. `shards`: parameters sharded over the

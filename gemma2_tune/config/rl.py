@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ..families import Shape
-from .memory import DTYPE_BYTES, nf4_weight_bytes
+from .memory import DTYPE_BYTES, frozen_weight_bytes
 from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, run_problems,
                     start_problems)
 from .rewards import RewardFunction, RewardModelSection, reward_model_path_problem, reward_run
@@ -202,14 +202,7 @@ class RlConfig(RunConfig):
             terms["reference forward (no gradients)"] = forward
         reward = frozen.get("reward_model")
         if reward is not None:
-            load_in = self.reward_model.load_in
-            if load_in == "4bit":
-                weights = nf4_weight_bytes(reward, self)
-            elif load_in == "8bit":
-                weights = reward.linear_params * (1 + 4 / reward.hidden) + reward.other_params * dtype
-            else:
-                weights = reward.total_params * dtype / n
-            terms["reward model weights"] = weights
+            terms["reward model weights"] = frozen_weight_bytes(reward, self.reward_model.load_in, self, n)
             terms["reward model forward (no gradients)"] = (b * reward.heads * t * t * 6 if
                                                             self.reward_model.attn_implementation == "eager" else 0) + (
                 4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
