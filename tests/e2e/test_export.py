@@ -288,6 +288,29 @@ def build_spm_gemma2(path: Path, family=GEMMA2, **config) -> Path:
     return build_tiny_sentencepiece(family, path, **config)
 
 
+def build_spm_gemma3_vision(path: Path):
+    """A tiny Gemma3ForConditionalGeneration (unsaved) whose decoder is a SentencePiece Gemma 3 text model with the
+    published 5 local : 1 global pattern (llama.cpp's Gemma 3 assumes it), built under `path`; its vocabulary has no
+    image markers (they are <unk>). Returns (model, tokenizer, the decoder's folder: its tokenizer.model)."""
+    import torch
+    import transformers
+
+    from gemma2_tune.families import GEMMA3, GEMMA3_TEXT
+
+    text = build_spm_gemma2(path / "text", GEMMA3_TEXT, num_hidden_layers=6,
+                            layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(text)
+    unk = tokenizer.unk_token_id
+    config = transformers.Gemma3Config(text_config=json.loads((text / "config.json").read_text()),
+                                       vision_config=GEMMA3.tiny_config["vision_config"], mm_tokens_per_image=4,
+                                       image_token_index=unk, boi_token_index=unk, eoi_token_index=unk)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(text).model.state_dict())
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model, tokenizer, text
+
+
 @pytest.fixture(scope="module")
 def spm_gemma2(spm_gemma2_dir):
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")

@@ -134,23 +134,11 @@ def test_the_decoder_exports_to_gguf_and_passes_parity(tmp_path):
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
     import shutil
 
-    import transformers
-    from test_export import build_spm_gemma2
+    from test_export import build_spm_gemma3_vision
 
     from gemma2_tune.after.export import read_metadata
-    from gemma2_tune.families import GEMMA3_TEXT
 
-    text = build_spm_gemma2(tmp_path / "text", GEMMA3_TEXT, num_hidden_layers=6,
-                            layer_types=["sliding_attention"] * 5 + ["full_attention"])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(text)
-    unk = tokenizer.unk_token_id  # no image token in this vocabulary: no image is given
-    config = transformers.Gemma3Config(text_config=json.loads((text / "config.json").read_text()),
-                                       vision_config=GEMMA3.tiny_config["vision_config"], mm_tokens_per_image=4,
-                                       image_token_index=unk, boi_token_index=unk, eoi_token_index=unk)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(text).model.state_dict())
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model, tokenizer, text = build_spm_gemma3_vision(tmp_path)  # no image token in its vocabulary: none is given
     folder = tmp_path / "tiny-gemma3-vision-spm"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -176,25 +176,13 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
     import shutil
 
-    import transformers
-    from test_export import build_spm_gemma2
+    from test_export import build_spm_gemma3_vision
 
     from gemma2_tune.after.export import read_metadata
-    from gemma2_tune.families import GEMMA3_TEXT
     from gemma2_tune.models.tiny import TINY_IMAGE_PROCESSORS
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    text = build_spm_gemma2(tmp_path / "text", GEMMA3_TEXT, num_hidden_layers=6,  # Gemma 3's 5 local : 1 global
-                            layer_types=["sliding_attention"] * 5 + ["full_attention"])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(text)
-    unk = tokenizer.unk_token_id  # no image markers in this vocabulary: export converts, it shows no image
-    config = transformers.Gemma3Config(text_config=json.loads((text / "config.json").read_text()),
-                                       vision_config=GEMMA3.tiny_config["vision_config"], mm_tokens_per_image=4,
-                                       image_token_index=unk, boi_token_index=unk, eoi_token_index=unk)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(text).model.state_dict())
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model, tokenizer, text = build_spm_gemma3_vision(tmp_path)  # no image markers: export converts, shows no image
     with torch.no_grad():  # transformers starts the projector at zeros: every image would embed as 0
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.15)
     folder = tmp_path / "vision"
@@ -213,7 +201,7 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
     assert "projector parity (cosine similarity >= 0.99): 4 soft tokens of a 32x32 drawn test image" in r.output
     meta = read_metadata(projector)
     assert meta["general.architecture"] == "clip" and meta["clip.projector_type"] == "gemma3"
-    assert meta["clip.vision.image_size"] == 32 and meta["clip.vision.projection_dim"] == config.text_config.hidden_size
+    assert meta["clip.vision.image_size"] == 32 and meta["clip.vision.projection_dim"] == model.config.text_config.hidden_size
     report = json.loads((out.parent / "mm.export.json").read_text())
     assert report["parity"]["passed"] and report["projector"]["written"], report
     assert report["projector"]["file"] == projector.name and report["projector"]["tensors"] > 0
