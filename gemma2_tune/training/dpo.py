@@ -41,6 +41,7 @@ from ..models.lora import continue_adapter, inspect_adapters, lora_config
 from . import lifecycle
 from .launch import Launch
 from .lifecycle import RunLifecycle
+from .logprobs import describe_head, use_supervised_heads
 from .trainer import common_args, device_map, keep_adapters_in_fp32
 
 # The metrics TRL logs per logging step that run.json keeps (KTO logs no accuracy; it adds `kl`).
@@ -93,6 +94,20 @@ def dpo_args(cfg: DpoConfig, out: Path, launch: Launch, evaluate: bool) -> DPOCo
     return DPOConfig(**common_args(DPOConfig, cfg, out, launch, evaluate=evaluate), beta=d.beta,
                      loss_type=list(d.loss_type), loss_weights=d.loss_weights, label_smoothing=d.label_smoothing,
                      max_length=cfg.data.max_length, truncation_mode="keep_start")
+
+
+def trl_head_outputs(trainer) -> tuple[str, ...]:
+    """The per-token fields TRL's trainer asks its fused LM head for (its metrics: entropy, mean logits, token
+    accuracy; WPO's weights need log_sum_sq_probs), as DPOTrainer/KTOTrainer.__init__ in TRL 1.16 set them."""
+    if isinstance(trainer, KTOTrainer):
+        return ("log_probs", "entropy", "mean_logits")
+    return ("log_probs", "entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if trainer.use_weighting
+                                                                  else ())
+
+
+def loss_implementation(cfg: DpoConfig, head: dict[str, str]) -> str:
+    """run.json's loss_implementation: TRL's trainer and the LM head its log-probabilities came from."""
+    return f"trl {'KTOTrainer' if cfg.dpo.unpaired else 'DPOTrainer'} ({describe_head(head)})"
 
 
 def load_policy(cfg: DpoConfig, device: Any, *, training: bool = True):
@@ -149,8 +164,6 @@ class Runner(lifecycle.Runner):
             dpo={"loss_type": list(cfg.dpo.loss_type), "loss_weights": cfg.dpo.loss_weights, "beta": cfg.dpo.beta,
                  "label_smoothing": cfg.dpo.label_smoothing, "trainer": "KTOTrainer" if cfg.dpo.unpaired else
                  "DPOTrainer", "reference": cfg.reference, "dropout": "off in policy and reference (TRL)"},
-            loss_implementation=f"trl {'KTOTrainer' if cfg.dpo.unpaired else 'DPOTrainer'} (chunked log-probabilities "
-                                "of soft-capped logits)",
             chat_template=template_record(self.family, cfg, self.base_chat_template, self.empty_thought))
 
     def build(self, run: RunLifecycle, args):
@@ -174,10 +187,14 @@ class Runner(lifecycle.Runner):
             peft_config=None if started_from_adapter else lora_config(cfg, policy))
         trainer.remove_callback(PrinterCallback)  # raw log dicts; EchoLoss prints readable lines
         keep_adapters_in_fp32(trainer, cfg, launch)
+        head = use_supervised_heads(trainer, trl_head_outputs(trainer), sharded=launch.shards_parameters)
+        run.record["dpo"]["lm_head"] = head
+        run.record["loss_implementation"] = loss_implementation(cfg, head)
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)
         run.say(f"{name}: {cfg.dpo.describe()}; reference: {run.record['dpo']['reference']}; log-probabilities of "
-                f"soft-capped logits (final cap {report.final_softcap}); launch {launch.describe()}")
+                f"soft-capped logits (final cap {report.final_softcap}) from {describe_head(head)}; launch "
+                f"{launch.describe()}")
         return trainer
 
     def before_training(self, run: RunLifecycle, checkpoint) -> None:

@@ -4,7 +4,8 @@ The policy writes a group of `rl.num_generations` completions per prompt (stoppi
 rewarded (a weighted sum of reward functions and a frozen sequence-classification reward model), the advantage of
 a completion is its reward against its group's, and the policy is updated with TRL's clipped, KL-regularised
 objective: GRPOTrainer with one of its loss types (grpo, dapo, dr_grpo, bnpo, cispo, sapo) or RLOOTrainer
-(leave-one-out baseline). The log-probabilities of the loss come from TRL's fused LM head, which applies Gemma 2's
+(leave-one-out baseline). The log-probabilities of the loss come from the one LM-head path of every method
+(training/logprobs.py: completion positions only, fp32 tiles; TRL's fused head under ZeRO-3), which applies Gemma 2's
 final soft-cap (30.0) and the sampling temperature as generation does; a probe before the first step refuses a
 model where they differ. Around it: the same config layering, run lifecycle, checks, launches, EMA, checkpoints and
 exact resume (epoch-seeded prompt order, generation RNG restored from the checkpoint) as `sft` and `distill`.
@@ -46,6 +47,7 @@ from . import lifecycle
 from .generation import CountingGeneration, run_total
 from .launch import Launch
 from .lifecycle import RunLifecycle
+from .logprobs import describe_head, use_supervised_heads
 from .trainer import common_args, device_map, has_accelerator, keep_adapters_in_fp32
 
 Echo = Callable[[str], None]
@@ -103,6 +105,15 @@ def rl_args(cfg: RlConfig, out: Path, launch: Launch, weights: list[float]):
     if r.algorithm != "rloo":
         args |= dict(loss_type=r.algorithm, scale_rewards=r.scale_rewards)
     return config_class(**common, **args)
+
+
+def lm_heads(trainer, cfg: RlConfig, launch: Launch) -> dict[str, str]:
+    """The policy's (old policy's, reference's) log-probabilities through the supervised-positions-only head
+    (training/logprobs.py) in place of TRL's; TRL 1.16's GRPO/RLOO ask their head for the entropy too. Returns the
+    record (which head, why)."""
+    return use_supervised_heads(trainer, ("log_probs", "entropy"), temperature=cfg.rl.temperature,
+                                sharded=launch.shards_parameters,
+                                entropy_gradient=getattr(trainer, "_entropy_bonus_enabled", False))
 
 
 def vllm_problem() -> str | None:
@@ -278,8 +289,6 @@ class Runner(lifecycle.Runner):
                 "reward_model_template": self.reward_template,
                 "initial_adapter": r.initial_adapter, "generation": "vllm" if r.use_vllm else "transformers",
                 "on_policy": r.num_iterations == 1},
-            loss_implementation=(f"trl {'RLOOTrainer' if r.algorithm == 'rloo' else 'GRPOTrainer'} "
-                                 f"({r.algorithm}; log-probabilities from TRL's fused LM head, soft-capped)"),
             chat_template=template_record(family, cfg, self.base_chat_template, self.empty_thought))
 
     def _load_policy(self, run: RunLifecycle):
@@ -342,6 +351,11 @@ class Runner(lifecycle.Runner):
                                                               device_placement=True))
         trainer.remove_callback(PrinterCallback)
         keep_adapters_in_fp32(trainer, cfg, launch)
+        head = lm_heads(trainer, cfg, launch)
+        run.record["rl"]["lm_head"] = head
+        run.record["loss_implementation"] = (f"trl {'RLOOTrainer' if r.algorithm == 'rloo' else 'GRPOTrainer'} "
+                                             f"({r.algorithm}; log-probabilities from {describe_head(head)}, "
+                                             "soft-capped)")
         trainer.add_callback(EchoRewards(run.say))
         inspect_adapters(trainer.model, cfg, report)
         run.record_model(report)

@@ -35,7 +35,7 @@ def built_trainer(tmp_path, tiny_model_dir, model, temperature=1.0):
     from gemma2_tune.config.rl import RlConfig
     from gemma2_tune.models.loading import load_tokenizer
     from gemma2_tune.training.launch import Launch
-    from gemma2_tune.training.rl import rl_args, trainer_classes
+    from gemma2_tune.training.rl import lm_heads, rl_args, trainer_classes
     from datasets import Dataset
 
     cfg = resolve(None, ["model.name_or_path=builtin:tiny-gemma2", "lora.enabled=false",
@@ -49,6 +49,7 @@ def built_trainer(tmp_path, tiny_model_dir, model, temperature=1.0):
                    args=rl_args(cfg, tmp_path / "x", Launch("single"), [1.0]),
                    train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi"}]] * 2}),
                    processing_class=tokenizer)
+    assert lm_heads(trainer, cfg, Launch("single"))["lm_head"] == "supervised_chunked"  # as the runner does
     return trainer
 
 
@@ -64,7 +65,7 @@ def loud_tiny_gemma2(tiny_model_dir):
 
 
 def test_the_loss_logprobs_are_a_plain_soft_capped_forward(tiny_model_dir, tmp_path):
-    """TRL's per-token log-probabilities (its fused LM head, used by the loss) == log_softmax(30 tanh(z/30) / T)
+    """The loss's per-token log-probabilities (our LM head in TRL's trainer) == log_softmax(30 tanh(z/30) / T)
     of a plain eager forward, fp32, 1e-5; and with the final soft-cap removed from the model, the probe refuses it."""
     from gemma2_tune.errors import UserError
     from gemma2_tune.families import GEMMA2
