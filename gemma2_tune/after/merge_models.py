@@ -12,8 +12,8 @@ they are of one family with identical shapes and vocabulary, writes mergekit's c
 the output as a model to serve: eager attention and the family's soft-caps in config.json, the chat template
 generated for the inputs' system policy, a generation config that stops at <end_of_turn>, merge.json, and a
 self-check of the written folder. Image + text checkpoints (Gemma 3 4B+, Gemma 4) merge their language model the
-same way, their towers carried unchanged (after/merge_towers.py). Reward models (reward runs, their merges) merge the same way, their score heads
-averaged like any tensor (WARM: Ramé et al. 2024, arXiv:2401.12187); one is never merged with a causal LM.
+same way, their towers carried unchanged (after/merge_towers.py). Reward models (reward runs, their merges) merge
+the same way, their score heads averaged like any tensor (WARM: Ramé et al. 2024, arXiv:2401.12187); one is never merged with a causal LM.
 """
 
 from __future__ import annotations
@@ -252,7 +252,8 @@ def check_compatible(inputs: list[MergeInput]) -> None:
             problems.append(f"{other.key} {other.given} is {other.family.display}, {first.key} {first.given} is "
                             f"{first.family.display}")
             continue
-        shapes = [f"{k} {shape(first, k)} vs {shape(other, k)}" for k in SHAPE_KEYS if shape(first, k) != shape(other, k)]
+        shapes = [f"{k} {shape(first, k)} vs {shape(other, k)}" for k in SHAPE_KEYS
+                  if shape(first, k) != shape(other, k)]
         if shapes:
             problems.append(f"{other.key} {other.given} has another shape than {first.key} {first.given}: "
                             + ", ".join(shapes))
