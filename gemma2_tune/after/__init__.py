@@ -6,6 +6,7 @@
     chat.py             one-shot answers and the interactive session
     merge.py            LoRA folded into bf16 weights, self-checked before it reaches the target folder
     merge_models.py     `merge-models`: mergekit (linear, SLERP, TIES, DARE, task arithmetic), LITI; WARP
+    merge_towers.py     `merge-models` of image + text checkpoints: the decoder staged for mergekit, towers carried
     eval.py             `eval`: the mode a request asks for, each mode one function (loss, rewards, pairs, tasks)
     evaluate.py         `eval`'s held-out loss on model-turn tokens, base vs fine-tuned and --compare models
     harness.py          `eval --tasks`: lm-evaluation-harness tasks

@@ -37,8 +37,8 @@ from ..errors import UserError
 from ..families import Family
 from ..files import writable_problem
 from .gguf_parity import PARITY_PROMPTS, check_parity
-from .projector import (NOT_CHECKED, PROJECTOR_TYPES, check_image_embeddings, check_projector, processor_settings,
-                        write_projector)
+from .projector import (NOT_CHECKED, NOT_WRITTEN, PROJECTOR_TYPES, check_image_embeddings, check_projector,
+                        processor_settings, write_projector)
 
 # llama.cpp's converter writes the unquantized types; every other type is quantized from its output by llama.cpp's
 # quantizer (as llama.cpp's own workflow does: convert, then llama-quantize), whose input is then the floor of the
@@ -118,7 +118,7 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
     family, sentencepiece = _check_target(target)
     if ollama and family.turn_format == "gemma4":
         raise UserError(f"export {target} --ollama: {OLLAMA_GEMMA4}; nothing was written")
-    projector_file = _beside(out, ".mmproj.gguf") if family.key in PROJECTOR_TYPES else None
+    projector_file = _beside(out, ".mmproj.gguf") if family.key in PROJECTOR_TYPES | NOT_WRITTEN else None
     if projector_file and projector_file.exists() and not overwrite:
         raise UserError(f"{projector_file} already exists; pass --overwrite to replace (nothing was written)")
 
@@ -139,6 +139,8 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             checks = check_metadata(metadata, template, _saved_config(folder), served.family, terms)
             _require(checks, "the GGUF", out)
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
+            if projector_file and "vision_config" not in _saved_config(folder):
+                projector_file = None  # a text-only checkpoint of a family with image + text sizes
             projector = (_projector(folder, served.family, quant, work, gguf_file, projector_file, echo)
                          if projector_file else None)
             unquantized = converted.pop("unquantized", None)
@@ -267,6 +269,9 @@ def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: 
     """The image tower's projector file (mmproj) written into `work` and checked (its metadata, then a drawn image's
     soft-token embeddings in llama.cpp against transformers'), or why it was not written. Raises UserError when the
     converter fails or a check fails."""
+    if family.key in NOT_WRITTEN:
+        return {"written": False, "file": None, "why": NOT_WRITTEN[family.key],
+                "not_checked": "image prompts through llama.cpp: no projector file"}
     processor = processor_settings(folder)
     if processor is None:
         return {"written": False, "file": None, "not_checked": NOT_CHECKED,

@@ -11,8 +11,9 @@ run, merged folders, full fine-tunes and hub ids are used as they are), checks b
 they are of one family with identical shapes and vocabulary, writes mergekit's configuration, and finishes
 the output as a model to serve: eager attention and the family's soft-caps in config.json, the chat template
 generated for the inputs' system policy, a generation config that stops at <end_of_turn>, merge.json, and a
-self-check of the written folder. Reward models (reward runs, their merges) merge the same way, their score heads
-averaged like any tensor (WARM: Ramé et al. 2024, arXiv:2401.12187); one is never merged with a causal LM.
+self-check of the written folder. Image + text checkpoints (Gemma 3 4B+, Gemma 4) merge their language model the
+same way, their towers carried unchanged (after/merge_towers.py). Reward models (reward runs, their merges) merge
+the same way, their score heads averaged like any tensor (WARM: Ramé et al. 2024, arXiv:2401.12187); one is never merged with a causal LM.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class MergeInput:
     adapter: bool = False
     adapter_merge: dict[str, Any] | None = None  # `merge`'s report when an adapter was merged into its base
     head: str = "causal-lm"  # "sequence-classification": a reward model (its score head is merged like any tensor)
+    text_view: str | None = None  # an image + text checkpoint: its decoder-only view, what mergekit merges
+
+    @property
+    def source(self) -> str:
+        """What mergekit reads."""
+        return self.text_view or self.location
 
     def describe(self) -> dict[str, Any]:
         """For merge.json."""
@@ -79,6 +86,7 @@ class MergePlan:
     seed: int = 42
     stages: list[dict[str, Any]] = field(default_factory=list)  # the mergekit configurations that ran
     first_stage: str | None = None  # the method's result before LITI, when LITI follows
+    towers: bool = False  # image + text checkpoints: mergekit merges the decoder-only views, the towers are carried
 
 
 def merge_models(request: MergeModelsRequest, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -105,8 +113,19 @@ def merge_models(request: MergeModelsRequest, *, echo: Callable[[str], None] = p
         for item in inputs:
             if item.adapter:
                 prepare_adapter(item, work, plan.dtype, echo)
+        carried = None
+        if plan.towers:
+            from .merge_towers import stage_inputs
+
+            first, _ = stage_inputs(inputs, work, plan.models[0].family, echo)
         with staged_dir(out) as tmp:
-            run_stages(plan, work, tmp)
+            if plan.towers:
+                from .merge_towers import assemble
+
+                run_stages(plan, work, work / "merged-decoder")
+                carried = assemble(work / "merged-decoder", first, tmp, plan.dtype) | {"from": plan.models[0].given}
+            else:
+                run_stages(plan, work, tmp)
             tokenizer = finish_folder(tmp, plan.models[0], policy)
             check = self_check(plan, tmp, tokenizer, policy)
             report = {"method": plan.method, "t": plan.t if plan.method == "slerp" else None,
@@ -115,6 +134,8 @@ def merge_models(request: MergeModelsRequest, *, echo: Callable[[str], None] = p
                       "models": [m.describe() for m in plan.models],
                       "base": plan.base.describe() if plan.base else None, "family": plan.models[0].family.key,
                       "mergekit": {"version": _version("mergekit"), "stages": plan.stages}, "check": check}
+            if carried is not None:
+                report["towers"] = carried
             (tmp / "merge.json").write_text(json.dumps(report, indent=2) + "\n")
             if not check["passed"]:
                 raise UserError(f"merge-models self-check failed: {check['failure']}; nothing was written to {out}")
@@ -148,8 +169,10 @@ def check_request(request: MergeModelsRequest, out: Path) -> MergePlan:
     base_input = resolve_input(base, "--base") if base else None
     check_compatible(resolved + ([base_input] if base_input else []))
     dtype = request.dtype or resolved[0].dtype or "bfloat16"
+    from .merge_towers import has_towers
+
     return MergePlan(request.method, resolved, base_input, request.slerp_t, request.weights, request.kept_density,
-                     request.liti, dtype, request.seed)
+                     request.liti, dtype, request.seed, towers=has_towers(resolved[0].config, resolved[0].family))
 
 
 def _overlaps(out: Path, given: str) -> bool:
@@ -216,15 +239,9 @@ def _resolve_input(given: str, key: str) -> MergeInput:
 
 def check_compatible(inputs: list[MergeInput]) -> None:
     """One family, one head (causal LMs, or reward models: weight-averaged reward models, Ramé et al. 2024,
-    arXiv:2401.12187), identical shapes, one vocabulary. Raises UserError listing every difference."""
+    arXiv:2401.12187), identical shapes (of the decoder: an image + text checkpoint's text_config), one vocabulary.
+    Raises UserError listing every difference."""
     first, problems = inputs[0], []
-    towers = [i for i in inputs if i.family.towers]
-    if towers:
-        raise UserError(f"merge-models: {towers[0].key} {towers[0].given} is a {towers[0].family.display} checkpoint "
-                        "(image + text), which merge-models does not merge: mergekit reads Gemma 3's image tower under "
-                        "transformers 4's tensor names (vision_tower.vision_model.*), which transformers 5 no longer "
-                        "writes, and has no Gemma 4 architecture (nothing was read beyond configs and tokenizers). "
-                        "`gemma2-tune merge` folds one run's adapter into its base with the towers kept")
     heads = {"causal-lm": "a causal LM", "sequence-classification": "a reward model (sequence classifier)"}
     for other in inputs[1:]:
         if other.head != first.head:
@@ -235,8 +252,8 @@ def check_compatible(inputs: list[MergeInput]) -> None:
             problems.append(f"{other.key} {other.given} is {other.family.display}, {first.key} {first.given} is "
                             f"{first.family.display}")
             continue
-        shapes = [f"{k} {getattr(first.config, k, None)} vs {getattr(other.config, k, None)}" for k in SHAPE_KEYS
-                  if getattr(first.config, k, None) != getattr(other.config, k, None)]
+        shapes = [f"{k} {shape(first, k)} vs {shape(other, k)}" for k in SHAPE_KEYS
+                  if shape(first, k) != shape(other, k)]
         if shapes:
             problems.append(f"{other.key} {other.given} has another shape than {first.key} {first.given}: "
                             + ", ".join(shapes))
@@ -249,6 +266,15 @@ def check_compatible(inputs: list[MergeInput]) -> None:
     if problems:
         raise UserError("merge-models: these models cannot be merged (nothing was read beyond configs and "
                         "tokenizers):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def shape(item: MergeInput, key: str):
+    """A shape key of the input's decoder; model_type of the whole checkpoint (an image + text checkpoint is
+    merged with its own kind only). Read from the saved dict: Gemma 4's config refuses attribute access to keys that
+    vary by layer (head_dim)."""
+    from ..models.checks import text_config
+
+    return (item.config if key == "model_type" else text_config(item.config)).to_dict().get(key)
 
 
 def system_policy(inputs: list[MergeInput]) -> str:
@@ -274,7 +300,7 @@ def prepare_adapter(item: MergeInput, work: Path, dtype: str, echo: Callable[[st
 
 def run_stages(plan: MergePlan, work: Path, out: Path) -> None:
     """The method's mergekit merge, then the LITI interpolation (one more linear merge) when asked."""
-    locations = [m.location for m in plan.models]
+    locations = [m.source for m in plan.models]
     needs_first_stage = not (plan.method == "linear" and len(locations) == 1)
     if plan.liti is None:
         _mergekit(plan, method_config(plan, locations), out)
@@ -285,7 +311,7 @@ def run_stages(plan: MergePlan, work: Path, out: Path) -> None:
         _mergekit(plan, method_config(plan, locations), Path(merged))
     liti = {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": plan.dtype,
             "models": [{"model": merged, "parameters": {"weight": plan.liti}},
-                       {"model": plan.base.location, "parameters": {"weight": 1.0 - plan.liti}}]}
+                       {"model": plan.base.source, "parameters": {"weight": 1.0 - plan.liti}}]}
     _mergekit(plan, liti, out)
 
 
@@ -304,7 +330,7 @@ def method_config(plan: MergePlan, locations: list[str]) -> dict[str, Any]:
         per_model = {"weight": None}
         if plan.method in ("ties", "dare_ties"):
             per_model["density"] = plan.density
-        cfg |= {"base_model": plan.base.location,
+        cfg |= {"base_model": plan.base.source,
                 "models": [{"model": m, "parameters": per_model | {"weight": w}} for m, w in zip(locations, weights)]}
     return cfg
 
@@ -325,7 +351,7 @@ def _mergekit(plan: MergePlan, config: dict[str, Any], out: Path) -> None:
 
 def _readable(config: dict[str, Any], plan: MergePlan) -> dict[str, Any]:
     """The stage as recorded: models named as the user gave them (not by their temporary folders)."""
-    names = {m.location: m.given for m in plan.models + ([plan.base] if plan.base else [])}
+    names = {m.source: m.given for m in plan.models + ([plan.base] if plan.base else [])}
     if plan.first_stage:
         names[plan.first_stage] = "<the first stage's result>"
 
@@ -354,11 +380,12 @@ def finish_folder(folder: Path, first: MergeInput, policy: str):
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["attn_implementation"] = "eager"  # from_pretrained anywhere keeps the soft-caps
+    decoder = config.get("text_config") or config  # an image + text checkpoint's decoder reads its text_config
     if family.attention_softcap is not None:
-        config["attn_logit_softcapping"] = family.attention_softcap
+        decoder["attn_logit_softcapping"] = family.attention_softcap
     if family.final_softcap is not None:
-        config["final_logit_softcapping"] = family.final_softcap
-    config["use_cache"] = True
+        decoder["final_logit_softcapping"] = family.final_softcap
+    config["use_cache"] = decoder["use_cache"] = True
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     source = first.location if (Path(first.location) / "tokenizer.json").is_file() else (
         first.config._name_or_path or first.location)

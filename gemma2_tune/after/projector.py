@@ -25,6 +25,18 @@ from ..families import Family
 
 # llama.cpp's projector type (clip.projector_type) for each exported image + text family
 PROJECTOR_TYPES = {"gemma3-vision": "gemma3"}
+# Image + text families whose projector file is not written, and why (measured with llama-cpp-python 0.3.36 on the
+# tiny Gemma 4 of the tests: 8-pixel patches, 2 x 2 pooling, at most 70 soft tokens per image)
+NOT_WRITTEN = {
+    "gemma4": "llama.cpp's converter writes Gemma 4's projector file (gemma4v) and its multimodal library runs it, "
+              "but the file carries neither the image processor's pooling kernel (pooling_kernel_size) nor its "
+              "soft-token budget (max_soft_tokens): llama.cpp assumes 3 x 3 pooling and its own pixel bounds. Measured "
+              "on a tiny Gemma 4 (2 x 2 pooling, at most 70 soft tokens): llama.cpp made 81 soft tokens of a 32x32 "
+              "image where transformers makes 64, and its embeddings of a drawn 144x144 image (resized by it to "
+              "216x216) were at cosine similarity 0.958 of transformers'. Whether the published 3 x 3, 280-token "
+              "checkpoints match is not checked here, so no projector file is written; the decoder's GGUF is, and "
+              "runs text prompts",
+}
 # Gemma 3's projector pools the tower's patch grid by 4 per side (896 / 14 = 64 -> 16 per side, 256 tokens) unless
 # the file says otherwise (llama.cpp's clip.cpp default; the converter writes the factor only when it differs)
 DEFAULT_SCALE_FACTOR = 4

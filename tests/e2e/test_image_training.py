@@ -36,11 +36,15 @@ def held_out(path):
     return [(str(path.parent / r["messages"][0]["content"][0]["image"]), r["messages"][1]["content"]) for r in rows]
 
 
+def all_tensors(folder) -> dict:
+    """Every tensor of a saved folder, as stored (all its safetensors files)."""
+    return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(shard)).items()}
+
+
 def tower_tensors(folder, family) -> dict:
     """The towers' tensors as a saved folder stores them."""
     prefixes = tuple(t.removeprefix("model.") + "." for t in family.towers)
-    weights = load_file(str(folder / "model.safetensors"))
-    return {k: v for k, v in weights.items() if k.removeprefix("model.").startswith(prefixes)}
+    return {k: v for k, v in all_tensors(folder).items() if k.removeprefix("model.").startswith(prefixes)}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,47 @@ def test_chat_refuses_images_for_text_models_and_unreadable_images(gemma3_run, s
         in r.output
 
 
+def test_merge_models_merges_two_gemma3_image_runs_decoder_by_the_formula_towers_carried(gemma3_run, shapes, tmp_path,
+                                                                                         tune_home):
+    """merge-models on image + text runs: a full fine-tune and a QLoRA run (its adapter merged into the base first)
+    merged linearly; the decoder is the weighted mean of the two (the LoRA one: base + alpha/r B A), the towers and
+    the image processor are the base's, byte-equal, the output is Gemma3ForConditionalGeneration and reads images."""
+    from gemma2_tune.models.builtin import builtin_path
+
+    train, held = shapes
+    lora = tmp_path / "lora"
+    r = runner.invoke(app, ["sft", "--recipe", "quickstart-cpu", "--model", "builtin:tiny-gemma3-vision", "--dataset",
+                            str(train), "-o", str(lora), "--max-steps", "3", "--set", "training.learning_rate=1e-2",
+                            *TRAIN])
+    assert r.exit_code == 0, r.output
+    merged = tmp_path / "merged"
+    r = runner.invoke(app, ["merge-models", "--method", "linear", "--weights", "0.7,0.3", "--models", str(gemma3_run),
+                            str(lora), "-o", str(merged)])
+    assert r.exit_code == 0, r.output
+    assert "the towers (39 tensors, equal in every input) are carried from" in r.output, r.output
+    assert json.loads((merged / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert (merged / "processor_config.json").read_bytes() == (gemma3_run / "processor_config.json").read_bytes()
+    report = json.loads((merged / "merge.json").read_text())
+    assert report["check"]["passed"] and report["towers"]["tower_tensors"] == 39, report
+    base = all_tensors(builtin_path("builtin:tiny-gemma3-vision"))
+    got, full = all_tensors(merged), all_tensors(gemma3_run)
+    assert got.keys() == base.keys()
+    towers = tower_tensors(merged, GEMMA3)
+    assert towers and all(torch.equal(towers[k], base[k]) for k in towers)
+    adapter = load_file(str(lora / "adapter_model.safetensors"))
+    config = json.loads((lora / "adapter_config.json").read_text())
+    name = "language_model.model.layers.1.self_attn.q_proj.weight"
+    a, b = (next(v for k, v in adapter.items() if ".layers.1.self_attn.q_proj.lora_" + x in k) for x in "AB")
+    lora_q = base[name] + config["lora_alpha"] / config["r"] * b @ a
+    assert not torch.allclose(lora_q, base[name])  # the adapter moved it
+    assert torch.allclose(got[name], 0.7 * full[name] + 0.3 * lora_q, atol=1e-6), (got[name] - 0.7 * full[name]
+                                                                                      - 0.3 * lora_q).abs().max()
+    image, _ = held_out(held)[0]
+    r = runner.invoke(app, ["chat", "--model", str(merged), "--image", image, "-p", SHAPE_QUESTION,
+                            "--max-new-tokens", "5"])
+    assert r.exit_code == 0 and r.stdout.strip(), r.output
+
+
 def test_gemma4_qlora_keeps_lora_out_of_the_towers_and_merge_keeps_towers_and_processor(shapes, tmp_path, tune_home):
     from gemma2_tune.models.builtin import builtin_path
 
@@ -164,6 +209,21 @@ def test_gemma4_qlora_keeps_lora_out_of_the_towers_and_merge_keeps_towers_and_pr
                             "--max-new-tokens", "20"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == adapter_answer
+
+    # merge-models on Gemma 4 (mergekit infers its decoder): task arithmetic from the base, the towers carried
+    half = tmp_path / "half"
+    r = runner.invoke(app, ["merge-models", "--method", "task_arithmetic", "--models", str(merged), "--weights", "0.5",
+                            "--base", "builtin:tiny-gemma4", "-o", str(half)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((half / "config.json").read_text())["architectures"] == ["Gemma4ForConditionalGeneration"]
+    start, tuned, got = (all_tensors(f) for f in (builtin_path("builtin:tiny-gemma4"), merged, half))
+    assert got.keys() == start.keys() and all(torch.equal(got[k], start[k]) for k in base)
+    name = "model.language_model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(tuned[name], start[name])
+    assert torch.allclose(got[name], start[name] + 0.5 * (tuned[name] - start[name]), atol=1e-6)
+    r = runner.invoke(app, ["chat", "--model", str(half), "--image", image, "-p", SHAPE_QUESTION,
+                            "--max-new-tokens", "5"])
+    assert r.exit_code == 0 and r.stdout.strip(), r.output
 
 
 @pytest.mark.export  # slow: the module's mark (two conversions)

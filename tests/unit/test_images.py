@@ -526,25 +526,34 @@ def test_plan_names_the_processor_resolution_and_image_tokens_per_row():
     assert image_lines("google/gemma-2-9b", None, 1024) == []
 
 
-@pytest.mark.parametrize("first, second", [("builtin:tiny-gemma4", "copy"),
+@pytest.mark.parametrize("first, second", [("builtin:tiny-gemma4", "projector"),
+                                           ("builtin:tiny-gemma3-vision", "projector"),
                                            ("builtin:tiny-gemma2", "builtin:tiny-gemma3-vision")])
-def test_merge_models_refuses_image_text_models_with_the_reason_before_reading_weights(tune_home, tmp_path, first,
-                                                                                       second):
-    """merge-models has no way to keep the towers (mergekit has no Gemma 4 architecture and reads Gemma 3's tower
-    under transformers 4's names): any image + text input is refused, naming it, and `merge` pointed to."""
+def test_merge_models_refuses_image_text_inputs_with_other_towers_or_families(tune_home, tmp_path, first, second):
+    """merge-models merges the language model of image + text checkpoints and carries the towers of the first: an
+    input whose projector differs (as a run with model.train_projector leaves it) is refused, named, with the
+    reason; a text model is not merged with an image + text one. Nothing is written."""
+    from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
     from gemma2_tune.cli import app
     from gemma2_tune.models.builtin import builtin_path
 
-    if second == "copy":
-        second = str(tmp_path / "copy")
+    if second == "projector":
+        second = str(tmp_path / "trained-projector")
         shutil.copytree(builtin_path(first), second)
+        weights = load_file(f"{second}/model.safetensors")
+        name = next(k for k in weights if "multi_modal_projector" in k or "embed_vision" in k)
+        weights[name] = weights[name] + 0.01
+        save_file(weights, f"{second}/model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["merge-models", first, second, "-o", str(out)])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     flat = " ".join(r.output.split())
-    named = first if first.endswith("gemma4") else second
-    assert f"{named} is a" in flat and "(image + text), which merge-models does not merge" in flat, flat
-    assert "has no Gemma 4 architecture" in flat and "`gemma2-tune merge` folds one run's adapter" in flat
-    assert not out.exists()
+    if second.endswith("trained-projector"):
+        assert "every input must have the same towers" in flat and "model.train_projector" in flat, flat
+        differ = f"tower tensors differ from --models[1] {first}'s (e.g. {name})"
+        assert f"--models[2] {second}: 1 of its " in flat and differ in flat, flat
+    else:
+        assert f"--models[2] {second} is Gemma 3 (image + text), --models[1] {first} is Gemma 2" in flat, flat
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
