@@ -31,14 +31,25 @@ EXTRAS = ("entropy", "mean_logits", "is_top1")
 OUTPUTS = frozenset({"log_probs", *EXTRAS})
 
 
-def _tile(h: torch.Tensor, w: torch.Tensor, softcap: float | None, temperature: float) -> torch.Tensor:
-    """fp32 logits of one tile: h (n, H) @ w (v, H).T, soft-capped, divided by the temperature; (n, v)."""
-    z = h @ w.float().t()
+def _tile(h: torch.Tensor, w: torch.Tensor, softcap: float | None, temperature: float,
+          buffer: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of one tile, h (n, H) @ w (v, H).T, soft-capped, divided by the temperature, written into the
+    front of `buffer` (flat, at least n * v floats: one allocation per call, not per tile); (n, v)."""
+    z = buffer[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+    torch.mm(h, w.t() if w.dtype == torch.float32 else w.float().t(), out=z)
     if softcap:
         z.div_(softcap).tanh_().mul_(softcap)
     if temperature != 1.0:
         z.div_(temperature)
     return z
+
+
+def _buffers(rows: int, vocab_chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two flat fp32 tile buffers (logits, and their exponentials / gradient), reused by every tile of a call: a
+    32 MiB tile allocated per tile is mapped and faulted in afresh each time (glibc serves blocks this large with
+    mmap), which costs more system time than the tile's arithmetic."""
+    return (torch.empty(rows * vocab_chunk, dtype=torch.float32, device=device),
+            torch.empty(rows * vocab_chunk, dtype=torch.float32, device=device))
 
 
 class _TokenLogProbs(torch.autograd.Function):
@@ -53,6 +64,7 @@ class _TokenLogProbs(torch.autograd.Function):
                                              for name, dtype in (("entropy", torch.float32),
                                                                  ("mean_logits", torch.float32),
                                                                  ("is_top1", torch.bool)))
+            z_buffer, e_buffer = _buffers(min(n, token_chunk), min(vocab, vocab_chunk), device)
             for a in range(0, n, token_chunk):
                 h = hidden[a : a + token_chunk].float()
                 y = targets[a : a + token_chunk]
@@ -64,13 +76,14 @@ class _TokenLogProbs(torch.autograd.Function):
                 before = torch.full((rows_here,), float("-inf"), device=device)  # largest logit left of the target
                 t_logit = torch.zeros(rows_here, device=device)
                 for v in range(0, vocab, vocab_chunk):
-                    z = _tile(h, weight[v : v + vocab_chunk], softcap, temperature)
+                    z = _tile(h, weight[v : v + vocab_chunk], softcap, temperature, z_buffer)
                     new_m = torch.maximum(m, z.amax(dim=1))
                     rescale = torch.exp(m - new_m)
-                    e = torch.exp(z - new_m[:, None])
+                    e = e_buffer[: z.numel()].view_as(z)
+                    torch.sub(z, new_m[:, None], out=e).exp_()
                     s = s * rescale + e.sum(dim=1)
                     if entropy.numel():
-                        zs = zs * rescale + (e * z).sum(dim=1)
+                        zs = zs * rescale + e.mul_(z).sum(dim=1)
                     if mean_logits.numel():
                         z_sum += z.sum(dim=1)
                     if is_top1.numel():
@@ -104,28 +117,31 @@ class _TokenLogProbs(torch.autograd.Function):
             grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
             g = grad_logp.float()
-            vocab = weight.shape[0]
-            for a in range(0, hidden.shape[0], token_chunk):
+            n, vocab = hidden.shape[0], weight.shape[0]
+            z_buffer, d_buffer = _buffers(min(n, token_chunk), min(vocab, vocab_chunk), hidden.device)
+            for a in range(0, n, token_chunk):
                 h = hidden[a : a + token_chunk].float()
                 y = targets[a : a + token_chunk]
                 ga = g[a : a + token_chunk]
                 for v in range(0, vocab, vocab_chunk):
                     w = weight[v : v + vocab_chunk]
-                    z = _tile(h, w, softcap, temperature)
+                    w = w if w.dtype == torch.float32 else w.float()
+                    z = _tile(h, w, softcap, temperature, z_buffer)
                     # d logp(y) / dz = onehot(y) - softmax(z), times the incoming gradient per row
-                    dz = torch.exp(z - lse[a : a + token_chunk, None]).mul_(-ga[:, None])
+                    dz = d_buffer[: z.numel()].view_as(z)
+                    torch.sub(z, lse[a : a + token_chunk, None], out=dz).exp_().mul_(-ga[:, None])
                     inside = (y >= v) & (y < v + z.shape[1])
                     rows = inside.nonzero().squeeze(1)
                     dz[rows, y[rows] - v] += ga[rows]
                     if softcap:  # d(c * tanh(x / c)) / dx = 1 - tanh(x / c)^2, and tanh(x / c) = z * T / c
                         t = z.mul_(temperature / softcap)
-                        dz.mul_(1.0 - t * t)
+                        dz.mul_(t.mul_(t).neg_().add_(1.0))
                     if temperature != 1.0:
                         dz.div_(temperature)
                     if need_h:
-                        grad_h[a : a + token_chunk] += dz @ w.float()
+                        grad_h[a : a + token_chunk].addmm_(dz, w)
                     if need_w:
-                        grad_w[v : v + vocab_chunk] += dz.t() @ h
+                        grad_w[v : v + vocab_chunk].addmm_(dz.t(), h)
         return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
                 None, None, None, None, None, None)
 
