@@ -26,7 +26,8 @@ vocabulary, written here (seeded), the same file for every side.
 
 Measured per side, over the span from the trainer's construction to the end of training (TRL's `trl-best`
 precomputes the reference inside that span): wall seconds, CPU seconds (user + system, every thread), peak RSS of
-the process (VmHWM, whole run) and its growth over the RSS when the trainer was built, the optimizer steps and the
+the process (VmHWM, whole run; with `--device cuda`, peak allocated CUDA memory) and its growth over the RSS when
+the trainer was built, the optimizer steps and the
 last logged loss (and, for dpo, reward accuracy; for rl, mean reward). Ratios: each side over the first, medians
 of `--repeats` interleaved runs.
 """
@@ -115,6 +116,11 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
+    """Peak RSS of the process (VmHWM); on a GPU, peak allocated CUDA memory instead."""
+    if os.environ.get("BENCH_DEVICE") == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -137,8 +143,8 @@ def trl_lora(dropout: float):
 
 
 def trl_common(out: str, bf16: bool) -> dict:
-    return dict(output_dir=out, logging_steps=1, save_strategy="no", report_to=[], seed=42, use_cpu=True,
-                disable_tqdm=True, bf16=bf16)
+    return dict(output_dir=out, logging_steps=1, save_strategy="no", report_to=[], seed=42,
+                use_cpu=os.environ.get("BENCH_DEVICE", "cpu") == "cpu", disable_tqdm=True, bf16=bf16)
 
 
 def ours_sets(model_dir: str, data: str, out: str) -> list[str]:
@@ -292,6 +298,14 @@ def run_side(method: str, side: str, model_dir: Path, data: Path, work: Path) ->
     return json.loads(result_file.read_text())
 
 
+def machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()} CPU cores"
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -305,7 +319,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=256_000)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
-    parser.add_argument("--json", help="default: bench/results_<method>.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: every side on the GPU, "
+                        "peak memory = torch.cuda.max_memory_allocated (bench/device_check.sh post)")
+    parser.add_argument("--json", help="default: bench/results_<method>.json (cuda: results_<method>_gpu.json)")
     parser.add_argument("--worker")
     parser.add_argument("--model-dir")
     parser.add_argument("--data")
@@ -321,7 +337,8 @@ def main() -> None:
         parser.error(f"--sides: {', '.join(unknown)} not among {', '.join(SIDES[a.method])}")
     if a.quick:
         a.vocab, a.repeats = 4096, 1
-    target = Path(a.json) if a.json else HERE / f"results_{a.method}.json"
+    os.environ["BENCH_DEVICE"] = a.device  # the workers inherit it
+    target = Path(a.json) if a.json else HERE / f"results_{a.method}{'_gpu' if a.device == 'cuda' else ''}.json"
     started, load_before = time.strftime("%Y-%m-%d %H:%M:%S %Z"), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gemma2-tune-bench-") as tmp:
         work = Path(tmp)
@@ -343,7 +360,7 @@ def main() -> None:
     ours = sides[-1]
     summary = {"method": a.method, "setup": {"vocab": a.vocab, "hidden": 64, "layers": 2, "repeats": a.repeats,
                                              "sides": sides, "quick": a.quick, "started": started,
-                                             "machine": f"{os.cpu_count()} CPU cores", "versions": versions(),
+                                             "device": a.device, "machine": machine(a.device), "versions": versions(),
                                              "load_avg_1m_before": load_before,
                                              "load_avg_1m_after": os.getloadavg()[0], "settings": __doc__},
                "runs": runs, "median": med,

@@ -6,6 +6,7 @@
 #                                     # bench_gpu.py on the 2B shape, every default side
 #   bash bench/device_check.sh 9b     # bench_gpu.py on the 9B shape: TRL, defaults, fused, and flex at 8,192
 #                                     # tokens (the 22 GiB target)
+#   bash bench/device_check.sh post   # bench_post.py dpo and rl on the GPU: plain TRL beside gemma2-tune
 #
 # Every step runs under one deadline (BUDGET_S seconds from the start, default 560) so the files come back
 # from a 10-minute call: $OUT (the device tool's folder) or ./device-out gets versions.txt, tests.log,
@@ -16,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=${1:-2b}
-case "$SHAPE" in 2b|9b) ;; *) echo "usage: bench/device_check.sh 2b|9b"; exit 2;; esac
+case "$SHAPE" in 2b|9b|post) ;; *) echo "usage: bench/device_check.sh 2b|9b|post"; exit 2;; esac
 OUT=${OUT:-$PWD/device-out}
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-560} ))
 mkdir -p "$OUT"
@@ -77,6 +78,13 @@ if [ "$SHAPE" = "2b" ]; then
     tests/unit/test_kernels.py
   step bench-2b 600 "$OUT/bench-2b.log" "$PY" bench/bench_gpu.py $SMOKE --shapes 2b \
     --json "$OUT/results_gpu_2b.json"
+elif [ "$SHAPE" = "post" ]; then
+  DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+  QUICK=$([ "$DEVICE" = cpu ] && echo --quick)
+  step bench-dpo 280 "$OUT/bench-dpo.log" "$PY" bench/bench_post.py dpo --device "$DEVICE" $QUICK \
+    --json "$OUT/results_dpo_gpu.json"
+  step bench-rl 250 "$OUT/bench-rl.log" "$PY" bench/bench_post.py rl --sides trl,gemma2-tune --device "$DEVICE" \
+    $QUICK --json "$OUT/results_rl_gpu.json"
 else
   step bench-9b 600 "$OUT/bench-9b.log" "$PY" bench/bench_gpu.py --shapes 9b --steps 8 \
     --sides trl,gemma2-tune,gemma2-tune-fused,gemma2-tune-flex-8192 --json "$OUT/results_gpu_9b.json"

@@ -38,7 +38,11 @@ PROVENANCE["serve_load_sequential.json"] = PROVENANCE["serve_load_batching.json"
 
 # Each generated block: its name on the page and the result files it is made from.
 SOURCES = {"cpu-vs-trl": ["results.json"], "loss-alone": ["results_loss.json"],
-           "serve-load": ["serve_load_batching.json", "serve_load_sequential.json"]}
+           "serve-load": ["serve_load_batching.json", "serve_load_sequential.json"],
+           "post-training": ["results_dpo.json", "results_rl.json", "results_distill.json"]}
+# bench_post.py's sides, in words
+SIDE_NAMES = {"trl": "TRL, reference recipe", "trl-best": "TRL, reference log-probabilities precomputed",
+              "trl-paged": "TRL, paged generation", "gemma2-tune": "gemma2-tune"}
 
 
 def begin(block: str) -> str:
@@ -158,6 +162,31 @@ def serve_load(batching: dict, sequential: dict) -> list[str]:
     return lines
 
 
+def post_training(results: dict[str, dict]) -> list[str]:
+    """bench/results_{dpo,rl,distill}.json (bench_post.py): per method, each side's medians and gemma2-tune's
+    speed-up (wall and CPU seconds) and peak RSS against it."""
+    lines = []
+    for method, data in results.items():
+        s, med, runs = data["setup"], data["median"], data["runs"]
+        ours = s["sides"][-1]
+        over = data[f"{ours}_speedup_over"]
+        lines += [f"**{method}**: " + provenance(f"results_{method}.json", s), "",
+                  f"Medians of {s['repeats']} run(s) per side, interleaved; vocabulary {s['vocab']:,}, hidden "
+                  f"{s['hidden']}, {s['layers']} layers.", "",
+                  "| side | wall s | CPU s | peak RSS MiB | optimizer steps | last logged loss | gemma2-tune faster "
+                  "(wall / CPU) | gemma2-tune's peak RSS |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for side in s["sides"]:
+            m, first = med[side], runs[side][0]
+            loss = first.get("final_loss")
+            ratio = ("" if side == ours else f"{over[side]['wall']:.2f}x / {over[side]['cpu']:.2f}x")
+            memory = "" if side == ours else f"{over[side]['peak_rss_ratio']:.2f}x"
+            lines.append(f"| {SIDE_NAMES.get(side, side)} | {_f(m['wall_s'])} | {_f(m['cpu_s'])} | "
+                         f"{_f(m['peak_rss'] / MIB, 0)} | {first['steps']} | "
+                         f"{'' if loss is None else f'{loss:.4f}'} | {ratio} | {memory} |")
+        lines.append("")
+    return lines[:-1]
+
+
 def sections(bench: Path = BENCH) -> dict[str, str]:
     """{block name: the block, markers included}, from the result files in `bench`."""
     def read(name: str) -> dict:
@@ -165,7 +194,9 @@ def sections(bench: Path = BENCH) -> dict[str, str]:
 
     blocks = {"cpu-vs-trl": cpu_vs_trl(read("results.json")),
               "loss-alone": loss_alone(read("results_loss.json")),
-              "serve-load": serve_load(read("serve_load_batching.json"), read("serve_load_sequential.json"))}
+              "serve-load": serve_load(read("serve_load_batching.json"), read("serve_load_sequential.json")),
+              "post-training": post_training({m: read(f"results_{m}.json") for m in ("dpo", "rl", "distill")
+                                              if (bench / f"results_{m}.json").exists()})}
     return {name: "\n".join([begin(name), ""] + lines + ["", end(name)]) for name, lines in blocks.items()}
 
 

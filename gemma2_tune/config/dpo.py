@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from ..families import Shape
-from .memory import DTYPE_BYTES, activation_bytes, forward_bytes
+from .memory import DTYPE_BYTES, activation_bytes, forward_bytes, logprob_head_bytes
 from .rules import continued_run_problems, generating_model_problem
 from .schema import FrozenModel, OutputSection, PreferenceDataSection, RunConfig, Section
 
@@ -149,7 +149,7 @@ class DpoConfig(RunConfig):
         activations count twice (the shared term counts B); the reference's forward on the same 2B sequences (no
         gradients; with LoRA it is the policy with its adapter disabled, so no weights); with full fine-tuning the
         reference's weights in model.dtype (/ N under ZeRO-3). KTO (an unpaired loss) adds a forward of both models on
-        the B mismatched KL sequences. Loss: TRL's chunked log-probabilities, fp32 tiles (x3 with temporaries)."""
+        the B mismatched KL sequences. Loss: the log-probabilities' LM head (memory.logprob_head_bytes)."""
         sequences = b if self.dpo.unpaired else 2 * b
         terms = {"activations, rejected sides" if not self.dpo.unpaired else
                  "KL sequences (policy forward, no gradients)":
@@ -161,7 +161,7 @@ class DpoConfig(RunConfig):
         ref_sequences = sequences * (2 if self.dpo.unpaired else 1)
         terms["reference forward (no gradients)"] = forward_bytes(reference or shape, self.model.attn_implementation,
                                                                   ref_sequences, t)
-        terms["loss"] = min(sequences * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + sequences * t * shape.hidden * 8
+        terms["loss"] = logprob_head_bytes(shape, sequences * t, shards)
         return terms
 
 

@@ -17,8 +17,8 @@ Every term is a formula over the model's shape and the resolved config, in bytes
                the projections and MLP (~(4H + 4I)*B*T*2 B); without checkpointing every layer's are kept
   method       each method's own terms, from its schema (`RunConfig.memory_terms`): the loss at least, and the
                models it runs beside the trained one (reference, teacher, reward model), its generation's KV cache
-  loss         supervised_chunked: one tile (1024 x 8192 fp32, x3 with temporaries) + fp32 hidden at
-               supervised positions; supervised_liger: Liger's chunk (~2 x positions x hidden logits, model
+  loss         supervised_chunked (and every method's log-probabilities): one tile (1024 x 8192 fp32, x3 with
+               temporaries) + fp32 hidden at supervised positions; supervised_liger: Liger's chunk (~2 x positions x hidden logits, model
                dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown
                beside it, what full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
   overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
@@ -153,3 +153,15 @@ def forward_bytes(shape: Shape, attn_implementation: str, b: int, t: int) -> flo
     """Bytes of one layer's forward without gradients (a frozen model's forward: nothing kept between layers)."""
     scores = b * shape.heads * t * t * 6 if attn_implementation == "eager" else 0
     return scores + (4 * shape.hidden + 4 * shape.intermediate) * b * t * 2
+
+
+def logprob_head_bytes(shape: Shape, positions: int, shards: bool) -> float:
+    """The LM head's scoring memory for `positions` scored positions (an upper bound: every position): ours
+    (training/logprobs.py: one fp32 tile of LOSS_TOKEN_CHUNK x LOSS_VOCAB_CHUNK, x3 with its reused buffer and
+    temporaries) + fp32 hidden states and their gradient; under ZeRO-3 TRL's fused head (4096 x 32768 fp32 tiles,
+    x3)."""
+    from .schema import LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK
+
+    if shards:
+        return min(positions, 4096) * min(shape.vocab, 32768) * 4 * 3 + positions * shape.hidden * 8
+    return min(positions, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3 + positions * shape.hidden * 8

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ..families import Shape
-from .memory import DTYPE_BYTES, frozen_weight_bytes
+from .memory import DTYPE_BYTES, frozen_weight_bytes, logprob_head_bytes
 from .rules import (MIN_PROMPT_TOKENS, generating_model_problem, model_problems, run_problems,
                     start_problems)
 from .rewards import RewardFunction, RewardModelSection, reward_model_path_problem, reward_run
@@ -185,8 +185,8 @@ class RlConfig(RunConfig):
         (per_device_train_batch_size x gradient_accumulation_steps of them at once: prompts x the group size, in
         model.dtype), the reference (LoRA: the policy with adapters switched, no extra weights; full fine-tuning with a
         KL term: a frozen copy, sharded by ZeRO-3) and its forward without gradients, the reward model's weights
-        (4-bit, 8-bit with per-row scales, or model.dtype) and one layer's forward, and TRL's fused log-prob head
-        (fp32 tiles of 4096 positions x the vocabulary chunk, x3 with temporaries, + fp32 hidden states)."""
+        (4-bit, 8-bit with per-row scales, or model.dtype) and one layer's forward, and the log-probabilities' LM head
+        (memory.logprob_head_bytes)."""
         dtype = DTYPE_BYTES[self.model.dtype]
         r = self.rl
         completions = b * self.training.gradient_accumulation_steps
@@ -206,7 +206,7 @@ class RlConfig(RunConfig):
             terms["reward model forward (no gradients)"] = (b * reward.heads * t * t * 6 if
                                                             self.reward_model.attn_implementation == "eager" else 0) + (
                 4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
-        terms["loss"] = min(b * t, 4096) * min(policy.vocab, 32768) * 4 * 3 + b * t * policy.hidden * 8
+        terms["loss"] = logprob_head_bytes(policy, b * t, shards)
         return terms
 
 

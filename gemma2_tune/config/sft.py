@@ -7,9 +7,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ..families import Shape
-from .memory import DTYPE_BYTES
+from .memory import DTYPE_BYTES, logprob_head_bytes
 from .rules import run_problems
-from .schema import LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK, RunConfig, SftDataSection, SftTrainingSection
+from .schema import RunConfig, SftDataSection, SftTrainingSection
 
 
 class SftConfig(RunConfig):
@@ -73,8 +73,7 @@ class SftConfig(RunConfig):
         h, dtype = shape.hidden, DTYPE_BYTES[self.model.dtype]
         supervised = b * t  # upper bound: every position supervised
         if self.training.loss == "supervised_chunked" and not shards:
-            return {"loss": min(supervised, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3
-                    + supervised * h * 8}
+            return {"loss": logprob_head_bytes(shape, supervised, shards)}
         if self.training.loss == "supervised_liger" and not shards:
             # Liger sizes its chunk of rows so that rows x vocab ~ positions x hidden (rounded up to a power of 2:
             # up to 2x), logits in the model's dtype and their fp32 gradient; plus the gradient of the hidden states

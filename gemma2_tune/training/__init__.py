@@ -12,7 +12,9 @@
     trainer.py      TRL trainer arguments, the supervised-only loss trainer, LoRA applied by TRL
     batching.py     the micro-batch shape: accumulation folded when memory allows
     data.py         the data a run trains on (tokenizer, rows, cached packed blocks)
-    loss.py         tiled cross-entropy at supervised positions, with the final soft-cap
+    logprobs.py     the one LM head of every method: next-token log-probabilities at labelled positions only, fp32
+                    tiles, soft-capped; replaces TRL's fused head in dpo/KTO/GRPO/RLOO
+    loss.py         tiled cross-entropy at supervised positions, with the final soft-cap (the log-probabilities' sum)
     compiling.py    training.torch_compile: regional compilation, checked against eager on a probe batch
     kernels.py      training.use_liger_kernel: Liger's kernels, checked against the plain model on a probe batch
     ema.py          training.ema_decay: the moving average of the trainable weights
