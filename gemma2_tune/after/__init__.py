@@ -17,5 +17,6 @@
     gguf_parity.py      export's parity: the GGUF in llama.cpp vs transformers, bounded by measured floors
     ggml_quant.py       llama.cpp's quantized arithmetic in transformers (weights and product inputs rounded)
     projector.py        `export` of an image + text model: llama.cpp's projector file (mmproj) beside the GGUF
+    image_prompt.py     export's image prompt: generated through llama.cpp (GGUF + mmproj) vs transformers
     ollama.py           the Ollama Modelfile: the training renderer as a Go text/template
 """

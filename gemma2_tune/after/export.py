@@ -37,6 +37,7 @@ from ..errors import UserError
 from ..families import Family
 from ..files import writable_problem
 from .gguf_parity import PARITY_PROMPTS, check_parity
+from .image_prompt import check_image_prompt
 from .projector import (NOT_CHECKED, NOT_WRITTEN, PROJECTOR_TYPES, check_image_embeddings, check_projector,
                         processor_settings, write_projector)
 
@@ -141,7 +142,10 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
             if projector_file and "vision_config" not in _saved_config(folder):
                 projector_file = None  # a text-only checkpoint of a family with image + text sizes
-            projector = (_projector(folder, served.family, quant, work, gguf_file, projector_file, echo)
+            # the image prompt's greedy tokens are held to transformers' on an unquantized file, as the text
+            # prompts' are (after/gguf_parity.py): the quantizer's input where the output is quantized
+            exact_file = Path(converted["unquantized"]) if "unquantized" in converted else gguf_file
+            projector = (_projector(folder, served.family, quant, work, exact_file, projector_file, policy, echo)
                          if projector_file else None)
             unquantized = converted.pop("unquantized", None)
             parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo,
@@ -265,13 +269,13 @@ def _sentencepiece(path: Path, run) -> Path | None:
     return found
 
 def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: Path, projector_file: Path,
-               echo) -> dict:
-    """The image tower's projector file (mmproj) written into `work` and checked (its metadata, then a drawn image's
-    soft-token embeddings in llama.cpp against transformers'), or why it was not written. Raises UserError when the
-    converter fails or a check fails."""
+               policy: str, echo) -> dict:
+    """The image tower's projector file (mmproj) written into `work` and checked (its metadata, a drawn image's
+    soft-token embeddings in llama.cpp against transformers', then an image prompt generated through llama.cpp with
+    `gguf_file` against transformers' answer: after/image_prompt.py), or why it was not written. Raises UserError
+    when the converter fails or a check fails."""
     if family.key in NOT_WRITTEN:
-        return {"written": False, "file": None, "why": NOT_WRITTEN[family.key],
-                "not_checked": "image prompts through llama.cpp: no projector file"}
+        return {"written": False, "file": None, "why": NOT_WRITTEN[family.key], "not_checked": NOT_CHECKED}
     processor = processor_settings(folder)
     if processor is None:
         return {"written": False, "file": None, "not_checked": NOT_CHECKED,
@@ -289,9 +293,16 @@ def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: 
     echo(f"projector parity ({embeddings['bound']}): {embeddings['tokens_llama_cpp']} soft tokens of a "
          f"{embeddings['image']}, cosine similarity >= {embeddings['min_cosine']:.5f}, max |difference| "
          f"{embeddings['max_abs_diff']:.4f} (of values up to {embeddings['max_abs_value']:.2f})")
+    prompt = check_image_prompt(gguf_file, work / projector_file.name, folder, family, policy, work)
+    if not prompt["passed"]:
+        raise UserError(f"image prompt self-check failed ({prompt['bound']}): {prompt['failure']}; nothing was "
+                        f"written to {projector_file}")
+    echo(f"image prompt parity ({prompt['bound']}): {prompt['prompt_tokens']} prompt tokens ({prompt['soft_tokens_llama_cpp']} "
+         f"soft tokens) equal, greedy tokens equal on the first {prompt['greedy_tokens_compared']}; llama.cpp answers "
+         f"{prompt['prompt']!r}: {prompt['llama_cpp_answer'].strip()[:80]!r}")
     return {"written": True, "file": projector_file.name, "bytes": (work / projector_file.name).stat().st_size,
             "tensors": _tensor_count(work / projector_file.name), "converter": ran, "checks": checks,
-            "image_embeddings": embeddings, "not_checked": NOT_CHECKED}
+            "image_embeddings": embeddings, "image_prompt": prompt, "not_checked": None}
 
 
 def _require(checks: list[dict], what: str, target: Path) -> None:
@@ -309,7 +320,8 @@ def _print_projector(projector: dict, projector_file: Path, echo) -> None:
              f"{projector_file})")
     else:
         echo(f"  projector: not written: {projector['why']}")
-    echo(f"  not checked: {projector['not_checked']}")
+    if projector["not_checked"]:
+        echo(f"  not checked: {projector['not_checked']}")
 
 
 def _saved_config(folder: Path) -> dict:

@@ -6,8 +6,8 @@ llama.cpp runs the pair as `llama-mtmd-cli -m FILE.gguf --mmproj FILE.mmproj.ggu
 What is checked: the file's metadata against the exported folder's config and image processor (tower shape,
 resolution, normalisation, soft tokens per image), and the soft-token embeddings llama.cpp's multimodal library
 (libmtmd, through llama-cpp-python) makes of a drawn test image against transformers' image tower and projector
-(`check_image_embeddings`). What is not: a whole image prompt generated through llama.cpp, so the report says so
-(`NOT_CHECKED`).
+(`check_image_embeddings`), then an image prompt generated through llama.cpp against transformers' answer
+(after/image_prompt.py).
 """
 
 from __future__ import annotations
@@ -28,21 +28,21 @@ PROJECTOR_TYPES = {"gemma3-vision": "gemma3"}
 # Image + text families whose projector file is not written, and why (measured with llama-cpp-python 0.3.36 on the
 # tiny Gemma 4 of the tests: 8-pixel patches, 2 x 2 pooling, at most 70 soft tokens per image)
 NOT_WRITTEN = {
-    "gemma4": "llama.cpp's converter writes Gemma 4's projector file (gemma4v) and its multimodal library runs it, "
-              "but the file carries neither the image processor's pooling kernel (pooling_kernel_size) nor its "
-              "soft-token budget (max_soft_tokens): llama.cpp assumes 3 x 3 pooling and its own pixel bounds. Measured "
-              "on a tiny Gemma 4 (2 x 2 pooling, at most 70 soft tokens): llama.cpp made 81 soft tokens of a 32x32 "
-              "image where transformers makes 64, and its embeddings of a drawn 144x144 image (resized by it to "
-              "216x216) were at cosine similarity 0.958 of transformers'. Whether the published 3 x 3, 280-token "
-              "checkpoints match is not checked here, so no projector file is written; the decoder's GGUF is, and "
-              "runs text prompts",
+    "gemma4": "llama.cpp's projector file for Gemma 4 (gemma4v) computes transformers' image embeddings only for an "
+              "image already at the size the image processor resizes it to: the file carries no soft-token budget "
+              "(max_soft_tokens), and llama.cpp resizes each image its own way (sides rounded to a multiple of "
+              "patch x pooling, kept between 70 and 1120 soft tokens, bicubic without antialiasing) where transformers "
+              "scales every image to fill the budget. Measured with llama-cpp-python 0.3.36 on a tiny Gemma 4 with "
+              "the published pooling (3 x 3) and a 140-token budget: a 264x264 image gave 121 soft tokens on both "
+              "sides at cosine similarity 0.99998, but 144x144 gave 81 against transformers' 121, 192x288 96 against "
+              "126, 600x400 425 against 126 (with --image-max-tokens 140: 126 each, at cosine similarity 0.877). So "
+              "no projector file is written; the decoder's GGUF is, and runs text prompts",
 }
 # Gemma 3's projector pools the tower's patch grid by 4 per side (896 / 14 = 64 -> 16 per side, 256 tokens) unless
 # the file says otherwise (llama.cpp's clip.cpp default; the converter writes the factor only when it differs)
 DEFAULT_SCALE_FACTOR = 4
-NOT_CHECKED = ("image prompts through llama.cpp: the image's soft-token embeddings are compared with transformers', "
-               "but no prompt holding an image was generated through llama.cpp (llama-mtmd-cli / llama-server "
-               "--mmproj); the generation parity check covers text prompts only")
+# What is not checked where no projector file is written
+NOT_CHECKED = "image prompts through llama.cpp: no projector file"
 # Each soft token's embedding from llama.cpp must point where transformers' does: cosine similarity at least this
 # (f16 weights round at about 1e-3 relative; a wrong normalisation, patch order or projector drops it far lower)
 EMBEDDING_COSINE_BOUND = 0.99
@@ -145,6 +145,12 @@ def check_projector(metadata: dict[str, Any], config: dict, processor: dict, fam
     per_side = (metadata.get("clip.vision.image_size") or 0) // (metadata.get("clip.vision.patch_size") or 1) // scale
     check("soft tokens per image", config.get("mm_tokens_per_image"), per_side * per_side)
     return checks
+
+
+def processor_side(image_processor) -> tuple[int, int]:
+    """(width, height) in pixels of an image the processor does not resize: Gemma 3's fixed size."""
+    size = image_processor.size
+    return int(size.width), int(size.height)
 
 
 def drawn_image(width: int, height: int):

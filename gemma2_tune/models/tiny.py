@@ -144,6 +144,19 @@ def save_tiny_processor(family: Family, tokenizer, config, folder: Path) -> None
          "processor_class": name}, indent=2) + "\n")
 
 
+def _random_projector(model, family: Family, std: float) -> None:
+    """transformers starts Gemma 3's projection at zero (a checkpoint brings its trained one): the tiny decoder would
+    see every image as zeros. Random (normal, `std`), as a trained projector is not zero; a text family: nothing."""
+    import torch
+
+    if family.images is None:
+        return
+    with torch.no_grad():
+        for param in model.get_submodule(family.images.projector).parameters():
+            if param.dim() > 1 and not param.detach().abs().sum():
+                torch.nn.init.normal_(param, std=std)
+
+
 def build_tiny(family: Family, path: Path) -> Path:
     """Build tokenizer + random `family` model into `path` atomically (a half-built folder is never used). A
     multimodal family's model is its image + text class (Gemma3ForConditionalGeneration, ...), towers included."""
@@ -173,13 +186,7 @@ def build_tiny(family: Family, path: Path) -> Path:
         config = getattr(transformers, family.config_class)(**decoder, **tiny)
     torch.manual_seed(0)
     model = (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_config(config)
-    if family.images is not None:
-        # transformers starts Gemma 3's projection at zero (a checkpoint brings its trained one): the tiny decoder would
-        # see every image as zeros. Random, as a trained projector is not zero.
-        projector = model.get_submodule(family.images.projector)
-        for param in projector.parameters():
-            if param.dim() > 1 and not param.detach().abs().sum():
-                torch.nn.init.normal_(param, std=tiny["initializer_range"])
+    _random_projector(model, family, tiny.get("initializer_range", 0.02))
     model.generation_config.eos_token_id = decoder["eos_token_id"]
     model.generation_config.pad_token_id, model.generation_config.bos_token_id = ids["<pad>"], ids["<bos>"]
     # an earlier interrupted build (no marker) is replaced; another process's finished one is kept
@@ -232,7 +239,7 @@ def build_tiny_sentencepiece(family: Family, path: Path, **config) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
-        | ({"additional_special_tokens": symbols} if gemma4 else {})))
+        | ({"additional_special_tokens": symbols} if gemma4 else {}) | named_image_tokens(family)))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # converted from tokenizer.model
     tokenizer.chat_template = chat_template(family)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<pad>", "<bos>")}
@@ -252,6 +259,7 @@ def build_tiny_sentencepiece(family: Family, path: Path, **config) -> Path:
         model_class = transformers.AutoModelForCausalLM
     torch.manual_seed(0)
     model = model_class.from_config(model_config)
+    _random_projector(model, family, family.tiny_config.get("initializer_range", 0.02))
     model.generation_config.eos_token_id = eos
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

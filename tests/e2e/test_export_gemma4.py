@@ -64,7 +64,7 @@ def test_a_gemma4_lora_run_exports_and_passes_parity(gemma4_lora, tmp_path):
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g4-f16.export.json", "g4-f16.gguf"]  # no projector file
     flat = " ".join(r.output.split())
-    assert "projector: not written: llama.cpp's converter writes Gemma 4's projector file" in flat, r.output
+    assert "projector: not written: llama.cpp's projector file for Gemma 4 (gemma4v) computes" in flat, r.output
     meta = read_metadata(out)
     assert meta["general.architecture"] == "gemma4"
     assert meta["tokenizer.chat_template"] == chat_template(GEMMA4, "fold")
@@ -72,8 +72,9 @@ def test_a_gemma4_lora_run_exports_and_passes_parity(gemma4_lora, tmp_path):
     assert "gemma4.attn_logit_softcapping" not in meta
     assert meta["gemma4.attention.shared_kv_layers"] == 2
     report = json.loads((tmp_path / "g4-f16.export.json").read_text())
-    assert not report["projector"]["written"] and "neither the image processor's pooling kernel" in \
+    assert not report["projector"]["written"] and "the file carries no soft-token budget" in \
         report["projector"]["why"], report["projector"]
+    assert report["projector"]["not_checked"] == "image prompts through llama.cpp: no projector file"
     checks = {c["check"]: c for c in report["checks"]}
     assert all(c["passed"] for c in report["checks"]), report["checks"]
     assert checks["KV-shared layers llama.cpp reuses"]["found"] == "4<-2,5<-3"

@@ -226,42 +226,38 @@ def test_gemma4_qlora_keeps_lora_out_of_the_towers_and_merge_keeps_towers_and_pr
     assert r.exit_code == 0 and r.stdout.strip(), r.output
 
 
+def build_spm_gemma3_vision(path):
+    """A tiny Gemma 3 image + text model llama.cpp's converter reads: a SentencePiece tokenizer holding the image
+    markers, the published 5 local : 1 global layer pattern (llama.cpp's Gemma 3 assumes it), a random projector, its
+    image processor (32x32 pixels, 4 soft tokens)."""
+    from gemma2_tune.models.tiny import build_tiny_sentencepiece
+
+    return build_tiny_sentencepiece(GEMMA3, path, num_hidden_layers=6,
+                                    layer_types=["sliding_attention"] * 5 + ["full_attention"])
+
+
 @pytest.mark.export  # slow: the module's mark (two conversions)
-def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_not_check(tmp_path, tune_home):
+def test_export_writes_the_projector_file_and_an_image_prompt_generates_as_in_transformers(tmp_path, tune_home):
     """An image + text Gemma 3 folder with its image processor exports its decoder (parity on text prompts) and
-    llama.cpp's projector file (mmproj) beside it, whose metadata matches the folder's tower and processor and
-    whose soft-token embeddings of a drawn image equal transformers' (f16 rounding); the report and the output say
-    that no prompt with an image was generated through llama.cpp. A processor at another resolution than the
-    tower's is refused, the earlier export left as it was."""
+    llama.cpp's projector file (mmproj) beside it, whose metadata matches the folder's tower and processor, whose
+    soft-token embeddings of a drawn image equal transformers' (f16 rounding), and with which an image prompt
+    generated through llama.cpp (libmtmd) has transformers' prompt tokens, greedy tokens and logits. A processor at
+    another resolution than the tower's is refused, the earlier export left as it was."""
     pytest.importorskip("llama_cpp", reason="needs the export extra: pip install 'gemma2-tune[export]'")
-    import shutil
-
-    from test_export import build_spm_gemma3_vision
-
     from gemma2_tune.after.export import read_metadata
-    from gemma2_tune.models.tiny import TINY_IMAGE_PROCESSORS
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    model, tokenizer, text = build_spm_gemma3_vision(tmp_path)  # no image markers: export converts, shows no image
-    with torch.no_grad():  # transformers starts the projector at zeros: every image would embed as 0
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.15)
-    folder = tmp_path / "vision"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    shutil.copy(text / "tokenizer.model", folder / "tokenizer.model")
-    settings = json.loads(Gemma3ImageProcessorPil(**TINY_IMAGE_PROCESSORS["Gemma3Processor"]).to_json_string())
-    processor = {"image_processor": settings, "image_seq_length": 4, "processor_class": "Gemma3Processor"}
-    (folder / "processor_config.json").write_text(json.dumps(processor))
-
+    folder = build_spm_gemma3_vision(tmp_path / "vision")
     out = tmp_path / "out" / "mm.gguf"
     r = runner.invoke(app, ["export", str(folder), "-o", str(out)])
     assert r.exit_code == 0, r.output
     projector = out.parent / "mm.mmproj.gguf"
-    assert f"projector: {projector}" in r.output and "not checked: image prompts through llama.cpp" in r.output
+    assert f"projector: {projector}" in r.output and "not checked" not in r.output, r.output
     assert "projector parity (cosine similarity >= 0.99): 4 soft tokens of a 32x32 drawn test image" in r.output
+    assert "image prompt parity (prompt tokens equal, the first 8 greedy tokens equal" in r.output
     meta = read_metadata(projector)
     assert meta["general.architecture"] == "clip" and meta["clip.projector_type"] == "gemma3"
-    assert meta["clip.vision.image_size"] == 32 and meta["clip.vision.projection_dim"] == model.config.text_config.hidden_size
+    config = json.loads((folder / "config.json").read_text())
+    assert meta["clip.vision.image_size"] == 32 and meta["clip.vision.projection_dim"] == config["text_config"]["hidden_size"]
     report = json.loads((out.parent / "mm.export.json").read_text())
     assert report["parity"]["passed"] and report["projector"]["written"], report
     assert report["projector"]["file"] == projector.name and report["projector"]["tensors"] > 0
@@ -269,10 +265,29 @@ def test_export_writes_the_projector_file_beside_the_gguf_and_says_what_it_did_n
     embeddings = report["projector"]["image_embeddings"]
     assert embeddings["passed"] and embeddings["tokens_llama_cpp"] == embeddings["tokens_transformers"] == 4
     assert embeddings["min_cosine"] > 0.999 and 0 < embeddings["max_abs_diff"] < 0.01 * embeddings["max_abs_value"]
-    assert "no prompt holding an image was generated through llama.cpp" in report["projector"]["not_checked"]
+    prompt = report["projector"]["image_prompt"]
+    assert prompt["passed"] and prompt["prompt_ids_equal"] and prompt["soft_tokens_llama_cpp"] == 4, prompt
+    assert prompt["greedy_tokens_compared"] == 8 and prompt["llama_cpp_continuation"] == prompt["transformers_continuation"]
+    assert 0 < prompt["max_abs_logit_diff"] < 0.01 * prompt["image_effect_max_abs_logit_diff"], prompt
+    assert report["projector"]["not_checked"] is None
     text_only = read_metadata(out)
     assert not any(k.startswith("clip.") for k in text_only)  # the decoder's file carries no tower
 
+    # a damaged projector file: its embeddings of the image, then the logits after it, are caught
+    from gemma2_tune.after.image_prompt import check_image_prompt
+    from gguf import GGUFReader
+
+    damaged = tmp_path / "damaged.mmproj.gguf"
+    damaged.write_bytes(projector.read_bytes())
+    reader = GGUFReader(str(damaged), "r+")
+    tensor = next(t for t in reader.tensors if t.name == "mm.input_projection.weight")
+    tensor.data[...] = 0
+    reader.data.flush()
+    (tmp_path / "work").mkdir()
+    failed = check_image_prompt(out, damaged, folder, GEMMA3, "fold", tmp_path / "work")
+    assert not failed["passed"] and "logits after the image differ from transformers'" in failed["failure"], failed
+
+    processor = json.loads((folder / "processor_config.json").read_text())
     processor["image_processor"]["size"] = {"height": 64, "width": 64}
     (folder / "processor_config.json").write_text(json.dumps(processor))
     before = {f.name: f.read_bytes() for f in out.parent.iterdir()}
