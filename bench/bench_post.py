@@ -15,7 +15,9 @@ vocabulary, written here (seeded), the same file for every side.
            (4 optimizer steps), max length 1024, gradient checkpointing: the 9B DPO recipe's settings.
            Sides: `trl` (DPOTrainer on the conversational pairs, the reference recipe); `trl-best` (TRL's fastest
            here: reference log-probabilities precomputed once, `precompute_ref_log_probs`; its padding-free mode
-           is disabled in 1.16); `gemma2-tune` (`gemma2-tune dpo` with the same settings).
+           is disabled in 1.16); `trl-fp32` (trl-best computing in float32: weights dequantized to fp32, no bf16
+           autocast, so its fused head's tiles are fp32, which this CPU without bf16 units runs faster);
+           `gemma2-tune` (`gemma2-tune dpo` with the reference recipe's settings, bf16).
   rl       GRPO (dapo loss, beta 0.04), groups of 4, completions up to 32 tokens at temperature 1, 4 optimizer steps
            of 8 completions (2 prompts), LoRA r16 on q/k/v/o in fp32, lr 5e-6, a Python reward function (length).
            Sides: `trl` (GRPOTrainer, transformers generation); `trl-paged` (its paged continuous-batching
@@ -52,7 +54,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench_sft import build_model  # noqa: E402  (the same model as the sft benchmark)
 
-SIDES = {"dpo": ("trl", "trl-best", "gemma2-tune"), "rl": ("trl", "trl-paged", "gemma2-tune"),
+SIDES = {"dpo": ("trl", "trl-best", "trl-fp32", "gemma2-tune"), "rl": ("trl", "trl-paged", "gemma2-tune"),
          "distill": ("trl", "gemma2-tune")}
 LORA = dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
 REWARD_FILE = '''def length(completions, **kwargs):
@@ -182,15 +184,16 @@ def worker_dpo(side: str, model_dir: str, data: str, out: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer
 
+    dtype = torch.float32 if side == "trl-fp32" else torch.bfloat16
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.bfloat16,
+                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype,
                                                  quantization_config=quant)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = DPOConfig(**trl_common(out, bf16=True), beta=0.1, learning_rate=5e-6, num_train_epochs=1,
+    args = DPOConfig(**trl_common(out, bf16=dtype == torch.bfloat16), beta=0.1, learning_rate=5e-6, num_train_epochs=1,
                      per_device_train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
                      max_length=1024, lr_scheduler_type="linear",
-                     precompute_ref_log_probs=side == "trl-best", precompute_ref_batch_size=4)
+                     precompute_ref_log_probs=side != "trl", precompute_ref_batch_size=4)
     trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, peft_config=trl_lora(0.05),
                          train_dataset=load_dataset("json", data_files=data, split="train"))
     trainer.train()

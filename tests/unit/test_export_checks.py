@@ -112,7 +112,8 @@ def test_non_finite_logits_are_refused():
 def test_an_unquantized_gguf_that_already_differs_refuses_the_quantized_file():
     """The floor is llama.cpp's rounding only when the unquantized file computes the trained function: its greedy
     continuations must equal transformers' (the f16 bound), else a wrong graph would widen its own bound."""
-    _, verdict = decided(0.02, 0, unquantized_greedy=[[7, 1], [9]])
+    unlikely = int(near_tie_logits()[0][3].argmin())  # far below transformers' token there: no near-tie
+    _, verdict = decided(0.02, 0, unquantized_greedy=[[7, unlikely], [9]])
     assert not verdict["passed"]
     assert "the unquantized bf16 GGUF the quantizer read: greedy continuations differ on prompt(s) [0]" in verdict["failure"]
 
@@ -140,13 +141,49 @@ def test_decoder_weights_of_an_image_and_text_checkpoint_map_to_the_files_tensor
 def test_exact_types_need_equal_greedy_continuations():
     reference, run, _ = reference_and_runs(near_tie_logits(), near_tie_logits())
     assert gp.decide("f16", reference, run, None, None, None)["passed"]
+    reference.logits[1][len(reference.ids[1]) - 1, 9] += 10.0  # transformers' token wins by far: no near-tie
     run.continuations = [[7, 8], [3]]
     verdict = gp.decide("f16", reference, run, None, None, None)
-    assert not verdict["passed"] and "f16: greedy continuations differ on prompt(s) [1] (first at token 0)" in verdict["failure"]
+    assert not verdict["passed"] and "f16: greedy continuations differ on prompt(s) [1] (first at token 0" in verdict["failure"]
     run.ids = [[2, 2, 4, 5], [2, 4, 6]]
     assert "prompt ids differ from transformers' on prompt(s) [0]" in gp.decide("f16", reference, run, None, None,
                                                                                 None)["failure"]
 
+
+
+def flipped_at_a_tie(margin: float, file_shift: float) -> dict:
+    """An f16 decision where the file's greedy continuation of prompt 1 takes token 3 instead of the reference's 9
+    at its first token: the reference's margin between them `margin`, the file's logits there moved by `file_shift`
+    (token 3 up, 9 down, as the file's arithmetic moves them)."""
+    reference, run, _ = reference_and_runs(near_tie_logits(), near_tie_logits())
+    row = len(reference.ids[1]) - 1  # the logits predicting continuation token 0
+    ref_row = reference.logits[1][row]
+    ref_row[:] = np.minimum(ref_row, 5.0)
+    ref_row[9], ref_row[3] = 6.0, 6.0 - margin
+    run.logits[1][row] = ref_row
+    file_row = run.logits[1][row]
+    file_row[3] += file_shift
+    file_row[9] -= file_shift
+    run.continuations = [[7, 8], [3]]
+    return gp.decide("f16", reference, run, None, None, None)
+
+
+def test_a_greedy_flip_at_a_near_tie_the_files_arithmetic_explains_passes_and_is_reported():
+    """Random tiny models part at margins of thousandths of a logit, where any rounding flips the top token."""
+    verdict = flipped_at_a_tie(margin=0.003, file_shift=0.01)
+    assert verdict["passed"], verdict["failure"]
+    tie = verdict["bound"]["near_ties"]["1"]
+    assert tie["token"] == 0 and tie["margin"] == pytest.approx(0.003, abs=1e-5) and tie["explained"]
+
+
+@pytest.mark.parametrize("margin,file_shift,why", [(0.5, 0.01, "margin"), (0.003, 1.0, "damaged")])
+def test_a_flip_beyond_a_near_tie_or_by_a_damaged_file_is_refused(margin, file_shift, why):
+    """A margin larger than twice the file's difference there, or a difference beyond NEAR_TIE_LOGIT_DIFF (a
+    damaged tensor moves logits by whole units), is not explained by arithmetic."""
+    verdict = flipped_at_a_tie(margin, file_shift)
+    assert not verdict["passed"], why
+    assert "greedy continuations differ on prompt(s) [1] (first at token 0: transformers' margin" in verdict["failure"]
+    assert "not a near-tie it explains" in verdict["failure"]
 
 # --- what the GGUF must carry (export.check_metadata) --------------------------------------------------------
 
