@@ -210,4 +210,7 @@ def test_the_model_forward_without_the_fused_flag_is_unchanged(tiny_model_dir):
         after = model(input_ids=ids, labels=ids)
         fused = model(input_ids=ids, labels=ids, fused_lm_head=True)
     assert torch.equal(before.logits, after.logits) and before.loss.item() == after.loss.item()
+    # generate reads the forward's signature: without `logits_to_keep` there its first step scores every prompt
+    # position over the whole vocabulary
+    assert model._supports_logits_to_keep()
     assert abs(fused.loss.item() - before.loss.item()) <= TOLERANCE  # the mean next-token cross-entropy, both ways
