@@ -42,6 +42,7 @@ SOURCES = {"cpu-vs-trl": ["results.json"], "loss-alone": ["results_loss.json"],
            "post-training": ["results_dpo.json", "results_rl.json", "results_distill.json"]}
 # bench_post.py's sides, in words
 SIDE_NAMES = {"trl": "TRL, reference recipe", "trl-best": "TRL, reference log-probabilities precomputed",
+              "trl-fp32": "TRL, precomputed reference, float32 compute (its fastest here)",
               "trl-paged": "TRL, paged generation", "gemma2-tune": "gemma2-tune"}
 
 
@@ -173,16 +174,17 @@ def post_training(results: dict[str, dict]) -> list[str]:
         lines += [f"**{method}**: " + provenance(f"results_{method}.json", s), "",
                   f"Medians of {s['repeats']} run(s) per side, interleaved; vocabulary {s['vocab']:,}, hidden "
                   f"{s['hidden']}, {s['layers']} layers.", "",
-                  "| side | wall s | CPU s | peak RSS MiB | optimizer steps | last logged loss | gemma2-tune faster "
+                  "| side | wall s | CPU s | peak RSS MiB | optimizer steps | last logged | gemma2-tune faster "
                   "(wall / CPU) | gemma2-tune's peak RSS |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for side in s["sides"]:
             m, first = med[side], runs[side][0]
-            loss = first.get("final_loss")
+            loss = (f"reward {first['final_reward']:.4f}" if first.get("final_reward") is not None else
+                    f"loss {first['final_loss']:.4f}" if first.get("final_loss") is not None else "")
             ratio = ("" if side == ours else f"{over[side]['wall']:.2f}x / {over[side]['cpu']:.2f}x")
             memory = "" if side == ours else f"{over[side]['peak_rss_ratio']:.2f}x"
             lines.append(f"| {SIDE_NAMES.get(side, side)} | {_f(m['wall_s'])} | {_f(m['cpu_s'])} | "
                          f"{_f(m['peak_rss'] / MIB, 0)} | {first['steps']} | "
-                         f"{'' if loss is None else f'{loss:.4f}'} | {ratio} | {memory} |")
+                         f"{loss} | {ratio} | {memory} |")
         lines.append("")
     return lines[:-1]
 

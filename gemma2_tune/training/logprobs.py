@@ -178,7 +178,7 @@ def head_problem(model, outputs: tuple[str, ...] | frozenset, *, sharded: bool) 
     for key in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
         if getattr(text, key, None) not in (None, 1.0):
             return f"the config scales the logits ({key})"
-    if getattr(text, "output_router_logits", False):
+    if getattr(text, "output_router_logits", False) or getattr(model.config, "output_router_logits", False):
         return "the model returns router logits (mixture of experts): TRL's head adds their load-balancing loss"
     return None
 
