@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..families import Shape, family_of_checkpoint
-from .memory import DTYPE_BYTES, frozen_weight_bytes
+from .memory import DTYPE_BYTES, frozen_weight_bytes, trl_tile_bytes
 from .rules import MIN_PROMPT_TOKENS, checkpoint_size, generating_model_problem, model_problems, run_problems
 from .schema import FrozenModel, OutputSection, RunConfig, Section
 
@@ -116,7 +116,7 @@ class DistillConfig(RunConfig):
         forward = scores + (4 * teacher.hidden + 4 * teacher.intermediate) * b * t * 2
         generation_batch = b * self.training.gradient_accumulation_steps  # prompts generated for at once
         kv_cache = generation_batch * t * student.layers * 2 * student.kv_heads * student.head_dim * dtype
-        loss = 2 * min(b * t, 4096) * min(student.vocab, 32768) * 4 * 3 + b * t * (student.hidden + teacher.hidden) * 8
+        loss = 2 * trl_tile_bytes(student.vocab, b * t) + b * t * (student.hidden + teacher.hidden) * 8
         return {"teacher weights": weights, "teacher forward (no gradients)": forward, "generation KV cache": kv_cache,
                 "loss": loss}
 

@@ -161,7 +161,7 @@ class DpoConfig(RunConfig):
         ref_sequences = sequences * (2 if self.dpo.unpaired else 1)
         terms["reference forward (no gradients)"] = forward_bytes(reference or shape, self.model.attn_implementation,
                                                                   ref_sequences, t)
-        terms["loss"] = logprob_head_bytes(shape, sequences * t, shards)
+        terms["loss"] = logprob_head_bytes(shape, sequences * t, trl_head=shards)
         return terms
 
 

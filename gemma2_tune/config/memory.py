@@ -18,8 +18,9 @@ Every term is a formula over the model's shape and the resolved config, in bytes
   method       each method's own terms, from its schema (`RunConfig.memory_terms`): the loss at least, and the
                models it runs beside the trained one (reference, teacher, reward model), its generation's KV cache
   loss         supervised_chunked (and every method's log-probabilities): one tile (1024 x 8192 fp32, x3 with
-               temporaries) + fp32 hidden at supervised positions; supervised_liger: Liger's chunk (~2 x positions x hidden logits, model
-               dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768 fp32, x3); shown
+               temporaries) + fp32 hidden at supervised positions; supervised_liger: Liger's chunk (~2 x positions
+               x hidden logits, model dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768
+               fp32, x3); shown
                beside it, what full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
   overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
 
@@ -155,13 +156,19 @@ def forward_bytes(shape: Shape, attn_implementation: str, b: int, t: int) -> flo
     return scores + (4 * shape.hidden + 4 * shape.intermediate) * b * t * 2
 
 
-def logprob_head_bytes(shape: Shape, positions: int, shards: bool) -> float:
+def trl_tile_bytes(vocab: int, positions: int) -> float:
+    """TRL's fused LM head's (and its chunked divergence's) fp32 tiles, per model: at most 4,096 positions x 32,768
+    vocabulary entries, x3 with temporaries (trl/kernels: TOKEN_CHUNK_SIZE, VOCAB_CHUNK_SIZE)."""
+    return min(positions, 4096) * min(vocab, 32768) * 4 * 3
+
+
+def logprob_head_bytes(shape: Shape, positions: int, trl_head: bool) -> float:
     """The LM head's scoring memory for `positions` scored positions (an upper bound: every position): ours
     (training/logprobs.py: one fp32 tile of LOSS_TOKEN_CHUNK x LOSS_VOCAB_CHUNK, x3 with its reused buffer and
-    temporaries) + fp32 hidden states and their gradient; under ZeRO-3 TRL's fused head (4096 x 32768 fp32 tiles,
-    x3)."""
+    temporaries), or TRL's fused head where it runs instead (`trl_head`: under ZeRO-3, or sft's training.loss=trl:
+    trl_tile_bytes); + fp32 hidden states and their gradient."""
     from .schema import LOSS_TOKEN_CHUNK, LOSS_VOCAB_CHUNK
 
-    if shards:
-        return min(positions, 4096) * min(shape.vocab, 32768) * 4 * 3 + positions * shape.hidden * 8
-    return min(positions, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3 + positions * shape.hidden * 8
+    tiles = (trl_tile_bytes(shape.vocab, positions) if trl_head
+             else min(positions, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * 4 * 3)
+    return tiles + positions * shape.hidden * 8

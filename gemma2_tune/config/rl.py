@@ -206,7 +206,7 @@ class RlConfig(RunConfig):
             terms["reward model forward (no gradients)"] = (b * reward.heads * t * t * 6 if
                                                             self.reward_model.attn_implementation == "eager" else 0) + (
                 4 * reward.hidden + 4 * reward.intermediate) * b * t * 2
-        terms["loss"] = logprob_head_bytes(policy, b * t, shards)
+        terms["loss"] = logprob_head_bytes(policy, b * t, trl_head=shards)
         return terms
 
 

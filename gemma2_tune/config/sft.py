@@ -73,9 +73,9 @@ class SftConfig(RunConfig):
         h, dtype = shape.hidden, DTYPE_BYTES[self.model.dtype]
         supervised = b * t  # upper bound: every position supervised
         if self.training.loss == "supervised_chunked" and not shards:
-            return {"loss": logprob_head_bytes(shape, supervised, shards)}
+            return {"loss": logprob_head_bytes(shape, supervised, trl_head=False)}
         if self.training.loss == "supervised_liger" and not shards:
             # Liger sizes its chunk of rows so that rows x vocab ~ positions x hidden (rounded up to a power of 2:
             # up to 2x), logits in the model's dtype and their fp32 gradient; plus the gradient of the hidden states
             return {"loss": 2 * supervised * h * (dtype + 4) + supervised * h * 8}
-        return {"loss": min(b * t, 4096) * min(shape.vocab, 32768) * 4 * 3 + b * t * h * 8}
+        return {"loss": logprob_head_bytes(shape, supervised, trl_head=True)}
