@@ -137,16 +137,17 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
             gguf_file = work / out.name
             converted = _convert(folder, template, quant, work, gguf_file, terms, sentencepiece, echo)
             metadata = read_metadata(gguf_file)
-            checks = check_metadata(metadata, template, _saved_config(folder), served.family, terms)
+            config = _saved_config(folder)
+            checks = check_metadata(metadata, template, config, served.family, terms)
             _require(checks, "the GGUF", out)
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
-            if projector_file and "vision_config" not in _saved_config(folder):
+            if projector_file and "vision_config" not in config:
                 projector_file = None  # a text-only checkpoint of a family with image + text sizes
             # the image prompt's greedy tokens are held to transformers' on an unquantized file, as the text
             # prompts' are (after/gguf_parity.py): the quantizer's input where the output is quantized
             exact_file = Path(converted["unquantized"]) if "unquantized" in converted else gguf_file
-            projector = (_projector(folder, served.family, quant, work, exact_file, projector_file, policy, echo)
-                         if projector_file else None)
+            projector = (_projector(folder, config, served.family, quant, work, exact_file, projector_file, policy,
+                                    echo) if projector_file else None)
             unquantized = converted.pop("unquantized", None)
             parity = check_parity(gguf_file, folder, served.family, policy, template, quant, echo,
                                   Path(unquantized) if unquantized else None, converted["outtype"],
@@ -268,12 +269,12 @@ def _sentencepiece(path: Path, run) -> Path | None:
         found = sentencepiece_model(load_tokenizer(run.base_model))
     return found
 
-def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: Path, projector_file: Path,
-               policy: str, echo) -> dict:
+def _projector(folder: Path, config: dict, family: Family, quant: str, work: Path, gguf_file: Path,
+               projector_file: Path, policy: str, echo) -> dict:
     """The image tower's projector file (mmproj) written into `work` and checked (its metadata, a drawn image's
     soft-token embeddings in llama.cpp against transformers', then an image prompt generated through llama.cpp with
-    `gguf_file` against transformers' answer: after/image_prompt.py), or why it was not written. Raises UserError
-    when the converter fails or a check fails."""
+    `gguf_file` against transformers' answer: after/image_prompt.py), or why it was not written; `config`: the
+    folder's config.json. Raises UserError when the converter fails or a check fails."""
     if family.key in NOT_WRITTEN:
         return {"written": False, "file": None, "why": NOT_WRITTEN[family.key], "not_checked": NOT_CHECKED}
     processor = processor_settings(folder)
@@ -282,7 +283,6 @@ def _projector(folder: Path, family: Family, quant: str, work: Path, gguf_file: 
                 "why": f"{folder} has no image processor (preprocessor_config.json or processor_config.json), whose "
                        "resolution and soft tokens per image the projector file must carry"}
     ran = write_projector(converter_dir(), folder, work, work / projector_file.name, quant, echo)
-    config = _saved_config(folder)
     checks = check_projector(read_metadata(work / projector_file.name), config, processor, family)
     _require(checks, "the projector file", projector_file)
     echo(f"projector metadata checked: {', '.join(c['check'] for c in checks)}")
@@ -469,7 +469,8 @@ def _convert(folder: Path, template: str, quant: str, work: Path, gguf_file: Pat
     tree = converter_dir()
     staged = _staged_model(folder, template, work, sentencepiece)
     direct = quant in CONVERTER_TYPES
-    saved_dtype = _saved_config(folder).get("dtype") or _saved_config(folder).get("torch_dtype")
+    saved = _saved_config(folder)
+    saved_dtype = saved.get("dtype") or saved.get("torch_dtype")
     # quantizer input: the weights' own precision, so quantizing rounds once
     outtype = quant if direct else {"bfloat16": "bf16", "float16": "f16"}.get(saved_dtype, "f32")
     target = gguf_file if direct else work / f"unquantized.{outtype}.gguf"
