@@ -167,30 +167,19 @@ def _llama_cpp(gguf_file: Path, projector_file: Path, reference: dict[str, Any])
     from llama_cpp import Llama, llama_vocab_is_eog
     from llama_cpp import mtmd_cpp as mtmd
 
+    from .projector import mtmd_session, tokenize_with_image
+
     n_ctx = len(reference["ids"]) + IMAGE_GREEDY_TOKENS + 16
     llm = Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                 verbose=False, n_threads=os.cpu_count() or 1, seed=0)
     try:
-        params = mtmd.mtmd_context_params_default()
-        params.use_gpu, params.warmup, params.n_threads = False, False, os.cpu_count() or 1
-        params.print_timings = False
-        ctx = mtmd.mtmd_init_from_file(str(projector_file).encode(), llm._model.model, params)
-        if not ctx:
-            raise RuntimeError("llama.cpp's multimodal library could not load the projector file")
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            pixels = reference["pixels"]
-            height, width = pixels.shape[:2]
-            buffer = (ctypes.c_uint8 * pixels.size).from_buffer_copy(pixels.tobytes())
-            bitmap = mtmd.mtmd_bitmap_init(width, height, buffer)
+        with mtmd_session(projector_file, llm) as (ctx, chunks):
+            if ctx is None:
+                raise RuntimeError("llama.cpp's multimodal library could not load the projector file")
             add_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
             text = reference["llama_text"]
             text = text[len(BOS):] if add_bos and text.startswith(BOS) else text  # as llama.cpp's servers do
-            encoded = text.encode()
-            prompt = mtmd.mtmd_input_text(text=encoded, text_len=len(encoded), add_special=add_bos,
-                                          parse_special=True)
-            code = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
-            mtmd.mtmd_bitmap_free(bitmap)
+            code = tokenize_with_image(ctx, chunks, text.encode(), reference["pixels"], add_special=add_bos)
             if code != 0:
                 raise RuntimeError(f"llama.cpp's multimodal library could not tokenize the image prompt (code {code})")
             ids, soft_tokens, last_image_end = [], 0, 0
@@ -212,9 +201,6 @@ def _llama_cpp(gguf_file: Path, projector_file: Path, reference: dict[str, Any])
                         raise RuntimeError("llama.cpp could not decode the image's embeddings")
                     llm.n_tokens = n_past.value
                     last_image_end = len(ids)
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_free(ctx)
         # teacher-forced on transformers' continuation: llama.cpp's greedy token at each step is its argmax there,
         # equal to free generation up to the first difference (all that is compared)
         n_vocab = min(llm.n_vocab(), reference["logits"].shape[-1])

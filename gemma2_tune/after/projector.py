@@ -12,11 +12,13 @@ resolution, normalisation, soft tokens per image), and the soft-token embeddings
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -167,6 +169,41 @@ def drawn_image(width: int, height: int):
     return image
 
 
+@contextmanager
+def mtmd_session(projector_file: Path, llm):
+    """libmtmd's context for `projector_file` over `llm`'s text model (a llama_cpp.Llama; CPU, no warm-up, no timing
+    lines) and an empty input-chunk list, both freed on leaving; (None, None) when the file does not load."""
+    from llama_cpp import mtmd_cpp as mtmd
+
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.warmup, params.n_threads = False, False, os.cpu_count() or 1
+    params.print_timings = False
+    ctx = mtmd.mtmd_init_from_file(str(projector_file).encode(), llm._model.model, params)
+    if not ctx:
+        yield None, None
+        return
+    chunks = mtmd.mtmd_input_chunks_init()
+    try:
+        yield ctx, chunks
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_free(ctx)
+
+
+def tokenize_with_image(ctx, chunks, text: bytes, pixels, add_special: bool) -> int:
+    """libmtmd's tokenization of `text` (holding libmtmd's marker once) with `pixels` ((height, width, 3) uint8) as
+    the image, into `chunks`. Returns libmtmd's code (0: tokenized)."""
+    from llama_cpp import mtmd_cpp as mtmd
+
+    height, width = pixels.shape[:2]
+    buffer = (ctypes.c_uint8 * pixels.size).from_buffer_copy(pixels.tobytes())
+    bitmap = mtmd.mtmd_bitmap_init(width, height, buffer)
+    prompt = mtmd.mtmd_input_text(text=text, text_len=len(text), add_special=add_special, parse_special=True)
+    code = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+    mtmd.mtmd_bitmap_free(bitmap)
+    return code
+
+
 def check_image_embeddings(gguf_file: Path, projector_file: Path, staged: Path, config: dict,
                            processor: dict) -> dict:
     """`drawn_image` through llama.cpp (libmtmd: the projector file, with the GGUF's vocabulary only) and through
@@ -174,8 +211,6 @@ def check_image_embeddings(gguf_file: Path, projector_file: Path, staged: Path, 
     mean/std; the image is at the processor's size, so its resize is the identity). Returns the report: tokens per
     image on each side, per-token cosine similarity (bounded: EMBEDDING_COSINE_BOUND), max |difference|, `passed`,
     `failure`."""
-    import ctypes
-
     import numpy as np
     import torch
     import transformers
@@ -193,19 +228,10 @@ def check_image_embeddings(gguf_file: Path, projector_file: Path, staged: Path, 
 
     llm = Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)  # libmtmd reads the text model's vocab
     try:
-        params = mtmd.mtmd_context_params_default()
-        params.use_gpu, params.warmup, params.n_threads = False, False, os.cpu_count() or 1
-        ctx = mtmd.mtmd_init_from_file(str(projector_file).encode(), llm._model.model, params)
-        if not ctx:
-            return {"passed": False, "failure": "llama.cpp's multimodal library could not load the projector file"}
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            buffer = (ctypes.c_uint8 * pixels.size).from_buffer_copy(pixels.tobytes())
-            bitmap = mtmd.mtmd_bitmap_init(width, height, buffer)
-            marker = mtmd.mtmd_default_marker()
-            text = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
-            code = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
-            mtmd.mtmd_bitmap_free(bitmap)
+        with mtmd_session(projector_file, llm) as (ctx, chunks):
+            if ctx is None:
+                return {"passed": False, "failure": "llama.cpp's multimodal library could not load the projector file"}
+            code = tokenize_with_image(ctx, chunks, mtmd.mtmd_default_marker(), pixels, add_special=False)
             image_chunks = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
             image_chunks = [c for c in image_chunks
                             if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
@@ -214,9 +240,6 @@ def check_image_embeddings(gguf_file: Path, projector_file: Path, staged: Path, 
                                                     f"(tokenize code {code}, {len(image_chunks)} image chunks)"}
             n = mtmd.mtmd_input_chunk_get_n_tokens(image_chunks[0])
             ours = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * hidden,)).reshape(n, hidden).copy()
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_free(ctx)
     finally:
         llm.close()
 
