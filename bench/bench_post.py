@@ -155,13 +155,12 @@ def ours_sets(model_dir: str, data: str, out: str) -> list[str]:
             f"lora.alpha={LORA['alpha']}", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
 
 
-def run_ours(schema, sets: list[str], span: dict) -> dict:
+def run_ours(schema, sets: list[str]) -> dict:
     from gemma2_tune.config.layering import resolve
     from gemma2_tune.training.methods import method_for
 
     cfg = resolve(None, sets, schema=schema).config
-    record = method_for(cfg).run(cfg, echo=lambda line: None)
-    return record
+    return method_for(cfg).run(cfg, echo=lambda line: None)
 
 
 # ----------------------------------------------------------------------------------------------------- dpo
@@ -175,7 +174,7 @@ def worker_dpo(side: str, model_dir: str, data: str, out: str) -> dict:
             "dpo.loss_type=[sigmoid]", "training.learning_rate=5e-6", "training.num_train_epochs=1",
             "training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=4",
             "training.gradient_checkpointing=true", "data.max_length=1024", "training.lr_scheduler_type=linear",
-            "training.warmup_ratio=0.0"], span)
+            "training.warmup_ratio=0.0"])
         history = record["dpo"]["history"]
         return result(span, history, record["global_step"], reward_accuracy=last(history, "rewards/accuracies"),
                       lm_head=record["dpo"].get("lm_head"))
@@ -217,7 +216,7 @@ def worker_rl(side: str, model_dir: str, data: str, out: str) -> dict:
             f"rl.max_completion_length={RL['max_completion_length']}",
             f"rl.reward_functions=[{{path: {rewards}, name: length}}]", f"training.max_steps={RL['steps']}",
             f"training.per_device_train_batch_size={RL['batch']}", "training.gradient_accumulation_steps=1",
-            f"training.learning_rate={RL['lr']}", "data.max_length=512"], span)
+            f"training.learning_rate={RL['lr']}", "data.max_length=512"])
         rl = record["rl"]
         return result(span, [{"loss": record["training"].get("final_loss")}], record["global_step"],
                       final_reward=rl.get("final_reward"), completions=rl.get("completions"),
@@ -263,7 +262,7 @@ def worker_distill(side: str, model_dir: str, data: str, out: str) -> dict:
             "quantization.load_in_4bit=false", "lora.dropout=0.0", f"distill.beta={DISTILL['beta']}",
             f"distill.max_completion_length={DISTILL['max_completion_length']}", f"training.max_steps={DISTILL['steps']}",
             f"training.per_device_train_batch_size={DISTILL['batch']}", "training.gradient_accumulation_steps=1",
-            f"training.learning_rate={DISTILL['lr']}", "data.max_length=512"], span)
+            f"training.learning_rate={DISTILL['lr']}", "data.max_length=512"])
         return result(span, [{"loss": record["training"].get("final_loss")}], record["global_step"])
     import torch
     from datasets import load_dataset

@@ -35,6 +35,24 @@ def test_bench_quick_writes_all_sides_and_ratios(tmp_path):
 
 
 @pytest.mark.bench
+@pytest.mark.parametrize("method", ["dpo", "rl", "distill"])
+def test_bench_post_quick_runs_trl_beside_ours_on_the_same_steps(method, tmp_path):
+    """bench_post.py: every side trains the same optimizer steps, ours scored through our LM head (dpo, rl)."""
+    out = tmp_path / f"{method}.json"
+    sides = {"dpo": "trl,trl-fp32,gemma2-tune", "rl": "trl,gemma2-tune", "distill": "trl,gemma2-tune"}[method]
+    r = subprocess.run([sys.executable, "bench/bench_post.py", method, "--quick", "--sides", sides, "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    runs = {side: values[0] for side, values in data["runs"].items()}
+    assert list(runs) == sides.split(",")
+    assert len({run["steps"] for run in runs.values()}) == 1 and runs["gemma2-tune"]["steps"] > 0
+    if method != "distill":
+        assert runs["gemma2-tune"]["lm_head"]["lm_head"] == "supervised_chunked"
+    assert set(data["gemma2-tune_speedup_over"]) == set(sides.split(",")) - {"gemma2-tune"}
+
+
+@pytest.mark.bench
 def test_bench_loss_kernels_quick_runs_ours_and_trls(tmp_path):
     """--loss-kernels: the loss path alone, ours vs TRL's fused LM head both ways; same loss (bf16 inputs)."""
     out = tmp_path / "loss.json"
