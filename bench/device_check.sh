@@ -6,7 +6,7 @@
 #                                     # bench_gpu.py on the 2B shape, every default side
 #   bash bench/device_check.sh 9b     # bench_gpu.py on the 9B shape: TRL, defaults, fused, and flex at 8,192
 #                                     # tokens (the 22 GiB target)
-#   bash bench/device_check.sh post   # bench_post.py dpo and rl on the GPU: plain TRL beside gemma2-tune
+#   bash bench/device_check.sh post   # bench_post.py dpo, rl, distill on the GPU: plain TRL beside gemma2-tune
 #
 # Every step runs under one deadline (BUDGET_S seconds from the start, default 560) so the files come back
 # from a 10-minute call: $OUT (the device tool's folder) or ./device-out gets versions.txt, tests.log,
@@ -85,6 +85,9 @@ elif [ "$SHAPE" = "post" ]; then
     --json "$OUT/results_dpo_gpu.json"
   step bench-rl 250 "$OUT/bench-rl.log" "$PY" bench/bench_post.py rl --sides trl,gemma2-tune --device "$DEVICE" \
     $QUICK --json "$OUT/results_rl_gpu.json"
+  # distill.loss=auto keeps TRL's Triton divergence on a GPU; gemma2-tune-rows measures ours beside it
+  step bench-distill 120 "$OUT/bench-distill.log" "$PY" bench/bench_post.py distill \
+    --sides trl,gemma2-tune,gemma2-tune-rows --device "$DEVICE" $QUICK --json "$OUT/results_distill_gpu.json"
 else
   step bench-9b 600 "$OUT/bench-9b.log" "$PY" bench/bench_gpu.py --shapes 9b --steps 8 \
     --sides trl,gemma2-tune,gemma2-tune-fused,gemma2-tune-flex-8192 --json "$OUT/results_gpu_9b.json"

@@ -43,7 +43,8 @@ SOURCES = {"cpu-vs-trl": ["results.json"], "loss-alone": ["results_loss.json"],
 # bench_post.py's sides, in words
 SIDE_NAMES = {"trl": "TRL, reference recipe", "trl-best": "TRL, reference log-probabilities precomputed",
               "trl-fp32": "TRL, precomputed reference, float32 compute (its fastest here)",
-              "trl-paged": "TRL, paged generation", "gemma2-tune": "gemma2-tune"}
+              "trl-paged": "TRL, paged generation", "gemma2-tune": "gemma2-tune",
+              "gemma2-tune-rows": "gemma2-tune, distill.loss=completion_rows"}
 
 
 def begin(block: str) -> str:
@@ -169,7 +170,7 @@ def post_training(results: dict[str, dict]) -> list[str]:
     lines = []
     for method, data in results.items():
         s, med, runs = data["setup"], data["median"], data["runs"]
-        ours = s["sides"][-1]
+        ours = "gemma2-tune" if "gemma2-tune" in s["sides"] else s["sides"][-1]
         over = data[f"{ours}_speedup_over"]
         lines += [f"**{method}**: " + provenance(f"results_{method}.json", s), "",
                   f"Medians of {s['repeats']} run(s) per side, interleaved; vocabulary {s['vocab']:,}, hidden "

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..families import Shape, family_of_checkpoint
-from .memory import DTYPE_BYTES, frozen_weight_bytes, trl_tile_bytes
+from .memory import DTYPE_BYTES, divergence_bytes, frozen_weight_bytes, trl_tile_bytes
 from .rules import MIN_PROMPT_TOKENS, checkpoint_size, generating_model_problem, model_problems, run_problems
 from .schema import FrozenModel, OutputSection, RunConfig, Section
 
@@ -52,6 +52,14 @@ class DistillSection(Section):
     max_completion_length: int = Field(256, gt=0, description="Tokens generated per completion at most.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student's completions.")
     top_k: int = Field(0, ge=0, description="Top-k sampling of the student's completions (0: off).")
+    loss: Literal["auto", "completion_rows", "trl"] = Field(
+        "auto",
+        description="How the divergence is computed. `completion_rows`: at the generated positions only, whole "
+        "vocabulary rows in fp32 blocks, each model's lm_head applied once per step and the student's gradient formed "
+        "in the same pass. `trl`: TRL's chunked divergence (its Triton kernels on a GPU; elsewhere it projects every "
+        "completion position, padding included, three times per step). `auto`: `completion_rows` where TRL has no "
+        "Triton kernel (CPU), `trl` on a GPU. TRL's is kept for a sharded lm_head (ZeRO-3), a bias or a logit scale.",
+    )
 
     @property
     def divergence(self) -> str:
@@ -107,8 +115,9 @@ class DistillConfig(RunConfig):
                      frozen: dict[str, Shape]) -> dict[str, float]:
         """A distillation teacher's memory: weights (4-bit as the student's 4-bit settings, 8-bit with per-row
         scales, or full precision sharded), one layer's forward at a time (no gradients), the student's KV cache
-        while it generates (batch x accumulation prompts at once, in model.dtype), and TRL's chunked divergence
-        (fp32 tiles of both models' logits, x3 with temporaries, + both hidden states)."""
+        while it generates (batch x accumulation prompts at once, in model.dtype), and the divergence: the larger
+        of ours (divergence_bytes) and TRL's (fp32 tiles of both models' logits, x3 with temporaries, + both hidden
+        states), which `auto` picks by device."""
         teacher = frozen.get("teacher") or student
         dtype = DTYPE_BYTES[self.model.dtype]
         weights = frozen_weight_bytes(teacher, self.teacher.load_in, self, n)
@@ -116,7 +125,9 @@ class DistillConfig(RunConfig):
         forward = scores + (4 * teacher.hidden + 4 * teacher.intermediate) * b * t * 2
         generation_batch = b * self.training.gradient_accumulation_steps  # prompts generated for at once
         kv_cache = generation_batch * t * student.layers * 2 * student.kv_heads * student.head_dim * dtype
-        loss = 2 * trl_tile_bytes(student.vocab, b * t) + b * t * (student.hidden + teacher.hidden) * 8
+        trl = 2 * trl_tile_bytes(student.vocab, b * t) + b * t * (student.hidden + teacher.hidden) * 8
+        ours = divergence_bytes(student, teacher, b * t, weights_fp32=self.model.dtype == "float32")
+        loss = {"trl": trl, "completion_rows": ours}.get(self.distill.loss, max(trl, ours))
         return {"teacher weights": weights, "teacher forward (no gradients)": forward, "generation KV cache": kv_cache,
                 "loss": loss}
 

@@ -22,6 +22,14 @@ REFERENCE_TARGET_MODULES = list(GEMMA2.attention_modules)  # the Gemma 2 launch 
 # Tile of the supervised-only loss (gemma2_tune/training/loss.py): token rows x vocabulary columns, fp32.
 LOSS_TOKEN_CHUNK = 1024
 LOSS_VOCAB_CHUNK = 8192
+# distill's divergence (gemma2_tune/training/divergence.py): six fp32 buffers of (rows x vocabulary) within this budget;
+# 96 MiB holds 16 rows at Gemma's 256,000 entries. Fewer rows re-read both lm_heads more often; measured on 2 CPU cores
+# (forward + backward, 256 positions): 8 rows 2.27 s, 16 rows 1.49 s, 32 rows 1.36 s, 64 rows 1.26 s (64 positions:
+# 0.49, 0.38, 0.41, 0.42 s): 16 rows is within 10% of the fastest at half of 32's memory.
+DIVERGENCE_BUFFER_BYTES = 96 * 2**20
+# ... and lm_head weights stored in bf16/fp16 are copied to fp32 once per step when both copies fit this budget (a
+# Gemma 3 270M student with a 1B teacher: 1.8 GiB), else cast a slice at a time in every block: 2.0x slower there
+DIVERGENCE_CAST_BYTES = 2 * 2**30
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 

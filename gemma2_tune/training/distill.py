@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import trl.trainer.distillation_trainer as trl_distillation
 from transformers import PrinterCallback
 from trl import DistillationConfig, DistillationTrainer
 
 from ..config.distill import DistillConfig
+from ..config.memory import divergence_rows
 from ..data.prompts import build_prompts
 from ..data.sources import load_rows
 from ..data.template import template_record
@@ -31,6 +33,7 @@ from ..models.lora import inspect_adapters, lora_config
 from ..models.serving import stop_ids
 from . import lifecycle
 from .data import split_rows
+from .divergence import divergence_loss, divergence_problem
 from .generation import CountingGeneration, run_total
 from .launch import Launch
 from .lifecycle import RunLifecycle
@@ -40,7 +43,51 @@ Echo = Callable[[str], None]
 
 
 class GemmaDistillationTrainer(CountingGeneration, DistillationTrainer):
-    """TRL's DistillationTrainer, counting what on-policy generation costs (training/generation.py)."""
+    """TRL's DistillationTrainer, counting what on-policy generation costs (training/generation.py), its divergence
+    computed by training/divergence.py where `completion_rows` says so (use_divergence)."""
+
+    completion_rows = False
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        # TRL's _compute_loss runs both backbones and reads both heads, then calls its module's
+        # _chunked_divergence_loss; ours takes that call (same arguments, same returns) for the length of this one
+        if not self.completion_rows:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        trl_divergence = trl_distillation._chunked_divergence_loss
+        trl_distillation._chunked_divergence_loss = divergence_loss
+        try:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            trl_distillation._chunked_divergence_loss = trl_divergence
+
+
+def use_divergence(trainer: GemmaDistillationTrainer, cfg: DistillConfig, launch: Launch) -> dict[str, str]:
+    """Which divergence the trainer computes (distill.loss; TRL's where ours would differ: divergence_problem).
+    Returns run.json's record {"loss": "completion_rows" | "trl", "reason": why}."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    from ..models.lora import base_model
+
+    asked = cfg.distill.loss
+    device = trainer.model.get_output_embeddings().weight.device
+    if asked == "trl" or (asked == "auto" and _use_triton(device)):
+        reason = ("asked (distill.loss=trl)" if asked == "trl" else
+                  f"distill.loss=auto on {device.type}: TRL's Triton kernels (ours is not measured on a GPU)")
+        return {"loss": "trl", "reason": reason}
+    problem = divergence_problem(base_model(trainer.model), trainer.teacher_model, sharded=launch.shards_parameters)
+    if problem:
+        return {"loss": "trl", "reason": problem}
+    trainer.completion_rows = True
+    rows = divergence_rows(trainer.model.get_output_embeddings().weight.shape[0])
+    return {"loss": "completion_rows", "reason": f"generated positions only, whole vocabulary rows in fp32 blocks of "
+            f"{rows}, one lm_head pass per model"}
+
+
+def describe_divergence(record: dict[str, str]) -> str:
+    """use_divergence's record in words."""
+    if record["loss"] == "completion_rows":
+        return f"completion_rows ({record['reason']})"
+    return f"TRL's chunked divergence ({record['reason']})"
 
 
 def distill_args(cfg: DistillConfig, out: Path, launch: Launch, *stop: int) -> DistillationConfig:
@@ -138,7 +185,6 @@ class Runner(lifecycle.Runner):
                      "divergence": d.divergence, "temperature": d.temperature,
                      "max_completion_length": d.max_completion_length, "top_p": d.top_p, "top_k": d.top_k,
                      "on_policy_fraction": 1.0},
-            loss_implementation="trl DistillationTrainer (chunked generalized JSD on soft-capped logits)",
             chat_template=template_record(family, cfg, self.base_chat_template, self.empty_thought))
 
     def build(self, run: RunLifecycle, args) -> "GemmaDistillationTrainer":
@@ -148,6 +194,9 @@ class Runner(lifecycle.Runner):
         student, report_model = load_model(LoadRequest.for_run(cfg, device_map(cfg, launch, rank)))
         teacher, report_teacher = load_model(teacher_request(cfg, launch, rank))
         trainer = build_trainer(cfg, student, teacher, self.tokenizer, self.prompts, self.eval_prompts, args, launch)
+        divergence = use_divergence(trainer, cfg, launch)
+        run.record["distill"] |= {"loss": divergence, "sampling": trainer.sampling}
+        run.record["loss_implementation"] = f"trl DistillationTrainer; divergence {describe_divergence(divergence)}"
         inspect_adapters(trainer.model, cfg, report_model)
         run.record_model(report_model)
         run.record["teacher"] = report_teacher.to_dict()
@@ -156,7 +205,8 @@ class Runner(lifecycle.Runner):
                 f"{report_teacher.attn_implementation}, soft-caps {report_teacher.attention_softcap}/"
                 f"{report_teacher.final_softcap}")
         run.say(f"divergence: {run.record['distill']['divergence']} at temperature {cfg.distill.temperature} on both "
-                f"models' soft-capped logits, over the generated completion tokens only; launch {launch.describe()}")
+                f"models' soft-capped logits, over the generated completion tokens only, by "
+                f"{describe_divergence(divergence)}; launch {launch.describe()}")
         return trainer
 
     def record_training(self, run: RunLifecycle, trainer, runtime_s: float | None) -> None:

@@ -1,9 +1,13 @@
 """What on-policy methods (distill, rl) share around TRL's generation: counting what it costs and yields, a
-prompt order that survives a resume, and per-process counters summed over a launch."""
+prompt order that survives a resume, per-process counters summed over a launch, and a faster draw of each sampled
+token on a CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+
+import torch
 
 from trl.trainer.utils import RepeatSampler
 
@@ -16,6 +20,49 @@ class EpochSeededRepeatSampler(RepeatSampler):
     def set_epoch(self, epoch: int) -> None:
         if self.shuffle:
             self.generator.manual_seed((self.seed or 0) + epoch)
+
+
+# torch's message for weights it cannot sample from (aten/src/ATen/native/Distributions.cpp)
+BAD_WEIGHTS = "probability tensor contains either `inf`, `nan` or element < 0"
+
+
+def sample_categorical(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row drawn with probability weights[i] / sum(weights), as torch.multinomial(weights, 1) draws it,
+    by inverse transform sampling: one uniform number per row against the row's cumulative sum (float64), instead of
+    one exponential number per vocabulary entry (torch's CPU kernel: 14.7 ms for 2 x 256,000 weights against 0.5 ms
+    here, measured). A zero weight is never drawn. weights: (V,) or (B, V), non-negative, finite, each row's sum > 0.
+    Returns int64 indices of shape (1,) or (B, 1), on weights' device; draws from torch's default generator. Raises
+    RuntimeError as torch.multinomial does for a negative, infinite or NaN weight or a zero row."""
+    rows = weights.reshape(-1, weights.shape[-1])
+    cumulative = rows.double().cumsum(dim=1)
+    total = cumulative[:, -1:].contiguous()
+    if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()) or bool((rows < 0).any()):
+        raise RuntimeError(BAD_WEIGHTS)
+    u = torch.rand(total.shape, dtype=torch.float64, device=weights.device) * total
+    index = torch.searchsorted(cumulative, u, right=True)
+    # u rounds up to the total once in 2^53 draws: the last index with a weight, not one past the end
+    last = torch.searchsorted(cumulative, total, right=False)
+    index = torch.minimum(index, last)
+    return index.reshape(*weights.shape[:-1], 1)
+
+
+@contextlib.contextmanager
+def inverse_cdf_sampling():
+    """While generating: torch.multinomial(probs, num_samples=1) on a CPU tensor (transformers' sampling step) runs
+    sample_categorical; every other call (several samples, an out= tensor, another device) runs torch's own."""
+    original = torch.multinomial
+
+    def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
+        if num_samples == 1 and generator is None and out is None and input.device.type == "cpu" and \
+                input.dim() in (1, 2):
+            return sample_categorical(input)
+        return original(input, num_samples, replacement, generator=generator, out=out)
+
+    torch.multinomial = multinomial
+    try:
+        yield
+    finally:
+        torch.multinomial = original
 
 
 class CountingGeneration:
@@ -35,7 +82,8 @@ class CountingGeneration:
 
     def _generate(self, prompts: list):
         started = time.perf_counter()
-        out = super()._generate(prompts)
+        with inverse_cdf_sampling():
+            out = super()._generate(prompts)
         seconds = time.perf_counter() - started
         self.generation_seconds += seconds
         if self.model.training:
@@ -43,6 +91,14 @@ class CountingGeneration:
             self.count_completions(out[1])
             self._metrics["train"]["generation_time"].append(seconds)
         return out
+
+    @property
+    def sampling(self) -> str:
+        """How each sampled token is drawn, for run.json: 'inverse_cdf' (sample_categorical, transformers'
+        generation on a CPU), 'torch.multinomial' (on a GPU) or 'vllm' (vLLM's own sampler)."""
+        if getattr(self, "use_vllm", False):
+            return "vllm"
+        return "inverse_cdf" if self.accelerator.device.type == "cpu" else "torch.multinomial"
 
     def count_completions(self, completion_ids: list[list[int]]) -> None:
         """A training step's completions (token ids each), for a method's own counts; nothing here."""

@@ -353,6 +353,7 @@ class Runner(lifecycle.Runner):
         keep_adapters_in_fp32(trainer, cfg, launch)
         head = lm_heads(trainer, cfg, launch)
         run.record["rl"]["lm_head"] = head
+        run.record["rl"]["sampling"] = trainer.sampling
         run.record["loss_implementation"] = (f"trl {'RLOOTrainer' if r.algorithm == 'rloo' else 'GRPOTrainer'} "
                                              f"({r.algorithm}; log-probabilities from {describe_head(head)}, "
                                              "soft-capped)")

@@ -37,9 +37,10 @@ def test_bench_quick_writes_all_sides_and_ratios(tmp_path):
 @pytest.mark.bench
 @pytest.mark.parametrize("method", ["dpo", "rl", "distill"])
 def test_bench_post_quick_runs_trl_beside_ours_on_the_same_steps(method, tmp_path):
-    """bench_post.py: every side trains the same optimizer steps, ours scored through our LM head (dpo, rl)."""
+    """bench_post.py: every side trains the same optimizer steps, ours scored through our LM head (dpo, rl) or our
+    divergence (distill: `auto` picks it on a CPU, as `gemma2-tune-rows` asks for it)."""
     out = tmp_path / f"{method}.json"
-    sides = {"dpo": "trl,trl-fp32,gemma2-tune", "rl": "trl,gemma2-tune", "distill": "trl,gemma2-tune"}[method]
+    sides = {"dpo": "trl,trl-fp32,gemma2-tune", "rl": "trl,gemma2-tune", "distill": "trl,gemma2-tune,gemma2-tune-rows"}[method]
     r = subprocess.run([sys.executable, "bench/bench_post.py", method, "--quick", "--sides", sides, "--json", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -49,6 +50,9 @@ def test_bench_post_quick_runs_trl_beside_ours_on_the_same_steps(method, tmp_pat
     assert len({run["steps"] for run in runs.values()}) == 1 and runs["gemma2-tune"]["steps"] > 0
     if method != "distill":
         assert runs["gemma2-tune"]["lm_head"]["lm_head"] == "supervised_chunked"
+    else:
+        assert runs["gemma2-tune"]["divergence"] == runs["gemma2-tune-rows"]["divergence"]
+        assert runs["gemma2-tune"]["divergence"]["loss"] == "completion_rows"
     assert set(data["gemma2-tune_speedup_over"]) == set(sides.split(",")) - {"gemma2-tune"}
 
 

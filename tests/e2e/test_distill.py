@@ -53,7 +53,9 @@ def distill(*args):
 
 
 def test_the_loss_is_the_divergence_of_both_soft_capped_distributions(teacher, tiny_model_dir, tmp_path):
-    """TRL's chunked loss in our trainer == a direct computation from both models' logits (fp32, 1e-5)."""
+    """Both divergences in our trainer (ours, distill.loss=completion_rows, and TRL's chunked one) == a direct
+    computation from both models' logits (fp32, 1e-5); the student's gradients (all weights, the tied lm_head / embedding
+    included: full fine-tuning) of the two equal within 5e-5 of their largest entry."""
     from transformers import AutoModelForCausalLM
 
     from gemma2_tune.config.layering import resolve
@@ -83,8 +85,14 @@ def test_the_loss_is_the_divergence_of_both_soft_capped_distributions(teacher, t
         args = distill_args(cfg, tmp_path / "x", Launch("single"), 5, 1)
         trainer = build_trainer(cfg, student, teacher_model, tokenizer, [[{"role": "user", "content": "Hi"}]], None,
                                 args, Launch("single"))
+        losses, grads = {}, {}
+        for rows in (True, False):
+            trainer.completion_rows = rows
+            losses[rows], _, n = trainer._compute_loss(student, inputs, None)
+            grads[rows] = torch.autograd.grad(losses[rows], [p for p in student.parameters() if p.requires_grad])
+        for ours, trl in zip(grads[True], grads[False]):
+            assert (ours - trl).abs().max() <= 5e-5 * trl.abs().max().clamp(min=1e-6)
         with torch.no_grad():
-            ours, _, n = trainer._compute_loss(student, inputs, None)
             logits_s = student(input_ids=ids, attention_mask=mask).logits[:, 6:-1] / temperature  # soft-capped
             logits_t = teacher_model(input_ids=ids, attention_mask=mask).logits[:, 6:-1] / temperature
         log_ps, log_pt = logits_s.float().log_softmax(-1), logits_t.float().log_softmax(-1)
@@ -97,7 +105,8 @@ def test_the_loss_is_the_divergence_of_both_soft_capped_distributions(teacher, t
             per_token = (beta * log_pt.exp() * (log_pt - log_m) + (1 - beta) * log_ps.exp() * (log_ps - log_m)).sum(-1)
         direct = (per_token * completion_mask).sum() / completion_mask.sum()
         assert int(n) == int(completion_mask.sum())
-        assert abs(ours.item() - direct.item()) <= 1e-5, (beta, ours.item(), direct.item())
+        for rows, loss in losses.items():
+            assert abs(loss.item() - direct.item()) <= 1e-5, (rows, beta, loss.item(), direct.item())
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +131,7 @@ def test_a_fresh_student_learns_the_teachers_behaviour_from_prompts_alone(distil
     d = m["distill"]
     assert d["teacher"] == str(teacher) and d["beta"] == 0.5 and d["on_policy_fraction"] == 1.0
     assert d["tokens_generated"] > 0 and d["generation_s"] > 0 and len(d["divergence_history"]) >= 8
+    assert d["loss"]["loss"] == "completion_rows" and d["sampling"] == "inverse_cdf"  # distill.loss=auto on a CPU
     evals = [e["eval_divergence"] for e in m["training"]["eval_history"]]
     assert len(evals) >= 3 and evals[-1] < evals[0] / 2, evals  # on held-out prompts, the student's own completions
     assert m["teacher"]["final_softcap"] == 30.0 and m["teacher"]["attn_implementation"] == "eager"

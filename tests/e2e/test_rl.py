@@ -255,7 +255,7 @@ def test_a_short_run_with_a_reward_function_and_a_reward_model(prompts, tmp_path
         d = m["rl"]
         assert d["algorithm"] == algorithm and d["trainer"] == ("RLOOTrainer" if algorithm == "rloo" else "GRPOTrainer")
         assert d["completions"] == 8 and 0 <= d["completions_truncated"] <= 8 and d["tokens_generated"] > 0
-        assert d["generation_s"] > 0 and d["logprob_probe_max_gap_nats"] <= 1e-4
+        assert d["generation_s"] > 0 and d["logprob_probe_max_gap_nats"] <= 1e-4 and d["sampling"] == "inverse_cdf"
         assert d["reward_model"] == str(reward_dir) and d["reward_model_template"] == "own"
         assert len(d["reward_history"]) == 2 and all(math.isfinite(e["reward"]) for e in d["reward_history"])
         assert "reward model:" in r.output and "log-prob probe" in r.output and "generating" in r.output
