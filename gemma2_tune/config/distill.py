@@ -56,9 +56,10 @@ class DistillSection(Section):
         "auto",
         description="How the divergence is computed. `completion_rows`: at the generated positions only, whole "
         "vocabulary rows in fp32 blocks, each model's lm_head applied once per step and the student's gradient formed "
-        "in the same pass. `trl`: TRL's chunked divergence (its Triton kernels on a GPU; elsewhere it projects every "
-        "completion position, padding included, three times per step). `auto`: `completion_rows` where TRL has no "
-        "Triton kernel (CPU), `trl` on a GPU. TRL's is kept for a sharded lm_head (ZeRO-3), a bias or a logit scale.",
+        "in the same pass. `trl`: TRL's chunked divergence (its Triton kernels on CUDA/XPU; elsewhere it projects "
+        "every completion position, padding included, three times per step for the JSD, twice for beta 0 or 1). "
+        "`auto`: `trl` where TRL's Triton kernels run (CUDA or XPU with Triton), else `completion_rows` (CPU). TRL's "
+        "is kept for a sharded lm_head (ZeRO-3), a bias or a logit scale.",
     )
 
     @property

@@ -72,9 +72,12 @@ def use_divergence(trainer: GemmaDistillationTrainer, cfg: DistillConfig, launch
     device = trainer.model.get_output_embeddings().weight.device
     if asked == "trl" or (asked == "auto" and _use_triton(device)):
         reason = ("asked (distill.loss=trl)" if asked == "trl" else
-                  f"distill.loss=auto on {device.type}: TRL's Triton kernels (ours is not measured on a GPU)")
+                  f"distill.loss=auto on {device.type} with Triton: TRL's Triton kernels (ours is not measured on a "
+                  "GPU)")
         return {"loss": "trl", "reason": reason}
-    problem = divergence_problem(base_model(trainer.model), trainer.teacher_model, sharded=launch.shards_parameters)
+    # the teacher as TRL's own loss reads it: under DeepSpeed (any stage) TRL wraps it in an engine
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    problem = divergence_problem(base_model(trainer.model), teacher, sharded=launch.shards_parameters)
     if problem:
         return {"loss": "trl", "reason": problem}
     trainer.completion_rows = True

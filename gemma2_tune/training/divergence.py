@@ -10,7 +10,8 @@ Models", eq. 1; `beta` as TRL's DistillationConfig names it):
     otherwise:  beta * KL(p_t || m) + (1 - beta) * KL(p_s || m),  m = beta * p_t + (1 - beta) * p_s
 
 TRL 1.16's ChunkedDivergenceFunction folds (4,096 x 32,768) tiles with an online log-sum-exp, so it projects both
-models three times per step (statistics, divergence, and again in backward), and off a Triton device it projects every
+models three times per step for the JSD (statistics, divergence, and again in backward; twice for beta 0 or 1), and
+off a Triton device it projects every
 completion position, padding included, with fresh temporaries per tile. Here the valid positions are taken in blocks of
 `rows` whole vocabulary rows (six reused fp32 buffers of rows x V, config/memory.divergence_rows), each model is projected
 once (16-bit weights copied to fp32 once per call where the copies fit a budget), and the gradient with respect to
@@ -22,6 +23,7 @@ tests/unit/test_divergence.py checks values and gradients against autograd on lo
 
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -112,13 +114,18 @@ def _block(h_s, w_s, h_t, w_t, beta: float, softcaps: tuple, temperature: float,
         divergence = _dot(p_s, log_p_s.sub_(log_p_t), log_m)
         grad = log_p_s.sub_(divergence[:, None]).mul_(p_s) if gradient else None
     else:  # d/dz_s = (1 - beta) * p_s * (log p_s - log m - KL(p_s || m))
-        torch.mul(p_s, 1.0 - beta, out=log_m).add_(p_t, alpha=beta)
-        # where both probabilities are below fp32's range m floors at its smallest normal; p * (log p - log m) is 0
-        log_m.clamp_(min=torch.finfo(torch.float32).tiny).log_()
-        kl_t = log_p_t.sub_(log_m).mul_(p_t).sum(dim=1)
-        kl_s = _dot(p_s, log_p_s.sub_(log_m), p_t)
+        # log p - log m from d = log((1 - beta) p_s) - log(beta p_t) alone, in log space (never from m's rounded
+        # probabilities, whose log would disagree with log p by an ulp per entry, summed over the vocabulary):
+        #   log p_t - log m = -log(beta) - softplus(d),  log p_s - log m = d - softplus(d) - log(1 - beta)
+        c_s, c_t = math.log1p(-beta), math.log(beta)
+        d = torch.sub(log_p_s, log_p_t, out=log_m).add_(c_s - c_t)
+        softplus = torch.abs(d, out=log_p_t).neg_().exp_().log1p_().add_(torch.clamp(d, min=0.0, out=log_p_s))
+        gap_s = torch.sub(d, softplus, out=log_p_s).sub_(c_s)  # log p_s - log m
+        gap_t = softplus.neg_().sub_(c_t)  # log p_t - log m, in log_p_t's buffer
+        kl_t = gap_t.mul_(p_t).sum(dim=1)
+        kl_s = _dot(p_s, gap_s, log_m)
         divergence = beta * kl_t + (1.0 - beta) * kl_s
-        grad = log_p_s.sub_(kl_s[:, None]).mul_(p_s).mul_(1.0 - beta) if gradient else None
+        grad = gap_s.sub_(kl_s[:, None]).mul_(p_s).mul_(1.0 - beta) if gradient else None
     if grad is not None:
         if temperature != 1.0:
             grad.div_(temperature)
@@ -133,14 +140,16 @@ def _buffers(n: int, rows: int, vocab: int, device) -> list[torch.Tensor]:
 
 class _TokenDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, beta, softcaps, temperature, rows):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, h_s, w_s, h_t, w_t, beta, softcaps, temperature, rows, grad_enabled):
+        # under no_grad (evaluation) nothing is differentiated, whatever the inputs' requires_grad says
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         with torch.autocast(h_s.device.type, enabled=False):  # fp32, whatever the training precision
             n, device = h_s.shape[0], h_s.device
             buffers = _buffers(n, rows, w_s.shape[0], device)
             divergence = torch.empty(n, dtype=torch.float32, device=device)
             entropy = torch.empty(n, dtype=torch.float32, device=device)
             grad_h = torch.empty(n, h_s.shape[1], dtype=torch.float32, device=device) if need_h else None
+            w_dtype = w_s.dtype
             w_s, w_t = _fp32(w_s, w_t)
             for a in range(0, n, rows):
                 d, e, g = _block(h_s[a : a + rows].float(), w_s, h_t[a : a + rows].float(), w_t, beta, softcaps,
@@ -148,7 +157,7 @@ class _TokenDivergence(torch.autograd.Function):
                 divergence[a : a + rows], entropy[a : a + rows] = d, e
                 if need_h:
                     grad_h[a : a + rows] = _times_weight(g, w_s)
-        ctx.config = (beta, softcaps, temperature, rows, h_s.dtype)
+        ctx.config = (beta, softcaps, temperature, rows, h_s.dtype, w_dtype)
         ctx.save_for_backward(grad_h, *((h_s, w_s, h_t, w_t) if need_w else ()))
         ctx.mark_non_differentiable(entropy)
         return divergence, entropy
@@ -156,14 +165,12 @@ class _TokenDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_divergence, _):  # the entropy carries no gradient
         grad_h, *inputs = ctx.saved_tensors
-        beta, softcaps, temperature, rows, h_dtype = ctx.config
+        beta, softcaps, temperature, rows, h_dtype, w_dtype = ctx.config
         g = grad_divergence.float()[:, None]
         grad_w = None
         if inputs:  # the lm_head trains: project again and accumulate (g * dD/dz).T @ h_s
             h_s, w_s, h_t, w_t = inputs
             with torch.autocast(h_s.device.type, enabled=False):
-                w_dtype = w_s.dtype
-                w_s, w_t = _fp32(w_s, w_t)
                 buffers = _buffers(h_s.shape[0], rows, w_s.shape[0], h_s.device)
                 grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device)
                 for a in range(0, h_s.shape[0], rows):
@@ -173,7 +180,7 @@ class _TokenDivergence(torch.autograd.Function):
                     grad_w.addmm_(dz.mul_(g[a : a + rows]).t(), h)
             grad_w = grad_w.to(w_dtype)
         grad_h = (grad_h * g).to(h_dtype) if grad_h is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def token_divergence(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, beta: float,
@@ -186,14 +193,16 @@ def token_divergence(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_
     teacher) final logit soft-caps (Gemma 2/3/4: 30.0) or None; temperature > 0, for both; rows: vocabulary rows per
     block (default config/memory.divergence_rows(V)). Returns ((N,) divergence in nats, fp32, differentiable with
     respect to h_s and w_s; (N,) the student's entropy in nats, without a gradient). Raises ValueError when the
-    vocabularies differ or beta is outside [0, 1].
+    vocabularies or the numbers of positions differ, or beta is outside [0, 1].
     """
     if w_s.shape[0] != w_t.shape[0]:
         raise ValueError(f"student vocabulary {w_s.shape[0]} != teacher vocabulary {w_t.shape[0]}")
+    if h_s.shape[0] != h_t.shape[0]:
+        raise ValueError(f"{h_s.shape[0]} student positions != {h_t.shape[0]} teacher positions")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta {beta} outside [0, 1]")
     return _TokenDivergence.apply(h_s, w_s, h_t, w_t, float(beta), tuple(softcaps), float(temperature),
-                                  rows or divergence_rows(w_s.shape[0]))
+                                  rows or divergence_rows(w_s.shape[0]), torch.is_grad_enabled())
 
 
 # ------------------------------------------------------------------------------------------- in TRL's trainer

@@ -22,22 +22,33 @@ class EpochSeededRepeatSampler(RepeatSampler):
             self.generator.manual_seed((self.seed or 0) + epoch)
 
 
-# torch's message for weights it cannot sample from (aten/src/ATen/native/Distributions.cpp)
+# torch's messages for weights it cannot sample from (aten/src/ATen/native/Distributions.cpp)
 BAD_WEIGHTS = "probability tensor contains either `inf`, `nan` or element < 0"
+ZERO_ROW = "invalid multinomial distribution (sum of probabilities <= 0)"
 
 
-def sample_categorical(weights: torch.Tensor) -> torch.Tensor:
+def sample_categorical(weights: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
     """One index per row drawn with probability weights[i] / sum(weights), as torch.multinomial(weights, 1) draws it,
     by inverse transform sampling: one uniform number per row against the row's cumulative sum (float64), instead of
-    one exponential number per vocabulary entry (torch's CPU kernel: 14.7 ms for 2 x 256,000 weights against 0.5 ms
-    here, measured). A zero weight is never drawn. weights: (V,) or (B, V), non-negative, finite, each row's sum > 0.
-    Returns int64 indices of shape (1,) or (B, 1), on weights' device; draws from torch's default generator. Raises
-    RuntimeError as torch.multinomial does for a negative, infinite or NaN weight or a zero row."""
+    one exponential number per vocabulary entry. Measured on 2 CPU cores at 256,000 entries: 2 rows 0.56 ms against
+    torch's 13-14 ms, 8 rows 2.2 ms against 51 ms. A zero weight is never drawn. weights: (V,) or (B, V),
+    non-negative, finite, each row's sum > 0; scratch: a dict that keeps the float64 buffer between calls (one
+    generation's tokens), else one is allocated per call. Returns int64 indices of shape (1,) or (B, 1), on weights'
+    device; draws from torch's default generator. Raises RuntimeError with torch.multinomial's messages for a
+    negative, infinite or NaN weight, or a row summing to 0."""
     rows = weights.reshape(-1, weights.shape[-1])
-    cumulative = rows.double().cumsum(dim=1)
+    buffer = (scratch or {}).get("cumulative")
+    if buffer is None or buffer.numel() < rows.numel() or buffer.device != rows.device:
+        buffer = torch.empty(rows.numel(), dtype=torch.float64, device=rows.device)
+        if scratch is not None:
+            scratch["cumulative"] = buffer
+    # cast and summed in place: a fresh (B, V) float64 tensor per token costs more than the sum (mapped afresh)
+    cumulative = buffer[: rows.numel()].view(rows.shape).copy_(rows).cumsum_(dim=1)
     total = cumulative[:, -1:].contiguous()
-    if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()) or bool((rows < 0).any()):
+    if not bool(torch.isfinite(total).all()) or float(rows.min()) < 0:
         raise RuntimeError(BAD_WEIGHTS)
+    if bool((total <= 0).any()):
+        raise RuntimeError(ZERO_ROW)
     u = torch.rand(total.shape, dtype=torch.float64, device=weights.device) * total
     index = torch.searchsorted(cumulative, u, right=True)
     # u rounds up to the total once in 2^53 draws: the last index with a weight, not one past the end
@@ -49,13 +60,15 @@ def sample_categorical(weights: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def inverse_cdf_sampling():
     """While generating: torch.multinomial(probs, num_samples=1) on a CPU tensor (transformers' sampling step) runs
-    sample_categorical; every other call (several samples, an out= tensor, another device) runs torch's own."""
+    sample_categorical, its buffer kept for the whole generation; every other call (several samples, a generator or
+    an out= tensor, another device) runs torch's own."""
     original = torch.multinomial
+    scratch: dict = {}
 
     def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
         if num_samples == 1 and generator is None and out is None and input.device.type == "cpu" and \
                 input.dim() in (1, 2):
-            return sample_categorical(input)
+            return sample_categorical(input, scratch)
         return original(input, num_samples, replacement, generator=generator, out=out)
 
     torch.multinomial = multinomial
