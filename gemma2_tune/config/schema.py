@@ -28,7 +28,8 @@ LOSS_VOCAB_CHUNK = 8192
 # 0.49, 0.38, 0.41, 0.42 s): 16 rows is within 10% of the fastest at half of 32's memory.
 DIVERGENCE_BUFFER_BYTES = 96 * 2**20
 # ... and lm_head weights stored in bf16/fp16 are copied to fp32 once per step when both copies fit this budget (a
-# Gemma 3 270M student with a 1B teacher: 1.8 GiB), else cast a slice at a time in every block: 2.0x slower there
+# Gemma 3 270M student with a 1B teacher: 1.8 GiB), else cast a slice at a time in every block (measured with those
+# widths and 256 positions in blocks of 32 rows: 17.5 s forward against 8.6 s with the copies)
 DIVERGENCE_CAST_BYTES = 2 * 2**30
 
 Dtype = Literal["bfloat16", "float16", "float32"]

@@ -8,12 +8,15 @@
     dpo.py          `gemma2-tune dpo`'s runner: DPO and TRL's paired losses; KTO on unpaired examples
     reward.py       `gemma2-tune reward`'s runner: a one-score reward model on preference pairs
     rl.py           `gemma2-tune rl`'s runner: GRPO loss types and RLOO, rewarded by functions / a reward model
-    generation.py   what the on-policy methods share around TRL's generation (counts, prompt order, sums)
+    generation.py   what the on-policy methods share around TRL's generation (counts, prompt order, sums, the
+                    inverse-CDF draw of each sampled token on a CPU)
     trainer.py      TRL trainer arguments, the supervised-only loss trainer, LoRA applied by TRL
     batching.py     the micro-batch shape: accumulation folded when memory allows
     data.py         the data a run trains on (tokenizer, rows, cached packed blocks)
     logprobs.py     the one LM head of every method: next-token log-probabilities at labelled positions only, fp32
                     tiles, soft-capped; replaces TRL's fused head in dpo/KTO/GRPO/RLOO
+    divergence.py   distill's divergence (forward/reverse KL, JSD) at generated positions only, whole vocabulary
+                    rows in fp32 blocks, each lm_head once per step; replaces TRL's chunked one where it can
     loss.py         tiled cross-entropy at supervised positions, with the final soft-cap (the log-probabilities' sum)
     compiling.py    training.torch_compile: regional compilation, checked against eager on a probe batch
     kernels.py      training.use_liger_kernel: Liger's kernels, checked against the plain model on a probe batch
