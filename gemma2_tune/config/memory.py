@@ -162,21 +162,23 @@ def trl_tile_bytes(vocab: int, positions: int) -> float:
     return min(positions, 4096) * min(vocab, 32768) * 4 * 3
 
 
-def divergence_rows(vocab: int) -> int:
-    """Vocabulary rows per block of distill's divergence (training/divergence.py): six fp32 buffers of (rows x vocab)
-    within DIVERGENCE_BUFFER_BYTES, at least one row."""
-    from .schema import DIVERGENCE_BUFFER_BYTES
+def divergence_rows(hidden_student: int, hidden_teacher: int) -> int:
+    """Vocabulary rows per block of distill's divergence (training/divergence.py): (hidden_student + hidden_teacher)
+    / DIVERGENCE_ROWS_PER_WIDTH, rounded down to a power of two, within DIVERGENCE_ROWS (schema.py: the measurements)."""
+    from .schema import DIVERGENCE_ROWS, DIVERGENCE_ROWS_PER_WIDTH
 
-    return max(1, DIVERGENCE_BUFFER_BYTES // (6 * 4 * vocab))
+    least, most = DIVERGENCE_ROWS
+    rows = max(1, (hidden_student + hidden_teacher) // DIVERGENCE_ROWS_PER_WIDTH)
+    return min(most, max(least, 1 << (rows.bit_length() - 1)))
 
 
 def divergence_bytes(student: Shape, teacher: Shape, positions: int, weights_fp32: bool) -> float:
-    """distill's divergence for `positions` completion positions: its six fp32 buffers of divergence_rows(vocab)
+    """distill's divergence for `positions` completion positions: its six fp32 buffers of divergence_rows(widths)
     rows (fewer when fewer positions), fp32 copies of both lm_heads when they are stored in 16 bits and fit
     DIVERGENCE_CAST_BYTES, + fp32 hidden states of both models and the student's hidden-state gradient."""
     from .schema import DIVERGENCE_CAST_BYTES
 
-    rows = min(positions, divergence_rows(student.vocab))
+    rows = min(positions, divergence_rows(student.hidden, teacher.hidden))
     copies = 4 * student.vocab * (student.hidden + teacher.hidden)
     copies = 0 if weights_fp32 or copies > DIVERGENCE_CAST_BYTES else copies
     return 6 * 4 * rows * student.vocab + copies + positions * (2 * student.hidden + teacher.hidden) * 4

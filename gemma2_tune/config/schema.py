@@ -22,11 +22,13 @@ REFERENCE_TARGET_MODULES = list(GEMMA2.attention_modules)  # the Gemma 2 launch 
 # Tile of the supervised-only loss (gemma2_tune/training/loss.py): token rows x vocabulary columns, fp32.
 LOSS_TOKEN_CHUNK = 1024
 LOSS_VOCAB_CHUNK = 8192
-# distill's divergence (gemma2_tune/training/divergence.py): six fp32 buffers of (rows x vocabulary) within this budget;
-# 96 MiB holds 16 rows at Gemma's 256,000 entries. Fewer rows re-read both lm_heads more often; measured on 2 CPU cores
-# (forward + backward, 256 positions): 8 rows 2.27 s, 16 rows 1.49 s, 32 rows 1.36 s, 64 rows 1.26 s (64 positions:
-# 0.49, 0.38, 0.41, 0.42 s): 16 rows is within 10% of the fastest at half of 32's memory.
-DIVERGENCE_BUFFER_BYTES = 96 * 2**20
+# distill's divergence (gemma2_tune/training/divergence.py): vocabulary rows per block (six fp32 buffers of rows x
+# vocabulary), from both models' hidden widths: each block reads both lm_heads once, so wide heads want more rows, up
+# to where the buffers leave the cache. Measured on 2 CPU cores, forward + backward, 256 positions: hidden 64 + 128 at
+# 256,000 entries, 8/16/32/64 rows: 2.27/1.49/1.36/1.26 s (64 positions: 0.49/0.38/0.41/0.42 s); Gemma 3 270M + 1B
+# widths (640 + 1,152) at 262,144 entries, bf16 heads, 16/32/64/128/256 rows: 15.9/8.7/6.6/7.5/9.6 s.
+DIVERGENCE_ROWS_PER_WIDTH = 12  # (hidden_s + hidden_t) / 12 rows: 16 at 64 + 128, 64 (the cap) at 640 + 1,152
+DIVERGENCE_ROWS = (16, 64)  # least and most rows per block: 6 x 64 x 262,144 x 4 B = 384 MiB of buffers at most
 # ... and lm_head weights stored in bf16/fp16 are copied to fp32 once per step when both copies fit this budget (a
 # Gemma 3 270M student with a 1B teacher: 1.8 GiB), else cast a slice at a time in every block (measured with those
 # widths and 256 positions in blocks of 32 rows: 17.5 s forward against 8.6 s with the copies)

@@ -81,7 +81,8 @@ def use_divergence(trainer: GemmaDistillationTrainer, cfg: DistillConfig, launch
     if problem:
         return {"loss": "trl", "reason": problem}
     trainer.completion_rows = True
-    rows = divergence_rows(trainer.model.get_output_embeddings().weight.shape[0])
+    rows = divergence_rows(trainer.model.get_output_embeddings().weight.shape[1],
+                           teacher.get_output_embeddings().weight.shape[1])
     return {"loss": "completion_rows", "reason": f"generated positions only, whole vocabulary rows in fp32 blocks of "
             f"{rows}, one lm_head pass per model"}
 

@@ -191,7 +191,7 @@ def token_divergence(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_
     h_s: (N, H_s) student final-norm hidden states at the valid positions only; w_s: (V, H_s) its lm_head weight;
     h_t: (N, H_t), w_t: (V, H_t) the teacher's (no gradient flows to them); beta in [0, 1]; softcaps: (student,
     teacher) final logit soft-caps (Gemma 2/3/4: 30.0) or None; temperature > 0, for both; rows: vocabulary rows per
-    block (default config/memory.divergence_rows(V)). Returns ((N,) divergence in nats, fp32, differentiable with
+    block (default config/memory.divergence_rows(H_s, H_t)). Returns ((N,) divergence in nats, fp32, differentiable with
     respect to h_s and w_s; (N,) the student's entropy in nats, without a gradient). Raises ValueError when the
     vocabularies or the numbers of positions differ, or beta is outside [0, 1].
     """
@@ -202,7 +202,7 @@ def token_divergence(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta {beta} outside [0, 1]")
     return _TokenDivergence.apply(h_s, w_s, h_t, w_t, float(beta), tuple(softcaps), float(temperature),
-                                  rows or divergence_rows(w_s.shape[0]), torch.is_grad_enabled())
+                                  rows or divergence_rows(w_s.shape[1], w_t.shape[1]), torch.is_grad_enabled())
 
 
 # ------------------------------------------------------------------------------------------- in TRL's trainer
