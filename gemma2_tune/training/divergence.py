@@ -11,13 +11,13 @@ Models", eq. 1; `beta` as TRL's DistillationConfig names it):
 
 TRL 1.16's ChunkedDivergenceFunction folds (4,096 x 32,768) tiles with an online log-sum-exp, so it projects both
 models three times per step for the JSD (statistics, divergence, and again in backward; twice for beta 0 or 1), and
-off a Triton device it projects every
-completion position, padding included, with fresh temporaries per tile. Here the valid positions are taken in blocks of
-`rows` whole vocabulary rows (six reused fp32 buffers of rows x V, config/memory.divergence_rows), each model is projected
-once (16-bit weights copied to fp32 once per call where the copies fit a budget), and the gradient with respect to
-the student's hidden states is formed in the same pass (each row's divergence
-depends on its own hidden state only, so backward scales it by the incoming per-row gradient). Only when the student's
-lm_head weight itself trains (full fine-tuning, tied embeddings) does backward project again, to accumulate its gradient.
+off a Triton device it projects every completion position, padding included, with fresh temporaries per tile. Here
+the valid positions are taken in blocks of `rows` whole vocabulary rows (six reused fp32 buffers of rows x V,
+config/memory.divergence_rows), each model is projected once (16-bit weights copied to fp32 once per call where the
+copies fit a budget), and the gradient with respect to the student's hidden states is formed in the same pass (each
+row's divergence depends on its own hidden state only, so backward scales it by the incoming per-row gradient). Only
+when the student's lm_head weight itself trains (full fine-tuning, tied embeddings) does backward project again, to
+accumulate its gradient.
 tests/unit/test_divergence.py checks values and gradients against autograd on log_softmax and against TRL's kernel.
 """
 
