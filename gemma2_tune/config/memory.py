@@ -164,7 +164,8 @@ def trl_tile_bytes(vocab: int, positions: int) -> float:
 
 def divergence_rows(hidden_student: int, hidden_teacher: int) -> int:
     """Vocabulary rows per block of distill's divergence (training/divergence.py): (hidden_student + hidden_teacher)
-    / DIVERGENCE_ROWS_PER_WIDTH, rounded down to a power of two, within DIVERGENCE_ROWS (schema.py: the measurements)."""
+    / DIVERGENCE_ROWS_PER_WIDTH, rounded down to a power of two, within DIVERGENCE_ROWS (schema.py: the
+    measurements)."""
     from .schema import DIVERGENCE_ROWS, DIVERGENCE_ROWS_PER_WIDTH
 
     least, most = DIVERGENCE_ROWS

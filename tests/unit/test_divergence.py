@@ -45,7 +45,8 @@ def close(a, b, rel=1e-5):
 
 
 @pytest.mark.parametrize("beta", BETAS)
-@pytest.mark.parametrize("softcaps,temperature,rows,scale", [((30.0, 30.0), 1.0, 5, 3.0), ((None, None), 0.7, None, 1.5),
+@pytest.mark.parametrize("softcaps,temperature,rows,scale", [((30.0, 30.0), 1.0, 5, 3.0),
+                                                             ((None, None), 0.7, None, 1.5),
                                                              ((30.0, 30.0), 2.0, 1, 3.0)])
 def test_values_and_gradients_equal_a_float64_log_softmax(beta, softcaps, temperature, rows, scale):
     """Values and entropy within 1e-5, gradients 5e-5 (relative to their largest entry): the JSD's gradient sums
