@@ -135,9 +135,9 @@ def export(target: str, *, to: str = "gguf", quant: str = "f16", output: str, ov
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None) as tmp:
             work = Path(tmp)
             gguf_file = work / out.name
-            converted = _convert(folder, template, quant, work, gguf_file, terms, sentencepiece, echo)
-            metadata = read_metadata(gguf_file)
             config = _saved_config(folder)
+            converted = _convert(folder, config, template, quant, work, gguf_file, terms, sentencepiece, echo)
+            metadata = read_metadata(gguf_file)
             checks = check_metadata(metadata, template, config, served.family, terms)
             _require(checks, "the GGUF", out)
             echo(f"GGUF metadata checked: {', '.join(c['check'] for c in checks)}")
@@ -463,14 +463,14 @@ def _staged_model(folder: Path, template: str, work: Path, sentencepiece: Path |
     return staged
 
 
-def _convert(folder: Path, template: str, quant: str, work: Path, gguf_file: Path, terms: bool,
+def _convert(folder: Path, config: dict, template: str, quant: str, work: Path, gguf_file: Path, terms: bool,
              sentencepiece: Path | None, echo) -> dict:
-    """Run llama.cpp's converter (and quantizer) into `gguf_file`. Returns what ran. Raises UserError."""
+    """Run llama.cpp's converter (and quantizer) into `gguf_file`; `config`: the folder's config.json. Returns what
+    ran. Raises UserError."""
     tree = converter_dir()
     staged = _staged_model(folder, template, work, sentencepiece)
     direct = quant in CONVERTER_TYPES
-    saved = _saved_config(folder)
-    saved_dtype = saved.get("dtype") or saved.get("torch_dtype")
+    saved_dtype = config.get("dtype") or config.get("torch_dtype")
     # quantizer input: the weights' own precision, so quantizing rounds once
     outtype = quant if direct else {"bfloat16": "bf16", "float16": "f16"}.get(saved_dtype, "f32")
     target = gguf_file if direct else work / f"unquantized.{outtype}.gguf"

@@ -410,8 +410,8 @@ def test_a_damaged_tensor_in_a_quantized_file_is_refused(spm_gemma2, tmp_path, m
 
     real, damaged = export_module._convert, []
 
-    def convert_then_damage(folder, template, q, work, gguf_file, *args):
-        ran = real(folder, template, q, work, gguf_file, *args)
+    def convert_then_damage(folder, config, template, q, work, gguf_file, *args):
+        ran = real(folder, config, template, q, work, gguf_file, *args)
         damaged.append(damage_tensor(gguf_file, "blk.1.ffn_down.weight"))
         return ran
 
