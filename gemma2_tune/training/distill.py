@@ -69,7 +69,8 @@ def use_divergence(trainer: GemmaDistillationTrainer, cfg: DistillConfig, launch
     from ..models.lora import base_model
 
     asked = cfg.distill.loss
-    device = trainer.model.get_output_embeddings().weight.device
+    head = trainer.model.get_output_embeddings().weight
+    device = head.device
     if asked == "trl" or (asked == "auto" and _use_triton(device)):
         reason = ("asked (distill.loss=trl)" if asked == "trl" else
                   f"distill.loss=auto on {device.type} with Triton: TRL's Triton kernels (ours is not measured on a "
@@ -81,8 +82,7 @@ def use_divergence(trainer: GemmaDistillationTrainer, cfg: DistillConfig, launch
     if problem:
         return {"loss": "trl", "reason": problem}
     trainer.completion_rows = True
-    rows = divergence_rows(trainer.model.get_output_embeddings().weight.shape[1],
-                           teacher.get_output_embeddings().weight.shape[1])
+    rows = divergence_rows(head.shape[1], teacher.get_output_embeddings().weight.shape[1])
     return {"loss": "completion_rows", "reason": f"generated positions only, whole vocabulary rows in fp32 blocks of "
             f"{rows}, one lm_head pass per model"}
 
