@@ -99,6 +99,21 @@ def ok_rows(questions: list[str]) -> list[dict]:
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in questions]
 
 
+def divergence_from_logprobs(log_ps, log_pt, beta: float):
+    """TRL DistillationTrainer's per-position divergence from full log-softmax rows (..., V) of student and teacher:
+    forward KL at beta 0, reverse KL at 1, else the generalized JSD with a log-space (logaddexp) mixture."""
+    import math
+
+    import torch
+
+    if beta == 0.0:
+        return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    if beta == 1.0:
+        return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    log_m = torch.logaddexp(log_ps + math.log(1 - beta), log_pt + math.log(beta))
+    return (beta * log_pt.exp() * (log_pt - log_m) + (1 - beta) * log_ps.exp() * (log_ps - log_m)).sum(-1)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     import json
 

@@ -2,14 +2,13 @@
 teacher to a fresh student on prompts alone, resume after SIGTERM, two processes, bad inputs."""
 
 import json
-import math
 import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import QUESTIONS, ROOT, resumed_equals_uninterrupted, write_jsonl
+from conftest import QUESTIONS, ROOT, divergence_from_logprobs, resumed_equals_uninterrupted, write_jsonl
 from gemma2_tune.cli import app
 
 pytestmark = pytest.mark.slow
@@ -54,8 +53,8 @@ def distill(*args):
 
 def test_the_loss_is_the_divergence_of_both_soft_capped_distributions(teacher, tiny_model_dir, tmp_path):
     """Both divergences in our trainer (ours, distill.loss=completion_rows, and TRL's chunked one) == a direct
-    computation from both models' logits (fp32, 1e-5); the student's gradients (all weights, the tied lm_head / embedding
-    included: full fine-tuning) of the two equal within 5e-5 of their largest entry."""
+    computation from both models' logits (fp32, 1e-5); the student's gradients (all weights, the tied lm_head /
+    embedding included: full fine-tuning) of the two equal within 5e-5 of their largest entry."""
     from transformers import AutoModelForCausalLM
 
     from gemma2_tune.config.layering import resolve
@@ -95,14 +94,7 @@ def test_the_loss_is_the_divergence_of_both_soft_capped_distributions(teacher, t
         with torch.no_grad():
             logits_s = student(input_ids=ids, attention_mask=mask).logits[:, 6:-1] / temperature  # soft-capped
             logits_t = teacher_model(input_ids=ids, attention_mask=mask).logits[:, 6:-1] / temperature
-        log_ps, log_pt = logits_s.float().log_softmax(-1), logits_t.float().log_softmax(-1)
-        if beta == 0.0:
-            per_token = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-        elif beta == 1.0:
-            per_token = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-        else:
-            log_m = torch.logaddexp(log_ps + math.log(1 - beta), log_pt + math.log(beta))
-            per_token = (beta * log_pt.exp() * (log_pt - log_m) + (1 - beta) * log_ps.exp() * (log_ps - log_m)).sum(-1)
+        per_token = divergence_from_logprobs(logits_s.float().log_softmax(-1), logits_t.float().log_softmax(-1), beta)
         direct = (per_token * completion_mask).sum() / completion_mask.sum()
         assert int(n) == int(completion_mask.sum())
         for rows, loss in losses.items():

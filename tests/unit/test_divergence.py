@@ -4,11 +4,10 @@ it trains, the lm_head) equal a float64 log_softmax computation of the same form
 and the sliced cast of a bf16 weight change nothing; saturated distributions stay finite. And the inverse-CDF draw that
 replaces torch.multinomial while generating (training/generation.py) draws from the same distribution."""
 
-import math
-
 import pytest
 import torch
 
+from conftest import divergence_from_logprobs
 from gemma2_tune.training import divergence as div
 from gemma2_tune.training.divergence import divergence_loss, divergence_problem, token_divergence
 from gemma2_tune.training.generation import BAD_WEIGHTS, ZERO_ROW, inverse_cdf_sampling, sample_categorical
@@ -23,14 +22,7 @@ def reference(h_s, w_s, h_t, w_t, beta, softcaps, temperature):
         return (cap * torch.tanh(z / cap) if cap else z) / temperature
 
     ls, lt = logits(h_s, w_s, softcaps[0]).log_softmax(-1), logits(h_t, w_t, softcaps[1]).log_softmax(-1)
-    if beta == 0.0:
-        d = (lt.exp() * (lt - ls)).sum(-1)
-    elif beta == 1.0:
-        d = (ls.exp() * (ls - lt)).sum(-1)
-    else:
-        lm = torch.logaddexp(ls + math.log(1 - beta), lt + math.log(beta))
-        d = beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
-    return d, -(ls.exp() * ls).sum(-1)
+    return divergence_from_logprobs(ls, lt, beta), -(ls.exp() * ls).sum(-1)
 
 
 def inputs(n=37, vocab=3001, seed=0, scale=3.0):
