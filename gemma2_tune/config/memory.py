@@ -20,8 +20,8 @@ Every term is a formula over the model's shape and the resolved config, in bytes
   loss         supervised_chunked (and every method's log-probabilities): one tile (1024 x 8192 fp32, x3 with
                temporaries) + fp32 hidden at supervised positions; supervised_liger: Liger's chunk (~2 x positions
                x hidden logits, model dtype + fp32 gradient) + fp32 hidden; trl: TRL's fused tiles (4096 x 32768
-               fp32, x3); shown
-               beside it, what full logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
+               fp32, x3); distill: its divergence's blocks (divergence_bytes) or TRL's; shown beside it, what full
+               logits would take (B*T*V at bf16 + fp32 + fp32 gradient)
   overhead     1 GiB (CUDA context, allocator) + 10% fragmentation margin
 
 Shapes come from the model families' published configurations (gemma2_tune/families). tests/unit/test_plan.py
